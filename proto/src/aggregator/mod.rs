@@ -1,0 +1,639 @@
+//! The aggregator as a state machine: jobs, slot pools, the control plane.
+//!
+//! Feed it datagrams with [`Aggregator::handle_datagram`] and the passage of time with
+//! [`Aggregator::handle_timeout`]; then drain, in this order, [`Aggregator::poll_transmit`]
+//! (datagrams to send, written into the caller's buffer), [`Aggregator::poll_event`]
+//! (jobs starting and ending, for logs) and [`Aggregator::poll_timeout`] (when to call
+//! `handle_timeout` next). It never reads a clock and never touches a socket: `A` is
+//! whatever the driver uses to address a worker (a `SocketAddr`, a connection id, an
+//! index in the simulator).
+//!
+//! A result is sent to every rank straight from the slot's kept copy, so completing a
+//! chunk allocates nothing and encodes the result once per rank into the caller's buffer.
+
+mod job;
+mod slots;
+mod stats;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+pub use stats::{DropReason, Stats};
+
+use crate::codec;
+use crate::wire::{
+    self, Control, DataHeader, ErrorCode, ErrorMsg, Grant, Join, Message, DATA_HEADER_LEN,
+    FLAG_FROM_COPY, FLAG_MARK, MAX_DATAGRAM,
+};
+use job::Job;
+use slots::{Outcome, SlotPool};
+
+/// Settings of an aggregator.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// The most slots one job may hold (its window `S`); a join asking for more gets
+    /// this many.
+    pub max_window: u32,
+    /// The most jobs at once; a join for one more is refused with `NoCapacity`.
+    pub max_jobs: usize,
+    /// The largest world size accepted.
+    pub max_world: u16,
+    /// A rank not heard from for this long aborts its job (every other rank is told).
+    pub silence_timeout: Duration,
+    /// How long an aborted job's reason is kept, to answer ranks that missed the abort.
+    pub tombstone_ttl: Duration,
+    /// Seeds the session tokens. Drivers pass fresh randomness; tests a fixed value.
+    pub seed: u64,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        Self {
+            max_window: 1024,
+            max_jobs: 64,
+            max_world: 1024,
+            silence_timeout: Duration::from_secs(3),
+            tombstone_ttl: Duration::from_secs(30),
+            seed: 0x1a66_0000_0000_0001,
+        }
+    }
+}
+
+/// Something that happened to a job, for the driver's logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Every rank joined; the job has its slots.
+    JobStarted {
+        /// The job.
+        job: u32,
+        /// Its world size.
+        world: u16,
+        /// Slots granted.
+        window: u32,
+        /// Its codec's name.
+        codec: &'static str,
+    },
+    /// The job was aborted; its ranks were told why.
+    JobAborted {
+        /// The job.
+        job: u32,
+        /// Why.
+        code: ErrorCode,
+        /// In words.
+        text: String,
+    },
+    /// Every rank left; the job's slots are free.
+    JobEnded {
+        /// The job.
+        job: u32,
+        /// Its counters.
+        stats: Box<Stats>,
+    },
+}
+
+/// Who a queued result goes to.
+#[derive(Debug, Clone, Copy)]
+enum Dest {
+    /// Every live rank, starting from this one.
+    All(u16),
+    /// One rank.
+    Rank(u16),
+}
+
+/// A datagram waiting for `poll_transmit`.
+#[derive(Debug)]
+enum Outgoing<A> {
+    /// A completed chunk, encoded from the slot at send time.
+    Result { job: u32, seq: u64, dest: Dest },
+    /// A control message.
+    Control { to: A, msg: Message<'static> },
+}
+
+/// An aborted job, remembered so that ranks that missed the news hear it.
+#[derive(Debug)]
+struct Tombstone<A> {
+    error: ErrorMsg,
+    members: Vec<A>,
+    expires: Instant,
+}
+
+/// The aggregator state machine. See the module documentation for the call order.
+#[derive(Debug)]
+pub struct Aggregator<A> {
+    config: AggregatorConfig,
+    jobs: BTreeMap<u32, Job<A>>,
+    tombstones: BTreeMap<u32, Tombstone<A>>,
+    outbox: VecDeque<Outgoing<A>>,
+    events: VecDeque<Event>,
+    stats: Stats,
+    rng: SmallRng,
+    next_check: Option<Instant>,
+}
+
+impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
+    /// An aggregator with no jobs.
+    pub fn new(config: AggregatorConfig) -> Self {
+        let rng = SmallRng::seed_from_u64(config.seed);
+        Self {
+            config,
+            jobs: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            rng,
+            next_check: None,
+        }
+    }
+
+    /// Process-wide counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A job's counters, while it exists.
+    pub fn job_stats(&self, job: u32) -> Option<&Stats> {
+        self.jobs.get(&job).map(|j| &j.stats)
+    }
+
+    /// Ids of the jobs present (forming or running).
+    pub fn jobs(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.jobs.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Bytes of slot memory held by running jobs.
+    pub fn slot_memory(&self) -> usize {
+        self.jobs
+            .values()
+            .filter_map(|j| j.pool.as_ref())
+            .map(|p| p.memory_bytes())
+            .sum()
+    }
+
+    fn drop_packet(&mut self, job: Option<u32>, reason: DropReason) {
+        self.stats.drop(reason);
+        if let Some(j) = job.and_then(|id| self.jobs.get_mut(&id)) {
+            j.stats.drop(reason);
+        }
+    }
+
+    fn send(&mut self, to: A, msg: Message<'static>) {
+        self.outbox.push_back(Outgoing::Control { to, msg });
+    }
+
+    fn refuse(&mut self, to: A, join: &Join, code: ErrorCode, reason: DropReason, text: String) {
+        self.stats.drop(reason);
+        let msg = Message::Error(ErrorMsg {
+            job: join.job,
+            rank: join.rank,
+            code,
+            text,
+        });
+        self.send(to, msg);
+    }
+
+    /// Takes one datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: A, datagram: &[u8]) {
+        self.stats.packets_received += 1;
+        self.stats.bytes_received += datagram.len() as u64;
+        if self.next_check.is_none() {
+            self.next_check = Some(now + self.check_interval());
+        }
+        let msg = match wire::decode(datagram) {
+            Ok(m) => m,
+            Err(_) => return self.drop_packet(None, DropReason::Malformed),
+        };
+        match msg {
+            Message::Join(j) => self.handle_join(now, from, j),
+            Message::Contribution(h, payload) => self.handle_contribution(now, from, &h, payload),
+            Message::Heartbeat(c) => {
+                if self.check_member(now, &from, &c).is_some() {
+                    self.send(from, Message::Heartbeat(c));
+                }
+            }
+            Message::Leave(c) => self.handle_leave(now, from, &c),
+            Message::Grant(_) | Message::Result(..) | Message::Error(_) => {
+                self.drop_packet(None, DropReason::WrongDirection)
+            }
+        }
+    }
+
+    fn handle_join(&mut self, now: Instant, from: A, join: Join) {
+        let Some(codec) = codec::lookup(join.codec) else {
+            // decode() only admits known codecs.
+            return self.drop_packet(None, DropReason::Malformed);
+        };
+        let payload = usize::from(join.chunk_elems) * codec.wire_bytes();
+        if join.world > self.config.max_world.min(codec.max_world()) {
+            let text = format!(
+                "world size {} is above this aggregator's limit for {} ({})",
+                join.world,
+                codec.name(),
+                self.config.max_world.min(codec.max_world())
+            );
+            return self.refuse(
+                from,
+                &join,
+                ErrorCode::NoCapacity,
+                DropReason::NoCapacity,
+                text,
+            );
+        }
+        if DATA_HEADER_LEN + payload > MAX_DATAGRAM {
+            let text = format!(
+                "chunks of {} elements do not fit a datagram",
+                join.chunk_elems
+            );
+            return self.refuse(
+                from,
+                &join,
+                ErrorCode::NoCapacity,
+                DropReason::NoCapacity,
+                text,
+            );
+        }
+        if !self.jobs.contains_key(&join.job) {
+            if self.jobs.len() >= self.config.max_jobs {
+                let text = format!("the aggregator holds {} jobs already", self.jobs.len());
+                return self.refuse(
+                    from,
+                    &join,
+                    ErrorCode::NoCapacity,
+                    DropReason::NoCapacity,
+                    text,
+                );
+            }
+            // A new job with the id of an aborted one starts afresh.
+            self.tombstones.remove(&join.job);
+            let token = self.rng.random::<u64>();
+            self.jobs.insert(join.job, Job::new(&join, codec, token));
+        }
+        let Some(job) = self.jobs.get_mut(&join.job) else {
+            return;
+        };
+        if let Err(code) = job.check_join(&join, &from) {
+            let (reason, text) = match code {
+                ErrorCode::BadSecret => (DropReason::BadSecret, "wrong job secret".to_string()),
+                ErrorCode::RankTaken => (
+                    DropReason::RankTaken,
+                    format!("rank {} of job {} is held by another address", join.rank, join.job),
+                ),
+                _ => (
+                    DropReason::ParamMismatch,
+                    format!(
+                        "job {} runs world {} codec {} chunk {}; the join asked for world {} codec {} chunk {}",
+                        job.id,
+                        job.world,
+                        job.codec.name(),
+                        job.chunk_elems,
+                        join.world,
+                        codec.name(),
+                        join.chunk_elems
+                    ),
+                ),
+            };
+            job.stats.drop(reason);
+            return self.refuse(from, &join, code, reason, text);
+        }
+        let completed = job.admit(&join, from.clone(), now);
+        if completed {
+            let window = job.requested_window().min(self.config.max_window).max(1);
+            job.pool = Some(SlotPool::new(
+                window,
+                usize::from(job.chunk_elems),
+                job.codec.wire_bytes(),
+                job.world,
+            ));
+            self.events.push_back(Event::JobStarted {
+                job: job.id,
+                world: job.world,
+                window,
+                codec: job.codec.name(),
+            });
+            let grants: Vec<(A, Grant)> = job
+                .members
+                .iter()
+                .enumerate()
+                .filter_map(|(r, m)| Some((m.as_ref()?.addr.clone(), grant(job, r as u16, window))))
+                .collect();
+            for (to, g) in grants {
+                self.send(to, Message::Grant(g));
+            }
+        } else if let Some(pool) = &job.pool {
+            // A retransmitted join from a running job's rank: its grant was lost.
+            let g = grant(job, join.rank, pool.slots());
+            self.send(from, Message::Grant(g));
+        }
+    }
+
+    /// Validates a control message from a member; refreshes its liveness.
+    fn check_member(&mut self, now: Instant, from: &A, c: &Control) -> Option<()> {
+        let reason = match self.jobs.get_mut(&c.job) {
+            None => {
+                self.answer_tombstone(c.job, from);
+                DropReason::UnknownJob
+            }
+            Some(job) if job.token != c.token => DropReason::BadToken,
+            Some(job) => match job.members.get_mut(usize::from(c.rank)) {
+                None => DropReason::RankOutOfRange,
+                Some(Some(m)) if m.addr == *from => {
+                    m.last_seen = now;
+                    return Some(());
+                }
+                Some(_) => DropReason::NotMember,
+            },
+        };
+        self.drop_packet(Some(c.job), reason);
+        None
+    }
+
+    fn handle_leave(&mut self, now: Instant, from: A, c: &Control) {
+        if self.check_member(now, &from, c).is_none() {
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(&c.job) else {
+            return;
+        };
+        if let Some(Some(m)) = job.members.get_mut(usize::from(c.rank)) {
+            m.left = true;
+        }
+        if job.members.iter().flatten().all(|m| m.left) {
+            if let Some(job) = self.jobs.remove(&c.job) {
+                self.events.push_back(Event::JobEnded {
+                    job: job.id,
+                    stats: Box::new(job.stats),
+                });
+            }
+        }
+    }
+
+    /// Answers a packet for a job that no longer exists with the reason it was aborted,
+    /// if the sender was one of its ranks.
+    fn answer_tombstone(&mut self, job: u32, from: &A) {
+        if let Some(t) = self.tombstones.get(&job) {
+            if t.members.contains(from) {
+                let msg = Message::Error(t.error.clone());
+                self.send(from.clone(), msg);
+            }
+        }
+    }
+
+    fn handle_contribution(&mut self, now: Instant, from: A, h: &DataHeader, payload: &[u8]) {
+        let Some(job) = self.jobs.get_mut(&h.job) else {
+            self.answer_tombstone(h.job, &from);
+            return self.drop_packet(None, DropReason::UnknownJob);
+        };
+        let reason = 'check: {
+            if job.token != h.token {
+                break 'check DropReason::BadToken;
+            }
+            let Some(member) = job.members.get_mut(usize::from(h.rank)) else {
+                break 'check DropReason::RankOutOfRange;
+            };
+            match member {
+                Some(m) if m.addr == from => m.last_seen = now,
+                _ => break 'check DropReason::NotMember,
+            }
+            let Some(pool) = job.pool.as_mut() else {
+                break 'check DropReason::NotRunning;
+            };
+            if h.codec != job.codec.id() {
+                break 'check DropReason::CodecMismatch;
+            }
+            if h.count > job.chunk_elems {
+                break 'check DropReason::CountTooLarge;
+            }
+            let s = u64::from(pool.slots());
+            if u64::from(h.slot) >= s
+                || u64::from(h.slot) != h.seq % s
+                || u64::from(h.version) != (h.seq / s) % 2
+            {
+                break 'check DropReason::SlotOutOfRange;
+            }
+            let outcome = pool.contribute(job.codec, h.rank, h, payload);
+            match outcome {
+                Outcome::Added | Outcome::Completed => {
+                    job.stats.contributions += 1;
+                    self.stats.contributions += 1;
+                    if outcome == Outcome::Completed {
+                        job.stats.chunks_completed += 1;
+                        self.stats.chunks_completed += 1;
+                        self.outbox.push_back(Outgoing::Result {
+                            job: h.job,
+                            seq: h.seq,
+                            dest: Dest::All(0),
+                        });
+                    } else if let Some(rank) = job.left_rank() {
+                        // A chunk that needs a rank that has left can never complete.
+                        let text = format!("rank {rank} left job {} before it finished", h.job);
+                        self.abort(now, h.job, ErrorCode::PeerLeft, rank, text);
+                    }
+                    return;
+                }
+                Outcome::AnswerCopy => {
+                    job.stats.copies_answered += 1;
+                    self.stats.copies_answered += 1;
+                    self.outbox.push_back(Outgoing::Result {
+                        job: h.job,
+                        seq: h.seq,
+                        dest: Dest::Rank(h.rank),
+                    });
+                    return;
+                }
+                Outcome::Duplicate => DropReason::Duplicate,
+                Outcome::Stale => DropReason::Stale,
+                Outcome::Ahead => DropReason::Ahead,
+                Outcome::Inconsistent => DropReason::Inconsistent,
+            }
+        };
+        self.drop_packet(Some(h.job), reason);
+    }
+
+    /// Ends a job: every rank that joined is told why; the slots are freed.
+    fn abort(&mut self, now: Instant, id: u32, code: ErrorCode, rank: u16, text: String) {
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
+        let error = ErrorMsg {
+            job: id,
+            rank,
+            code,
+            text: text.clone(),
+        };
+        let members: Vec<A> = job.live_addrs().cloned().collect();
+        for to in &members {
+            self.send(to.clone(), Message::Error(error.clone()));
+        }
+        self.tombstones.insert(
+            id,
+            Tombstone {
+                error,
+                members,
+                expires: now + self.config.tombstone_ttl,
+            },
+        );
+        self.events.push_back(Event::JobAborted {
+            job: id,
+            code,
+            text,
+        });
+    }
+
+    /// Aborts every job with [`ErrorCode::Shutdown`], telling every rank.
+    pub fn shutdown(&mut self, now: Instant) {
+        let mut ids = self.jobs();
+        ids.sort_unstable();
+        for id in ids {
+            let text = "the aggregator is shutting down".to_string();
+            self.abort(now, id, ErrorCode::Shutdown, u16::MAX, text);
+        }
+    }
+
+    fn check_interval(&self) -> Duration {
+        (self.config.silence_timeout / 8).max(Duration::from_millis(1))
+    }
+
+    /// When [`Aggregator::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_check
+    }
+
+    /// Finds silent ranks (aborting their jobs) and forgets old tombstones.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.next_check {
+            Some(t) if t <= now => {}
+            _ => return,
+        }
+        self.next_check = Some(now + self.check_interval());
+        let deadline = now.checked_sub(self.config.silence_timeout);
+        let mut silent = Vec::new();
+        if let Some(deadline) = deadline {
+            for job in self.jobs.values_mut() {
+                if let Some(rank) = job.silent_rank(deadline) {
+                    if job.running() {
+                        silent.push((job.id, rank));
+                    } else {
+                        // A forming job forgets a rank that stopped trying to join.
+                        job.members[usize::from(rank)] = None;
+                    }
+                }
+            }
+        }
+        self.jobs.retain(|_, j| j.running() || j.joined() > 0);
+        for (id, rank) in silent {
+            let text = format!(
+                "rank {rank} of job {id} sent nothing for {:.1} s",
+                self.config.silence_timeout.as_secs_f64()
+            );
+            self.abort(now, id, ErrorCode::PeerSilent, rank, text);
+        }
+        self.tombstones.retain(|_, t| t.expires > now);
+        if self.jobs.is_empty() && self.tombstones.is_empty() {
+            self.next_check = None;
+        }
+    }
+
+    /// Writes the next datagram to send into `buf` (cleared first) and returns its
+    /// destination, or `None` when nothing is left to send.
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<A> {
+        loop {
+            buf.clear();
+            let to = match self.outbox.front_mut()? {
+                Outgoing::Control { .. } => match self.outbox.pop_front() {
+                    Some(Outgoing::Control { to, msg }) => {
+                        msg.encode(buf);
+                        Some(to)
+                    }
+                    _ => None,
+                },
+                Outgoing::Result { job, seq, dest } => {
+                    let (job, seq) = (*job, *seq);
+                    let (rank, single) = match dest {
+                        Dest::Rank(r) => (*r, true),
+                        Dest::All(r) => {
+                            *r += 1;
+                            (*r - 1, false)
+                        }
+                    };
+                    let to = self.encode_result(job, seq, rank, single, buf);
+                    let world = self.jobs.get(&job).map_or(0, |j| j.world);
+                    if single || rank + 1 >= world {
+                        self.outbox.pop_front();
+                    }
+                    to
+                }
+            };
+            if let Some(to) = to {
+                self.stats.packets_sent += 1;
+                self.stats.bytes_sent += buf.len() as u64;
+                return Some(to);
+            }
+        }
+    }
+
+    /// Encodes the result of `seq` for `rank`, if the job, the rank and the result are
+    /// all still there.
+    fn encode_result(
+        &mut self,
+        job: u32,
+        seq: u64,
+        rank: u16,
+        from_copy: bool,
+        buf: &mut Vec<u8>,
+    ) -> Option<A> {
+        let job = self.jobs.get_mut(&job)?;
+        let member = job.members.get(usize::from(rank))?.as_ref()?;
+        if member.left {
+            return None;
+        }
+        let (meta, payload) = job.pool.as_ref()?.result(seq)?;
+        let mut flags = if from_copy { FLAG_FROM_COPY } else { 0 };
+        if meta.marked {
+            flags |= FLAG_MARK;
+            job.stats.marks += 1;
+        }
+        let s = u64::from(job.pool.as_ref()?.slots());
+        let h = DataHeader {
+            job: job.id,
+            rank: job.world,
+            codec: job.codec.id(),
+            flags,
+            token: job.token,
+            seq,
+            slot: (seq % s) as u32,
+            version: ((seq / s) % 2) as u8,
+            scale_exp: meta.scale_exp,
+            next_exp: meta.exp_max,
+            count: meta.count,
+        };
+        wire::encode_result(&h, payload, buf);
+        job.stats.packets_sent += 1;
+        job.stats.bytes_sent += buf.len() as u64;
+        Some(member.addr.clone())
+    }
+
+    /// The next job event, for logs.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+fn grant<A>(job: &Job<A>, rank: u16, window: u32) -> Grant {
+    Grant {
+        job: job.id,
+        rank,
+        world: job.world,
+        codec: job.codec.id(),
+        chunk_elems: job.chunk_elems,
+        window,
+        token: job.token,
+    }
+}
+
+#[cfg(test)]
+mod tests;

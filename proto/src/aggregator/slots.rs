@@ -1,0 +1,186 @@
+//! A job's slot pool: `S` slots of `K` lanes, each in two versions, with a bitmap of
+//! the ranks that contributed to each version.
+//!
+//! Packet `seq` uses slot `seq mod S`, version `(seq / S) mod 2`. A version remembers
+//! which `seq` it holds: a contribution for that `seq` adds to it (once per rank), one
+//! for a later `seq` of the same slot and version restarts it (only once it has
+//! completed: every rank must have moved past it), and one for an earlier `seq` is a
+//! stale duplicate. A completed version keeps its result for retransmissions.
+
+use crate::codec::Codec;
+use crate::wire::{DataHeader, NO_EXPONENT};
+
+const EMPTY: u64 = u64::MAX;
+
+/// The bookkeeping of one version of one slot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotMeta {
+    /// The packet this version holds, or `EMPTY`.
+    pub seq: u64,
+    /// Ranks that contributed so far.
+    pub contributors: u16,
+    /// Elements in the chunk (all ranks must agree).
+    pub count: u16,
+    /// Maximum of the ranks' lookahead exponents.
+    pub exp_max: i8,
+    /// The block exponent the chunk was quantized with (all ranks must agree).
+    pub scale_exp: i8,
+    /// All ranks are in; the result is in the version's result buffer.
+    pub complete: bool,
+    /// A contribution carried a congestion mark.
+    pub marked: bool,
+}
+
+/// What a contribution did to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Added; the chunk still waits for other ranks.
+    Added,
+    /// Added, and it was the last rank: the result is ready for everyone.
+    Completed,
+    /// This rank had already contributed to this chunk: ignored.
+    Duplicate,
+    /// The chunk is complete: answer this rank from the kept copy.
+    AnswerCopy,
+    /// The slot has moved on to a later chunk: dropped.
+    Stale,
+    /// A chunk two generations ahead of one still open: no honest rank sends it.
+    Ahead,
+    /// Element count or scale differ from the other ranks' for the same chunk.
+    Inconsistent,
+}
+
+/// The slot memory of one job.
+#[derive(Debug)]
+pub(crate) struct SlotPool {
+    slots: u32,
+    chunk: usize,
+    width: usize,
+    world: u16,
+    words: usize,
+    meta: Vec<SlotMeta>,
+    bitmaps: Vec<u64>,
+    acc: Vec<u32>,
+    results: Vec<u8>,
+}
+
+impl SlotPool {
+    pub fn new(slots: u32, chunk: usize, width: usize, world: u16) -> Self {
+        let versions = 2 * slots as usize;
+        let words = usize::from(world).div_ceil(64);
+        let empty = SlotMeta {
+            seq: EMPTY,
+            contributors: 0,
+            count: 0,
+            exp_max: NO_EXPONENT,
+            scale_exp: NO_EXPONENT,
+            complete: false,
+            marked: false,
+        };
+        Self {
+            slots,
+            chunk,
+            width,
+            world,
+            words,
+            meta: vec![empty; versions],
+            bitmaps: vec![0; versions * words],
+            acc: vec![0; versions * chunk],
+            results: vec![0; versions * chunk * width],
+        }
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Bytes of slot memory this pool holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.acc.len() * 4 + self.results.len() + self.bitmaps.len() * 8
+    }
+
+    fn index(&self, slot: u32, version: u8) -> usize {
+        slot as usize * 2 + usize::from(version)
+    }
+
+    /// Adds a contribution whose header the caller has validated (rank below world,
+    /// slot and version matching `seq`, count at most the chunk size, payload length
+    /// matching count).
+    pub fn contribute(
+        &mut self,
+        codec: &dyn Codec,
+        rank: u16,
+        h: &DataHeader,
+        payload: &[u8],
+    ) -> Outcome {
+        let i = self.index(h.slot, h.version);
+        let meta = self.meta[i];
+        let bits = &mut self.bitmaps[i * self.words..(i + 1) * self.words];
+        let (word, bit) = (usize::from(rank) / 64, 1u64 << (rank % 64));
+        let lanes = &mut self.acc[i * self.chunk..i * self.chunk + usize::from(h.count)];
+        let marked = h.flags & crate::wire::FLAG_MARK != 0;
+        if meta.seq == h.seq {
+            if meta.complete {
+                return Outcome::AnswerCopy;
+            }
+            if bits[word] & bit != 0 {
+                return Outcome::Duplicate;
+            }
+            if meta.count != h.count || meta.scale_exp != h.scale_exp {
+                return Outcome::Inconsistent;
+            }
+            bits[word] |= bit;
+            codec.sum_add(lanes, payload);
+            let m = &mut self.meta[i];
+            m.contributors += 1;
+            m.exp_max = m.exp_max.max(h.next_exp);
+            m.marked |= marked;
+        } else if meta.seq == EMPTY || meta.seq < h.seq {
+            if meta.seq != EMPTY && !meta.complete {
+                return Outcome::Ahead;
+            }
+            bits.fill(0);
+            bits[word] |= bit;
+            codec.sum_first(lanes, payload);
+            self.meta[i] = SlotMeta {
+                seq: h.seq,
+                contributors: 1,
+                count: h.count,
+                exp_max: h.next_exp,
+                scale_exp: h.scale_exp,
+                complete: false,
+                marked,
+            };
+        } else {
+            return Outcome::Stale;
+        }
+        if self.meta[i].contributors == self.world {
+            let n = usize::from(h.count);
+            let base = i * self.chunk * self.width;
+            codec.sum_store(
+                &self.acc[i * self.chunk..i * self.chunk + n],
+                &mut self.results[base..base + n * self.width],
+            );
+            self.meta[i].complete = true;
+            Outcome::Completed
+        } else {
+            Outcome::Added
+        }
+    }
+
+    /// The completed result held for `seq`, if the slot still holds it.
+    pub fn result(&self, seq: u64) -> Option<(SlotMeta, &[u8])> {
+        let slot = (seq % u64::from(self.slots)) as u32;
+        let version = ((seq / u64::from(self.slots)) % 2) as u8;
+        let i = self.index(slot, version);
+        let meta = self.meta[i];
+        if meta.seq != seq || !meta.complete {
+            return None;
+        }
+        let base = i * self.chunk * self.width;
+        Some((
+            meta,
+            &self.results[base..base + usize::from(meta.count) * self.width],
+        ))
+    }
+}

@@ -1,0 +1,390 @@
+//! The aggregator alone, driven packet by packet.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::codec::CodecId;
+
+struct Harness {
+    agg: Aggregator<u32>,
+    now: Instant,
+    token: u64,
+}
+
+fn join_msg(job: u32, rank: u16, world: u16, codec: CodecId, secret: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    wire::encode_join(
+        &Join {
+            job,
+            rank,
+            world,
+            codec,
+            chunk_elems: 4,
+            window: 2,
+            secret: secret.to_vec(),
+        },
+        &mut b,
+    );
+    b
+}
+
+impl Harness {
+    /// A running job 5 of `world` ranks (addresses 100 + rank), f32, chunks of 4, 2 slots.
+    fn new(world: u16) -> Self {
+        let mut agg = Aggregator::new(AggregatorConfig::default());
+        let now = Instant::now();
+        for r in 0..world {
+            agg.handle_datagram(
+                now,
+                100 + u32::from(r),
+                &join_msg(5, r, world, CodecId::F32, b"k"),
+            );
+        }
+        let mut h = Self { agg, now, token: 0 };
+        let out = h.drain();
+        assert_eq!(out.len(), usize::from(world));
+        match &out[0].1 {
+            Message::Grant(g) => h.token = g.token,
+            m => panic!("expected a grant, got {m:?}"),
+        }
+        h
+    }
+
+    fn drain(&mut self) -> Vec<(u32, Message<'static>)> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(to) = self.agg.poll_transmit(&mut buf) {
+            let msg = match wire::decode(&buf).expect("the aggregator sends valid datagrams") {
+                Message::Result(h, p) => {
+                    Message::Result(h, Box::leak(p.to_vec().into_boxed_slice()))
+                }
+                Message::Join(j) => Message::Join(j),
+                Message::Grant(g) => Message::Grant(g),
+                Message::Contribution(..) => panic!("aggregator sent a contribution"),
+                Message::Leave(c) => Message::Leave(c),
+                Message::Heartbeat(c) => Message::Heartbeat(c),
+                Message::Error(e) => Message::Error(e),
+            };
+            out.push((to, msg));
+        }
+        out
+    }
+
+    fn header(&self, rank: u16, seq: u64, count: u16) -> DataHeader {
+        DataHeader {
+            job: 5,
+            rank,
+            codec: CodecId::F32,
+            flags: 0,
+            token: self.token,
+            seq,
+            slot: (seq % 2) as u32,
+            version: ((seq / 2) % 2) as u8,
+            scale_exp: wire::NO_EXPONENT,
+            next_exp: wire::NO_EXPONENT,
+            count,
+        }
+    }
+
+    fn contribute_as(&mut self, from: u32, h: &DataHeader, values: &[f32]) {
+        let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut b = Vec::new();
+        wire::encode_contribution(h, &payload, &mut b);
+        self.agg.handle_datagram(self.now, from, &b);
+    }
+
+    fn contribute(&mut self, rank: u16, seq: u64, values: &[f32]) {
+        let h = self.header(rank, seq, values.len() as u16);
+        self.contribute_as(100 + u32::from(rank), &h, values);
+    }
+}
+
+fn values(p: &[u8]) -> Vec<f32> {
+    p.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn duplicate_contribution_is_never_added_twice() {
+    let mut h = Harness::new(2);
+    h.contribute(0, 0, &[1.0, 2.0, 3.0, 4.0]);
+    h.contribute(0, 0, &[1.0, 2.0, 3.0, 4.0]);
+    assert!(h.drain().is_empty(), "no result before every rank is in");
+    assert_eq!(h.agg.stats().dropped(DropReason::Duplicate), 1);
+    h.contribute(1, 0, &[10.0, 20.0, 30.0, 40.0]);
+    let out = h.drain();
+    assert_eq!(out.len(), 2, "a result to each rank");
+    for (to, m) in &out {
+        let Message::Result(hd, p) = m else {
+            panic!("{m:?}")
+        };
+        assert!([100, 101].contains(to));
+        assert_eq!(hd.flags & FLAG_FROM_COPY, 0);
+        assert_eq!(values(p), vec![11.0, 22.0, 33.0, 44.0]);
+    }
+    // A retransmission after completion is answered from the copy, to that rank only,
+    // with the same sum.
+    h.contribute(1, 0, &[10.0, 20.0, 30.0, 40.0]);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    let (to, Message::Result(hd, p)) = &out[0] else {
+        panic!()
+    };
+    assert_eq!(*to, 101);
+    assert_ne!(hd.flags & FLAG_FROM_COPY, 0);
+    assert_eq!(values(p), vec![11.0, 22.0, 33.0, 44.0]);
+    assert_eq!(h.agg.stats().contributions, 2);
+    assert_eq!(h.agg.stats().copies_answered, 1);
+}
+
+#[test]
+fn hostile_contributions_are_counted_and_change_nothing() {
+    let mut h = Harness::new(2);
+    h.contribute(0, 0, &[1.0; 4]);
+    let ok = h.header(1, 0, 4);
+    let cases: Vec<(u32, DataHeader, DropReason)> = vec![
+        (
+            101,
+            DataHeader { rank: 7, ..ok },
+            DropReason::RankOutOfRange,
+        ),
+        (101, DataHeader { job: 6, ..ok }, DropReason::UnknownJob),
+        (
+            101,
+            DataHeader { slot: 9, ..ok },
+            DropReason::SlotOutOfRange,
+        ),
+        (
+            101,
+            DataHeader { slot: 1, ..ok },
+            DropReason::SlotOutOfRange,
+        ),
+        (
+            101,
+            DataHeader { version: 1, ..ok },
+            DropReason::SlotOutOfRange,
+        ),
+        (
+            101,
+            DataHeader {
+                codec: CodecId::I32,
+                ..ok
+            },
+            DropReason::CodecMismatch,
+        ),
+        (
+            101,
+            DataHeader {
+                token: ok.token ^ 1,
+                ..ok
+            },
+            DropReason::BadToken,
+        ),
+        (999, ok, DropReason::NotMember),
+        (100, ok, DropReason::NotMember),
+        (101, DataHeader { count: 3, ..ok }, DropReason::Inconsistent),
+        (
+            101,
+            DataHeader { scale_exp: 3, ..ok },
+            DropReason::Inconsistent,
+        ),
+    ];
+    for (from, hd, reason) in &cases {
+        let before = h.agg.stats().dropped(*reason);
+        let n = usize::from(hd.count);
+        h.contribute_as(*from, hd, &vec![1000.0; n]);
+        assert_eq!(h.agg.stats().dropped(*reason), before + 1, "{reason}");
+        assert!(h.drain().is_empty(), "{reason} produced output");
+    }
+    let mut big = Vec::new();
+    wire::encode_contribution(&DataHeader { count: 5, ..ok }, &[0; 20], &mut big);
+    h.agg.handle_datagram(h.now, 101, &big);
+    assert_eq!(h.agg.stats().dropped(DropReason::CountTooLarge), 1);
+    h.agg.handle_datagram(h.now, 101, b"garbage");
+    assert_eq!(h.agg.stats().dropped(DropReason::Malformed), 1);
+    // The slot is untouched: the honest contribution completes the right sum.
+    h.contribute(1, 0, &[2.0; 4]);
+    let out = h.drain();
+    assert_eq!(out.len(), 2);
+    let Message::Result(_, p) = &out[0].1 else {
+        panic!()
+    };
+    assert_eq!(values(p), vec![3.0; 4]);
+    assert_eq!(h.agg.stats().contributions, 2);
+}
+
+#[test]
+fn stale_and_ahead_chunks_are_dropped() {
+    let mut h = Harness::new(2);
+    for seq in 0..4 {
+        h.contribute(0, seq, &[1.0; 4]);
+        h.contribute(1, seq, &[1.0; 4]);
+    }
+    h.drain();
+    // seq 0 lived in slot 0 version 0, now held by seq 4's predecessor... seq 4 reuses it.
+    h.contribute(0, 4, &[1.0; 4]);
+    h.contribute(1, 0, &[1.0; 4]);
+    assert_eq!(h.agg.stats().dropped(DropReason::Stale), 1);
+    // seq 8 would reuse slot 0 version 0 while seq 4 is still open.
+    h.contribute(0, 8, &[1.0; 4]);
+    assert_eq!(h.agg.stats().dropped(DropReason::Ahead), 1);
+    h.contribute(1, 4, &[1.0; 4]);
+    let out = h.drain();
+    let Message::Result(hd, p) = &out[0].1 else {
+        panic!()
+    };
+    assert_eq!((hd.seq, values(p)), (4, vec![2.0; 4]));
+}
+
+#[test]
+fn joins_are_checked() {
+    let mut agg: Aggregator<u32> = Aggregator::new(AggregatorConfig::default());
+    let now = Instant::now();
+    agg.handle_datagram(now, 1, &join_msg(1, 0, 2, CodecId::F32, b"right"));
+    let refused = |agg: &mut Aggregator<u32>, from, msg: Vec<u8>, code| {
+        agg.handle_datagram(now, from, &msg);
+        let mut buf = Vec::new();
+        assert_eq!(agg.poll_transmit(&mut buf), Some(from));
+        match wire::decode(&buf) {
+            Ok(Message::Error(e)) => assert_eq!(e.code, code, "{}", e.text),
+            m => panic!("expected an error, got {m:?}"),
+        }
+    };
+    refused(
+        &mut agg,
+        2,
+        join_msg(1, 1, 2, CodecId::F32, b"wrong"),
+        ErrorCode::BadSecret,
+    );
+    refused(
+        &mut agg,
+        2,
+        join_msg(1, 1, 3, CodecId::F32, b"right"),
+        ErrorCode::ParamMismatch,
+    );
+    refused(
+        &mut agg,
+        2,
+        join_msg(1, 1, 2, CodecId::I32, b"right"),
+        ErrorCode::ParamMismatch,
+    );
+    refused(
+        &mut agg,
+        2,
+        join_msg(1, 0, 2, CodecId::F32, b"right"),
+        ErrorCode::RankTaken,
+    );
+    assert_eq!(agg.stats().dropped(DropReason::BadSecret), 1);
+    assert_eq!(agg.stats().dropped(DropReason::ParamMismatch), 2);
+    assert_eq!(agg.stats().dropped(DropReason::RankTaken), 1);
+    let mut buf = Vec::new();
+    assert_eq!(agg.poll_transmit(&mut buf), None, "no grant to anyone yet");
+    agg.handle_datagram(now, 2, &join_msg(1, 1, 2, CodecId::F32, b"right"));
+    let mut grants = 0;
+    while agg.poll_transmit(&mut buf).is_some() {
+        assert!(matches!(wire::decode(&buf), Ok(Message::Grant(_))));
+        grants += 1;
+    }
+    assert_eq!(grants, 2);
+}
+
+#[test]
+fn a_silent_rank_aborts_its_job_and_stragglers_learn_why() {
+    let mut h = Harness::new(3);
+    h.contribute(0, 0, &[1.0; 4]);
+    h.contribute(1, 0, &[1.0; 4]);
+    let later = h.now + Duration::from_secs(2);
+    let mut hb = Vec::new();
+    for r in 0..2u16 {
+        wire::encode_heartbeat(
+            &Control {
+                job: 5,
+                rank: r,
+                token: h.token,
+            },
+            &mut hb,
+        );
+        h.agg.handle_datagram(later, 100 + u32::from(r), &hb);
+        hb.clear();
+    }
+    assert_eq!(h.drain().len(), 2, "heartbeats are echoed");
+    let t = h.now + Duration::from_millis(3500);
+    h.agg.handle_timeout(t);
+    let out = h.drain();
+    assert_eq!(out.len(), 3, "every rank is told");
+    for (_, m) in &out {
+        let Message::Error(e) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!((e.code, e.rank), (ErrorCode::PeerSilent, 2));
+    }
+    assert!(h.agg.jobs().is_empty());
+    assert_eq!(h.agg.slot_memory(), 0);
+    // A rank that missed the news hears it on its next packet.
+    h.now = t;
+    h.contribute(0, 1, &[1.0; 4]);
+    let out = h.drain();
+    assert!(matches!(&out[..], [(100, Message::Error(e))] if e.code == ErrorCode::PeerSilent));
+    // A stranger does not.
+    let hd = h.header(0, 1, 4);
+    h.contribute_as(555, &hd, &[1.0; 4]);
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn leaving_ends_the_job_and_a_chunk_that_needs_a_leaver_aborts() {
+    let mut h = Harness::new(2);
+    h.contribute(0, 0, &[1.0; 4]);
+    h.contribute(1, 0, &[1.0; 4]);
+    h.drain();
+    let mut b = Vec::new();
+    wire::encode_leave(
+        &Control {
+            job: 5,
+            rank: 1,
+            token: h.token,
+        },
+        &mut b,
+    );
+    h.agg.handle_datagram(h.now, 101, &b);
+    // Rank 0 can still get the kept copy of a finished chunk...
+    h.contribute(0, 0, &[1.0; 4]);
+    assert!(matches!(&h.drain()[..], [(100, Message::Result(..))]));
+    // ...but a new chunk can never complete.
+    h.contribute(0, 1, &[1.0; 4]);
+    let out = h.drain();
+    assert!(matches!(&out[..], [(100, Message::Error(e))] if e.code == ErrorCode::PeerLeft));
+    assert!(h.agg.jobs().is_empty());
+
+    let mut h = Harness::new(2);
+    for r in 0..2u16 {
+        b.clear();
+        wire::encode_leave(
+            &Control {
+                job: 5,
+                rank: r,
+                token: h.token,
+            },
+            &mut b,
+        );
+        h.agg.handle_datagram(h.now, 100 + u32::from(r), &b);
+    }
+    assert!(h.agg.jobs().is_empty());
+    assert!(matches!(h.agg.poll_event(), Some(Event::JobStarted { .. })));
+    assert!(matches!(
+        h.agg.poll_event(),
+        Some(Event::JobEnded { job: 5, .. })
+    ));
+}
+
+#[test]
+fn shutdown_tells_every_rank() {
+    let mut h = Harness::new(2);
+    h.agg.shutdown(h.now);
+    let out = h.drain();
+    assert_eq!(out.len(), 2);
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Error(e) if e.code == ErrorCode::Shutdown)));
+}

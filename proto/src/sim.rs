@@ -1,0 +1,423 @@
+//! A deterministic simulator: one aggregator and many workers on a virtual clock, the
+//! datagrams between them lost, duplicated, reordered and delayed by a seeded RNG.
+//!
+//! The same seed gives the same run, event for event. Runs are bounded in events, so a
+//! protocol bug shows up as [`SimError::TooManySteps`] or [`SimError::Stalled`], never
+//! as a test that hangs.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use thiserror::Error;
+
+use crate::aggregator::{Aggregator, AggregatorConfig};
+use crate::worker::{AllreduceStats, Event, Worker, WorkerConfig, WorkerError};
+
+/// The network the simulator emulates.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Seeds every random choice.
+    pub seed: u64,
+    /// Probability that a datagram is lost.
+    pub loss: f64,
+    /// Probability that a datagram is delivered twice.
+    pub dup: f64,
+    /// Probability that a datagram is held back by up to `reorder_delay`.
+    pub reorder: f64,
+    /// One-way delay of every datagram.
+    pub latency: Duration,
+    /// Uniform extra delay in `0..jitter`.
+    pub jitter: Duration,
+    /// The most a reordered datagram is held back.
+    pub reorder_delay: Duration,
+    /// The most events (deliveries and timeouts) one call may process.
+    pub max_steps: u64,
+}
+
+impl SimConfig {
+    /// A perfect network with a fixed 10 µs delay.
+    pub fn lossless(seed: u64) -> Self {
+        Self {
+            seed,
+            loss: 0.0,
+            dup: 0.0,
+            reorder: 0.0,
+            latency: Duration::from_micros(10),
+            jitter: Duration::ZERO,
+            reorder_delay: Duration::ZERO,
+            max_steps: 5_000_000,
+        }
+    }
+
+    /// 5% loss, 2% duplication, 5% reordering and jitter, in both directions.
+    pub fn lossy(seed: u64) -> Self {
+        Self {
+            loss: 0.05,
+            dup: 0.02,
+            reorder: 0.05,
+            jitter: Duration::from_micros(20),
+            reorder_delay: Duration::from_micros(200),
+            ..Self::lossless(seed)
+        }
+    }
+}
+
+/// Why a simulated run did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SimError {
+    /// Nothing left to deliver and no timer armed, yet not finished.
+    #[error("stalled after {0:?} of virtual time")]
+    Stalled(Duration),
+    /// The event budget ran out.
+    #[error("not finished after {0} events")]
+    TooManySteps(u64),
+    /// A worker failed.
+    #[error("worker {index} failed: {error}")]
+    Worker {
+        /// Its index.
+        index: usize,
+        /// Its error.
+        error: WorkerError,
+    },
+}
+
+/// One end of a simulated datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Node {
+    Aggregator,
+    Worker(usize),
+}
+
+/// A datagram on the wire, ordered by arrival time, then by send order.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Flight {
+    at: Instant,
+    n: u64,
+    from: Node,
+    to: Node,
+    bytes: Vec<u8>,
+}
+
+/// What the network did, counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Datagrams handed to the network.
+    pub sent: u64,
+    /// Lost.
+    pub lost: u64,
+    /// Delivered twice.
+    pub duplicated: u64,
+    /// Held back.
+    pub reordered: u64,
+    /// Delivered.
+    pub delivered: u64,
+}
+
+/// What became of each worker.
+#[derive(Debug, Clone, Default)]
+struct Status {
+    joined: bool,
+    done: Option<AllreduceStats>,
+    failed: Option<WorkerError>,
+}
+
+/// The simulator. The aggregator addresses workers by their index.
+#[derive(Debug)]
+pub struct Sim {
+    cfg: SimConfig,
+    rng: SmallRng,
+    start: Instant,
+    now: Instant,
+    agg: Aggregator<usize>,
+    workers: Vec<Worker>,
+    buffers: Vec<Vec<f32>>,
+    status: Vec<Status>,
+    wire: BinaryHeap<Reverse<Flight>>,
+    sent: u64,
+    /// The aggregator crashed: it takes and sends nothing more.
+    agg_dead: bool,
+    /// Crashed workers.
+    dead: Vec<bool>,
+    /// Counters of the network.
+    pub net: NetStats,
+    scratch: Vec<u8>,
+}
+
+impl Sim {
+    /// A simulator with these workers, all starting to join at time zero.
+    ///
+    /// # Panics
+    /// If a worker configuration is invalid (this is test support).
+    pub fn new(cfg: SimConfig, agg: AggregatorConfig, workers: Vec<WorkerConfig>) -> Self {
+        let start = Instant::now();
+        let n = workers.len();
+        let workers = workers
+            .into_iter()
+            .map(|c| Worker::new(c, start).expect("valid worker configuration"))
+            .collect();
+        Self {
+            rng: SmallRng::seed_from_u64(cfg.seed),
+            cfg,
+            start,
+            now: start,
+            agg: Aggregator::new(agg),
+            workers,
+            buffers: vec![Vec::new(); n],
+            status: vec![Status::default(); n],
+            wire: BinaryHeap::new(),
+            sent: 0,
+            agg_dead: false,
+            dead: vec![false; n],
+            net: NetStats::default(),
+            scratch: Vec::with_capacity(crate::wire::MAX_DATAGRAM),
+        }
+    }
+
+    /// Virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// The aggregator.
+    pub fn aggregator(&self) -> &Aggregator<usize> {
+        &self.agg
+    }
+
+    /// Worker `i`.
+    pub fn worker(&self, i: usize) -> &Worker {
+        &self.workers[i]
+    }
+
+    /// Worker `i`, to call its methods directly.
+    pub fn worker_mut(&mut self, i: usize) -> &mut Worker {
+        &mut self.workers[i]
+    }
+
+    /// The statistics of worker `i`'s last allreduce.
+    pub fn last_stats(&self, i: usize) -> Option<&AllreduceStats> {
+        self.status[i].done.as_ref()
+    }
+
+    /// Crashes the aggregator: from now on it takes and sends nothing.
+    pub fn kill_aggregator(&mut self) {
+        self.agg_dead = true;
+    }
+
+    /// Crashes worker `i`: from now on it takes and sends nothing.
+    pub fn kill_worker(&mut self, i: usize) {
+        self.dead[i] = true;
+    }
+
+    /// Hands a datagram to the aggregator now, as if worker `from` had sent it.
+    pub fn inject(&mut self, from: usize, datagram: &[u8]) {
+        self.agg.handle_datagram(self.now, from, datagram);
+    }
+
+    /// Runs until every worker has joined.
+    pub fn join(&mut self) -> Result<(), SimError> {
+        self.run_until(|s| s.status.iter().all(|st| st.joined))
+    }
+
+    /// Every worker allreduces its input (joining first if needed); returns the outputs.
+    pub fn allreduce(&mut self, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, SimError> {
+        let out = self.allreduce_some(inputs.into_iter().map(Some).collect())?;
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The workers given an input allreduce it (joining first if needed), the others do
+    /// nothing; returns the outputs of the first.
+    pub fn allreduce_some(
+        &mut self,
+        inputs: Vec<Option<Vec<f32>>>,
+    ) -> Result<Vec<Option<Vec<f32>>>, SimError> {
+        assert_eq!(inputs.len(), self.workers.len(), "one input per worker");
+        self.join()?;
+        let active: Vec<bool> = inputs.iter().map(Option::is_some).collect();
+        self.buffers = inputs.into_iter().map(Option::unwrap_or_default).collect();
+        for i in (0..self.workers.len()).filter(|i| active[*i]) {
+            self.status[i].done = None;
+            if let Err(error) = self.workers[i].start_allreduce(self.now, &self.buffers[i]) {
+                return Err(SimError::Worker { index: i, error });
+            }
+        }
+        self.run_until(|s| (0..s.workers.len()).all(|i| !active[i] || s.status[i].done.is_some()))?;
+        let n = self.buffers.len();
+        let out = std::mem::replace(&mut self.buffers, vec![Vec::new(); n]);
+        Ok(out
+            .into_iter()
+            .zip(active)
+            .map(|(b, a)| a.then_some(b))
+            .collect())
+    }
+
+    /// Runs until `done` holds, a worker fails, or time stops.
+    pub fn run_until(&mut self, mut done: impl FnMut(&Sim) -> bool) -> Result<(), SimError> {
+        let mut steps = 0u64;
+        loop {
+            self.flush();
+            if let Some((index, st)) = self
+                .status
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.failed.is_some())
+            {
+                let error = st.failed.clone().unwrap_or(WorkerError::Closed);
+                return Err(SimError::Worker { index, error });
+            }
+            if done(self) {
+                return Ok(());
+            }
+            steps += 1;
+            if steps > self.cfg.max_steps {
+                return Err(SimError::TooManySteps(steps));
+            }
+            self.step()?;
+        }
+    }
+
+    /// Runs until nothing is in flight and no timer is due within `horizon`.
+    pub fn settle(&mut self, horizon: Duration) -> Result<(), SimError> {
+        let end = self.now + horizon;
+        let mut steps = 0u64;
+        loop {
+            self.flush();
+            match self.next_time() {
+                Some(t) if t <= end => {}
+                _ => return Ok(()),
+            }
+            steps += 1;
+            if steps > self.cfg.max_steps {
+                return Err(SimError::TooManySteps(steps));
+            }
+            self.step()?;
+        }
+    }
+
+    fn next_time(&mut self) -> Option<Instant> {
+        let mut t = self.wire.peek().map(|Reverse(f)| f.at);
+        let mut take = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if !self.agg_dead {
+            take(self.agg.poll_timeout());
+        }
+        for (w, _) in self
+            .workers
+            .iter_mut()
+            .zip(&self.dead)
+            .filter(|(_, d)| !**d)
+        {
+            take(w.poll_timeout());
+        }
+        t
+    }
+
+    /// Advances to the next event and processes everything due then.
+    fn step(&mut self) -> Result<(), SimError> {
+        let Some(t) = self.next_time() else {
+            return Err(SimError::Stalled(self.elapsed()));
+        };
+        self.now = self.now.max(t);
+        let now = self.now;
+        while self.wire.peek().is_some_and(|Reverse(f)| f.at <= now) {
+            let Some(Reverse(f)) = self.wire.pop() else {
+                break;
+            };
+            self.net.delivered += 1;
+            match (f.from, f.to) {
+                (Node::Worker(_), Node::Aggregator) if self.agg_dead => {}
+                (Node::Worker(i), Node::Aggregator) => self.agg.handle_datagram(now, i, &f.bytes),
+                (_, Node::Worker(i)) if self.dead[i] => {}
+                (_, Node::Worker(i)) => {
+                    self.workers[i].handle_datagram(now, &f.bytes, &mut self.buffers[i])
+                }
+                _ => {}
+            }
+        }
+        if !self.agg_dead && self.agg.poll_timeout().is_some_and(|t| t <= now) {
+            self.agg.handle_timeout(now);
+        }
+        for (w, _) in self
+            .workers
+            .iter_mut()
+            .zip(&self.dead)
+            .filter(|(_, d)| !**d)
+        {
+            if w.poll_timeout().is_some_and(|t| t <= now) {
+                w.handle_timeout(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends everything every node has to send, and collects worker events.
+    fn flush(&mut self) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        loop {
+            let mut any = false;
+            for i in 0..self.workers.len() {
+                if self.dead[i] {
+                    continue;
+                }
+                while self.workers[i].poll_transmit(self.now, &self.buffers[i], &mut buf) {
+                    self.send(Node::Worker(i), Node::Aggregator, &buf);
+                    any = true;
+                }
+                while let Some(ev) = self.workers[i].poll_event() {
+                    let st = &mut self.status[i];
+                    match ev {
+                        Event::Joined(_) => st.joined = true,
+                        Event::AllreduceDone { stats, .. } => st.done = Some(stats),
+                        Event::Failed(e) => st.failed = Some(e),
+                    }
+                }
+            }
+            while let Some(to) = self.agg.poll_transmit(&mut buf).filter(|_| !self.agg_dead) {
+                self.send(Node::Aggregator, Node::Worker(to), &buf);
+                any = true;
+            }
+            while self.agg.poll_event().is_some() {}
+            if !any {
+                break;
+            }
+        }
+        self.scratch = buf;
+    }
+
+    fn send(&mut self, from: Node, to: Node, bytes: &[u8]) {
+        self.net.sent += 1;
+        if self.rng.random_bool(self.cfg.loss) {
+            self.net.lost += 1;
+            return;
+        }
+        let copies = if self.rng.random_bool(self.cfg.dup) {
+            self.net.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut delay = self.cfg.latency;
+            if !self.cfg.jitter.is_zero() {
+                delay += self.cfg.jitter.mul_f64(self.rng.random::<f64>());
+            }
+            if self.rng.random_bool(self.cfg.reorder) {
+                self.net.reordered += 1;
+                delay += self.cfg.reorder_delay.mul_f64(self.rng.random::<f64>());
+            }
+            self.sent += 1;
+            self.wire.push(Reverse(Flight {
+                at: self.now + delay,
+                n: self.sent,
+                from,
+                to,
+                bytes: bytes.to_vec(),
+            }));
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! The wire format: every message of the protocol, encoded and decoded.
+//!
+//! All integers are little-endian (the byte order of every machine inagg runs on, so
+//! payload lanes are copied, not swapped). Every datagram starts with a four-byte
+//! preamble: the magic `b"IA"`, the protocol [`VERSION`] and the message kind.
+//!
+//! | kind | message | body after the preamble |
+//! |---|---|---|
+//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8, chunk_elems u16, window u32, secret_len u8, secret |
+//! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8, chunk_elems u16, window u32, token u64 |
+//! | 3 | contribution | [`DataHeader`] (36 bytes), then `count` elements in the codec's wire form |
+//! | 4 | result | [`DataHeader`] (36 bytes), then `count` elements in the codec's wire form |
+//! | 5 | [`Control`] leave | job u32, rank u16, token u64 |
+//! | 6 | [`Control`] heartbeat | job u32, rank u16, token u64 |
+//! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, msg_len u16, UTF-8 message |
+//!
+//! Data packets have a 40-byte header, a multiple of 4 so that payload lanes stay
+//! aligned in the caller's buffers.
+//!
+//! [`decode`] validates everything: magic, version, kind, exact lengths, enum values,
+//! reserved bits and ranges. It never panics, whatever the input; it borrows the payload
+//! from the input instead of copying it.
+
+use bytes::{Buf, BufMut};
+use thiserror::Error;
+
+use crate::codec::{self, CodecId};
+
+/// The two bytes every inagg datagram starts with.
+pub const MAGIC: [u8; 2] = *b"IA";
+/// The protocol version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Bytes before the payload of a contribution or a result.
+pub const DATA_HEADER_LEN: usize = 40;
+/// The longest job secret a join may carry.
+pub const MAX_SECRET_LEN: usize = 64;
+/// The longest error message text.
+pub const MAX_ERROR_TEXT: usize = 512;
+/// The exponent value that means "no exponent": an all-zero block, or a packet that
+/// carries no lookahead.
+pub const NO_EXPONENT: i8 = i8::MIN;
+/// The largest datagram inagg ever sends or accepts (the IPv4 UDP limit).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Flag bit on a data packet: the path or the aggregator saw congestion.
+pub const FLAG_MARK: u8 = 0x01;
+/// Flag bit on a result: answered from the kept copy (a retransmission's answer).
+pub const FLAG_FROM_COPY: u8 = 0x02;
+const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY;
+
+/// The kind byte of each message.
+mod kind {
+    pub const JOIN: u8 = 1;
+    pub const GRANT: u8 = 2;
+    pub const CONTRIBUTION: u8 = 3;
+    pub const RESULT: u8 = 4;
+    pub const LEAVE: u8 = 5;
+    pub const HEARTBEAT: u8 = 6;
+    pub const ERROR: u8 = 7;
+}
+
+/// Why a datagram could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// Shorter than its header or than its lengths say.
+    #[error("truncated datagram")]
+    Truncated,
+    /// Longer than its header says.
+    #[error("trailing bytes after the message")]
+    Trailing,
+    /// Does not start with the magic bytes.
+    #[error("not an inagg datagram")]
+    BadMagic,
+    /// Another protocol version.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// An unknown message kind.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// An unknown codec id.
+    #[error("unknown codec {0}")]
+    Codec(u8),
+    /// A field outside its range, or a reserved bit set.
+    #[error("invalid field {0}")]
+    Field(&'static str),
+}
+
+/// A worker asks to join a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    /// The job the worker belongs to.
+    pub job: u32,
+    /// The worker's rank in `0..world`.
+    pub rank: u16,
+    /// The number of ranks in the job.
+    pub world: u16,
+    /// The codec every rank of the job uses.
+    pub codec: CodecId,
+    /// Elements per chunk (one slot, one packet).
+    pub chunk_elems: u16,
+    /// Slots the worker would like (its window).
+    pub window: u32,
+    /// The job's shared secret (at most [`MAX_SECRET_LEN`] bytes).
+    pub secret: Vec<u8>,
+}
+
+/// The aggregator admits a rank to a job whose ranks have all joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The job.
+    pub job: u32,
+    /// The rank this grant is addressed to.
+    pub rank: u16,
+    /// The number of ranks.
+    pub world: u16,
+    /// The job's codec.
+    pub codec: CodecId,
+    /// Elements per chunk.
+    pub chunk_elems: u16,
+    /// Slots granted: the job's pool size `S`.
+    pub window: u32,
+    /// Carried by every later packet of this job; packets with another token are dropped.
+    pub token: u64,
+}
+
+/// The header of a contribution (worker to aggregator) or a result (back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    /// The job.
+    pub job: u32,
+    /// The sender's rank (contributions); the world size (results).
+    pub rank: u16,
+    /// The codec of the payload.
+    pub codec: CodecId,
+    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`].
+    pub flags: u8,
+    /// The job's session token.
+    pub token: u64,
+    /// The packet's sequence number in the job's stream: it runs on across
+    /// allreduces, so a packet from an earlier allreduce is never taken for a current one.
+    pub seq: u64,
+    /// `seq mod S`.
+    pub slot: u32,
+    /// `(seq / S) mod 2`.
+    pub version: u8,
+    /// The block exponent the payload was quantized with ([`NO_EXPONENT`] for float codecs).
+    pub scale_exp: i8,
+    /// Lookahead: the exponent of a later block (contribution), or the maximum over the
+    /// ranks (result). [`NO_EXPONENT`] when none.
+    pub next_exp: i8,
+    /// Elements in the payload (0 for a packet that carries only an exponent).
+    pub count: u16,
+}
+
+/// Leave or heartbeat: a rank's control message without a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Control {
+    /// The job.
+    pub job: u32,
+    /// The rank.
+    pub rank: u16,
+    /// The job's session token.
+    pub token: u64,
+}
+
+/// What went wrong, in an [`ErrorMsg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// The job is not known to this aggregator.
+    UnknownJob = 1,
+    /// The join's secret does not match the job's.
+    BadSecret = 2,
+    /// The rank is not below the world size.
+    RankOutOfRange = 3,
+    /// World size, codec or chunk size differ from the job's.
+    ParamMismatch = 4,
+    /// Another address holds this rank.
+    RankTaken = 5,
+    /// A rank went silent; the job was aborted. The message's rank names it.
+    PeerSilent = 6,
+    /// A rank left; the job was aborted. The message's rank names it.
+    PeerLeft = 7,
+    /// The aggregator is shutting down.
+    Shutdown = 8,
+    /// The aggregator cannot take the job (too many jobs, no slot memory).
+    NoCapacity = 9,
+    /// The job's ranks disagree on a tensor (length or scale): the job was aborted.
+    Inconsistent = 10,
+}
+
+impl ErrorCode {
+    fn from_u8(v: u8) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => UnknownJob,
+            2 => BadSecret,
+            3 => RankOutOfRange,
+            4 => ParamMismatch,
+            5 => RankTaken,
+            6 => PeerSilent,
+            7 => PeerLeft,
+            8 => Shutdown,
+            9 => NoCapacity,
+            10 => Inconsistent,
+            _ => return None,
+        })
+    }
+}
+
+/// An error the aggregator reports to a rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMsg {
+    /// The job concerned.
+    pub job: u32,
+    /// The rank the error is about (the silent one, the one out of range), or `u16::MAX`.
+    pub rank: u16,
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// Words for people, at most [`MAX_ERROR_TEXT`] bytes.
+    pub text: String,
+}
+
+/// A decoded datagram. Payloads borrow from the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Worker to aggregator.
+    Join(Join),
+    /// Aggregator to worker.
+    Grant(Grant),
+    /// Worker to aggregator: a chunk.
+    Contribution(DataHeader, &'a [u8]),
+    /// Aggregator to worker: a summed chunk.
+    Result(DataHeader, &'a [u8]),
+    /// Worker to aggregator: the rank is done with the job.
+    Leave(Control),
+    /// Both ways: the sender is alive (the aggregator echoes it).
+    Heartbeat(Control),
+    /// Aggregator to worker.
+    Error(ErrorMsg),
+}
+
+fn preamble(out: &mut impl BufMut, kind: u8) {
+    out.put_slice(&MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(kind);
+}
+
+/// Appends a join to `out`.
+pub fn encode_join(j: &Join, out: &mut impl BufMut) {
+    debug_assert!(j.secret.len() <= MAX_SECRET_LEN);
+    let secret = &j.secret[..j.secret.len().min(MAX_SECRET_LEN)];
+    preamble(out, kind::JOIN);
+    out.put_u32_le(j.job);
+    out.put_u16_le(j.rank);
+    out.put_u16_le(j.world);
+    out.put_u8(j.codec.0);
+    out.put_u8(0);
+    out.put_u16_le(j.chunk_elems);
+    out.put_u32_le(j.window);
+    // Cannot truncate: the length is capped at MAX_SECRET_LEN above.
+    out.put_u8(secret.len() as u8);
+    out.put_slice(secret);
+}
+
+/// Appends a grant to `out`.
+pub fn encode_grant(g: &Grant, out: &mut impl BufMut) {
+    preamble(out, kind::GRANT);
+    out.put_u32_le(g.job);
+    out.put_u16_le(g.rank);
+    out.put_u16_le(g.world);
+    out.put_u8(g.codec.0);
+    out.put_u8(0);
+    out.put_u16_le(g.chunk_elems);
+    out.put_u32_le(g.window);
+    out.put_u64_le(g.token);
+}
+
+fn encode_data(kind: u8, h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
+    preamble(out, kind);
+    out.put_u32_le(h.job);
+    out.put_u16_le(h.rank);
+    out.put_u8(h.codec.0);
+    out.put_u8(h.flags);
+    out.put_u64_le(h.token);
+    out.put_u64_le(h.seq);
+    out.put_u32_le(h.slot);
+    out.put_u8(h.version);
+    out.put_i8(h.scale_exp);
+    out.put_i8(h.next_exp);
+    out.put_u8(0);
+    out.put_u16_le(h.count);
+    out.put_u16_le(0);
+    out.put_slice(payload);
+}
+
+/// Appends a contribution to `out`. `payload` holds `h.count` elements in the codec's
+/// wire form.
+pub fn encode_contribution(h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
+    encode_data(kind::CONTRIBUTION, h, payload, out)
+}
+
+/// Appends a result to `out`.
+pub fn encode_result(h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
+    encode_data(kind::RESULT, h, payload, out)
+}
+
+/// Writes the header of a data packet into the first [`DATA_HEADER_LEN`] bytes of
+/// `out`, so that a caller can encode the payload in place right after it.
+pub fn write_data_header(contribution: bool, h: &DataHeader, out: &mut [u8; DATA_HEADER_LEN]) {
+    let k = if contribution {
+        kind::CONTRIBUTION
+    } else {
+        kind::RESULT
+    };
+    let mut w = &mut out[..];
+    encode_data(k, h, &[], &mut w);
+}
+
+fn encode_control(kind: u8, c: &Control, out: &mut impl BufMut) {
+    preamble(out, kind);
+    out.put_u32_le(c.job);
+    out.put_u16_le(c.rank);
+    out.put_u64_le(c.token);
+}
+
+/// Appends a leave to `out`.
+pub fn encode_leave(c: &Control, out: &mut impl BufMut) {
+    encode_control(kind::LEAVE, c, out)
+}
+
+/// Appends a heartbeat to `out`.
+pub fn encode_heartbeat(c: &Control, out: &mut impl BufMut) {
+    encode_control(kind::HEARTBEAT, c, out)
+}
+
+/// Appends an error to `out`; text beyond [`MAX_ERROR_TEXT`] bytes is cut at a
+/// character boundary.
+pub fn encode_error(e: &ErrorMsg, out: &mut impl BufMut) {
+    let mut end = e.text.len().min(MAX_ERROR_TEXT);
+    while !e.text.is_char_boundary(end) {
+        end -= 1;
+    }
+    preamble(out, kind::ERROR);
+    out.put_u32_le(e.job);
+    out.put_u16_le(e.rank);
+    out.put_u8(e.code as u8);
+    // Cannot truncate: end <= MAX_ERROR_TEXT < u16::MAX.
+    out.put_u16_le(end as u16);
+    out.put_slice(&e.text.as_bytes()[..end]);
+}
+
+impl Message<'_> {
+    /// Appends this message to `out`.
+    pub fn encode(&self, out: &mut impl BufMut) {
+        match self {
+            Message::Join(j) => encode_join(j, out),
+            Message::Grant(g) => encode_grant(g, out),
+            Message::Contribution(h, p) => encode_contribution(h, p, out),
+            Message::Result(h, p) => encode_result(h, p, out),
+            Message::Leave(c) => encode_leave(c, out),
+            Message::Heartbeat(c) => encode_heartbeat(c, out),
+            Message::Error(e) => encode_error(e, out),
+        }
+    }
+}
+
+/// A bounds-checked reader over a datagram.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.0.remaining() < n {
+            Err(DecodeError::Truncated)
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.0.get_u8())
+    }
+    fn i8(&mut self) -> Result<i8, DecodeError> {
+        self.need(1)?;
+        Ok(self.0.get_i8())
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.0.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.0.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.0.get_u64_le())
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        self.need(n)?;
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn zero(&mut self, what: &'static str) -> Result<(), DecodeError> {
+        if self.u8()? != 0 {
+            return Err(DecodeError::Field(what));
+        }
+        Ok(())
+    }
+    fn codec(&mut self) -> Result<CodecId, DecodeError> {
+        let id = self.u8()?;
+        codec::lookup(CodecId(id))
+            .map(|c| c.id())
+            .ok_or(DecodeError::Codec(id))
+    }
+    fn end(self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Trailing)
+        }
+    }
+}
+
+fn check_exponent(e: i8, what: &'static str) -> Result<i8, DecodeError> {
+    if e == NO_EXPONENT || (crate::codec::MIN_EXPONENT..=crate::codec::MAX_EXPONENT).contains(&e) {
+        Ok(e)
+    } else {
+        Err(DecodeError::Field(what))
+    }
+}
+
+fn decode_data<'a>(r: &mut Reader<'a>) -> Result<(DataHeader, &'a [u8]), DecodeError> {
+    let job = r.u32()?;
+    let rank = r.u16()?;
+    let codec = r.codec()?;
+    let flags = r.u8()?;
+    if flags & !DATA_FLAGS != 0 {
+        return Err(DecodeError::Field("flags"));
+    }
+    let token = r.u64()?;
+    let seq = r.u64()?;
+    let slot = r.u32()?;
+    let version = r.u8()?;
+    if version > 1 {
+        return Err(DecodeError::Field("version"));
+    }
+    let scale_exp = check_exponent(r.i8()?, "scale_exp")?;
+    let next_exp = check_exponent(r.i8()?, "next_exp")?;
+    r.zero("reserved")?;
+    let count = r.u16()?;
+    if r.u16()? != 0 {
+        return Err(DecodeError::Field("reserved"));
+    }
+    // The codec was validated above, so the lookup cannot fail; stay total anyway.
+    let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
+    let payload = r.bytes(usize::from(count) * width)?;
+    let h = DataHeader {
+        job,
+        rank,
+        codec,
+        flags,
+        token,
+        seq,
+        slot,
+        version,
+        scale_exp,
+        next_exp,
+        count,
+    };
+    Ok((h, payload))
+}
+
+fn decode_control(r: &mut Reader<'_>) -> Result<Control, DecodeError> {
+    Ok(Control {
+        job: r.u32()?,
+        rank: r.u16()?,
+        token: r.u64()?,
+    })
+}
+
+/// Decodes one datagram. Never panics; every field is validated.
+pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(DecodeError::Trailing);
+    }
+    let mut r = Reader(datagram);
+    if r.bytes(2).map_err(|_| DecodeError::BadMagic)? != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let msg = match r.u8()? {
+        kind::JOIN => {
+            let job = r.u32()?;
+            let rank = r.u16()?;
+            let world = r.u16()?;
+            let codec = r.codec()?;
+            r.zero("flags")?;
+            let chunk_elems = r.u16()?;
+            let window = r.u32()?;
+            let len = usize::from(r.u8()?);
+            if len > MAX_SECRET_LEN {
+                return Err(DecodeError::Field("secret_len"));
+            }
+            let secret = r.bytes(len)?.to_vec();
+            if world == 0 || rank >= world {
+                return Err(DecodeError::Field("rank"));
+            }
+            if chunk_elems == 0 || window == 0 {
+                return Err(DecodeError::Field("chunk_elems"));
+            }
+            Message::Join(Join {
+                job,
+                rank,
+                world,
+                codec,
+                chunk_elems,
+                window,
+                secret,
+            })
+        }
+        kind::GRANT => {
+            let g = Grant {
+                job: r.u32()?,
+                rank: r.u16()?,
+                world: r.u16()?,
+                codec: r.codec()?,
+                chunk_elems: {
+                    r.zero("flags")?;
+                    r.u16()?
+                },
+                window: r.u32()?,
+                token: r.u64()?,
+            };
+            if g.world == 0 || g.rank >= g.world || g.chunk_elems == 0 || g.window == 0 {
+                return Err(DecodeError::Field("grant"));
+            }
+            Message::Grant(g)
+        }
+        kind::CONTRIBUTION => {
+            let (h, p) = decode_data(&mut r)?;
+            Message::Contribution(h, p)
+        }
+        kind::RESULT => {
+            let (h, p) = decode_data(&mut r)?;
+            Message::Result(h, p)
+        }
+        kind::LEAVE => Message::Leave(decode_control(&mut r)?),
+        kind::HEARTBEAT => Message::Heartbeat(decode_control(&mut r)?),
+        kind::ERROR => {
+            let job = r.u32()?;
+            let rank = r.u16()?;
+            let code = r.u8()?;
+            let code = ErrorCode::from_u8(code).ok_or(DecodeError::Field("code"))?;
+            let len = usize::from(r.u16()?);
+            if len > MAX_ERROR_TEXT {
+                return Err(DecodeError::Field("text_len"));
+            }
+            let text = std::str::from_utf8(r.bytes(len)?)
+                .map_err(|_| DecodeError::Field("text"))?
+                .to_owned();
+            Message::Error(ErrorMsg {
+                job,
+                rank,
+                code,
+                text,
+            })
+        }
+        other => return Err(DecodeError::Kind(other)),
+    };
+    r.end()?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! Golden bytes pin the format; exhaustive corruption and proptest show that decoding
+//! never panics.
+
+use super::*;
+use proptest::prelude::*;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn header() -> DataHeader {
+    DataHeader {
+        job: 0x0102_0304,
+        rank: 3,
+        codec: CodecId::I32,
+        flags: FLAG_MARK,
+        token: 0x1122_3344_5566_7788,
+        seq: 0x0000_0001_0000_0002,
+        slot: 2,
+        version: 1,
+        scale_exp: -7,
+        next_exp: 5,
+        count: 2,
+    }
+}
+
+/// One of every message, with the bytes each must encode to.
+fn golden() -> Vec<(Message<'static>, &'static str)> {
+    static PAYLOAD: [u8; 8] = [1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+    vec![
+        (
+            Message::Join(Join {
+                job: 7,
+                rank: 1,
+                world: 4,
+                codec: CodecId::F32,
+                chunk_elems: 256,
+                window: 128,
+                secret: b"s3".to_vec(),
+            }),
+            "49410101 07000000 0100 0400 01 00 0001 80000000 02 7333",
+        ),
+        (
+            Message::Grant(Grant {
+                job: 7,
+                rank: 1,
+                world: 4,
+                codec: CodecId::I32,
+                chunk_elems: 256,
+                window: 64,
+                token: 0xdead_beef,
+            }),
+            "49410102 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000",
+        ),
+        (
+            Message::Contribution(header(), &PAYLOAD),
+            "49410103 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+             01 f9 05 00 0200 0000 01000000ffffffff",
+        ),
+        (
+            Message::Result(header(), &PAYLOAD),
+            "49410104 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+             01 f9 05 00 0200 0000 01000000ffffffff",
+        ),
+        (
+            Message::Leave(Control {
+                job: 9,
+                rank: 2,
+                token: 5,
+            }),
+            "49410105 09000000 0200 0500000000000000",
+        ),
+        (
+            Message::Heartbeat(Control {
+                job: 9,
+                rank: 2,
+                token: 5,
+            }),
+            "49410106 09000000 0200 0500000000000000",
+        ),
+        (
+            Message::Error(ErrorMsg {
+                job: 9,
+                rank: 1,
+                code: ErrorCode::PeerSilent,
+                text: "gone".into(),
+            }),
+            "49410107 09000000 0100 06 0400 676f6e65",
+        ),
+    ]
+}
+
+#[test]
+fn golden_bytes() {
+    for (msg, want) in golden() {
+        let mut buf = Vec::new();
+        msg.encode(&mut buf);
+        let want: String = want.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        assert_eq!(hex(&buf), want, "{msg:?}");
+        assert_eq!(decode(&buf).as_ref(), Ok(&msg));
+    }
+}
+
+#[test]
+fn data_header_is_forty_bytes() {
+    let mut buf = Vec::new();
+    encode_contribution(&header(), &[], &mut Vec::new());
+    let h = DataHeader {
+        count: 0,
+        ..header()
+    };
+    encode_contribution(&h, &[], &mut buf);
+    assert_eq!(buf.len(), DATA_HEADER_LEN);
+    let mut fixed = [0u8; DATA_HEADER_LEN];
+    write_data_header(true, &h, &mut fixed);
+    assert_eq!(&fixed[..], &buf[..]);
+}
+
+#[test]
+fn every_truncation_and_byte_corruption_decodes_or_errs() {
+    for (msg, _) in golden() {
+        let mut buf = Vec::new();
+        msg.encode(&mut buf);
+        for len in 0..buf.len() {
+            assert!(decode(&buf[..len]).is_err(), "truncated to {len}: {msg:?}");
+        }
+        let mut extended = buf.clone();
+        extended.push(0);
+        assert_eq!(decode(&extended), Err(DecodeError::Trailing));
+        for i in 0..buf.len() {
+            for v in 0..=255u8 {
+                let mut b = buf.clone();
+                b[i] = v;
+                // Either an error or a message that encodes back to the same bytes.
+                if let Ok(m) = decode(&b) {
+                    let mut again = Vec::new();
+                    m.encode(&mut again);
+                    assert_eq!(again, b, "byte {i} = {v}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rejects_what_it_must() {
+    let mut buf = Vec::new();
+    encode_contribution(&header(), &[0; 8], &mut buf);
+    let mut b = buf.clone();
+    b[2] = 2;
+    assert_eq!(decode(&b), Err(DecodeError::Version(2)));
+    let mut b = buf.clone();
+    b[0] = b'X';
+    assert_eq!(decode(&b), Err(DecodeError::BadMagic));
+    let mut b = buf.clone();
+    b[3] = 99;
+    assert_eq!(decode(&b), Err(DecodeError::Kind(99)));
+    let mut b = buf.clone();
+    b[10] = 200;
+    assert_eq!(decode(&b), Err(DecodeError::Codec(200)));
+    assert_eq!(decode(&[]), Err(DecodeError::BadMagic));
+    assert!(decode(&vec![0u8; MAX_DATAGRAM + 1]).is_err());
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_bytes_after_a_valid_preamble_never_panic(
+        kind in 0u8..10,
+        rest in proptest::collection::vec(any::<u8>(), 0..120),
+    ) {
+        let mut b = vec![MAGIC[0], MAGIC[1], VERSION, kind];
+        b.extend_from_slice(&rest);
+        if let Ok(m) = decode(&b) {
+            let mut again = Vec::new();
+            m.encode(&mut again);
+            prop_assert_eq!(again, b);
+        }
+    }
+
+    #[test]
+    fn data_round_trips(job: u32, rank: u16, token: u64, seq: u64, slot: u32, version in 0u8..2,
+                        count in 0u16..64, flags in 0u8..4) {
+        let h = DataHeader { job, rank, codec: CodecId::F32, flags, token, seq, slot, version,
+                             scale_exp: NO_EXPONENT, next_exp: 3, count };
+        let payload = vec![7u8; usize::from(count) * 4];
+        let mut buf = Vec::new();
+        encode_result(&h, &payload, &mut buf);
+        prop_assert_eq!(decode(&buf), Ok(Message::Result(h, &payload[..])));
+    }
+}

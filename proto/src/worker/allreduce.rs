@@ -1,0 +1,356 @@
+//! One allreduce in flight: which packets are out, which results are in, and the
+//! exponent lookahead of block-scaled codecs.
+//!
+//! An allreduce of `n` chunks is a stream of packets numbered `0..n + W` from the
+//! job's sequence base, where `W` is the lookahead: the window `S` (or `n`, if smaller)
+//! for block-scaled codecs, 0 for float codecs. Packet `q` carries the data of chunk
+//! `q - W` (when `q >= W`) and the exponent of chunk `q` (when `q < n`). Its result
+//! brings the sum of chunk `q - W` and the maximum exponent of chunk `q` over the ranks,
+//! just in time to quantize chunk `q`, which packet `q + W` carries. The first `W`
+//! packets carry exponents only: that is the priming window. For float codecs packet
+//! `q` is simply chunk `q`.
+//!
+//! Packet `q` may be sent once every packet below `q - S` has its result (the window),
+//! which is what lets the aggregator reuse slot versions safely; with a lookahead, also
+//! once packet `q - W` has its result, whose exponent it needs.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use super::rtt::RttEstimator;
+use crate::codec::{self, Codec};
+use crate::wire::{DataHeader, Grant, NO_EXPONENT};
+
+/// Counters of one allreduce.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllreduceStats {
+    /// Elements reduced.
+    pub elements: usize,
+    /// Datagrams sent (contributions, retransmissions, heartbeats).
+    pub packets_sent: u64,
+    /// Bytes of those datagrams (inagg headers included).
+    pub bytes_sent: u64,
+    /// Datagrams received that belonged to this job.
+    pub packets_received: u64,
+    /// Bytes of those.
+    pub bytes_received: u64,
+    /// Contributions sent again after a timeout.
+    pub retransmissions: u64,
+    /// Results that arrived for a packet already complete.
+    pub duplicate_results: u64,
+    /// Results that carried a congestion mark.
+    pub marks: u64,
+}
+
+/// The per-packet state, in a ring indexed by `q mod S`.
+#[derive(Debug, Clone, Copy)]
+struct Packet {
+    sent_at: Option<Instant>,
+    tx: u32,
+    done: bool,
+}
+
+/// What became of a result handed to [`Allreduce::handle_result`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResultOutcome {
+    /// Written into the caller's buffer; carries an RTT sample if the packet was sent once.
+    Accepted(Option<std::time::Duration>),
+    /// A result already received.
+    Duplicate,
+    /// Not a packet of this allreduce, or inconsistent with it.
+    Ignored,
+}
+
+/// The state of one allreduce.
+#[derive(Debug)]
+pub(crate) struct Allreduce {
+    codec: &'static dyn Codec,
+    world: u16,
+    chunk: usize,
+    len: usize,
+    /// Chunks.
+    n: u64,
+    /// Lookahead distance `W`.
+    lookahead: u64,
+    /// Slots `S` (the largest window).
+    slots: u64,
+    /// First sequence number.
+    base: u64,
+    /// Packets below this one all have their results.
+    oldest: u64,
+    /// The next packet never sent.
+    next: u64,
+    ring: Vec<Packet>,
+    /// Exponent of each of this rank's chunks (block-scaled codecs).
+    e_local: Vec<i8>,
+    /// Maximum exponent over the ranks, from the results.
+    e_max: Vec<i8>,
+    /// Retransmission deadlines: (deadline, packet, tx count when armed).
+    timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+    /// Packets due for retransmission.
+    due: Vec<u64>,
+    /// Job, rank, codec and token of every contribution.
+    template: DataHeader,
+    pub started: Instant,
+    /// When the last new result arrived (or the start).
+    pub last_progress: Instant,
+    pub stats: AllreduceStats,
+}
+
+impl Allreduce {
+    pub fn new(
+        codec: &'static dyn Codec,
+        grant: &Grant,
+        base: u64,
+        len: usize,
+        now: Instant,
+    ) -> Self {
+        let (world, chunk, slots) = (grant.world, usize::from(grant.chunk_elems), grant.window);
+        let template = DataHeader {
+            job: grant.job,
+            rank: grant.rank,
+            codec: codec.id(),
+            flags: 0,
+            token: grant.token,
+            seq: 0,
+            slot: 0,
+            version: 0,
+            scale_exp: NO_EXPONENT,
+            next_exp: NO_EXPONENT,
+            count: 0,
+        };
+        let n = len.div_ceil(chunk) as u64;
+        let slots = u64::from(slots.max(1));
+        let lookahead = if codec.block_scaled() {
+            slots.min(n)
+        } else {
+            0
+        };
+        let per_chunk = if codec.block_scaled() { n as usize } else { 0 };
+        Self {
+            codec,
+            world,
+            chunk,
+            len,
+            n,
+            lookahead,
+            slots,
+            base,
+            oldest: 0,
+            next: 0,
+            ring: vec![
+                Packet {
+                    sent_at: None,
+                    tx: 0,
+                    done: false
+                };
+                slots as usize
+            ],
+            e_local: vec![NO_EXPONENT; per_chunk],
+            e_max: vec![NO_EXPONENT; per_chunk],
+            timers: BinaryHeap::new(),
+            due: Vec::new(),
+            template,
+            started: now,
+            last_progress: now,
+            stats: AllreduceStats {
+                elements: len,
+                ..AllreduceStats::default()
+            },
+        }
+    }
+
+    /// Packets in the whole allreduce.
+    pub fn total(&self) -> u64 {
+        self.n + self.lookahead
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.oldest == self.total()
+    }
+
+    /// The element range of chunk `j`.
+    fn chunk_range(&self, j: u64) -> std::ops::Range<usize> {
+        let start = j as usize * self.chunk;
+        start..(start + self.chunk).min(self.len)
+    }
+
+    /// The elements packet `q` carries.
+    fn data_range(&self, q: u64) -> std::ops::Range<usize> {
+        if q >= self.lookahead {
+            self.chunk_range(q - self.lookahead)
+        } else {
+            0..0
+        }
+    }
+
+    /// The block exponent packet `q`'s data was quantized with.
+    fn scale_exp(&self, q: u64) -> i8 {
+        if self.codec.block_scaled() && q >= self.lookahead {
+            self.e_max[(q - self.lookahead) as usize]
+        } else {
+            NO_EXPONENT
+        }
+    }
+
+    /// Writes the next packet to send (a retransmission first, then a new one within
+    /// `window`) into `buf`, header then payload. Returns false when nothing is due.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        window: u64,
+        rtt: &RttEstimator,
+        data: &[f32],
+        buf: &mut Vec<u8>,
+    ) -> bool {
+        let q = loop {
+            match self.due.pop() {
+                Some(q) if q >= self.oldest && !self.ring[(q % self.slots) as usize].done => {
+                    self.stats.retransmissions += 1;
+                    break q;
+                }
+                Some(_) => continue,
+                None => {}
+            }
+            // Packet q's data needs the exponent from packet q - W's result.
+            let mut window = window.clamp(1, self.slots);
+            if self.lookahead > 0 {
+                window = window.min(self.lookahead);
+            }
+            if self.next < self.total() && self.next < self.oldest + window {
+                self.next += 1;
+                break self.next - 1;
+            }
+            return false;
+        };
+        let range = self.data_range(q);
+        let count = range.len();
+        let next_exp = if self.codec.block_scaled() && q < self.n {
+            let j = q as usize;
+            if self.e_local[j] == NO_EXPONENT {
+                // Finite input was checked when the allreduce started.
+                self.e_local[j] =
+                    codec::block_exponent(&data[self.chunk_range(q)]).unwrap_or(NO_EXPONENT);
+            }
+            self.e_local[j]
+        } else {
+            NO_EXPONENT
+        };
+        let scale_exp = self.scale_exp(q);
+        let seq = self.base + q;
+        let h = DataHeader {
+            seq,
+            slot: (seq % self.slots) as u32,
+            version: ((seq / self.slots) % 2) as u8,
+            scale_exp,
+            next_exp,
+            // At most `chunk` elements, and chunks fit a u16.
+            count: count as u16,
+            ..self.template
+        };
+        buf.clear();
+        crate::wire::encode_contribution(&h, &[], buf);
+        let start = buf.len();
+        buf.resize(start + count * self.codec.wire_bytes(), 0);
+        let scale = self.codec.scale(self.world, scale_exp);
+        self.codec.encode(&data[range], scale, &mut buf[start..]);
+        let p = &mut self.ring[(q % self.slots) as usize];
+        if p.tx == 0 || p.done {
+            *p = Packet {
+                sent_at: Some(now),
+                tx: 0,
+                done: false,
+            };
+        }
+        p.tx += 1;
+        let tx = p.tx;
+        self.timers.push(Reverse((now + rtt.rto(tx), q, tx)));
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += buf.len() as u64;
+        true
+    }
+
+    /// The earliest retransmission deadline.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(Reverse((t, q, tx))) = self.timers.peek().copied() {
+            if self.is_live(q, tx) {
+                return Some(t);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    fn is_live(&self, q: u64, tx: u32) -> bool {
+        if q < self.oldest {
+            return false;
+        }
+        let p = &self.ring[(q % self.slots) as usize];
+        !p.done && p.tx == tx
+    }
+
+    /// Moves every packet whose deadline has passed to the retransmission list.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((t, q, tx))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if self.is_live(q, tx) {
+                self.due.push(q);
+            }
+        }
+        // Oldest last, so that `pop` retransmits it first.
+        self.due.sort_unstable_by(|a, b| b.cmp(a));
+        self.due.dedup();
+    }
+
+    /// Takes a result: decodes its sum into `data` and keeps its exponent.
+    pub fn handle_result(
+        &mut self,
+        now: Instant,
+        h: &DataHeader,
+        payload: &[u8],
+        data: &mut [f32],
+    ) -> ResultOutcome {
+        let Some(q) = h.seq.checked_sub(self.base) else {
+            return ResultOutcome::Ignored;
+        };
+        if q >= self.next {
+            return ResultOutcome::Ignored;
+        }
+        if q < self.oldest || self.ring[(q % self.slots) as usize].done {
+            self.stats.duplicate_results += 1;
+            return ResultOutcome::Duplicate;
+        }
+        let range = self.data_range(q);
+        let scale_exp = self.scale_exp(q);
+        if usize::from(h.count) != range.len()
+            || payload.len() != range.len() * self.codec.wire_bytes()
+            || h.scale_exp != scale_exp
+            || data.len() != self.len
+        {
+            return ResultOutcome::Ignored;
+        }
+        let scale = self.codec.scale(self.world, scale_exp);
+        self.codec.decode(payload, scale, &mut data[range]);
+        if self.codec.block_scaled() && q < self.n {
+            self.e_max[q as usize] = h.next_exp;
+        }
+        if h.flags & crate::wire::FLAG_MARK != 0 {
+            self.stats.marks += 1;
+        }
+        self.last_progress = now;
+        let p = &mut self.ring[(q % self.slots) as usize];
+        p.done = true;
+        let sample = match (p.tx, p.sent_at) {
+            (1, Some(t)) => Some(now.saturating_duration_since(t)),
+            _ => None,
+        };
+        while self.oldest < self.next && self.ring[(self.oldest % self.slots) as usize].done {
+            self.oldest += 1;
+        }
+        ResultOutcome::Accepted(sample)
+    }
+}

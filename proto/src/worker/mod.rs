@@ -1,0 +1,564 @@
+//! The worker as a state machine: joining a job, heartbeats, and one allreduce at a time.
+//!
+//! Call order, as for the aggregator: feed datagrams from the aggregator with
+//! [`Worker::handle_datagram`] and the time with [`Worker::handle_timeout`]; then drain
+//! [`Worker::poll_transmit`], [`Worker::poll_event`] and [`Worker::poll_timeout`]. The
+//! allreduce works in place on a buffer the caller owns and passes to every call that
+//! needs it: [`Worker::poll_transmit`] reads the chunks it sends from it and
+//! [`Worker::handle_datagram`] writes each result into it. A chunk is overwritten only
+//! once its result is in, and is never read again after that.
+//!
+//! No call waits: every way the job can fail (no grant, a silent aggregator, a peer
+//! that died) ends in an [`Event::Failed`] within the configured timeouts.
+
+mod allreduce;
+mod rtt;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+pub use allreduce::AllreduceStats;
+pub use rtt::RttEstimator;
+
+use crate::codec::{self, Codec, CodecId};
+use crate::wire::{self, Control, ErrorCode, Grant, Join, Message, MAX_SECRET_LEN};
+use allreduce::{Allreduce, ResultOutcome};
+
+/// Settings of one worker (one rank of one job).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The job id, shared by all ranks.
+    pub job: u32,
+    /// This worker's rank, below `world`.
+    pub rank: u16,
+    /// The number of ranks.
+    pub world: u16,
+    /// The codec every rank uses.
+    pub codec: CodecId,
+    /// Elements per chunk (per packet).
+    pub chunk_elems: u16,
+    /// Slots to ask for (the window); the aggregator may grant fewer.
+    pub window: u32,
+    /// The job's shared secret, at most 64 bytes.
+    pub secret: Vec<u8>,
+    /// How often to resend a join until the grant arrives.
+    pub join_interval: Duration,
+    /// Give up joining after this long (every rank must join within it).
+    pub join_timeout: Duration,
+    /// Send a heartbeat when the link has been quiet this long.
+    pub heartbeat_interval: Duration,
+    /// Fail when nothing at all came from the aggregator for this long.
+    pub aggregator_timeout: Duration,
+    /// Fail an allreduce in which no result arrived for this long (a peer that is
+    /// alive but never calls allreduce). Long enough for any honest straggler.
+    pub progress_timeout: Duration,
+    /// Retransmission timeout before the first RTT sample.
+    pub initial_rto: Duration,
+    /// Lower bound of the retransmission timeout.
+    pub min_rto: Duration,
+    /// Upper bound of the retransmission timeout (after backoff).
+    pub max_rto: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for everything but the job's identity.
+    pub fn new(job: u32, rank: u16, world: u16, codec: CodecId) -> Self {
+        Self {
+            job,
+            rank,
+            world,
+            codec,
+            chunk_elems: 256,
+            window: 256,
+            secret: Vec::new(),
+            join_interval: Duration::from_millis(200),
+            join_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_millis(500),
+            aggregator_timeout: Duration::from_secs(10),
+            progress_timeout: Duration::from_secs(60),
+            initial_rto: Duration::from_millis(50),
+            min_rto: Duration::from_millis(5),
+            max_rto: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// Rank not below world size, or world size 0.
+    #[error("rank {rank} is not below the world size {world}")]
+    Rank {
+        /// The rank asked for.
+        rank: u16,
+        /// The world size.
+        world: u16,
+    },
+    /// Unknown codec id.
+    #[error("unknown codec {0:?}")]
+    Codec(CodecId),
+    /// Secret too long.
+    #[error("the job secret is longer than {MAX_SECRET_LEN} bytes")]
+    Secret,
+    /// Chunk size or window of zero, or a chunk that does not fit a datagram.
+    #[error("chunk size and window must be positive and a chunk must fit a datagram")]
+    Size,
+    /// World size beyond what the codec can sum without overflow.
+    #[error("codec {codec} supports at most {max} ranks")]
+    World {
+        /// The codec's name.
+        codec: &'static str,
+        /// Its limit.
+        max: u16,
+    },
+}
+
+/// Why a worker's job or allreduce failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WorkerError {
+    /// No grant in time.
+    #[error("no grant within {0:?}: the aggregator is unreachable or not every rank joined")]
+    JoinTimeout(Duration),
+    /// The aggregator refused the join.
+    #[error("the aggregator refused to admit this rank: {text}")]
+    Refused {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// The aggregator's words.
+        text: String,
+    },
+    /// The aggregator aborted the job.
+    #[error("job aborted by the aggregator: {text}")]
+    Aborted {
+        /// Why.
+        code: ErrorCode,
+        /// The rank the abort is about, if any.
+        rank: Option<u16>,
+        /// The aggregator's words.
+        text: String,
+    },
+    /// No result arrived for too long while the aggregator was alive: some rank does
+    /// not take part in the allreduce (or called it with another length).
+    #[error("no progress for {0:?}: some rank is not taking part in this allreduce")]
+    Stalled(Duration),
+    /// Nothing came from the aggregator for too long.
+    #[error("nothing heard from the aggregator for {0:?}: it is down or unreachable")]
+    AggregatorSilent(Duration),
+    /// The input holds a value the codec cannot carry.
+    #[error(transparent)]
+    NonFinite(#[from] codec::NonFinite),
+    /// An allreduce was started before the job was granted or while another ran.
+    #[error("the worker is not ready for an allreduce ({0})")]
+    NotReady(&'static str),
+    /// The worker already failed or closed.
+    #[error("the worker is closed")]
+    Closed,
+}
+
+/// Something the driver should know about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The job started: every rank joined.
+    Joined(Grant),
+    /// The allreduce finished: the caller's buffer holds the sum.
+    AllreduceDone {
+        /// Its counters.
+        stats: AllreduceStats,
+        /// How long it took.
+        elapsed: Duration,
+    },
+    /// The worker failed; every later call fails too.
+    Failed(WorkerError),
+}
+
+#[derive(Debug)]
+enum State {
+    Joining { since: Instant, next_join: Instant },
+    Ready,
+    Running(Box<Allreduce>),
+    Failed(WorkerError),
+    Closing,
+    Closed,
+}
+
+/// The worker state machine. See the module documentation for the call order.
+#[derive(Debug)]
+pub struct Worker {
+    config: WorkerConfig,
+    codec: &'static dyn Codec,
+    state: State,
+    grant: Option<Grant>,
+    /// The sequence number the next allreduce starts at.
+    seq_base: u64,
+    rtt: RttEstimator,
+    last_heard: Instant,
+    last_sent: Instant,
+    heartbeat_due: bool,
+    events: VecDeque<Event>,
+    /// Bytes and packets outside any allreduce (join, heartbeats).
+    idle_packets: u64,
+}
+
+impl Worker {
+    /// A worker that starts joining its job at `now`.
+    pub fn new(config: WorkerConfig, now: Instant) -> Result<Self, ConfigError> {
+        let codec = codec::lookup(config.codec).ok_or(ConfigError::Codec(config.codec))?;
+        if config.world == 0 || config.rank >= config.world {
+            return Err(ConfigError::Rank {
+                rank: config.rank,
+                world: config.world,
+            });
+        }
+        if config.world > codec.max_world() {
+            return Err(ConfigError::World {
+                codec: codec.name(),
+                max: codec.max_world(),
+            });
+        }
+        if config.secret.len() > MAX_SECRET_LEN {
+            return Err(ConfigError::Secret);
+        }
+        if config.chunk_elems == 0
+            || config.window == 0
+            || wire::DATA_HEADER_LEN + usize::from(config.chunk_elems) * codec.wire_bytes()
+                > wire::MAX_DATAGRAM
+        {
+            return Err(ConfigError::Size);
+        }
+        let rtt = RttEstimator::new(config.initial_rto, config.min_rto, config.max_rto);
+        Ok(Self {
+            codec,
+            state: State::Joining {
+                since: now,
+                next_join: now,
+            },
+            grant: None,
+            seq_base: 0,
+            rtt,
+            last_heard: now,
+            last_sent: now,
+            heartbeat_due: false,
+            events: VecDeque::new(),
+            idle_packets: 0,
+            config,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// The codec.
+    pub fn codec(&self) -> &'static dyn Codec {
+        self.codec
+    }
+
+    /// The grant, once the job started.
+    pub fn grant(&self) -> Option<&Grant> {
+        self.grant.as_ref()
+    }
+
+    /// The RTT estimator.
+    pub fn rtt(&self) -> &RttEstimator {
+        &self.rtt
+    }
+
+    /// Joined and no allreduce running.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready)
+    }
+
+    /// An allreduce is running.
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, State::Running(_))
+    }
+
+    /// The error the worker failed with, if it did.
+    pub fn error(&self) -> Option<&WorkerError> {
+        match &self.state {
+            State::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Closed (after [`Worker::close`] and its leave went out) or failed.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Closed | State::Failed(_))
+    }
+
+    /// Datagrams sent outside allreduces (joins, heartbeats, leave).
+    pub fn idle_packets(&self) -> u64 {
+        self.idle_packets
+    }
+
+    fn fail(&mut self, e: WorkerError) {
+        if !matches!(self.state, State::Failed(_) | State::Closed) {
+            self.events.push_back(Event::Failed(e.clone()));
+            self.state = State::Failed(e);
+        }
+    }
+
+    /// Starts an allreduce of `data.len()` elements. The same `data` must be passed to
+    /// every later call until [`Event::AllreduceDone`] or [`Event::Failed`]; every rank
+    /// must call with the same length.
+    pub fn start_allreduce(&mut self, now: Instant, data: &[f32]) -> Result<(), WorkerError> {
+        match &self.state {
+            State::Ready => {}
+            State::Joining { .. } => return Err(WorkerError::NotReady("still joining")),
+            State::Running(_) => return Err(WorkerError::NotReady("an allreduce is running")),
+            State::Failed(e) => return Err(e.clone()),
+            State::Closing | State::Closed => return Err(WorkerError::Closed),
+        }
+        if self.codec.block_scaled() && data.iter().any(|x| !x.is_finite()) {
+            return Err(codec::NonFinite.into());
+        }
+        let Some(g) = self.grant else {
+            return Err(WorkerError::NotReady("no grant"));
+        };
+        let op = Allreduce::new(self.codec, &g, self.seq_base, data.len(), now);
+        self.state = State::Running(Box::new(op));
+        self.finish_if_done(now);
+        Ok(())
+    }
+
+    /// Sends a leave and stops. Any running allreduce is abandoned.
+    pub fn close(&mut self) {
+        self.state = match self.state {
+            State::Ready | State::Running(_) if self.grant.is_some() => State::Closing,
+            State::Failed(_) => return,
+            _ => State::Closed,
+        };
+    }
+
+    fn finish_if_done(&mut self, now: Instant) {
+        if let State::Running(op) = &self.state {
+            if op.is_done() {
+                let total = op.total();
+                let stats = op.stats.clone();
+                let elapsed = now.saturating_duration_since(op.started);
+                self.seq_base += total;
+                self.state = State::Ready;
+                self.events
+                    .push_back(Event::AllreduceDone { stats, elapsed });
+            }
+        }
+    }
+
+    fn control(&self) -> Option<Control> {
+        Some(Control {
+            job: self.config.job,
+            rank: self.config.rank,
+            token: self.grant?.token,
+        })
+    }
+
+    /// Takes one datagram from the aggregator. `data` is the running allreduce's buffer
+    /// (any slice when none runs).
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8], data: &mut [f32]) {
+        let Ok(msg) = wire::decode(datagram) else {
+            return;
+        };
+        let len = datagram.len() as u64;
+        match msg {
+            Message::Grant(g) => {
+                if g.job != self.config.job
+                    || g.rank != self.config.rank
+                    || g.world != self.config.world
+                    || g.codec != self.config.codec
+                {
+                    return;
+                }
+                self.last_heard = now;
+                if let State::Joining { .. } = self.state {
+                    self.grant = Some(g);
+                    self.state = State::Ready;
+                    self.events.push_back(Event::Joined(g));
+                }
+            }
+            Message::Result(h, payload) => {
+                let Some(g) = self.grant else { return };
+                if h.job != self.config.job || h.token != g.token || h.codec != self.codec.id() {
+                    return;
+                }
+                self.last_heard = now;
+                if let State::Running(op) = &mut self.state {
+                    op.stats.packets_received += 1;
+                    op.stats.bytes_received += len;
+                    if let ResultOutcome::Accepted(Some(rtt)) =
+                        op.handle_result(now, &h, payload, data)
+                    {
+                        self.rtt.sample(rtt);
+                    }
+                    self.finish_if_done(now);
+                }
+            }
+            Message::Heartbeat(c) => {
+                if Some(c) == self.control() {
+                    self.last_heard = now;
+                    if let State::Running(op) = &mut self.state {
+                        op.stats.packets_received += 1;
+                        op.stats.bytes_received += len;
+                    }
+                }
+            }
+            Message::Error(e) => {
+                if e.job != self.config.job {
+                    return;
+                }
+                let err = match self.state {
+                    State::Joining { .. } => WorkerError::Refused {
+                        code: e.code,
+                        text: e.text,
+                    },
+                    _ => WorkerError::Aborted {
+                        code: e.code,
+                        rank: (e.rank != u16::MAX).then_some(e.rank),
+                        text: e.text,
+                    },
+                };
+                if matches!(e.code, ErrorCode::RankOutOfRange | ErrorCode::UnknownJob)
+                    && !matches!(self.state, State::Joining { .. })
+                {
+                    // Not about this rank's membership: ignore rather than trust it.
+                    return;
+                }
+                self.fail(err);
+            }
+            Message::Join(_) | Message::Contribution(..) | Message::Leave(_) => {}
+        }
+    }
+
+    /// Writes the next datagram to send into `buf`; false when nothing is due now.
+    pub fn poll_transmit(&mut self, now: Instant, data: &[f32], buf: &mut Vec<u8>) -> bool {
+        buf.clear();
+        let control = self.control();
+        let sent = match &mut self.state {
+            State::Joining { next_join, .. } => {
+                if *next_join > now {
+                    return false;
+                }
+                *next_join = now + self.config.join_interval;
+                wire::encode_join(&self.join_msg(), buf);
+                self.idle_packets += 1;
+                true
+            }
+            State::Running(op) => {
+                let window = u64::from(self.grant.map_or(1, |g| g.window));
+                if op.poll_transmit(now, window, &self.rtt, data, buf) {
+                    true
+                } else if self.heartbeat_due {
+                    self.heartbeat_due = false;
+                    control.is_some_and(|c| {
+                        wire::encode_heartbeat(&c, buf);
+                        op.stats.packets_sent += 1;
+                        op.stats.bytes_sent += buf.len() as u64;
+                        true
+                    })
+                } else {
+                    false
+                }
+            }
+            State::Ready if self.heartbeat_due => {
+                self.heartbeat_due = false;
+                self.idle_packets += 1;
+                self.control().is_some_and(|c| {
+                    wire::encode_heartbeat(&c, buf);
+                    true
+                })
+            }
+            State::Closing => {
+                self.state = State::Closed;
+                self.idle_packets += 1;
+                self.control().is_some_and(|c| {
+                    wire::encode_leave(&c, buf);
+                    true
+                })
+            }
+            _ => false,
+        };
+        if sent {
+            self.last_sent = now;
+        }
+        sent
+    }
+
+    fn join_msg(&self) -> Join {
+        Join {
+            job: self.config.job,
+            rank: self.config.rank,
+            world: self.config.world,
+            codec: self.config.codec,
+            chunk_elems: self.config.chunk_elems,
+            window: self.config.window,
+            secret: self.config.secret.clone(),
+        }
+    }
+
+    /// When [`Worker::handle_timeout`] should be called next.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let hb = self.config.heartbeat_interval;
+        let quiet = (self.last_sent + hb).min((self.last_heard + hb).max(self.last_sent + hb / 2));
+        let silent = self.last_heard + self.config.aggregator_timeout;
+        match &mut self.state {
+            State::Joining { since, next_join } => {
+                Some((*next_join).min(*since + self.config.join_timeout))
+            }
+            State::Ready => Some(quiet.min(silent)),
+            State::Running(op) => {
+                let t = quiet
+                    .min(silent)
+                    .min(op.last_progress + self.config.progress_timeout);
+                Some(op.poll_timeout().map_or(t, |r| r.min(t)))
+            }
+            State::Closing => Some(self.last_sent),
+            State::Failed(_) | State::Closed => None,
+        }
+    }
+
+    /// Handles every deadline that has passed: join retries and timeout, heartbeats,
+    /// retransmissions, a silent aggregator.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let hb = self.config.heartbeat_interval;
+        match &mut self.state {
+            State::Joining { since, .. } => {
+                if now >= *since + self.config.join_timeout {
+                    let t = self.config.join_timeout;
+                    self.fail(WorkerError::JoinTimeout(t));
+                }
+                return;
+            }
+            State::Running(op) => {
+                if now.saturating_duration_since(op.last_progress) >= self.config.progress_timeout {
+                    let t = self.config.progress_timeout;
+                    return self.fail(WorkerError::Stalled(t));
+                }
+                op.handle_timeout(now)
+            }
+            State::Ready => {}
+            _ => return,
+        }
+        if now.saturating_duration_since(self.last_heard) >= self.config.aggregator_timeout {
+            let t = self.config.aggregator_timeout;
+            return self.fail(WorkerError::AggregatorSilent(t));
+        }
+        // Keep the aggregator hearing from this rank, and ask it to answer when it has
+        // been quiet (a heartbeat is always echoed).
+        if now.saturating_duration_since(self.last_sent) >= hb
+            || now.saturating_duration_since(self.last_heard) >= hb
+                && now.saturating_duration_since(self.last_sent) >= hb / 2
+        {
+            self.heartbeat_due = true;
+        }
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+//! The worker's failure paths: every one ends in an error, never a wait.
+
+use std::time::Duration;
+
+use crate::aggregator::AggregatorConfig;
+use crate::codec::CodecId;
+use crate::sim::{Sim, SimConfig, SimError};
+use crate::wire::ErrorCode;
+use crate::worker::{ConfigError, Worker, WorkerConfig, WorkerError};
+
+fn configs(world: u16) -> Vec<WorkerConfig> {
+    (0..world)
+        .map(|r| WorkerConfig::new(1, r, world, CodecId::I32))
+        .collect()
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    let now = std::time::Instant::now();
+    let mut c = WorkerConfig::new(1, 2, 2, CodecId::F32);
+    assert!(matches!(
+        Worker::new(c.clone(), now),
+        Err(ConfigError::Rank { .. })
+    ));
+    c.rank = 0;
+    c.codec = CodecId(77);
+    assert_eq!(
+        Worker::new(c.clone(), now).err(),
+        Some(ConfigError::Codec(CodecId(77)))
+    );
+    c.codec = CodecId::F32;
+    c.secret = vec![0; 65];
+    assert_eq!(Worker::new(c.clone(), now).err(), Some(ConfigError::Secret));
+    c.secret.clear();
+    c.chunk_elems = 0;
+    assert_eq!(Worker::new(c, now).err(), Some(ConfigError::Size));
+}
+
+#[test]
+fn a_missing_rank_makes_the_others_time_out_joining() {
+    let mut cfgs = configs(3);
+    for c in &mut cfgs {
+        c.join_timeout = Duration::from_secs(2);
+    }
+    cfgs.pop();
+    // Two of three ranks exist: the job never starts.
+    let mut cfgs2 = cfgs.clone();
+    for c in &mut cfgs2 {
+        c.world = 3;
+    }
+    let mut sim = Sim::new(SimConfig::lossless(1), AggregatorConfig::default(), cfgs2);
+    match sim.join() {
+        Err(SimError::Worker {
+            error: WorkerError::JoinTimeout(t),
+            ..
+        }) => {
+            assert_eq!(t, Duration::from_secs(2))
+        }
+        r => panic!("expected a join timeout, got {r:?}"),
+    }
+    assert!(sim.elapsed() <= Duration::from_secs(3));
+}
+
+#[test]
+fn a_wrong_secret_is_refused() {
+    let mut cfgs = configs(2);
+    cfgs[0].secret = b"right".to_vec();
+    cfgs[1].secret = b"wrong".to_vec();
+    let mut sim = Sim::new(SimConfig::lossless(1), AggregatorConfig::default(), cfgs);
+    match sim.join() {
+        Err(SimError::Worker {
+            index: 1,
+            error: WorkerError::Refused { code, .. },
+        }) => {
+            assert_eq!(code, ErrorCode::BadSecret)
+        }
+        r => panic!("expected a refusal, got {r:?}"),
+    }
+}
+
+#[test]
+fn a_rank_that_goes_silent_mid_allreduce_aborts_the_others() {
+    let mut sim = Sim::new(SimConfig::lossy(4), AggregatorConfig::default(), configs(3));
+    sim.join().expect("join");
+    let data = vec![1.0f32; 5000];
+    // Ranks 0 and 1 start; rank 2 crashed.
+    sim.kill_worker(2);
+    let res = sim.allreduce_some(vec![Some(data.clone()), Some(data), None]);
+    match res {
+        Err(SimError::Worker {
+            error: WorkerError::Aborted { code, rank, .. },
+            ..
+        }) => {
+            assert_eq!(code, ErrorCode::PeerSilent);
+            assert_eq!(rank, Some(2));
+        }
+        r => panic!("expected an abort, got {r:?}"),
+    }
+    assert!(
+        sim.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sim.elapsed()
+    );
+}
+
+#[test]
+fn a_rank_that_leaves_mid_job_aborts_the_others() {
+    let mut sim = Sim::new(
+        SimConfig::lossless(4),
+        AggregatorConfig::default(),
+        configs(2),
+    );
+    sim.allreduce(vec![vec![1.0; 10], vec![2.0; 10]])
+        .expect("first allreduce");
+    sim.worker_mut(1).close();
+    let res = sim.allreduce_some(vec![Some(vec![1.0; 10]), None]);
+    match res {
+        Err(SimError::Worker {
+            index: 0,
+            error: WorkerError::Aborted { code, rank, .. },
+        }) => {
+            assert_eq!((code, rank), (ErrorCode::PeerLeft, Some(1)));
+        }
+        r => panic!("expected an abort, got {r:?}"),
+    }
+}
+
+#[test]
+fn a_dead_aggregator_is_noticed() {
+    let mut cfgs = configs(2);
+    for c in &mut cfgs {
+        c.aggregator_timeout = Duration::from_secs(2);
+    }
+    let mut cfg = SimConfig::lossless(1);
+    cfg.loss = 0.0;
+    let mut sim = Sim::new(cfg, AggregatorConfig::default(), cfgs);
+    sim.join().expect("join");
+    sim.kill_aggregator();
+    match sim.allreduce(vec![vec![1.0; 10], vec![2.0; 10]]) {
+        Err(SimError::Worker {
+            error: WorkerError::AggregatorSilent(_),
+            ..
+        }) => {}
+        r => panic!("expected a silent aggregator, got {r:?}"),
+    }
+    assert!(
+        sim.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        sim.elapsed()
+    );
+}
+
+#[test]
+fn a_peer_that_never_calls_allreduce_is_a_stall_not_a_hang() {
+    let mut cfgs = configs(2);
+    for c in &mut cfgs {
+        c.progress_timeout = Duration::from_secs(4);
+    }
+    let mut sim = Sim::new(SimConfig::lossless(1), AggregatorConfig::default(), cfgs);
+    match sim.allreduce_some(vec![Some(vec![1.0; 1000]), None]) {
+        Err(SimError::Worker {
+            index: 0,
+            error: WorkerError::Stalled(t),
+        }) => {
+            assert_eq!(t, Duration::from_secs(4))
+        }
+        r => panic!("expected a stall, got {r:?}"),
+    }
+    assert!(
+        sim.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sim.elapsed()
+    );
+}
