@@ -1,5 +1,10 @@
 //! The `inagg` command line: thin glue over the libraries.
 
+mod bench;
+mod cmd_aggregator;
+mod cmd_worker;
+mod tensor;
+
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +23,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an aggregator server until SIGINT or SIGTERM.
+    Aggregator(cmd_aggregator::Args),
+    /// Run one rank of a job: allreduce seeded tensors, time and check them.
+    Worker(cmd_worker::Args),
+    /// Start an aggregator and N workers on 127.0.0.1 and measure allreduce.
+    Bench(bench::Args),
     /// Run an allreduce in the deterministic in-memory simulator (no sockets).
     Simulate(SimulateArgs),
 }
@@ -107,6 +118,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match &cli.command {
+        Command::Aggregator(a) => cmd_aggregator::run(a),
+        Command::Worker(a) => cmd_worker::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Simulate(a) => simulate(a),
     };
     match result {

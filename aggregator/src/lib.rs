@@ -1,5 +1,19 @@
-//! inagg-aggregator: the aggregator server that drives `inagg_proto::aggregator` from
-//! sockets. The UDP front end arrives with the "real processes over UDP" work; until
-//! then the protocol runs in `inagg_proto::sim`.
+//! inagg-aggregator: the aggregator server. It drives the protocol state machine of
+//! `inagg_proto::aggregator` from a UDP socket: batched receive, batched send, timers,
+//! and a clean shutdown that tells every rank.
+//!
+//! ```no_run
+//! use std::sync::{atomic::AtomicBool, Arc};
+//! use inagg_aggregator::{Server, ServerConfig};
+//!
+//! let server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap())).unwrap();
+//! println!("listening on {}", server.local_addr().unwrap());
+//! let stop = Arc::new(AtomicBool::new(false));
+//! let stats = server.run(&stop).unwrap();
+//! println!("{} datagrams", stats.packets_received);
+//! ```
 
-pub use inagg_proto::aggregator::{Aggregator, AggregatorConfig};
+mod server;
+
+pub use inagg_proto::aggregator::{AggregatorConfig, DropReason, Stats};
+pub use server::{Server, ServerConfig, ServerError};

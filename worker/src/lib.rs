@@ -1,5 +1,185 @@
-//! inagg-worker: the client library that drives `inagg_proto::worker` from sockets.
-//! The UDP transport arrives with the "real processes over UDP" work; until then the
-//! protocol runs in `inagg_proto::sim`.
+//! inagg-worker: the client library. A [`UdpWorker`] joins one job on an aggregator
+//! and then sums tensors with every other rank of the job, as often as it likes.
+//!
+//! ```no_run
+//! use inagg_worker::{Options, UdpWorker};
+//! use inagg_proto::codec::CodecId;
+//!
+//! let opts = Options::new("127.0.0.1:7070".parse().unwrap(), 1, 0, 2, CodecId::I32);
+//! let worker = UdpWorker::connect(opts).unwrap(); // waits for every rank to join
+//! let mut grad = vec![0.5f32; 1 << 20];
+//! let report = worker.allreduce(&mut grad).unwrap(); // grad now holds the sum
+//! println!("{:?} for {} bytes sent", report.elapsed, report.bytes_sent);
+//! worker.close();
+//! ```
+//!
+//! Every call is bounded in time: joining by `join_timeout`, an allreduce by the
+//! aggregator's abort (a peer went silent), `aggregator_timeout` (the aggregator went
+//! silent) and `progress_timeout` (a peer is alive but never takes part). A background
+//! thread keeps heartbeats going between calls, so a rank that computes for a long
+//! time between allreduces is not taken for dead.
+//!
+//! The library drives the sans-IO state machine of `inagg_proto::worker`; this crate
+//! only adds the socket and the loop. It is the layer the Python binding wraps: the
+//! blocking call takes a plain `&mut [f32]`.
 
-pub use inagg_proto::worker::{Worker, WorkerConfig};
+mod driver;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use driver::AllreduceReport;
+pub use inagg_proto::codec::CodecId;
+pub use inagg_proto::wire::Grant;
+pub use inagg_proto::worker::{ConfigError, WorkerConfig, WorkerError};
+use thiserror::Error;
+
+use driver::Session;
+
+/// Everything a worker needs to join its job.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The aggregator's address.
+    pub aggregator: SocketAddr,
+    /// The local address to bind (default: the wildcard of the aggregator's family,
+    /// any port).
+    pub bind: Option<SocketAddr>,
+    /// Socket buffer size to ask for.
+    pub socket_buffer: usize,
+    /// The protocol settings: job, rank, world, codec, secret, chunk, window, timeouts.
+    pub protocol: WorkerConfig,
+}
+
+impl Options {
+    /// Defaults for a rank of a job.
+    pub fn new(aggregator: SocketAddr, job: u32, rank: u16, world: u16, codec: CodecId) -> Self {
+        Self {
+            aggregator,
+            bind: None,
+            socket_buffer: inagg_net::DEFAULT_SOCKET_BUFFER,
+            protocol: WorkerConfig::new(job, rank, world, codec),
+        }
+    }
+}
+
+/// Why a worker call failed.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The settings cannot work.
+    #[error("invalid worker settings")]
+    Config(#[from] ConfigError),
+    /// The socket failed.
+    #[error("socket error")]
+    Io(#[from] std::io::Error),
+    /// The protocol failed: refused, aborted, timed out.
+    #[error(transparent)]
+    Protocol(#[from] WorkerError),
+    /// The background thread panicked while holding the session.
+    #[error("the worker's session is poisoned by an earlier panic")]
+    Poisoned,
+}
+
+/// The state shared with the heartbeat thread.
+#[derive(Debug)]
+struct Shared {
+    session: Mutex<Session>,
+    stop: AtomicBool,
+}
+
+/// One rank of one job, over UDP. Cheap to clone: clones share the session.
+#[derive(Debug, Clone)]
+pub struct UdpWorker {
+    shared: Arc<Shared>,
+    heartbeats: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl UdpWorker {
+    /// Binds a socket and joins the job; returns once every rank has joined (or with
+    /// the error that stopped it: refused, or no grant within `join_timeout`).
+    pub fn connect(opts: Options) -> Result<Self, Error> {
+        let mut session = Session::new(&opts)?;
+        session.join()?;
+        let shared = Arc::new(Shared {
+            session: Mutex::new(session),
+            stop: AtomicBool::new(false),
+        });
+        let tick = (opts.protocol.heartbeat_interval / 4).max(Duration::from_millis(5));
+        let bg = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("inagg-hb-{}", opts.protocol.rank))
+            .spawn(move || {
+                while !bg.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    // An allreduce holds the lock and services the socket itself.
+                    if let Ok(mut s) = bg.session.try_lock() {
+                        s.service();
+                    }
+                }
+            })?;
+        Ok(Self {
+            shared,
+            heartbeats: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    fn session(&self) -> Result<MutexGuard<'_, Session>, Error> {
+        self.shared.session.lock().map_err(|_| Error::Poisoned)
+    }
+
+    /// The grant: world size, codec, chunk size, slots.
+    pub fn grant(&self) -> Result<Grant, Error> {
+        Ok(self.session()?.grant())
+    }
+
+    /// Sums `data` with every other rank's buffer of the same length, in place.
+    /// Every rank must call it the same number of times with the same lengths.
+    pub fn allreduce(&self, data: &mut [f32]) -> Result<AllreduceReport, Error> {
+        self.session()?.allreduce(data)
+    }
+
+    /// The async form: the buffer is moved in and handed back with the sum (as with
+    /// io_uring, owning the buffer is what lets the work run off the caller's task
+    /// without copying it). Runs on tokio's blocking pool.
+    pub async fn allreduce_async(
+        &self,
+        mut data: Vec<f32>,
+    ) -> Result<(Vec<f32>, AllreduceReport), Error> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let report = me.allreduce(&mut data)?;
+            Ok((data, report))
+        })
+        .await
+        .map_err(|_| Error::Poisoned)?
+    }
+
+    /// Leaves the job (the aggregator frees it once every rank left) and stops the
+    /// heartbeat thread.
+    pub fn close(self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Ok(mut h) = self.heartbeats.lock() {
+            if let Some(h) = h.take() {
+                let _ = h.join();
+            }
+        }
+        if let Ok(mut s) = self.shared.session.lock() {
+            s.leave();
+        }
+    }
+}
+
+impl Drop for UdpWorker {
+    fn drop(&mut self) {
+        // The last handle leaves the job.
+        if Arc::strong_count(&self.shared) == 1 {
+            self.shutdown();
+        }
+    }
+}

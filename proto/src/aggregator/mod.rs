@@ -541,8 +541,16 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// Writes the next datagram to send into `buf` (cleared first) and returns its
     /// destination, or `None` when nothing is left to send.
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<A> {
+        buf.clear();
+        self.poll_transmit_append(buf)
+    }
+
+    /// Like [`Aggregator::poll_transmit`], but appends the datagram to `buf`, so that a
+    /// driver can encode a whole batch into one arena.
+    pub fn poll_transmit_append(&mut self, buf: &mut Vec<u8>) -> Option<A> {
+        let start = buf.len();
         loop {
-            buf.clear();
+            buf.truncate(start);
             let to = match self.outbox.front_mut()? {
                 Outgoing::Control { .. } => match self.outbox.pop_front() {
                     Some(Outgoing::Control { to, msg }) => {
@@ -570,7 +578,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             };
             if let Some(to) = to {
                 self.stats.packets_sent += 1;
-                self.stats.bytes_sent += buf.len() as u64;
+                self.stats.bytes_sent += (buf.len() - start) as u64;
                 return Some(to);
             }
         }
@@ -611,9 +619,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             next_exp: meta.exp_max,
             count: meta.count,
         };
+        let start = buf.len();
         wire::encode_result(&h, payload, buf);
         job.stats.packets_sent += 1;
-        job.stats.bytes_sent += buf.len() as u64;
+        job.stats.bytes_sent += (buf.len() - start) as u64;
         Some(member.addr.clone())
     }
 

@@ -194,8 +194,8 @@ impl Allreduce {
         }
     }
 
-    /// Writes the next packet to send (a retransmission first, then a new one within
-    /// `window`) into `buf`, header then payload. Returns false when nothing is due.
+    /// Appends the next packet to send (a retransmission first, then a new one within
+    /// `window`) to `buf`, header then payload. Returns false when nothing is due.
     pub fn poll_transmit(
         &mut self,
         now: Instant,
@@ -249,12 +249,12 @@ impl Allreduce {
             count: count as u16,
             ..self.template
         };
-        buf.clear();
-        crate::wire::encode_contribution(&h, &[], buf);
         let start = buf.len();
-        buf.resize(start + count * self.codec.wire_bytes(), 0);
+        crate::wire::encode_contribution(&h, &[], buf);
+        let body = buf.len();
+        buf.resize(body + count * self.codec.wire_bytes(), 0);
         let scale = self.codec.scale(self.world, scale_exp);
-        self.codec.encode(&data[range], scale, &mut buf[start..]);
+        self.codec.encode(&data[range], scale, &mut buf[body..]);
         let p = &mut self.ring[(q % self.slots) as usize];
         if p.tx == 0 || p.done {
             *p = Packet {
@@ -267,7 +267,7 @@ impl Allreduce {
         let tx = p.tx;
         self.timers.push(Reverse((now + rtt.rto(tx), q, tx)));
         self.stats.packets_sent += 1;
-        self.stats.bytes_sent += buf.len() as u64;
+        self.stats.bytes_sent += (buf.len() - start) as u64;
         true
     }
 

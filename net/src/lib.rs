@@ -1,0 +1,29 @@
+//! inagg-net: the platform details of UDP, kept out of the protocol and the drivers,
+//! as quinn keeps them in quinn-udp (which this crate uses, through `quinn::udp`).
+//!
+//! - [`UdpEndpoint::bind`] opens a non-blocking socket with large buffers (a fast
+//!   sender otherwise loses thousands of datagrams to the 208 KB default).
+//! - [`UdpEndpoint::recv`] takes up to 32 buffers per system call (`recvmmsg`), each
+//!   possibly holding several datagrams coalesced by GRO, and waits with `poll(2)` when
+//!   nothing is there.
+//! - [`SendBatch`] collects outgoing datagrams in one arena and sends runs of equal-size
+//!   datagrams to the same destination with one system call each (GSO), within the
+//!   kernel's 64 KB limit per call.
+//!
+//! Nothing here allocates per datagram.
+
+mod batch;
+mod endpoint;
+
+pub use batch::SendBatch;
+pub use endpoint::{UdpEndpoint, DEFAULT_SOCKET_BUFFER};
+
+/// Bytes of IP and UDP headers in front of each datagram to or from `addr`: what a
+/// datagram costs on the wire beyond its payload.
+pub fn header_overhead(addr: &std::net::SocketAddr) -> u64 {
+    match addr {
+        std::net::SocketAddr::V4(_) => 20 + 8,
+        std::net::SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => 20 + 8,
+        std::net::SocketAddr::V6(_) => 40 + 8,
+    }
+}

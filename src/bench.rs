@@ -1,0 +1,373 @@
+//! `inagg bench`: one aggregator process and N worker processes on 127.0.0.1, warm-up
+//! and timed allreduces of seeded tensors, every rank checked against the exact sum.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use inagg_proto::codec;
+use serde::Serialize;
+
+use crate::cmd_worker::{Report, Tuning};
+
+/// Transports `inagg bench` can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain UDP datagrams.
+    Udp,
+}
+
+/// Flags of `inagg bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    pub workers: u16,
+    /// Elements of the tensor.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub elements: usize,
+    /// Codecs to run, one job each, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub codec: Vec<String>,
+    /// Transport between workers and aggregator.
+    #[arg(long, value_enum, default_value_t = Transport::Udp)]
+    pub transport: Transport,
+    /// Timed allreduces.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed allreduces first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Seed of the tensors.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub tuning: Tuning,
+    /// One JSON object per line per configuration.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up (and kill every process) after this many seconds per configuration.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
+}
+
+/// One line of `inagg bench --json`. Field names are a contract with scripts.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub transport: Transport,
+    pub codec: String,
+    pub workers: u16,
+    pub elements: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub chunk_elements: u16,
+    pub window: u32,
+    /// Median over iterations of the slowest rank's time.
+    pub median_s: f64,
+    pub min_s: f64,
+    /// Elements of the reduced tensor per second, from the median.
+    pub ate_per_s: f64,
+    /// f32 tensor bytes / median time, in GB/s.
+    pub algbw_gbps: f64,
+    /// Per allreduce, on the wire, IP and UDP headers included (mean over ranks).
+    pub bytes_sent_per_worker: u64,
+    pub bytes_recv_per_worker: u64,
+    pub max_abs_err: f64,
+    pub rel_l2_err: f64,
+    /// Over all ranks and timed iterations.
+    pub retransmissions: u64,
+    pub ranks_identical: bool,
+    pub within_bound: bool,
+}
+
+/// The median of `v` (0 for an empty slice).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn exe() -> Result<PathBuf> {
+    std::env::current_exe().context("locating the inagg binary")
+}
+
+/// A child process that is stopped when dropped.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn terminate(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SIGTERM first, for a clean exit; SIGKILL if it does not stop.
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Starts `inagg aggregator` on 127.0.0.1 and learns its port from its first line.
+fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
+    let mut child = Command::new(exe()?)
+        .args(["aggregator", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the aggregator")?;
+    let out = child.stdout.take().context("aggregator stdout")?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .context("reading the aggregator's address")?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .ok_or_else(|| anyhow!("the aggregator did not start (it said {line:?})"))?
+        .parse()
+        .context("parsing the aggregator's address")?;
+    Ok((
+        Proc {
+            child,
+            name: "aggregator".into(),
+        },
+        addr,
+    ))
+}
+
+fn worker_args(a: &Args, agg: SocketAddr, job: u32, rank: u16, codec: &str) -> Vec<String> {
+    let t = &a.tuning;
+    [
+        "worker",
+        "--json",
+        "--aggregator",
+        &agg.to_string(),
+        "--job",
+        &job.to_string(),
+        "--rank",
+        &rank.to_string(),
+        "--world",
+        &a.workers.to_string(),
+        "--codec",
+        codec,
+        "--elements",
+        &a.elements.to_string(),
+        "--iters",
+        &a.iters.to_string(),
+        "--warmup",
+        &a.warmup.to_string(),
+        "--seed",
+        &a.seed.to_string(),
+        "--chunk-elements",
+        &t.chunk_elements.to_string(),
+        "--window",
+        &t.window.to_string(),
+        "--secret",
+        &t.secret,
+        "--join-timeout-ms",
+        &t.join_timeout_ms.to_string(),
+        "--aggregator-timeout-ms",
+        &t.aggregator_timeout_ms.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs one job: N worker processes; returns their reports.
+fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<Report>> {
+    let mut procs = Vec::new();
+    for rank in 0..a.workers {
+        let child = Command::new(exe()?)
+            .args(worker_args(a, agg, job, rank, codec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting worker {rank}"))?;
+        procs.push(Proc {
+            child,
+            name: format!("worker {rank}"),
+        });
+    }
+    // Drain every pipe on its own thread so that no child blocks on a full pipe.
+    let readers: Vec<_> = procs
+        .iter_mut()
+        .map(|p| {
+            let mut out = p.child.stdout.take();
+            let mut err = p.child.stderr.take();
+            std::thread::spawn(move || {
+                let (mut o, mut e) = (String::new(), String::new());
+                if let Some(s) = out.as_mut() {
+                    let _ = s.read_to_string(&mut o);
+                }
+                if let Some(s) = err.as_mut() {
+                    let _ = s.read_to_string(&mut e);
+                }
+                (o, e)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    let mut statuses = vec![None; procs.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (p, st) in procs.iter_mut().zip(statuses.iter_mut()) {
+            if st.is_none() {
+                *st = p.child.try_wait()?;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "job {job} ({codec}) did not finish within {} s",
+                a.timeout_s
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for ((p, st), r) in procs.iter().zip(&statuses).zip(readers) {
+        let (out, err) = r.join().map_err(|_| anyhow!("reader thread panicked"))?;
+        let ok = st.is_some_and(|s| s.success());
+        if !ok {
+            failures.push(format!("{} exited with {:?}: {}", p.name, st, err.trim()));
+            continue;
+        }
+        let line = out.lines().last().unwrap_or_default();
+        reports.push(
+            serde_json::from_str::<Report>(line)
+                .with_context(|| format!("{} printed {line:?}", p.name))?,
+        );
+    }
+    if !failures.is_empty() {
+        bail!("job {job} ({codec}) failed:\n{}", failures.join("\n"));
+    }
+    Ok(reports)
+}
+
+fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
+    let iters = reports.iter().map(|r| r.times_s.len()).min().unwrap_or(0);
+    let slowest: Vec<f64> = (0..iters)
+        .map(|i| reports.iter().map(|r| r.times_s[i]).fold(0.0, f64::max))
+        .collect();
+    let med = median(&slowest);
+    let n = reports.len().max(1) as u64;
+    let checks: Vec<_> = reports.iter().filter_map(|r| r.check.as_ref()).collect();
+    Row {
+        transport: a.transport,
+        codec: codec.to_string(),
+        workers: a.workers,
+        elements: a.elements,
+        iters: a.iters,
+        warmup: a.warmup,
+        chunk_elements: a.tuning.chunk_elements,
+        window: a.tuning.window,
+        median_s: med,
+        min_s: slowest.iter().copied().fold(f64::INFINITY, f64::min),
+        ate_per_s: if med > 0.0 {
+            a.elements as f64 / med
+        } else {
+            0.0
+        },
+        algbw_gbps: if med > 0.0 {
+            a.elements as f64 * 4.0 / med / 1e9
+        } else {
+            0.0
+        },
+        bytes_sent_per_worker: reports.iter().map(|r| r.bytes_sent).sum::<u64>() / n,
+        bytes_recv_per_worker: reports.iter().map(|r| r.bytes_recv).sum::<u64>() / n,
+        max_abs_err: checks.iter().map(|c| c.max_abs_err).fold(0.0, f64::max),
+        rel_l2_err: checks.iter().map(|c| c.rel_l2_err).fold(0.0, f64::max),
+        retransmissions: reports.iter().map(|r| r.retransmissions).sum(),
+        ranks_identical: checks.windows(2).all(|w| w[0].checksum == w[1].checksum),
+        within_bound: checks.len() == reports.len() && checks.iter().all(|c| c.within_bound),
+    }
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    for c in &a.codec {
+        if codec::by_name(c).is_none() {
+            bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
+        }
+    }
+    let (mut agg, addr) = start_aggregator(&[])?;
+    if !a.json {
+        println!(
+            "inagg bench: {} workers, {} elements, chunk {}, window {}, {} warm-up + {} timed allreduces, aggregator {addr}",
+            a.workers, a.elements, a.tuning.chunk_elements, a.tuning.window, a.warmup, a.iters
+        );
+        println!(
+            "{:<6} {:>10} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>6} {:>5}",
+            "codec",
+            "median ms",
+            "ATE/s",
+            "algbw GB/s",
+            "sent/worker",
+            "recv/worker",
+            "max err",
+            "rel l2",
+            "retx",
+            "ok"
+        );
+    }
+    let mut wrong = Vec::new();
+    for (i, codec) in a.codec.iter().enumerate() {
+        let job = 1 + i as u32;
+        let reports = run_job(a, addr, job, codec)?;
+        let r = row(a, codec, &reports);
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:<6} {:>10.3} {:>12.4e} {:>10.3} {:>14} {:>14} {:>10.2e} {:>10.2e} {:>6} {:>5}",
+                r.codec,
+                r.median_s * 1e3,
+                r.ate_per_s,
+                r.algbw_gbps,
+                r.bytes_sent_per_worker,
+                r.bytes_recv_per_worker,
+                r.max_abs_err,
+                r.rel_l2_err,
+                r.retransmissions,
+                r.within_bound && r.ranks_identical
+            );
+        }
+        if !(r.within_bound && r.ranks_identical) {
+            wrong.push(codec.clone());
+        }
+    }
+    agg.terminate();
+    if !wrong.is_empty() {
+        bail!("wrong results for codec(s) {}", wrong.join(", "));
+    }
+    Ok(())
+}

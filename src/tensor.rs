@@ -1,0 +1,142 @@
+//! Seeded test tensors and the check of a result against the exact sum: what `inagg
+//! worker` and `inagg bench` use to prove every rank got the right answer.
+
+use inagg_proto::codec::{self, Codec};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Rank `rank`'s input for a run seeded with `seed`: gradient-like values in (-1, 1)
+/// times a magnitude that changes every 4096 elements (2^-12 to 1), so that
+/// blocks of very different scales meet in one tensor.
+pub fn input(seed: u64, rank: u16, len: usize) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (u64::from(rank) << 48) ^ 0x9e37_79b9_7f4a_7c15);
+    let mut scale_rng = SmallRng::seed_from_u64(seed.wrapping_add(1));
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let mag = 2f32.powi(-scale_rng.random_range(0..=12));
+        let n = (len - out.len()).min(4096);
+        // A product of two uniforms fills the whole mantissa (one uniform alone lies on
+        // a 2^-23 grid, whose sums would be exact in any codec and prove nothing).
+        out.extend(
+            (0..n).map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.5f32..1.0) * mag),
+        );
+    }
+    out
+}
+
+/// How far a result is from the exact sum.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Check {
+    /// Largest absolute error.
+    pub max_abs_err: f64,
+    /// `||out - exact|| / ||exact||`.
+    pub rel_l2_err: f64,
+    /// Every element within the codec's error bound.
+    pub within_bound: bool,
+    /// Elements outside the bound.
+    pub violations: usize,
+    /// FNV-1a of the result's bits: equal on every rank when results are identical.
+    pub checksum: u64,
+}
+
+/// FNV-1a over the bits of `v`.
+pub fn checksum(v: &[f32]) -> u64 {
+    v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+        x.to_bits()
+            .to_le_bytes()
+            .iter()
+            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    })
+}
+
+/// Checks `out` against the exact (f64) sum of every rank's input, element by element,
+/// with the bound the codec gives: block-scaled codecs at most half a step per rank
+/// plus the final rounding; float codecs the usual `(N - 1) * eps * sum |x|` of
+/// summation in f32.
+pub fn check(
+    codec: &dyn Codec,
+    world: u16,
+    chunk: usize,
+    inputs: &[Vec<f32>],
+    out: &[f32],
+) -> Check {
+    let n = out.len();
+    let mut max_abs = 0f64;
+    let (mut err2, mut ref2) = (0f64, 0f64);
+    let mut violations = 0;
+    for start in (0..n).step_by(chunk.max(1)) {
+        let range = start..(start + chunk).min(n);
+        let step = if codec.block_scaled() {
+            let e_max = inputs
+                .iter()
+                .map(|v| codec::block_exponent(&v[range.clone()]).unwrap_or(i8::MAX))
+                .max()
+                .unwrap_or(i8::MIN);
+            codec.step_error(codec.scale(world, e_max)).unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        for i in range {
+            let (mut exact, mut abs) = (0f64, 0f64);
+            for v in inputs {
+                exact += f64::from(v[i]);
+                abs += f64::from(v[i]).abs();
+            }
+            let err = (f64::from(out[i]) - exact).abs();
+            let bound = f64::from(world) * step
+                + (f64::from(world) + 1.0) * abs * 2f64.powi(-24)
+                + exact.abs() * 2f64.powi(-23);
+            if err > bound || err.is_nan() {
+                violations += 1;
+            }
+            max_abs = max_abs.max(err);
+            err2 += err * err;
+            ref2 += exact * exact;
+        }
+    }
+    Check {
+        max_abs_err: max_abs,
+        rel_l2_err: if ref2 > 0.0 {
+            (err2 / ref2).sqrt()
+        } else {
+            err2.sqrt()
+        },
+        within_bound: violations == 0,
+        violations,
+        checksum: checksum(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inagg_proto::codec::ALL;
+
+    #[test]
+    fn inputs_are_seeded() {
+        assert_eq!(input(1, 0, 100), input(1, 0, 100));
+        assert_ne!(input(1, 0, 100), input(1, 1, 100));
+        assert_ne!(input(1, 0, 100), input(2, 0, 100));
+    }
+
+    #[test]
+    fn check_catches_a_wrong_element() {
+        let inputs: Vec<Vec<f32>> = (0..3).map(|r| input(5, r, 1000)).collect();
+        let mut sum: Vec<f32> = (0..1000)
+            .map(|i| inputs.iter().map(|v| f64::from(v[i])).sum::<f64>() as f32)
+            .collect();
+        for c in ALL {
+            assert!(
+                check(*c, 3, 256, &inputs, &sum).within_bound,
+                "{}",
+                c.name()
+            );
+        }
+        sum[10] += 1e-3;
+        for c in ALL {
+            let r = check(*c, 3, 256, &inputs, &sum);
+            assert!(!r.within_bound && r.violations == 1, "{}", c.name());
+        }
+    }
+}
