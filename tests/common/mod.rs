@@ -1,0 +1,120 @@
+//! Helpers for tests that run the real `inagg` binary: processes that are always
+//! reaped, bounded waits, the aggregator's address from its first line.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn inagg() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_inagg"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// A child process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn inagg");
+        Proc { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits up to `limit`; None if still running.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Everything it wrote to stderr (after it exited).
+    pub fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn stdout(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stdout.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `inagg aggregator` on 127.0.0.1 with `extra` flags; returns it and its address.
+pub fn aggregator(extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut cmd = inagg();
+    cmd.args(["aggregator", "--listen", "127.0.0.1:0"])
+        .args(extra);
+    let mut p = Proc::spawn(cmd);
+    let out = p.child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
+        .parse()
+        .expect("address");
+    (p, addr)
+}
+
+/// `inagg worker` flags for rank `rank` of `job`.
+pub fn worker(addr: SocketAddr, job: u32, rank: u16, world: u16, extra: &[&str]) -> Proc {
+    let mut cmd = inagg();
+    cmd.args([
+        "worker",
+        "--aggregator",
+        &addr.to_string(),
+        "--job",
+        &job.to_string(),
+        "--rank",
+        &rank.to_string(),
+        "--world",
+        &world.to_string(),
+    ])
+    .args(extra);
+    Proc::spawn(cmd)
+}

@@ -1,0 +1,271 @@
+//! inagg as real processes on real sockets (127.0.0.1): bench correctness, a worker
+//! killed mid-allreduce, garbage sent at the aggregator, a dead aggregator, shutdown.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::{aggregator, inagg, worker};
+use serde_json::Value;
+
+#[test]
+fn bench_four_workers_f32_and_i32_every_rank_correct() {
+    let out = inagg()
+        .args([
+            "bench",
+            "--workers",
+            "4",
+            "--elements",
+            "1048576",
+            "--codec",
+            "f32,i32",
+            "--transport",
+            "udp",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for (row, codec) in rows.iter().zip(["f32", "i32"]) {
+        assert_eq!(row["codec"], codec);
+        assert_eq!(row["transport"], "udp");
+        assert_eq!(row["workers"], 4);
+        assert_eq!(row["elements"], 1048576);
+        assert_eq!(row["within_bound"], true, "{row}");
+        assert_eq!(row["ranks_identical"], true, "{row}");
+        for f in [
+            "median_s",
+            "ate_per_s",
+            "algbw_gbps",
+            "max_abs_err",
+            "rel_l2_err",
+        ] {
+            assert!(row[f].as_f64().is_some(), "{f} missing in {row}");
+        }
+        assert!(row["retransmissions"].as_u64().is_some());
+        // Four bytes per element plus headers, each way.
+        let sent = row["bytes_sent_per_worker"].as_f64().expect("bytes sent");
+        let recv = row["bytes_recv_per_worker"].as_f64().expect("bytes recv");
+        for b in [sent, recv] {
+            assert!(
+                b >= 4.0 * 1048576.0 && b < 4.4 * 1048576.0,
+                "{b} bytes in {row}"
+            );
+        }
+        assert!(row["rel_l2_err"].as_f64().expect("err") < 1e-6);
+    }
+}
+
+#[test]
+fn a_killed_worker_aborts_the_others_and_the_aggregator_serves_on() {
+    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "2000"]);
+    let long = ["--elements", "200000", "--iters", "100000", "--no-check"];
+    let mut ws: Vec<_> = (0..3).map(|r| worker(addr, 7, r, 3, &long)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        ws.iter_mut().all(|w| w.running()),
+        "workers should be mid-run"
+    );
+    ws[1].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    for r in [0, 2] {
+        let status = ws[r]
+            .wait_for(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("rank {r} still running 10 s after rank 1 died"));
+        assert!(!status.success());
+        let err = ws[r].stderr();
+        assert!(
+            err.contains("rank 1") && err.contains("aborted"),
+            "rank {r} said: {err}"
+        );
+    }
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert!(agg.running(), "the aggregator must survive");
+    // A new job runs to completion on the same aggregator.
+    let mut fresh: Vec<_> = (0..2)
+        .map(|r| worker(addr, 8, r, 2, &["--elements", "50000", "--codec", "i32"]))
+        .collect();
+    for w in &mut fresh {
+        let st = w
+            .wait_for(Duration::from_secs(30))
+            .expect("new job finishes");
+        assert!(st.success(), "{}", w.stderr());
+    }
+}
+
+#[test]
+fn garbage_datagrams_change_nothing() {
+    let (mut agg, addr) = aggregator(&[]);
+    let args = ["--elements", "300000", "--iters", "20", "--codec", "i32"];
+    let mut ws: Vec<_> = (0..3).map(|r| worker(addr, 3, r, 3, &args)).collect();
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut sent = 0u64;
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut valid = Vec::new();
+    // A well-formed contribution, to cut and corrupt.
+    valid.extend_from_slice(b"IA\x01\x03");
+    valid.extend_from_slice(&3u32.to_le_bytes());
+    valid.extend_from_slice(&[0, 0, 2, 0]);
+    valid.extend_from_slice(&[0xab; 8]); // guessed token
+    valid.extend_from_slice(&[0; 8]); // seq
+    valid.extend_from_slice(&[0; 4]); // slot
+    valid.extend_from_slice(&[0, 0x80, 0x80, 0, 4, 0, 0, 0]);
+    valid.extend_from_slice(&[0x7f; 16]);
+    while ws.iter_mut().any(|w| w.running()) && Instant::now() < end {
+        let i = sent as usize;
+        let d: Vec<u8> = match i % 5 {
+            0 => (0..(i * 7919) % 1400).map(|k| (k * 31 + i) as u8).collect(),
+            1 => valid[..i % valid.len()].to_vec(),
+            2 => vec![0x49; 65_507],
+            3 => {
+                let mut v = valid.clone();
+                let k = (i / 5) % v.len();
+                v[k] ^= 0x5a;
+                v
+            }
+            _ => valid.clone(),
+        };
+        let _ = sock.send_to(&d, addr);
+        sent += 1;
+        if sent % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for w in &mut ws {
+        let st = w.wait_for(Duration::from_secs(30)).expect("workers finish");
+        assert!(st.success(), "worker failed: {}", w.stderr());
+        assert!(w.stdout().contains("within bound: true"));
+    }
+    assert!(sent > 100, "sent only {sent} garbage datagrams");
+    assert!(agg.running());
+    agg.signal(libc::SIGTERM);
+    let st = agg
+        .wait_for(Duration::from_secs(10))
+        .expect("aggregator stops on SIGTERM");
+    assert!(st.success());
+    let err = agg.stderr();
+    assert!(err.contains("malformed="), "aggregator said: {err}");
+    assert!(
+        err.contains("bad_token=") || err.contains("unknown_job="),
+        "aggregator said: {err}"
+    );
+}
+
+#[test]
+fn a_dead_aggregator_makes_workers_fail_not_hang() {
+    let (agg, addr) = aggregator(&[]);
+    let args = [
+        "--elements",
+        "200000",
+        "--iters",
+        "100000",
+        "--no-check",
+        "--aggregator-timeout-ms",
+        "2000",
+    ];
+    let mut ws: Vec<_> = (0..2).map(|r| worker(addr, 4, r, 2, &args)).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    agg.signal(libc::SIGKILL);
+    for w in &mut ws {
+        let st = w
+            .wait_for(Duration::from_secs(10))
+            .expect("worker gives up");
+        assert!(!st.success());
+        assert!(w.stderr().contains("aggregator"));
+    }
+}
+
+#[test]
+fn sigterm_aborts_jobs_and_exits_cleanly() {
+    let (mut agg, addr) = aggregator(&[]);
+    let args = ["--elements", "100000", "--iters", "100000", "--no-check"];
+    let mut ws: Vec<_> = (0..2).map(|r| worker(addr, 5, r, 2, &args)).collect();
+    std::thread::sleep(Duration::from_millis(800));
+    agg.signal(libc::SIGTERM);
+    assert!(agg
+        .wait_for(Duration::from_secs(5))
+        .expect("stops")
+        .success());
+    for w in &mut ws {
+        let st = w.wait_for(Duration::from_secs(10)).expect("worker stops");
+        assert!(!st.success());
+        assert!(w.stderr().contains("shutting down"));
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let out = inagg()
+        .args(["bench", "--codec", "f64"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown codec"));
+    let out = inagg()
+        .args([
+            "worker",
+            "--aggregator",
+            "nowhere",
+            "--job",
+            "1",
+            "--rank",
+            "0",
+            "--world",
+            "1",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let out = inagg()
+        .args([
+            "worker",
+            "--aggregator",
+            "127.0.0.1:9",
+            "--job",
+            "1",
+            "--rank",
+            "3",
+            "--world",
+            "2",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rank 3 is not below the world size 2"));
+    // Nobody listens: the join times out instead of hanging.
+    let t = Instant::now();
+    let out = inagg()
+        .args([
+            "worker",
+            "--aggregator",
+            "127.0.0.1:9",
+            "--job",
+            "1",
+            "--rank",
+            "0",
+            "--world",
+            "1",
+            "--join-timeout-ms",
+            "1000",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no grant"));
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
