@@ -63,7 +63,7 @@ fn bench_four_workers_f32_and_i32_every_rank_correct() {
         let recv = row["bytes_recv_per_worker"].as_f64().expect("bytes recv");
         for b in [sent, recv] {
             assert!(
-                b >= 4.0 * 1048576.0 && b < 4.4 * 1048576.0,
+                (4.0 * 1048576.0..4.4 * 1048576.0).contains(&b),
                 "{b} bytes in {row}"
             );
         }
