@@ -50,6 +50,9 @@ pub struct Args {
     /// One JSON object per line per configuration.
     #[arg(long)]
     pub json: bool,
+    /// Fraction of chunks that are zero on every rank (sparse gradients).
+    #[arg(long, default_value_t = 0.0)]
+    pub zero_fraction: f64,
     /// Give up (and kill every process) after this many seconds per configuration.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -66,6 +69,9 @@ pub struct Row {
     pub warmup: usize,
     pub chunk_elements: u16,
     pub window: u32,
+    pub stochastic: bool,
+    pub skip_zeros: bool,
+    pub zero_fraction: f64,
     /// Median over iterations of the slowest rank's time.
     pub median_s: f64,
     pub min_s: f64,
@@ -184,8 +190,6 @@ fn worker_args(a: &Args, agg: SocketAddr, job: u32, rank: u16, codec: &str) -> V
         &a.warmup.to_string(),
         "--seed",
         &a.seed.to_string(),
-        "--chunk-elements",
-        &t.chunk_elements.to_string(),
         "--window",
         &t.window.to_string(),
         "--secret",
@@ -194,9 +198,18 @@ fn worker_args(a: &Args, agg: SocketAddr, job: u32, rank: u16, codec: &str) -> V
         &t.join_timeout_ms.to_string(),
         "--aggregator-timeout-ms",
         &t.aggregator_timeout_ms.to_string(),
+        "--zero-fraction",
+        &a.zero_fraction.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        t.chunk_elements
+            .iter()
+            .flat_map(|c| ["--chunk-elements".to_string(), c.to_string()]),
+    )
+    .chain(t.stochastic.then(|| "--stochastic".to_string()))
+    .chain(t.skip_zeros.then(|| "--skip-zeros".to_string()))
     .collect()
 }
 
@@ -286,8 +299,11 @@ fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         elements: a.elements,
         iters: a.iters,
         warmup: a.warmup,
-        chunk_elements: a.tuning.chunk_elements,
+        chunk_elements: codec::by_name(codec).map_or(0, |c| a.tuning.chunk_for(c)),
         window: a.tuning.window,
+        stochastic: a.tuning.stochastic,
+        skip_zeros: a.tuning.skip_zeros,
+        zero_fraction: a.zero_fraction,
         median_s: med,
         min_s: slowest.iter().copied().fold(f64::INFINITY, f64::min),
         ate_per_s: if med > 0.0 {
@@ -322,8 +338,8 @@ pub fn run(a: &Args) -> Result<()> {
     let (mut agg, addr) = start_aggregator(&[])?;
     if !a.json {
         println!(
-            "inagg bench: {} workers, {} elements, chunk {}, window {}, {} warm-up + {} timed allreduces, aggregator {addr}",
-            a.workers, a.elements, a.tuning.chunk_elements, a.tuning.window, a.warmup, a.iters
+            "inagg bench: {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator {addr}",
+            a.workers, a.elements, a.tuning.window, a.warmup, a.iters
         );
         println!(
             "{:<6} {:>10} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>6} {:>5}",

@@ -49,14 +49,18 @@ pub struct Args {
     /// Skip the check against the exact sum (it regenerates every rank's tensor).
     #[arg(long)]
     pub no_check: bool,
+    /// Fraction of chunks that are zero on every rank (sparse gradients).
+    #[arg(long, default_value_t = 0.0)]
+    pub zero_fraction: f64,
 }
 
 /// Protocol knobs shared by `worker` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
-    /// Elements per chunk (per datagram).
-    #[arg(long, default_value_t = DEFAULT_CHUNK)]
-    pub chunk_elements: u16,
+    /// Elements per chunk (per datagram). Default: 4 KiB of payload (1024 f32
+    /// elements, 2048 f16, 4096 i8).
+    #[arg(long)]
+    pub chunk_elements: Option<u16>,
     /// Slots to ask for (datagrams in flight).
     #[arg(long, default_value_t = DEFAULT_WINDOW)]
     pub window: u32,
@@ -69,12 +73,27 @@ pub struct Tuning {
     /// Fail when the aggregator is silent this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub aggregator_timeout_ms: u64,
+    /// Round stochastically (unbiased) instead of to nearest.
+    #[arg(long)]
+    pub stochastic: bool,
+    /// Send chunks that are zero on every rank as headers only.
+    #[arg(long)]
+    pub skip_zeros: bool,
 }
 
-/// Elements per datagram by default: 1024 f32 elements make 4 KiB datagrams, which
-/// cut the per-datagram cost on loopback fourfold against SwitchML's 256 while staying
-/// far below the 64 KiB GSO limit; see the README's performance section.
-pub const DEFAULT_CHUNK: u16 = 1024;
+/// Payload bytes per datagram by default: 4 KiB (1024 f32 elements) cuts the
+/// per-datagram cost on loopback fourfold against SwitchML's 256 elements, fits a
+/// 9000-byte jumbo frame, and stays far below the 64 KiB GSO limit; see the README's
+/// performance section. Narrow codecs carry more elements in the same bytes.
+pub const DEFAULT_CHUNK_BYTES: usize = 4096;
+
+impl Tuning {
+    /// Elements per chunk for `codec`: the flag, or [`DEFAULT_CHUNK_BYTES`] of payload.
+    pub fn chunk_for(&self, codec: &dyn inagg_proto::codec::Codec) -> u16 {
+        self.chunk_elements
+            .unwrap_or((DEFAULT_CHUNK_BYTES / codec.wire_bytes()).min(usize::from(u16::MAX)) as u16)
+    }
+}
 /// Slots by default: 128 datagrams of 4 KiB in flight per rank (512 KiB), enough to
 /// cover the loopback RTT with room in a 4 MiB socket buffer for 8 ranks.
 pub const DEFAULT_WINDOW: u32 = 128;
@@ -106,18 +125,25 @@ pub fn options(a: &Args) -> Result<Options> {
         )
     })?;
     let mut o = Options::new(a.aggregator, a.job, a.rank, a.world, codec.id());
-    o.protocol.chunk_elems = a.tuning.chunk_elements;
+    o.protocol.chunk_elems = a.tuning.chunk_for(codec);
     o.protocol.window = a.tuning.window;
     o.protocol.secret = a.tuning.secret.as_bytes().to_vec();
     o.protocol.join_timeout = Duration::from_millis(a.tuning.join_timeout_ms);
     o.protocol.aggregator_timeout = Duration::from_millis(a.tuning.aggregator_timeout_ms);
+    o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.seed);
+    o.protocol.skip_zeros = a.tuning.skip_zeros;
     Ok(o)
 }
 
 pub fn run(a: &Args) -> Result<()> {
     let opts = options(a)?;
     let codec = codec::lookup(opts.protocol.codec).context("codec")?;
-    let input = tensor::input(a.seed, a.rank, a.elements);
+    if !(0.0..=1.0).contains(&a.zero_fraction) {
+        bail!("--zero-fraction must be between 0 and 1");
+    }
+    let chunk0 = usize::from(opts.protocol.chunk_elems);
+    let make = |rank| tensor::input_with_zeros(a.seed, rank, a.elements, a.zero_fraction, chunk0);
+    let input = make(a.rank);
     let mut buf = input.clone();
     let worker = UdpWorker::connect(opts).with_context(|| {
         format!(
@@ -154,15 +180,10 @@ pub fn run(a: &Args) -> Result<()> {
     report.bytes_recv /= timed;
     if !a.no_check && a.warmup + a.iters > 0 {
         let inputs: Vec<Vec<f32>> = (0..a.world)
-            .map(|r| {
-                if r == a.rank {
-                    input.clone()
-                } else {
-                    tensor::input(a.seed, r, a.elements)
-                }
-            })
+            .map(|r| if r == a.rank { input.clone() } else { make(r) })
             .collect();
-        report.check = Some(tensor::check(codec, a.world, chunk, &inputs, &buf));
+        let sr = a.tuning.stochastic;
+        report.check = Some(tensor::check(codec, a.world, chunk, sr, &inputs, &buf));
     }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -9,7 +9,27 @@ use serde::{Deserialize, Serialize};
 /// Rank `rank`'s input for a run seeded with `seed`: gradient-like values in (-1, 1)
 /// times a magnitude that changes every 4096 elements (2^-12 to 1), so that
 /// blocks of very different scales meet in one tensor.
+#[cfg(test)]
 pub fn input(seed: u64, rank: u16, len: usize) -> Vec<f32> {
+    input_with_zeros(seed, rank, len, 0.0, 1)
+}
+
+/// [`input`], with a seeded fraction `zeros` of the `chunk`-element chunks set to zero
+/// on every rank (the same chunks on all: sparse gradients, as for embeddings).
+pub fn input_with_zeros(seed: u64, rank: u16, len: usize, zeros: f64, chunk: usize) -> Vec<f32> {
+    let mut v = dense(seed, rank, len);
+    if zeros > 0.0 {
+        let mut pick = SmallRng::seed_from_u64(seed ^ 0x5eed_0000);
+        for c in v.chunks_mut(chunk.max(1)) {
+            if pick.random_bool(zeros.clamp(0.0, 1.0)) {
+                c.fill(0.0);
+            }
+        }
+    }
+    v
+}
+
+fn dense(seed: u64, rank: u16, len: usize) -> Vec<f32> {
     let mut rng = SmallRng::seed_from_u64(seed ^ (u64::from(rank) << 48) ^ 0x9e37_79b9_7f4a_7c15);
     let mut scale_rng = SmallRng::seed_from_u64(seed.wrapping_add(1));
     let mut out = Vec::with_capacity(len);
@@ -51,13 +71,12 @@ pub fn checksum(v: &[f32]) -> u64 {
 }
 
 /// Checks `out` against the exact (f64) sum of every rank's input, element by element,
-/// with the bound the codec gives: block-scaled codecs at most half a step per rank
-/// plus the final rounding; float codecs the usual `(N - 1) * eps * sum |x|` of
-/// summation in f32.
+/// with the bound the codec gives (`inagg_proto::codec::error_bound`).
 pub fn check(
     codec: &dyn Codec,
     world: u16,
     chunk: usize,
+    stochastic: bool,
     inputs: &[Vec<f32>],
     out: &[f32],
 ) -> Check {
@@ -67,15 +86,14 @@ pub fn check(
     let mut violations = 0;
     for start in (0..n).step_by(chunk.max(1)) {
         let range = start..(start + chunk).min(n);
-        let step = if codec.block_scaled() {
-            let e_max = inputs
+        let e_max = if codec.block_scaled() {
+            inputs
                 .iter()
                 .map(|v| codec::block_exponent(&v[range.clone()]).unwrap_or(i8::MAX))
                 .max()
-                .unwrap_or(i8::MIN);
-            codec.step_error(codec.scale(world, e_max)).unwrap_or(0.0)
+                .unwrap_or(i8::MIN)
         } else {
-            0.0
+            i8::MIN
         };
         for i in range {
             let (mut exact, mut abs) = (0f64, 0f64);
@@ -84,9 +102,7 @@ pub fn check(
                 abs += f64::from(v[i]).abs();
             }
             let err = (f64::from(out[i]) - exact).abs();
-            let bound = f64::from(world) * step
-                + (f64::from(world) + 1.0) * abs * 2f64.powi(-24)
-                + exact.abs() * 2f64.powi(-23);
+            let bound = codec::error_bound(codec, world, e_max, stochastic, exact, abs);
             if err > bound || err.is_nan() {
                 violations += 1;
             }
@@ -128,14 +144,14 @@ mod tests {
             .collect();
         for c in ALL {
             assert!(
-                check(*c, 3, 256, &inputs, &sum).within_bound,
+                check(*c, 3, 256, false, &inputs, &sum).within_bound,
                 "{}",
                 c.name()
             );
         }
         sum[10] += 1e-3;
         for c in ALL {
-            let r = check(*c, 3, 256, &inputs, &sum);
+            let r = check(*c, 3, 256, false, &inputs, &sum);
             assert!(!r.within_bound && r.violations == 1, "{}", c.name());
         }
     }

@@ -269,3 +269,97 @@ fn bad_input_gets_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no grant"));
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn bench_every_codec_sends_its_width() {
+    let out = inagg()
+        .args([
+            "bench",
+            "--workers",
+            "3",
+            "--elements",
+            "300000",
+            "--codec",
+            "f32,f16,bf16,i32,i16,i8",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let widths = [
+        ("f32", 4.0),
+        ("f16", 2.0),
+        ("bf16", 2.0),
+        ("i32", 4.0),
+        ("i16", 2.0),
+        ("i8", 1.0),
+    ];
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(rows.len(), widths.len());
+    for (row, (codec, width)) in rows.iter().zip(widths) {
+        assert_eq!(row["codec"], codec);
+        assert_eq!(row["within_bound"], true, "{row}");
+        assert_eq!(row["ranks_identical"], true, "{row}");
+        let sent = row["bytes_sent_per_worker"].as_f64().expect("bytes");
+        let ideal = 300000.0 * width;
+        assert!(
+            (sent - ideal).abs() < 0.1 * ideal,
+            "{codec}: {sent} bytes against {ideal}"
+        );
+    }
+}
+
+#[test]
+fn bench_with_stochastic_rounding_and_zero_skipping() {
+    let run = |extra: &[&str]| {
+        let out = inagg()
+            .args([
+                "bench",
+                "--workers",
+                "2",
+                "--elements",
+                "200000",
+                "--codec",
+                "i8,f16",
+                "--iters",
+                "1",
+                "--json",
+                "--zero-fraction",
+                "0.5",
+            ])
+            .args(extra)
+            .output()
+            .expect("run bench");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+            .collect::<Vec<_>>()
+    };
+    let dense = run(&[]);
+    let sparse = run(&["--skip-zeros", "--stochastic"]);
+    for (d, s) in dense.iter().zip(&sparse) {
+        assert_eq!(s["within_bound"], true, "{s}");
+        let (bd, bs) = (
+            d["bytes_sent_per_worker"].as_f64().unwrap_or(0.0),
+            s["bytes_sent_per_worker"].as_f64().unwrap_or(0.0),
+        );
+        assert!(bs < 0.65 * bd, "half the chunks are zero: {bs} vs {bd}");
+    }
+}

@@ -141,6 +141,8 @@ pub struct Sim {
     agg_dead: bool,
     /// Crashed workers.
     dead: Vec<bool>,
+    /// The error-feedback key every allreduce uses (`None`: no feedback).
+    pub feedback: Option<u64>,
     /// Counters of the network.
     pub net: NetStats,
     scratch: Vec<u8>,
@@ -171,6 +173,7 @@ impl Sim {
             sent: 0,
             agg_dead: false,
             dead: vec![false; n],
+            feedback: None,
             net: NetStats::default(),
             scratch: Vec::with_capacity(crate::wire::MAX_DATAGRAM),
         }
@@ -239,7 +242,9 @@ impl Sim {
         self.buffers = inputs.into_iter().map(Option::unwrap_or_default).collect();
         for i in (0..self.workers.len()).filter(|i| active[*i]) {
             self.status[i].done = None;
-            if let Err(error) = self.workers[i].start_allreduce(self.now, &self.buffers[i]) {
+            let key = self.feedback;
+            if let Err(error) = self.workers[i].start_allreduce(self.now, &mut self.buffers[i], key)
+            {
                 return Err(SimError::Worker { index: i, error });
             }
         }

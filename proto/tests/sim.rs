@@ -55,52 +55,75 @@ fn exact(inputs: &[Vec<f32>]) -> Vec<f64> {
     sum
 }
 
-/// The bound block scaling gives for `i32`: per chunk, half a step per rank plus the
-/// final rounding to `f32`.
-fn check_i32_bound(inputs: &[Vec<f32>], out: &[f32], chunk: usize, world: u16) {
-    let codec = codec::lookup(CodecId::I32).expect("i32 codec");
-    let sum = exact(inputs);
-    for (c, range) in (0..out.len())
-        .step_by(chunk)
-        .map(|s| (s / chunk, s..(s + chunk).min(out.len())))
-    {
-        let e_max = inputs
-            .iter()
-            .map(|v| codec::block_exponent(&v[range.clone()]).expect("finite"))
-            .max()
-            .expect("ranks");
-        let step = codec
-            .step_error(codec.scale(world, e_max))
-            .expect("fixed point has a step");
+/// Every element within the codec's bound (`codec::error_bound`), chunk by chunk.
+fn check_bound(codec: CodecId, inputs: &[Vec<f32>], out: &[f32], chunk: usize, world: u16) {
+    let codec = codec::lookup(codec).expect("codec");
+    for start in (0..out.len()).step_by(chunk) {
+        let range = start..(start + chunk).min(out.len());
+        let e_max = if codec.block_scaled() {
+            inputs
+                .iter()
+                .map(|v| codec::block_exponent(&v[range.clone()]).expect("finite"))
+                .max()
+                .expect("ranks")
+        } else {
+            inagg_proto::wire::NO_EXPONENT
+        };
         for i in range {
-            let bound = f64::from(world) * step + sum[i].abs() * 2f64.powi(-23);
-            let err = (f64::from(out[i]) - sum[i]).abs();
+            let exact: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
+            let abs: f64 = inputs.iter().map(|v| f64::from(v[i]).abs()).sum();
+            let bound = codec::error_bound(codec, world, e_max, false, exact, abs);
+            let err = (f64::from(out[i]) - exact).abs();
             assert!(
                 err <= bound,
-                "chunk {c} element {i}: error {err} above bound {bound}"
+                "{} element {i}: error {err} above bound {bound}",
+                codec.name()
             );
         }
     }
+}
+
+fn check_i32_bound(inputs: &[Vec<f32>], out: &[f32], chunk: usize, world: u16) {
+    check_bound(CodecId::I32, inputs, out, chunk, world)
+}
+
+/// A codec with options.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    codec: CodecId,
+    stochastic: bool,
+    skip_zeros: bool,
 }
 
 /// Runs `rounds` allreduces; returns every rank's outputs of every round.
 fn run(
     sim_cfg: SimConfig,
     world: u16,
-    codec: CodecId,
+    v: Variant,
     len: usize,
     seed: u64,
     rounds: usize,
 ) -> Vec<Vec<Vec<f32>>> {
-    let mut sim = Sim::new(sim_cfg, Default::default(), configs(9, world, codec, 64, 8));
+    let mut cfgs = configs(9, world, v.codec, 64, 8);
+    for c in &mut cfgs {
+        c.stochastic_rounding = v.stochastic.then_some(seed);
+        c.skip_zeros = v.skip_zeros;
+    }
+    let mut sim = Sim::new(sim_cfg, Default::default(), cfgs);
+    let integers = !codec::lookup(v.codec).expect("codec").block_scaled();
     (0..rounds)
         .map(|round| {
-            let ins = inputs(
-                seed * 31 + round as u64,
-                world,
-                len + round * 7,
-                codec == CodecId::F32,
-            );
+            let mut ins = inputs(seed * 31 + round as u64, world, len + round * 7, integers);
+            if v.skip_zeros {
+                // Every third chunk zero on every rank.
+                for r in &mut ins {
+                    for (c, chunk) in r.chunks_mut(64).enumerate() {
+                        if c % 3 == 1 {
+                            chunk.fill(0.0);
+                        }
+                    }
+                }
+            }
             sim.allreduce(ins)
                 .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"))
         })
@@ -109,27 +132,129 @@ fn run(
 
 #[test]
 fn lossy_runs_match_lossless_bit_for_bit() {
-    let mut seeds = 0;
-    for codec in [CodecId::F32, CodecId::I32] {
+    let plain = |codec| Variant {
+        codec,
+        stochastic: false,
+        skip_zeros: false,
+    };
+    // f32 and i32 over 200 seeds each; the other codecs and the options over 20.
+    let mut variants: Vec<(Variant, u64)> =
+        vec![(plain(CodecId::F32), SEEDS), (plain(CodecId::I32), SEEDS)];
+    for c in [CodecId::F16, CodecId::BF16, CodecId::I16, CodecId::I8] {
+        variants.push((plain(c), 20));
+    }
+    variants.push((
+        Variant {
+            codec: CodecId::I8,
+            stochastic: true,
+            skip_zeros: true,
+        },
+        20,
+    ));
+    variants.push((
+        Variant {
+            codec: CodecId::F16,
+            stochastic: true,
+            skip_zeros: true,
+        },
+        20,
+    ));
+    let mut runs = 0;
+    for (v, seeds) in variants {
         for (wi, &world) in WORLDS.iter().enumerate() {
             // Lengths that are not multiples of the chunk (64) nor of the window.
             let len = 1000 + 37 * wi;
-            let reference = run(SimConfig::lossless(0), world, codec, len, wi as u64, 2);
+            let reference = run(SimConfig::lossless(0), world, v, len, wi as u64, 2);
             for round in &reference {
                 assert!(
                     round.iter().all(|out| out == &round[0]),
                     "ranks disagree without loss"
                 );
             }
-            // 200 seeds per world and codec: 2000 lossy runs of two allreduces each.
-            for s in 0..SEEDS {
-                let lossy = run(SimConfig::lossy(1000 + s), world, codec, len, wi as u64, 2);
-                assert_eq!(lossy, reference, "codec {codec:?} world {world} seed {s}");
-                seeds += 1;
+            for s in 0..seeds {
+                let lossy = run(SimConfig::lossy(1000 + s), world, v, len, wi as u64, 2);
+                assert_eq!(lossy, reference, "{v:?} world {world} seed {s}");
+                runs += 1;
             }
         }
     }
-    assert_eq!(seeds, 2 * WORLDS.len() as u64 * SEEDS);
+    assert_eq!(runs, WORLDS.len() as u64 * (2 * SEEDS + 6 * 20));
+}
+
+#[test]
+fn error_feedback_tracks_the_accumulated_sum() {
+    // Small values next to a large one in the same chunk: i8 rounds them to zero every
+    // time. Over many steps, error feedback delivers what rounding held back.
+    let steps = 60;
+    let input: Vec<f32> = (0..64)
+        .map(|i| if i == 0 { 1.0 } else { 0.003 + i as f32 * 1e-5 })
+        .collect();
+    let mut drift = Vec::new();
+    for feedback in [None, Some(17)] {
+        let mut sim = Sim::new(
+            SimConfig::lossy(2),
+            Default::default(),
+            configs(1, 2, CodecId::I8, 64, 8),
+        );
+        sim.feedback = feedback;
+        let mut acc = vec![0f64; 64];
+        for _ in 0..steps {
+            let out = sim
+                .allreduce(vec![input.clone(), input.clone()])
+                .expect("allreduce");
+            for (a, o) in acc.iter_mut().zip(&out[0]) {
+                *a += f64::from(*o);
+            }
+        }
+        let worst = (1..64)
+            .map(|i| (acc[i] - 2.0 * steps as f64 * f64::from(input[i])).abs())
+            .fold(0.0, f64::max);
+        drift.push(worst);
+    }
+    let (without, with) = (drift[0], drift[1]);
+    assert!(
+        without > 0.3,
+        "without feedback the small values vanish: drift {without}"
+    );
+    assert!(with * 10.0 < without, "feedback drift {with} vs {without}");
+}
+
+#[test]
+fn zero_skipping_saves_the_bytes_of_zero_chunks() {
+    for codec in [CodecId::F32, CodecId::I32, CodecId::F16, CodecId::I8] {
+        let world = 3;
+        let mut ins = inputs(4, world, 64 * 60, codec == CodecId::F32);
+        // Half of the chunks zero on every rank; one more zero on one rank only.
+        for r in &mut ins {
+            for (c, chunk) in r.chunks_mut(64).enumerate() {
+                if c % 2 == 0 {
+                    chunk.fill(0.0);
+                }
+            }
+        }
+        ins[0][64..128].fill(0.0);
+        let mut sent = Vec::new();
+        let mut outs = Vec::new();
+        for skip in [false, true] {
+            let mut cfgs = configs(1, world, codec, 64, 8);
+            for c in &mut cfgs {
+                c.skip_zeros = skip;
+            }
+            let mut sim = Sim::new(SimConfig::lossless(1), Default::default(), cfgs);
+            outs.push(sim.allreduce(ins.clone()).expect("allreduce"));
+            sent.push(sim.last_stats(0).expect("stats").bytes_sent as f64);
+        }
+        assert_eq!(outs[0], outs[1], "{codec:?}: results change with skipping");
+        let width = codec::lookup(codec).expect("codec").wire_bytes() as f64;
+        let payload = 64.0 * 60.0 * width;
+        // Half the payload is gone; headers (and the priming window) remain.
+        assert!(
+            sent[0] - sent[1] > 0.45 * payload,
+            "{codec:?}: {} -> {}",
+            sent[0],
+            sent[1]
+        );
+    }
 }
 
 #[test]

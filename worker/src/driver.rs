@@ -85,11 +85,16 @@ impl Session {
             .map(|_| ())
     }
 
-    pub fn allreduce(&mut self, data: &mut [f32]) -> Result<AllreduceReport, Error> {
+    pub fn allreduce(
+        &mut self,
+        data: &mut [f32],
+        feedback: Option<u64>,
+    ) -> Result<AllreduceReport, Error> {
         if let Some(e) = self.failed.clone() {
             return Err(e.into());
         }
-        self.worker.start_allreduce(Instant::now(), data)?;
+        self.worker
+            .start_allreduce(Instant::now(), data, feedback)?;
         match self.drive(data, |ev| matches!(ev, Event::AllreduceDone { .. }))? {
             Event::AllreduceDone { stats, elapsed } => {
                 let per = header_overhead(&self.aggregator);

@@ -137,7 +137,18 @@ impl UdpWorker {
     /// Sums `data` with every other rank's buffer of the same length, in place.
     /// Every rank must call it the same number of times with the same lengths.
     pub fn allreduce(&self, data: &mut [f32]) -> Result<AllreduceReport, Error> {
-        self.session()?.allreduce(data)
+        self.session()?.allreduce(data, None)
+    }
+
+    /// [`UdpWorker::allreduce`] with error feedback: the quantization residual this
+    /// rank's contribution lost in the previous call with the same `key` (a tensor or
+    /// gradient bucket id) is added to `data` before it is sent.
+    pub fn allreduce_with_feedback(
+        &self,
+        data: &mut [f32],
+        key: u64,
+    ) -> Result<AllreduceReport, Error> {
+        self.session()?.allreduce(data, Some(key))
     }
 
     /// The async form: the buffer is moved in and handed back with the sum (as with

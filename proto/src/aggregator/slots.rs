@@ -159,6 +159,7 @@ impl SlotPool {
             let base = i * self.chunk * self.width;
             codec.sum_store(
                 &self.acc[i * self.chunk..i * self.chunk + n],
+                self.world,
                 &mut self.results[base..base + n * self.width],
             );
             self.meta[i].complete = true;

@@ -1,6 +1,6 @@
-//! Float codecs: values travel as IEEE floats and the aggregator sums them in `f32`.
+//! `f32`: values travel as they are and the aggregator sums them in `f32`.
 
-use super::{lane4, Codec, CodecId, Scale};
+use super::{kernels, Codec, CodecId, Scale};
 
 /// Plain `f32`: the exact-float baseline. Four bytes per element.
 #[derive(Debug, Clone, Copy)]
@@ -20,28 +20,18 @@ impl Codec for F32 {
         false
     }
     fn encode(&self, src: &[f32], _scale: Scale, out: &mut [u8]) {
-        for (x, o) in src.iter().zip(out.chunks_exact_mut(4)) {
-            o.copy_from_slice(&x.to_le_bytes());
-        }
+        kernels::f32_to_le(src, out)
     }
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
-        for (c, o) in src.chunks_exact(4).zip(out.iter_mut()) {
-            *o = f32::from_le_bytes(lane4(c));
-        }
+        kernels::le_to_f32(src, out)
     }
     fn sum_first(&self, acc: &mut [u32], payload: &[u8]) {
-        for (c, a) in payload.chunks_exact(4).zip(acc.iter_mut()) {
-            *a = u32::from_le_bytes(lane4(c));
-        }
+        kernels::load_lanes(acc, payload)
     }
     fn sum_add(&self, acc: &mut [u32], payload: &[u8]) {
-        for (c, a) in payload.chunks_exact(4).zip(acc.iter_mut()) {
-            *a = (f32::from_bits(*a) + f32::from_le_bytes(lane4(c))).to_bits();
-        }
+        kernels::add_f32(acc, payload)
     }
-    fn sum_store(&self, acc: &[u32], out: &mut [u8]) {
-        for (a, o) in acc.iter().zip(out.chunks_exact_mut(4)) {
-            o.copy_from_slice(&a.to_le_bytes());
-        }
+    fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
+        kernels::store_lanes(acc, out)
     }
 }

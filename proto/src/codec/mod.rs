@@ -7,18 +7,33 @@
 //! The aggregator sums into 32-bit lanes (`u32` holding an `f32` or an `i32`, as the
 //! codec decides) and writes the finished sum back at the contribution's width.
 //!
+//! | codec | wire bytes | lanes | contribution | result |
+//! |---|---|---|---|---|
+//! | `f32` | 4 | f32 | exact | f32 sum (order-dependent rounding) |
+//! | `f16` | 2 | f32 | rounded to f16 | f32 sum rounded to f16 |
+//! | `bf16` | 2 | f32 | rounded to bf16 | f32 sum rounded to bf16 |
+//! | `i32` | 4 | i32 | block-scaled, `ceil(log2 N)` bits of headroom | exact integer sum |
+//! | `i16`, `i8` | 2, 1 | i32 | block-scaled at full width | integer sum, shifted right by `ceil(log2 N)` and rounded |
+//!
 //! Block-scaled fixed point needs one shared scale per chunk: every rank sends the
 //! exponent of its chunk ahead of time ([`block_exponent`]), the aggregator keeps the
 //! maximum over ranks, and [`Codec::scale`] turns that maximum and the world size into
-//! a [`Scale`] with enough headroom that the integer sum of all ranks cannot overflow.
+//! a [`Scale`].
+//!
+//! Non-finite values: `f32`, `f16` and `bf16` carry NaN and infinity through (f16
+//! also overflows to infinity above 65504); block-scaled codecs cannot, and the worker
+//! refuses such a tensor with [`NonFinite`] before sending anything.
 
 mod fixed;
 mod float;
+mod half16;
+mod kernels;
 
 use std::fmt;
 
-pub use fixed::Fixed;
+pub use fixed::{Fixed, Room};
 pub use float::F32;
+pub use half16::{Bf16, F16};
 
 use crate::wire::NO_EXPONENT;
 
@@ -31,6 +46,14 @@ impl CodecId {
     pub const F32: CodecId = CodecId(1);
     /// Block-scaled 32-bit fixed point.
     pub const I32: CodecId = CodecId(2);
+    /// IEEE half precision.
+    pub const F16: CodecId = CodecId(3);
+    /// bfloat16.
+    pub const BF16: CodecId = CodecId(4);
+    /// Block-scaled 16-bit fixed point.
+    pub const I16: CodecId = CodecId(5);
+    /// Block-scaled 8-bit fixed point.
+    pub const I8: CodecId = CodecId(6);
 }
 
 /// The smallest block exponent: any subnormal block reports this one.
@@ -38,15 +61,18 @@ pub const MIN_EXPONENT: i8 = -127;
 /// The largest block exponent (`f32::MAX < 2^128`).
 pub const MAX_EXPONENT: i8 = 127;
 
-/// How a worker scales a chunk before quantizing it: values are multiplied by
-/// `2^shift`, rounded, and the sum is multiplied by `2^-shift` after.
+/// How a worker quantizes a chunk: values are multiplied by `2^shift`, rounded, and
+/// clamped; a result is multiplied by `2^-shift` of its own scale after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Scale {
-    /// The power of two applied before rounding.
+    /// The power of two applied before rounding (fixed point).
     pub shift: i32,
-    /// Fixed point: quantized magnitudes are clamped to `2^precision - 1`, which is what
-    /// keeps the sum of all ranks from overflowing. Unused by float codecs.
+    /// Fixed point: quantized magnitudes are clamped to `2^precision - 1`, which is
+    /// what keeps the sum of all ranks inside its lanes. Unused by float codecs.
     pub precision: i32,
+    /// Stochastic rounding: the key of the packet's random stream (the same key gives
+    /// the same bits, so a retransmission is identical). `None`: round to nearest.
+    pub dither: Option<u64>,
 }
 
 /// A gradient encoding. Implementations are stateless and shared (`&'static`).
@@ -63,33 +89,48 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn max_world(&self) -> u16 {
         u16::MAX
     }
-    /// The scale for a chunk whose largest exponent over all ranks is `e_max`
-    /// ([`NO_EXPONENT`] for an all-zero chunk) in a job of `world` ranks.
+    /// The scale of a contribution to a chunk whose largest exponent over all ranks is
+    /// `e_max` ([`NO_EXPONENT`] for an all-zero chunk) in a job of `world` ranks.
     fn scale(&self, world: u16, e_max: i8) -> Scale {
         let _ = (world, e_max);
         Scale::default()
     }
-    /// The largest absolute error one rank's value picks up in [`Codec::encode`] at this
-    /// scale (for fixed point, half a quantization step). `None`: relative error only.
-    fn step_error(&self, scale: Scale) -> Option<f64> {
-        let _ = scale;
-        None
+    /// The scale to decode a result with (the aggregator may have rescaled the sum).
+    fn result_scale(&self, world: u16, e_max: i8) -> Scale {
+        self.scale(world, e_max)
+    }
+    /// Fixed point: the largest absolute quantization error of a sum of `world`
+    /// contributions at this chunk's scale (round to nearest; stochastic rounding
+    /// doubles the contributions' part). Float codecs: 0.
+    fn sum_error(&self, world: u16, e_max: i8, stochastic: bool) -> f64 {
+        let _ = (world, e_max, stochastic);
+        0.0
+    }
+    /// Float codecs: the relative error of one rounding to the wire format (`2^-11`
+    /// for f16). Fixed point and f32: 0.
+    fn unit_roundoff(&self) -> f64 {
+        0.0
+    }
+    /// Float codecs: half the spacing of the smallest values the wire format holds
+    /// (the absolute error floor of its subnormals).
+    fn underflow(&self) -> f64 {
+        0.0
     }
     /// Quantizes `src` into `out`, which holds exactly `src.len() * wire_bytes()` bytes.
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]);
-    /// Turns a result payload back into values; `out.len() * wire_bytes() == src.len()`.
+    /// Turns a payload back into values; `out.len() * wire_bytes() == src.len()`.
     fn decode(&self, src: &[u8], scale: Scale, out: &mut [f32]);
     /// Aggregator: the first contribution to a slot initializes its lanes.
     fn sum_first(&self, acc: &mut [u32], payload: &[u8]);
     /// Aggregator: adds a contribution to the lanes. Never panics, never traps on
     /// overflow (hostile payloads wrap; honest ones have headroom).
     fn sum_add(&self, acc: &mut [u32], payload: &[u8]);
-    /// Aggregator: writes the finished sum at the wire width.
-    fn sum_store(&self, acc: &[u32], out: &mut [u8]);
+    /// Aggregator: writes the finished sum of `world` contributions at the wire width.
+    fn sum_store(&self, acc: &[u32], world: u16, out: &mut [u8]);
 }
 
-/// Every codec this build knows, in the order of their ids.
-pub static ALL: &[&dyn Codec] = &[&F32, &fixed::I32];
+/// Every codec this build knows.
+pub static ALL: &[&dyn Codec] = &[&F32, &fixed::I32, &F16, &Bf16, &fixed::I16, &fixed::I8];
 
 /// The codec with this wire id.
 pub fn lookup(id: CodecId) -> Option<&'static dyn Codec> {
@@ -116,9 +157,7 @@ pub struct NonFinite;
 /// The block exponent of `src`: `floor(log2(max |x|))`, so every `|x| < 2^(e + 1)`
 /// (subnormals report [`MIN_EXPONENT`]), or [`NO_EXPONENT`] when all are zero.
 pub fn block_exponent(src: &[f32]) -> Result<i8, NonFinite> {
-    let max_bits = src
-        .iter()
-        .fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    let max_bits = kernels::max_abs_bits(src);
     if max_bits >= 0x7f80_0000 {
         return Err(NonFinite);
     }
@@ -131,10 +170,36 @@ pub fn block_exponent(src: &[f32]) -> Result<i8, NonFinite> {
     Ok(e as i8)
 }
 
-/// Reads the `i`-th little-endian 32-bit lane of `bytes`.
+/// The error bound of one element of a sum through `codec`: `exact` is the exact sum,
+/// `sum_abs` the sum of the ranks' magnitudes, `e_max` the chunk's block exponent.
+/// Covers the codec's quantization (and its rounding of the result), the aggregator's
+/// f32 accumulation, and the final conversion to f32.
+pub fn error_bound(
+    codec: &dyn Codec,
+    world: u16,
+    e_max: i8,
+    stochastic: bool,
+    exact: f64,
+    sum_abs: f64,
+) -> f64 {
+    let n = f64::from(world);
+    let f32_eps = 2f64.powi(-24);
+    let u = codec.unit_roundoff() * if stochastic { 2.0 } else { 1.0 };
+    codec.sum_error(world, e_max, stochastic)
+        + sum_abs * (u * (1.0 + u) + (n + 1.0) * f32_eps)
+        + exact.abs() * codec.unit_roundoff().max(f32_eps)
+        + (n + 1.0) * codec.underflow() * if stochastic { 2.0 } else { 1.0 }
+}
+
+/// A uniform value in `[0, 1)` for element `i` of the stream `key` (stochastic
+/// rounding): a counter-based hash, so any element can be drawn in any order.
 #[inline(always)]
-fn lane4(c: &[u8]) -> [u8; 4] {
-    [c[0], c[1], c[2], c[3]]
+pub(crate) fn uniform(key: u64, i: usize) -> f32 {
+    let mut z = key.wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
 #[cfg(test)]

@@ -1,23 +1,42 @@
-//! Codec round trips, sums and the block exponent, for every codec through the same
-//! tests.
+//! The conformance suite: every codec, with and without stochastic rounding, through
+//! the same tests: round trips, sums of N ranks within the bound, extremes.
 
 use super::*;
+use crate::codec::fixed::{I16, I8};
 
-fn sum_through(codec: &dyn Codec, world: u16, inputs: &[Vec<f32>]) -> Vec<f32> {
-    let e_max = if codec.block_scaled() {
-        inputs
-            .iter()
-            .map(|v| block_exponent(v).expect("finite"))
-            .max()
-            .unwrap_or(NO_EXPONENT)
-    } else {
-        NO_EXPONENT
-    };
-    let scale = codec.scale(world, e_max);
+const WORLDS: [u16; 6] = [1, 2, 3, 4, 8, 64];
+
+/// Every codec with each rounding mode it supports (f32 has nothing to round).
+fn variants() -> Vec<(&'static dyn Codec, bool)> {
+    ALL.iter()
+        .flat_map(|c| {
+            let sr = c.id() != CodecId::F32;
+            [(*c, false)].into_iter().chain(sr.then_some((*c, true)))
+        })
+        .collect()
+}
+
+/// The chunk's shared block exponent (what the lookahead delivers).
+fn e_max(codec: &dyn Codec, inputs: &[Vec<f32>]) -> i8 {
+    if !codec.block_scaled() {
+        return NO_EXPONENT;
+    }
+    inputs
+        .iter()
+        .map(|v| block_exponent(v).expect("finite"))
+        .max()
+        .unwrap_or(NO_EXPONENT)
+}
+
+/// Runs `inputs` (one per rank) through encode, the aggregator's sum and decode.
+fn sum_through(codec: &dyn Codec, world: u16, inputs: &[Vec<f32>], sr: Option<u64>) -> Vec<f32> {
+    let e = e_max(codec, inputs);
     let n = inputs[0].len();
     let mut acc = vec![0u32; n];
     let mut wire = vec![0u8; n * codec.wire_bytes()];
     for (i, v) in inputs.iter().enumerate() {
+        let mut scale = codec.scale(world, e);
+        scale.dither = sr.map(|s| s.wrapping_add(i as u64 * 7919));
         codec.encode(v, scale, &mut wire);
         if i == 0 {
             codec.sum_first(&mut acc, &wire);
@@ -25,10 +44,40 @@ fn sum_through(codec: &dyn Codec, world: u16, inputs: &[Vec<f32>]) -> Vec<f32> {
             codec.sum_add(&mut acc, &wire);
         }
     }
-    codec.sum_store(&acc, &mut wire);
+    codec.sum_store(&acc, world, &mut wire);
     let mut out = vec![0f32; n];
-    codec.decode(&wire, scale, &mut out);
+    codec.decode(&wire, codec.result_scale(world, e), &mut out);
     out
+}
+
+/// Gradient-like values with a full mantissa over a few binades.
+fn inputs(world: u16, n: usize, seed: u64) -> Vec<Vec<f32>> {
+    (0..world)
+        .map(|r| {
+            (0..n)
+                .map(|i| {
+                    let u = uniform(seed ^ u64::from(r) << 32, i);
+                    let v = uniform(seed ^ u64::from(r) << 40 ^ 1, i);
+                    (2.0 * u - 1.0) * (0.5 + v) * 2f32.powi((i % 7) as i32 - 5)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn assert_within_bound(codec: &dyn Codec, world: u16, sr: bool, inputs: &[Vec<f32>], out: &[f32]) {
+    let e = e_max(codec, inputs);
+    for (i, o) in out.iter().enumerate() {
+        let exact: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
+        let abs: f64 = inputs.iter().map(|v| f64::from(v[i]).abs()).sum();
+        let bound = error_bound(codec, world, e, sr, exact, abs);
+        let err = (f64::from(*o) - exact).abs();
+        assert!(
+            err <= bound,
+            "{} sr={sr} world {world} element {i}: {o} vs {exact} (error {err:e} > bound {bound:e})",
+            codec.name()
+        );
+    }
 }
 
 #[test]
@@ -40,6 +89,7 @@ fn registry_is_consistent() {
             .iter()
             .all(|o| o.id() != c.id() && o.name() != c.name()));
     }
+    assert_eq!(names(), vec!["f32", "i32", "f16", "bf16", "i16", "i8"]);
     assert!(lookup(CodecId(0)).is_none());
     assert!(by_name("f64").is_none());
 }
@@ -58,81 +108,179 @@ fn block_exponent_bounds_every_value() {
     assert_eq!(block_exponent(&[f32::NEG_INFINITY]), Err(NonFinite));
     for x in [3.0f32, 1e-30, 7e30, 0.1, 1e-40] {
         let e = i32::from(block_exponent(&[x]).expect("finite"));
-        assert!(f64::from(x) < 2f64.powi(e + 1) && f64::from(x) >= 2f64.powi(e.max(-126)) * 0.0);
+        assert!(f64::from(x) < 2f64.powi(e + 1));
+    }
+}
+
+#[test]
+fn one_rank_round_trips_within_bound() {
+    for (codec, sr) in variants() {
+        let ins = inputs(1, 1000, 3);
+        let out = sum_through(codec, 1, &ins, sr.then_some(11));
+        assert_within_bound(codec, 1, sr, &ins, &out);
     }
 }
 
 #[test]
 fn every_codec_sums_within_its_bound() {
-    for codec in ALL {
-        for world in [1u16, 2, 3, 4, 8, 64] {
-            let inputs: Vec<Vec<f32>> = (0..world)
-                .map(|r| {
-                    (0..100)
-                        .map(|i| ((i * 37 + usize::from(r) * 11) % 97) as f32 / 13.0 - 3.5)
-                        .collect()
-                })
-                .collect();
-            let out = sum_through(*codec, world, &inputs);
-            let e_max = inputs
-                .iter()
-                .map(|v| block_exponent(v).expect("finite"))
-                .max();
-            for (i, o) in out.iter().enumerate() {
-                let exact: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
-                let step = codec
-                    .step_error(codec.scale(world, e_max.unwrap_or(NO_EXPONENT)))
-                    .unwrap_or(0.0);
-                let bound =
-                    f64::from(world) * (step + 4.0 * 2f64.powi(-24)) + exact.abs() * 2f64.powi(-23);
-                assert!(
-                    (f64::from(*o) - exact).abs() <= bound,
-                    "{} world {world} element {i}: {o} vs {exact}",
-                    codec.name()
-                );
+    for (codec, sr) in variants() {
+        for world in WORLDS.into_iter().filter(|w| *w <= codec.max_world()) {
+            for seed in 0..3 {
+                let ins = inputs(world, 500, seed);
+                let out = sum_through(codec, world, &ins, sr.then_some(seed));
+                assert_within_bound(codec, world, sr, &ins, &out);
             }
         }
     }
 }
 
 #[test]
-fn fixed_point_never_overflows_at_the_extremes() {
-    let codec = lookup(CodecId::I32).expect("i32");
-    for world in [1u16, 2, 3, 4, 8, 1024] {
-        // The largest magnitude whose sum over 1024 ranks is still a finite f32.
-        let top = f32::MAX / 1024.0;
-        for big in [top, -top, 1.0, -1.0, 1e-40, f32::MIN_POSITIVE] {
-            // Every rank at the top of the range, with values that round up.
-            let v = vec![big, big * 0.999_999_9, -big, 0.0];
-            let inputs = vec![v; usize::from(world)];
-            let out = sum_through(codec, world, &inputs);
-            let want = f64::from(big) * f64::from(world);
-            let rel = (f64::from(out[0]) - want).abs() / want.abs();
-            assert!(
-                rel < 1e-3 || want.abs() < 1e-30,
-                "world {world} x {big}: {} vs {want}",
-                out[0]
-            );
-            assert_eq!(out[0].signum(), big.signum(), "no wrap-around");
-            assert_eq!(out[2], -out[0]);
-            assert_eq!(out[3], 0.0);
+fn zeros_stay_exactly_zero() {
+    for (codec, sr) in variants() {
+        for world in [1u16, 3, 8] {
+            let ins = vec![vec![0.0f32; 300]; usize::from(world)];
+            let out = sum_through(codec, world, &ins, sr.then_some(5));
+            assert!(out.iter().all(|x| *x == 0.0), "{} sr={sr}", codec.name());
         }
     }
 }
 
 #[test]
-fn hostile_payloads_wrap_without_panicking() {
-    let codec = lookup(CodecId::I32).expect("i32");
-    let mut acc = vec![0u32; 2];
-    codec.sum_first(&mut acc, &[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0x80]);
-    codec.sum_add(&mut acc, &[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0x80]);
-    let f = lookup(CodecId::F32).expect("f32");
-    f.sum_add(&mut acc, &[1, 2, 3]);
+fn fixed_point_never_overflows_at_the_extremes() {
+    for codec in ALL.iter().filter(|c| c.block_scaled()) {
+        for world in [1u16, 2, 3, 4, 8, 64] {
+            // The largest magnitude whose sum over 64 ranks is still a finite f32.
+            let top = f32::MAX / 64.0;
+            for big in [top, -top, 1.0, -1.0, 1e-40, f32::MIN_POSITIVE] {
+                // Every rank at the top of the range, with values that round up.
+                let v = vec![big, big * 0.999_999_9, -big, 0.0];
+                let ins = vec![v; usize::from(world)];
+                let out = sum_through(*codec, world, &ins, None);
+                assert_within_bound(*codec, world, false, &ins, &out);
+                assert_eq!(
+                    out[0].signum(),
+                    big.signum(),
+                    "{}: no wrap-around",
+                    codec.name()
+                );
+                assert_eq!(out[2], -out[0]);
+                assert_eq!(out[3], 0.0);
+            }
+        }
+    }
 }
 
 #[test]
-fn f32_is_exact_and_passes_non_finite_values_through() {
-    let codec = lookup(CodecId::F32).expect("f32");
-    let out = sum_through(codec, 2, &[vec![1.5, f32::INFINITY], vec![2.25, 1.0]]);
-    assert_eq!(out, vec![3.75, f32::INFINITY]);
+fn half_floats_carry_non_finite_values_and_overflow_to_infinity() {
+    for codec in [&F16 as &dyn Codec, &Bf16, &F32] {
+        let out = sum_through(
+            codec,
+            2,
+            &[vec![1.5, f32::INFINITY, f32::NAN], vec![2.25, 1.0, 1.0]],
+            None,
+        );
+        assert_eq!(out[..2], [3.75, f32::INFINITY], "{}", codec.name());
+        assert!(out[2].is_nan());
+    }
+    // Documented: f16 holds at most 65504.
+    let out = sum_through(&F16, 2, &[vec![60000.0], vec![60000.0]], None);
+    assert_eq!(out[0], f32::INFINITY);
+    let out = sum_through(&Bf16, 2, &[vec![3e38], vec![3e38]], None);
+    assert_eq!(out[0], f32::INFINITY);
+    // Subnormals: f16 keeps them to within its spacing of 2^-24.
+    let tiny = 3.0 * 2f32.powi(-24);
+    let out = sum_through(&F16, 1, &[vec![tiny]], None);
+    assert_eq!(out[0], tiny);
+}
+
+#[test]
+fn hostile_payloads_wrap_without_panicking() {
+    for codec in ALL {
+        let mut acc = vec![0u32; 3];
+        let junk = [0xffu8, 0xff, 0xff, 0x7f, 0, 0, 0, 0x80, 1, 2, 3, 4];
+        codec.sum_first(&mut acc, &junk[..3 * codec.wire_bytes()]);
+        codec.sum_add(&mut acc, &junk[..3 * codec.wire_bytes()]);
+        codec.sum_add(&mut acc, &junk[..3]);
+        let mut out = vec![0u8; 3 * codec.wire_bytes()];
+        codec.sum_store(&acc, 2, &mut out);
+    }
+}
+
+#[test]
+fn widening_beats_headroom() {
+    // The same bytes on the wire: 8 ranks of i8 (or i16), contributions quantized with
+    // headroom against widened in the aggregator. Widening must be better.
+    let world = 8;
+    let ins = inputs(world, 4000, 9);
+    for (wide, narrow) in [
+        (
+            I8,
+            Fixed::new(CodecId(250), "i8-headroom", 8, Room::Headroom),
+        ),
+        (
+            I16,
+            Fixed::new(CodecId(251), "i16-headroom", 16, Room::Headroom),
+        ),
+    ] {
+        let rms = |out: &[f32]| {
+            let s: f64 = out
+                .iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
+                    (f64::from(*o) - exact).powi(2)
+                })
+                .sum();
+            (s / out.len() as f64).sqrt()
+        };
+        let e_wide = rms(&sum_through(&wide, world, &ins, None));
+        let e_narrow = rms(&sum_through(&narrow, world, &ins, None));
+        assert!(
+            e_wide * 2.0 < e_narrow,
+            "{}: widened {e_wide:e}, headroom {e_narrow:e}",
+            wide.name()
+        );
+    }
+}
+
+#[test]
+fn stochastic_rounding_is_unbiased_where_nearest_is_not() {
+    // Values a quarter step above a representable one, in a chunk whose largest value
+    // is 1 (so the fixed-point step is 2^-(bits-2)): nearest always rounds down.
+    let cases: Vec<(&dyn Codec, f32, f64)> = vec![
+        (&I8, 0.5, 2f64.powi(-6)),
+        (&I16, 0.5, 2f64.powi(-14)),
+        (&fixed::I32, 2f32.powi(-20), 2f64.powi(-30)),
+        (&F16, 1.0, 2f64.powi(-10)),
+        (&Bf16, 1.0, 2f64.powi(-7)),
+    ];
+    for (codec, base, step) in cases {
+        let x = base + (0.25 * step) as f32;
+        assert_eq!(f64::from(x) - f64::from(base), 0.25 * step);
+        let trials = 20_000;
+        let mut sum_sr = 0f64;
+        for t in 0..trials {
+            sum_sr += f64::from(sum_through(codec, 1, &[vec![1.0, x]], Some(t))[1]) - f64::from(x);
+        }
+        let rn = f64::from(sum_through(codec, 1, &[vec![1.0, x]], None)[1]) - f64::from(x);
+        let mean_sr = sum_sr / trials as f64;
+        assert!(
+            rn.abs() > 0.2 * step,
+            "{}: nearest should be biased ({rn:e})",
+            codec.name()
+        );
+        assert!(
+            mean_sr.abs() < 0.03 * step,
+            "{}: mean error {mean_sr:e}, step {step:e}",
+            codec.name()
+        );
+    }
+}
+
+#[test]
+fn uniform_is_uniform_enough() {
+    let n = 100_000;
+    let mean: f64 = (0..n).map(|i| f64::from(uniform(42, i))).sum::<f64>() / n as f64;
+    assert!((mean - 0.5).abs() < 0.01);
+    assert!((0..n).all(|i| (0.0..1.0).contains(&uniform(7, i))));
 }

@@ -43,6 +43,15 @@ pub struct AllreduceStats {
     pub marks: u64,
 }
 
+/// What an allreduce does beyond the plain protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Options {
+    /// Stochastic rounding, seeded: the key of packet `seq` derives from it.
+    pub dither_seed: Option<u64>,
+    /// Chunks that are zero on every rank travel without payload.
+    pub skip_zeros: bool,
+}
+
 /// The per-packet state, in a ring indexed by `q mod S`.
 #[derive(Debug, Clone, Copy)]
 struct Packet {
@@ -92,6 +101,12 @@ pub(crate) struct Allreduce {
     due: Vec<u64>,
     /// Job, rank, codec and token of every contribution.
     template: DataHeader,
+    /// Options of this allreduce.
+    opts: Options,
+    /// Error feedback: this rank's quantization residual, filled as chunks are sent.
+    pub residual: Option<Vec<f32>>,
+    /// Scratch for the residual: a chunk decoded back from its wire form.
+    scratch: Vec<f32>,
     pub started: Instant,
     /// When the last new result arrived (or the start).
     pub last_progress: Instant,
@@ -104,6 +119,8 @@ impl Allreduce {
         grant: &Grant,
         base: u64,
         len: usize,
+        opts: Options,
+        residual: Option<Vec<f32>>,
         now: Instant,
     ) -> Self {
         let (world, chunk, slots) = (grant.world, usize::from(grant.chunk_elems), grant.window);
@@ -122,12 +139,14 @@ impl Allreduce {
         };
         let n = len.div_ceil(chunk) as u64;
         let slots = u64::from(slots.max(1));
-        let lookahead = if codec.block_scaled() {
+        // Block exponents travel one window ahead for block-scaled codecs (the shared
+        // scale) and, with zero skipping, for every codec (an all-zero chunk has none).
+        let lookahead = if codec.block_scaled() || opts.skip_zeros {
             slots.min(n)
         } else {
             0
         };
-        let per_chunk = if codec.block_scaled() { n as usize } else { 0 };
+        let per_chunk = if lookahead > 0 { n as usize } else { 0 };
         Self {
             codec,
             world,
@@ -152,6 +171,13 @@ impl Allreduce {
             timers: BinaryHeap::new(),
             due: Vec::new(),
             template,
+            opts,
+            scratch: if residual.is_some() {
+                vec![0.0; chunk]
+            } else {
+                Vec::new()
+            },
+            residual,
             started: now,
             last_progress: now,
             stats: AllreduceStats {
@@ -176,22 +202,48 @@ impl Allreduce {
         start..(start + self.chunk).min(self.len)
     }
 
-    /// The elements packet `q` carries.
+    /// The chunk whose data packet `q` carries, if any.
+    fn data_chunk(&self, q: u64) -> Option<u64> {
+        q.checked_sub(self.lookahead)
+    }
+
+    /// Chunk `j` is zero on every rank and travels without payload.
+    fn skipped(&self, j: u64) -> bool {
+        self.opts.skip_zeros && self.e_max[j as usize] == NO_EXPONENT
+    }
+
+    /// The elements packet `q` carries on the wire.
     fn data_range(&self, q: u64) -> std::ops::Range<usize> {
-        if q >= self.lookahead {
-            self.chunk_range(q - self.lookahead)
-        } else {
-            0..0
+        match self.data_chunk(q) {
+            Some(j) if !(self.lookahead > 0 && self.skipped(j)) => self.chunk_range(j),
+            _ => 0..0,
         }
     }
 
     /// The block exponent packet `q`'s data was quantized with.
     fn scale_exp(&self, q: u64) -> i8 {
-        if self.codec.block_scaled() && q >= self.lookahead {
-            self.e_max[(q - self.lookahead) as usize]
-        } else {
-            NO_EXPONENT
+        match self.data_chunk(q) {
+            Some(j) if self.lookahead > 0 => self.e_max[j as usize],
+            _ => NO_EXPONENT,
         }
+    }
+
+    /// The exponent of this rank's chunk `j` (non-finite values count as the largest,
+    /// for float codecs with zero skipping; block-scaled codecs never see them).
+    fn local_exponent(&mut self, j: usize, data: &[f32]) -> i8 {
+        if self.e_local[j] == NO_EXPONENT {
+            let e = codec::block_exponent(&data[self.chunk_range(j as u64)])
+                .unwrap_or(codec::MAX_EXPONENT);
+            self.e_local[j] = e;
+        }
+        self.e_local[j]
+    }
+
+    /// The random stream of packet `seq` for stochastic rounding.
+    fn dither(&self, seq: u64) -> Option<u64> {
+        self.opts.dither_seed.map(|s| {
+            s ^ seq.wrapping_mul(0xd6e8_feb8_6659_fd93) ^ (u64::from(self.template.rank) << 48)
+        })
     }
 
     /// Appends the next packet to send (a retransmission first, then a new one within
@@ -226,14 +278,8 @@ impl Allreduce {
         };
         let range = self.data_range(q);
         let count = range.len();
-        let next_exp = if self.codec.block_scaled() && q < self.n {
-            let j = q as usize;
-            if self.e_local[j] == NO_EXPONENT {
-                // Finite input was checked when the allreduce started.
-                self.e_local[j] =
-                    codec::block_exponent(&data[self.chunk_range(q)]).unwrap_or(NO_EXPONENT);
-            }
-            self.e_local[j]
+        let next_exp = if self.lookahead > 0 && q < self.n {
+            self.local_exponent(q as usize, data)
         } else {
             NO_EXPONENT
         };
@@ -253,10 +299,30 @@ impl Allreduce {
         crate::wire::encode_contribution(&h, &[], buf);
         let body = buf.len();
         buf.resize(body + count * self.codec.wire_bytes(), 0);
-        let scale = self.codec.scale(self.world, scale_exp);
-        self.codec.encode(&data[range], scale, &mut buf[body..]);
+        let mut scale = self.codec.scale(self.world, scale_exp);
+        scale.dither = self.dither(seq);
+        self.codec
+            .encode(&data[range.clone()], scale, &mut buf[body..]);
+        let first = {
+            let p = &self.ring[(q % self.slots) as usize];
+            p.tx == 0 || p.done
+        };
+        let has_data = self.data_chunk(q).is_some();
+        if let (true, true, Some(res)) = (first, has_data, self.residual.as_mut()) {
+            // Error feedback: what this rank's contribution lost to quantization. A
+            // skipped chunk is zero and loses nothing.
+            let t = &mut self.scratch[..range.len()];
+            self.codec.decode(&buf[body..], scale, t);
+            for ((r, x), y) in res[range.clone()]
+                .iter_mut()
+                .zip(&data[range])
+                .zip(t.iter())
+            {
+                *r = x - y;
+            }
+        }
         let p = &mut self.ring[(q % self.slots) as usize];
-        if p.tx == 0 || p.done {
+        if first {
             *p = Packet {
                 sent_at: Some(now),
                 tx: 0,
@@ -333,9 +399,17 @@ impl Allreduce {
         {
             return ResultOutcome::Ignored;
         }
-        let scale = self.codec.scale(self.world, scale_exp);
-        self.codec.decode(payload, scale, &mut data[range]);
-        if self.codec.block_scaled() && q < self.n {
+        let scale = self.codec.result_scale(self.world, scale_exp);
+        if range.is_empty() {
+            if let Some(j) = self.data_chunk(q) {
+                // A chunk that was zero on every rank.
+                let all = self.chunk_range(j);
+                data[all].fill(0.0);
+            }
+        } else {
+            self.codec.decode(payload, scale, &mut data[range]);
+        }
+        if self.lookahead > 0 && q < self.n {
             self.e_max[q as usize] = h.next_exp;
         }
         if h.flags & crate::wire::FLAG_MARK != 0 {

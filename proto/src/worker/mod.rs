@@ -14,7 +14,7 @@
 mod allreduce;
 mod rtt;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -60,6 +60,11 @@ pub struct WorkerConfig {
     pub min_rto: Duration,
     /// Upper bound of the retransmission timeout (after backoff).
     pub max_rto: Duration,
+    /// Stochastic rounding, with this seed (unbiased; every rank and retransmission
+    /// draws from its own reproducible stream). `None`: round to nearest.
+    pub stochastic_rounding: Option<u64>,
+    /// Chunks that are zero on every rank travel as headers only.
+    pub skip_zeros: bool,
 }
 
 impl WorkerConfig {
@@ -85,6 +90,8 @@ impl WorkerConfig {
             initial_rto: Duration::from_millis(100),
             min_rto: Duration::from_millis(20),
             max_rto: Duration::from_secs(1),
+            stochastic_rounding: None,
+            skip_zeros: false,
         }
     }
 }
@@ -203,6 +210,10 @@ pub struct Worker {
     events: VecDeque<Event>,
     /// Bytes and packets outside any allreduce (join, heartbeats).
     idle_packets: u64,
+    /// Error feedback: the residual of the last allreduce of each tensor key.
+    residuals: HashMap<u64, Vec<f32>>,
+    /// The key of the running allreduce, if it uses error feedback.
+    feedback_key: Option<u64>,
 }
 
 impl Worker {
@@ -246,6 +257,8 @@ impl Worker {
             heartbeat_due: false,
             events: VecDeque::new(),
             idle_packets: 0,
+            residuals: HashMap::new(),
+            feedback_key: None,
             config,
         })
     }
@@ -308,7 +321,16 @@ impl Worker {
     /// Starts an allreduce of `data.len()` elements. The same `data` must be passed to
     /// every later call until [`Event::AllreduceDone`] or [`Event::Failed`]; every rank
     /// must call with the same length.
-    pub fn start_allreduce(&mut self, now: Instant, data: &[f32]) -> Result<(), WorkerError> {
+    ///
+    /// With `feedback: Some(key)`, error feedback: the quantization residual left by the
+    /// previous allreduce with the same key (and length) is added to `data` first, and
+    /// this allreduce's residual is kept for the next one.
+    pub fn start_allreduce(
+        &mut self,
+        now: Instant,
+        data: &mut [f32],
+        feedback: Option<u64>,
+    ) -> Result<(), WorkerError> {
         match &self.state {
             State::Ready => {}
             State::Joining { .. } => return Err(WorkerError::NotReady("still joining")),
@@ -316,16 +338,50 @@ impl Worker {
             State::Failed(e) => return Err(e.clone()),
             State::Closing | State::Closed => return Err(WorkerError::Closed),
         }
-        if self.codec.block_scaled() && data.iter().any(|x| !x.is_finite()) {
-            return Err(codec::NonFinite.into());
-        }
         let Some(g) = self.grant else {
             return Err(WorkerError::NotReady("no grant"));
         };
-        let op = Allreduce::new(self.codec, &g, self.seq_base, data.len(), now);
+        let residual = feedback.map(|key| {
+            let mut r = self.residuals.remove(&key).unwrap_or_default();
+            if r.len() == data.len() {
+                for (x, e) in data.iter_mut().zip(&r) {
+                    *x += e;
+                }
+            }
+            r.clear();
+            r.resize(data.len(), 0.0);
+            r
+        });
+        if self.codec.block_scaled() && data.iter().any(|x| !x.is_finite()) {
+            return Err(codec::NonFinite.into());
+        }
+        self.feedback_key = feedback;
+        let opts = allreduce::Options {
+            dither_seed: self.config.stochastic_rounding,
+            skip_zeros: self.config.skip_zeros,
+        };
+        let op = Allreduce::new(
+            self.codec,
+            &g,
+            self.seq_base,
+            data.len(),
+            opts,
+            residual,
+            now,
+        );
         self.state = State::Running(Box::new(op));
         self.finish_if_done(now);
         Ok(())
+    }
+
+    /// Forgets the error-feedback residual of `key` (or of every key).
+    pub fn clear_feedback(&mut self, key: Option<u64>) {
+        match key {
+            Some(k) => {
+                self.residuals.remove(&k);
+            }
+            None => self.residuals.clear(),
+        }
     }
 
     /// Sends a leave and stops. Any running allreduce is abandoned.
@@ -338,11 +394,14 @@ impl Worker {
     }
 
     fn finish_if_done(&mut self, now: Instant) {
-        if let State::Running(op) = &self.state {
+        if let State::Running(op) = &mut self.state {
             if op.is_done() {
                 let total = op.total();
                 let stats = op.stats.clone();
                 let elapsed = now.saturating_duration_since(op.started);
+                if let (Some(key), Some(r)) = (self.feedback_key.take(), op.residual.take()) {
+                    self.residuals.insert(key, r);
+                }
                 self.seq_base += total;
                 self.state = State::Ready;
                 self.events

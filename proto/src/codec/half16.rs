@@ -1,0 +1,160 @@
+//! Half-width floats: `f16` (IEEE binary16) and `bf16` (bfloat16). Contributions are
+//! rounded to two bytes; the aggregator widens them to `f32` lanes, sums, and rounds
+//! the sum back to two bytes.
+//!
+//! f16 conversions go through the `half` crate's slice conversions, which use the
+//! CPU's F16C instructions when it has them (checked at run time). bf16 is a bit trick
+//! (round to nearest even on the upper 16 bits), which vectorizes as well.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::{kernels, uniform, Codec, CodecId, Scale};
+
+/// Elements converted per step through a stack buffer.
+const BLOCK: usize = 256;
+
+/// IEEE half precision: 11 significant bits, largest finite value 65504.
+#[derive(Debug, Clone, Copy)]
+pub struct F16;
+
+/// bfloat16: 8 significant bits, the range of `f32`.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16;
+
+/// f16 to f32, through the fast slice conversion when `src` is aligned.
+fn f16_to_f32(src: &[u8], out: &mut [f32]) {
+    match bytemuck::try_cast_slice::<u8, f16>(src) {
+        Ok(h) => h.convert_to_f32_slice(out),
+        Err(_) => {
+            for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// f32 to f16, round to nearest even, through the fast slice conversion when aligned.
+fn f32_to_f16(src: &[f32], out: &mut [u8]) {
+    match bytemuck::try_cast_slice_mut::<u8, f16>(out) {
+        Ok(h) => h.convert_from_f32_slice(src),
+        Err(_) => {
+            for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Stochastic rounding to f16: the neighbour above with probability equal to the
+/// distance from the one below, in units of their gap.
+fn f32_to_f16_stochastic(src: &[f32], key: u64, out: &mut [u8]) {
+    for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(2)).enumerate() {
+        let near = f16::from_f32(*x);
+        let y = near.to_f32();
+        let h = if !x.is_finite() || !y.is_finite() || y == *x {
+            near
+        } else {
+            // The other neighbour, one step away from `near` towards `x`.
+            let bits = near.to_bits();
+            let away_from_zero = (y < *x) == (*x > 0.0);
+            let other = if y == 0.0 {
+                f16::from_bits(if *x > 0.0 { 1 } else { 0x8001 })
+            } else if away_from_zero {
+                f16::from_bits(bits + 1)
+            } else {
+                f16::from_bits(bits - 1)
+            };
+            let (lo, hi) = if y < *x { (near, other) } else { (other, near) };
+            let (l, u) = (lo.to_f32(), hi.to_f32());
+            if u.is_finite() && uniform(key, i) < (*x - l) / (u - l) {
+                hi
+            } else {
+                lo
+            }
+        };
+        o.copy_from_slice(&h.to_le_bytes());
+    }
+}
+
+impl Codec for F16 {
+    fn id(&self) -> CodecId {
+        CodecId::F16
+    }
+    fn name(&self) -> &'static str {
+        "f16"
+    }
+    fn wire_bytes(&self) -> usize {
+        2
+    }
+    fn block_scaled(&self) -> bool {
+        false
+    }
+    fn unit_roundoff(&self) -> f64 {
+        2f64.powi(-11)
+    }
+    fn underflow(&self) -> f64 {
+        // Subnormal spacing 2^-24.
+        2f64.powi(-25)
+    }
+    fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
+        match scale.dither {
+            None => f32_to_f16(src, out),
+            Some(key) => f32_to_f16_stochastic(src, key, out),
+        }
+    }
+    fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
+        f16_to_f32(src, out)
+    }
+    fn sum_first(&self, acc: &mut [u32], payload: &[u8]) {
+        let lanes: &mut [f32] = bytemuck::cast_slice_mut(acc);
+        f16_to_f32(payload, lanes)
+    }
+    fn sum_add(&self, acc: &mut [u32], payload: &[u8]) {
+        let mut tmp = [0f32; BLOCK];
+        for (a, p) in acc.chunks_mut(BLOCK).zip(payload.chunks(2 * BLOCK)) {
+            let t = &mut tmp[..a.len()];
+            f16_to_f32(p, t);
+            kernels::add_f32_values(a, t);
+        }
+    }
+    fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
+        f32_to_f16(bytemuck::cast_slice(acc), out)
+    }
+}
+
+impl Codec for Bf16 {
+    fn id(&self) -> CodecId {
+        CodecId::BF16
+    }
+    fn name(&self) -> &'static str {
+        "bf16"
+    }
+    fn wire_bytes(&self) -> usize {
+        2
+    }
+    fn block_scaled(&self) -> bool {
+        false
+    }
+    fn unit_roundoff(&self) -> f64 {
+        2f64.powi(-8)
+    }
+    fn underflow(&self) -> f64 {
+        2f64.powi(-134)
+    }
+    fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
+        kernels::to_bf16(src, scale.dither, out)
+    }
+    fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
+        kernels::from_bf16(src, out)
+    }
+    fn sum_first(&self, acc: &mut [u32], payload: &[u8]) {
+        kernels::from_bf16(payload, bytemuck::cast_slice_mut(acc))
+    }
+    fn sum_add(&self, acc: &mut [u32], payload: &[u8]) {
+        kernels::add_bf16(acc, payload)
+    }
+    fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
+        kernels::to_bf16(bytemuck::cast_slice(acc), None, out)
+    }
+}

@@ -1,0 +1,283 @@
+//! The per-element loops of the codecs and of the aggregator's sum, written to
+//! auto-vectorize, and compiled twice: for the baseline target and for AVX2 + FMA +
+//! F16C, chosen at run time (the CPU check is a cached atomic load, once per chunk).
+
+use super::uniform;
+
+/// Defines `pub(crate) fn $name` that runs `$body` compiled with AVX2/FMA/F16C when the
+/// CPU has them, and compiled for the baseline target otherwise.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+                {
+                    // SAFETY: the CPU supports every feature `fast` was compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// Round to nearest, ties to even, for any finite `y` (the add-and-subtract trick for
+/// magnitudes below `2^22`; larger floats are integers already).
+#[inline(always)]
+pub(crate) fn round_even(y: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let r = (y + MAGIC) - MAGIC;
+    if y.abs() < 4_194_304.0 {
+        r
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn lane4(c: &[u8]) -> [u8; 4] {
+    [c[0], c[1], c[2], c[3]]
+}
+
+multiversion! {
+    /// The largest `|x|` of `src`, as raw bits (NaN and infinity compare above all).
+    fn max_abs_bits(src: &[f32]) -> u32 {
+        src.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff))
+    }
+}
+
+multiversion! {
+    /// `out = le_bytes(src)`.
+    fn f32_to_le(src: &[f32], out: &mut [u8]) {
+        for (x, o) in src.iter().zip(out.chunks_exact_mut(4)) {
+            o.copy_from_slice(&x.to_le_bytes());
+        }
+    }
+}
+
+multiversion! {
+    /// `out = from_le_bytes(src)`.
+    fn le_to_f32(src: &[u8], out: &mut [f32]) {
+        for (c, o) in src.chunks_exact(4).zip(out.iter_mut()) {
+            *o = f32::from_le_bytes(lane4(c));
+        }
+    }
+}
+
+multiversion! {
+    /// `acc = src` (32-bit lanes, any type).
+    fn load_lanes(acc: &mut [u32], src: &[u8]) {
+        for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
+            *a = u32::from_le_bytes(lane4(c));
+        }
+    }
+}
+
+multiversion! {
+    /// `out = le_bytes(acc)` (32-bit lanes, any type).
+    fn store_lanes(acc: &[u32], out: &mut [u8]) {
+        for (a, o) in acc.iter().zip(out.chunks_exact_mut(4)) {
+            o.copy_from_slice(&a.to_le_bytes());
+        }
+    }
+}
+
+multiversion! {
+    /// f32 lanes: `acc += src`.
+    fn add_f32(acc: &mut [u32], src: &[u8]) {
+        for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
+            *a = (f32::from_bits(*a) + f32::from_le_bytes(lane4(c))).to_bits();
+        }
+    }
+}
+
+multiversion! {
+    /// f32 lanes: `acc += f32(src)` for f32 values held in `src` as they are.
+    fn add_f32_values(acc: &mut [u32], src: &[f32]) {
+        for (x, a) in src.iter().zip(acc.iter_mut()) {
+            *a = (f32::from_bits(*a) + *x).to_bits();
+        }
+    }
+}
+
+multiversion! {
+    /// i32 lanes: `acc += src` where `src` holds integers of `width` bytes (1, 2, 4),
+    /// wrapping.
+    fn add_int(acc: &mut [u32], src: &[u8], width: usize) {
+        match width {
+            1 => {
+                for (c, a) in src.iter().zip(acc.iter_mut()) {
+                    *a = a.wrapping_add(i32::from(*c as i8) as u32);
+                }
+            }
+            2 => {
+                for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
+                    *a = a.wrapping_add(i32::from(i16::from_le_bytes([c[0], c[1]])) as u32);
+                }
+            }
+            _ => {
+                for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
+                    *a = a.wrapping_add(u32::from_le_bytes(lane4(c)));
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// i32 lanes: `acc = src` for integers of `width` bytes.
+    fn load_int(acc: &mut [u32], src: &[u8], width: usize) {
+        match width {
+            1 => {
+                for (c, a) in src.iter().zip(acc.iter_mut()) {
+                    *a = i32::from(*c as i8) as u32;
+                }
+            }
+            2 => {
+                for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
+                    *a = i32::from(i16::from_le_bytes([c[0], c[1]])) as u32;
+                }
+            }
+            _ => {
+                for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
+                    *a = u32::from_le_bytes(lane4(c));
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// i32 lanes to integers of `width` bytes: each lane divided by `2^shift`, rounded
+    /// (half up), clamped to `±lim`.
+    fn store_int(acc: &[u32], shift: u32, lim: i32, out: &mut [u8], width: usize) {
+        let half = if shift == 0 { 0i64 } else { 1i64 << (shift - 1) };
+        let q = |a: u32| -> i32 {
+            (((a as i32 as i64) + half) >> shift).clamp(-i64::from(lim), i64::from(lim)) as i32
+        };
+        match width {
+            1 => {
+                for (a, o) in acc.iter().zip(out.iter_mut()) {
+                    *o = q(*a) as i8 as u8;
+                }
+            }
+            2 => {
+                for (a, o) in acc.iter().zip(out.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&(q(*a) as i16).to_le_bytes());
+                }
+            }
+            _ => {
+                for (a, o) in acc.iter().zip(out.chunks_exact_mut(4)) {
+                    o.copy_from_slice(&q(*a).to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or down
+    /// after adding uniform noise from `dither`), clamped to `±lim`.
+    fn quantize(src: &[f32], s: f32, lim: f32, dither: Option<u64>, out: &mut [u8], width: usize) {
+        macro_rules! each {
+            ($round:expr) => {
+                match width {
+                    1 => {
+                        for (i, (x, o)) in src.iter().zip(out.iter_mut()).enumerate() {
+                            *o = ($round)(i, *x * s).clamp(-lim, lim) as i32 as i8 as u8;
+                        }
+                    }
+                    2 => {
+                        for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(2)).enumerate() {
+                            let q = ($round)(i, *x * s).clamp(-lim, lim) as i32 as i16;
+                            o.copy_from_slice(&q.to_le_bytes());
+                        }
+                    }
+                    _ => {
+                        for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(4)).enumerate() {
+                            let q = ($round)(i, *x * s).clamp(-lim, lim) as i32;
+                            o.copy_from_slice(&q.to_le_bytes());
+                        }
+                    }
+                }
+            };
+        }
+        match dither {
+            None => each!(|_, y: f32| round_even(y)),
+            Some(key) => each!(|i, y: f32| (y + uniform(key, i)).floor()),
+        }
+    }
+}
+
+multiversion! {
+    /// `out = int(src) * inv` for integers of `width` bytes.
+    fn dequantize(src: &[u8], inv: f32, out: &mut [f32], width: usize) {
+        match width {
+            1 => {
+                for (c, o) in src.iter().zip(out.iter_mut()) {
+                    *o = f32::from(*c as i8) * inv;
+                }
+            }
+            2 => {
+                for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
+                    *o = f32::from(i16::from_le_bytes([c[0], c[1]])) * inv;
+                }
+            }
+            _ => {
+                for (c, o) in src.chunks_exact(4).zip(out.iter_mut()) {
+                    *o = i32::from_le_bytes(lane4(c)) as f32 * inv;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// f32 to bf16 bits, round to nearest even (NaN stays NaN), or stochastically with
+    /// `dither`.
+    fn to_bf16(src: &[f32], dither: Option<u64>, out: &mut [u8]) {
+        for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(2)).enumerate() {
+            let b = x.to_bits();
+            let r = if x.is_nan() {
+                (b >> 16) as u16 | 0x40
+            } else {
+                let add = match dither {
+                    None => 0x7fff + ((b >> 16) & 1),
+                    Some(key) => (uniform(key, i) * 65536.0) as u32,
+                };
+                // Rounding up past the largest finite value gives infinity, as IEEE does.
+                (b.wrapping_add(add) >> 16) as u16
+            };
+            o.copy_from_slice(&r.to_le_bytes());
+        }
+    }
+}
+
+multiversion! {
+    /// bf16 bits to f32.
+    fn from_bf16(src: &[u8], out: &mut [f32]) {
+        for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
+            *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+        }
+    }
+}
+
+multiversion! {
+    /// f32 lanes: `acc += bf16(src)`.
+    fn add_bf16(acc: &mut [u32], src: &[u8]) {
+        for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
+            let x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            *a = (f32::from_bits(*a) + x).to_bits();
+        }
+    }
+}
