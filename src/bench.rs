@@ -59,7 +59,7 @@ pub struct Args {
 }
 
 /// One line of `inagg bench --json`. Field names are a contract with scripts.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub transport: Transport,
     pub codec: String,
@@ -106,13 +106,13 @@ fn exe() -> Result<PathBuf> {
 }
 
 /// A child process that is stopped when dropped.
-struct Proc {
+pub struct Proc {
     child: Child,
     name: String,
 }
 
 impl Proc {
-    fn terminate(&mut self) {
+    pub fn terminate(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             // SIGTERM first, for a clean exit; SIGKILL if it does not stop.
             let pid = self.child.id() as libc::pid_t;
@@ -138,7 +138,7 @@ impl Drop for Proc {
 }
 
 /// Starts `inagg aggregator` on 127.0.0.1 and learns its port from its first line.
-fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
+pub fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
     let mut child = Command::new(exe()?)
         .args(["aggregator", "--listen", "127.0.0.1:0"])
         .args(extra)
@@ -214,7 +214,7 @@ fn worker_args(a: &Args, agg: SocketAddr, job: u32, rank: u16, codec: &str) -> V
 }
 
 /// Runs one job: N worker processes; returns their reports.
-fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<Report>> {
+pub fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<Report>> {
     let mut procs = Vec::new();
     for rank in 0..a.workers {
         let child = Command::new(exe()?)
@@ -284,7 +284,7 @@ fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<Repor
     Ok(reports)
 }
 
-fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
+pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
     let iters = reports.iter().map(|r| r.times_s.len()).min().unwrap_or(0);
     let slowest: Vec<f64> = (0..iters)
         .map(|i| reports.iter().map(|r| r.times_s[i]).fold(0.0, f64::max))

@@ -3,6 +3,8 @@
 mod bench;
 mod cmd_aggregator;
 mod cmd_worker;
+mod plot;
+mod sweep;
 mod tensor;
 
 use std::process::ExitCode;
@@ -29,6 +31,8 @@ enum Command {
     Worker(cmd_worker::Args),
     /// Start an aggregator and N workers on 127.0.0.1 and measure allreduce.
     Bench(bench::Args),
+    /// Run the bench over codecs, worker counts and chunk sizes; write CSV and plots.
+    Sweep(sweep::Args),
     /// Run an allreduce in the deterministic in-memory simulator (no sockets).
     Simulate(SimulateArgs),
 }
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Aggregator(a) => cmd_aggregator::run(a),
         Command::Worker(a) => cmd_worker::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sweep(a) => sweep::run(a),
         Command::Simulate(a) => simulate(a),
     };
     match result {

@@ -185,36 +185,46 @@ multiversion! {
     }
 }
 
+/// Quantizes one value: scaled, rounded by `round`, clamped to `±lim` (`lim` below
+/// 2^31; a NaN becomes `-lim`).
+#[inline(always)]
+fn q(x: f32, s: f32, lim: f32, round: impl Fn(f32) -> f32) -> i32 {
+    let v = round(x * s).max(-lim).min(lim);
+    // SAFETY: `f32::max` and `f32::min` return the non-NaN operand, so `v` is a finite
+    // value in [-lim, lim], and `quantize` clamps `lim` below 2^31: in range of i32.
+    // (The saturating `as` cast does not vectorize; this one does.)
+    unsafe { v.to_int_unchecked::<i32>() }
+}
+
 multiversion! {
     /// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or down
     /// after adding uniform noise from `dither`), clamped to `±lim`.
     fn quantize(src: &[f32], s: f32, lim: f32, dither: Option<u64>, out: &mut [u8], width: usize) {
-        macro_rules! each {
-            ($round:expr) => {
-                match width {
-                    1 => {
-                        for (i, (x, o)) in src.iter().zip(out.iter_mut()).enumerate() {
-                            *o = ($round)(i, *x * s).clamp(-lim, lim) as i32 as i8 as u8;
-                        }
-                    }
-                    2 => {
-                        for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(2)).enumerate() {
-                            let q = ($round)(i, *x * s).clamp(-lim, lim) as i32 as i16;
-                            o.copy_from_slice(&q.to_le_bytes());
-                        }
-                    }
-                    _ => {
-                        for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(4)).enumerate() {
-                            let q = ($round)(i, *x * s).clamp(-lim, lim) as i32;
-                            o.copy_from_slice(&q.to_le_bytes());
-                        }
-                    }
+        // The largest f32 below 2^31: what keeps `q`'s conversion in range.
+        let lim = lim.clamp(0.0, 2_147_483_520.0);
+        match (dither, width) {
+            (None, 1) => {
+                for (x, o) in src.iter().zip(out.iter_mut()) {
+                    *o = q(*x, s, lim, round_even) as i8 as u8;
                 }
-            };
-        }
-        match dither {
-            None => each!(|_, y: f32| round_even(y)),
-            Some(key) => each!(|i, y: f32| (y + uniform(key, i)).floor()),
+            }
+            (None, 2) => {
+                for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&(q(*x, s, lim, round_even) as i16).to_le_bytes());
+                }
+            }
+            (None, _) => {
+                for (x, o) in src.iter().zip(out.chunks_exact_mut(4)) {
+                    o.copy_from_slice(&q(*x, s, lim, round_even).to_le_bytes());
+                }
+            }
+            (Some(key), _) => {
+                let w = width.clamp(1, 4);
+                for (i, (x, o)) in src.iter().zip(out.chunks_exact_mut(w)).enumerate() {
+                    let v = q(*x, s, lim, |y| (y + uniform(key, i)).floor());
+                    o.copy_from_slice(&v.to_le_bytes()[..w]);
+                }
+            }
         }
     }
 }

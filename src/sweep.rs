@@ -1,0 +1,186 @@
+//! `inagg sweep`: the bench over codecs, worker counts and chunk sizes, written to
+//! `DIR/sweep.csv` with two plots: error against wire bytes per element, and ATE/s per
+//! codec.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use inagg_proto::codec;
+
+use crate::bench::{self, Row, Transport};
+use crate::cmd_worker::Tuning;
+use crate::plot::{self, Series, Style};
+
+/// Flags of `inagg sweep`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Folder for sweep.csv and the PNG plots (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Worker counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub workers: Vec<u16>,
+    /// Codecs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,i32,i16,i8")]
+    pub codec: Vec<String>,
+    /// Chunk sizes in elements, comma-separated (default: 4 KiB of payload per codec).
+    #[arg(long, value_delimiter = ',')]
+    pub chunk_elements: Vec<u16>,
+    /// Elements of the tensor.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub elements: usize,
+    /// Timed allreduces per configuration.
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Untimed allreduces first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Round stochastically.
+    #[arg(long)]
+    pub stochastic: bool,
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    for c in &a.codec {
+        if codec::by_name(c).is_none() {
+            bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
+        }
+    }
+    if a.workers.contains(&0) {
+        bail!("--workers must be at least 1");
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let chunks: Vec<Option<u16>> = if a.chunk_elements.is_empty() {
+        vec![None]
+    } else {
+        a.chunk_elements.iter().copied().map(Some).collect()
+    };
+    let (mut agg, addr) = bench::start_aggregator(&[])?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut job = 1;
+    for &workers in &a.workers {
+        for &chunk in &chunks {
+            for c in &a.codec {
+                let b = bench::Args {
+                    workers,
+                    elements: a.elements,
+                    codec: vec![c.clone()],
+                    transport: Transport::Udp,
+                    iters: a.iters,
+                    warmup: a.warmup,
+                    seed: 1,
+                    tuning: Tuning {
+                        chunk_elements: chunk,
+                        window: crate::cmd_worker::DEFAULT_WINDOW,
+                        secret: String::new(),
+                        join_timeout_ms: 30_000,
+                        aggregator_timeout_ms: 10_000,
+                        stochastic: a.stochastic,
+                        skip_zeros: false,
+                    },
+                    json: true,
+                    zero_fraction: 0.0,
+                    timeout_s: 600,
+                };
+                let reports = bench::run_job(&b, addr, job, c)?;
+                job += 1;
+                let r = bench::row(&b, c, &reports);
+                eprintln!(
+                    "sweep: N={workers} {c} chunk {}: {:.3e} ATE/s, rel l2 {:.2e}",
+                    r.chunk_elements, r.ate_per_s, r.rel_l2_err
+                );
+                rows.push(r);
+            }
+        }
+    }
+    agg.terminate();
+    let csv_path = a.out.join("sweep.csv");
+    let mut w = csv::Writer::from_path(&csv_path)
+        .with_context(|| format!("writing {}", csv_path.display()))?;
+    for r in &rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    plots(a, &rows)?;
+    println!(
+        "{:<4} {:<6} {:>6} {:>12} {:>10} {:>10}",
+        "N", "codec", "chunk", "ATE/s", "B/elem", "rel l2"
+    );
+    for r in &rows {
+        println!(
+            "{:<4} {:<6} {:>6} {:>12.4e} {:>10.3} {:>10.2e}",
+            r.workers,
+            r.codec,
+            r.chunk_elements,
+            r.ate_per_s,
+            r.bytes_sent_per_worker as f64 / r.elements as f64,
+            r.rel_l2_err
+        );
+    }
+    println!(
+        "wrote {}, error_vs_bytes.png and ate_per_codec.png in {}",
+        csv_path.display(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn plots(a: &Args, rows: &[Row]) -> Result<()> {
+    let mut err = Vec::new();
+    let mut ate = Vec::new();
+    for &n in &a.workers {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.workers == n).collect();
+        err.push(Series {
+            name: format!("N = {n}"),
+            points: mine
+                .iter()
+                .map(|r| {
+                    (
+                        r.bytes_sent_per_worker as f64 / r.elements as f64,
+                        r.rel_l2_err.max(1e-12),
+                    )
+                })
+                .collect(),
+            labels: mine
+                .iter()
+                .map(|r| format!("{} ({})", r.codec, r.chunk_elements))
+                .collect(),
+        });
+        ate.push(Series {
+            name: format!("N = {n}"),
+            points: mine
+                .iter()
+                .map(|r| {
+                    let i = a.codec.iter().position(|c| *c == r.codec).unwrap_or(0);
+                    (i as f64, r.ate_per_s / 1e6)
+                })
+                .collect(),
+            labels: Vec::new(),
+        });
+    }
+    plot::chart(
+        &a.out.join("error_vs_bytes.png"),
+        Style {
+            title: "Error against bytes on the wire",
+            x_desc: "wire bytes sent per element (headers included)",
+            y_desc: "relative L2 error vs exact sum",
+            log_y: true,
+            lines: false,
+            x_names: None,
+        },
+        &err,
+    )?;
+    plot::chart(
+        &a.out.join("ate_per_codec.png"),
+        Style {
+            title: "Allreduce throughput per codec (loopback)",
+            x_desc: "codec",
+            y_desc: "million aggregated elements per second",
+            log_y: false,
+            lines: true,
+            x_names: Some(&a.codec),
+        },
+        &ate,
+    )?;
+    Ok(())
+}
