@@ -86,6 +86,8 @@ pub struct Row {
     pub rel_l2_err: f64,
     /// Over all ranks and timed iterations.
     pub retransmissions: u64,
+    /// Per allreduce, the part of `bytes_sent_per_worker` that retransmissions took.
+    pub retransmitted_bytes_per_worker: u64,
     pub ranks_identical: bool,
     pub within_bound: bool,
 }
@@ -107,8 +109,8 @@ fn exe() -> Result<PathBuf> {
 
 /// A child process that is stopped when dropped.
 pub struct Proc {
-    child: Child,
-    name: String,
+    pub child: Child,
+    pub name: String,
 }
 
 impl Proc {
@@ -321,6 +323,8 @@ pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         max_abs_err: checks.iter().map(|c| c.max_abs_err).fold(0.0, f64::max),
         rel_l2_err: checks.iter().map(|c| c.rel_l2_err).fold(0.0, f64::max),
         retransmissions: reports.iter().map(|r| r.retransmissions).sum(),
+        retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
+            / n,
         ranks_identical: checks.windows(2).all(|w| w[0].checksum == w[1].checksum),
         within_bound: checks.len() == reports.len() && checks.iter().all(|c| c.within_bound),
     }

@@ -112,6 +112,9 @@ pub struct Report {
     pub bytes_recv: u64,
     /// Retransmissions over all timed allreduces.
     pub retransmissions: u64,
+    /// Wire bytes of retransmissions per timed allreduce (mean; part of `bytes_sent`).
+    #[serde(default)]
+    pub retransmitted_bytes: u64,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -160,6 +163,7 @@ pub fn run(a: &Args) -> Result<()> {
         bytes_sent: 0,
         bytes_recv: 0,
         retransmissions: 0,
+        retransmitted_bytes: 0,
         check: None,
     };
     for i in 0..a.warmup + a.iters {
@@ -172,12 +176,14 @@ pub fn run(a: &Args) -> Result<()> {
             report.bytes_sent += r.bytes_sent;
             report.bytes_recv += r.bytes_received;
             report.retransmissions += r.retransmissions;
+            report.retransmitted_bytes += r.retransmitted_bytes;
         }
     }
     worker.close();
     let timed = a.iters.max(1) as u64;
     report.bytes_sent /= timed;
     report.bytes_recv /= timed;
+    report.retransmitted_bytes /= timed;
     if !a.no_check && a.warmup + a.iters > 0 {
         let inputs: Vec<Vec<f32>> = (0..a.world)
             .map(|r| if r == a.rank { input.clone() } else { make(r) })

@@ -3,6 +3,7 @@
 mod bench;
 mod cmd_aggregator;
 mod cmd_worker;
+mod demo;
 mod plot;
 mod sweep;
 mod tensor;
@@ -25,6 +26,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a model on N local worker processes through inagg, once per codec.
+    Demo(demo::Args),
+    /// One rank of `inagg demo` (started by it).
+    #[command(hide = true)]
+    DemoWorker(demo::worker::Args),
     /// Run an aggregator server until SIGINT or SIGTERM.
     Aggregator(cmd_aggregator::Args),
     /// Run one rank of a job: allreduce seeded tensors, time and check them.
@@ -122,6 +128,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match &cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::DemoWorker(a) => demo::worker::run(a),
         Command::Aggregator(a) => cmd_aggregator::run(a),
         Command::Worker(a) => cmd_worker::run(a),
         Command::Bench(a) => bench::run(a),

@@ -23,6 +23,8 @@ pub struct Style<'a> {
     pub log_y: bool,
     /// Join each series' points with a line.
     pub lines: bool,
+    /// Mark each point with a dot (off for long curves, where dots hide the lines).
+    pub markers: bool,
     /// Names for integer x positions (a categorical axis).
     pub x_names: Option<&'a [String]>,
 }
@@ -108,15 +110,22 @@ pub fn chart(path: &Path, style: Style<'_>, series: &[Series]) -> Result<()> {
                     .filter(|p| p.1.is_finite() && (!style.log_y || p.1 > 0.0))
                     .collect();
                 if style.lines {
-                    chart
+                    let line = chart
                         .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                         .map_err(|e| err(&e))?;
+                    if !style.markers {
+                        line.label(s.name.clone()).legend(move |(x, y)| {
+                            PathElement::new([(x - 8, y), (x + 8, y)], color.stroke_width(3))
+                        });
+                    }
                 }
-                chart
-                    .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
-                    .map_err(|e| err(&e))?
-                    .label(s.name.clone())
-                    .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+                if style.markers || !style.lines {
+                    chart
+                        .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                        .map_err(|e| err(&e))?
+                        .label(s.name.clone())
+                        .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+                }
                 let labels = pts.iter().zip(&s.labels).map(|(p, l)| {
                     EmptyElement::at(*p)
                         + Text::new(

@@ -312,7 +312,11 @@ fn bench_every_codec_sends_its_width() {
         assert_eq!(row["codec"], codec);
         assert_eq!(row["within_bound"], true, "{row}");
         assert_eq!(row["ranks_identical"], true, "{row}");
-        let sent = row["bytes_sent_per_worker"].as_f64().expect("bytes");
+        // Retransmissions depend on how busy the machine is; the width shows in the rest.
+        let sent = row["bytes_sent_per_worker"].as_f64().expect("bytes")
+            - row["retransmitted_bytes_per_worker"]
+                .as_f64()
+                .expect("retx");
         let ideal = 300000.0 * width;
         assert!(
             (sent - ideal).abs() < 0.1 * ideal,

@@ -118,3 +118,30 @@ pub fn worker(addr: SocketAddr, job: u32, rank: u16, world: u16, extra: &[&str])
     .args(extra);
     Proc::spawn(cmd)
 }
+
+/// Runs `cmd` to completion, killing it and failing the test if it takes longer than
+/// `limit`. Returns (status, stdout, stderr).
+pub fn run_bounded(cmd: Command, limit: Duration) -> (ExitStatus, String, String) {
+    let mut p = Proc::spawn(cmd);
+    let mut out = p.child.stdout.take().expect("stdout");
+    let mut err = p.child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let Some(status) = p.wait_for(limit) else {
+        drop(p);
+        panic!("still running after {limit:?}");
+    };
+    (
+        status,
+        o.join().expect("stdout reader"),
+        e.join().expect("stderr reader"),
+    )
+}

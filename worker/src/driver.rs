@@ -33,6 +33,8 @@ pub struct AllreduceReport {
     pub bytes_received: u64,
     /// Contributions sent again after a timeout.
     pub retransmissions: u64,
+    /// Wire bytes of those retransmissions (counted in `bytes_sent` too).
+    pub retransmitted_bytes: u64,
     /// Results received twice.
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
@@ -106,6 +108,7 @@ impl Session {
                     packets_received: stats.packets_received,
                     bytes_received: stats.bytes_received + per * stats.packets_received,
                     retransmissions: stats.retransmissions,
+                    retransmitted_bytes: stats.retransmitted_bytes + per * stats.retransmissions,
                     duplicate_results: stats.duplicate_results,
                     marks: stats.marks,
                 })

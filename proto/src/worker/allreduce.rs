@@ -37,6 +37,8 @@ pub struct AllreduceStats {
     pub bytes_received: u64,
     /// Contributions sent again after a timeout.
     pub retransmissions: u64,
+    /// Bytes of those retransmissions (counted in `bytes_sent` too).
+    pub retransmitted_bytes: u64,
     /// Results that arrived for a packet already complete.
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
@@ -334,6 +336,9 @@ impl Allreduce {
         self.timers.push(Reverse((now + rtt.rto(tx), q, tx)));
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += (buf.len() - start) as u64;
+        if !first {
+            self.stats.retransmitted_bytes += (buf.len() - start) as u64;
+        }
         true
     }
 
