@@ -88,6 +88,8 @@ pub struct Row {
     pub retransmissions: u64,
     /// Per allreduce, the part of `bytes_sent_per_worker` that retransmissions took.
     pub retransmitted_bytes_per_worker: u64,
+    /// Retransmissions that went as header-only probes (over all ranks and iterations).
+    pub probes: u64,
     pub ranks_identical: bool,
     pub within_bound: bool,
 }
@@ -323,6 +325,7 @@ pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         max_abs_err: checks.iter().map(|c| c.max_abs_err).fold(0.0, f64::max),
         rel_l2_err: checks.iter().map(|c| c.rel_l2_err).fold(0.0, f64::max),
         retransmissions: reports.iter().map(|r| r.retransmissions).sum(),
+        probes: reports.iter().map(|r| r.probes).sum(),
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,
         ranks_identical: checks.windows(2).all(|w| w[0].checksum == w[1].checksum),

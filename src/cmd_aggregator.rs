@@ -54,11 +54,12 @@ pub fn run(a: &Args) -> Result<()> {
         drops.push("none".into());
     }
     eprintln!(
-        "aggregator stopped: {} datagrams in, {} out, {} chunks completed, {} copies answered, dropped: {}",
+        "aggregator stopped: {} datagrams in, {} out, {} chunks completed, {} copies answered, {} held answered, dropped: {}",
         stats.packets_received,
         stats.packets_sent,
         stats.chunks_completed,
         stats.copies_answered,
+        stats.probes_held,
         drops.join(" ")
     );
     Ok(())

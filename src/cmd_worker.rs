@@ -115,6 +115,9 @@ pub struct Report {
     /// Wire bytes of retransmissions per timed allreduce (mean; part of `bytes_sent`).
     #[serde(default)]
     pub retransmitted_bytes: u64,
+    /// Retransmissions sent as header-only probes, over all timed allreduces.
+    #[serde(default)]
+    pub probes: u64,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -164,6 +167,7 @@ pub fn run(a: &Args) -> Result<()> {
         bytes_recv: 0,
         retransmissions: 0,
         retransmitted_bytes: 0,
+        probes: 0,
         check: None,
     };
     for i in 0..a.warmup + a.iters {
@@ -177,6 +181,7 @@ pub fn run(a: &Args) -> Result<()> {
             report.bytes_recv += r.bytes_received;
             report.retransmissions += r.retransmissions;
             report.retransmitted_bytes += r.retransmitted_bytes;
+            report.probes += r.probes;
         }
     }
     worker.close();

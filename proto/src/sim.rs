@@ -258,6 +258,46 @@ impl Sim {
             .collect())
     }
 
+    /// Every worker allreduces its input, worker `i` starting `starts[i]` after the
+    /// others could (a rank still busy with its backward pass); returns the outputs.
+    pub fn allreduce_staggered(
+        &mut self,
+        inputs: Vec<Vec<f32>>,
+        starts: &[Duration],
+    ) -> Result<Vec<Vec<f32>>, SimError> {
+        assert_eq!(inputs.len(), self.workers.len(), "one input per worker");
+        assert_eq!(starts.len(), self.workers.len(), "one start per worker");
+        self.join()?;
+        let t0 = self.now;
+        self.buffers = inputs;
+        let mut started = vec![false; self.workers.len()];
+        loop {
+            for i in 0..self.workers.len() {
+                if !started[i] && self.now >= t0 + starts[i] {
+                    started[i] = true;
+                    self.status[i].done = None;
+                    let key = self.feedback;
+                    if let Err(error) =
+                        self.workers[i].start_allreduce(self.now, &mut self.buffers[i], key)
+                    {
+                        return Err(SimError::Worker { index: i, error });
+                    }
+                }
+            }
+            let next = (0..self.workers.len())
+                .filter(|i| !started[*i])
+                .map(|i| t0 + starts[i])
+                .min();
+            match next {
+                Some(at) => self.run_until(|s| s.now >= at)?,
+                None => break,
+            }
+        }
+        self.run_until(|s| s.status.iter().all(|st| st.done.is_some()))?;
+        let n = self.buffers.len();
+        Ok(std::mem::replace(&mut self.buffers, vec![Vec::new(); n]))
+    }
+
     /// Runs until `done` holds, a worker fails, or time stops.
     pub fn run_until(&mut self, mut done: impl FnMut(&Sim) -> bool) -> Result<(), SimError> {
         let mut steps = 0u64;

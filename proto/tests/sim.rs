@@ -344,3 +344,57 @@ fn heavy_loss_still_finishes() {
     check_i32_bound(&ins, &out[0], 32, 4);
     assert!(out.iter().all(|o| o == &out[0]));
 }
+
+#[test]
+fn a_rank_that_starts_late_costs_the_others_probes_not_payload() {
+    use std::time::Duration;
+    for (codec, loss) in [
+        (CodecId::I32, false),
+        (CodecId::F32, false),
+        (CodecId::I8, true),
+    ] {
+        let world = 4;
+        let (chunk, window, chunks) = (256u16, 16u32, 40usize);
+        let len = usize::from(chunk) * chunks;
+        let ins = inputs(7, world, len, codec == CodecId::F32);
+        let mut reference = Sim::new(
+            SimConfig::lossless(1),
+            Default::default(),
+            configs(2, world, codec, chunk, window),
+        );
+        let want = reference.allreduce(ins.clone()).expect("allreduce");
+        let cfg = if loss {
+            SimConfig::lossy(3)
+        } else {
+            SimConfig::lossless(3)
+        };
+        let mut sim = Sim::new(
+            cfg,
+            Default::default(),
+            configs(2, world, codec, chunk, window),
+        );
+        // The last rank comes 1.5 s late: the others' timers fire many times meanwhile.
+        let mut starts = vec![Duration::ZERO; usize::from(world)];
+        starts[3] = Duration::from_millis(1500);
+        let got = sim.allreduce_staggered(ins, &starts).expect("allreduce");
+        assert_eq!(got, want, "{codec:?}: a late rank changed the result");
+        let width = codec::lookup(codec).expect("codec").wire_bytes() as u64;
+        let window_bytes = u64::from(window) * (u64::from(chunk) * width + 40);
+        for r in 0..3 {
+            let st = sim.last_stats(r).expect("stats");
+            assert!(
+                st.retransmissions >= 3 * u64::from(window),
+                "{codec:?}: {st:?}"
+            );
+            assert!(st.probes > 0, "{codec:?}: {st:?}");
+            // One retransmission of the window with payload (it learns the aggregator
+            // holds it), probes after that; a lossy path resends a little more.
+            let payload_retx = st.retransmitted_bytes - 40 * st.probes;
+            let allowed = if loss { 3 * window_bytes } else { window_bytes };
+            assert!(
+                payload_retx <= allowed,
+                "{codec:?} rank {r}: {payload_retx} bytes of payload resent, {st:?}"
+            );
+        }
+    }
+}

@@ -35,6 +35,8 @@ pub struct AllreduceReport {
     pub retransmissions: u64,
     /// Wire bytes of those retransmissions (counted in `bytes_sent` too).
     pub retransmitted_bytes: u64,
+    /// Retransmissions sent as header-only probes (the aggregator held the payload).
+    pub probes: u64,
     /// Results received twice.
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
@@ -109,6 +111,7 @@ impl Session {
                     bytes_received: stats.bytes_received + per * stats.packets_received,
                     retransmissions: stats.retransmissions,
                     retransmitted_bytes: stats.retransmitted_bytes + per * stats.retransmissions,
+                    probes: stats.probes,
                     duplicate_results: stats.duplicate_results,
                     marks: stats.marks,
                 })

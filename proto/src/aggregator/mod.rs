@@ -26,7 +26,7 @@ pub use stats::{DropReason, Stats};
 use crate::codec;
 use crate::wire::{
     self, Control, DataHeader, ErrorCode, ErrorMsg, Grant, Join, Message, DATA_HEADER_LEN,
-    FLAG_FROM_COPY, FLAG_MARK, MAX_DATAGRAM,
+    FLAG_FROM_COPY, FLAG_MARK, FLAG_PROBE, MAX_DATAGRAM,
 };
 use job::Job;
 use slots::{Outcome, SlotPool};
@@ -415,7 +415,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             {
                 break 'check DropReason::SlotOutOfRange;
             }
-            let outcome = pool.contribute(job.codec, h.rank, h, payload);
+            let outcome = if h.flags & FLAG_PROBE != 0 {
+                pool.probe(h.rank, h)
+            } else {
+                pool.contribute(job.codec, h.rank, h, payload)
+            };
             match outcome {
                 Outcome::Added | Outcome::Completed => {
                     job.stats.contributions += 1;
@@ -445,7 +449,24 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     });
                     return;
                 }
-                Outcome::Duplicate => DropReason::Duplicate,
+                Outcome::Held | Outcome::Duplicate => {
+                    // The rank's contribution is in and waits for others: say so, so
+                    // that its next retransmission is a header-only probe.
+                    job.stats.probes_held += 1;
+                    self.stats.probes_held += 1;
+                    let answer = DataHeader {
+                        rank: job.world,
+                        flags: FLAG_PROBE,
+                        ..*h
+                    };
+                    let msg = Message::Result(answer, &[]);
+                    self.outbox.push_back(Outgoing::Control { to: from, msg });
+                    if outcome == Outcome::Held {
+                        return;
+                    }
+                    DropReason::Duplicate
+                }
+                Outcome::Missing => DropReason::ProbeMissing,
                 Outcome::Stale => DropReason::Stale,
                 Outcome::Ahead => DropReason::Ahead,
                 Outcome::Inconsistent => DropReason::Inconsistent,

@@ -48,6 +48,10 @@ pub(crate) enum Outcome {
     Ahead,
     /// Element count or scale differ from the other ranks' for the same chunk.
     Inconsistent,
+    /// A probe: this rank's contribution is in, the chunk waits for other ranks.
+    Held,
+    /// A probe for a contribution this pool does not hold.
+    Missing,
 }
 
 /// The slot memory of one job.
@@ -166,6 +170,30 @@ impl SlotPool {
             Outcome::Completed
         } else {
             Outcome::Added
+        }
+    }
+
+    /// Answers a probe (a header without payload) from `rank` for the chunk `h` names:
+    /// [`Outcome::AnswerCopy`] if complete, [`Outcome::Held`] if the rank's
+    /// contribution waits for others, [`Outcome::Missing`] otherwise. Changes nothing.
+    pub fn probe(&self, rank: u16, h: &DataHeader) -> Outcome {
+        let i = self.index(h.slot, h.version);
+        let meta = self.meta[i];
+        if meta.seq != h.seq {
+            return if meta.seq != EMPTY && meta.seq > h.seq {
+                Outcome::Stale
+            } else {
+                Outcome::Missing
+            };
+        }
+        if meta.complete {
+            return Outcome::AnswerCopy;
+        }
+        let (word, bit) = (usize::from(rank) / 64, 1u64 << (rank % 64));
+        if self.bitmaps[i * self.words + word] & bit != 0 {
+            Outcome::Held
+        } else {
+            Outcome::Missing
         }
     }
 

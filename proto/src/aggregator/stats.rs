@@ -42,11 +42,14 @@ pub enum DropReason {
     RankTaken,
     /// A data packet for a job whose ranks have not all joined.
     NotRunning,
+    /// A probe for a contribution the aggregator does not hold (the rank then resends
+    /// its payload).
+    ProbeMissing,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order (the index of [`Stats::dropped`]).
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Malformed,
         DropReason::WrongDirection,
         DropReason::UnknownJob,
@@ -65,6 +68,7 @@ impl DropReason {
         DropReason::NoCapacity,
         DropReason::RankTaken,
         DropReason::NotRunning,
+        DropReason::ProbeMissing,
     ];
 
     /// A short snake_case name, for logs and metrics labels.
@@ -89,6 +93,7 @@ impl DropReason {
             NoCapacity => "no_capacity",
             RankTaken => "rank_taken",
             NotRunning => "not_running",
+            ProbeMissing => "probe_missing",
         }
     }
 
@@ -121,6 +126,9 @@ pub struct Stats {
     pub chunks_completed: u64,
     /// Retransmitted contributions answered from a kept copy.
     pub copies_answered: u64,
+    /// Probes and duplicate contributions answered "held" (the rank's contribution
+    /// waits for others).
+    pub probes_held: u64,
     /// Results sent with a congestion mark.
     pub marks: u64,
     /// Dropped packets, indexed like [`DropReason::ALL`].

@@ -110,7 +110,16 @@ fn duplicate_contribution_is_never_added_twice() {
     let mut h = Harness::new(2);
     h.contribute(0, 0, &[1.0, 2.0, 3.0, 4.0]);
     h.contribute(0, 0, &[1.0, 2.0, 3.0, 4.0]);
-    assert!(h.drain().is_empty(), "no result before every rank is in");
+    // The duplicate is answered "held" (no payload), not with a result.
+    let out = h.drain();
+    assert_eq!(out.len(), 1, "{out:?}");
+    let (to, Message::Result(hd, p)) = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (*to, hd.seq, hd.flags & FLAG_PROBE, p.len()),
+        (100, 0, FLAG_PROBE, 0)
+    );
     assert_eq!(h.agg.stats().dropped(DropReason::Duplicate), 1);
     h.contribute(1, 0, &[10.0, 20.0, 30.0, 40.0]);
     let out = h.drain();
@@ -387,4 +396,39 @@ fn shutdown_tells_every_rank() {
     assert!(out
         .iter()
         .all(|(_, m)| matches!(m, Message::Error(e) if e.code == ErrorCode::Shutdown)));
+}
+
+#[test]
+fn probes_are_answered_without_touching_the_slot() {
+    let mut h = Harness::new(2);
+    let probe = |h: &mut Harness, rank: u16| {
+        let mut hd = h.header(rank, 0, 4);
+        hd.flags = FLAG_PROBE;
+        let mut b = Vec::new();
+        wire::encode_contribution(&hd, &[], &mut b);
+        h.agg.handle_datagram(h.now, 100 + u32::from(rank), &b);
+        h.drain()
+    };
+    // A probe for a contribution the aggregator never got: dropped, counted, silent.
+    assert!(probe(&mut h, 0).is_empty());
+    assert_eq!(h.agg.stats().dropped(DropReason::ProbeMissing), 1);
+    h.contribute(0, 0, &[1.0, 2.0, 3.0, 4.0]);
+    // Held: answered with a header, the slot unchanged.
+    let out = probe(&mut h, 0);
+    assert!(
+        matches!(&out[..], [(100, Message::Result(hd, p))] if hd.flags == FLAG_PROBE && p.is_empty()),
+        "{out:?}"
+    );
+    assert!(probe(&mut h, 1).is_empty(), "rank 1 has not contributed");
+    assert_eq!(h.agg.stats().dropped(DropReason::ProbeMissing), 2);
+    h.contribute(1, 0, &[10.0, 20.0, 30.0, 40.0]);
+    assert_eq!(h.drain().len(), 2);
+    // Complete: a probe gets the kept result, with its payload.
+    let out = probe(&mut h, 1);
+    let [(101, Message::Result(hd, p))] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_ne!(hd.flags & FLAG_FROM_COPY, 0);
+    assert_eq!(values(p), vec![11.0, 22.0, 33.0, 44.0]);
+    assert_eq!(h.agg.stats().contributions, 2);
 }

@@ -46,7 +46,13 @@ pub const MAX_DATAGRAM: usize = 65_507;
 pub const FLAG_MARK: u8 = 0x01;
 /// Flag bit on a result: answered from the kept copy (a retransmission's answer).
 pub const FLAG_FROM_COPY: u8 = 0x02;
-const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY;
+/// Flag bit on a data packet that carries no payload, whatever `count` says. On a
+/// contribution it is a probe, sent instead of a retransmission once the aggregator
+/// said it holds this rank's contribution: "is my chunk still waiting?". On a result it
+/// is that answer: "your contribution is in, other ranks' are not". A rank that waits
+/// for a slow peer thus resends 40-byte headers, not its whole window.
+pub const FLAG_PROBE: u8 = 0x04;
+const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE;
 
 /// The kind byte of each message.
 mod kind {
@@ -132,7 +138,7 @@ pub struct DataHeader {
     pub rank: u16,
     /// The codec of the payload.
     pub codec: CodecId,
-    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`].
+    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`].
     pub flags: u8,
     /// The job's session token.
     pub token: u64,
@@ -455,7 +461,12 @@ fn decode_data<'a>(r: &mut Reader<'a>) -> Result<(DataHeader, &'a [u8]), DecodeE
     }
     // The codec was validated above, so the lookup cannot fail; stay total anyway.
     let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
-    let payload = r.bytes(usize::from(count) * width)?;
+    let len = if flags & FLAG_PROBE != 0 {
+        0
+    } else {
+        usize::from(count) * width
+    };
+    let payload = r.bytes(len)?;
     let h = DataHeader {
         job,
         rank,

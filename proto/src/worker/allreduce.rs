@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use super::rtt::RttEstimator;
 use crate::codec::{self, Codec};
-use crate::wire::{DataHeader, Grant, NO_EXPONENT};
+use crate::wire::{DataHeader, Grant, FLAG_PROBE, NO_EXPONENT};
 
 /// Counters of one allreduce.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,10 +35,13 @@ pub struct AllreduceStats {
     pub packets_received: u64,
     /// Bytes of those.
     pub bytes_received: u64,
-    /// Contributions sent again after a timeout.
+    /// Contributions sent again after a timeout (probes included).
     pub retransmissions: u64,
     /// Bytes of those retransmissions (counted in `bytes_sent` too).
     pub retransmitted_bytes: u64,
+    /// Retransmissions sent as header-only probes, the aggregator having said it holds
+    /// the contribution.
+    pub probes: u64,
     /// Results that arrived for a packet already complete.
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
@@ -60,6 +63,9 @@ struct Packet {
     sent_at: Option<Instant>,
     tx: u32,
     done: bool,
+    /// The aggregator said it holds this contribution: the next retransmission is a
+    /// probe without payload.
+    held: bool,
 }
 
 /// What became of a result handed to [`Allreduce::handle_result`].
@@ -69,6 +75,8 @@ pub(crate) enum ResultOutcome {
     Accepted(Option<std::time::Duration>),
     /// A result already received.
     Duplicate,
+    /// The aggregator holds this rank's contribution and waits for other ranks.
+    Held,
     /// Not a packet of this allreduce, or inconsistent with it.
     Ignored,
 }
@@ -164,7 +172,8 @@ impl Allreduce {
                 Packet {
                     sent_at: None,
                     tx: 0,
-                    done: false
+                    done: false,
+                    held: false,
                 };
                 slots as usize
             ],
@@ -262,6 +271,10 @@ impl Allreduce {
             match self.due.pop() {
                 Some(q) if q >= self.oldest && !self.ring[(q % self.slots) as usize].done => {
                     self.stats.retransmissions += 1;
+                    if self.ring[(q % self.slots) as usize].held {
+                        self.probe(now, q, rtt, buf);
+                        return true;
+                    }
                     break q;
                 }
                 Some(_) => continue,
@@ -329,6 +342,7 @@ impl Allreduce {
                 sent_at: Some(now),
                 tx: 0,
                 done: false,
+                held: false,
             };
         }
         p.tx += 1;
@@ -340,6 +354,35 @@ impl Allreduce {
             self.stats.retransmitted_bytes += (buf.len() - start) as u64;
         }
         true
+    }
+
+    /// Appends a probe for packet `q`, whose contribution the aggregator said it holds:
+    /// the header alone. If the answer does not come, the next retransmission carries
+    /// the payload again.
+    fn probe(&mut self, now: Instant, q: u64, rtt: &RttEstimator, buf: &mut Vec<u8>) {
+        let seq = self.base + q;
+        let h = DataHeader {
+            seq,
+            slot: (seq % self.slots) as u32,
+            version: ((seq / self.slots) % 2) as u8,
+            scale_exp: self.scale_exp(q),
+            next_exp: NO_EXPONENT,
+            count: self.data_range(q).len() as u16,
+            flags: self.template.flags | FLAG_PROBE,
+            ..self.template
+        };
+        let start = buf.len();
+        crate::wire::encode_contribution(&h, &[], buf);
+        let p = &mut self.ring[(q % self.slots) as usize];
+        p.held = false;
+        p.tx += 1;
+        let tx = p.tx;
+        self.timers.push(Reverse((now + rtt.rto(tx), q, tx)));
+        let len = (buf.len() - start) as u64;
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += len;
+        self.stats.retransmitted_bytes += len;
+        self.stats.probes += 1;
     }
 
     /// The earliest retransmission deadline.
@@ -394,6 +437,10 @@ impl Allreduce {
         if q < self.oldest || self.ring[(q % self.slots) as usize].done {
             self.stats.duplicate_results += 1;
             return ResultOutcome::Duplicate;
+        }
+        if h.flags & FLAG_PROBE != 0 {
+            self.ring[(q % self.slots) as usize].held = true;
+            return ResultOutcome::Held;
         }
         let range = self.data_range(q);
         let scale_exp = self.scale_exp(q);
