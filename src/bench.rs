@@ -12,6 +12,7 @@ use inagg_proto::codec;
 use serde::Serialize;
 
 use crate::cmd_worker::{Report, Tuning};
+use crate::relay::FaultArgs;
 
 /// Transports `inagg bench` can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -53,6 +54,21 @@ pub struct Args {
     /// Fraction of chunks that are zero on every rank (sparse gradients).
     #[arg(long, default_value_t = 0.0)]
     pub zero_fraction: f64,
+    /// Put a relay in the path that drops this fraction of datagrams (both ways).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// ... that duplicates this fraction.
+    #[arg(long, default_value_t = 0.0)]
+    pub dup: f64,
+    /// ... that holds back this fraction, so that later datagrams overtake them.
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder: f64,
+    /// ... that delays every datagram by this many milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
+    /// Seed of the relay's fault decisions.
+    #[arg(long, default_value_t = 1)]
+    pub fault_seed: u64,
     /// Give up (and kill every process) after this many seconds per configuration.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -72,6 +88,10 @@ pub struct Row {
     pub stochastic: bool,
     pub skip_zeros: bool,
     pub zero_fraction: f64,
+    /// Faults injected by the relay in the path (0 without one).
+    pub loss: f64,
+    pub dup: f64,
+    pub reorder: f64,
     /// Median over iterations of the slowest rank's time.
     pub median_s: f64,
     pub min_s: f64,
@@ -92,6 +112,8 @@ pub struct Row {
     pub probes: u64,
     pub ranks_identical: bool,
     pub within_bound: bool,
+    /// Checksum of rank 0's last result (hex): equal runs give equal bits.
+    pub result_checksum: String,
 }
 
 /// The median of `v` (0 for an empty slice).
@@ -166,6 +188,39 @@ pub fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
         Proc {
             child,
             name: "aggregator".into(),
+        },
+        addr,
+    ))
+}
+
+/// Starts `inagg relay` in front of `upstream`; returns it and the address workers
+/// should use.
+pub fn start_relay(upstream: SocketAddr, faults: &FaultArgs) -> Result<(Proc, SocketAddr)> {
+    let mut child = Command::new(exe()?)
+        .args(["relay", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string())
+        .args(faults.flags())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the relay")?;
+    let out = child.stdout.take().context("relay stdout")?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .context("reading the relay's address")?;
+    let addr = line
+        .trim()
+        .strip_prefix("relaying on ")
+        .and_then(|s| s.split(' ').next())
+        .ok_or_else(|| anyhow!("the relay did not start (it said {line:?})"))?
+        .parse()
+        .context("parsing the relay's address")?;
+    Ok((
+        Proc {
+            child,
+            name: "relay".into(),
         },
         addr,
     ))
@@ -288,6 +343,20 @@ pub fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<R
     Ok(reports)
 }
 
+impl Args {
+    /// The relay's faults these flags ask for.
+    pub fn faults(&self) -> FaultArgs {
+        FaultArgs {
+            loss: self.loss,
+            dup: self.dup,
+            reorder: self.reorder,
+            delay_ms: self.delay_ms,
+            reorder_ms: 2.0,
+            seed: self.fault_seed,
+        }
+    }
+}
+
 pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
     let iters = reports.iter().map(|r| r.times_s.len()).min().unwrap_or(0);
     let slowest: Vec<f64> = (0..iters)
@@ -308,6 +377,9 @@ pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         stochastic: a.tuning.stochastic,
         skip_zeros: a.tuning.skip_zeros,
         zero_fraction: a.zero_fraction,
+        loss: a.loss,
+        dup: a.dup,
+        reorder: a.reorder,
         median_s: med,
         min_s: slowest.iter().copied().fold(f64::INFINITY, f64::min),
         ate_per_s: if med > 0.0 {
@@ -329,6 +401,9 @@ pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,
         ranks_identical: checks.windows(2).all(|w| w[0].checksum == w[1].checksum),
+        result_checksum: checks
+            .first()
+            .map_or_else(String::new, |c| format!("{:016x}", c.checksum)),
         within_bound: checks.len() == reports.len() && checks.iter().all(|c| c.within_bound),
     }
 }
@@ -342,7 +417,17 @@ pub fn run(a: &Args) -> Result<()> {
             bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
         }
     }
-    let (mut agg, addr) = start_aggregator(&[])?;
+    let faults = a.faults();
+    faults.validate()?;
+    let (mut agg, agg_addr) = start_aggregator(&[])?;
+    let mut relay = None;
+    let addr = if faults.is_clean() {
+        agg_addr
+    } else {
+        let (p, addr) = start_relay(agg_addr, &faults)?;
+        relay = Some(p);
+        addr
+    };
     if !a.json {
         println!(
             "inagg bench: {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator {addr}",
@@ -387,6 +472,9 @@ pub fn run(a: &Args) -> Result<()> {
         if !(r.within_bound && r.ranks_identical) {
             wrong.push(codec.clone());
         }
+    }
+    if let Some(mut r) = relay {
+        r.terminate();
     }
     agg.terminate();
     if !wrong.is_empty() {

@@ -5,6 +5,7 @@ mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
 mod plot;
+mod relay;
 mod sweep;
 mod tensor;
 
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::Args),
     /// Run the bench over codecs, worker counts and chunk sizes; write CSV and plots.
     Sweep(sweep::Args),
+    /// Relay UDP between workers and an aggregator, injecting seeded faults.
+    Relay(relay::Args),
     /// Run an allreduce in the deterministic in-memory simulator (no sockets).
     Simulate(SimulateArgs),
 }
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => cmd_worker::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Relay(a) => relay::run(a),
         Command::Simulate(a) => simulate(a),
     };
     match result {

@@ -80,6 +80,11 @@ pub fn run(a: &Args) -> Result<()> {
                     },
                     json: true,
                     zero_fraction: 0.0,
+                    loss: 0.0,
+                    dup: 0.0,
+                    reorder: 0.0,
+                    delay_ms: 0.0,
+                    fault_seed: 1,
                     timeout_s: 600,
                 };
                 let reports = bench::run_job(&b, addr, job, c)?;

@@ -26,7 +26,7 @@ pub use stats::{DropReason, Stats};
 use crate::codec;
 use crate::wire::{
     self, Control, DataHeader, ErrorCode, ErrorMsg, Grant, Join, Message, DATA_HEADER_LEN,
-    FLAG_FROM_COPY, FLAG_MARK, FLAG_PROBE, MAX_DATAGRAM,
+    FLAG_FROM_COPY, FLAG_MARK, FLAG_PROBE, FLAG_RETX, MAX_DATAGRAM,
 };
 use job::Job;
 use slots::{Outcome, SlotPool};
@@ -625,6 +625,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         if meta.marked {
             flags |= FLAG_MARK;
             job.stats.marks += 1;
+        }
+        if meta.retx {
+            flags |= FLAG_RETX;
         }
         let s = u64::from(job.pool.as_ref()?.slots());
         let h = DataHeader {

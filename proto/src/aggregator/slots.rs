@@ -29,6 +29,8 @@ pub(crate) struct SlotMeta {
     pub complete: bool,
     /// A contribution carried a congestion mark.
     pub marked: bool,
+    /// Some contribution was a retransmission.
+    pub retx: bool,
 }
 
 /// What a contribution did to the pool.
@@ -80,6 +82,7 @@ impl SlotPool {
             scale_exp: NO_EXPONENT,
             complete: false,
             marked: false,
+            retx: false,
         };
         Self {
             slots,
@@ -123,6 +126,7 @@ impl SlotPool {
         let (word, bit) = (usize::from(rank) / 64, 1u64 << (rank % 64));
         let lanes = &mut self.acc[i * self.chunk..i * self.chunk + usize::from(h.count)];
         let marked = h.flags & crate::wire::FLAG_MARK != 0;
+        let retx = h.flags & crate::wire::FLAG_RETX != 0;
         if meta.seq == h.seq {
             if meta.complete {
                 return Outcome::AnswerCopy;
@@ -139,6 +143,7 @@ impl SlotPool {
             m.contributors += 1;
             m.exp_max = m.exp_max.max(h.next_exp);
             m.marked |= marked;
+            m.retx |= retx;
         } else if meta.seq == EMPTY || meta.seq < h.seq {
             if meta.seq != EMPTY && !meta.complete {
                 return Outcome::Ahead;
@@ -154,6 +159,7 @@ impl SlotPool {
                 scale_exp: h.scale_exp,
                 complete: false,
                 marked,
+                retx,
             };
         } else {
             return Outcome::Stale;

@@ -52,7 +52,11 @@ pub const FLAG_FROM_COPY: u8 = 0x02;
 /// is that answer: "your contribution is in, other ranks' are not". A rank that waits
 /// for a slow peer thus resends 40-byte headers, not its whole window.
 pub const FLAG_PROBE: u8 = 0x04;
-const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE;
+/// Flag bit on a contribution: a retransmission. On a result: some rank's contribution
+/// to this chunk was a retransmission, so the time to the result says nothing of the
+/// path (Karn's rule, for the whole group): workers take no RTT sample from it.
+pub const FLAG_RETX: u8 = 0x08;
+const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX;
 
 /// The kind byte of each message.
 mod kind {
@@ -138,7 +142,7 @@ pub struct DataHeader {
     pub rank: u16,
     /// The codec of the payload.
     pub codec: CodecId,
-    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`].
+    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`], [`FLAG_RETX`].
     pub flags: u8,
     /// The job's session token.
     pub token: u64,

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use super::rtt::RttEstimator;
 use crate::codec::{self, Codec};
-use crate::wire::{DataHeader, Grant, FLAG_PROBE, NO_EXPONENT};
+use crate::wire::{DataHeader, Grant, FLAG_PROBE, FLAG_RETX, NO_EXPONENT};
 
 /// Counters of one allreduce.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,6 +42,8 @@ pub struct AllreduceStats {
     /// Retransmissions sent as header-only probes, the aggregator having said it holds
     /// the contribution.
     pub probes: u64,
+    /// Retransmissions sent because later packets' results came first, not on a timeout.
+    pub fast_retransmissions: u64,
     /// Results that arrived for a packet already complete.
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
@@ -57,15 +59,25 @@ pub(crate) struct Options {
     pub skip_zeros: bool,
 }
 
+/// Results this many packets later than a packet without one are put down to
+/// reordering; more, to loss.
+const REORDER_DISTANCE: u64 = 3;
+
 /// The per-packet state, in a ring indexed by `q mod S`.
 #[derive(Debug, Clone, Copy)]
 struct Packet {
+    /// First transmission.
     sent_at: Option<Instant>,
+    /// Latest transmission.
+    last_at: Option<Instant>,
     tx: u32,
     done: bool,
     /// The aggregator said it holds this contribution: the next retransmission is a
     /// probe without payload.
     held: bool,
+    /// Retransmissions since the aggregator was last heard about this packet: the
+    /// exponent of the timeout's backoff.
+    backoff: u32,
 }
 
 /// What became of a result handed to [`Allreduce::handle_result`].
@@ -171,9 +183,11 @@ impl Allreduce {
             ring: vec![
                 Packet {
                     sent_at: None,
+                    last_at: None,
                     tx: 0,
                     done: false,
                     held: false,
+                    backoff: 0,
                 };
                 slots as usize
             ],
@@ -300,6 +314,10 @@ impl Allreduce {
         };
         let scale_exp = self.scale_exp(q);
         let seq = self.base + q;
+        let first = {
+            let p = &self.ring[(q % self.slots) as usize];
+            p.tx == 0 || p.done
+        };
         let h = DataHeader {
             seq,
             slot: (seq % self.slots) as u32,
@@ -308,6 +326,11 @@ impl Allreduce {
             next_exp,
             // At most `chunk` elements, and chunks fit a u16.
             count: count as u16,
+            flags: if first {
+                self.template.flags
+            } else {
+                self.template.flags | FLAG_RETX
+            },
             ..self.template
         };
         let start = buf.len();
@@ -318,10 +341,6 @@ impl Allreduce {
         scale.dither = self.dither(seq);
         self.codec
             .encode(&data[range.clone()], scale, &mut buf[body..]);
-        let first = {
-            let p = &self.ring[(q % self.slots) as usize];
-            p.tx == 0 || p.done
-        };
         let has_data = self.data_chunk(q).is_some();
         if let (true, true, Some(res)) = (first, has_data, self.residual.as_mut()) {
             // Error feedback: what this rank's contribution lost to quantization. A
@@ -340,20 +359,45 @@ impl Allreduce {
         if first {
             *p = Packet {
                 sent_at: Some(now),
+                last_at: None,
                 tx: 0,
                 done: false,
                 held: false,
+                backoff: 0,
             };
         }
         p.tx += 1;
+        p.backoff += 1;
+        p.last_at = Some(now);
         let tx = p.tx;
-        self.timers.push(Reverse((now + rtt.rto(tx), q, tx)));
+        self.timers.push(Reverse((now + rtt.rto(p.backoff), q, tx)));
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += (buf.len() - start) as u64;
         if !first {
             self.stats.retransmitted_bytes += (buf.len() - start) as u64;
         }
         true
+    }
+
+    /// Fast retransmission: the result of packet `q` (first sent at `sent`) arrived,
+    /// so every packet sent before it and more than [`REORDER_DISTANCE`] packets
+    /// earlier that still has no result was most likely lost, its contribution or its
+    /// result. All ranks send in the same order, so they all see the gap and resend at
+    /// once: one round trip instead of a timeout.
+    fn fast_retransmit(&mut self, q: u64, sent: Option<Instant>) {
+        let Some(sent) = sent else {
+            return;
+        };
+        let limit = q.saturating_sub(REORDER_DISTANCE);
+        for p in self.oldest..limit {
+            let pk = &self.ring[(p % self.slots) as usize];
+            if !pk.done && pk.last_at.is_some_and(|t| t <= sent) && !self.due.contains(&p) {
+                self.due.push(p);
+                self.stats.fast_retransmissions += 1;
+            }
+        }
+        // Oldest last, so that `pop` retransmits it first.
+        self.due.sort_unstable_by(|a, b| b.cmp(a));
     }
 
     /// Appends a probe for packet `q`, whose contribution the aggregator said it holds:
@@ -368,7 +412,7 @@ impl Allreduce {
             scale_exp: self.scale_exp(q),
             next_exp: NO_EXPONENT,
             count: self.data_range(q).len() as u16,
-            flags: self.template.flags | FLAG_PROBE,
+            flags: self.template.flags | FLAG_PROBE | FLAG_RETX,
             ..self.template
         };
         let start = buf.len();
@@ -376,8 +420,10 @@ impl Allreduce {
         let p = &mut self.ring[(q % self.slots) as usize];
         p.held = false;
         p.tx += 1;
+        p.backoff += 1;
+        p.last_at = Some(now);
         let tx = p.tx;
-        self.timers.push(Reverse((now + rtt.rto(tx), q, tx)));
+        self.timers.push(Reverse((now + rtt.rto(p.backoff), q, tx)));
         let len = (buf.len() - start) as u64;
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += len;
@@ -427,6 +473,7 @@ impl Allreduce {
         h: &DataHeader,
         payload: &[u8],
         data: &mut [f32],
+        rtt: &RttEstimator,
     ) -> ResultOutcome {
         let Some(q) = h.seq.checked_sub(self.base) else {
             return ResultOutcome::Ignored;
@@ -439,7 +486,15 @@ impl Allreduce {
             return ResultOutcome::Duplicate;
         }
         if h.flags & FLAG_PROBE != 0 {
-            self.ring[(q % self.slots) as usize].held = true;
+            // The aggregator is there and holds the contribution: probe again after a
+            // base timeout rather than the backed-off one, so that a result lost on the
+            // way back, once the last rank is in, costs one timeout.
+            let p = &mut self.ring[(q % self.slots) as usize];
+            p.held = true;
+            if p.backoff > 1 {
+                p.backoff = 1;
+                self.timers.push(Reverse((now + rtt.rto(1), q, p.tx)));
+            }
             return ResultOutcome::Held;
         }
         let range = self.data_range(q);
@@ -471,12 +526,14 @@ impl Allreduce {
         let p = &mut self.ring[(q % self.slots) as usize];
         p.done = true;
         let sample = match (p.tx, p.sent_at) {
-            (1, Some(t)) => Some(now.saturating_duration_since(t)),
+            (1, Some(t)) if h.flags & FLAG_RETX == 0 => Some(now.saturating_duration_since(t)),
             _ => None,
         };
+        let sent = p.sent_at;
         while self.oldest < self.next && self.ring[(self.oldest % self.slots) as usize].done {
             self.oldest += 1;
         }
+        self.fast_retransmit(q, sent);
         ResultOutcome::Accepted(sample)
     }
 }

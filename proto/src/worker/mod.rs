@@ -451,7 +451,7 @@ impl Worker {
                     op.stats.packets_received += 1;
                     op.stats.bytes_received += len;
                     if let ResultOutcome::Accepted(Some(rtt)) =
-                        op.handle_result(now, &h, payload, data)
+                        op.handle_result(now, &h, payload, data, &self.rtt)
                     {
                         self.rtt.sample(rtt);
                     }

@@ -1,0 +1,394 @@
+//! `inagg relay`: a UDP relay between workers and an aggregator that drops,
+//! duplicates, reorders and delays datagrams in both directions, seeded. It injects
+//! faults into real sockets for tests and benchmarks (this kernel has no netem).
+//!
+//! Each worker address gets its own upstream socket, so the aggregator sees one
+//! address per worker, as it would without the relay. The fault decisions come from
+//! [`Faults`], a pure function of the seed and the order in which datagrams arrive.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Flags of `inagg relay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address the workers send to (port 0: any free port; the address is printed).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The aggregator.
+    #[arg(long)]
+    pub upstream: SocketAddr,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+/// The faults to inject, shared with `inagg bench`.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct FaultArgs {
+    /// Probability that a datagram is dropped.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Probability that a datagram is sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub dup: f64,
+    /// Probability that a datagram is held back so that later ones overtake it.
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder: f64,
+    /// Delay added to every datagram, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
+    /// How long a reordered datagram is held back, in milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub reorder_ms: f64,
+    /// Seed of the fault decisions.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl FaultArgs {
+    /// True when the relay would change nothing.
+    pub fn is_clean(&self) -> bool {
+        self.loss == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.delay_ms == 0.0
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (name, p) in [
+            ("--loss", self.loss),
+            ("--dup", self.dup),
+            ("--reorder", self.reorder),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                bail!("{name} must be a probability in [0, 1), not {p}");
+            }
+        }
+        for (name, ms) in [
+            ("--delay-ms", self.delay_ms),
+            ("--reorder-ms", self.reorder_ms),
+        ] {
+            if !(0.0..=10_000.0).contains(&ms) {
+                bail!("{name} must be between 0 and 10000, not {ms}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The flags that give a relay these faults.
+    pub fn flags(self) -> Vec<String> {
+        [
+            ("--loss", self.loss),
+            ("--dup", self.dup),
+            ("--reorder", self.reorder),
+            ("--delay-ms", self.delay_ms),
+            ("--reorder-ms", self.reorder_ms),
+        ]
+        .iter()
+        .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+        .chain(["--seed".into(), self.seed.to_string()])
+        .collect()
+    }
+}
+
+/// What the relay did, for its exit line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    pub received: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+}
+
+/// The seeded fault model: for each datagram, when its copies leave.
+#[derive(Debug)]
+pub struct Faults {
+    cfg: FaultArgs,
+    rng: SmallRng,
+    pub stats: FaultStats,
+}
+
+impl Faults {
+    pub fn new(cfg: FaultArgs) -> Self {
+        Self {
+            cfg,
+            rng: SmallRng::seed_from_u64(cfg.seed),
+            stats: FaultStats::default(),
+        }
+    }
+
+    /// Departure times of the copies of a datagram that arrived at `now`: none (lost),
+    /// one, or two (duplicated).
+    pub fn plan(&mut self, now: Instant) -> [Option<Instant>; 2] {
+        self.stats.received += 1;
+        // Draw every decision, so that one fault's rate does not shift another's stream.
+        let (lost, dup, reorder) = (
+            self.rng.random_bool(self.cfg.loss),
+            self.rng.random_bool(self.cfg.dup),
+            self.rng.random_bool(self.cfg.reorder),
+        );
+        if lost {
+            self.stats.dropped += 1;
+            return [None, None];
+        }
+        let mut at = now + Duration::from_secs_f64(self.cfg.delay_ms / 1e3);
+        if reorder {
+            self.stats.reordered += 1;
+            at += Duration::from_secs_f64(self.cfg.reorder_ms / 1e3);
+        }
+        if dup {
+            self.stats.duplicated += 1;
+            [Some(at), Some(at)]
+        } else {
+            [Some(at), None]
+        }
+    }
+}
+
+/// Where a held datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    /// From the aggregator back to this worker address, through the front socket.
+    Worker(SocketAddr),
+    /// To the aggregator, through worker `i`'s upstream socket.
+    Upstream(usize),
+}
+
+/// A datagram held until it is due: (departure, arrival order, destination, bytes).
+type Held = Reverse<(Instant, u64, Dest, Vec<u8>)>;
+
+/// The most worker addresses the relay keeps sockets for; datagrams from more are
+/// dropped (a flood must not exhaust file descriptors).
+const MAX_CLIENTS: usize = 1024;
+/// The most datagrams held for delay or reordering at once.
+const MAX_HELD: usize = 200_000;
+
+struct Relay {
+    front: UdpSocket,
+    upstream: SocketAddr,
+    clients: Vec<(SocketAddr, UdpSocket)>,
+    by_addr: HashMap<SocketAddr, usize>,
+    held: BinaryHeap<Held>,
+    order: u64,
+    faults: Faults,
+    overflow: u64,
+}
+
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Large buffers, as the aggregator's: the relay must not add losses of its own.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+impl Relay {
+    fn client(&mut self, addr: SocketAddr) -> Option<usize> {
+        if let Some(i) = self.by_addr.get(&addr) {
+            return Some(*i);
+        }
+        if self.clients.len() >= MAX_CLIENTS {
+            return None;
+        }
+        let local: SocketAddr = if self.upstream.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = bind(local).ok()?;
+        self.clients.push((addr, sock));
+        self.by_addr.insert(addr, self.clients.len() - 1);
+        Some(self.clients.len() - 1)
+    }
+
+    fn hold(&mut self, now: Instant, dest: Dest, datagram: &[u8]) {
+        for at in self.faults.plan(now).into_iter().flatten() {
+            if self.held.len() >= MAX_HELD {
+                self.overflow += 1;
+                continue;
+            }
+            self.order += 1;
+            self.held
+                .push(Reverse((at, self.order, dest, datagram.to_vec())));
+        }
+    }
+
+    /// Reads what is waiting on every socket (a bounded amount per call).
+    fn receive(&mut self, buf: &mut [u8]) {
+        let now = Instant::now();
+        for _ in 0..256 {
+            match self.front.recv_from(buf) {
+                Ok((n, from)) => {
+                    if let Some(i) = self.client(from) {
+                        self.hold(now, Dest::Upstream(i), &buf[..n]);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for i in 0..self.clients.len() {
+            for _ in 0..256 {
+                match self.clients[i].1.recv_from(buf) {
+                    // Only the aggregator's datagrams go back to the worker.
+                    Ok((n, from)) if from == self.upstream => {
+                        let to = self.clients[i].0;
+                        self.hold(now, Dest::Worker(to), &buf[..n]);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Sends every held datagram that is due; returns when the next one is.
+    fn send_due(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        while let Some(Reverse((at, ..))) = self.held.peek() {
+            if *at > now {
+                return Some(*at);
+            }
+            let Some(Reverse((_, _, dest, d))) = self.held.pop() else {
+                break;
+            };
+            // A full socket buffer loses the datagram, as a full link would.
+            let _ = match dest {
+                Dest::Worker(to) => self.front.send_to(&d, to),
+                Dest::Upstream(i) => self.clients[i].1.send_to(&d, self.upstream),
+            };
+        }
+        None
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(&self.front)
+            .chain(self.clients.iter().map(|(_, s)| s))
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout.as_millis().clamp(0, 100) as libc::c_int;
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    a.faults.validate()?;
+    let front = bind(a.listen).with_context(|| format!("binding {}", a.listen))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    println!("relaying on {} to {}", front.local_addr()?, a.upstream);
+    io::stdout().flush()?;
+    let mut relay = Relay {
+        front,
+        upstream: a.upstream,
+        clients: Vec::new(),
+        by_addr: HashMap::new(),
+        held: BinaryHeap::new(),
+        order: 0,
+        faults: Faults::new(a.faults),
+        overflow: 0,
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    while !stop.load(Ordering::Relaxed) {
+        relay.receive(&mut buf);
+        let next = relay.send_due();
+        let timeout = next.map_or(Duration::from_millis(100), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        if !timeout.is_zero() {
+            relay.wait(timeout);
+        }
+    }
+    let s = relay.faults.stats;
+    eprintln!(
+        "relay stopped: {} datagrams in, {} dropped, {} duplicated, {} reordered, {} over the hold limit, {} worker addresses",
+        s.received,
+        s.dropped,
+        s.duplicated,
+        s.reordered,
+        relay.overflow,
+        relay.clients.len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn faults(loss: f64, dup: f64, reorder: f64) -> Faults {
+        Faults::new(FaultArgs {
+            loss,
+            dup,
+            reorder,
+            delay_ms: 1.0,
+            reorder_ms: 5.0,
+            seed: 7,
+        })
+    }
+
+    #[test]
+    fn rates_follow_the_flags_and_the_seed_fixes_the_plan() {
+        let now = Instant::now();
+        let mut f = faults(0.05, 0.02, 0.1);
+        let plans: Vec<_> = (0..100_000).map(|_| f.plan(now)).collect();
+        let s = f.stats;
+        assert_eq!(s.received, 100_000);
+        let near = |x: u64, p: f64| (x as f64 - p * 1e5).abs() < 0.15 * p * 1e5;
+        assert!(near(s.dropped, 0.05), "{s:?}");
+        assert!(near(s.duplicated, 0.02 * 0.95), "{s:?}");
+        assert!(near(s.reordered, 0.1 * 0.95), "{s:?}");
+        let lost = plans.iter().filter(|p| p[0].is_none()).count() as u64;
+        assert_eq!(lost, s.dropped);
+        for p in plans.iter().filter_map(|p| p[0]) {
+            let d = p - now;
+            assert!(d == Duration::from_millis(1) || d == Duration::from_millis(6));
+        }
+        let mut again = faults(0.05, 0.02, 0.1);
+        assert!(plans.iter().all(|p| *p == again.plan(now)));
+    }
+
+    #[test]
+    fn a_clean_relay_changes_nothing() {
+        let now = Instant::now();
+        let mut f = Faults::new(FaultArgs::default());
+        assert!(FaultArgs::default().is_clean());
+        for _ in 0..1000 {
+            assert_eq!(f.plan(now), [Some(now), None]);
+        }
+    }
+
+    #[test]
+    fn bad_probabilities_are_refused() {
+        let bad = FaultArgs {
+            loss: 1.0,
+            ..FaultArgs::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = FaultArgs {
+            dup: -0.1,
+            ..FaultArgs::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

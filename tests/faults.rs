@@ -1,0 +1,174 @@
+//! Faults on real sockets and real processes: loss, duplication and reordering from
+//! `inagg relay`; an aggregator killed and restarted; a worker stopped (SIGSTOP) past
+//! the silence timeout while another job shares the aggregator.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{aggregator, inagg, run_bounded, worker};
+use serde_json::Value;
+
+fn bench(extra: &[&str]) -> Vec<Value> {
+    let mut cmd = inagg();
+    cmd.args(["bench", "--workers", "4", "--elements", "300000"])
+        .args([
+            "--codec", "i32,f32", "--iters", "2", "--warmup", "1", "--json",
+        ])
+        .args(extra);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(240));
+    assert!(st.success(), "bench {extra:?} failed: {out}\n{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn lossy_duplicating_reordering_paths_give_the_lossless_bits() {
+    let clean = bench(&[]);
+    assert_eq!(clean[0]["retransmissions"], 0, "{}", clean[0]);
+    for faults in [
+        &["--loss", "0.01"][..],
+        &["--loss", "0.05", "--dup", "0.02", "--reorder", "0.05"][..],
+    ] {
+        let rows = bench(faults);
+        assert_eq!(rows.len(), 2);
+        let (i32_row, f32_row) = (&rows[0], &rows[1]);
+        assert_eq!(i32_row["codec"], "i32");
+        assert_eq!(
+            i32_row["result_checksum"], clean[0]["result_checksum"],
+            "{faults:?}: i32 must give the lossless run's bits"
+        );
+        assert!(
+            i32_row["retransmissions"].as_u64().expect("retx") > 0,
+            "the relay lost nothing? {i32_row}"
+        );
+        for r in &rows {
+            assert_eq!(r["within_bound"], true, "{faults:?}: {r}");
+            assert_eq!(r["ranks_identical"], true, "{faults:?}: {r}");
+        }
+        assert!(
+            f32_row["max_abs_err"].as_f64().expect("err") < 1e-3,
+            "{f32_row}"
+        );
+    }
+}
+
+#[test]
+fn relay_rejects_bad_flags() {
+    for (args, want) in [
+        (&["--loss", "1.5"][..], "--loss must be a probability"),
+        (&["--dup=-1"][..], "--dup must be a probability"),
+        (&["--delay-ms", "99999"][..], "--delay-ms must be between"),
+    ] {
+        let mut cmd = inagg();
+        cmd.args([
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
+        .args(args);
+        let (st, _, err) = run_bounded(cmd, Duration::from_secs(30));
+        assert!(!st.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
+    let (agg, addr) = aggregator(&[]);
+    let long = [
+        "--elements",
+        "100000",
+        "--iters",
+        "100000",
+        "--no-check",
+        "--aggregator-timeout-ms",
+        "2000",
+    ];
+    let mut ws: Vec<_> = (0..3).map(|r| worker(addr, 1, r, 3, &long)).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(ws.iter_mut().all(|w| w.running()), "workers mid-run");
+    agg.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    for (r, w) in ws.iter_mut().enumerate() {
+        let st = w
+            .wait_for(Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("rank {r} hangs after the aggregator died"));
+        assert!(!st.success());
+        let err = w.stderr();
+        assert!(
+            err.contains("nothing heard from the aggregator"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(killed.elapsed() < Duration::from_secs(15));
+    // A new aggregator on the same address serves a new job (and the old job's id).
+    let mut cmd = inagg();
+    cmd.args(["aggregator", "--listen", &addr.to_string()]);
+    let mut again = common::Proc::spawn(cmd);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(again.running(), "restart failed: {}", again.stderr());
+    let mut fresh: Vec<_> = (0..2)
+        .map(|r| worker(addr, 1, r, 2, &["--elements", "50000", "--codec", "i32"]))
+        .collect();
+    for w in &mut fresh {
+        let st = w
+            .wait_for(Duration::from_secs(30))
+            .expect("new job finishes");
+        assert!(st.success(), "{}", w.stderr());
+    }
+}
+
+#[test]
+fn a_stalled_worker_aborts_its_job_only() {
+    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "1000"]);
+    let long = ["--elements", "100000", "--iters", "100000", "--no-check"];
+    let mut stalled_job: Vec<_> = (0..3).map(|r| worker(addr, 10, r, 3, &long)).collect();
+    let other = ["--elements", "100000", "--iters", "150", "--codec", "i32"];
+    let mut other_job: Vec<_> = (0..2).map(|r| worker(addr, 11, r, 2, &other)).collect();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        stalled_job.iter_mut().all(|w| w.running()),
+        "job 10 mid-run"
+    );
+    stalled_job[1].signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    for r in [0, 2] {
+        let st = stalled_job[r]
+            .wait_for(Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("rank {r} hangs behind a stopped rank"));
+        assert!(!st.success());
+        let err = stalled_job[r].stderr();
+        assert!(
+            err.contains("rank 1") && err.contains("sent nothing"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(stopped.elapsed() < Duration::from_secs(15));
+    // The stopped rank, resumed, learns its job is gone instead of hanging.
+    stalled_job[1].signal(libc::SIGCONT);
+    let st = stalled_job[1]
+        .wait_for(Duration::from_secs(20))
+        .expect("the resumed rank hangs");
+    assert!(!st.success());
+    // The other job was not touched.
+    for w in &mut other_job {
+        let st = w
+            .wait_for(Duration::from_secs(60))
+            .expect("job 11 finishes");
+        assert!(st.success(), "job 11: {}", w.stderr());
+    }
+    assert!(agg.running());
+    let mut fresh: Vec<_> = (0..2)
+        .map(|r| worker(addr, 10, r, 2, &["--elements", "50000"]))
+        .collect();
+    for w in &mut fresh {
+        let st = w
+            .wait_for(Duration::from_secs(30))
+            .expect("new job finishes");
+        assert!(st.success(), "{}", w.stderr());
+    }
+}
