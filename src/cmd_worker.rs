@@ -52,6 +52,9 @@ pub struct Args {
     /// Fraction of chunks that are zero on every rank (sparse gradients).
     #[arg(long, default_value_t = 0.0)]
     pub zero_fraction: f64,
+    /// Stop starting allreduces after this many seconds (`--iters` stays the most).
+    #[arg(long)]
+    pub duration_s: Option<f64>,
 }
 
 /// Protocol knobs shared by `worker` and `bench`.
@@ -118,6 +121,13 @@ pub struct Report {
     /// Retransmissions sent as header-only probes, over all timed allreduces.
     #[serde(default)]
     pub probes: u64,
+    /// Timed allreduces done.
+    #[serde(default)]
+    pub allreduces: u64,
+    /// Fixed-point codecs: timed results whose bits differ from the first one's (the
+    /// input never changes, so any difference is an error).
+    #[serde(default)]
+    pub mismatches: u64,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -168,10 +178,30 @@ pub fn run(a: &Args) -> Result<()> {
         retransmissions: 0,
         retransmitted_bytes: 0,
         probes: 0,
+        allreduces: 0,
+        mismatches: 0,
         check: None,
     };
+    // With a duration, the ranks must agree on when to stop: each allreduce carries
+    // one more element, every rank's vote to stop (1 once its time is up), and all
+    // stop after the first allreduce whose sum of votes is positive. The vote sits
+    // alone in the last chunk, so that it never changes the other chunks' scales.
+    let n = input.len();
+    let vote = n.div_ceil(chunk.max(1)) * chunk.max(1);
+    if a.duration_s.is_some() {
+        buf.resize(vote + 1, 0.0);
+    }
+    let started = std::time::Instant::now();
+    let mut first_bits = None;
     for i in 0..a.warmup + a.iters {
-        buf.copy_from_slice(&input);
+        buf[..n].copy_from_slice(&input);
+        if let Some(d) = a.duration_s {
+            buf[vote] = if started.elapsed().as_secs_f64() >= d {
+                1.0
+            } else {
+                0.0
+            };
+        }
         let r = worker
             .allreduce(&mut buf)
             .with_context(|| format!("rank {}: allreduce {} of job {} failed", a.rank, i, a.job))?;
@@ -182,10 +212,30 @@ pub fn run(a: &Args) -> Result<()> {
             report.retransmissions += r.retransmissions;
             report.retransmitted_bytes += r.retransmitted_bytes;
             report.probes += r.probes;
+            report.allreduces += 1;
+            if codec.block_scaled() {
+                let bits = tensor::checksum(&buf[..n]);
+                if *first_bits.get_or_insert(bits) != bits {
+                    report.mismatches += 1;
+                }
+            }
+        }
+        if a.duration_s.is_some() && buf[vote] > 0.5 {
+            break;
         }
     }
+    buf.truncate(n);
     worker.close();
-    let timed = a.iters.max(1) as u64;
+    if report.mismatches > 0 {
+        bail!(
+            "rank {}: {} of {} results of job {} differ from the first",
+            a.rank,
+            report.mismatches,
+            report.allreduces,
+            a.job
+        );
+    }
+    let timed = report.allreduces.max(1);
     report.bytes_sent /= timed;
     report.bytes_recv /= timed;
     report.retransmitted_bytes /= timed;

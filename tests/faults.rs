@@ -172,3 +172,34 @@ fn a_stalled_worker_aborts_its_job_only() {
         assert!(st.success(), "{}", w.stderr());
     }
 }
+
+#[test]
+fn ranks_with_a_duration_agree_on_when_to_stop() {
+    let (_agg, addr) = aggregator(&[]);
+    let args = [
+        "--elements",
+        "20000",
+        "--codec",
+        "i32",
+        "--iters",
+        "1000000",
+        "--duration-s",
+        "1.5",
+        "--json",
+    ];
+    let mut ws = vec![worker(addr, 4, 0, 2, &args)];
+    // The second rank starts late: its clock runs out later than the first's.
+    std::thread::sleep(Duration::from_millis(400));
+    ws.push(worker(addr, 4, 1, 2, &args));
+    let mut counts = Vec::new();
+    for w in &mut ws {
+        let st = w.wait_for(Duration::from_secs(30)).expect("worker stops");
+        assert!(st.success(), "{}", w.stderr());
+        let report: Value = serde_json::from_str(w.stdout().trim()).expect("json");
+        assert_eq!(report["mismatches"], 0, "{report}");
+        assert_eq!(report["check"]["within_bound"], true, "{report}");
+        counts.push(report["allreduces"].as_u64().expect("allreduces"));
+    }
+    assert_eq!(counts[0], counts[1]);
+    assert!(counts[0] > 1);
+}

@@ -14,6 +14,8 @@
 //!   control plane (join, grant, heartbeat, leave, abort).
 //! - [`worker`]: one rank: joining, heartbeats, and an allreduce with a sliding
 //!   window, exponent lookahead and retransmission.
+//! - [`fuzzing`]: harnesses that feed arbitrary bytes to the decoder and the
+//!   aggregator (cargo-fuzz targets and CI property tests).
 //! - [`sim`]: one aggregator and many workers on a virtual clock, with seeded loss,
 //!   duplication, reordering and delay.
 //!
@@ -35,6 +37,7 @@
 
 pub mod aggregator;
 pub mod codec;
+pub mod fuzzing;
 pub mod sim;
 pub mod wire;
 pub mod worker;

@@ -212,6 +212,16 @@ fn hostile_contributions_are_counted_and_change_nothing() {
     assert_eq!(h.agg.stats().dropped(DropReason::CountTooLarge), 1);
     h.agg.handle_datagram(h.now, 101, b"garbage");
     assert_eq!(h.agg.stats().dropped(DropReason::Malformed), 1);
+    // Another protocol version, and a datagram over the UDP limit.
+    let mut v2 = Vec::new();
+    wire::encode_contribution(&ok, &[0; 16], &mut v2);
+    v2[2] = wire::VERSION + 1;
+    h.agg.handle_datagram(h.now, 101, &v2);
+    let mut huge = Vec::new();
+    wire::encode_contribution(&ok, &[0; 16], &mut huge);
+    huge.resize(wire::MAX_DATAGRAM + 1, 0);
+    h.agg.handle_datagram(h.now, 101, &huge);
+    assert_eq!(h.agg.stats().dropped(DropReason::Malformed), 3);
     // The slot is untouched: the honest contribution completes the right sum.
     h.contribute(1, 0, &[2.0; 4]);
     let out = h.drain();

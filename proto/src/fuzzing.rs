@@ -1,0 +1,202 @@
+//! Harnesses that turn arbitrary bytes into inputs for the decoder and the aggregator,
+//! shared by the cargo-fuzz targets (`fuzz/`) and the property tests that run in CI.
+//!
+//! Each harness panics only when an invariant breaks; a fuzzer reports that panic as
+//! a crash, and the input that caused it becomes a regression test.
+
+use std::time::{Duration, Instant};
+
+use crate::aggregator::{Aggregator, AggregatorConfig};
+use crate::codec::{self, CodecId};
+use crate::wire::{self, Control, DataHeader, Join, Message, MAX_DATAGRAM};
+
+/// Decodes `data` as a datagram; a message that decodes must encode back to the same
+/// bytes (decoding accepts only canonical encodings). Returns the message kind, or
+/// 0 for an error, so that the work cannot be optimized away.
+pub fn decode(data: &[u8]) -> u8 {
+    match wire::decode(data) {
+        Ok(m) => {
+            let mut again = Vec::with_capacity(data.len());
+            m.encode(&mut again);
+            assert_eq!(
+                again, data,
+                "decode accepted a non-canonical encoding: {m:?}"
+            );
+            data[3]
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Reads bytes off the fuzzer's input, with zeros once it runs out.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((b, rest)) => {
+                self.0 = rest;
+                *b
+            }
+            None => 0,
+        }
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let n = n.min(self.0.len());
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        a.to_vec()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+const WORLD: u16 = 3;
+/// Addresses 0..3 are the job's ranks, 3 and 4 strangers.
+const ADDRESSES: u8 = 5;
+const JOB: u32 = 77;
+const SECRET: &[u8] = b"fuzz";
+/// The most datagrams one step may make the aggregator send (a loop guard).
+const MAX_OUT: usize = 10_000;
+
+/// Drives an aggregator with a running job of three ranks through the operations that
+/// `data` encodes: raw datagrams, well-formed contributions with fuzzed fields (right
+/// or wrong token, rank, slot, count, exponents, flags), control messages, and the
+/// passing of time. Checks after every step that everything the aggregator sends
+/// decodes and goes to an address that spoke to it, and that its slot memory stays
+/// within the configured bound. Returns the datagrams it sent.
+pub fn aggregator(data: &[u8]) -> u64 {
+    let mut input = Bytes(data);
+    let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
+    let codec = codecs[usize::from(input.u8()) % codecs.len()];
+    let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
+    let config = AggregatorConfig {
+        max_window: 8,
+        max_jobs: 4,
+        silence_timeout: Duration::from_secs(3),
+        ..AggregatorConfig::default()
+    };
+    // Raw datagrams may hold joins for other jobs with any chunk size that fits a
+    // datagram: per job, two versions of `max_window` slots, each with 32-bit lanes,
+    // a result of at most a datagram's payload, and a rank bitmap.
+    let words = usize::from(config.max_world).div_ceil(64);
+    let limit = config.max_jobs
+        * 2
+        * config.max_window as usize
+        * (4 * MAX_DATAGRAM + MAX_DATAGRAM + 8 * words);
+    let mut agg = Aggregator::<u8>::new(config);
+    let mut now = Instant::now();
+    let mut sent = 0u64;
+    let mut buf = Vec::new();
+    let join = |rank: u16| Join {
+        job: JOB,
+        rank,
+        world: WORLD,
+        codec,
+        chunk_elems: 16,
+        window: 4,
+        secret: SECRET.to_vec(),
+    };
+    let mut token = 0u64;
+    for rank in 0..WORLD {
+        buf.clear();
+        wire::encode_join(&join(rank), &mut buf);
+        agg.handle_datagram(now, rank as u8, &buf);
+    }
+    let mut drain = |agg: &mut Aggregator<u8>, token: &mut u64| {
+        let mut out = Vec::new();
+        for _ in 0..MAX_OUT {
+            let Some(to) = agg.poll_transmit(&mut out) else {
+                return;
+            };
+            sent += 1;
+            assert!(to < ADDRESSES, "sent to an address nobody used: {to}");
+            match wire::decode(&out) {
+                Ok(Message::Grant(g)) => *token = g.token,
+                Ok(_) => {}
+                Err(e) => panic!("the aggregator sent an undecodable datagram: {e}"),
+            }
+        }
+        panic!("the aggregator sent more than {MAX_OUT} datagrams for one input");
+    };
+    drain(&mut agg, &mut token);
+
+    while !input.is_empty() {
+        let op = input.u8();
+        let from = input.u8() % ADDRESSES;
+        buf.clear();
+        match op % 5 {
+            0 => {
+                let len = usize::from(input.u16()) % 200;
+                let bytes = input.take(len);
+                agg.handle_datagram(now, from, &bytes);
+            }
+            1 | 2 => {
+                let rank = u16::from(input.u8() % 4);
+                let seq = u64::from(input.u8() % 24);
+                let slots = 4u64;
+                let count = u16::from(input.u8() % 18);
+                let flags = input.u8() & 0x0f;
+                let skew = input.u8();
+                let h = DataHeader {
+                    job: if skew & 0x80 != 0 { JOB + 1 } else { JOB },
+                    rank,
+                    codec,
+                    flags,
+                    token: if skew & 0x40 != 0 { !token } else { token },
+                    seq,
+                    slot: ((seq % slots) as u32) ^ u32::from(skew & 0x20 != 0),
+                    version: ((seq / slots) % 2) as u8,
+                    scale_exp: (input.u8() % 40) as i8 - 20,
+                    next_exp: (input.u8() % 40) as i8 - 20,
+                    count,
+                };
+                let mut payload = input.take(usize::from(count) * width);
+                payload.resize(usize::from(count) * width, 0);
+                if flags & wire::FLAG_PROBE != 0 {
+                    payload.clear();
+                }
+                wire::encode_contribution(&h, &payload, &mut buf);
+                // A rank's packet comes from its own address unless the fuzzer says not.
+                let from = if skew & 0x10 != 0 { from } else { rank as u8 };
+                agg.handle_datagram(now, from, &buf);
+            }
+            3 => {
+                let rank = u16::from(input.u8() % 4);
+                let c = Control {
+                    job: JOB,
+                    rank,
+                    token,
+                };
+                match input.u8() % 3 {
+                    0 => wire::encode_heartbeat(&c, &mut buf),
+                    1 => wire::encode_leave(&c, &mut buf),
+                    _ => {
+                        let mut j = join(rank);
+                        j.job = JOB + u32::from(input.u8() % 3);
+                        if input.u8() % 2 == 0 {
+                            j.secret = b"wrong".to_vec();
+                        }
+                        wire::encode_join(&j, &mut buf);
+                    }
+                }
+                agg.handle_datagram(now, from, &buf);
+            }
+            _ => {
+                now += Duration::from_millis(u64::from(input.u16()));
+                agg.handle_timeout(now);
+            }
+        }
+        drain(&mut agg, &mut token);
+        assert!(
+            agg.slot_memory() <= limit,
+            "slot memory {} above {limit}",
+            agg.slot_memory()
+        );
+    }
+    sent
+}
