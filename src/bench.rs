@@ -54,6 +54,13 @@ pub struct Args {
     /// Fraction of chunks that are zero on every rank (sparse gradients).
     #[arg(long, default_value_t = 0.0)]
     pub zero_fraction: f64,
+    /// Concurrent jobs per codec, each with its own `--workers` processes, sharing the
+    /// aggregator(s).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: u16,
+    /// Aggregator processes to start; every job is striped over all of them.
+    #[arg(long, default_value_t = 1)]
+    pub aggregators: u16,
     /// Put a relay in the path that drops this fraction of datagrams (both ways).
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
@@ -88,11 +95,19 @@ pub struct Row {
     pub stochastic: bool,
     pub skip_zeros: bool,
     pub zero_fraction: f64,
+    /// Concurrent jobs and aggregators.
+    pub jobs: u16,
+    pub aggregators: u16,
+    /// ATE/s of each job (from its median); `ate_per_s` is their sum.
+    pub per_job_ate_per_s: Vec<f64>,
+    /// Jain's fairness index over `per_job_ate_per_s` (1: perfectly fair).
+    pub jain: f64,
     /// Faults injected by the relay in the path (0 without one).
     pub loss: f64,
     pub dup: f64,
     pub reorder: f64,
-    /// Median over iterations of the slowest rank's time.
+    /// Median over iterations of the slowest rank's time (with several jobs, the
+    /// slowest job's median).
     pub median_s: f64,
     pub min_s: f64,
     /// Elements of the reduced tensor per second, from the median.
@@ -114,6 +129,33 @@ pub struct Row {
     pub within_bound: bool,
     /// Checksum of rank 0's last result (hex): equal runs give equal bits.
     pub result_checksum: String,
+}
+
+/// Writes rows as CSV: the JSON fields in order, lists joined by `;`.
+pub fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    for (i, r) in rows.iter().enumerate() {
+        let serde_json::Value::Object(fields) = serde_json::to_value(r)? else {
+            bail!("a row is not a JSON object");
+        };
+        if i == 0 {
+            w.write_record(fields.keys())?;
+        }
+        w.write_record(fields.values().map(|v| {
+            match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(";"),
+                other => other.to_string(),
+            }
+        }))?;
+    }
+    w.flush()?;
+    Ok(())
 }
 
 /// The median of `v` (0 for an empty slice).
@@ -226,13 +268,18 @@ pub fn start_relay(upstream: SocketAddr, faults: &FaultArgs) -> Result<(Proc, So
     ))
 }
 
-fn worker_args(a: &Args, agg: SocketAddr, job: u32, rank: u16, codec: &str) -> Vec<String> {
+fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) -> Vec<String> {
     let t = &a.tuning;
+    let list: Vec<String> = aggs.iter().map(|x| x.to_string()).collect();
     [
         "worker",
         "--json",
-        "--aggregator",
-        &agg.to_string(),
+        if aggs.len() == 1 {
+            "--aggregator"
+        } else {
+            "--aggregators"
+        },
+        &list.join(","),
         "--job",
         &job.to_string(),
         "--rank",
@@ -272,12 +319,30 @@ fn worker_args(a: &Args, agg: SocketAddr, job: u32, rank: u16, codec: &str) -> V
     .collect()
 }
 
+/// A job's worker processes and the threads draining their pipes.
+pub struct RunningJob {
+    job: u32,
+    codec: String,
+    procs: Vec<Proc>,
+    readers: Vec<std::thread::JoinHandle<(String, String)>>,
+}
+
 /// Runs one job: N worker processes; returns their reports.
-pub fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<Report>> {
+pub fn run_job(a: &Args, aggs: &[SocketAddr], job: u32, codec: &str) -> Result<Vec<Report>> {
+    let running = spawn_job(a, aggs, job, codec)?;
+    finish_job(
+        running,
+        Instant::now() + Duration::from_secs(a.timeout_s),
+        a.timeout_s,
+    )
+}
+
+/// Starts one job's N worker processes.
+pub fn spawn_job(a: &Args, aggs: &[SocketAddr], job: u32, codec: &str) -> Result<RunningJob> {
     let mut procs = Vec::new();
     for rank in 0..a.workers {
         let child = Command::new(exe()?)
-            .args(worker_args(a, agg, job, rank, codec))
+            .args(worker_args(a, aggs, job, rank, codec))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -306,7 +371,22 @@ pub fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<R
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    Ok(RunningJob {
+        job,
+        codec: codec.to_string(),
+        procs,
+        readers,
+    })
+}
+
+/// Waits for a job's workers (killing them at `deadline`) and parses their reports.
+pub fn finish_job(j: RunningJob, deadline: Instant, timeout_s: u64) -> Result<Vec<Report>> {
+    let RunningJob {
+        job,
+        codec,
+        mut procs,
+        readers,
+    } = j;
     let mut statuses = vec![None; procs.len()];
     while statuses.iter().any(Option::is_none) {
         for (p, st) in procs.iter_mut().zip(statuses.iter_mut()) {
@@ -315,10 +395,7 @@ pub fn run_job(a: &Args, agg: SocketAddr, job: u32, codec: &str) -> Result<Vec<R
             }
         }
         if Instant::now() > deadline {
-            bail!(
-                "job {job} ({codec}) did not finish within {} s",
-                a.timeout_s
-            );
+            bail!("job {job} ({codec}) did not finish within {timeout_s} s");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -357,12 +434,47 @@ impl Args {
     }
 }
 
-pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
+/// Median over iterations of the slowest rank's time, and the fastest such time.
+fn job_times(reports: &[Report]) -> (f64, f64) {
     let iters = reports.iter().map(|r| r.times_s.len()).min().unwrap_or(0);
     let slowest: Vec<f64> = (0..iters)
         .map(|i| reports.iter().map(|r| r.times_s[i]).fold(0.0, f64::max))
         .collect();
-    let med = median(&slowest);
+    (
+        median(&slowest),
+        slowest.iter().copied().fold(f64::INFINITY, f64::min),
+    )
+}
+
+/// Jain's fairness index of `x`: 1 when all are equal, 1/n when one takes all.
+pub fn jain(x: &[f64]) -> f64 {
+    let sum: f64 = x.iter().sum();
+    let squares: f64 = x.iter().map(|v| v * v).sum();
+    if squares > 0.0 {
+        sum * sum / (x.len() as f64 * squares)
+    } else {
+        1.0
+    }
+}
+
+/// The JSON row of one codec from the reports of each of its concurrent jobs.
+pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
+    let times: Vec<(f64, f64)> = jobs.iter().map(|r| job_times(r)).collect();
+    let per_job: Vec<f64> = times
+        .iter()
+        .map(|(m, _)| if *m > 0.0 { a.elements as f64 / m } else { 0.0 })
+        .collect();
+    let med = times.iter().map(|t| t.0).fold(0.0, f64::max);
+    let total: f64 = per_job.iter().sum();
+    let identical = jobs.iter().all(|r| {
+        let sums: Vec<u64> = r
+            .iter()
+            .filter_map(|x| x.check.as_ref())
+            .map(|c| c.checksum)
+            .collect();
+        sums.windows(2).all(|w| w[0] == w[1])
+    });
+    let reports: Vec<&Report> = jobs.iter().flatten().collect();
     let n = reports.len().max(1) as u64;
     let checks: Vec<_> = reports.iter().filter_map(|r| r.check.as_ref()).collect();
     Row {
@@ -380,18 +492,14 @@ pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         loss: a.loss,
         dup: a.dup,
         reorder: a.reorder,
+        jobs: jobs.len() as u16,
+        aggregators: a.aggregators,
+        jain: jain(&per_job),
+        per_job_ate_per_s: per_job,
         median_s: med,
-        min_s: slowest.iter().copied().fold(f64::INFINITY, f64::min),
-        ate_per_s: if med > 0.0 {
-            a.elements as f64 / med
-        } else {
-            0.0
-        },
-        algbw_gbps: if med > 0.0 {
-            a.elements as f64 * 4.0 / med / 1e9
-        } else {
-            0.0
-        },
+        min_s: times.iter().map(|t| t.1).fold(f64::INFINITY, f64::min),
+        ate_per_s: total,
+        algbw_gbps: total * 4.0 / 1e9,
         bytes_sent_per_worker: reports.iter().map(|r| r.bytes_sent).sum::<u64>() / n,
         bytes_recv_per_worker: reports.iter().map(|r| r.bytes_recv).sum::<u64>() / n,
         max_abs_err: checks.iter().map(|c| c.max_abs_err).fold(0.0, f64::max),
@@ -400,7 +508,7 @@ pub fn row(a: &Args, codec: &str, reports: &[Report]) -> Row {
         probes: reports.iter().map(|r| r.probes).sum(),
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,
-        ranks_identical: checks.windows(2).all(|w| w[0].checksum == w[1].checksum),
+        ranks_identical: identical,
         result_checksum: checks
             .first()
             .map_or_else(String::new, |c| format!("{:016x}", c.checksum)),
@@ -419,19 +527,28 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let faults = a.faults();
     faults.validate()?;
-    let (mut agg, agg_addr) = start_aggregator(&[])?;
-    let mut relay = None;
-    let addr = if faults.is_clean() {
-        agg_addr
-    } else {
-        let (p, addr) = start_relay(agg_addr, &faults)?;
-        relay = Some(p);
-        addr
-    };
+    if a.jobs == 0 || a.aggregators == 0 {
+        bail!("--jobs and --aggregators must be at least 1");
+    }
+    // Aggregators, each with a relay in front when faults are asked for; the workers
+    // talk to the relays.
+    let mut servers = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..a.aggregators {
+        let (agg, agg_addr) = start_aggregator(&[])?;
+        servers.push(agg);
+        if faults.is_clean() {
+            addrs.push(agg_addr);
+        } else {
+            let (relay, addr) = start_relay(agg_addr, &faults)?;
+            servers.push(relay);
+            addrs.push(addr);
+        }
+    }
     if !a.json {
         println!(
-            "inagg bench: {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator {addr}",
-            a.workers, a.elements, a.tuning.window, a.warmup, a.iters
+            "inagg bench: {} job(s) of {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator(s) {:?}",
+            a.jobs, a.workers, a.elements, a.tuning.window, a.warmup, a.iters, addrs
         );
         println!(
             "{:<6} {:>10} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>6} {:>5}",
@@ -449,9 +566,16 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let mut wrong = Vec::new();
     for (i, codec) in a.codec.iter().enumerate() {
-        let job = 1 + i as u32;
-        let reports = run_job(a, addr, job, codec)?;
-        let r = row(a, codec, &reports);
+        let first = 1 + (i * usize::from(a.jobs)) as u32;
+        let running = (0..u32::from(a.jobs))
+            .map(|j| spawn_job(a, &addrs, first + j, codec))
+            .collect::<Result<Vec<_>>>()?;
+        let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+        let jobs = running
+            .into_iter()
+            .map(|j| finish_job(j, deadline, a.timeout_s))
+            .collect::<Result<Vec<_>>>()?;
+        let r = row(a, codec, &jobs);
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
@@ -473,10 +597,10 @@ pub fn run(a: &Args) -> Result<()> {
             wrong.push(codec.clone());
         }
     }
-    if let Some(mut r) = relay {
-        r.terminate();
+    // Relays first (each follows its aggregator in the list).
+    for s in servers.iter_mut().rev() {
+        s.terminate();
     }
-    agg.terminate();
     if !wrong.is_empty() {
         bail!("wrong results for codec(s) {}", wrong.join(", "));
     }

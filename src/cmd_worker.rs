@@ -15,8 +15,12 @@ use crate::tensor::{self, Check};
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The aggregator's address.
-    #[arg(long)]
-    pub aggregator: SocketAddr,
+    #[arg(long, required_unless_present = "aggregators")]
+    pub aggregator: Option<SocketAddr>,
+    /// Stripe the job over these aggregators instead (every rank lists them in the
+    /// same order).
+    #[arg(long, value_delimiter = ',', conflicts_with = "aggregator")]
+    pub aggregators: Vec<SocketAddr>,
     /// Job id, shared by all ranks.
     #[arg(long)]
     pub job: u32,
@@ -140,7 +144,15 @@ pub fn options(a: &Args) -> Result<Options> {
             codec::names().join(", ")
         )
     })?;
-    let mut o = Options::new(a.aggregator, a.job, a.rank, a.world, codec.id());
+    let mut addrs = a
+        .aggregator
+        .into_iter()
+        .chain(a.aggregators.iter().copied());
+    let first = addrs
+        .next()
+        .context("--aggregator or --aggregators is required")?;
+    let mut o = Options::new(first, a.job, a.rank, a.world, codec.id());
+    o.stripes = addrs.collect();
     o.protocol.chunk_elems = a.tuning.chunk_for(codec);
     o.protocol.window = a.tuning.window;
     o.protocol.secret = a.tuning.secret.as_bytes().to_vec();
@@ -164,7 +176,10 @@ pub fn run(a: &Args) -> Result<()> {
     let worker = UdpWorker::connect(opts).with_context(|| {
         format!(
             "rank {} could not join job {} at {}",
-            a.rank, a.job, a.aggregator
+            a.rank,
+            a.job,
+            a.aggregator
+                .map_or_else(|| format!("{:?}", a.aggregators), |x| x.to_string())
         )
     })?;
     let chunk = usize::from(worker.grant()?.chunk_elems);

@@ -85,11 +85,13 @@ pub fn run(a: &Args) -> Result<()> {
                     reorder: 0.0,
                     delay_ms: 0.0,
                     fault_seed: 1,
+                    jobs: 1,
+                    aggregators: 1,
                     timeout_s: 600,
                 };
-                let reports = bench::run_job(&b, addr, job, c)?;
+                let reports = bench::run_job(&b, &[addr], job, c)?;
                 job += 1;
-                let r = bench::row(&b, c, &reports);
+                let r = bench::row(&b, c, &[reports]);
                 eprintln!(
                     "sweep: N={workers} {c} chunk {}: {:.3e} ATE/s, rel l2 {:.2e}",
                     r.chunk_elements, r.ate_per_s, r.rel_l2_err
@@ -100,12 +102,7 @@ pub fn run(a: &Args) -> Result<()> {
     }
     agg.terminate();
     let csv_path = a.out.join("sweep.csv");
-    let mut w = csv::Writer::from_path(&csv_path)
-        .with_context(|| format!("writing {}", csv_path.display()))?;
-    for r in &rows {
-        w.serialize(r)?;
-    }
-    w.flush()?;
+    bench::write_csv(&csv_path, &rows)?;
     plots(a, &rows)?;
     println!(
         "{:<4} {:<6} {:>6} {:>12} {:>10} {:>10}",

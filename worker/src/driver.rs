@@ -43,6 +43,24 @@ pub struct AllreduceReport {
     pub marks: u64,
 }
 
+impl AllreduceReport {
+    /// Adds the report of another stripe of the same allreduce: the elapsed time is
+    /// the slower one's, counts add up.
+    pub fn absorb(&mut self, o: &AllreduceReport) {
+        self.elapsed = self.elapsed.max(o.elapsed);
+        self.elements += o.elements;
+        self.packets_sent += o.packets_sent;
+        self.bytes_sent += o.bytes_sent;
+        self.packets_received += o.packets_received;
+        self.bytes_received += o.bytes_received;
+        self.retransmissions += o.retransmissions;
+        self.retransmitted_bytes += o.retransmitted_bytes;
+        self.probes += o.probes;
+        self.duplicate_results += o.duplicate_results;
+        self.marks += o.marks;
+    }
+}
+
 /// A socket and a worker state machine.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -55,16 +73,17 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub fn new(opts: &Options) -> Result<Self, Error> {
+    /// A session with the aggregator at `aggregator`.
+    pub fn new(opts: &Options, aggregator: SocketAddr) -> Result<Self, Error> {
         let worker = Worker::new(opts.protocol.clone(), Instant::now())?;
-        let bind = opts.bind.unwrap_or_else(|| match opts.aggregator {
+        let bind = opts.bind.unwrap_or_else(|| match aggregator {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         });
         let endpoint = UdpEndpoint::bind(bind, opts.socket_buffer)?;
         Ok(Self {
             endpoint,
-            aggregator: opts.aggregator,
+            aggregator,
             worker,
             batch: SendBatch::new(),
             failed: None,

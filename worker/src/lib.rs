@@ -19,6 +19,13 @@
 //! thread keeps heartbeats going between calls, so a rank that computes for a long
 //! time between allreduces is not taken for dead.
 //!
+//! A job can spread over several aggregators (PANAMA's several aggregation trees):
+//! with [`Options::stripes`], the worker joins the job on each, cuts every tensor
+//! into as many runs of whole chunks, and sums each run through its own aggregator
+//! in parallel. Chunk boundaries do not move, so fixed-point results are
+//! bit-identical to a single aggregator's (stochastic rounding excepted: its random
+//! stream follows each aggregator's sequence numbers).
+//!
 //! The library drives the sans-IO state machine of `inagg_proto::worker`; this crate
 //! only adds the socket and the loop. It is the layer the Python binding wraps: the
 //! blocking call takes a plain `&mut [f32]`.
@@ -44,6 +51,9 @@ use driver::Session;
 pub struct Options {
     /// The aggregator's address.
     pub aggregator: SocketAddr,
+    /// Further aggregators: the job's tensors are striped over `aggregator` and these,
+    /// every rank listing them in the same order.
+    pub stripes: Vec<SocketAddr>,
     /// The local address to bind (default: the wildcard of the aggregator's family,
     /// any port).
     pub bind: Option<SocketAddr>,
@@ -58,6 +68,7 @@ impl Options {
     pub fn new(aggregator: SocketAddr, job: u32, rank: u16, world: u16, codec: CodecId) -> Self {
         Self {
             aggregator,
+            stripes: Vec::new(),
             bind: None,
             socket_buffer: inagg_net::DEFAULT_SOCKET_BUFFER,
             protocol: WorkerConfig::new(job, rank, world, codec),
@@ -89,18 +100,16 @@ struct Shared {
     stop: AtomicBool,
 }
 
-/// One rank of one job, over UDP. Cheap to clone: clones share the session.
-#[derive(Debug, Clone)]
-pub struct UdpWorker {
+/// One session with one aggregator, and the thread that keeps it alive between calls.
+#[derive(Debug)]
+struct Stripe {
     shared: Arc<Shared>,
-    heartbeats: Arc<Mutex<Option<JoinHandle<()>>>>,
+    heartbeats: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl UdpWorker {
-    /// Binds a socket and joins the job; returns once every rank has joined (or with
-    /// the error that stopped it: refused, or no grant within `join_timeout`).
-    pub fn connect(opts: Options) -> Result<Self, Error> {
-        let mut session = Session::new(&opts)?;
+impl Stripe {
+    fn connect(opts: &Options, aggregator: SocketAddr) -> Result<Self, Error> {
+        let mut session = Session::new(opts, aggregator)?;
         session.join()?;
         let shared = Arc::new(Shared {
             session: Mutex::new(session),
@@ -121,7 +130,7 @@ impl UdpWorker {
             })?;
         Ok(Self {
             shared,
-            heartbeats: Arc::new(Mutex::new(Some(handle))),
+            heartbeats: Mutex::new(Some(handle)),
         })
     }
 
@@ -129,15 +138,53 @@ impl UdpWorker {
         self.shared.session.lock().map_err(|_| Error::Poisoned)
     }
 
-    /// The grant: world size, codec, chunk size, slots.
+    fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Ok(mut h) = self.heartbeats.lock() {
+            if let Some(h) = h.take() {
+                let _ = h.join();
+            }
+        }
+        if let Ok(mut s) = self.shared.session.lock() {
+            s.leave();
+        }
+    }
+}
+
+/// One rank of one job, over UDP. Cheap to clone: clones share the sessions.
+#[derive(Debug, Clone)]
+pub struct UdpWorker {
+    stripes: Arc<Vec<Stripe>>,
+}
+
+impl UdpWorker {
+    /// Binds a socket and joins the job (on every aggregator, in order); returns once
+    /// every rank has joined (or with the error that stopped it: refused, or no grant
+    /// within `join_timeout`).
+    pub fn connect(opts: Options) -> Result<Self, Error> {
+        let mut stripes = Vec::with_capacity(1 + opts.stripes.len());
+        for addr in std::iter::once(opts.aggregator).chain(opts.stripes.iter().copied()) {
+            stripes.push(Stripe::connect(&opts, addr)?);
+        }
+        Ok(Self {
+            stripes: Arc::new(stripes),
+        })
+    }
+
+    /// The grant of the first aggregator: world size, codec, chunk size, slots.
     pub fn grant(&self) -> Result<Grant, Error> {
-        Ok(self.session()?.grant())
+        Ok(self.stripes[0].session()?.grant())
+    }
+
+    /// The number of aggregators the job is striped over.
+    pub fn stripes(&self) -> usize {
+        self.stripes.len()
     }
 
     /// Sums `data` with every other rank's buffer of the same length, in place.
     /// Every rank must call it the same number of times with the same lengths.
     pub fn allreduce(&self, data: &mut [f32]) -> Result<AllreduceReport, Error> {
-        self.session()?.allreduce(data, None)
+        self.striped(data, None)
     }
 
     /// [`UdpWorker::allreduce`] with error feedback: the quantization residual this
@@ -148,7 +195,54 @@ impl UdpWorker {
         data: &mut [f32],
         key: u64,
     ) -> Result<AllreduceReport, Error> {
-        self.session()?.allreduce(data, Some(key))
+        self.striped(data, Some(key))
+    }
+
+    /// Cuts `data` into one run of whole chunks per aggregator and sums the runs in
+    /// parallel, the first on the calling thread.
+    fn striped(&self, data: &mut [f32], key: Option<u64>) -> Result<AllreduceReport, Error> {
+        let [first, rest @ ..] = &self.stripes[..] else {
+            return Err(Error::Poisoned);
+        };
+        if rest.is_empty() {
+            return first.session()?.allreduce(data, key);
+        }
+        let chunk = usize::from(first.session()?.grant().chunk_elems).max(1);
+        let chunks = data.len().div_ceil(chunk);
+        let n = self.stripes.len();
+        // Stripe i takes chunks [i * chunks / n, (i + 1) * chunks / n).
+        let bounds: Vec<usize> = (0..=n)
+            .map(|i| (i * chunks / n * chunk).min(data.len()))
+            .collect();
+        let mut parts: Vec<&mut [f32]> = Vec::with_capacity(n);
+        let mut left = data;
+        for w in bounds.windows(2) {
+            let (head, tail) = std::mem::take(&mut left).split_at_mut(w[1] - w[0]);
+            parts.push(head);
+            left = tail;
+        }
+        let Some((p0, others)) = parts.split_first_mut() else {
+            return Err(Error::Poisoned);
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = others
+                .iter_mut()
+                .zip(rest)
+                .map(|(part, stripe)| scope.spawn(move || stripe.session()?.allreduce(part, key)))
+                .collect();
+            let mut report = first.session().and_then(|mut s| s.allreduce(p0, key));
+            for h in handles {
+                let r = h.join().map_err(|_| Error::Poisoned).and_then(|r| r);
+                report = match (report, r) {
+                    (Ok(mut a), Ok(b)) => {
+                        a.absorb(&b);
+                        Ok(a)
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+            }
+            report
+        })
     }
 
     /// The async form: the buffer is moved in and handed back with the sum (as with
@@ -167,21 +261,15 @@ impl UdpWorker {
         .map_err(|_| Error::Poisoned)?
     }
 
-    /// Leaves the job (the aggregator frees it once every rank left) and stops the
-    /// heartbeat thread.
+    /// Leaves the job on every aggregator (each frees it once every rank left) and
+    /// stops the heartbeat threads.
     pub fn close(self) {
         self.shutdown();
     }
 
     fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        if let Ok(mut h) = self.heartbeats.lock() {
-            if let Some(h) = h.take() {
-                let _ = h.join();
-            }
-        }
-        if let Ok(mut s) = self.shared.session.lock() {
-            s.leave();
+        for s in self.stripes.iter() {
+            s.shutdown();
         }
     }
 }
@@ -189,7 +277,7 @@ impl UdpWorker {
 impl Drop for UdpWorker {
     fn drop(&mut self) {
         // The last handle leaves the job.
-        if Arc::strong_count(&self.shared) == 1 {
+        if Arc::strong_count(&self.stripes) == 1 {
             self.shutdown();
         }
     }
