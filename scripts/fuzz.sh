@@ -26,9 +26,9 @@ for target in decode aggregator; do
         echo "fuzz: $target crashed; see fuzz/artifacts/$target" >&2
         exit 1
     fi
-    runs="$(grep -E "stat::number_of_executed_units" "$log" | awk '{print $2}' | tail -1)"
-    echo "fuzz: $target: ${runs:-0} inputs in ${DURATION} s, no crash"
-    total=$((total + ${runs:-0}))
+    runs="$(awk '/stat::number_of_executed_units/ { n = $2 } END { print n + 0 }' "$log")"
+    echo "fuzz: $target: $runs inputs in ${DURATION} s, no crash"
+    total="$(awk -v a="$total" -v b="$runs" 'BEGIN { print a + b }')"
     rm -f "$log"
 done
 echo "fuzz: $total inputs in all"

@@ -24,6 +24,10 @@ pub struct Args {
     /// A rank silent this long (milliseconds) aborts its job.
     #[arg(long, default_value_t = 3000)]
     pub silence_timeout_ms: u64,
+    /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`; port 0
+    /// picks one; the address is printed on stderr).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -44,7 +48,14 @@ pub fn run(a: &Args) -> Result<()> {
     // Scripts and `inagg bench` read this line to learn the port.
     println!("listening on {}", server.local_addr()?);
     std::io::stdout().flush()?;
-    let stats = server.run(&stop)?;
+    let stats = match a.metrics {
+        Some(addr) => {
+            let bound = crate::metrics::serve(addr)?;
+            eprintln!("metrics on http://{bound}/metrics");
+            server.run_observed(&stop, Duration::from_millis(250), crate::metrics::publish)?
+        }
+        None => server.run(&stop)?,
+    };
     let mut drops: Vec<String> = DropReason::ALL
         .iter()
         .filter(|r| stats.dropped(**r) > 0)

@@ -4,6 +4,7 @@ mod bench;
 mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
+mod metrics;
 mod plot;
 mod relay;
 mod sweep;

@@ -102,3 +102,82 @@ fn a_rogue_sender_with_guessed_tokens_changes_nothing() {
         assert_eq!(r["mismatches"], 0, "{r}");
     }
 }
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
+}
+
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_metrics_endpoint_counts_jobs_while_they_run() {
+    use std::io::BufRead;
+    let (mut agg, addr) = aggregator(&["--metrics", "127.0.0.1:0"]);
+    let err = agg.child.stderr.take().expect("stderr");
+    let mut line = String::new();
+    std::io::BufReader::new(err)
+        .read_line(&mut line)
+        .expect("metrics line");
+    let metrics = line
+        .trim()
+        .strip_prefix("metrics on http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
+        .to_string();
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .send_to(b"not inagg", addr)
+        .expect("send");
+    let args = [
+        "--elements",
+        "100000",
+        "--iters",
+        "100000",
+        "--no-check",
+        "--window",
+        "64",
+    ];
+    let _ws: Vec<_> = (0..2).map(|r| worker(addr, 30, r, 2, &args)).collect();
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut body = String::new();
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(300));
+        body = scrape(&metrics);
+        if value(&body, "inagg_job_chunks_completed_total{job=\"30\"}").is_some_and(|v| v > 100.0) {
+            break;
+        }
+    }
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains("200"),
+        "{body}"
+    );
+    let chunks = value(&body, "inagg_job_chunks_completed_total{job=\"30\"}");
+    assert!(chunks.is_some_and(|v| v > 100.0), "{body}");
+    assert_eq!(
+        value(&body, "inagg_job_slots{job=\"30\"}"),
+        Some(64.0),
+        "{body}"
+    );
+    assert_eq!(value(&body, "inagg_jobs"), Some(1.0), "{body}");
+    assert_eq!(
+        value(&body, "inagg_dropped_total{reason=\"malformed\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    let total = value(&body, "inagg_packets_received_total").expect("total");
+    let job = value(&body, "inagg_job_packets_received_total{job=\"30\"}").expect("job");
+    assert!(total > job && job > 0.0, "{total} {job}");
+}

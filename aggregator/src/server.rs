@@ -103,7 +103,20 @@ impl Server {
 
     /// Serves until `stop` is set; then aborts every job (telling its ranks) and returns
     /// the counters. Network input never ends the loop; only a socket error does.
-    pub fn run(mut self, stop: &AtomicBool) -> Result<Stats, ServerError> {
+    pub fn run(self, stop: &AtomicBool) -> Result<Stats, ServerError> {
+        self.run_observed(stop, Duration::MAX, |_| {})
+    }
+
+    /// [`Server::run`], calling `observe` with the state machine (its counters, jobs
+    /// and slots) about every `every`, and once at the end: how metrics exporters see
+    /// the aggregator without sharing its state.
+    pub fn run_observed(
+        mut self,
+        stop: &AtomicBool,
+        every: Duration,
+        mut observe: impl FnMut(&Aggregator<SocketAddr>),
+    ) -> Result<Stats, ServerError> {
+        let mut observed = Instant::now();
         let span = info_span!("aggregator", addr = %self.local_addr()?);
         let _enter = span.enter();
         info!(gso = self.endpoint.max_gso_segments(), "serving");
@@ -126,6 +139,10 @@ impl Server {
             }
             self.flush(&mut batch)?;
             self.log_events();
+            if now.saturating_duration_since(observed) >= every {
+                observe(&self.agg);
+                observed = now;
+            }
             if got == 0 {
                 continue;
             }
@@ -134,6 +151,7 @@ impl Server {
         self.agg.shutdown(Instant::now());
         self.flush(&mut batch)?;
         self.log_events();
+        observe(&self.agg);
         let stats = self.agg.stats().clone();
         info!(
             received = stats.packets_received,

@@ -166,6 +166,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         v
     }
 
+    /// The slots granted to `job` (its pool size), once all its ranks joined.
+    pub fn job_slots(&self, job: u32) -> Option<u32> {
+        self.jobs.get(&job)?.pool.as_ref().map(|p| p.slots())
+    }
+
     /// Bytes of slot memory held by running jobs.
     pub fn slot_memory(&self) -> usize {
         self.jobs
@@ -208,6 +213,16 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             Ok(m) => m,
             Err(_) => return self.drop_packet(None, DropReason::Malformed),
         };
+        let job = match &msg {
+            Message::Join(j) => Some(j.job),
+            Message::Contribution(h, _) => Some(h.job),
+            Message::Heartbeat(c) | Message::Leave(c) => Some(c.job),
+            _ => None,
+        };
+        if let Some(job) = job.and_then(|j| self.jobs.get_mut(&j)) {
+            job.stats.packets_received += 1;
+            job.stats.bytes_received += datagram.len() as u64;
+        }
         match msg {
             Message::Join(j) => self.handle_join(now, from, j),
             Message::Contribution(h, payload) => self.handle_contribution(now, from, &h, payload),
