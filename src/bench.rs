@@ -316,6 +316,10 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
     )
     .chain(t.stochastic.then(|| "--stochastic".to_string()))
     .chain(t.skip_zeros.then(|| "--skip-zeros".to_string()))
+    .chain(
+        t.no_congestion_control
+            .then(|| "--no-congestion-control".to_string()),
+    )
     .collect()
 }
 

@@ -86,6 +86,9 @@ pub struct Tuning {
     /// Send chunks that are zero on every rank as headers only.
     #[arg(long)]
     pub skip_zeros: bool,
+    /// Keep the window at the grant instead of running AIMD on marks and losses.
+    #[arg(long)]
+    pub no_congestion_control: bool,
 }
 
 /// Payload bytes per datagram by default: 4 KiB (1024 f32 elements) cuts the
@@ -160,6 +163,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.aggregator_timeout = Duration::from_millis(a.tuning.aggregator_timeout_ms);
     o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.seed);
     o.protocol.skip_zeros = a.tuning.skip_zeros;
+    o.protocol.congestion_control = !a.tuning.no_congestion_control;
     Ok(o)
 }
 

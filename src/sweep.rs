@@ -77,6 +77,7 @@ pub fn run(a: &Args) -> Result<()> {
                         aggregator_timeout_ms: 10_000,
                         stochastic: a.stochastic,
                         skip_zeros: false,
+                        no_congestion_control: false,
                     },
                     json: true,
                     zero_fraction: 0.0,

@@ -58,6 +58,10 @@ pub enum ServerError {
     Io(#[from] io::Error),
 }
 
+/// Full receive batches in a row after which the aggregator counts as falling behind
+/// and marks the results it completes (about 8 x 32 GRO buffers of datagrams waiting).
+const BACKLOG_STREAK: u32 = 8;
+
 /// Datagrams drained from the state machine before a flush.
 const SEND_BATCH: usize = 256;
 
@@ -117,6 +121,7 @@ impl Server {
         mut observe: impl FnMut(&Aggregator<SocketAddr>),
     ) -> Result<Stats, ServerError> {
         let mut observed = Instant::now();
+        let mut streak = 0u32;
         let span = info_span!("aggregator", addr = %self.local_addr()?);
         let _enter = span.enter();
         info!(gso = self.endpoint.max_gso_segments(), "serving");
@@ -133,6 +138,12 @@ impl Server {
             let got = self
                 .endpoint
                 .recv(wait, |from, d| agg.handle_datagram(now, from, d))?;
+            streak = if self.endpoint.last_batch_full() {
+                streak.saturating_add(1)
+            } else {
+                0
+            };
+            self.agg.set_backlogged(streak >= BACKLOG_STREAK);
             let now = Instant::now();
             if self.agg.poll_timeout().is_some_and(|t| t <= now) {
                 self.agg.handle_timeout(now);

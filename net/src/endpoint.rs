@@ -22,6 +22,7 @@ pub struct UdpEndpoint {
     state: UdpSocketState,
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
+    last_full: bool,
 }
 
 impl UdpEndpoint {
@@ -44,6 +45,7 @@ impl UdpEndpoint {
             state,
             bufs: vec![vec![0u8; RECV_BUF]; n],
             meta: vec![RecvMeta::default(); n],
+            last_full: false,
         })
     }
 
@@ -55,6 +57,12 @@ impl UdpEndpoint {
     /// The receive buffer the kernel granted, in bytes.
     pub fn recv_buffer_size(&self) -> io::Result<usize> {
         socket2::SockRef::from(&self.socket).recv_buffer_size()
+    }
+
+    /// Whether the last receive filled every buffer of the batch: more was waiting.
+    /// A run of such receives means the reader is falling behind.
+    pub fn last_batch_full(&self) -> bool {
+        self.last_full
     }
 
     /// The most datagrams one send may carry (1 without GSO).
@@ -94,6 +102,7 @@ impl UdpEndpoint {
                 Err(e) => return Err(e),
             }
         };
+        self.last_full = got == BATCH_SIZE;
         let mut count = 0;
         for (m, buf) in self.meta[..got].iter().zip(&self.bufs) {
             let stride = m.stride.max(1);

@@ -189,6 +189,11 @@ impl Sim {
         &self.agg
     }
 
+    /// The aggregator, to change (mark it backlogged, for one).
+    pub fn aggregator_mut(&mut self) -> &mut Aggregator<usize> {
+        &mut self.agg
+    }
+
     /// Worker `i`.
     pub fn worker(&self, i: usize) -> &Worker {
         &self.workers[i]

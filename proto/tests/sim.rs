@@ -398,3 +398,40 @@ fn a_rank_that_starts_late_costs_the_others_probes_not_payload() {
         }
     }
 }
+
+#[test]
+fn congestion_marks_move_every_ranks_window_together() {
+    let world = 3;
+    let (chunk, window) = (64u16, 64u32);
+    let len = usize::from(chunk) * 200;
+    let mut sim = Sim::new(
+        SimConfig::lossless(5),
+        Default::default(),
+        configs(3, world, CodecId::I32, chunk, window),
+    );
+    let ins = inputs(11, world, len, false);
+    let want = sim.allreduce(ins.clone()).expect("allreduce");
+    let windows = |sim: &Sim| -> Vec<u64> {
+        (0..usize::from(world))
+            .map(|i| sim.worker(i).congestion_window())
+            .collect()
+    };
+    assert_eq!(windows(&sim), vec![u64::from(window); 3]);
+    // The aggregator falls behind: every result is marked, every rank halves alike.
+    sim.aggregator_mut().set_backlogged(true);
+    let got = sim.allreduce(ins.clone()).expect("allreduce");
+    assert_eq!(got, want, "marks change no result");
+    let low = windows(&sim);
+    assert!(low.iter().all(|w| *w == low[0]), "{low:?}");
+    assert!(low[0] <= u64::from(window) / 8, "{low:?}");
+    let marks = sim.last_stats(0).expect("stats").marks;
+    assert!(marks > 0);
+    // It catches up: unmarked results grow the windows back, still together.
+    sim.aggregator_mut().set_backlogged(false);
+    for _ in 0..5 {
+        assert_eq!(sim.allreduce(ins.clone()).expect("allreduce"), want);
+    }
+    let high = windows(&sim);
+    assert!(high.iter().all(|w| *w == high[0]), "{high:?}");
+    assert!(high[0] > low[0] + 10, "{low:?} -> {high:?}");
+}

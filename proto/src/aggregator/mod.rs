@@ -131,6 +131,8 @@ pub struct Aggregator<A> {
     stats: Stats,
     rng: SmallRng,
     next_check: Option<Instant>,
+    /// The driver says the aggregator is falling behind: mark every result.
+    backlogged: bool,
 }
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
@@ -146,7 +148,15 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             stats: Stats::default(),
             rng,
             next_check: None,
+            backlogged: false,
         }
+    }
+
+    /// Tells the aggregator whether it is falling behind (for a socket driver: its
+    /// receive queue keeps filling every batch). While it is, every chunk that
+    /// completes carries a congestion mark to its ranks, which halve their windows.
+    pub fn set_backlogged(&mut self, backlogged: bool) {
+        self.backlogged = backlogged;
     }
 
     /// Process-wide counters.
@@ -432,6 +442,12 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             }
             let outcome = if h.flags & FLAG_PROBE != 0 {
                 pool.probe(h.rank, h)
+            } else if self.backlogged {
+                let marked = DataHeader {
+                    flags: h.flags | FLAG_MARK,
+                    ..*h
+                };
+                pool.contribute(job.codec, h.rank, &marked, payload)
             } else {
                 pool.contribute(job.codec, h.rank, h, payload)
             };

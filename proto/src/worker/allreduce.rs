@@ -78,6 +78,9 @@ struct Packet {
     /// Retransmissions since the aggregator was last heard about this packet: the
     /// exponent of the timeout's backoff.
     backoff: u32,
+    /// The aggregator said at least once that it held this contribution: a delay of
+    /// this packet is a peer's loss, not this rank's.
+    was_held: bool,
 }
 
 /// What became of a result handed to [`Allreduce::handle_result`].
@@ -133,6 +136,10 @@ pub(crate) struct Allreduce {
     /// When the last new result arrived (or the start).
     pub last_progress: Instant,
     pub stats: AllreduceStats,
+    /// The lowest sequence number found lost since the last `take_loss`, for the
+    /// congestion window: results that needed a retransmission of this rank's own
+    /// (sent more than once, never held by the aggregator for a peer).
+    lost: Option<u64>,
 }
 
 impl Allreduce {
@@ -188,6 +195,7 @@ impl Allreduce {
                     done: false,
                     held: false,
                     backoff: 0,
+                    was_held: false,
                 };
                 slots as usize
             ],
@@ -209,6 +217,7 @@ impl Allreduce {
                 elements: len,
                 ..AllreduceStats::default()
             },
+            lost: None,
         }
     }
 
@@ -364,6 +373,7 @@ impl Allreduce {
                 done: false,
                 held: false,
                 backoff: 0,
+                was_held: false,
             };
         }
         p.tx += 1;
@@ -377,6 +387,21 @@ impl Allreduce {
             self.stats.retransmitted_bytes += (buf.len() - start) as u64;
         }
         true
+    }
+
+    /// The next sequence number this allreduce will send.
+    pub fn next_seq(&self) -> u64 {
+        self.base + self.next
+    }
+
+    /// The lowest packet found lost since the last call, as a sequence number.
+    pub fn take_loss(&mut self) -> Option<u64> {
+        self.lost.take()
+    }
+
+    fn note_loss(&mut self, q: u64) {
+        let seq = self.base + q;
+        self.lost = Some(self.lost.map_or(seq, |l| l.min(seq)));
     }
 
     /// Fast retransmission: the result of packet `q` (first sent at `sent`) arrived,
@@ -491,6 +516,7 @@ impl Allreduce {
             // way back, once the last rank is in, costs one timeout.
             let p = &mut self.ring[(q % self.slots) as usize];
             p.held = true;
+            p.was_held = true;
             if p.backoff > 1 {
                 p.backoff = 1;
                 self.timers.push(Reverse((now + rtt.rto(1), q, p.tx)));
@@ -530,6 +556,11 @@ impl Allreduce {
             _ => None,
         };
         let sent = p.sent_at;
+        // Sent more than once and never held by the aggregator: this rank's
+        // contribution or its result was lost on the way.
+        if p.tx > 1 && !p.was_held {
+            self.note_loss(q);
+        }
         while self.oldest < self.next && self.ring[(self.oldest % self.slots) as usize].done {
             self.oldest += 1;
         }

@@ -12,6 +12,7 @@
 //! that died) ends in an [`Event::Failed`] within the configured timeouts.
 
 mod allreduce;
+mod cwnd;
 mod rtt;
 
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +26,7 @@ pub use rtt::RttEstimator;
 use crate::codec::{self, Codec, CodecId};
 use crate::wire::{self, Control, ErrorCode, Grant, Join, Message, MAX_SECRET_LEN};
 use allreduce::{Allreduce, ResultOutcome};
+pub use cwnd::Cwnd;
 
 /// Settings of one worker (one rank of one job).
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct WorkerConfig {
     pub chunk_elems: u16,
     /// Slots to ask for (the window); the aggregator may grant fewer.
     pub window: u32,
+    /// Run AIMD on the window from congestion marks and losses (on by default).
+    pub congestion_control: bool,
     /// The job's shared secret, at most 64 bytes.
     pub secret: Vec<u8>,
     /// How often to resend a join until the grant arrives.
@@ -77,6 +81,7 @@ impl WorkerConfig {
             codec,
             chunk_elems: 256,
             window: 256,
+            congestion_control: true,
             secret: Vec::new(),
             join_interval: Duration::from_millis(200),
             join_timeout: Duration::from_secs(30),
@@ -214,9 +219,16 @@ pub struct Worker {
     residuals: HashMap<u64, Vec<f32>>,
     /// The key of the running allreduce, if it uses error feedback.
     feedback_key: Option<u64>,
+    /// The congestion window (AIMD), kept across allreduces.
+    cwnd: Cwnd,
 }
 
 impl Worker {
+    /// The congestion window now: packets allowed in flight.
+    pub fn congestion_window(&self) -> u64 {
+        self.cwnd.window()
+    }
+
     /// A worker that starts joining its job at `now`.
     pub fn new(config: WorkerConfig, now: Instant) -> Result<Self, ConfigError> {
         let codec = codec::lookup(config.codec).ok_or(ConfigError::Codec(config.codec))?;
@@ -251,6 +263,7 @@ impl Worker {
             },
             grant: None,
             seq_base: 0,
+            cwnd: Cwnd::new(config.window),
             rtt,
             last_heard: now,
             last_sent: now,
@@ -437,6 +450,7 @@ impl Worker {
                 self.last_heard = now;
                 if let State::Joining { .. } = self.state {
                     self.grant = Some(g);
+                    self.cwnd = Cwnd::new(g.window);
                     self.state = State::Ready;
                     self.events.push_back(Event::Joined(g));
                 }
@@ -450,10 +464,21 @@ impl Worker {
                 if let State::Running(op) = &mut self.state {
                     op.stats.packets_received += 1;
                     op.stats.bytes_received += len;
-                    if let ResultOutcome::Accepted(Some(rtt)) =
+                    if let ResultOutcome::Accepted(sample) =
                         op.handle_result(now, &h, payload, data, &self.rtt)
                     {
-                        self.rtt.sample(rtt);
+                        if let Some(rtt) = sample {
+                            self.rtt.sample(rtt);
+                        }
+                        if self.config.congestion_control {
+                            let marked = h.flags & wire::FLAG_MARK != 0;
+                            self.cwnd.on_result(h.seq, marked, op.next_seq());
+                        }
+                    }
+                    if let Some(lost) = op.take_loss() {
+                        if self.config.congestion_control {
+                            self.cwnd.on_loss(lost, op.next_seq());
+                        }
                     }
                     self.finish_if_done(now);
                 }
@@ -517,7 +542,7 @@ impl Worker {
                 true
             }
             State::Running(op) => {
-                let window = u64::from(self.grant.map_or(1, |g| g.window));
+                let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
                 if op.poll_transmit(now, window, &self.rtt, data, buf) {
                     true
                 } else if self.heartbeat_due {
@@ -606,7 +631,12 @@ impl Worker {
                     let t = self.config.progress_timeout;
                     return self.fail(WorkerError::Stalled(t));
                 }
-                op.handle_timeout(now)
+                op.handle_timeout(now);
+                if let Some(lost) = op.take_loss() {
+                    if self.config.congestion_control {
+                        self.cwnd.on_loss(lost, op.next_seq());
+                    }
+                }
             }
             State::Ready => {}
             _ => return,
