@@ -124,7 +124,7 @@ fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
 
 #[test]
 fn a_stalled_worker_aborts_its_job_only() {
-    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "1000"]);
+    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "2000"]);
     let long = ["--elements", "100000", "--iters", "100000", "--no-check"];
     let mut stalled_job: Vec<_> = (0..3).map(|r| worker(addr, 10, r, 3, &long)).collect();
     let other = ["--elements", "100000", "--iters", "150", "--codec", "i32"];
