@@ -76,9 +76,43 @@ pub struct Args {
     /// Seed of the relay's fault decisions.
     #[arg(long, default_value_t = 1)]
     pub fault_seed: u64,
+    #[command(flatten)]
+    pub netlab: Netlab,
     /// Give up (and kill every process) after this many seconds per configuration.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+}
+
+/// Where the processes run inside `scripts/netlab.sh`'s emulated cluster (set by
+/// the script through the environment; empty: everything on 127.0.0.1).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Netlab {
+    /// Network namespace for the aggregator.
+    #[arg(long, env = "INAGG_NETLAB_AGG_NETNS")]
+    pub agg_netns: Option<String>,
+    /// The aggregator's address in its namespace.
+    #[arg(long, env = "INAGG_NETLAB_AGG_IP")]
+    pub agg_ip: Option<std::net::IpAddr>,
+    /// Worker r runs in the namespace named by this prefix followed by r.
+    #[arg(long, env = "INAGG_NETLAB_WORKER_NETNS")]
+    pub worker_netns: Option<String>,
+    /// Rate of each worker's link, bits per second (for the line-rate bound).
+    #[arg(long, env = "INAGG_NETLAB_LINK_BPS")]
+    pub link_bps: Option<f64>,
+}
+
+impl Netlab {
+    /// `cmd` for the inagg binary, run in namespace `ns` if there is one.
+    fn command(ns: Option<&str>) -> Result<Command> {
+        Ok(match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe()?);
+                c
+            }
+            None => Command::new(exe()?),
+        })
+    }
 }
 
 /// One line of `inagg bench --json`. Field names are a contract with scripts.
@@ -129,6 +163,12 @@ pub struct Row {
     pub within_bound: bool,
     /// Checksum of rank 0's last result (hex): equal runs give equal bits.
     pub result_checksum: String,
+    /// In `scripts/netlab.sh`: the time each worker's link needs for the bytes the
+    /// worker sends or receives (the larger), and that bound over the median time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line_rate_bound_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line_rate_fraction: Option<f64>,
 }
 
 /// Writes rows as CSV: the JSON fields in order, lists joined by `;`.
@@ -207,8 +247,15 @@ impl Drop for Proc {
 
 /// Starts `inagg aggregator` on 127.0.0.1 and learns its port from its first line.
 pub fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
-    let mut child = Command::new(exe()?)
-        .args(["aggregator", "--listen", "127.0.0.1:0"])
+    start_aggregator_in(&Netlab::default(), extra)
+}
+
+/// Starts `inagg aggregator` where `lab` says (127.0.0.1 by default).
+pub fn start_aggregator_in(lab: &Netlab, extra: &[String]) -> Result<(Proc, SocketAddr)> {
+    let ip = lab.agg_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let mut child = Netlab::command(lab.agg_netns.as_deref())?
+        .args(["aggregator", "--listen"])
+        .arg(SocketAddr::new(ip, 0).to_string())
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -345,7 +392,8 @@ pub fn run_job(a: &Args, aggs: &[SocketAddr], job: u32, codec: &str) -> Result<V
 pub fn spawn_job(a: &Args, aggs: &[SocketAddr], job: u32, codec: &str) -> Result<RunningJob> {
     let mut procs = Vec::new();
     for rank in 0..a.workers {
-        let child = Command::new(exe()?)
+        let ns = a.netlab.worker_netns.as_ref().map(|p| format!("{p}{rank}"));
+        let child = Netlab::command(ns.as_deref())?
             .args(worker_args(a, aggs, job, rank, codec))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -513,6 +561,22 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,
         ranks_identical: identical,
+        line_rate_bound_s: a.netlab.link_bps.map(|bps| {
+            let worst = reports
+                .iter()
+                .map(|r| r.bytes_sent.max(r.bytes_recv))
+                .max()
+                .unwrap_or(0);
+            worst as f64 * 8.0 / bps
+        }),
+        line_rate_fraction: a.netlab.link_bps.filter(|_| med > 0.0).map(|bps| {
+            let worst = reports
+                .iter()
+                .map(|r| r.bytes_sent.max(r.bytes_recv))
+                .max()
+                .unwrap_or(0);
+            worst as f64 * 8.0 / bps / med
+        }),
         result_checksum: checks
             .first()
             .map_or_else(String::new, |c| format!("{:016x}", c.checksum)),
@@ -531,6 +595,9 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let faults = a.faults();
     faults.validate()?;
+    if !faults.is_clean() && a.netlab.agg_netns.is_some() {
+        bail!("the fault relay runs on 127.0.0.1 and cannot sit inside netlab's namespaces");
+    }
     if a.jobs == 0 || a.aggregators == 0 {
         bail!("--jobs and --aggregators must be at least 1");
     }
@@ -539,7 +606,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..a.aggregators {
-        let (agg, agg_addr) = start_aggregator(&[])?;
+        let (agg, agg_addr) = start_aggregator_in(&a.netlab, &[])?;
         servers.push(agg);
         if faults.is_clean() {
             addrs.push(agg_addr);

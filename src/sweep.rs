@@ -88,6 +88,7 @@ pub fn run(a: &Args) -> Result<()> {
                     fault_seed: 1,
                     jobs: 1,
                     aggregators: 1,
+                    netlab: bench::Netlab::default(),
                     timeout_s: 600,
                 };
                 let reports = bench::run_job(&b, &[addr], job, c)?;

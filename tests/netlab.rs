@@ -1,0 +1,92 @@
+//! `scripts/netlab.sh`: the emulated cluster comes up, a tiny `inagg bench` runs
+//! inside it on rate-limited links, and every namespace is gone afterwards. Skipped,
+//! with a message, where this machine cannot create network namespaces.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::run_bounded;
+use serde_json::Value;
+
+fn namespaces_work() -> bool {
+    let name = format!("inagg-probe-{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+    }
+    ok
+}
+
+fn namespaces() -> String {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
+    if !namespaces_work() {
+        eprintln!("SKIPPED: cannot create network namespaces here (needs root or CAP_NET_ADMIN)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+    let mut cmd = Command::new(script);
+    cmd.args(["--workers", "2", "--link-rate", "200mbit", "--"])
+        .arg(env!("CARGO_BIN_EXE_inagg"))
+        .args(["bench", "--workers", "2", "--elements", "200000"])
+        .args([
+            "--codec", "i32,f16", "--iters", "2", "--warmup", "1", "--json",
+        ]);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(120));
+    assert!(st.success(), "netlab failed: {out}\n{err}");
+    let id = err
+        .lines()
+        .find_map(|l| l.split("(namespaces ").nth(1))
+        .and_then(|s| s.strip_suffix("-*)"))
+        .unwrap_or_else(|| panic!("no namespace id in: {err}"))
+        .to_string();
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r["within_bound"], true, "{r}");
+        let f = r["line_rate_fraction"]
+            .as_f64()
+            .expect("line-rate fraction");
+        // The links are the bottleneck at 200 Mbit/s: no run can beat the bound.
+        assert!(f > 0.0 && f <= 1.05, "{r}");
+    }
+    assert!(
+        !namespaces().contains(&format!("{id}-")),
+        "namespaces left behind: {}",
+        namespaces()
+    );
+}
+
+#[test]
+fn netlab_refuses_bad_flags() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+    for (args, want) in [
+        (&["--workers", "0", "--", "true"][..], "--workers must be"),
+        (
+            &["--link-rate", "fast", "--", "true"][..],
+            "--link-rate must",
+        ),
+        (&["--workers", "2"][..], "no command"),
+    ] {
+        let out = Command::new(&script).args(args).output().expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
