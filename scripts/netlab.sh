@@ -95,5 +95,7 @@ echo "netlab: $WORKERS workers on $RATE links, aggregator 198.18.0.1 (namespaces
 export INAGG_NETLAB_AGG_NETNS="$AGG_NS"
 export INAGG_NETLAB_AGG_IP=198.18.0.1
 export INAGG_NETLAB_WORKER_NETNS="$W_NS"
+# Worker r's interface is ${INAGG_NETLAB_WORKER_DEV}r (Gloo's GLOO_SOCKET_IFNAME).
+export INAGG_NETLAB_WORKER_DEV="${id}w"
 export INAGG_NETLAB_LINK_BPS="$bps"
 "$@"

@@ -5,6 +5,7 @@ mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
 mod metrics;
+mod peers;
 mod plot;
 mod relay;
 mod sweep;
@@ -41,6 +42,10 @@ enum Command {
     Bench(bench::Args),
     /// Run the bench over codecs, worker counts and chunk sizes; write CSV and plots.
     Sweep(sweep::Args),
+    /// Turn measurements (JSON lines) into peers.csv, peers.png and a ratio table
+    /// (the last step of scripts/compare-peers.sh).
+    #[command(hide = true)]
+    PeersReport(peers::Args),
     /// Relay UDP between workers and an aggregator, injecting seeded faults.
     Relay(relay::Args),
     /// Run an allreduce in the deterministic in-memory simulator (no sockets).
@@ -139,6 +144,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Sweep(a) => sweep::run(a),
         Command::Relay(a) => relay::run(a),
+        Command::PeersReport(a) => peers::run(a),
         Command::Simulate(a) => simulate(a),
     };
     match result {

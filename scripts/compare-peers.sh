@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Allreduce (f32 SUM) with PyTorch's Gloo backend, with MPI over TCP, and with
+# `inagg bench` for each codec, at the same worker counts and tensor sizes, medians
+# after warm-ups; writes OUT/peers.csv and OUT/peers.png and prints each system's
+# ATE/s with its ratio to Gloo.
+#   scripts/compare-peers.sh [--workers 2,4] [--elements 4194304,16777216,67108864]
+#       [--codecs f32,f16,bf16,i32,i16,i8] [--iters 5] [--out DIR] [--link-rate RATE]
+# --link-rate runs Gloo and inagg inside scripts/netlab.sh's emulated cluster (MPI
+# needs ssh between hosts, so it runs on loopback only) and adds, for inagg, the
+# fraction of the line-rate bound reached.
+# Installs Debian's python3-torch, openmpi-bin and python3-mpi4py if missing; uses
+# Debian's interpreter, /usr/bin/python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKERS=2,4
+ELEMENTS=4194304,16777216,67108864
+CODECS=f32,f16,bf16,i32,i16,i8
+ITERS=5
+OUT=inagg-out/peers
+RATE=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --workers) WORKERS="$2"; shift 2 ;;
+        --elements) ELEMENTS="$2"; shift 2 ;;
+        --codecs) CODECS="$2"; shift 2 ;;
+        --iters) ITERS="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --link-rate) RATE="$2"; shift 2 ;;
+        *) echo "compare-peers: unknown flag $1" >&2; exit 2 ;;
+    esac
+done
+PY=/usr/bin/python3
+if ! "$PY" -c "import torch, mpi4py" 2>/dev/null || ! command -v mpirun >/dev/null; then
+    echo "compare-peers: installing python3-torch, openmpi-bin, python3-mpi4py" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        python3-torch openmpi-bin python3-mpi4py >/dev/null
+fi
+cargo build --release --quiet
+BIN="$PWD/target/release/inagg"
+mkdir -p "$OUT"
+results="$OUT/results.jsonl"
+: >"$results"
+IFS=, read -r -a worker_list <<<"$WORKERS"
+IFS=, read -r -a size_list <<<"$ELEMENTS"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+# Gloo: one process per rank; in netlab, rank r in worker r's namespace.
+gloo() { # workers elements
+    local n="$1" e="$2" pids=() r master port=$((29500 + RANDOM % 400))
+    if [ -n "$RATE" ]; then master="198.18.0.10:$port"; else master="127.0.0.1:$port"; fi
+    for ((r = n - 1; r >= 0; r--)); do
+        local prefix=()
+        if [ -n "$RATE" ]; then
+            prefix=(ip netns exec "${INAGG_NETLAB_WORKER_NETNS}${r}"
+                env "GLOO_SOCKET_IFNAME=${INAGG_NETLAB_WORKER_DEV}${r}")
+        fi
+        "${prefix[@]}" "$PY" scripts/peers/gloo_allreduce.py --rank "$r" --world "$n" \
+            --master "$master" --elements "$e" --iters "$ITERS" --warmup 1 >>"$results" &
+        pids+=("$!")
+    done
+    for p in "${pids[@]}"; do wait "$p" || echo "compare-peers: a Gloo rank failed (N=$n, E=$e)" >&2; done
+}
+
+mpi() { # workers elements
+    mpirun --oversubscribe -np "$1" --mca btl tcp,self --mca btl_tcp_if_include lo \
+        --mca pml ob1 "$PY" scripts/peers/mpi_allreduce.py --elements "$2" \
+        --iters "$ITERS" --warmup 1 >>"$results" 2>/dev/null ||
+        echo "compare-peers: MPI run failed (N=$1, E=$2)" >&2
+}
+
+inagg() { # workers elements
+    "$BIN" bench --workers "$1" --elements "$2" --codec "$CODECS" --iters "$ITERS" \
+        --warmup 1 --json >>"$results"
+}
+
+measure() {
+    for n in "${worker_list[@]}"; do
+        for e in "${size_list[@]}"; do
+            echo "compare-peers: N=$n, $e elements" >&2
+            gloo "$n" "$e"
+            if [ -z "$RATE" ]; then mpi "$n" "$e"; fi
+            inagg "$n" "$e"
+        done
+    done
+}
+
+if [ -n "$RATE" ]; then
+    max=0
+    for n in "${worker_list[@]}"; do [ "$n" -gt "$max" ] && max="$n"; done
+    # Run this very script's measuring part inside the cluster.
+    export -f gloo inagg measure
+    export PY BIN ITERS CODECS RATE results
+    export WORKERS_LIST="${worker_list[*]}" SIZES_LIST="${size_list[*]}"
+    scripts/netlab.sh --workers "$max" --link-rate "$RATE" -- bash -c '
+        set -euo pipefail
+        read -r -a worker_list <<<"$WORKERS_LIST"
+        read -r -a size_list <<<"$SIZES_LIST"
+        measure'
+    network="$RATE links"
+else
+    measure
+    network="loopback"
+fi
+"$BIN" peers-report --input "$results" --out "$OUT" --network "$network"

@@ -1,0 +1,39 @@
+"""One rank of an f32 SUM allreduce with PyTorch's Gloo backend, timed like
+`inagg bench`: warm-ups, then timed calls; rank 0 prints one JSON line with the
+median over iterations of the slowest rank's time."""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+p = argparse.ArgumentParser()
+p.add_argument("--rank", type=int, required=True)
+p.add_argument("--world", type=int, required=True)
+p.add_argument("--master", default="127.0.0.1:29511")
+p.add_argument("--elements", type=int, required=True)
+p.add_argument("--iters", type=int, default=5)
+p.add_argument("--warmup", type=int, default=1)
+a = p.parse_args()
+torch.set_num_threads(1)
+host, port = a.master.rsplit(":", 1)
+dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=a.rank, world_size=a.world)
+t = torch.full((a.elements,), float(a.rank + 1), dtype=torch.float32)
+times = []
+for i in range(a.warmup + a.iters):
+    dist.barrier()
+    s = time.perf_counter()
+    dist.all_reduce(t)
+    e = time.perf_counter()
+    if i >= a.warmup:
+        times.append(e - s)
+slowest = torch.tensor(times, dtype=torch.float64)
+dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+if a.rank == 0:
+    med = statistics.median(slowest.tolist())
+    print(json.dumps({"system": "gloo", "codec": "f32", "workers": a.world,
+                      "elements": a.elements, "median_s": med,
+                      "ate_per_s": a.elements / med}), flush=True)
+dist.destroy_process_group()

@@ -1,0 +1,34 @@
+"""An f32 SUM allreduce with MPI (mpi4py, run under mpirun), timed like
+`inagg bench`; rank 0 prints one JSON line."""
+import argparse
+import json
+import statistics
+
+import numpy as np
+from mpi4py import MPI
+
+p = argparse.ArgumentParser()
+p.add_argument("--elements", type=int, required=True)
+p.add_argument("--iters", type=int, default=5)
+p.add_argument("--warmup", type=int, default=1)
+a = p.parse_args()
+comm = MPI.COMM_WORLD
+rank, world = comm.Get_rank(), comm.Get_size()
+send = np.full(a.elements, rank + 1, dtype=np.float32)
+recv = np.empty_like(send)
+times = []
+for i in range(a.warmup + a.iters):
+    comm.Barrier()
+    s = MPI.Wtime()
+    comm.Allreduce(send, recv, op=MPI.SUM)
+    e = MPI.Wtime()
+    if i >= a.warmup:
+        times.append(e - s)
+mine = np.array(times, dtype=np.float64)
+slowest = np.empty_like(mine)
+comm.Reduce(mine, slowest, op=MPI.MAX, root=0)
+if rank == 0:
+    med = statistics.median(slowest.tolist())
+    print(json.dumps({"system": "mpi", "codec": "f32", "workers": world,
+                      "elements": a.elements, "median_s": med,
+                      "ate_per_s": a.elements / med}), flush=True)
