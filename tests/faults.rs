@@ -203,3 +203,49 @@ fn ranks_with_a_duration_agree_on_when_to_stop() {
     assert_eq!(counts[0], counts[1]);
     assert!(counts[0] > 1);
 }
+
+#[test]
+fn workers_killed_at_random_points_abort_their_jobs_and_nothing_hangs() {
+    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "1500"]);
+    // Seeded "random" points: right after joining, early, and deep into the run; a
+    // different rank each time.
+    let mut state = 0x9e37_79b9_u64;
+    for (round, job) in (40u32..43).enumerate() {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(100 + (state >> 33) % 1500);
+        let victim = round % 3;
+        // A kill before every rank joined ends the others' wait for a grant.
+        let long = [
+            "--elements",
+            "150000",
+            "--iters",
+            "100000",
+            "--no-check",
+            "--join-timeout-ms",
+            "5000",
+        ];
+        let mut ws: Vec<_> = (0..3).map(|r| worker(addr, job, r, 3, &long)).collect();
+        std::thread::sleep(delay);
+        ws[victim].signal(libc::SIGKILL);
+        let killed = Instant::now();
+        for (r, w) in ws.iter_mut().enumerate().filter(|(r, _)| *r != victim) {
+            let st = w.wait_for(Duration::from_secs(20)).unwrap_or_else(|| {
+                panic!("round {round}: rank {r} hangs after rank {victim} died at {delay:?}")
+            });
+            assert!(!st.success(), "round {round}: rank {r} succeeded");
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20));
+        assert!(agg.running(), "round {round}: the aggregator died");
+    }
+    let mut fresh: Vec<_> = (0..2)
+        .map(|r| worker(addr, 50, r, 2, &["--elements", "50000", "--codec", "i32"]))
+        .collect();
+    for w in &mut fresh {
+        let st = w
+            .wait_for(Duration::from_secs(30))
+            .expect("new job finishes");
+        assert!(st.success(), "{}", w.stderr());
+    }
+}
