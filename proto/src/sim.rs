@@ -35,6 +35,18 @@ pub struct SimConfig {
     pub reorder_delay: Duration,
     /// The most events (deliveries and timeouts) one call may process.
     pub max_steps: u64,
+    /// A shared bottleneck in front of the aggregator (a switch's port), if any.
+    pub bottleneck: Option<Bottleneck>,
+}
+
+/// A link every datagram to the aggregator crosses: it serializes datagrams at
+/// `bytes_per_sec`, drops what would queue beyond `queue_bytes`, and marks
+/// contributions (as ECN would) while more than `mark_bytes` wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Bottleneck {
+    pub bytes_per_sec: f64,
+    pub queue_bytes: usize,
+    pub mark_bytes: usize,
 }
 
 impl SimConfig {
@@ -49,6 +61,7 @@ impl SimConfig {
             jitter: Duration::ZERO,
             reorder_delay: Duration::ZERO,
             max_steps: 5_000_000,
+            bottleneck: None,
         }
     }
 
@@ -114,6 +127,10 @@ pub struct NetStats {
     pub reordered: u64,
     /// Delivered.
     pub delivered: u64,
+    /// Dropped by the bottleneck's full queue.
+    pub queue_drops: u64,
+    /// Marked by the bottleneck.
+    pub marked: u64,
 }
 
 /// What became of each worker.
@@ -146,6 +163,10 @@ pub struct Sim {
     /// Counters of the network.
     pub net: NetStats,
     scratch: Vec<u8>,
+    /// When the bottleneck finishes sending what it holds.
+    link_free: Instant,
+    /// Each worker's configuration, to recreate it.
+    configs: Vec<WorkerConfig>,
 }
 
 impl Sim {
@@ -156,9 +177,10 @@ impl Sim {
     pub fn new(cfg: SimConfig, agg: AggregatorConfig, workers: Vec<WorkerConfig>) -> Self {
         let start = Instant::now();
         let n = workers.len();
-        let workers = workers
-            .into_iter()
-            .map(|c| Worker::new(c, start).expect("valid worker configuration"))
+        let workers_cfg = workers;
+        let workers = workers_cfg
+            .iter()
+            .map(|c| Worker::new(c.clone(), start).expect("valid worker configuration"))
             .collect();
         Self {
             rng: SmallRng::seed_from_u64(cfg.seed),
@@ -176,6 +198,8 @@ impl Sim {
             feedback: None,
             net: NetStats::default(),
             scratch: Vec::with_capacity(crate::wire::MAX_DATAGRAM),
+            link_free: start,
+            configs: workers_cfg,
         }
     }
 
@@ -263,8 +287,22 @@ impl Sim {
             .collect())
     }
 
+    /// Worker `i` starts over, joining `after` from now: a rank that arrives while
+    /// other jobs run. (For a worker that has joined, this is a restarted process.)
+    pub fn delay_join(&mut self, i: usize, after: Duration) {
+        let at = self.now + after;
+        self.workers[i] = Worker::new(self.configs[i].clone(), at).expect("valid configuration");
+        self.status[i] = Status::default();
+    }
+
+    /// Worker `i` leaves its job (it sends a leave and takes part in nothing more).
+    pub fn leave(&mut self, i: usize) {
+        self.workers[i].close();
+    }
+
     /// Every worker allreduces its input, worker `i` starting `starts[i]` after the
-    /// others could (a rank still busy with its backward pass); returns the outputs.
+    /// others could (a rank still busy with its backward pass), and not before it has
+    /// joined; returns the outputs.
     pub fn allreduce_staggered(
         &mut self,
         inputs: Vec<Vec<f32>>,
@@ -272,13 +310,12 @@ impl Sim {
     ) -> Result<Vec<Vec<f32>>, SimError> {
         assert_eq!(inputs.len(), self.workers.len(), "one input per worker");
         assert_eq!(starts.len(), self.workers.len(), "one start per worker");
-        self.join()?;
         let t0 = self.now;
         self.buffers = inputs;
         let mut started = vec![false; self.workers.len()];
         loop {
             for i in 0..self.workers.len() {
-                if !started[i] && self.now >= t0 + starts[i] {
+                if !started[i] && self.now >= t0 + starts[i] && self.status[i].joined {
                     started[i] = true;
                     self.status[i].done = None;
                     let key = self.feedback;
@@ -289,18 +326,60 @@ impl Sim {
                     }
                 }
             }
-            let next = (0..self.workers.len())
-                .filter(|i| !started[*i])
-                .map(|i| t0 + starts[i])
-                .min();
-            match next {
-                Some(at) => self.run_until(|s| s.now >= at)?,
-                None => break,
+            if started.iter().all(|s| *s) {
+                break;
             }
+            let n = self.workers.len();
+            self.run_until(|s| {
+                (0..n).any(|i| !started[i] && s.now >= t0 + starts[i] && s.status[i].joined)
+            })?;
         }
         self.run_until(|s| s.status.iter().all(|st| st.done.is_some()))?;
         let n = self.buffers.len();
         Ok(std::mem::replace(&mut self.buffers, vec![Vec::new(); n]))
+    }
+
+    /// Every worker allreduces its input again and again, starting the next call as
+    /// soon as one ends, for `duration` of virtual time. Returns, per worker, the
+    /// allreduces that ended after `warmup`, and the virtual time they span.
+    pub fn run_continuously(
+        &mut self,
+        inputs: Vec<Vec<f32>>,
+        warmup: Duration,
+        duration: Duration,
+    ) -> Result<(Vec<u64>, Duration), SimError> {
+        assert_eq!(inputs.len(), self.workers.len(), "one input per worker");
+        self.join()?;
+        let t0 = self.now;
+        let mut counts = vec![0u64; self.workers.len()];
+        self.buffers = inputs.clone();
+        for i in 0..self.workers.len() {
+            self.status[i].done = None;
+            let key = self.feedback;
+            if let Err(error) = self.workers[i].start_allreduce(self.now, &mut self.buffers[i], key)
+            {
+                return Err(SimError::Worker { index: i, error });
+            }
+        }
+        let end = t0 + duration;
+        while self.now < end {
+            self.run_until(|s| s.now >= end || s.status.iter().any(|st| st.done.is_some()))?;
+            for i in 0..self.workers.len() {
+                if self.status[i].done.take().is_some() {
+                    if self.now >= t0 + warmup {
+                        counts[i] += 1;
+                    }
+                    self.buffers[i].copy_from_slice(&inputs[i]);
+                    let key = self.feedback;
+                    if let Err(error) =
+                        self.workers[i].start_allreduce(self.now, &mut self.buffers[i], key)
+                    {
+                        return Err(SimError::Worker { index: i, error });
+                    }
+                }
+            }
+        }
+        Ok((counts, duration.saturating_sub(warmup)))
     }
 
     /// Runs until `done` holds, a worker fails, or time stops.
@@ -443,6 +522,31 @@ impl Sim {
         self.net.sent += 1;
         if self.rng.random_bool(self.cfg.loss) {
             self.net.lost += 1;
+            return;
+        }
+        if let (Some(b), Node::Aggregator) = (self.cfg.bottleneck, to) {
+            let start = self.link_free.max(self.now);
+            let queued = (start - self.now).as_secs_f64() * b.bytes_per_sec;
+            if queued > b.queue_bytes as f64 {
+                self.net.queue_drops += 1;
+                return;
+            }
+            let mut bytes = bytes.to_vec();
+            // The flags byte of a contribution (after magic, version, kind, job,
+            // rank and codec).
+            if queued > b.mark_bytes as f64 && bytes.len() > 11 && bytes[3] == 3 {
+                bytes[11] |= crate::wire::FLAG_MARK;
+                self.net.marked += 1;
+            }
+            self.link_free = start + Duration::from_secs_f64(bytes.len() as f64 / b.bytes_per_sec);
+            self.sent += 1;
+            self.wire.push(Reverse(Flight {
+                at: self.link_free + self.cfg.latency,
+                n: self.sent,
+                from,
+                to,
+                bytes,
+            }));
             return;
         }
         let copies = if self.rng.random_bool(self.cfg.dup) {
