@@ -140,10 +140,38 @@ impl Session {
         }
     }
 
-    /// Sends the leave (best effort: the aggregator also notices silence).
+    /// Leaves the job: resends the leave until the aggregator echoes it, a few times
+    /// at most (then the aggregator notices the silence instead).
     pub fn leave(&mut self) {
         self.worker.close();
-        let _ = self.flush(&mut []);
+        // The state machine gives up after its last try; this bounds the loop anyway.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !self.worker.is_finished() && Instant::now() < deadline {
+            if self.flush(&mut []).is_err() {
+                return;
+            }
+            let now = Instant::now();
+            let wait = self
+                .worker
+                .poll_timeout()
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT));
+            let (worker, agg) = (&mut self.worker, self.aggregator);
+            if self
+                .endpoint
+                .recv(wait, |from, d| {
+                    if from == agg {
+                        worker.handle_datagram(Instant::now(), d, &mut []);
+                    }
+                })
+                .is_err()
+            {
+                return;
+            }
+            let now = Instant::now();
+            if self.worker.poll_timeout().is_some_and(|t| t <= now) {
+                self.worker.handle_timeout(now);
+            }
+        }
     }
 
     /// One round without waiting: used by the heartbeat thread between calls.

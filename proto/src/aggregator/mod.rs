@@ -387,6 +387,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         if let Some(Some(m)) = job.members.get_mut(usize::from(c.rank)) {
             m.left = true;
         }
+        // Echo it: the rank stops resending its leave.
+        self.outbox.push_back(Outgoing::Control {
+            to: from,
+            msg: Message::Leave(*c),
+        });
         if job.members.iter().flatten().all(|m| m.left) {
             if let Some(job) = self.jobs.remove(&c.job) {
                 self.events.push_back(Event::JobEnded {

@@ -367,6 +367,11 @@ fn leaving_ends_the_job_and_a_chunk_that_needs_a_leaver_aborts() {
         &mut b,
     );
     h.agg.handle_datagram(h.now, 101, &b);
+    // The leave is echoed, so that the rank stops resending it.
+    assert!(
+        matches!(&h.drain()[..], [(101, Message::Leave(c))] if c.rank == 1),
+        "no echo"
+    );
     // Rank 0 can still get the kept copy of a finished chunk...
     h.contribute(0, 0, &[1.0; 4]);
     assert!(matches!(&h.drain()[..], [(100, Message::Result(..))]));

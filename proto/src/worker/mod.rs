@@ -28,6 +28,11 @@ use crate::wire::{self, Control, ErrorCode, Grant, Join, Message, MAX_SECRET_LEN
 use allreduce::{Allreduce, ResultOutcome};
 pub use cwnd::Cwnd;
 
+/// Leaves sent before giving up on the aggregator's echo.
+const LEAVE_TRIES: u32 = 3;
+/// Time between them.
+const LEAVE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Settings of one worker (one rank of one job).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -191,11 +196,19 @@ pub enum Event {
 
 #[derive(Debug)]
 enum State {
-    Joining { since: Instant, next_join: Instant },
+    Joining {
+        since: Instant,
+        next_join: Instant,
+    },
     Ready,
     Running(Box<Allreduce>),
     Failed(WorkerError),
-    Closing,
+    /// Leaving: the leave goes out up to [`LEAVE_TRIES`] times, [`LEAVE_INTERVAL`]
+    /// apart, until the aggregator echoes it.
+    Closing {
+        sent: u32,
+        next: Instant,
+    },
     Closed,
 }
 
@@ -349,7 +362,7 @@ impl Worker {
             State::Joining { .. } => return Err(WorkerError::NotReady("still joining")),
             State::Running(_) => return Err(WorkerError::NotReady("an allreduce is running")),
             State::Failed(e) => return Err(e.clone()),
-            State::Closing | State::Closed => return Err(WorkerError::Closed),
+            State::Closing { .. } | State::Closed => return Err(WorkerError::Closed),
         }
         let Some(g) = self.grant else {
             return Err(WorkerError::NotReady("no grant"));
@@ -400,7 +413,10 @@ impl Worker {
     /// Sends a leave and stops. Any running allreduce is abandoned.
     pub fn close(&mut self) {
         self.state = match self.state {
-            State::Ready | State::Running(_) if self.grant.is_some() => State::Closing,
+            State::Ready | State::Running(_) if self.grant.is_some() => State::Closing {
+                sent: 0,
+                next: self.last_sent,
+            },
             State::Failed(_) => return,
             _ => State::Closed,
         };
@@ -515,7 +531,13 @@ impl Worker {
                 }
                 self.fail(err);
             }
-            Message::Join(_) | Message::Contribution(..) | Message::Leave(_) => {}
+            Message::Leave(c) => {
+                // The aggregator's echo: the leave arrived.
+                if matches!(self.state, State::Closing { .. }) && Some(c) == self.control() {
+                    self.state = State::Closed;
+                }
+            }
+            Message::Join(_) | Message::Contribution(..) => {}
         }
     }
 
@@ -565,8 +587,9 @@ impl Worker {
                     true
                 })
             }
-            State::Closing => {
-                self.state = State::Closed;
+            State::Closing { sent, next } if *next <= now && *sent < LEAVE_TRIES => {
+                *sent += 1;
+                *next = now + LEAVE_INTERVAL;
                 self.idle_packets += 1;
                 self.control().is_some_and(|c| {
                     wire::encode_leave(&c, buf);
@@ -609,7 +632,7 @@ impl Worker {
                     .min(op.last_progress + self.config.progress_timeout);
                 Some(op.poll_timeout().map_or(t, |r| r.min(t)))
             }
-            State::Closing => Some(self.last_sent),
+            State::Closing { next, .. } => Some(*next),
             State::Failed(_) | State::Closed => None,
         }
     }
@@ -639,6 +662,13 @@ impl Worker {
                 }
             }
             State::Ready => {}
+            State::Closing { sent, next } => {
+                // No echo after the last try: the aggregator will time the rank out.
+                if *sent >= LEAVE_TRIES && *next <= now {
+                    self.state = State::Closed;
+                }
+                return;
+            }
             _ => return,
         }
         if now.saturating_duration_since(self.last_heard) >= self.config.aggregator_timeout {

@@ -172,3 +172,64 @@ fn a_peer_that_never_calls_allreduce_is_a_stall_not_a_hang() {
         sim.elapsed()
     );
 }
+
+#[test]
+fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
+    use crate::wire::{self, Grant, Message};
+    let t0 = std::time::Instant::now();
+    let grant = Grant {
+        job: 1,
+        rank: 0,
+        world: 2,
+        codec: CodecId::I32,
+        chunk_elems: 256,
+        window: 8,
+        token: 42,
+    };
+    let joined = |now| {
+        let mut w = Worker::new(WorkerConfig::new(1, 0, 2, CodecId::I32), now).expect("worker");
+        let mut b = Vec::new();
+        wire::encode_grant(&grant, &mut b);
+        w.handle_datagram(now, &b, &mut []);
+        w
+    };
+    let leaves = |w: &mut Worker, now| {
+        let mut n = 0;
+        let mut buf = Vec::new();
+        while w.poll_transmit(now, &[], &mut buf) {
+            if matches!(wire::decode(&buf), Ok(Message::Leave(_))) {
+                n += 1;
+            }
+        }
+        n
+    };
+    // Echoed after the second try: closed, nothing more sent.
+    let mut w = joined(t0);
+    w.close();
+    assert_eq!(leaves(&mut w, t0), 1);
+    let t1 = t0 + Duration::from_millis(100);
+    w.handle_timeout(t1);
+    assert_eq!(leaves(&mut w, t1), 1, "no echo: the leave goes again");
+    let mut echo = Vec::new();
+    wire::encode_leave(
+        &wire::Control {
+            job: 1,
+            rank: 0,
+            token: 42,
+        },
+        &mut echo,
+    );
+    w.handle_datagram(t1, &echo, &mut []);
+    assert!(w.is_finished());
+    // Never echoed: three tries, then closed all the same.
+    let mut w = joined(t0);
+    w.close();
+    let mut sent = 0;
+    for i in 0..10u64 {
+        let t = t0 + Duration::from_millis(100 * i);
+        w.handle_timeout(t);
+        sent += leaves(&mut w, t);
+    }
+    assert_eq!(sent, 3);
+    assert!(w.is_finished());
+}
