@@ -532,10 +532,7 @@ impl Sim {
                 return;
             }
             let mut bytes = bytes.to_vec();
-            // The flags byte of a contribution (after magic, version, kind, job,
-            // rank and codec).
-            if queued > b.mark_bytes as f64 && bytes.len() > 11 && bytes[3] == 3 {
-                bytes[11] |= crate::wire::FLAG_MARK;
+            if queued > b.mark_bytes as f64 && crate::wire::mark_contribution(&mut bytes) {
                 self.net.marked += 1;
             }
             self.link_free = start + Duration::from_secs_f64(bytes.len() as f64 / b.bytes_per_sec);

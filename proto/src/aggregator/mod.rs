@@ -223,19 +223,22 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             Ok(m) => m,
             Err(_) => return self.drop_packet(None, DropReason::Malformed),
         };
-        let job = match &msg {
+        let len = datagram.len() as u64;
+        // Contributions count themselves where their job is looked up anyway.
+        let control = match &msg {
             Message::Join(j) => Some(j.job),
-            Message::Contribution(h, _) => Some(h.job),
             Message::Heartbeat(c) | Message::Leave(c) => Some(c.job),
             _ => None,
         };
-        if let Some(job) = job.and_then(|j| self.jobs.get_mut(&j)) {
+        if let Some(job) = control.and_then(|j| self.jobs.get_mut(&j)) {
             job.stats.packets_received += 1;
-            job.stats.bytes_received += datagram.len() as u64;
+            job.stats.bytes_received += len;
         }
         match msg {
             Message::Join(j) => self.handle_join(now, from, j),
-            Message::Contribution(h, payload) => self.handle_contribution(now, from, &h, payload),
+            Message::Contribution(h, payload) => {
+                self.handle_contribution(now, from, &h, payload, len)
+            }
             Message::Heartbeat(c) => {
                 if self.check_member(now, &from, &c).is_some() {
                     self.send(from, Message::Heartbeat(c));
@@ -413,11 +416,20 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
     }
 
-    fn handle_contribution(&mut self, now: Instant, from: A, h: &DataHeader, payload: &[u8]) {
+    fn handle_contribution(
+        &mut self,
+        now: Instant,
+        from: A,
+        h: &DataHeader,
+        payload: &[u8],
+        len: u64,
+    ) {
         let Some(job) = self.jobs.get_mut(&h.job) else {
             self.answer_tombstone(h.job, &from);
             return self.drop_packet(None, DropReason::UnknownJob);
         };
+        job.stats.packets_received += 1;
+        job.stats.bytes_received += len;
         let reason = 'check: {
             if job.token != h.token {
                 break 'check DropReason::BadToken;

@@ -310,6 +310,20 @@ pub fn encode_contribution(h: &DataHeader, payload: &[u8], out: &mut impl BufMut
     encode_data(kind::CONTRIBUTION, h, payload, out)
 }
 
+/// Sets the congestion mark on an encoded contribution in place, as a switch on the
+/// path would (ECN); returns false, changing nothing, for any other datagram.
+pub fn mark_contribution(datagram: &mut [u8]) -> bool {
+    // Magic, version, kind, job, rank and codec come before the flags byte.
+    const FLAGS: usize = 11;
+    let ours = datagram.len() >= DATA_HEADER_LEN
+        && datagram[..2] == MAGIC
+        && datagram[3] == kind::CONTRIBUTION;
+    if ours {
+        datagram[FLAGS] |= FLAG_MARK;
+    }
+    ours
+}
+
 /// Appends a result to `out`.
 pub fn encode_result(h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
     encode_data(kind::RESULT, h, payload, out)

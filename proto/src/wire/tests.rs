@@ -193,3 +193,24 @@ proptest! {
         prop_assert_eq!(decode(&buf), Ok(Message::Result(h, &payload[..])));
     }
 }
+
+#[test]
+fn marking_sets_the_flag_of_contributions_only() {
+    let unmarked = DataHeader {
+        flags: 0,
+        ..header()
+    };
+    let mut c = Vec::new();
+    encode_contribution(&unmarked, &[0; 8], &mut c);
+    assert!(mark_contribution(&mut c));
+    let Ok(Message::Contribution(h, _)) = decode(&c) else {
+        panic!("marked contribution does not decode")
+    };
+    assert_eq!(h.flags & FLAG_MARK, FLAG_MARK);
+    let mut r = Vec::new();
+    encode_result(&unmarked, &[0; 8], &mut r);
+    let before = r.clone();
+    assert!(!mark_contribution(&mut r));
+    assert_eq!(r, before);
+    assert!(!mark_contribution(&mut [0x49, 0x41, 1]));
+}

@@ -414,6 +414,7 @@ impl Allreduce {
             return;
         };
         let limit = q.saturating_sub(REORDER_DISTANCE);
+        let before = self.due.len();
         for p in self.oldest..limit {
             let pk = &self.ring[(p % self.slots) as usize];
             if !pk.done && pk.last_at.is_some_and(|t| t <= sent) && !self.due.contains(&p) {
@@ -421,8 +422,10 @@ impl Allreduce {
                 self.stats.fast_retransmissions += 1;
             }
         }
-        // Oldest last, so that `pop` retransmits it first.
-        self.due.sort_unstable_by(|a, b| b.cmp(a));
+        if self.due.len() > before {
+            // Oldest last, so that `pop` retransmits it first.
+            self.due.sort_unstable_by(|a, b| b.cmp(a));
+        }
     }
 
     /// Appends a probe for packet `q`, whose contribution the aggregator said it holds:
