@@ -61,18 +61,9 @@ pub struct Args {
     /// Aggregator processes to start; every job is striped over all of them.
     #[arg(long, default_value_t = 1)]
     pub aggregators: u16,
-    /// Put a relay in the path that drops this fraction of datagrams (both ways).
-    #[arg(long, default_value_t = 0.0)]
-    pub loss: f64,
-    /// ... that duplicates this fraction.
-    #[arg(long, default_value_t = 0.0)]
-    pub dup: f64,
-    /// ... that holds back this fraction, so that later datagrams overtake them.
-    #[arg(long, default_value_t = 0.0)]
-    pub reorder: f64,
-    /// ... that delays every datagram by this many milliseconds.
-    #[arg(long, default_value_t = 0.0)]
-    pub delay_ms: f64,
+    /// Faults for a relay in the path (none: no relay), as `inagg relay` takes them.
+    #[command(flatten)]
+    pub faults: FaultArgs,
     /// Seed of the relay's fault decisions.
     #[arg(long, default_value_t = 1)]
     pub fault_seed: u64,
@@ -253,63 +244,55 @@ pub fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
 /// Starts `inagg aggregator` where `lab` says (127.0.0.1 by default).
 pub fn start_aggregator_in(lab: &Netlab, extra: &[String]) -> Result<(Proc, SocketAddr)> {
     let ip = lab.agg_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-    let mut child = Netlab::command(lab.agg_netns.as_deref())?
-        .args(["aggregator", "--listen"])
+    let mut cmd = Netlab::command(lab.agg_netns.as_deref())?;
+    cmd.args(["aggregator", "--listen"])
         .arg(SocketAddr::new(ip, 0).to_string())
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the aggregator")?;
-    let out = child.stdout.take().context("aggregator stdout")?;
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .context("reading the aggregator's address")?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .ok_or_else(|| anyhow!("the aggregator did not start (it said {line:?})"))?
-        .parse()
-        .context("parsing the aggregator's address")?;
-    Ok((
-        Proc {
-            child,
-            name: "aggregator".into(),
-        },
-        addr,
-    ))
+        .args(extra);
+    start_server(cmd, "aggregator", "listening on ")
 }
 
-/// Starts `inagg relay` in front of `upstream`; returns it and the address workers
-/// should use.
-pub fn start_relay(upstream: SocketAddr, faults: &FaultArgs) -> Result<(Proc, SocketAddr)> {
-    let mut child = Command::new(exe()?)
-        .args(["relay", "--listen", "127.0.0.1:0", "--upstream"])
+/// Starts `inagg relay` in front of `upstream` with `faults` seeded by `seed`; returns
+/// it and the address workers should use.
+pub fn start_relay(
+    upstream: SocketAddr,
+    faults: &FaultArgs,
+    seed: u64,
+) -> Result<(Proc, SocketAddr)> {
+    let mut cmd = Command::new(exe()?);
+    cmd.args(["relay", "--listen", "127.0.0.1:0", "--upstream"])
         .arg(upstream.to_string())
-        .args(faults.flags())
+        .args(faults.flags(seed));
+    start_server(cmd, "relay", "relaying on ")
+}
+
+/// Spawns a server process whose first line of output is `prefix` and its address;
+/// returns it and that address.
+fn start_server(mut cmd: Command, name: &str, prefix: &str) -> Result<(Proc, SocketAddr)> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting the relay")?;
-    let out = child.stdout.take().context("relay stdout")?;
+        .with_context(|| format!("starting the {name}"))?;
+    let out = child
+        .stdout
+        .take()
+        .with_context(|| format!("{name} stdout"))?;
     let mut line = String::new();
     BufReader::new(out)
         .read_line(&mut line)
-        .context("reading the relay's address")?;
+        .with_context(|| format!("reading the {name}'s address"))?;
     let addr = line
         .trim()
-        .strip_prefix("relaying on ")
+        .strip_prefix(prefix)
         .and_then(|s| s.split(' ').next())
-        .ok_or_else(|| anyhow!("the relay did not start (it said {line:?})"))?
+        .ok_or_else(|| anyhow!("the {name} did not start (it said {line:?})"))?
         .parse()
-        .context("parsing the relay's address")?;
+        .with_context(|| format!("parsing the {name}'s address"))?;
     Ok((
         Proc {
             child,
-            name: "relay".into(),
+            name: name.into(),
         },
         addr,
     ))
@@ -472,20 +455,6 @@ pub fn finish_job(j: RunningJob, deadline: Instant, timeout_s: u64) -> Result<Ve
     Ok(reports)
 }
 
-impl Args {
-    /// The relay's faults these flags ask for.
-    pub fn faults(&self) -> FaultArgs {
-        FaultArgs {
-            loss: self.loss,
-            dup: self.dup,
-            reorder: self.reorder,
-            delay_ms: self.delay_ms,
-            reorder_ms: 2.0,
-            seed: self.fault_seed,
-        }
-    }
-}
-
 /// Median over iterations of the slowest rank's time, and the fastest such time.
 fn job_times(reports: &[Report]) -> (f64, f64) {
     let iters = reports.iter().map(|r| r.times_s.len()).min().unwrap_or(0);
@@ -528,6 +497,15 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
     });
     let reports: Vec<&Report> = jobs.iter().flatten().collect();
     let n = reports.len().max(1) as u64;
+    // The busiest worker link's bytes (either way) at the netlab link rate.
+    let bound = a.netlab.link_bps.map(|bps| {
+        let worst = reports
+            .iter()
+            .map(|r| r.bytes_sent.max(r.bytes_recv))
+            .max()
+            .unwrap_or(0);
+        worst as f64 * 8.0 / bps
+    });
     let checks: Vec<_> = reports.iter().filter_map(|r| r.check.as_ref()).collect();
     Row {
         transport: a.transport,
@@ -541,9 +519,9 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         stochastic: a.tuning.stochastic,
         skip_zeros: a.tuning.skip_zeros,
         zero_fraction: a.zero_fraction,
-        loss: a.loss,
-        dup: a.dup,
-        reorder: a.reorder,
+        loss: a.faults.loss,
+        dup: a.faults.dup,
+        reorder: a.faults.reorder,
         jobs: jobs.len() as u16,
         aggregators: a.aggregators,
         jain: jain(&per_job),
@@ -561,22 +539,8 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,
         ranks_identical: identical,
-        line_rate_bound_s: a.netlab.link_bps.map(|bps| {
-            let worst = reports
-                .iter()
-                .map(|r| r.bytes_sent.max(r.bytes_recv))
-                .max()
-                .unwrap_or(0);
-            worst as f64 * 8.0 / bps
-        }),
-        line_rate_fraction: a.netlab.link_bps.filter(|_| med > 0.0).map(|bps| {
-            let worst = reports
-                .iter()
-                .map(|r| r.bytes_sent.max(r.bytes_recv))
-                .max()
-                .unwrap_or(0);
-            worst as f64 * 8.0 / bps / med
-        }),
+        line_rate_fraction: bound.filter(|_| med > 0.0).map(|b| b / med),
+        line_rate_bound_s: bound,
         result_checksum: checks
             .first()
             .map_or_else(String::new, |c| format!("{:016x}", c.checksum)),
@@ -593,7 +557,7 @@ pub fn run(a: &Args) -> Result<()> {
             bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
         }
     }
-    let faults = a.faults();
+    let faults = a.faults;
     faults.validate()?;
     if !faults.is_clean() && a.netlab.agg_netns.is_some() {
         bail!("the fault relay runs on 127.0.0.1 and cannot sit inside netlab's namespaces");
@@ -611,7 +575,7 @@ pub fn run(a: &Args) -> Result<()> {
         if faults.is_clean() {
             addrs.push(agg_addr);
         } else {
-            let (relay, addr) = start_relay(agg_addr, &faults)?;
+            let (relay, addr) = start_relay(agg_addr, &faults, a.fault_seed)?;
             servers.push(relay);
             addrs.push(addr);
         }

@@ -30,9 +30,13 @@ pub struct Args {
     pub upstream: SocketAddr,
     #[command(flatten)]
     pub faults: FaultArgs,
+    /// Seed of the fault decisions.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
-/// The faults to inject, shared with `inagg bench`.
+/// The faults to inject, shared with `inagg bench` (which puts a relay in the path
+/// when any is asked for).
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct FaultArgs {
     /// Probability that a datagram is dropped.
@@ -50,9 +54,6 @@ pub struct FaultArgs {
     /// How long a reordered datagram is held back, in milliseconds.
     #[arg(long, default_value_t = 2.0)]
     pub reorder_ms: f64,
-    /// Seed of the fault decisions.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
 }
 
 impl FaultArgs {
@@ -82,8 +83,8 @@ impl FaultArgs {
         Ok(())
     }
 
-    /// The flags that give a relay these faults.
-    pub fn flags(self) -> Vec<String> {
+    /// The flags that give a relay these faults, seeded with `seed`.
+    pub fn flags(self, seed: u64) -> Vec<String> {
         [
             ("--loss", self.loss),
             ("--dup", self.dup),
@@ -93,7 +94,7 @@ impl FaultArgs {
         ]
         .iter()
         .flat_map(|(f, v)| [f.to_string(), v.to_string()])
-        .chain(["--seed".into(), self.seed.to_string()])
+        .chain(["--seed".into(), seed.to_string()])
         .collect()
     }
 }
@@ -116,10 +117,10 @@ pub struct Faults {
 }
 
 impl Faults {
-    pub fn new(cfg: FaultArgs) -> Self {
+    pub fn new(cfg: FaultArgs, seed: u64) -> Self {
         Self {
             cfg,
-            rng: SmallRng::seed_from_u64(cfg.seed),
+            rng: SmallRng::seed_from_u64(seed),
             stats: FaultStats::default(),
         }
     }
@@ -305,7 +306,7 @@ pub fn run(a: &Args) -> Result<()> {
         by_addr: HashMap::new(),
         held: BinaryHeap::new(),
         order: 0,
-        faults: Faults::new(a.faults),
+        faults: Faults::new(a.faults, a.seed),
         overflow: 0,
     };
     let mut buf = vec![0u8; 1 << 16];
@@ -337,14 +338,16 @@ mod tests {
     use super::*;
 
     fn faults(loss: f64, dup: f64, reorder: f64) -> Faults {
-        Faults::new(FaultArgs {
-            loss,
-            dup,
-            reorder,
-            delay_ms: 1.0,
-            reorder_ms: 5.0,
-            seed: 7,
-        })
+        Faults::new(
+            FaultArgs {
+                loss,
+                dup,
+                reorder,
+                delay_ms: 1.0,
+                reorder_ms: 5.0,
+            },
+            7,
+        )
     }
 
     #[test]
@@ -371,7 +374,7 @@ mod tests {
     #[test]
     fn a_clean_relay_changes_nothing() {
         let now = Instant::now();
-        let mut f = Faults::new(FaultArgs::default());
+        let mut f = Faults::new(FaultArgs::default(), 1);
         assert!(FaultArgs::default().is_clean());
         for _ in 0..1000 {
             assert_eq!(f.plan(now), [Some(now), None]);

@@ -7,21 +7,21 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, inagg, run_bounded, worker};
+use common::{aggregator, bench_json, worker};
 use serde_json::Value;
 
 fn bench(extra: &[&str]) -> Vec<Value> {
-    let mut cmd = inagg();
-    cmd.args(["bench", "--workers", "3", "--elements", "200000"])
-        .args([
-            "--codec", "i32,f32", "--iters", "2", "--warmup", "1", "--json",
-        ])
-        .args(extra);
-    let (st, out, err) = run_bounded(cmd, Duration::from_secs(240));
-    assert!(st.success(), "bench {extra:?} failed: {out}\n{err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
+    let mut args = vec![
+        "--workers",
+        "3",
+        "--elements",
+        "200000",
+        "--codec",
+        "i32,f32",
+    ];
+    args.extend(["--iters", "2", "--warmup", "1", "--json"]);
+    args.extend_from_slice(extra);
+    bench_json(&args)
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{inagg, run_bounded};
+use common::{inagg, json_lines, run_bounded};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -76,10 +76,7 @@ fn demo_json_has_the_contract_fields_and_sizes_follow_the_codec() {
         LIMIT,
     );
     assert!(st.success(), "demo failed: {out}\n{err}");
-    let rows: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);
     for r in &rows {
         for f in [

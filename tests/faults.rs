@@ -6,21 +6,23 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{aggregator, inagg, run_bounded, worker};
+use common::{
+    aggregator, assert_new_job_runs, bench_json, expect_failure, inagg, run_bounded, worker,
+};
 use serde_json::Value;
 
 fn bench(extra: &[&str]) -> Vec<Value> {
-    let mut cmd = inagg();
-    cmd.args(["bench", "--workers", "4", "--elements", "300000"])
-        .args([
-            "--codec", "i32,f32", "--iters", "2", "--warmup", "1", "--json",
-        ])
-        .args(extra);
-    let (st, out, err) = run_bounded(cmd, Duration::from_secs(240));
-    assert!(st.success(), "bench {extra:?} failed: {out}\n{err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
+    let mut args = vec![
+        "--workers",
+        "4",
+        "--elements",
+        "300000",
+        "--codec",
+        "i32,f32",
+    ];
+    args.extend(["--iters", "2", "--warmup", "1", "--json"]);
+    args.extend_from_slice(extra);
+    bench_json(&args)
 }
 
 #[test]
@@ -94,11 +96,7 @@ fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
     agg.signal(libc::SIGKILL);
     let killed = Instant::now();
     for (r, w) in ws.iter_mut().enumerate() {
-        let st = w
-            .wait_for(Duration::from_secs(15))
-            .unwrap_or_else(|| panic!("rank {r} hangs after the aggregator died"));
-        assert!(!st.success());
-        let err = w.stderr();
+        let err = expect_failure(w, Duration::from_secs(15), &format!("rank {r}"));
         assert!(
             err.contains("nothing heard from the aggregator"),
             "rank {r}: {err}"
@@ -111,15 +109,7 @@ fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
     let mut again = common::Proc::spawn(cmd);
     std::thread::sleep(Duration::from_millis(300));
     assert!(again.running(), "restart failed: {}", again.stderr());
-    let mut fresh: Vec<_> = (0..2)
-        .map(|r| worker(addr, 1, r, 2, &["--elements", "50000", "--codec", "i32"]))
-        .collect();
-    for w in &mut fresh {
-        let st = w
-            .wait_for(Duration::from_secs(30))
-            .expect("new job finishes");
-        assert!(st.success(), "{}", w.stderr());
-    }
+    assert_new_job_runs(addr, 1, &["--codec", "i32"]);
 }
 
 #[test]
@@ -137,11 +127,8 @@ fn a_stalled_worker_aborts_its_job_only() {
     stalled_job[1].signal(libc::SIGSTOP);
     let stopped = Instant::now();
     for r in [0, 2] {
-        let st = stalled_job[r]
-            .wait_for(Duration::from_secs(15))
-            .unwrap_or_else(|| panic!("rank {r} hangs behind a stopped rank"));
-        assert!(!st.success());
-        let err = stalled_job[r].stderr();
+        let what = format!("rank {r} behind a stopped rank");
+        let err = expect_failure(&mut stalled_job[r], Duration::from_secs(15), &what);
         assert!(
             err.contains("rank 1") && err.contains("sent nothing"),
             "rank {r}: {err}"
@@ -150,10 +137,11 @@ fn a_stalled_worker_aborts_its_job_only() {
     assert!(stopped.elapsed() < Duration::from_secs(15));
     // The stopped rank, resumed, learns its job is gone instead of hanging.
     stalled_job[1].signal(libc::SIGCONT);
-    let st = stalled_job[1]
-        .wait_for(Duration::from_secs(20))
-        .expect("the resumed rank hangs");
-    assert!(!st.success());
+    expect_failure(
+        &mut stalled_job[1],
+        Duration::from_secs(20),
+        "the resumed rank",
+    );
     // The other job was not touched.
     for w in &mut other_job {
         let st = w
@@ -162,15 +150,7 @@ fn a_stalled_worker_aborts_its_job_only() {
         assert!(st.success(), "job 11: {}", w.stderr());
     }
     assert!(agg.running());
-    let mut fresh: Vec<_> = (0..2)
-        .map(|r| worker(addr, 10, r, 2, &["--elements", "50000"]))
-        .collect();
-    for w in &mut fresh {
-        let st = w
-            .wait_for(Duration::from_secs(30))
-            .expect("new job finishes");
-        assert!(st.success(), "{}", w.stderr());
-    }
+    assert_new_job_runs(addr, 10, &[]);
 }
 
 #[test]
@@ -231,21 +211,11 @@ fn workers_killed_at_random_points_abort_their_jobs_and_nothing_hangs() {
         ws[victim].signal(libc::SIGKILL);
         let killed = Instant::now();
         for (r, w) in ws.iter_mut().enumerate().filter(|(r, _)| *r != victim) {
-            let st = w.wait_for(Duration::from_secs(20)).unwrap_or_else(|| {
-                panic!("round {round}: rank {r} hangs after rank {victim} died at {delay:?}")
-            });
-            assert!(!st.success(), "round {round}: rank {r} succeeded");
+            let what = format!("round {round}: rank {r} after rank {victim} died at {delay:?}");
+            expect_failure(w, Duration::from_secs(20), &what);
         }
         assert!(killed.elapsed() < Duration::from_secs(20));
         assert!(agg.running(), "round {round}: the aggregator died");
     }
-    let mut fresh: Vec<_> = (0..2)
-        .map(|r| worker(addr, 50, r, 2, &["--elements", "50000", "--codec", "i32"]))
-        .collect();
-    for w in &mut fresh {
-        let st = w
-            .wait_for(Duration::from_secs(30))
-            .expect("new job finishes");
-        assert!(st.success(), "{}", w.stderr());
-    }
+    assert_new_job_runs(addr, 50, &["--codec", "i32"]);
 }

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::run_bounded;
-use serde_json::Value;
+use common::{json_lines, run_bounded};
 
 fn namespaces_work() -> bool {
     let name = format!("inagg-probe-{}", std::process::id());
@@ -53,10 +52,7 @@ fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
         .and_then(|s| s.strip_suffix("-*)"))
         .unwrap_or_else(|| panic!("no namespace id in: {err}"))
         .to_string();
-    let rows: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);
     for r in &rows {
         assert_eq!(r["within_bound"], true, "{r}");

@@ -6,7 +6,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, inagg, worker};
+use common::{aggregator, assert_new_job_runs, expect_failure, inagg, worker};
 use serde_json::Value;
 
 #[test]
@@ -84,11 +84,8 @@ fn a_killed_worker_aborts_the_others_and_the_aggregator_serves_on() {
     ws[1].signal(libc::SIGKILL);
     let killed = Instant::now();
     for r in [0, 2] {
-        let status = ws[r]
-            .wait_for(Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("rank {r} still running 10 s after rank 1 died"));
-        assert!(!status.success());
-        let err = ws[r].stderr();
+        let what = format!("rank {r} after rank 1 died");
+        let err = expect_failure(&mut ws[r], Duration::from_secs(10), &what);
         assert!(
             err.contains("rank 1") && err.contains("aborted"),
             "rank {r} said: {err}"
@@ -97,15 +94,7 @@ fn a_killed_worker_aborts_the_others_and_the_aggregator_serves_on() {
     assert!(killed.elapsed() < Duration::from_secs(10));
     assert!(agg.running(), "the aggregator must survive");
     // A new job runs to completion on the same aggregator.
-    let mut fresh: Vec<_> = (0..2)
-        .map(|r| worker(addr, 8, r, 2, &["--elements", "50000", "--codec", "i32"]))
-        .collect();
-    for w in &mut fresh {
-        let st = w
-            .wait_for(Duration::from_secs(30))
-            .expect("new job finishes");
-        assert!(st.success(), "{}", w.stderr());
-    }
+    assert_new_job_runs(addr, 8, &["--codec", "i32"]);
 }
 
 #[test]

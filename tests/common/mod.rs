@@ -145,3 +145,44 @@ pub fn run_bounded(cmd: Command, limit: Duration) -> (ExitStatus, String, String
         e.join().expect("stderr reader"),
     )
 }
+
+/// One JSON value per non-empty line of `out` (what `--json` prints).
+pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Runs `inagg bench` with `args` (bounded by 240 s), fails the test if it fails,
+/// and returns its JSON rows.
+pub fn bench_json(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = inagg();
+    cmd.arg("bench").args(args);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(240));
+    assert!(st.success(), "bench {args:?} failed: {out}\n{err}");
+    json_lines(&out)
+}
+
+/// Runs a new two-rank job `job` on the aggregator at `addr` and asserts that it
+/// finishes: the aggregator serves on after whatever the test did to it.
+pub fn assert_new_job_runs(addr: SocketAddr, job: u32, extra: &[&str]) {
+    let mut args = vec!["--elements", "50000"];
+    args.extend_from_slice(extra);
+    let mut fresh: Vec<_> = (0..2).map(|r| worker(addr, job, r, 2, &args)).collect();
+    for w in &mut fresh {
+        let st = w
+            .wait_for(Duration::from_secs(30))
+            .expect("new job finishes");
+        assert!(st.success(), "{}", w.stderr());
+    }
+}
+
+/// Waits for `w`, which must fail within `limit`; returns its stderr.
+pub fn expect_failure(w: &mut Proc, limit: Duration, what: &str) -> String {
+    let st = w
+        .wait_for(limit)
+        .unwrap_or_else(|| panic!("{what}: still running after {limit:?}"));
+    assert!(!st.success(), "{what}: succeeded");
+    w.stderr()
+}
