@@ -137,7 +137,8 @@ pub fn run(a: &Args) -> Result<()> {
     )?;
 
     let mut opts = Options::new(a.aggregator, a.job, a.rank, a.world, codec.id());
-    opts.protocol.chunk_elems = (4096 / codec.wire_bytes()) as u16;
+    opts.protocol.chunk_elems =
+        (crate::cmd_worker::DEFAULT_CHUNK_BYTES / codec.wire_bytes()) as u16;
     opts.protocol.join_timeout = Duration::from_secs(60);
     let worker = UdpWorker::connect(opts)
         .with_context(|| format!("rank {} could not join job {}", a.rank, a.job))?;
