@@ -188,18 +188,22 @@ impl Server {
 
     fn log_events(&mut self) {
         while let Some(ev) = self.agg.poll_event() {
+            let job = match &ev {
+                Event::JobStarted { job, .. }
+                | Event::JobAborted { job, .. }
+                | Event::JobEnded { job, .. } => *job,
+            };
+            // A span per job: `RUST_LOG=inagg_aggregator[job{job=7}]=debug` follows one.
+            let _job = info_span!("job", job).entered();
             match ev {
                 Event::JobStarted {
-                    job,
                     world,
                     window,
                     codec,
-                } => info!(job, world, window, codec, "job started"),
-                Event::JobAborted { job, code, text } => {
-                    warn!(job, ?code, "job aborted: {text}")
-                }
-                Event::JobEnded { job, stats } => debug!(
-                    job,
+                    ..
+                } => info!(world, window, codec, "job started"),
+                Event::JobAborted { code, text, .. } => warn!(?code, "job aborted: {text}"),
+                Event::JobEnded { stats, .. } => debug!(
                     chunks = stats.chunks_completed,
                     copies = stats.copies_answered,
                     dropped = stats.dropped_total(),

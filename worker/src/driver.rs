@@ -113,6 +113,14 @@ impl Session {
         data: &mut [f32],
         feedback: Option<u64>,
     ) -> Result<AllreduceReport, Error> {
+        let g = self.grant();
+        let _span = tracing::debug_span!(
+            "allreduce",
+            job = g.job,
+            rank = g.rank,
+            elements = data.len()
+        )
+        .entered();
         if let Some(e) = self.failed.clone() {
             return Err(e.into());
         }
@@ -121,6 +129,12 @@ impl Session {
         match self.drive(data, |ev| matches!(ev, Event::AllreduceDone { .. }))? {
             Event::AllreduceDone { stats, elapsed } => {
                 let per = header_overhead(&self.aggregator);
+                tracing::debug!(
+                    ?elapsed,
+                    retransmissions = stats.retransmissions,
+                    probes = stats.probes,
+                    "allreduce done"
+                );
                 Ok(AllreduceReport {
                     elapsed,
                     elements: stats.elements,
