@@ -20,10 +20,12 @@ use crate::relay::FaultArgs;
 pub enum Transport {
     /// Plain UDP datagrams.
     Udp,
+    /// QUIC (quinn, TLS 1.3): encrypted, the aggregator authenticated.
+    Quic,
 }
 
 /// Flags of `inagg bench`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Worker processes.
     #[arg(long, default_value_t = 4)]
@@ -72,6 +74,51 @@ pub struct Args {
     /// Give up (and kill every process) after this many seconds per configuration.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// With `--transport quic`: the certificate the aggregators use, which the
+    /// workers are told to trust (set by `run`).
+    #[arg(skip)]
+    pub ca: Option<PathBuf>,
+}
+
+/// A certificate and key generated for one run's QUIC aggregators, in a directory
+/// removed afterwards.
+#[derive(Debug)]
+pub struct QuicIdentity {
+    dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl QuicIdentity {
+    /// Generates one in a fresh temporary directory.
+    pub fn generate() -> Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("inagg-quic-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        inagg_quic::Identity::load_or_generate(&cert, &key)?;
+        Ok(Self { dir, cert, key })
+    }
+
+    /// `inagg aggregator` flags that serve QUIC on `ip` (any port) with it.
+    pub fn aggregator_flags(&self, ip: std::net::IpAddr) -> Vec<String> {
+        vec![
+            "--quic".into(),
+            SocketAddr::new(ip, 0).to_string(),
+            "--cert".into(),
+            self.cert.display().to_string(),
+            "--key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+}
+
+impl Drop for QuicIdentity {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Where the processes run inside `scripts/netlab.sh`'s emulated cluster (set by
@@ -241,6 +288,20 @@ pub fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
     start_aggregator_in(&Netlab::default(), extra)
 }
 
+/// Starts `inagg aggregator` serving QUIC only, where `lab` says, with `id`.
+pub fn start_quic_aggregator_in(
+    lab: &Netlab,
+    id: &QuicIdentity,
+    extra: &[String],
+) -> Result<(Proc, SocketAddr)> {
+    let ip = lab.agg_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let mut cmd = Netlab::command(lab.agg_netns.as_deref())?;
+    cmd.arg("aggregator")
+        .args(id.aggregator_flags(ip))
+        .args(extra);
+    start_server(cmd, "aggregator", "quic on ")
+}
+
 /// Starts `inagg aggregator` where `lab` says (127.0.0.1 by default).
 pub fn start_aggregator_in(lab: &Netlab, extra: &[String]) -> Result<(Proc, SocketAddr)> {
     let ip = lab.agg_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
@@ -350,6 +411,17 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
         t.no_congestion_control
             .then(|| "--no-congestion-control".to_string()),
     )
+    .chain(match (a.transport, &a.ca) {
+        (Transport::Quic, Some(ca)) => vec![
+            "--transport".to_string(),
+            "quic".to_string(),
+            "--ca".to_string(),
+            ca.display().to_string(),
+            "--quic-mode".to_string(),
+            format!("{:?}", t.quic_mode).to_lowercase(),
+        ],
+        _ => Vec::new(),
+    })
     .collect()
 }
 
@@ -549,6 +621,13 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
 }
 
 pub fn run(a: &Args) -> Result<()> {
+    let quic = match a.transport {
+        Transport::Quic => Some(QuicIdentity::generate()?),
+        Transport::Udp => None,
+    };
+    let mut a = a.clone();
+    a.ca = quic.as_ref().map(|q| q.cert.clone());
+    let a = &a;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -570,7 +649,10 @@ pub fn run(a: &Args) -> Result<()> {
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..a.aggregators {
-        let (agg, agg_addr) = start_aggregator_in(&a.netlab, &[])?;
+        let (agg, agg_addr) = match &quic {
+            Some(id) => start_quic_aggregator_in(&a.netlab, id, &[])?,
+            None => start_aggregator_in(&a.netlab, &[])?,
+        };
         servers.push(agg);
         if faults.is_clean() {
             addrs.push(agg_addr);

@@ -2,12 +2,15 @@
 //! checks the last result against the exact sum, and reports.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use inagg_proto::codec;
-use inagg_worker::{Options, UdpWorker};
+use inagg_worker::{Options, QuicOptions, Trust, UdpWorker};
 use serde::{Deserialize, Serialize};
+
+pub use crate::bench::Transport;
 
 use crate::tensor::{self, Check};
 
@@ -59,6 +62,65 @@ pub struct Args {
     /// Stop starting allreduces after this many seconds (`--iters` stays the most).
     #[arg(long)]
     pub duration_s: Option<f64>,
+    /// Transport to the aggregator(s).
+    #[arg(long, value_enum, default_value_t = Transport::Udp)]
+    pub transport: Transport,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// How a QUIC worker trusts its aggregator: one of the two is required with
+/// `--transport quic` (there is no mode that skips verification).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrustArgs {
+    /// Trust the aggregator whose certificate chains to this PEM file (the file the
+    /// aggregator printed).
+    #[arg(long, conflicts_with = "fingerprint")]
+    pub ca: Option<PathBuf>,
+    /// Trust the aggregator whose certificate has this SHA-256 fingerprint (hex, as the
+    /// aggregator printed it).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// The name the certificate must carry with `--ca`.
+    #[arg(long, default_value = inagg_quic::DEFAULT_SERVER_NAME)]
+    pub server_name: String,
+}
+
+impl TrustArgs {
+    /// The QUIC options these flags ask for.
+    pub fn quic(&self, mode: QuicMode) -> Result<QuicOptions> {
+        let trust = match (&self.ca, &self.fingerprint) {
+            (Some(ca), _) => Trust::Ca(ca.clone()),
+            (None, Some(fp)) => Trust::fingerprint(fp)?,
+            (None, None) => bail!(
+                "--transport quic needs --ca FILE or --fingerprint HEX to check the aggregator"
+            ),
+        };
+        let mut q = QuicOptions::new(trust);
+        q.server_name = self.server_name.clone();
+        q.mode = mode.into();
+        Ok(q)
+    }
+}
+
+/// How protocol messages travel in a QUIC connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicMode {
+    /// One reliable stream, any chunk size (the faster here; see the README).
+    #[default]
+    Stream,
+    /// One QUIC datagram per message; chunks shrink to fit the path's datagrams.
+    Datagram,
+}
+
+impl From<QuicMode> for inagg_quic::Mode {
+    fn from(m: QuicMode) -> Self {
+        match m {
+            QuicMode::Stream => inagg_quic::Mode::Stream,
+            QuicMode::Datagram => inagg_quic::Mode::Datagram,
+        }
+    }
 }
 
 /// Protocol knobs shared by `worker` and `bench`.
@@ -89,6 +151,9 @@ pub struct Tuning {
     /// Keep the window at the grant instead of running AIMD on marks and losses.
     #[arg(long)]
     pub no_congestion_control: bool,
+    /// With `--transport quic`: messages on a stream or as QUIC datagrams.
+    #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
+    pub quic_mode: QuicMode,
 }
 
 /// Payload bytes per datagram by default: 4 KiB (1024 f32 elements) cuts the
@@ -164,6 +229,9 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.seed);
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
+    if a.transport == Transport::Quic {
+        o.transport = inagg_worker::Transport::Quic(a.trust.quic(a.tuning.quic_mode)?);
+    }
     Ok(o)
 }
 

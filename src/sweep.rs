@@ -78,6 +78,7 @@ pub fn run(a: &Args) -> Result<()> {
                         stochastic: a.stochastic,
                         skip_zeros: false,
                         no_congestion_control: false,
+                        quic_mode: Default::default(),
                     },
                     json: true,
                     zero_fraction: 0.0,
@@ -87,6 +88,7 @@ pub fn run(a: &Args) -> Result<()> {
                     aggregators: 1,
                     netlab: bench::Netlab::default(),
                     timeout_s: 600,
+                    ca: None,
                 };
                 let reports = bench::run_job(&b, &[addr], job, c)?;
                 job += 1;

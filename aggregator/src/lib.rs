@@ -1,6 +1,6 @@
 //! inagg-aggregator: the aggregator server. It drives the protocol state machine of
-//! `inagg_proto::aggregator` from a UDP socket: batched receive, batched send, timers,
-//! and a clean shutdown that tells every rank.
+//! `inagg_proto::aggregator` from a UDP socket (batched receive, batched send) or a
+//! QUIC endpoint, with timers and a clean shutdown that tells every rank.
 //!
 //! ```no_run
 //! use std::sync::{atomic::AtomicBool, Arc};
@@ -16,4 +16,5 @@
 mod server;
 
 pub use inagg_proto::aggregator::{AggregatorConfig, DropReason, Stats};
-pub use server::{Server, ServerConfig, ServerError};
+pub use inagg_quic::Identity;
+pub use server::{Front, QuicFront, Server, ServerConfig, ServerError, UdpFront};

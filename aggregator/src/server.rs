@@ -1,10 +1,16 @@
-//! The UDP front end: one socket, one thread, the state machine in the middle.
+//! The server loop: one front end, one thread, the state machine in the middle.
 //!
-//! The loop: receive a batch (up to 32 `recvmmsg` buffers, GRO-coalesced), hand every
-//! datagram to the state machine, fire due timers, then drain every datagram the state
-//! machine wants to send into a [`SendBatch`], which groups them by destination and
-//! sends each run with one GSO call. Results are encoded straight into the batch's
-//! arena from the slots' kept copies: nothing is allocated per datagram.
+//! The loop: receive a batch, hand every message to the state machine, fire due
+//! timers, then drain every message the state machine wants to send into the front
+//! end. The loop is the same for both transports; a [`Front`] is the layer under it:
+//!
+//! - [`UdpFront`]: receives up to 32 `recvmmsg` buffers (GRO-coalesced) per call, and
+//!   collects sends in a [`SendBatch`], which groups them by destination and sends each
+//!   run with one GSO call. Results are encoded straight into the batch's arena from
+//!   the slots' kept copies: nothing is allocated per datagram.
+//! - [`QuicFront`]: a [`QuicListener`], whose connections deliver messages tagged with
+//!   the peer's address, as a socket would; answers go back on the peer's stream or as
+//!   datagrams.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use inagg_net::{SendBatch, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
 use inagg_proto::aggregator::{Aggregator, AggregatorConfig, Event, Stats};
+use inagg_quic::{Identity, QuicListener};
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn};
 
@@ -56,6 +63,117 @@ pub enum ServerError {
     /// The socket failed while serving.
     #[error("socket error")]
     Io(#[from] io::Error),
+    /// The QUIC endpoint could not start.
+    #[error("cannot serve QUIC on {addr}")]
+    Quic {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: inagg_quic::Error,
+    },
+}
+
+/// The transport under the server loop.
+pub trait Front: std::fmt::Debug {
+    /// The bound address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Hands what arrived to `f`, waiting up to `wait` if nothing did; returns the
+    /// number of messages.
+    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    /// Whether the last receive left more waiting.
+    fn last_batch_full(&self) -> bool;
+    /// Sends everything the state machine has to send.
+    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()>;
+    /// Called once when the loop ends, after the last flush.
+    fn close(&mut self) {}
+    /// A line for the log at start.
+    fn describe(&self) -> String;
+}
+
+/// The UDP transport: batched receive and GSO sends.
+#[derive(Debug)]
+pub struct UdpFront {
+    endpoint: UdpEndpoint,
+    batch: SendBatch,
+}
+
+impl Front for UdpFront {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        self.endpoint.recv(wait, f)
+    }
+
+    fn last_batch_full(&self) -> bool {
+        self.endpoint.last_batch_full()
+    }
+
+    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
+        loop {
+            while self.batch.len() < SEND_BATCH
+                && self.batch.push_with(|buf| agg.poll_transmit_append(buf))
+            {}
+            if self.batch.is_empty() {
+                return Ok(());
+            }
+            self.batch.flush(&self.endpoint)?;
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "udp, gso {} segments, {} sends for {} datagrams",
+            self.endpoint.max_gso_segments(),
+            self.batch.calls,
+            self.batch.datagrams
+        )
+    }
+}
+
+/// The QUIC transport.
+#[derive(Debug)]
+pub struct QuicFront {
+    listener: QuicListener,
+    buf: Vec<u8>,
+}
+
+impl Front for QuicFront {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.listener.local_addr())
+    }
+
+    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        Ok(self.listener.recv(wait, f))
+    }
+
+    fn last_batch_full(&self) -> bool {
+        self.listener.last_batch_full()
+    }
+
+    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
+        loop {
+            self.buf.clear();
+            let Some(to) = agg.poll_transmit_append(&mut self.buf) else {
+                return Ok(());
+            };
+            self.listener.send(to, &self.buf);
+        }
+    }
+
+    fn close(&mut self) {
+        self.listener.close();
+    }
+
+    fn describe(&self) -> String {
+        let s = self.listener.stats();
+        format!(
+            "quic, {} connections ({} handshakes failed), {} messages unroutable, {} too large",
+            s.connections, s.failed_handshakes, s.unroutable, s.too_large
+        )
+    }
 }
 
 /// Full receive batches in a row after which the aggregator counts as falling behind
@@ -65,15 +183,36 @@ const BACKLOG_STREAK: u32 = 8;
 /// Datagrams drained from the state machine before a flush.
 const SEND_BATCH: usize = 256;
 
-/// A bound aggregator, ready to run.
+/// A bound aggregator, ready to run: over UDP by default, over QUIC from
+/// [`Server::bind_quic`].
 #[derive(Debug)]
-pub struct Server {
+pub struct Server<F: Front = UdpFront> {
     config: ServerConfig,
-    endpoint: UdpEndpoint,
+    front: F,
     agg: Aggregator<SocketAddr>,
 }
 
-impl Server {
+impl Server<QuicFront> {
+    /// Binds a QUIC endpoint at `config.listen`, authenticated by `identity`.
+    pub fn bind_quic(config: ServerConfig, identity: &Identity) -> Result<Self, ServerError> {
+        let listener =
+            QuicListener::bind(config.listen, identity).map_err(|source| ServerError::Quic {
+                addr: config.listen,
+                source,
+            })?;
+        let agg = Aggregator::new(config.protocol.clone());
+        Ok(Self {
+            config,
+            front: QuicFront {
+                listener,
+                buf: Vec::with_capacity(64 * 1024),
+            },
+            agg,
+        })
+    }
+}
+
+impl Server<UdpFront> {
     /// Binds the socket.
     pub fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let endpoint =
@@ -95,14 +234,19 @@ impl Server {
         let agg = Aggregator::new(config.protocol.clone());
         Ok(Self {
             config,
-            endpoint,
+            front: UdpFront {
+                endpoint,
+                batch: SendBatch::new(),
+            },
             agg,
         })
     }
+}
 
+impl<F: Front> Server<F> {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.front.local_addr()
     }
 
     /// Serves until `stop` is set; then aborts every job (telling its ranks) and returns
@@ -124,8 +268,7 @@ impl Server {
         let mut streak = 0u32;
         let span = info_span!("aggregator", addr = %self.local_addr()?);
         let _enter = span.enter();
-        info!(gso = self.endpoint.max_gso_segments(), "serving");
-        let mut batch = SendBatch::new();
+        info!(front = self.front.describe(), "serving");
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let wait = match self.agg.poll_timeout() {
@@ -135,10 +278,9 @@ impl Server {
                 None => self.config.poll_interval,
             };
             let agg = &mut self.agg;
-            let got = self
-                .endpoint
+            self.front
                 .recv(wait, |from, d| agg.handle_datagram(now, from, d))?;
-            streak = if self.endpoint.last_batch_full() {
+            streak = if self.front.last_batch_full() {
                 streak.saturating_add(1)
             } else {
                 0
@@ -148,42 +290,28 @@ impl Server {
             if self.agg.poll_timeout().is_some_and(|t| t <= now) {
                 self.agg.handle_timeout(now);
             }
-            self.flush(&mut batch)?;
+            self.front.flush(&mut self.agg)?;
             self.log_events();
             if now.saturating_duration_since(observed) >= every {
                 observe(&self.agg);
                 observed = now;
             }
-            if got == 0 {
-                continue;
-            }
         }
         info!("shutting down");
         self.agg.shutdown(Instant::now());
-        self.flush(&mut batch)?;
+        self.front.flush(&mut self.agg)?;
         self.log_events();
+        self.front.close();
         observe(&self.agg);
         let stats = self.agg.stats().clone();
         info!(
             received = stats.packets_received,
             sent = stats.packets_sent,
             dropped = stats.dropped_total(),
-            gso_calls = batch.calls,
+            front = self.front.describe(),
             "stopped"
         );
         Ok(stats)
-    }
-
-    fn flush(&mut self, batch: &mut SendBatch) -> Result<(), ServerError> {
-        loop {
-            let agg = &mut self.agg;
-            while batch.len() < SEND_BATCH && batch.push_with(|buf| agg.poll_transmit_append(buf)) {
-            }
-            if batch.is_empty() {
-                return Ok(());
-            }
-            batch.flush(&self.endpoint)?;
-        }
     }
 
     fn log_events(&mut self) {

@@ -186,3 +186,63 @@ pub fn expect_failure(w: &mut Proc, limit: Duration, what: &str) -> String {
     assert!(!st.success(), "{what}: succeeded");
     w.stderr()
 }
+
+/// An aggregator serving QUIC only on 127.0.0.1, its certificate and key generated in
+/// `dir`.
+pub struct QuicAggregator {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub fingerprint: String,
+    pub cert: std::path::PathBuf,
+}
+
+/// Starts `inagg aggregator --quic 127.0.0.1:0` with its identity in `dir`.
+pub fn quic_aggregator(dir: &std::path::Path, extra: &[&str]) -> QuicAggregator {
+    let cert = dir.join("agg.crt.pem");
+    let key = dir.join("agg.key.pem");
+    let mut cmd = inagg();
+    cmd.args(["aggregator", "--quic", "127.0.0.1:0", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(extra);
+    let mut p = Proc::spawn(cmd);
+    let out = p.child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read address");
+    // "quic on ADDR sha256 HEX certificate FILE"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        words.len() >= 6 && words[0] == "quic" && words[3] == "sha256",
+        "aggregator said {line:?}"
+    );
+    QuicAggregator {
+        proc: p,
+        addr: words[2].parse().expect("address"),
+        fingerprint: words[4].to_string(),
+        cert,
+    }
+}
+
+/// A fresh directory for one test's files, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let p =
+            std::env::temp_dir().join(format!("inagg-test-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,15 +1,88 @@
-//! The loop that runs the worker state machine over a UDP socket: send what is due in
-//! GSO batches, wait for datagrams or the next deadline, feed them in, repeat until the
-//! event the caller waits for.
+//! The loop that runs the worker state machine over a [`Link`]: send what is due, wait
+//! for messages or the next deadline, feed them in, repeat until the event the caller
+//! waits for. The link is a UDP socket (GSO batches) or a QUIC connection; the loop is
+//! the same.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use inagg_net::{header_overhead, SendBatch, UdpEndpoint};
-use inagg_proto::wire::Grant;
+use inagg_proto::wire::{Grant, DATA_HEADER_LEN};
 use inagg_proto::worker::{Event, Worker, WorkerError};
+use inagg_quic::QuicLink;
 
-use crate::{Error, Options};
+use crate::{Error, Options, Transport};
+
+/// How messages reach the aggregator.
+#[derive(Debug)]
+enum Link {
+    Udp {
+        endpoint: UdpEndpoint,
+        batch: SendBatch,
+        aggregator: SocketAddr,
+    },
+    Quic {
+        link: Box<QuicLink>,
+        buf: Vec<u8>,
+    },
+}
+
+impl Link {
+    /// Sends everything the state machine has to send now.
+    fn flush(&mut self, worker: &mut Worker, data: &[f32]) -> Result<(), Error> {
+        let now = Instant::now();
+        match self {
+            Link::Udp {
+                endpoint,
+                batch,
+                aggregator,
+            } => loop {
+                let agg = *aggregator;
+                while batch.len() < SEND_BATCH
+                    && batch
+                        .push_with(|buf| worker.poll_transmit_append(now, data, buf).then_some(agg))
+                {
+                }
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                batch.flush(endpoint)?;
+            },
+            Link::Quic { link, buf } => loop {
+                buf.clear();
+                if !worker.poll_transmit_append(now, data, buf) {
+                    return Ok(());
+                }
+                link.send(buf)?;
+            },
+        }
+    }
+
+    /// Hands what the aggregator sent to `f`, waiting up to `wait` if nothing came.
+    fn recv(&mut self, wait: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, Error> {
+        match self {
+            Link::Udp {
+                endpoint,
+                aggregator,
+                ..
+            } => {
+                let agg = *aggregator;
+                Ok(endpoint.recv(wait, |from, d| {
+                    if from == agg {
+                        f(d);
+                    }
+                })?)
+            }
+            Link::Quic { link, .. } => Ok(link.recv(wait, f)?),
+        }
+    }
+
+    fn close(&mut self) {
+        if let Link::Quic { link, .. } = self {
+            link.close();
+        }
+    }
+}
 
 /// Datagrams encoded before a flush.
 const SEND_BATCH: usize = 64;
@@ -61,31 +134,58 @@ impl AllreduceReport {
     }
 }
 
-/// A socket and a worker state machine.
+/// A link and a worker state machine.
 #[derive(Debug)]
 pub(crate) struct Session {
-    endpoint: UdpEndpoint,
+    link: Link,
     aggregator: SocketAddr,
     worker: Worker,
-    batch: SendBatch,
     /// A failure seen by the heartbeat thread, reported by the next call.
     failed: Option<WorkerError>,
 }
 
 impl Session {
-    /// A session with the aggregator at `aggregator`.
+    /// A session with the aggregator at `aggregator` (over QUIC: connected, the
+    /// aggregator's certificate checked).
     pub fn new(opts: &Options, aggregator: SocketAddr) -> Result<Self, Error> {
-        let worker = Worker::new(opts.protocol.clone(), Instant::now())?;
+        // Check the settings before touching the network.
+        let mut config = opts.protocol.clone();
+        Worker::new(config.clone(), Instant::now())?;
         let bind = opts.bind.unwrap_or_else(|| match aggregator {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         });
-        let endpoint = UdpEndpoint::bind(bind, opts.socket_buffer)?;
+        let link = match &opts.transport {
+            Transport::Udp => Link::Udp {
+                endpoint: UdpEndpoint::bind(bind, opts.socket_buffer)?,
+                batch: SendBatch::new(),
+                aggregator,
+            },
+            Transport::Quic(q) => {
+                let link = QuicLink::connect(q, aggregator, bind)?;
+                if q.mode == inagg_quic::Mode::Datagram {
+                    // A chunk must fit in one datagram on every path, and every rank
+                    // must ask for the same chunk: size it for the datagram QUIC
+                    // always carries, not for what path MTU discovery has found yet.
+                    let per = inagg_proto::codec::lookup(config.codec)
+                        .map_or(4, |c| c.wire_bytes())
+                        .max(1);
+                    let fit =
+                        inagg_quic::MIN_DATAGRAM.saturating_sub(DATA_HEADER_LEN) / per / 8 * 8;
+                    let fit = u16::try_from(fit).unwrap_or(u16::MAX);
+                    config.chunk_elems = config.chunk_elems.min(fit.max(8));
+                }
+                Link::Quic {
+                    link: Box::new(link),
+                    buf: Vec::with_capacity(64 * 1024),
+                }
+            }
+        };
+        let worker = Worker::new(config, Instant::now())?;
         Ok(Self {
-            endpoint,
+            link,
             aggregator,
             worker,
-            batch: SendBatch::new(),
             failed: None,
         })
     }
@@ -162,30 +262,27 @@ impl Session {
         let deadline = Instant::now() + Duration::from_secs(1);
         while !self.worker.is_finished() && Instant::now() < deadline {
             if self.flush(&mut []).is_err() {
-                return;
+                break;
             }
             let now = Instant::now();
             let wait = self
                 .worker
                 .poll_timeout()
                 .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT));
-            let (worker, agg) = (&mut self.worker, self.aggregator);
+            let worker = &mut self.worker;
             if self
-                .endpoint
-                .recv(wait, |from, d| {
-                    if from == agg {
-                        worker.handle_datagram(Instant::now(), d, &mut []);
-                    }
-                })
+                .link
+                .recv(wait, |d| worker.handle_datagram(Instant::now(), d, &mut []))
                 .is_err()
             {
-                return;
+                break;
             }
             let now = Instant::now();
             if self.worker.poll_timeout().is_some_and(|t| t <= now) {
                 self.worker.handle_timeout(now);
             }
         }
+        self.link.close();
     }
 
     /// One round without waiting: used by the heartbeat thread between calls.
@@ -194,12 +291,10 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        let (worker, agg) = (&mut self.worker, self.aggregator);
-        let _ = self.endpoint.recv(Duration::ZERO, |from, d| {
-            if from == agg {
-                worker.handle_datagram(now, d, &mut []);
-            }
-        });
+        let worker = &mut self.worker;
+        let _ = self
+            .link
+            .recv(Duration::ZERO, |d| worker.handle_datagram(now, d, &mut []));
         if self.worker.poll_timeout().is_some_and(|t| t <= now) {
             self.worker.handle_timeout(now);
         }
@@ -211,21 +306,8 @@ impl Session {
         }
     }
 
-    fn flush(&mut self, data: &mut [f32]) -> std::io::Result<()> {
-        let now = Instant::now();
-        loop {
-            let (worker, agg) = (&mut self.worker, self.aggregator);
-            while self.batch.len() < SEND_BATCH
-                && self
-                    .batch
-                    .push_with(|buf| worker.poll_transmit_append(now, data, buf).then_some(agg))
-            {
-            }
-            if self.batch.is_empty() {
-                return Ok(());
-            }
-            self.batch.flush(&self.endpoint)?;
-        }
+    fn flush(&mut self, data: &mut [f32]) -> Result<(), Error> {
+        self.link.flush(&mut self.worker, data)
     }
 
     /// Runs the loop until `want` matches an event (returned) or the worker fails.
@@ -245,12 +327,9 @@ impl Session {
             let deadline = self.worker.poll_timeout();
             let wait =
                 deadline.map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT));
-            let (worker, agg) = (&mut self.worker, self.aggregator);
-            self.endpoint.recv(wait, |from, d| {
-                if from == agg {
-                    worker.handle_datagram(Instant::now(), d, data);
-                }
-            })?;
+            let worker = &mut self.worker;
+            self.link
+                .recv(wait, |d| worker.handle_datagram(Instant::now(), d, data))?;
             let now = Instant::now();
             if self.worker.poll_timeout().is_some_and(|t| t <= now) {
                 self.worker.handle_timeout(now);

@@ -42,9 +42,20 @@ pub use driver::AllreduceReport;
 pub use inagg_proto::codec::CodecId;
 pub use inagg_proto::wire::Grant;
 pub use inagg_proto::worker::{ConfigError, WorkerConfig, WorkerError};
+pub use inagg_quic::{ClientOptions as QuicOptions, Mode as QuicMode, Trust};
 use thiserror::Error;
 
 use driver::Session;
+
+/// How a worker reaches its aggregators.
+#[derive(Debug, Clone, Default)]
+pub enum Transport {
+    /// Plain UDP datagrams (the fastest; the secret travels in clear).
+    #[default]
+    Udp,
+    /// QUIC: encrypted, the aggregator authenticated by its certificate.
+    Quic(inagg_quic::ClientOptions),
+}
 
 /// Everything a worker needs to join its job.
 #[derive(Debug, Clone)]
@@ -59,6 +70,8 @@ pub struct Options {
     pub bind: Option<SocketAddr>,
     /// Socket buffer size to ask for.
     pub socket_buffer: usize,
+    /// UDP or QUIC.
+    pub transport: Transport,
     /// The protocol settings: job, rank, world, codec, secret, chunk, window, timeouts.
     pub protocol: WorkerConfig,
 }
@@ -71,6 +84,7 @@ impl Options {
             stripes: Vec::new(),
             bind: None,
             socket_buffer: inagg_net::DEFAULT_SOCKET_BUFFER,
+            transport: Transport::Udp,
             protocol: WorkerConfig::new(job, rank, world, codec),
         }
     }
@@ -85,6 +99,9 @@ pub enum Error {
     /// The socket failed.
     #[error("socket error")]
     Io(#[from] std::io::Error),
+    /// The QUIC connection failed or could not be made.
+    #[error(transparent)]
+    Quic(#[from] inagg_quic::Error),
     /// The protocol failed: refused, aborted, timed out.
     #[error(transparent)]
     Protocol(#[from] WorkerError),

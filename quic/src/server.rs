@@ -1,0 +1,267 @@
+//! The aggregator's end: accepts connections and turns them back into what the
+//! aggregator's loop knows, messages tagged with the peer's address. A tokio runtime
+//! runs quinn and one task per connection (plus one per stream); everything they
+//! receive arrives in one channel, read by the caller's thread, which owns the
+//! protocol state machine as it does over UDP.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use crate::{tls::Identity, Error};
+
+/// Messages drained per receive call before the loop goes on to send.
+const RECV_BATCH: usize = 256;
+
+/// What the connection tasks tell the loop.
+#[derive(Debug)]
+enum Inbound {
+    Open(SocketAddr, usize, quinn::Connection),
+    Stream(SocketAddr, usize, tokio::sync::mpsc::UnboundedSender<Bytes>),
+    Data(SocketAddr, Bytes),
+    Closed(SocketAddr, usize),
+}
+
+/// How to answer one peer: the way it spoke last.
+#[derive(Debug)]
+struct Peer {
+    id: usize,
+    conn: quinn::Connection,
+    stream: Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
+}
+
+/// Counters of the QUIC front end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// Connections accepted (handshake done).
+    pub connections: u64,
+    /// Handshakes that failed.
+    pub failed_handshakes: u64,
+    /// Messages for peers without a connection (closed meanwhile), dropped.
+    pub unroutable: u64,
+    /// Messages that did not fit the peer's datagram size, dropped.
+    pub too_large: u64,
+}
+
+/// A QUIC endpoint accepting workers.
+#[derive(Debug)]
+pub struct QuicListener {
+    inbound: mpsc::Receiver<Inbound>,
+    peers: HashMap<SocketAddr, Peer>,
+    local: SocketAddr,
+    last_full: bool,
+    stats: ListenerStats,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    endpoint: quinn::Endpoint,
+    /// Dropped last: quinn's tasks run on it.
+    runtime: tokio::runtime::Runtime,
+}
+
+impl QuicListener {
+    /// Binds `addr` and starts accepting connections authenticated by `identity`.
+    pub fn bind(addr: SocketAddr, identity: &Identity) -> Result<Self, Error> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_crypto()?)
+            .map_err(|e| Error::Generate(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(crate::transport_config());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("inagg-quic")
+            .enable_all()
+            .build()?;
+        let socket = crate::socket(addr)?;
+        let endpoint = {
+            let _rt = runtime.enter();
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )?
+        };
+        let local = endpoint.local_addr()?;
+        let (tx, inbound) = mpsc::channel();
+        let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        runtime.spawn(accept(endpoint.clone(), tx, Arc::clone(&failed)));
+        Ok(Self {
+            inbound,
+            peers: HashMap::new(),
+            local,
+            last_full: false,
+            stats: ListenerStats::default(),
+            failed,
+            endpoint,
+            runtime,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ListenerStats {
+        let mut s = self.stats.clone();
+        s.failed_handshakes = self.failed.load(std::sync::atomic::Ordering::Relaxed);
+        s
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether the last receive stopped at its batch limit: more was waiting.
+    pub fn last_batch_full(&self) -> bool {
+        self.last_full
+    }
+
+    /// Hands every message received to `f` with its peer's address, waiting up to
+    /// `timeout` if none is there. Returns how many.
+    pub fn recv(&mut self, timeout: Duration, mut f: impl FnMut(SocketAddr, &[u8])) -> usize {
+        let mut n = 0;
+        let mut handled = 0;
+        let mut wait = !timeout.is_zero();
+        while handled < RECV_BATCH {
+            let next = if wait {
+                wait = false;
+                self.inbound.recv_timeout(timeout).ok()
+            } else {
+                self.inbound.try_recv().ok()
+            };
+            let Some(m) = next else { break };
+            handled += 1;
+            match m {
+                Inbound::Data(from, d) => {
+                    f(from, &d);
+                    n += 1;
+                }
+                Inbound::Open(addr, id, conn) => {
+                    self.stats.connections += 1;
+                    debug!(%addr, "QUIC connection");
+                    self.peers.insert(
+                        addr,
+                        Peer {
+                            id,
+                            conn,
+                            stream: None,
+                        },
+                    );
+                }
+                Inbound::Stream(addr, id, s) => {
+                    if let Some(p) = self.peers.get_mut(&addr).filter(|p| p.id == id) {
+                        p.stream = Some(s);
+                    }
+                }
+                Inbound::Closed(addr, id) => {
+                    if self.peers.get(&addr).is_some_and(|p| p.id == id) {
+                        debug!(%addr, "QUIC connection closed");
+                        self.peers.remove(&addr);
+                    }
+                }
+            }
+        }
+        self.last_full = handled == RECV_BATCH;
+        n
+    }
+
+    /// Sends one message to `to` the way it last spoke: on its stream if it opened
+    /// one, as a datagram otherwise. A peer that is gone is counted, not an error: as
+    /// over UDP, the protocol notices its silence.
+    pub fn send(&mut self, to: SocketAddr, msg: &[u8]) {
+        let Some(p) = self.peers.get(&to) else {
+            self.stats.unroutable += 1;
+            return;
+        };
+        match &p.stream {
+            Some(s) => {
+                if s.send(crate::frame(msg)).is_err() {
+                    self.stats.unroutable += 1;
+                }
+            }
+            None => match p.conn.send_datagram(Bytes::copy_from_slice(msg)) {
+                Ok(()) => {}
+                Err(quinn::SendDatagramError::TooLarge) => {
+                    self.stats.too_large += 1;
+                    warn!(%to, size = msg.len(), "message larger than the peer's QUIC datagrams: dropped");
+                }
+                Err(_) => self.stats.unroutable += 1,
+            },
+        }
+    }
+
+    /// Closes every connection and waits briefly for the closes to go out.
+    pub fn close(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"aggregator stopping");
+        let ep = self.endpoint.clone();
+        let _ = self.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await
+        });
+    }
+}
+
+/// Accepts connections until the endpoint closes.
+async fn accept(
+    endpoint: quinn::Endpoint,
+    tx: mpsc::Sender<Inbound>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut next_id = 0usize;
+    while let Some(incoming) = endpoint.accept().await {
+        next_id += 1;
+        let id = next_id;
+        let tx = tx.clone();
+        let failed = Arc::clone(&failed);
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve(conn, id, tx).await,
+                Err(e) => {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    debug!(%remote, "QUIC handshake failed: {e}");
+                }
+            }
+        });
+    }
+}
+
+/// Forwards one connection's datagrams and streams until it closes.
+async fn serve(conn: quinn::Connection, id: usize, tx: mpsc::Sender<Inbound>) {
+    let addr = conn.remote_address();
+    if tx.send(Inbound::Open(addr, id, conn.clone())).is_err() {
+        return;
+    }
+    let datagrams = {
+        let (conn, tx) = (conn.clone(), tx.clone());
+        tokio::spawn(async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if tx.send(Inbound::Data(addr, d)).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (wtx, wrx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(crate::write_frames(send, wrx));
+        if tx.send(Inbound::Stream(addr, id, wtx)).is_err() {
+            return;
+        }
+        let (conn, tx) = (conn.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = crate::read_frames(recv, |m| tx.send(Inbound::Data(addr, m)).is_ok()).await;
+            if let Err(why) = r {
+                conn.close(quinn::VarInt::from_u32(1), why.as_bytes());
+            }
+        });
+    }
+    let _ = datagrams.await;
+    let _ = tx.send(Inbound::Closed(addr, id));
+}

@@ -1,0 +1,113 @@
+//! The QUIC link and listener in one process over 127.0.0.1: messages both ways in
+//! both modes, the datagram size floor, trust by CA file and by fingerprint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use inagg_quic::{ClientOptions, Identity, Mode, QuicLink, QuicListener, Trust, MIN_DATAGRAM};
+
+fn temp(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let p = std::env::temp_dir().join(format!("inagg-quic-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&p).expect("dir");
+    p
+}
+
+fn any() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+/// Echoes every message the listener receives back to its sender, within `limit`.
+fn echo(listener: &mut QuicListener, want: usize, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        listener.recv(Duration::from_millis(20), |from, m| {
+            got.push((from, m.to_vec()))
+        });
+    }
+    for (from, m) in &got {
+        listener.send(*from, m);
+    }
+    got.len()
+}
+
+#[test]
+fn messages_travel_both_ways_in_both_modes() {
+    let dir = temp("both");
+    let id = Identity::load_or_generate(&dir.join("c.pem"), &dir.join("k.pem")).expect("id");
+    assert!(id.generated);
+    let mut listener = QuicListener::bind(any(), &id).expect("bind");
+    for (mode, trust) in [
+        (Mode::Stream, Trust::Ca(id.cert_path.clone())),
+        (
+            Mode::Datagram,
+            Trust::fingerprint(&id.fingerprint()).expect("fp"),
+        ),
+    ] {
+        let mut o = ClientOptions::new(trust);
+        o.mode = mode;
+        let mut link = QuicLink::connect(&o, listener.local_addr(), any()).expect("connect");
+        assert!(
+            link.max_message() >= MIN_DATAGRAM,
+            "{mode:?}: {}",
+            link.max_message()
+        );
+        let sizes = [1usize, 40, 1000, MIN_DATAGRAM];
+        for (i, n) in sizes.iter().enumerate() {
+            link.send(&vec![i as u8; *n]).expect("send");
+        }
+        // Datagrams may be lost in principle; on loopback with room in every buffer
+        // they are not.
+        assert_eq!(
+            echo(&mut listener, sizes.len(), Duration::from_secs(5)),
+            sizes.len()
+        );
+        let mut back = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while back.len() < sizes.len() && Instant::now() < deadline {
+            link.recv(Duration::from_millis(20), |m| back.push(m.len()))
+                .expect("recv");
+        }
+        back.sort_unstable();
+        assert_eq!(back, sizes.to_vec(), "{mode:?}");
+        if mode == Mode::Stream {
+            // A stream takes messages larger than any datagram.
+            link.send(&vec![7u8; 100_000]).expect("send");
+            assert_eq!(echo(&mut listener, 1, Duration::from_secs(5)), 1);
+        } else {
+            let err = link.send(&vec![7u8; 20_000]).expect_err("too large");
+            assert!(err.to_string().contains("does not fit"), "{err}");
+        }
+        link.close();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_identity_is_kept_and_half_of_one_is_refused() {
+    let dir = temp("keep");
+    let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
+    let a = Identity::load_or_generate(&c, &k).expect("new");
+    let b = Identity::load_or_generate(&c, &k).expect("load");
+    assert!(a.generated && !b.generated);
+    assert_eq!(a.fingerprint(), b.fingerprint());
+    std::fs::remove_file(&k).expect("rm");
+    let err = Identity::load_or_generate(&c, &k).expect_err("half");
+    assert!(err.to_string().contains("does not: refusing"), "{err}");
+    assert!(Trust::fingerprint("abc").is_err());
+    let fp = a.fingerprint();
+    let colons: Vec<String> = fp
+        .as_bytes()
+        .chunks(2)
+        .map(|p| String::from_utf8_lossy(p).to_uppercase())
+        .collect();
+    assert_eq!(
+        Trust::fingerprint(&format!("sha256:{}", colons.join(":"))).expect("colons"),
+        Trust::fingerprint(&fp).expect("plain")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
