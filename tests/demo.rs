@@ -185,3 +185,29 @@ fn demo_rejects_bad_flags_clearly() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn demo_over_quic_trains_with_every_codec() {
+    let dir = scratch("demo-quic");
+    let (st, out, err) = run_bounded(
+        short_demo(
+            &dir,
+            &[
+                "--transport",
+                "quic",
+                "--codecs",
+                "f32,f16,bf16,i32,i16,i8",
+                "--json",
+            ],
+        ),
+        LIMIT,
+    );
+    assert!(st.success(), "demo failed: {out}\n{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 6);
+    for r in &rows {
+        assert_eq!(r["replicas_identical"], true, "{r}");
+        assert!(r["final_loss"].as_f64().is_some_and(f64::is_finite), "{r}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

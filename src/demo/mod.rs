@@ -87,6 +87,7 @@ struct RankLog {
 fn run_codec(
     a: &Args,
     addr: std::net::SocketAddr,
+    ca: Option<&std::path::Path>,
     job: u32,
     codec: &str,
 ) -> Result<(Row, Vec<f64>)> {
@@ -116,6 +117,9 @@ fn run_codec(
                     .collect::<Vec<_>>()
                     .join(","),
             );
+        if let Some(ca) = ca {
+            cmd.args(["--transport", "quic", "--ca"]).arg(ca);
+        }
         if t.no_error_feedback {
             cmd.arg("--no-error-feedback");
         }
@@ -310,11 +314,19 @@ pub fn run(a: &Args) -> Result<()> {
         }
     }
     drop(split);
-    let (mut agg, addr) = bench::start_aggregator(&[])?;
+    let quic = match a.transport {
+        bench::Transport::Quic => Some(bench::QuicIdentity::generate()?),
+        bench::Transport::Udp => None,
+    };
+    let (mut agg, addr) = match &quic {
+        Some(id) => bench::start_quic_aggregator_in(&bench::Netlab::default(), id, &[])?,
+        None => bench::start_aggregator(&[])?,
+    };
+    let ca = quic.as_ref().map(|q| q.cert.as_path());
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for (i, c) in a.codecs.iter().enumerate() {
-        let (row, curve) = run_codec(a, addr, 100 + i as u32, c)?;
+        let (row, curve) = run_codec(a, addr, ca, 100 + i as u32, c)?;
         if a.json {
             println!("{}", serde_json::to_string(&row)?);
         }

@@ -30,6 +30,11 @@ pub struct Args {
     pub world: u16,
     #[arg(long)]
     pub codec: String,
+    /// Transport to the aggregator.
+    #[arg(long, value_enum, default_value_t = crate::bench::Transport::Udp)]
+    pub transport: crate::bench::Transport,
+    #[command(flatten)]
+    pub trust: crate::cmd_worker::TrustArgs,
     #[command(flatten)]
     pub train: Training,
 }
@@ -140,6 +145,9 @@ pub fn run(a: &Args) -> Result<()> {
     opts.protocol.chunk_elems =
         (crate::cmd_worker::DEFAULT_CHUNK_BYTES / codec.wire_bytes()) as u16;
     opts.protocol.join_timeout = Duration::from_secs(60);
+    if a.transport == crate::bench::Transport::Quic {
+        opts.transport = inagg_worker::Transport::Quic(a.trust.quic(Default::default())?);
+    }
     let worker = UdpWorker::connect(opts)
         .with_context(|| format!("rank {} could not join job {}", a.rank, a.job))?;
     let feedback = codec.block_scaled() && !t.no_error_feedback;
