@@ -15,6 +15,10 @@ use inagg_proto::codec::{self, Codec};
 /// a whole gradient tensor is.
 const N: usize = 1 << 20;
 
+/// The world size the chunks are scaled and summed for (codecs may pick their sum's
+/// lanes from it: i8 sums 4 ranks in 16-bit lanes).
+const WORLD: u16 = 4;
+
 fn data() -> Vec<f32> {
     (0..N)
         .map(|i| ((i * 7919 % 10007) as f32 / 10007.0 - 0.5) * 2f32.powi((i / 4096 % 8) as i32 - 4))
@@ -27,12 +31,12 @@ fn kernels(c: &mut Criterion) {
         let codec: &dyn Codec = *codec;
         let w = codec.wire_bytes();
         let e = codec::block_exponent(&src).unwrap_or(0);
-        let scale = codec.scale(4, e);
+        let scale = codec.scale(WORLD, e);
         let mut wire = vec![0u8; N * w];
         codec.encode(&src, scale, &mut wire);
         let mut out = vec![0f32; N];
         let mut acc = vec![0u32; N];
-        codec.sum_first(&mut acc, &wire);
+        codec.sum_first(&mut acc, WORLD, &wire);
         let (mut copy_src, mut copy_dst) = (vec![0u8; N * 4], vec![0u8; N * 4]);
         copy_src
             .iter_mut()
@@ -62,7 +66,7 @@ fn kernels(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("{}/sum", codec.name()));
         g.throughput(Throughput::Bytes((N * w) as u64));
         g.bench_function("codec", |b| {
-            b.iter(|| codec.sum_add(black_box(&mut acc), black_box(&wire)))
+            b.iter(|| codec.sum_add(black_box(&mut acc), WORLD, black_box(&wire)))
         });
         g.bench_function("memcpy", |b| {
             b.iter(|| copy_dst[..N * w].copy_from_slice(black_box(&copy_src[..N * w])))

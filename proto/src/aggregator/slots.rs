@@ -138,7 +138,7 @@ impl SlotPool {
                 return Outcome::Inconsistent;
             }
             bits[word] |= bit;
-            codec.sum_add(lanes, payload);
+            codec.sum_add(lanes, self.world, payload);
             let m = &mut self.meta[i];
             m.contributors += 1;
             m.exp_max = m.exp_max.max(h.next_exp);
@@ -150,7 +150,7 @@ impl SlotPool {
             }
             bits.fill(0);
             bits[word] |= bit;
-            codec.sum_first(lanes, payload);
+            codec.sum_first(lanes, self.world, payload);
             self.meta[i] = SlotMeta {
                 seq: h.seq,
                 contributors: 1,

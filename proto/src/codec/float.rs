@@ -25,10 +25,10 @@ impl Codec for F32 {
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::le_to_f32(src, out)
     }
-    fn sum_first(&self, acc: &mut [u32], payload: &[u8]) {
+    fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::load_lanes(acc, payload)
     }
-    fn sum_add(&self, acc: &mut [u32], payload: &[u8]) {
+    fn sum_add(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::add_f32(acc, payload)
     }
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {

@@ -3,16 +3,15 @@
 //! the sum back to two bytes.
 //!
 //! f16 conversions go through the `half` crate's slice conversions, which use the
-//! CPU's F16C instructions when it has them (checked at run time). bf16 is a bit trick
-//! (round to nearest even on the upper 16 bits), which vectorizes as well.
+//! CPU's F16C instructions when it has them (checked at run time); the aggregator's
+//! f16 sum converts and adds with F16C in one pass, at any payload alignment
+//! ([`kernels::add_f16`]). bf16 is a bit trick (round to nearest even on the upper 16
+//! bits), which vectorizes as well.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::{kernels, uniform, Codec, CodecId, Scale};
-
-/// Elements converted per step through a stack buffer.
-const BLOCK: usize = 256;
 
 /// IEEE half precision: 11 significant bits, largest finite value 65504.
 #[derive(Debug, Clone, Copy)]
@@ -106,17 +105,11 @@ impl Codec for F16 {
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         f16_to_f32(src, out)
     }
-    fn sum_first(&self, acc: &mut [u32], payload: &[u8]) {
-        let lanes: &mut [f32] = bytemuck::cast_slice_mut(acc);
-        f16_to_f32(payload, lanes)
+    fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
+        kernels::load_f16(acc, payload)
     }
-    fn sum_add(&self, acc: &mut [u32], payload: &[u8]) {
-        let mut tmp = [0f32; BLOCK];
-        for (a, p) in acc.chunks_mut(BLOCK).zip(payload.chunks(2 * BLOCK)) {
-            let t = &mut tmp[..a.len()];
-            f16_to_f32(p, t);
-            kernels::add_f32_values(a, t);
-        }
+    fn sum_add(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
+        kernels::add_f16(acc, payload)
     }
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
         f32_to_f16(bytemuck::cast_slice(acc), out)
@@ -148,10 +141,10 @@ impl Codec for Bf16 {
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::from_bf16(src, out)
     }
-    fn sum_first(&self, acc: &mut [u32], payload: &[u8]) {
+    fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::from_bf16(payload, bytemuck::cast_slice_mut(acc))
     }
-    fn sum_add(&self, acc: &mut [u32], payload: &[u8]) {
+    fn sum_add(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::add_bf16(acc, payload)
     }
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {

@@ -1,8 +1,24 @@
 //! The per-element loops of the codecs and of the aggregator's sum, written to
 //! auto-vectorize, and compiled twice: for the baseline target and for AVX2 + FMA +
 //! F16C, chosen at run time (the CPU check is a cached atomic load, once per chunk).
+//!
+//! The f16 sum is the exception: no portable code converts f16 in vector registers,
+//! so its fast version calls F16C's conversion explicitly (module `x86`), and the
+//! baseline converts element by element through the `half` crate.
+
+use half::f16;
 
 use super::uniform;
+
+/// Whether the CPU has AVX2, FMA and F16C (x86-64-v3), which the fast versions of
+/// the kernels are compiled for.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn has_v3() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
 
 /// Defines `pub(crate) fn $name` that runs `$body` compiled with AVX2/FMA/F16C when the
 /// CPU has them, and compiled for the baseline target otherwise.
@@ -18,10 +34,7 @@ macro_rules! multiversion {
                 unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2")
-                    && std::is_x86_feature_detected!("fma")
-                    && std::is_x86_feature_detected!("f16c")
-                {
+                if has_v3() {
                     // SAFETY: the CPU supports every feature `fast` was compiled for.
                     return unsafe { fast($($arg),*) };
                 }
@@ -102,15 +115,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// f32 lanes: `acc += f32(src)` for f32 values held in `src` as they are.
-    fn add_f32_values(acc: &mut [u32], src: &[f32]) {
-        for (x, a) in src.iter().zip(acc.iter_mut()) {
-            *a = (f32::from_bits(*a) + *x).to_bits();
-        }
-    }
-}
-
-multiversion! {
     /// i32 lanes: `acc += src` where `src` holds integers of `width` bytes (1, 2, 4),
     /// wrapping.
     fn add_int(acc: &mut [u32], src: &[u8], width: usize) {
@@ -181,6 +185,36 @@ multiversion! {
                     o.copy_from_slice(&q(*a).to_le_bytes());
                 }
             }
+        }
+    }
+}
+
+multiversion! {
+    /// i16 lanes: `acc = src` for i8 integers.
+    fn load_i8_i16(acc: &mut [i16], src: &[u8]) {
+        for (c, a) in src.iter().zip(acc.iter_mut()) {
+            *a = i16::from(*c as i8);
+        }
+    }
+}
+
+multiversion! {
+    /// i16 lanes: `acc += src` for i8 integers, wrapping.
+    fn add_i8_i16(acc: &mut [i16], src: &[u8]) {
+        for (c, a) in src.iter().zip(acc.iter_mut()) {
+            *a = a.wrapping_add(i16::from(*c as i8));
+        }
+    }
+}
+
+multiversion! {
+    /// i16 lanes to i8 integers: each lane divided by `2^shift` (at most 15), rounded
+    /// (half up), clamped to `±lim`; the same as [`store_int`] on the same sums.
+    fn store_i16_i8(acc: &[i16], shift: u32, lim: i32, out: &mut [u8]) {
+        let shift = shift.min(15);
+        let half = (1i32 << shift) >> 1;
+        for (a, o) in acc.iter().zip(out.iter_mut()) {
+            *o = ((i32::from(*a) + half) >> shift).clamp(-lim, lim) as i8 as u8;
         }
     }
 }
@@ -288,6 +322,96 @@ multiversion! {
         for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
             let x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
             *a = (f32::from_bits(*a) + x).to_bits();
+        }
+    }
+}
+
+/// Elements of an f16 payload converted per step by F16C (one 256-bit register).
+const F16_STEP: usize = 8;
+
+/// f32 lanes: `acc = f16(src)`, or `acc += f16(src)` with `ADD`; the payload at any
+/// alignment.
+fn f16_lanes<const ADD: bool>(acc: &mut [u32], src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_v3() {
+        // SAFETY: the CPU supports every feature `x86::f16_lanes` was compiled for.
+        return unsafe { x86::f16_lanes::<ADD>(acc, src) };
+    }
+    f16_lanes_portable::<ADD>(acc, src)
+}
+
+/// [`f16_lanes`] for CPUs without F16C: element by element through `half`.
+pub(crate) fn f16_lanes_portable<const ADD: bool>(acc: &mut [u32], src: &[u8]) {
+    for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
+        let x = f16::from_le_bytes([c[0], c[1]]).to_f32();
+        *a = if ADD {
+            (f32::from_bits(*a) + x).to_bits()
+        } else {
+            x.to_bits()
+        };
+    }
+}
+
+/// f32 lanes: `acc = f16(src)`.
+pub(crate) fn load_f16(acc: &mut [u32], src: &[u8]) {
+    f16_lanes::<false>(acc, src)
+}
+
+/// f32 lanes: `acc += f16(src)`.
+pub(crate) fn add_f16(acc: &mut [u32], src: &[u8]) {
+    f16_lanes::<true>(acc, src)
+}
+
+/// The f16 kernels with F16C intrinsics. Registers are read and written through
+/// `bytemuck` casts of whole arrays, which compile to unaligned loads and stores.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{__m128i, __m256, _mm256_add_ps, _mm256_cvtph_ps};
+
+    use super::F16_STEP;
+
+    /// One step: 8 halves widened to f32 and stored into (or added to) 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn step<const ADD: bool>(acc: &mut [u32; F16_STEP], src: [u8; 2 * F16_STEP]) {
+        let x = _mm256_cvtph_ps(bytemuck::cast::<_, __m128i>(src));
+        let x = if ADD {
+            _mm256_add_ps(bytemuck::cast::<_, __m256>(*acc), x)
+        } else {
+            x
+        };
+        *acc = bytemuck::cast(x);
+    }
+
+    /// [`super::f16_lanes`] on a CPU with F16C.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f16_lanes<const ADD: bool>(acc: &mut [u32], src: &[u8]) {
+        let n = acc.len().min(src.len() / 2);
+        let mut a8 = acc[..n].chunks_exact_mut(F16_STEP);
+        let mut s8 = src[..2 * n].chunks_exact(2 * F16_STEP);
+        for (a, s) in (&mut a8).zip(&mut s8) {
+            // Always taken: `chunks_exact` hands out slices of exactly these lengths.
+            if let (Ok(a), Ok(s)) = (<&mut [u32; F16_STEP]>::try_from(a), s.try_into()) {
+                // SAFETY: this function is compiled with the same features.
+                unsafe { step::<ADD>(a, s) };
+            }
+        }
+        // The tail (fewer than 8 elements) through the same instructions, padded.
+        let (a_tail, s_tail) = (a8.into_remainder(), s8.remainder());
+        if !a_tail.is_empty() {
+            let mut a = [0u32; F16_STEP];
+            let mut s = [0u8; 2 * F16_STEP];
+            a[..a_tail.len()].copy_from_slice(a_tail);
+            s[..s_tail.len()].copy_from_slice(s_tail);
+            // SAFETY: as above.
+            unsafe { step::<ADD>(&mut a, s) };
+            a_tail.copy_from_slice(&a[..a_tail.len()]);
         }
     }
 }

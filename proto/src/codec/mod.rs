@@ -4,8 +4,10 @@
 //! The protocol only ever sees `&'static dyn Codec` from [`lookup`]: adding a codec
 //! means one new implementation and one line in [`ALL`], nothing in the protocol.
 //!
-//! The aggregator sums into 32-bit lanes (`u32` holding an `f32` or an `i32`, as the
-//! codec decides) and writes the finished sum back at the contribution's width.
+//! The aggregator sums into lanes held in one `u32` per element (an `f32` or an `i32`,
+//! as the codec decides; `i8` sums of at most 256 ranks use `i16` lanes in the front
+//! half of the same words, half the memory traffic) and writes the finished sum back
+//! at the contribution's width.
 //!
 //! | codec | wire bytes | lanes | contribution | result |
 //! |---|---|---|---|---|
@@ -13,7 +15,8 @@
 //! | `f16` | 2 | f32 | rounded to f16 | f32 sum rounded to f16 |
 //! | `bf16` | 2 | f32 | rounded to bf16 | f32 sum rounded to bf16 |
 //! | `i32` | 4 | i32 | block-scaled, `ceil(log2 N)` bits of headroom | exact integer sum |
-//! | `i16`, `i8` | 2, 1 | i32 | block-scaled at full width | integer sum, shifted right by `ceil(log2 N)` and rounded |
+//! | `i16` | 2 | i32 | block-scaled at full width | integer sum, shifted right by `ceil(log2 N)` and rounded |
+//! | `i8` | 1 | i16 up to N = 256, i32 above | block-scaled at full width | integer sum, shifted right by `ceil(log2 N)` and rounded |
 //!
 //! Block-scaled fixed point needs one shared scale per chunk: every rank sends the
 //! exponent of its chunk ahead of time ([`block_exponent`]), the aggregator keeps the
@@ -120,11 +123,14 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]);
     /// Turns a payload back into values; `out.len() * wire_bytes() == src.len()`.
     fn decode(&self, src: &[u8], scale: Scale, out: &mut [f32]);
-    /// Aggregator: the first contribution to a slot initializes its lanes.
-    fn sum_first(&self, acc: &mut [u32], payload: &[u8]);
+    /// Aggregator: the first contribution to a slot initializes its lanes. `acc` holds
+    /// one `u32` per element; `world` is the job's world size, the same in every call
+    /// of one sum, from which the codec may choose narrower lanes that use only the
+    /// front of `acc`.
+    fn sum_first(&self, acc: &mut [u32], world: u16, payload: &[u8]);
     /// Aggregator: adds a contribution to the lanes. Never panics, never traps on
     /// overflow (hostile payloads wrap; honest ones have headroom).
-    fn sum_add(&self, acc: &mut [u32], payload: &[u8]);
+    fn sum_add(&self, acc: &mut [u32], world: u16, payload: &[u8]);
     /// Aggregator: writes the finished sum of `world` contributions at the wire width.
     fn sum_store(&self, acc: &[u32], world: u16, out: &mut [u8]);
 }
@@ -202,5 +208,7 @@ pub(crate) fn uniform(key: u64, i: usize) -> f32 {
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+#[cfg(test)]
+mod kernel_tests;
 #[cfg(test)]
 mod tests;

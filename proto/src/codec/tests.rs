@@ -39,9 +39,9 @@ fn sum_through(codec: &dyn Codec, world: u16, inputs: &[Vec<f32>], sr: Option<u6
         scale.dither = sr.map(|s| s.wrapping_add(i as u64 * 7919));
         codec.encode(v, scale, &mut wire);
         if i == 0 {
-            codec.sum_first(&mut acc, &wire);
+            codec.sum_first(&mut acc, world, &wire);
         } else {
-            codec.sum_add(&mut acc, &wire);
+            codec.sum_add(&mut acc, world, &wire);
         }
     }
     codec.sum_store(&acc, world, &mut wire);
@@ -198,9 +198,9 @@ fn hostile_payloads_wrap_without_panicking() {
     for codec in ALL {
         let mut acc = vec![0u32; 3];
         let junk = [0xffu8, 0xff, 0xff, 0x7f, 0, 0, 0, 0x80, 1, 2, 3, 4];
-        codec.sum_first(&mut acc, &junk[..3 * codec.wire_bytes()]);
-        codec.sum_add(&mut acc, &junk[..3 * codec.wire_bytes()]);
-        codec.sum_add(&mut acc, &junk[..3]);
+        codec.sum_first(&mut acc, 2, &junk[..3 * codec.wire_bytes()]);
+        codec.sum_add(&mut acc, 2, &junk[..3 * codec.wire_bytes()]);
+        codec.sum_add(&mut acc, 2, &junk[..3]);
         let mut out = vec![0u8; 3 * codec.wire_bytes()];
         codec.sum_store(&acc, 2, &mut out);
     }
