@@ -1,0 +1,148 @@
+"""The Python module against a real aggregator process: every codec across four
+processes with numpy arrays and torch tensors, and every error path raising the
+exception that names its cause, never hanging."""
+
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import inagg
+import ranks
+
+CODECS = ["f32", "f16", "bf16", "i32", "i16", "i8"]
+# Largest error relative to the largest exact sum (4 ranks).
+TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1.6e-2, "i32": 1e-6, "i16": 2e-3, "i8": 0.1}
+
+
+def test_module_lists_its_codecs():
+    assert sorted(inagg.codecs()) == sorted(CODECS)
+
+
+def test_every_codec_sums_numpy_and_torch_across_four_processes(aggregator):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    n, world = 50_000, 4
+    procs = [ctx.Process(target=ranks.every_codec, args=(aggregator.addr, r, world, CODECS, n, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    for i, codec in enumerate(CODECS):
+        exact = sum(ranks.inputs(r, n, i).astype(np.float64) for r in range(world))
+        peak = np.abs(exact).max()
+        for r in range(world):
+            for kind, res in zip(("numpy", "torch"), got[r][codec]):
+                err = np.abs(res - exact).max()
+                assert err <= TOLERANCE[codec] * peak, f"{codec} {kind} rank {r}: {err} vs {peak}"
+                # Every rank receives the same result.
+                assert np.array_equal(res, got[0][codec][0 if kind == "numpy" else 1])
+
+
+def test_both_ranks_in_threads_of_one_process_need_the_gil_released(aggregator):
+    # Each call blocks until the other rank takes part: this finishes only because
+    # Worker() and allreduce() release the GIL.
+    results = {}
+
+    def rank(r):
+        with inagg.Worker(aggregator.addr, 7, r, 2, "i32", join_timeout=20.0) as w:
+            a = np.full(100_000, r + 1, dtype=np.float32)
+            results[r] = (w.allreduce(a), a)
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    for r in range(2):
+        stats, a = results[r]
+        assert np.all(a == 3.0)
+        assert stats["bytes_sent"] > 4 * 100_000 and stats["elapsed_s"] > 0
+
+
+def test_a_bad_address_raises(aggregator):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        inagg.Worker("not an address", 1, 0, 1)
+    # Nobody listens there: no grant within the join timeout.
+    with pytest.raises(inagg.JoinTimeoutError, match="no grant"):
+        inagg.Worker("127.0.0.1:9", 1, 0, 1, join_timeout=1.0)
+    with pytest.raises(ValueError, match="codec"):
+        inagg.Worker(aggregator.addr, 1, 0, 1, "f64")
+    with pytest.raises(ValueError, match="quic"):
+        inagg.Worker(aggregator.addr, 1, 0, 1, transport="quic")
+
+
+def test_a_wrong_secret_is_refused_and_the_job_goes_on(aggregator):
+    done = {}
+
+    def rank0():
+        with inagg.Worker(aggregator.addr, 11, 0, 2, "f32", secret="right", join_timeout=20.0) as w:
+            a = np.ones(1000, dtype=np.float32)
+            w.allreduce(a)
+            done[0] = a
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    # The first rank to join sets the job's secret: give rank 0 time to be first.
+    time.sleep(1.0)
+    with pytest.raises(inagg.RefusedError, match="secret"):
+        inagg.Worker(aggregator.addr, 11, 1, 2, "f32", secret="wrong", join_timeout=5.0)
+    with inagg.Worker(aggregator.addr, 11, 1, 2, "f32", secret="right", join_timeout=20.0) as w:
+        b = np.ones(1000, dtype=np.float32)
+        w.allreduce(b)
+    t.join(timeout=30)
+    assert np.all(done[0] == 2.0) and np.all(b == 2.0)
+
+
+def test_a_dead_peer_raises_aborted_not_a_hang(aggregator):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    victim = ctx.Process(target=ranks.dies_after_joining, args=(aggregator.addr,))
+    alive = ctx.Process(target=ranks.survivor, args=(aggregator.addr, out))
+    alive.start()
+    victim.start()
+    what, seconds = out.get(timeout=60)
+    alive.join(timeout=30)
+    victim.join(timeout=30)
+    assert what.startswith("AbortedError") and "rank 1" in what, what
+    assert seconds < 15
+
+
+def test_bad_buffers_and_a_closed_worker_raise(aggregator):
+    w = inagg.Worker(aggregator.addr, 21, 0, 1, "f32")
+    with pytest.raises(TypeError, match="float32"):
+        w.allreduce(np.zeros(10, dtype=np.float64))
+    with pytest.raises(TypeError, match="float32"):
+        w.allreduce(torch.zeros(10, dtype=torch.float16))
+    with pytest.raises(TypeError):
+        w.allreduce([1.0, 2.0])
+    with pytest.raises(ValueError, match="contiguous"):
+        w.allreduce(np.zeros((10, 10), dtype=np.float32)[:, 1])
+    with pytest.raises(ValueError, match="contiguous"):
+        w.allreduce(torch.zeros(10, 10).t())
+    ro = np.zeros(10, dtype=np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        w.allreduce(ro)
+    with pytest.raises(ValueError, match="grad"):
+        w.allreduce(torch.zeros(10, requires_grad=True))
+    # A 2-D array and a world of one: the sum is the input.
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    w.allreduce(a)
+    assert a[2, 3] == 11.0
+    # Error feedback by key, and non-finite input to a block-scaled codec.
+    w.close()
+    assert w.closed
+    with pytest.raises(inagg.ClosedError):
+        w.allreduce(np.zeros(10, dtype=np.float32))
+    with inagg.Worker(aggregator.addr, 22, 0, 1, "i8") as w8:
+        w8.allreduce(np.ones(100, dtype=np.float32), key=3)
+        with pytest.raises(ValueError, match="NaN"):
+            w8.allreduce(np.full(100, np.nan, dtype=np.float32))
