@@ -11,7 +11,10 @@ Two ways to run it:
 
     # under torchrun, with a separately started aggregator
     inagg aggregator --listen 127.0.0.1:7070 &
-    INAGG_AGGREGATOR=127.0.0.1:7070 torchrun --nproc-per-node 4 scripts/torch_ddp.py
+    INAGG_AGGREGATOR=127.0.0.1:7070 torchrun --redirects 1 --tee 1 --nproc_per_node 4 scripts/torch_ddp.py
+
+(Debian's torchrun 1.13 under Python 3.11 needs `--redirects 1 --tee 1`: its default
+fails on an enum change in 3.11.)
 
 The data: a fixed random teacher network labels Gaussian inputs (seeded, no
 download); every rank trains on its own shard of each batch. Bytes per step: for
