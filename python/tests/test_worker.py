@@ -146,3 +146,33 @@ def test_bad_buffers_and_a_closed_worker_raise(aggregator):
         w8.allreduce(np.ones(100, dtype=np.float32), key=3)
         with pytest.raises(ValueError, match="NaN"):
             w8.allreduce(np.full(100, np.nan, dtype=np.float32))
+
+
+def test_quic_transport_with_fingerprint_and_ca(tmp_path):
+    import subprocess
+
+    from conftest import inagg_bin
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    p = subprocess.Popen(
+        [inagg_bin(), "aggregator", "--quic", "127.0.0.1:0", "--cert", str(cert), "--key", str(key)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    try:
+        words = p.stdout.readline().split()  # quic on ADDR sha256 FP certificate FILE
+        assert words[:2] == ["quic", "on"], words
+        addr, fp = words[2], words[4]
+        with inagg.Worker(addr, 1, 0, 1, "i8", transport="quic", fingerprint=fp) as w:
+            a = np.ones(10_000, dtype=np.float32)
+            w.allreduce(a)
+            assert np.allclose(a, 1.0, atol=0.02)
+        with inagg.Worker(addr, 2, 0, 1, "f32", transport="quic", ca=str(cert)) as w:
+            t = torch.full((5000,), 2.0)
+            w.allreduce(t)
+            assert torch.all(t == 2.0)
+        wrong = ("0" if fp[0] != "0" else "1") + fp[1:]
+        with pytest.raises(inagg.ConnectError, match="fingerprint"):
+            inagg.Worker(addr, 3, 0, 1, transport="quic", fingerprint=wrong)
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
