@@ -60,7 +60,17 @@ pub struct Check {
     pub checksum: u64,
 }
 
-/// FNV-1a over the bits of `v`.
+/// Whether `a` and `b` hold the same bits (NaNs included), in one pass that
+/// vectorizes.
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .fold(0u32, |d, (x, y)| d | (x.to_bits() ^ y.to_bits()))
+            == 0
+}
+
+/// FNV-1a over the bits of `v` (serial: once per run, not per allreduce).
 pub fn checksum(v: &[f32]) -> u64 {
     v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
         x.to_bits()

@@ -378,7 +378,7 @@ impl Worker {
             r.resize(data.len(), 0.0);
             r
         });
-        if self.codec.block_scaled() && data.iter().any(|x| !x.is_finite()) {
+        if self.codec.block_scaled() && !codec::all_finite(data) {
             return Err(codec::NonFinite.into());
         }
         self.feedback_key = feedback;
