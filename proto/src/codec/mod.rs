@@ -160,12 +160,6 @@ pub fn names() -> Vec<&'static str> {
 #[error("tensor holds a NaN or an infinity, which block-scaled codecs cannot carry")]
 pub struct NonFinite;
 
-/// Whether every value of `src` is finite (one vectorized pass: the largest `|x|` as
-/// bits, which NaN and infinity top).
-pub fn all_finite(src: &[f32]) -> bool {
-    kernels::max_abs_bits(src) < 0x7f80_0000
-}
-
 /// The block exponent of `src`: `floor(log2(max |x|))`, so every `|x| < 2^(e + 1)`
 /// (subnormals report [`MIN_EXPONENT`]), or [`NO_EXPONENT`] when all are zero.
 pub fn block_exponent(src: &[f32]) -> Result<i8, NonFinite> {

@@ -273,6 +273,15 @@ impl Allreduce {
         self.e_local[j]
     }
 
+    /// Computes every chunk's local exponent now, in one pass over the tensor; fails
+    /// on a value that is infinite or NaN, which block-scaled codecs cannot carry.
+    pub fn prime_exponents(&mut self, data: &[f32]) -> Result<(), codec::NonFinite> {
+        for j in 0..self.e_local.len() {
+            self.e_local[j] = codec::block_exponent(&data[self.chunk_range(j as u64)])?;
+        }
+        Ok(())
+    }
+
     /// The random stream of packet `seq` for stochastic rounding.
     fn dither(&self, seq: u64) -> Option<u64> {
         self.opts.dither_seed.map(|s| {

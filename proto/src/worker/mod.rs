@@ -378,15 +378,11 @@ impl Worker {
             r.resize(data.len(), 0.0);
             r
         });
-        if self.codec.block_scaled() && !codec::all_finite(data) {
-            return Err(codec::NonFinite.into());
-        }
-        self.feedback_key = feedback;
         let opts = allreduce::Options {
             dither_seed: self.config.stochastic_rounding,
             skip_zeros: self.config.skip_zeros,
         };
-        let op = Allreduce::new(
+        let mut op = Allreduce::new(
             self.codec,
             &g,
             self.seq_base,
@@ -395,6 +391,12 @@ impl Worker {
             residual,
             now,
         );
+        if self.codec.block_scaled() {
+            // One pass: every chunk's exponent, and the check that nothing is
+            // infinite or NaN before anything is sent.
+            op.prime_exponents(data)?;
+        }
+        self.feedback_key = feedback;
         self.state = State::Running(Box::new(op));
         self.finish_if_done(now);
         Ok(())

@@ -233,3 +233,39 @@ fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
     assert_eq!(sent, 3);
     assert!(w.is_finished());
 }
+
+#[test]
+fn non_finite_input_to_a_block_scaled_codec_is_refused_before_anything_is_sent() {
+    let mut sim = Sim::new(
+        SimConfig::lossless(3),
+        AggregatorConfig::default(),
+        configs(2),
+    );
+    sim.join().expect("join");
+    let now = std::time::Instant::now();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut data = vec![1.0f32; 5000];
+        data[4321] = bad;
+        let w = sim.worker_mut(0);
+        assert!(
+            matches!(
+                w.start_allreduce(now, &mut data, None),
+                Err(WorkerError::NonFinite(_))
+            ),
+            "{bad}"
+        );
+        assert!(!w.is_running());
+        let mut buf = Vec::new();
+        assert!(
+            !w.poll_transmit(now, &data, &mut buf),
+            "sent after refusing {bad}"
+        );
+    }
+    // The ranks go on: a finite allreduce still works.
+    let out = sim
+        .allreduce(vec![vec![1.0; 5000], vec![2.0; 5000]])
+        .expect("allreduce");
+    assert!(out
+        .iter()
+        .all(|o| o.iter().all(|x| (*x - 3.0).abs() < 1e-6)));
+}
