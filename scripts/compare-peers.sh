@@ -5,9 +5,9 @@
 # ATE/s with its ratio to Gloo.
 #   scripts/compare-peers.sh [--workers 2,4] [--elements 4194304,16777216,67108864]
 #       [--codecs f32,f16,bf16,i32,i16,i8] [--iters 5] [--out DIR] [--link-rate RATE]
-# --link-rate runs Gloo and inagg inside scripts/netlab.sh's emulated cluster (MPI
-# needs ssh between hosts, so it runs on loopback only) and adds, for inagg, the
-# fraction of the line-rate bound reached.
+# --link-rate runs the same comparison inside scripts/netlab.sh's emulated cluster
+# (MPI's daemons start in the worker namespaces through scripts/peers/netns-rsh) and
+# adds, for inagg, the fraction of the line-rate bound reached.
 # Installs Debian's python3-torch, openmpi-bin and python3-mpi4py if missing; uses
 # Debian's interpreter, /usr/bin/python3.
 set -euo pipefail
@@ -62,11 +62,21 @@ gloo() { # workers elements
     for p in "${pids[@]}"; do wait "$p" || echo "compare-peers: a Gloo rank failed (N=$n, E=$e)" >&2; done
 }
 
+# MPI over TCP; in netlab, mpirun runs in the aggregator's namespace (unlimited link
+# to the bridge) and starts rank r's daemon in worker r's namespace through
+# scripts/peers/netns-rsh, its remote shell, so every rank sends over its own link.
 mpi() { # workers elements
-    mpirun --oversubscribe -np "$1" --mca btl tcp,self --mca btl_tcp_if_include lo \
-        --mca pml ob1 "$PY" scripts/peers/mpi_allreduce.py --elements "$2" \
+    local n="$1" e="$2" where=(--oversubscribe --mca btl_tcp_if_include lo) prefix=() r hosts=()
+    if [ -n "$RATE" ]; then
+        for ((r = 0; r < n; r++)); do hosts+=("198.18.0.$((10 + r)):1"); done
+        prefix=(ip netns exec "$INAGG_NETLAB_AGG_NETNS")
+        where=(--host "$(IFS=,; echo "${hosts[*]}")" --mca plm_rsh_agent "$PWD/scripts/peers/netns-rsh"
+            --mca btl_tcp_if_include 198.18.0.0/15 --mca oob_tcp_if_include 198.18.0.0/15)
+    fi
+    "${prefix[@]}" mpirun -np "$n" "${where[@]}" --mca btl tcp,self --mca pml ob1 \
+        "$PY" "$PWD/scripts/peers/mpi_allreduce.py" --elements "$e" \
         --iters "$ITERS" --warmup 1 >>"$results" 2>/dev/null ||
-        echo "compare-peers: MPI run failed (N=$1, E=$2)" >&2
+        echo "compare-peers: MPI run failed (N=$n, E=$e)" >&2
 }
 
 inagg() { # workers elements
@@ -79,7 +89,7 @@ measure() {
         for e in "${size_list[@]}"; do
             echo "compare-peers: N=$n, $e elements" >&2
             gloo "$n" "$e"
-            if [ -z "$RATE" ]; then mpi "$n" "$e"; fi
+            mpi "$n" "$e"
             inagg "$n" "$e"
         done
     done
@@ -89,7 +99,7 @@ if [ -n "$RATE" ]; then
     max=0
     for n in "${worker_list[@]}"; do [ "$n" -gt "$max" ] && max="$n"; done
     # Run this very script's measuring part inside the cluster.
-    export -f gloo inagg measure
+    export -f gloo mpi inagg measure
     export PY BIN ITERS CODECS RATE results
     export WORKERS_LIST="${worker_list[*]}" SIZES_LIST="${size_list[*]}"
     scripts/netlab.sh --workers "$max" --link-rate "$RATE" -- bash -c '

@@ -387,8 +387,6 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
         &a.warmup.to_string(),
         "--seed",
         &a.seed.to_string(),
-        "--window",
-        &t.window.to_string(),
         "--secret",
         &t.secret,
         "--join-timeout-ms",
@@ -404,6 +402,11 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
         t.chunk_elements
             .iter()
             .flat_map(|c| ["--chunk-elements".to_string(), c.to_string()]),
+    )
+    .chain(
+        t.window
+            .iter()
+            .flat_map(|w| ["--window".to_string(), w.to_string()]),
     )
     .chain(t.stochastic.then(|| "--stochastic".to_string()))
     .chain(t.skip_zeros.then(|| "--skip-zeros".to_string()))
@@ -552,6 +555,12 @@ pub fn jain(x: &[f64]) -> f64 {
 
 /// The JSON row of one codec from the reports of each of its concurrent jobs.
 pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
+    // The path the defaults were chosen for: loopback unless netlab placed the
+    // aggregator elsewhere.
+    let agg = SocketAddr::new(
+        a.netlab.agg_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+        0,
+    );
     let times: Vec<(f64, f64)> = jobs.iter().map(|r| job_times(r)).collect();
     let per_job: Vec<f64> = times
         .iter()
@@ -586,8 +595,8 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         elements: a.elements,
         iters: a.iters,
         warmup: a.warmup,
-        chunk_elements: codec::by_name(codec).map_or(0, |c| a.tuning.chunk_for(c)),
-        window: a.tuning.window,
+        chunk_elements: codec::by_name(codec).map_or(0, |c| a.tuning.chunk_for(c, &agg)),
+        window: a.tuning.window_for(&agg),
         stochastic: a.tuning.stochastic,
         skip_zeros: a.tuning.skip_zeros,
         zero_fraction: a.zero_fraction,
@@ -665,7 +674,7 @@ pub fn run(a: &Args) -> Result<()> {
     if !a.json {
         println!(
             "inagg bench: {} job(s) of {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator(s) {:?}",
-            a.jobs, a.workers, a.elements, a.tuning.window, a.warmup, a.iters, addrs
+            a.jobs, a.workers, a.elements, a.tuning.window_for(&addrs[0]), a.warmup, a.iters, addrs
         );
         println!(
             "{:<6} {:>10} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>6} {:>5}",

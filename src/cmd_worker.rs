@@ -126,13 +126,13 @@ impl From<QuicMode> for inagg_quic::Mode {
 /// Protocol knobs shared by `worker` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
-    /// Elements per chunk (per datagram). Default: 4 KiB of payload (1024 f32
-    /// elements, 2048 f16, 4096 i8).
+    /// Elements per chunk (per datagram). Default: 32 KiB of payload to a loopback
+    /// aggregator, 4 KiB to any other (1024 f32 elements, 2048 f16, 4096 i8).
     #[arg(long)]
     pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight).
-    #[arg(long, default_value_t = DEFAULT_WINDOW)]
-    pub window: u32,
+    /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 128 otherwise.
+    #[arg(long)]
+    pub window: Option<u32>,
     /// The job's secret.
     #[arg(long, default_value = "")]
     pub secret: String,
@@ -156,22 +156,22 @@ pub struct Tuning {
     pub quic_mode: QuicMode,
 }
 
-/// Payload bytes per datagram by default: 4 KiB (1024 f32 elements) cuts the
-/// per-datagram cost on loopback fourfold against SwitchML's 256 elements, fits a
-/// 9000-byte jumbo frame, and stays far below the 64 KiB GSO limit; see the README's
-/// performance section. Narrow codecs carry more elements in the same bytes.
-pub const DEFAULT_CHUNK_BYTES: usize = 4096;
-
 impl Tuning {
-    /// Elements per chunk for `codec`: the flag, or [`DEFAULT_CHUNK_BYTES`] of payload.
-    pub fn chunk_for(&self, codec: &dyn inagg_proto::codec::Codec) -> u16 {
-        self.chunk_elements
-            .unwrap_or((DEFAULT_CHUNK_BYTES / codec.wire_bytes()).min(usize::from(u16::MAX)) as u16)
+    /// Elements per chunk for `codec` toward `aggregator`: the flag, or the library's
+    /// default for that path.
+    pub fn chunk_for(&self, codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u16 {
+        self.chunk_elements.unwrap_or_else(|| {
+            let elems = inagg_worker::default_chunk_bytes(aggregator) / codec.wire_bytes();
+            u16::try_from(elems).unwrap_or(u16::MAX)
+        })
+    }
+
+    /// Slots toward `aggregator`: the flag, or the library's default for that path.
+    pub fn window_for(&self, aggregator: &SocketAddr) -> u32 {
+        self.window
+            .unwrap_or_else(|| inagg_worker::default_window(aggregator))
     }
 }
-/// Slots by default: 128 datagrams of 4 KiB in flight per rank (512 KiB), enough to
-/// cover the loopback RTT with room in a 4 MiB socket buffer for 8 ranks.
-pub const DEFAULT_WINDOW: u32 = 128;
 
 /// What `inagg worker --json` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,8 +221,8 @@ pub fn options(a: &Args) -> Result<Options> {
         .context("--aggregator or --aggregators is required")?;
     let mut o = Options::new(first, a.job, a.rank, a.world, codec.id());
     o.stripes = addrs.collect();
-    o.protocol.chunk_elems = a.tuning.chunk_for(codec);
-    o.protocol.window = a.tuning.window;
+    o.protocol.chunk_elems = a.tuning.chunk_for(codec, &first);
+    o.protocol.window = a.tuning.window_for(&first);
     o.protocol.secret = a.tuning.secret.as_bytes().to_vec();
     o.protocol.join_timeout = Duration::from_millis(a.tuning.join_timeout_ms);
     o.protocol.aggregator_timeout = Duration::from_millis(a.tuning.aggregator_timeout_ms);

@@ -71,7 +71,7 @@ pub fn run(a: &Args) -> Result<()> {
                     seed: 1,
                     tuning: Tuning {
                         chunk_elements: chunk,
-                        window: crate::cmd_worker::DEFAULT_WINDOW,
+                        window: None,
                         secret: String::new(),
                         join_timeout_ms: 30_000,
                         aggregator_timeout_ms: 10_000,

@@ -218,7 +218,7 @@ impl Worker {
     #[pyo3(signature = (
         aggregator, job, rank, world, codec = "f32", *, secret = "", transport = "udp",
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
-        stripes = None, chunk_elements = None, window = 128, stochastic_rounding = None,
+        stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
         skip_zeros = false, congestion_control = true, join_timeout = 30.0,
         aggregator_timeout = 10.0
     ))]
@@ -238,7 +238,7 @@ impl Worker {
         quic_mode: &str,
         stripes: Option<Vec<String>>,
         chunk_elements: Option<u16>,
-        window: u32,
+        window: Option<u32>,
         stochastic_rounding: Option<u64>,
         skip_zeros: bool,
         congestion_control: bool,
@@ -259,9 +259,12 @@ impl Worker {
             .map(|s| resolve("stripe", s))
             .collect::<PyResult<_>>()?;
         o.protocol.secret = secret.as_bytes().to_vec();
-        o.protocol.chunk_elems =
-            chunk_elements.unwrap_or((4096 / c.wire_bytes()).min(usize::from(u16::MAX)) as u16);
-        o.protocol.window = window;
+        if let Some(k) = chunk_elements {
+            o.protocol.chunk_elems = k;
+        }
+        if let Some(w) = window {
+            o.protocol.window = w;
+        }
         o.protocol.stochastic_rounding = stochastic_rounding;
         o.protocol.skip_zeros = skip_zeros;
         o.protocol.congestion_control = congestion_control;

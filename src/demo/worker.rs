@@ -142,8 +142,6 @@ pub fn run(a: &Args) -> Result<()> {
     )?;
 
     let mut opts = Options::new(a.aggregator, a.job, a.rank, a.world, codec.id());
-    opts.protocol.chunk_elems =
-        (crate::cmd_worker::DEFAULT_CHUNK_BYTES / codec.wire_bytes()) as u16;
     opts.protocol.join_timeout = Duration::from_secs(60);
     if a.transport == crate::bench::Transport::Quic {
         opts.transport = inagg_worker::Transport::Quic(a.trust.quic(Default::default())?);
