@@ -558,7 +558,9 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
     // The path the defaults were chosen for: loopback unless netlab placed the
     // aggregator elsewhere.
     let agg = SocketAddr::new(
-        a.netlab.agg_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+        a.netlab
+            .agg_ip
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
         0,
     );
     let times: Vec<(f64, f64)> = jobs.iter().map(|r| job_times(r)).collect();

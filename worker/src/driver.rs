@@ -86,6 +86,9 @@ impl Link {
 
 /// Datagrams encoded before a flush.
 const SEND_BATCH: usize = 64;
+/// The retransmission timeout's floor on a QUIC stream.
+const STREAM_MIN_RTO: Duration = Duration::from_secs(1);
+
 /// The longest single wait, so that a stop request is seen.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
@@ -163,6 +166,15 @@ impl Session {
             },
             Transport::Quic(q) => {
                 let link = QuicLink::connect(q, aggregator, bind)?;
+                if q.mode == inagg_quic::Mode::Stream {
+                    // A stream loses nothing while the connection lives: a timeout
+                    // means queueing behind the stream, not loss, and a resend only
+                    // adds bytes (1.5k spurious ones per i8 run at the 20 ms floor).
+                    // Keep the timer, for a stalled peer, but far above queueing.
+                    config.min_rto = config.min_rto.max(STREAM_MIN_RTO);
+                    config.initial_rto = config.initial_rto.max(STREAM_MIN_RTO);
+                    config.max_rto = config.max_rto.max(STREAM_MIN_RTO);
+                }
                 if q.mode == inagg_quic::Mode::Datagram {
                     // A chunk must fit in one datagram on every path, and every rank
                     // must ask for the same chunk: size it for the datagram QUIC
