@@ -650,3 +650,58 @@ fn without_a_budget_no_result_is_flagged_and_nothing_waits() {
         .iter()
         .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT == 0)));
 }
+
+/// Every rank must see the same flagged results, or some would switch pools at one
+/// boundary and some at the next: a chunk that completed before the re-grant was
+/// decided is answered from its copy without the flag, even after.
+#[test]
+fn a_result_keeps_the_regrant_flag_it_completed_with() {
+    let slot = slot_bytes(4, 4, 2);
+    let mut h = Harness {
+        agg: Aggregator::new(AggregatorConfig {
+            slot_memory: Some(8 * slot),
+            ..AggregatorConfig::default()
+        }),
+        now: Instant::now(),
+        token: 0,
+    };
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 8));
+    }
+    h.token = grants(&h.drain())[0].1.token;
+    let hd = |h: &Harness, rank: u16, seq: u64| DataHeader {
+        slot: (seq % 8) as u32,
+        version: ((seq / 8) % 2) as u8,
+        ..h.header(rank, seq, 4)
+    };
+    let (a, b) = (hd(&h, 0, 0), hd(&h, 1, 0));
+    h.contribute_as(100, &a, &[1.0; 4]);
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT == 0)));
+    // Job 6 comes: job 5 is to shrink.
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 8));
+    }
+    assert!(h.drain().is_empty());
+    // Rank 1 lost its result of chunk 0 and retransmits: the copy says what rank 0 heard.
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert!(
+        matches!(&out[..], [(101, Message::Result(hd, _))] if hd.flags & FLAG_REGRANT == 0),
+        "{out:?}"
+    );
+    // The next chunk completes flagged, for both.
+    let (a, b) = (hd(&h, 0, 1), hd(&h, 1, 1));
+    h.contribute_as(100, &a, &[1.0; 4]);
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert_eq!(out.len(), 2);
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT != 0)));
+}
