@@ -63,6 +63,10 @@ pub struct Args {
     /// Aggregator processes to start; every job is striped over all of them.
     #[arg(long, default_value_t = 1)]
     pub aggregators: u16,
+    /// Start the aggregator(s) with this slot memory budget in bytes (`inagg
+    /// aggregator --slot-memory`); default none.
+    #[arg(long, value_name = "BYTES")]
+    pub slot_memory: Option<usize>,
     /// Faults for a relay in the path (none: no relay), as `inagg relay` takes them.
     #[command(flatten)]
     pub faults: FaultArgs,
@@ -659,10 +663,15 @@ pub fn run(a: &Args) -> Result<()> {
     // talk to the relays.
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
+    let agg_flags: Vec<String> = a
+        .slot_memory
+        .iter()
+        .flat_map(|b| ["--slot-memory".to_string(), b.to_string()])
+        .collect();
     for _ in 0..a.aggregators {
         let (agg, agg_addr) = match &quic {
-            Some(id) => start_quic_aggregator_in(&a.netlab, id, &[])?,
-            None => start_aggregator_in(&a.netlab, &[])?,
+            Some(id) => start_quic_aggregator_in(&a.netlab, id, &agg_flags)?,
+            None => start_aggregator_in(&a.netlab, &agg_flags)?,
         };
         servers.push(agg);
         if faults.is_clean() {

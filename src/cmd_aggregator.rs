@@ -43,6 +43,14 @@ pub struct Args {
     /// The most jobs at once.
     #[arg(long, default_value_t = 64)]
     pub max_jobs: usize,
+    /// Slot memory budget in bytes (like a switch's SRAM), shared by the jobs present in
+    /// max-min fair shares, re-granted at allreduce boundaries as jobs come and go. A
+    /// slot costs 2 x (4 + codec bytes) x chunk elements + 16 x ceil(world / 64) bytes.
+    /// A job waits while others shrink to make room, and is refused if even its
+    /// minimal share (4 slots) cannot fit. Default: no budget (every job gets its
+    /// window, up to --max-window).
+    #[arg(long, value_name = "BYTES")]
+    pub slot_memory: Option<usize>,
     /// A rank silent this long (milliseconds) aborts its job.
     #[arg(long, default_value_t = 3000)]
     pub silence_timeout_ms: u64,
@@ -56,6 +64,7 @@ fn config(a: &Args, listen: SocketAddr) -> ServerConfig {
     let mut cfg = ServerConfig::new(listen);
     cfg.protocol.max_window = a.max_window;
     cfg.protocol.max_jobs = a.max_jobs;
+    cfg.protocol.slot_memory = a.slot_memory;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
     cfg.protocol.seed = {
         use rand::{Rng, SeedableRng};

@@ -78,6 +78,9 @@ pub fn publish(agg: &Aggregator<SocketAddr>) {
     let jobs = agg.jobs();
     gauge!("inagg_jobs").set(jobs.len() as f64);
     gauge!("inagg_slot_memory_bytes").set(agg.slot_memory() as f64);
+    if let Some(budget) = agg.slot_budget() {
+        gauge!("inagg_slot_memory_budget_bytes").set(budget as f64);
+    }
     for j in jobs {
         if let Some(s) = agg.job_stats(j) {
             counters("inagg_job_", s, Some(j.to_string()));

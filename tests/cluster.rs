@@ -149,6 +149,9 @@ fn the_metrics_endpoint_counts_jobs_while_they_run() {
         "--no-check",
         "--window",
         "64",
+        // The budget counts 4 KiB chunks (loopback's default is larger).
+        "--chunk-elements",
+        "1024",
     ];
     let _ws: Vec<_> = (0..2).map(|r| worker(addr, 30, r, 2, &args)).collect();
     let end = Instant::now() + Duration::from_secs(30);
@@ -180,4 +183,121 @@ fn the_metrics_endpoint_counts_jobs_while_they_run() {
     let total = value(&body, "inagg_packets_received_total").expect("total");
     let job = value(&body, "inagg_job_packets_received_total{job=\"30\"}").expect("job");
     assert!(total > job && job > 0.0, "{total} {job}");
+}
+
+/// One slot of an i32 or f32 job with the default 4 KiB chunks (1024 elements) and up
+/// to 64 ranks: two versions of 1024 lanes of 4 bytes, 1024 results of 4 bytes, one
+/// bitmap word.
+const SLOT_4K: usize = 2 * (1024 * 4 + 1024 * 4 + 8);
+
+#[test]
+fn three_jobs_under_a_small_slot_memory_budget_are_correct() {
+    // Room for 72 slots: 24 per job once all three run (each asks for 128).
+    let budget = (72 * SLOT_4K).to_string();
+    let rows = bench_json(&[
+        "--workers",
+        "3",
+        "--elements",
+        "200000",
+        "--codec",
+        "i32",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        "--jobs",
+        "3",
+        "--chunk-elements",
+        "1024",
+        "--slot-memory",
+        &budget,
+    ]);
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(r["within_bound"], true, "{r}");
+    assert_eq!(r["ranks_identical"], true, "{r}");
+    let per_job = r["per_job_ate_per_s"].as_array().expect("per job");
+    assert_eq!(per_job.len(), 3, "{r}");
+    assert!(
+        per_job.iter().all(|x| x.as_f64().is_some_and(|v| v > 0.0)),
+        "{r}"
+    );
+}
+
+#[test]
+fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
+    use std::io::BufRead;
+    // Room for 48 slots: 16 per job once all three run (each asks for 64).
+    let budget = 48 * SLOT_4K;
+    let (mut agg, addr) = aggregator(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--slot-memory",
+        &budget.to_string(),
+    ]);
+    let err = agg.child.stderr.take().expect("stderr");
+    let mut line = String::new();
+    std::io::BufReader::new(err)
+        .read_line(&mut line)
+        .expect("metrics line");
+    let metrics = line
+        .trim()
+        .strip_prefix("metrics on http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
+        .to_string();
+    let args = [
+        "--elements",
+        "100000",
+        "--iters",
+        "100000",
+        "--no-check",
+        "--window",
+        "64",
+        // The budget counts 4 KiB chunks (loopback's default is larger).
+        "--chunk-elements",
+        "1024",
+    ];
+    let _ws: Vec<_> = (40..43)
+        .flat_map(|job| (0..2).map(move |r| (job, r)))
+        .map(|(job, r)| worker(addr, job, r, 2, &args))
+        .collect();
+    let series = |job: u32| format!("inagg_job_slots{{job=\"{job}\"}}");
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut body = String::new();
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(300));
+        body = scrape(&metrics);
+        if (40..43).all(|j| value(&body, &series(j)) == Some(16.0)) {
+            break;
+        }
+    }
+    for j in 40..43 {
+        assert_eq!(value(&body, &series(j)), Some(16.0), "job {j}: {body}");
+    }
+    assert_eq!(
+        value(&body, "inagg_slot_memory_bytes"),
+        Some(budget as f64),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "inagg_slot_memory_budget_bytes"),
+        Some(budget as f64),
+        "{body}"
+    );
+    // Every job makes progress at its share.
+    let chunks = |b: &str, j: u32| {
+        value(
+            b,
+            &format!("inagg_job_chunks_completed_total{{job=\"{j}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let before: Vec<f64> = (40..43).map(|j| chunks(&body, j)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(&metrics);
+    for (i, j) in (40..43).enumerate() {
+        assert!(chunks(&after, j) > before[i], "job {j} stalled: {after}");
+    }
 }

@@ -319,6 +319,7 @@ impl<F: Front> Server<F> {
             let job = match &ev {
                 Event::JobStarted { job, .. }
                 | Event::JobAborted { job, .. }
+                | Event::Regranted { job, .. }
                 | Event::JobEnded { job, .. } => *job,
             };
             // A span per job: `RUST_LOG=inagg_aggregator[job{job=7}]=debug` follows one.
@@ -331,6 +332,7 @@ impl<F: Front> Server<F> {
                     ..
                 } => info!(world, window, codec, "job started"),
                 Event::JobAborted { code, text, .. } => warn!(?code, "job aborted: {text}"),
+                Event::Regranted { window, .. } => info!(window, "job re-granted"),
                 Event::JobEnded { stats, .. } => debug!(
                     chunks = stats.chunks_completed,
                     copies = stats.copies_answered,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregator::{Aggregator, AggregatorConfig};
 use crate::codec::{self, CodecId};
-use crate::wire::{self, Control, DataHeader, Join, Message, MAX_DATAGRAM};
+use crate::wire::{self, Control, DataHeader, Join, Message};
 
 /// Decodes `data` as a datagram; a message that decodes must encode back to the same
 /// bytes (decoding accepts only canonical encodings). Returns the message kind, or
@@ -65,29 +65,25 @@ const MAX_OUT: usize = 10_000;
 
 /// Drives an aggregator with a running job of three ranks through the operations that
 /// `data` encodes: raw datagrams, well-formed contributions with fuzzed fields (right
-/// or wrong token, rank, slot, count, exponents, flags), control messages, and the
-/// passing of time. Checks after every step that everything the aggregator sends
-/// decodes and goes to an address that spoke to it, and that its slot memory stays
-/// within the configured bound. Returns the datagrams it sent.
+/// or wrong token, rank, slot, count, exponents, flags), control messages (regrants
+/// included), and the passing of time. The aggregator has a slot memory budget of 12
+/// of the job's slots, so joins of other jobs make it wait, refuse and re-grant.
+/// Checks after every step that everything the aggregator sends decodes and goes to
+/// an address that spoke to it, and that its slot memory stays within the budget.
+/// Returns the datagrams it sent.
 pub fn aggregator(data: &[u8]) -> u64 {
     let mut input = Bytes(data);
     let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
     let codec = codecs[usize::from(input.u8()) % codecs.len()];
     let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
+    let limit = 12 * crate::aggregator::slot_bytes(16, width, WORLD);
     let config = AggregatorConfig {
         max_window: 8,
         max_jobs: 4,
         silence_timeout: Duration::from_secs(3),
+        slot_memory: Some(limit),
         ..AggregatorConfig::default()
     };
-    // Raw datagrams may hold joins for other jobs with any chunk size that fits a
-    // datagram: per job, two versions of `max_window` slots, each with 32-bit lanes,
-    // a result of at most a datagram's payload, and a rank bitmap.
-    let words = usize::from(config.max_world).div_ceil(64);
-    let limit = config.max_jobs
-        * 2
-        * config.max_window as usize
-        * (4 * MAX_DATAGRAM + MAX_DATAGRAM + 8 * words);
     let mut agg = Aggregator::<u8>::new(config);
     let mut now = Instant::now();
     let mut sent = 0u64;
@@ -172,9 +168,10 @@ pub fn aggregator(data: &[u8]) -> u64 {
                     rank,
                     token,
                 };
-                match input.u8() % 3 {
+                match input.u8() % 4 {
                     0 => wire::encode_heartbeat(&c, &mut buf),
                     1 => wire::encode_leave(&c, &mut buf),
+                    2 => wire::encode_regrant(&c, &mut buf),
                     _ => {
                         let mut j = join(rank);
                         j.job = JOB + u32::from(input.u8() % 3);

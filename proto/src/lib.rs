@@ -11,7 +11,8 @@
 //! - [`codec`]: how `f32` gradients become wire bytes and how the aggregator sums them
 //!   (`f32`, block-scaled fixed point `i32`, ...).
 //! - [`aggregator`]: the aggregator: jobs, slot pools of two versions per slot, the
-//!   control plane (join, grant, heartbeat, leave, abort).
+//!   control plane (join, grant, heartbeat, leave, abort), and slot memory as a budget
+//!   shared in max-min fair shares, pools re-granted at allreduce boundaries.
 //! - [`worker`]: one rank: joining, heartbeats, and an allreduce with a sliding
 //!   window, exponent lookahead and retransmission.
 //! - [`fuzzing`]: harnesses that feed arbitrary bytes to the decoder and the

@@ -167,6 +167,10 @@ pub struct Sim {
     link_free: Instant,
     /// Each worker's configuration, to recreate it.
     configs: Vec<WorkerConfig>,
+    /// The most slot memory the aggregator held at any step.
+    pub peak_slot_memory: usize,
+    /// Pools the aggregator re-sized (its `Regranted` events).
+    pub regrants: u64,
 }
 
 impl Sim {
@@ -200,6 +204,8 @@ impl Sim {
             scratch: Vec::with_capacity(crate::wire::MAX_DATAGRAM),
             link_free: start,
             configs: workers_cfg,
+            peak_slot_memory: 0,
+            regrants: 0,
         }
     }
 
@@ -253,6 +259,11 @@ impl Sim {
         self.run_until(|s| s.status.iter().all(|st| st.joined))
     }
 
+    /// Runs until the workers listed have joined.
+    pub fn join_some(&mut self, workers: &[usize]) -> Result<(), SimError> {
+        self.run_until(|s| workers.iter().all(|&i| s.status[i].joined))
+    }
+
     /// Every worker allreduces its input (joining first if needed); returns the outputs.
     pub fn allreduce(&mut self, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, SimError> {
         let out = self.allreduce_some(inputs.into_iter().map(Some).collect())?;
@@ -266,8 +277,9 @@ impl Sim {
         inputs: Vec<Option<Vec<f32>>>,
     ) -> Result<Vec<Option<Vec<f32>>>, SimError> {
         assert_eq!(inputs.len(), self.workers.len(), "one input per worker");
-        self.join()?;
         let active: Vec<bool> = inputs.iter().map(Option::is_some).collect();
+        let joining: Vec<usize> = (0..active.len()).filter(|i| active[*i]).collect();
+        self.join_some(&joining)?;
         self.buffers = inputs.into_iter().map(Option::unwrap_or_default).collect();
         for i in (0..self.workers.len()).filter(|i| active[*i]) {
             self.status[i].done = None;
@@ -339,9 +351,10 @@ impl Sim {
         Ok(std::mem::replace(&mut self.buffers, vec![Vec::new(); n]))
     }
 
-    /// Every worker allreduces its input again and again, starting the next call as
-    /// soon as one ends, for `duration` of virtual time. Returns, per worker, the
-    /// allreduces that ended after `warmup`, and the virtual time they span.
+    /// Every worker allreduces its input again and again, from when it has joined (a
+    /// job may wait for slot memory that others hold), starting the next call as soon
+    /// as one ends, for `duration` of virtual time. Returns, per worker, the allreduces
+    /// that ended after `warmup`, and the virtual time they span.
     pub fn run_continuously(
         &mut self,
         inputs: Vec<Vec<f32>>,
@@ -349,22 +362,32 @@ impl Sim {
         duration: Duration,
     ) -> Result<(Vec<u64>, Duration), SimError> {
         assert_eq!(inputs.len(), self.workers.len(), "one input per worker");
-        self.join()?;
         let t0 = self.now;
-        let mut counts = vec![0u64; self.workers.len()];
+        let n = self.workers.len();
+        let mut counts = vec![0u64; n];
+        let mut started = vec![false; n];
         self.buffers = inputs.clone();
-        for i in 0..self.workers.len() {
-            self.status[i].done = None;
-            let key = self.feedback;
-            if let Err(error) = self.workers[i].start_allreduce(self.now, &mut self.buffers[i], key)
-            {
-                return Err(SimError::Worker { index: i, error });
-            }
-        }
         let end = t0 + duration;
         while self.now < end {
-            self.run_until(|s| s.now >= end || s.status.iter().any(|st| st.done.is_some()))?;
-            for i in 0..self.workers.len() {
+            for (i, started) in started.iter_mut().enumerate() {
+                if *started || !self.status[i].joined {
+                    continue;
+                }
+                *started = true;
+                self.status[i].done = None;
+                let key = self.feedback;
+                if let Err(error) =
+                    self.workers[i].start_allreduce(self.now, &mut self.buffers[i], key)
+                {
+                    return Err(SimError::Worker { index: i, error });
+                }
+            }
+            self.run_until(|s| {
+                s.now >= end
+                    || s.status.iter().any(|st| st.done.is_some())
+                    || (0..n).any(|i| !started[i] && s.status[i].joined)
+            })?;
+            for i in 0..n {
                 if self.status[i].done.take().is_some() {
                     if self.now >= t0 + warmup {
                         counts[i] += 1;
@@ -471,6 +494,7 @@ impl Sim {
         if !self.agg_dead && self.agg.poll_timeout().is_some_and(|t| t <= now) {
             self.agg.handle_timeout(now);
         }
+        self.peak_slot_memory = self.peak_slot_memory.max(self.agg.slot_memory());
         for (w, _) in self
             .workers
             .iter_mut()
@@ -510,7 +534,11 @@ impl Sim {
                 self.send(Node::Aggregator, Node::Worker(to), &buf);
                 any = true;
             }
-            while self.agg.poll_event().is_some() {}
+            while let Some(ev) = self.agg.poll_event() {
+                if matches!(ev, crate::aggregator::Event::Regranted { .. }) {
+                    self.regrants += 1;
+                }
+            }
             if !any {
                 break;
             }

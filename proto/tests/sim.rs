@@ -436,12 +436,42 @@ fn congestion_marks_move_every_ranks_window_together() {
     assert!(high[0] > low[0] + 10, "{low:?} -> {high:?}");
 }
 
+/// Jobs of the bottleneck tests: two ranks, f32 chunks of 256 elements, 64 slots asked.
+const BN_WORLD: u16 = 2;
+const BN_CHUNK: u16 = 256;
+const BN_WINDOW: u32 = 64;
+
+/// What one of those jobs' slots costs.
+fn bn_slot_bytes() -> usize {
+    inagg_proto::aggregator::slot_bytes(usize::from(BN_CHUNK), 4, BN_WORLD)
+}
+
+/// A bottleneck run: per-job ATE/s, each job's window at the end, the most slot
+/// memory the aggregator held.
+struct Shared {
+    ate: Vec<f64>,
+    windows: Vec<u32>,
+    peak: usize,
+    regrants: u64,
+}
+
 /// Per-job ATE/s of jobs sharing one bottleneck into the aggregator, running
 /// allreduces back to back; `jobs` lists (job id, chunks per tensor).
 fn shared_bottleneck(jobs: &[(u32, usize)]) -> Vec<f64> {
+    shared_bottleneck_with(jobs, None, std::time::Duration::ZERO).ate
+}
+
+/// The same with the aggregator's slot memory `budget`; job `j` (counting from 0)
+/// joins `j * stagger` after the first (all within the warm-up).
+fn shared_bottleneck_with(
+    jobs: &[(u32, usize)],
+    budget: Option<usize>,
+    stagger: std::time::Duration,
+) -> Shared {
+    use inagg_proto::aggregator::AggregatorConfig;
     use inagg_proto::sim::Bottleneck;
     use std::time::Duration;
-    let (world, chunk, window) = (2u16, 256u16, 64u32);
+    let (world, chunk, window) = (BN_WORLD, BN_CHUNK, BN_WINDOW);
     let cfg = SimConfig {
         bottleneck: Some(Bottleneck {
             bytes_per_sec: 50e6,
@@ -461,7 +491,16 @@ fn shared_bottleneck(jobs: &[(u32, usize)]) -> Vec<f64> {
             true,
         ));
     }
-    let mut sim = Sim::new(cfg, Default::default(), cfgs);
+    let agg = AggregatorConfig {
+        slot_memory: budget,
+        ..AggregatorConfig::default()
+    };
+    let mut sim = Sim::new(cfg, agg, cfgs);
+    for j in 1..jobs.len() {
+        for r in 0..usize::from(world) {
+            sim.delay_join(j * usize::from(world) + r, stagger * j as u32);
+        }
+    }
     let (counts, span) = sim
         .run_continuously(ins, Duration::from_millis(200), Duration::from_millis(1200))
         .expect("run");
@@ -470,13 +509,30 @@ fn shared_bottleneck(jobs: &[(u32, usize)]) -> Vec<f64> {
         "the bottleneck never marked: {:?}",
         sim.net
     );
-    jobs.iter()
+    let ate = jobs
+        .iter()
         .enumerate()
         .map(|(j, &(_, chunks))| {
             let done = counts[j * usize::from(world)];
             done as f64 * (usize::from(chunk) * chunks) as f64 / span.as_secs_f64()
         })
-        .collect()
+        .collect();
+    let windows = jobs
+        .iter()
+        .map(|&(id, _)| sim.aggregator().job_slots(id).unwrap_or(0))
+        .collect();
+    Shared {
+        ate,
+        windows,
+        peak: sim.peak_slot_memory,
+        regrants: sim.regrants,
+    }
+}
+
+fn jain(x: &[f64]) -> f64 {
+    let sum: f64 = x.iter().sum();
+    let squares: f64 = x.iter().map(|x| x * x).sum();
+    sum * sum / (x.len() as f64 * squares)
 }
 
 /// Without congestion control this fails: the same run gave per-job ATE/s of 1.66 M,
@@ -487,8 +543,11 @@ fn jobs_sharing_a_bottleneck_converge_to_fair_shares() {
     let alone = shared_bottleneck(&[(1, 120)]);
     let three = shared_bottleneck(&[(1, 120), (2, 240), (3, 480)]);
     let sum: f64 = three.iter().sum();
-    let squares: f64 = three.iter().map(|x| x * x).sum();
-    let jain = sum * sum / (3.0 * squares);
+    eprintln!(
+        "no budget: alone {alone:?}, three {three:?}, sum {sum:.4e}, Jain {}",
+        jain(&three)
+    );
+    let jain = jain(&three);
     assert!(jain >= 0.95, "per-job ATE/s {three:?}, Jain {jain}");
     assert!(
         (sum - alone[0]).abs() <= 0.1 * alone[0],
@@ -540,4 +599,160 @@ fn a_job_joining_and_one_leaving_mid_run_change_no_results() {
     let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
     assert_eq!(out, a_want[1], "job 1 changed by a job leaving");
     assert!(!sim.aggregator().jobs().contains(&2), "job 2 still held");
+}
+
+/// Issue 7, slot memory as a budget: the same three jobs, with an aggregator whose
+/// slot memory holds 48 of their slots (each asks for 64), joining 40 ms apart. Alone, a
+/// job gets all 48; each arrival shrinks the running jobs at their next allreduce
+/// boundary, and the three converge to 16 each; the memory held never exceeds the
+/// budget, and they share the bottleneck fairly with the throughput of one job alone.
+#[test]
+fn jobs_sharing_a_slot_memory_budget_converge_to_fair_shares() {
+    use std::time::Duration;
+    let budget = 48 * bn_slot_bytes();
+    let alone = shared_bottleneck_with(&[(1, 120)], Some(budget), Duration::ZERO);
+    assert_eq!(
+        alone.windows,
+        vec![48],
+        "alone, a job takes the whole budget"
+    );
+    let jobs = [(1, 120), (2, 240), (3, 480)];
+    let three = shared_bottleneck_with(&jobs, Some(budget), Duration::from_millis(40));
+    assert_eq!(three.windows, vec![16, 16, 16], "max-min fair shares");
+    // Job 1 shrinks twice, job 2 once.
+    assert!(three.regrants >= 3, "{} pools re-sized", three.regrants);
+    assert!(
+        three.peak <= budget,
+        "{} bytes held, budget {budget}",
+        three.peak
+    );
+    assert!(
+        alone.peak <= budget,
+        "{} bytes held, budget {budget}",
+        alone.peak
+    );
+    let sum: f64 = three.ate.iter().sum();
+    let jain = jain(&three.ate);
+    eprintln!(
+        "budget of 48 slots: alone {:.3e} ATE/s; three jobs {:?} ATE/s, sum {sum:.3e}, Jain {jain:.4}, {} re-grants",
+        alone.ate[0], three.ate, three.regrants
+    );
+    assert!(jain >= 0.95, "per-job ATE/s {:?}, Jain {jain}", three.ate);
+    assert!(
+        (sum - alone.ate[0]).abs() <= 0.1 * alone.ate[0],
+        "three jobs {sum:.3e} ATE/s against one alone {:.3e}",
+        alone.ate[0]
+    );
+}
+
+/// Issue 7, slot memory as a budget: with room for 16 slots of these jobs, job 1 runs
+/// alone with 16; job 2's ranks join during job 1's allreduces and wait; job 1's pool
+/// shrinks to 8 at the end of the first allreduce whose results saw the decision, and
+/// job 2 starts with the 8 freed; when job 2 leaves, job 1 grows back to 16 at the end
+/// of its next allreduce. Under loss, duplication and reordering, every result has the
+/// bits of the jobs alone, without a budget, and the slot memory held never exceeds
+/// the budget.
+#[test]
+fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
+    use inagg_proto::aggregator::AggregatorConfig;
+    use std::time::Duration;
+    let (chunk, window) = (64u16, 16u32);
+    let a_in = inputs(21, 2, usize::from(chunk) * 300, false);
+    let b_in = inputs(22, 2, usize::from(chunk) * 40 + 5, false);
+    let alone = |cfgs: Vec<WorkerConfig>, ins: &[Vec<f32>]| {
+        let mut sim = Sim::new(SimConfig::lossy(4), Default::default(), cfgs);
+        sim.allreduce(ins.to_vec()).expect("allreduce")
+    };
+    let a_want = alone(configs(1, 2, CodecId::I32, chunk, window), &a_in);
+    let b_want = alone(configs(2, 2, CodecId::I32, chunk, window), &b_in);
+    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), 4, 2);
+    let budget = 16 * slot;
+    let agg = AggregatorConfig {
+        slot_memory: Some(budget),
+        ..AggregatorConfig::default()
+    };
+    let job1 = |ins: &[Vec<f32>]| vec![Some(ins[0].clone()), Some(ins[1].clone()), None, None];
+    let mut waited = Vec::new();
+    for seed in 0..40 {
+        let mut cfgs = configs(1, 2, CodecId::I32, chunk, window);
+        cfgs.extend(configs(2, 2, CodecId::I32, chunk, window));
+        let mut sim = Sim::new(SimConfig::lossy(50 + seed), agg.clone(), cfgs);
+        // Job 2's ranks stay away until job 1 has joined (with loss, a join may take a
+        // retry), then come 2 ms into job 1's first allreduce.
+        sim.delay_join(2, Duration::from_secs(3600));
+        sim.delay_join(3, Duration::from_secs(3600));
+        sim.join_some(&[0, 1]).expect("job 1 joins");
+        assert_eq!(
+            sim.aggregator().job_slots(1),
+            Some(16),
+            "alone: the whole budget"
+        );
+        let ms = Duration::from_millis(2);
+        sim.delay_join(2, ms);
+        sim.delay_join(3, ms);
+        let t0 = sim.elapsed();
+        // Job 1 allreduces until job 2 has its grant (a job between allreduces keeps
+        // its pool: job 2 waits for job 1's next boundary).
+        let mut rounds = 0;
+        while !(sim.worker(2).grant().is_some() && sim.worker(3).grant().is_some()) {
+            assert!(
+                rounds < 10,
+                "seed {seed}: job 2 still waits after {rounds} rounds"
+            );
+            let out = sim
+                .allreduce_some(job1(&a_in))
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
+            assert_eq!(out, a_want, "seed {seed}: job 1 changed by a job joining");
+            rounds += 1;
+            if rounds == 1 {
+                assert!(sim.elapsed() > t0 + ms, "job 1 was over before job 2 came");
+            }
+            // Let the re-grant that follows the allreduce finish.
+            sim.settle(Duration::from_millis(1)).expect("settle");
+        }
+        waited.push(rounds);
+        assert_eq!(
+            sim.aggregator().job_slots(1),
+            Some(8),
+            "seed {seed}: job 1 shrank"
+        );
+        assert_eq!(
+            sim.aggregator().job_slots(2),
+            Some(8),
+            "seed {seed}: job 2's share"
+        );
+        // Both jobs at once.
+        let mut ins = a_in.clone();
+        ins.extend(b_in.clone());
+        let out = sim
+            .allreduce_staggered(ins, &[Duration::ZERO; 4])
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(&out[..2], &a_want[..], "seed {seed}: job 1 beside job 2");
+        assert_eq!(&out[2..], &b_want[..], "seed {seed}: job 2 wrong");
+        // Job 2 leaves as job 1 starts its next allreduce; job 1 grows back at the end
+        // of that one.
+        sim.leave(2);
+        sim.leave(3);
+        for round in 0..2 {
+            let out = sim
+                .allreduce_some(job1(&a_in))
+                .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"));
+            let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
+            assert_eq!(out, a_want, "seed {seed}: job 1 changed by a job leaving");
+        }
+        assert!(!sim.aggregator().jobs().contains(&2), "job 2 still held");
+        assert_eq!(
+            sim.aggregator().job_slots(1),
+            Some(16),
+            "seed {seed}: job 1 grew back"
+        );
+        assert!(
+            sim.peak_slot_memory <= budget,
+            "seed {seed}: {} bytes held",
+            sim.peak_slot_memory
+        );
+        assert!(sim.regrants >= 2, "seed {seed}: {} re-grants", sim.regrants);
+    }
+    eprintln!("job 1 allreduces before job 2 got its grant, per seed: {waited:?}");
 }

@@ -1,9 +1,12 @@
 //! One job as the aggregator sees it: its parameters, its members and, once every rank
-//! has joined, its slot pool.
+//! has joined (and, with a slot memory budget, memory is free for it), its slot pool;
+//! while its pool is being re-sized, the window it moves to and the ranks that have
+//! asked for it.
 
 use std::time::Instant;
 
-use super::slots::SlotPool;
+use super::budget::Demand;
+use super::slots::{slot_bytes, SlotPool};
 use super::stats::Stats;
 use crate::codec::Codec;
 use crate::wire::{ErrorCode, Join};
@@ -30,9 +33,24 @@ pub(crate) struct Job<A> {
     pub chunk_elems: u16,
     pub secret: Vec<u8>,
     pub token: u64,
+    /// The token of the pool before the last re-grant: its late packets are stale, not
+    /// forged, and a rank whose new grant was lost asks again with it.
+    pub prev_token: Option<u64>,
     pub members: Vec<Option<Member<A>>>,
-    /// Allocated when the last rank joins.
+    /// Allocated when the last rank joins (with a budget: once memory is free for it).
     pub pool: Option<SlotPool>,
+    /// Slots it asks for: the smallest window its ranks asked for, capped by the
+    /// aggregator's largest window. Set when the last rank joins.
+    pub want: u32,
+    /// The order in which jobs got all their ranks: waiting jobs start first come,
+    /// first served.
+    pub arrival: u64,
+    /// The window its pool moves to at the next re-grant (with a budget), if it changes.
+    /// Memory is counted for the larger of this and the pool until then.
+    pub next: Option<u32>,
+    /// Ranks that asked for the re-grant announced by flagged results: once every rank
+    /// has, none needs the old pool any more.
+    pub regrant_ready: Vec<bool>,
     pub stats: Stats,
 }
 
@@ -50,14 +68,52 @@ impl<A: Clone + Eq> Job<A> {
             chunk_elems: join.chunk_elems,
             secret: join.secret.clone(),
             token,
+            prev_token: None,
             members: vec![None; usize::from(join.world)],
             pool: None,
+            want: 1,
+            arrival: 0,
+            next: None,
+            regrant_ready: vec![false; usize::from(join.world)],
             stats: Stats::default(),
         }
     }
 
     pub fn running(&self) -> bool {
         self.pool.is_some()
+    }
+
+    /// Every rank has joined (the job runs, or waits for slot memory).
+    pub fn complete(&self) -> bool {
+        self.joined() == usize::from(self.world)
+    }
+
+    /// Bytes one slot of this job costs.
+    pub fn slot_bytes(&self) -> usize {
+        slot_bytes(
+            usize::from(self.chunk_elems),
+            self.codec.wire_bytes(),
+            self.world,
+        )
+    }
+
+    /// Its claim on a slot memory budget.
+    pub fn demand(&self) -> Demand {
+        Demand {
+            slot_bytes: self.slot_bytes(),
+            want: self.want,
+        }
+    }
+
+    /// Slots of its pool now (0 while it waits).
+    pub fn slots(&self) -> u32 {
+        self.pool.as_ref().map_or(0, |p| p.slots())
+    }
+
+    /// Bytes of the budget it holds: its pool, or the pool it grows to at its next
+    /// re-grant if larger.
+    pub fn held_bytes(&self) -> usize {
+        self.slots().max(self.next.unwrap_or(0)) as usize * self.slot_bytes()
     }
 
     /// Checks a join against the job: the error to answer with, if any.

@@ -10,8 +10,14 @@
 //!
 //! A result is sent to every rank straight from the slot's kept copy, so completing a
 //! chunk allocates nothing and encodes the result once per rank into the caller's buffer.
+//!
+//! With [`AggregatorConfig::slot_memory`], slot memory is a budget shared by the jobs
+//! present, in max-min fair shares ([`budget`]) that follow jobs as they come and go;
+//! pools change size at allreduce boundaries every rank agrees on (`regrant.rs`).
 
+pub mod budget;
 mod job;
+mod regrant;
 mod slots;
 mod stats;
 
@@ -21,15 +27,17 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+pub use budget::MIN_SLOTS;
+pub use slots::slot_bytes;
 pub use stats::{DropReason, Stats};
 
 use crate::codec;
 use crate::wire::{
     self, Control, DataHeader, ErrorCode, ErrorMsg, Grant, Join, Message, DATA_HEADER_LEN,
-    FLAG_FROM_COPY, FLAG_MARK, FLAG_PROBE, FLAG_RETX, MAX_DATAGRAM,
+    FLAG_FROM_COPY, FLAG_MARK, FLAG_PROBE, FLAG_REGRANT, FLAG_RETX, MAX_DATAGRAM,
 };
 use job::Job;
-use slots::{Outcome, SlotPool};
+use slots::Outcome;
 
 /// Settings of an aggregator.
 #[derive(Debug, Clone)]
@@ -47,6 +55,10 @@ pub struct AggregatorConfig {
     pub tombstone_ttl: Duration,
     /// Seeds the session tokens. Drivers pass fresh randomness; tests a fixed value.
     pub seed: u64,
+    /// Slot memory budget in bytes, shared by all jobs in max-min fair shares (see
+    /// [`budget`] and [`slot_bytes`] for what a slot costs); `None`: every job gets
+    /// the window it asks for, up to `max_window`.
+    pub slot_memory: Option<usize>,
 }
 
 impl Default for AggregatorConfig {
@@ -58,6 +70,7 @@ impl Default for AggregatorConfig {
             silence_timeout: Duration::from_secs(3),
             tombstone_ttl: Duration::from_secs(30),
             seed: 0x1a66_0000_0000_0001,
+            slot_memory: None,
         }
     }
 }
@@ -84,6 +97,14 @@ pub enum Event {
         code: ErrorCode,
         /// In words.
         text: String,
+    },
+    /// The job's pool changed size (or was confirmed) at an allreduce boundary, under
+    /// the slot memory budget.
+    Regranted {
+        /// The job.
+        job: u32,
+        /// Its new window.
+        window: u32,
     },
     /// Every rank left; the job's slots are free.
     JobEnded {
@@ -133,6 +154,8 @@ pub struct Aggregator<A> {
     next_check: Option<Instant>,
     /// The driver says the aggregator is falling behind: mark every result.
     backlogged: bool,
+    /// Jobs that got all their ranks so far: orders waiting jobs.
+    arrivals: u64,
 }
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
@@ -149,6 +172,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             rng,
             next_check: None,
             backlogged: false,
+            arrivals: 0,
         }
     }
 
@@ -179,6 +203,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// The slots granted to `job` (its pool size), once all its ranks joined.
     pub fn job_slots(&self, job: u32) -> Option<u32> {
         self.jobs.get(&job)?.pool.as_ref().map(|p| p.slots())
+    }
+
+    /// The slot memory budget, if any.
+    pub fn slot_budget(&self) -> Option<usize> {
+        self.config.slot_memory
     }
 
     /// Bytes of slot memory held by running jobs.
@@ -227,7 +256,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         // Contributions count themselves where their job is looked up anyway.
         let control = match &msg {
             Message::Join(j) => Some(j.job),
-            Message::Heartbeat(c) | Message::Leave(c) => Some(c.job),
+            Message::Heartbeat(c) | Message::Leave(c) | Message::Regrant(c) => Some(c.job),
             _ => None,
         };
         if let Some(job) = control.and_then(|j| self.jobs.get_mut(&j)) {
@@ -245,6 +274,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 }
             }
             Message::Leave(c) => self.handle_leave(now, from, &c),
+            Message::Regrant(c) => self.handle_regrant(now, from, &c),
             Message::Grant(_) | Message::Result(..) | Message::Error(_) => {
                 self.drop_packet(None, DropReason::WrongDirection)
             }
@@ -330,28 +360,8 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
         let completed = job.admit(&join, from.clone(), now);
         if completed {
-            let window = job.requested_window().min(self.config.max_window).max(1);
-            job.pool = Some(SlotPool::new(
-                window,
-                usize::from(job.chunk_elems),
-                job.codec.wire_bytes(),
-                job.world,
-            ));
-            self.events.push_back(Event::JobStarted {
-                job: job.id,
-                world: job.world,
-                window,
-                codec: job.codec.name(),
-            });
-            let grants: Vec<(A, Grant)> = job
-                .members
-                .iter()
-                .enumerate()
-                .filter_map(|(r, m)| Some((m.as_ref()?.addr.clone(), grant(job, r as u16, window))))
-                .collect();
-            for (to, g) in grants {
-                self.send(to, Message::Grant(g));
-            }
+            let id = job.id;
+            self.job_complete(id);
         } else if let Some(pool) = &job.pool {
             // A retransmitted join from a running job's rank: its grant was lost.
             let g = grant(job, join.rank, pool.slots());
@@ -366,7 +376,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 self.answer_tombstone(c.job, from);
                 DropReason::UnknownJob
             }
-            Some(job) if job.token != c.token => DropReason::BadToken,
+            // The previous token stays good for control messages: a rank that has not
+            // yet got its new grant still sends heartbeats, leaves and regrants with it.
+            Some(job) if job.token != c.token && job.prev_token != Some(c.token) => {
+                DropReason::BadToken
+            }
             Some(job) => match job.members.get_mut(usize::from(c.rank)) {
                 None => DropReason::RankOutOfRange,
                 Some(Some(m)) if m.addr == *from => {
@@ -401,6 +415,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     job: job.id,
                     stats: Box::new(job.stats),
                 });
+                self.rebalance();
             }
         }
     }
@@ -432,6 +447,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         job.stats.bytes_received += len;
         let reason = 'check: {
             if job.token != h.token {
+                // A packet of the pool before the last re-grant, late: harmless.
+                if job.prev_token == Some(h.token) {
+                    break 'check DropReason::Stale;
+                }
                 break 'check DropReason::BadToken;
             }
             let Some(member) = job.members.get_mut(usize::from(h.rank)) else {
@@ -551,6 +570,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             code,
             text,
         });
+        self.rebalance();
     }
 
     /// Aborts every job with [`ErrorCode::Shutdown`], telling every rank.
@@ -602,6 +622,8 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             self.abort(now, id, ErrorCode::PeerSilent, rank, text);
         }
         self.tombstones.retain(|_, t| t.expires > now);
+        // A waiting job may have lost a rank (it no longer claims a share).
+        self.rebalance();
         if self.jobs.is_empty() && self.tombstones.is_empty() {
             self.next_check = None;
         }
@@ -676,6 +698,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
         if meta.retx {
             flags |= FLAG_RETX;
+        }
+        if meta.regrant {
+            flags |= FLAG_REGRANT;
         }
         let s = u64::from(job.pool.as_ref()?.slots());
         let h = DataHeader {

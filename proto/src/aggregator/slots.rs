@@ -6,6 +6,12 @@
 //! for a later `seq` of the same slot and version restarts it (only once it has
 //! completed: every rank must have moved past it), and one for an earlier `seq` is a
 //! stale duplicate. A completed version keeps its result for retransmissions.
+//!
+//! What one slot costs ([`slot_bytes`]), the unit of the slot memory budget: both
+//! versions, each with `K` accumulator lanes of 4 bytes, the kept result of `K`
+//! elements in the codec's wire form, and a bitmap of `ceil(N / 64)` words of ranks.
+//! The per-version bookkeeping ([`SlotMeta`], a few bytes) is left out, as a switch
+//! keeps it in registers beside its SRAM.
 
 use crate::codec::Codec;
 use crate::wire::{DataHeader, NO_EXPONENT};
@@ -31,6 +37,9 @@ pub(crate) struct SlotMeta {
     pub marked: bool,
     /// Some contribution was a retransmission.
     pub retx: bool,
+    /// The pool was being re-granted when the chunk completed: its result says so to
+    /// every rank (fixed at completion, so answers from the copy say the same).
+    pub regrant: bool,
 }
 
 /// What a contribution did to the pool.
@@ -56,9 +65,20 @@ pub(crate) enum Outcome {
     Missing,
 }
 
+/// Bytes one slot holds for chunks of `chunk` elements of `width` wire bytes and a
+/// world of `world` ranks: two versions of accumulator lanes, kept result and rank
+/// bitmap. [`SlotPool::memory_bytes`] is this times the slots.
+pub fn slot_bytes(chunk: usize, width: usize, world: u16) -> usize {
+    2 * (chunk * 4 + chunk * width + 8 * usize::from(world).div_ceil(64))
+}
+
 /// The slot memory of one job.
 #[derive(Debug)]
 pub(crate) struct SlotPool {
+    /// Chunks that complete from now on carry [`SlotMeta::regrant`].
+    pub regrant: bool,
+    /// Some chunk completed with `regrant` set: the ranks know of the re-grant.
+    pub regrant_announced: bool,
     slots: u32,
     chunk: usize,
     width: usize,
@@ -83,8 +103,11 @@ impl SlotPool {
             complete: false,
             marked: false,
             retx: false,
+            regrant: false,
         };
         Self {
+            regrant: false,
+            regrant_announced: false,
             slots,
             chunk,
             width,
@@ -160,6 +183,7 @@ impl SlotPool {
                 complete: false,
                 marked,
                 retx,
+                regrant: false,
             };
         } else {
             return Outcome::Stale;
@@ -173,6 +197,8 @@ impl SlotPool {
                 &mut self.results[base..base + n * self.width],
             );
             self.meta[i].complete = true;
+            self.meta[i].regrant = self.regrant;
+            self.regrant_announced |= self.regrant;
             Outcome::Completed
         } else {
             Outcome::Added

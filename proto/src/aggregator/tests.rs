@@ -64,6 +64,7 @@ impl Harness {
                 Message::Leave(c) => Message::Leave(c),
                 Message::Heartbeat(c) => Message::Heartbeat(c),
                 Message::Error(e) => Message::Error(e),
+                Message::Regrant(c) => Message::Regrant(c),
             };
             out.push((to, msg));
         }
@@ -446,4 +447,261 @@ fn probes_are_answered_without_touching_the_slot() {
     assert_ne!(hd.flags & FLAG_FROM_COPY, 0);
     assert_eq!(values(p), vec![11.0, 22.0, 33.0, 44.0]);
     assert_eq!(h.agg.stats().contributions, 2);
+}
+
+/// A join for job `job` (f32, chunks of 4) asking for `window` slots.
+fn join_window(job: u32, rank: u16, window: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    wire::encode_join(
+        &Join {
+            job,
+            rank,
+            world: 2,
+            codec: CodecId::F32,
+            chunk_elems: 4,
+            window,
+            secret: b"k".to_vec(),
+        },
+        &mut b,
+    );
+    b
+}
+
+fn grants(out: &[(u32, Message<'static>)]) -> Vec<(u32, Grant)> {
+    out.iter()
+        .filter_map(|(to, m)| match m {
+            Message::Grant(g) => Some((*to, *g)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_boundary() {
+    // One slot of these jobs: two versions of 4 f32 lanes, 4 f32 results, one bitmap word.
+    let slot = slot_bytes(4, 4, 2);
+    assert_eq!(slot, 80);
+    let mut agg = Aggregator::new(AggregatorConfig {
+        slot_memory: Some(10 * slot),
+        ..AggregatorConfig::default()
+    });
+    let mut h = Harness {
+        agg: Aggregator::new(AggregatorConfig::default()),
+        now: Instant::now(),
+        token: 0,
+    };
+    std::mem::swap(&mut h.agg, &mut agg);
+    // Job 5 alone: the 8 slots it asks for.
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 8));
+    }
+    let g = grants(&h.drain());
+    assert_eq!(g.len(), 2);
+    assert!(g.iter().all(|(_, g)| g.window == 8));
+    h.token = g[0].1.token;
+    // Job 6 comes: fair shares are 5 and 5. Job 5 must shrink first; job 6 waits.
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 8));
+    }
+    assert!(h.drain().is_empty(), "job 6 must wait for memory");
+    assert_eq!(h.agg.job_slots(6), None);
+    // Job 7 cannot get its minimal share (4 slots) beside the two: refused.
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 300 + u32::from(r), &join_window(7, r, 8));
+    }
+    let out = h.drain();
+    assert_eq!(out.len(), 2, "{out:?}");
+    for (to, m) in &out {
+        let Message::Error(e) = m else {
+            panic!("{m:?}")
+        };
+        assert!([300, 301].contains(to));
+        assert_eq!(e.code, ErrorCode::NoCapacity);
+        assert!(
+            e.text.contains("slot memory") && e.text.contains("4 slots of 80 bytes"),
+            "{}",
+            e.text
+        );
+    }
+    assert!(!h.agg.jobs().contains(&7));
+    // Job 5's results now say a re-grant is coming; its window is unchanged so far.
+    let (seq0, s) = (0u64, 8u64);
+    let hdr = |rank: u16, token: u64| DataHeader {
+        job: 5,
+        token,
+        slot: (seq0 % s) as u32,
+        version: 0,
+        ..h.header(rank, seq0, 4)
+    };
+    let (h0, h1) = (hdr(0, h.token), hdr(1, h.token));
+    h.contribute_as(100, &h0, &[1.0; 4]);
+    h.contribute_as(101, &h1, &[2.0; 4]);
+    let out = h.drain();
+    assert_eq!(out.len(), 2);
+    for (_, m) in &out {
+        let Message::Result(hd, p) = m else {
+            panic!("{m:?}")
+        };
+        assert_ne!(hd.flags & FLAG_REGRANT, 0, "{hd:?}");
+        assert_eq!(values(p), vec![3.0; 4]);
+    }
+    let regrant = |h: &mut Harness, rank: u16, token: u64| {
+        let mut b = Vec::new();
+        wire::encode_regrant(
+            &Control {
+                job: 5,
+                rank,
+                token,
+            },
+            &mut b,
+        );
+        h.agg.handle_datagram(h.now, 100 + u32::from(rank), &b);
+    };
+    // Rank 0 is at the boundary; rank 1 may still need the old pool: nothing changes.
+    let t = h.token;
+    regrant(&mut h, 0, t);
+    assert!(h.drain().is_empty());
+    assert_eq!(h.agg.job_slots(5), Some(8));
+    // A retransmission of rank 1 is still answered from the old pool, flag and all.
+    h.contribute_as(101, &h1, &[2.0; 4]);
+    let out = h.drain();
+    assert!(matches!(&out[..], [(101, Message::Result(hd, _))] if hd.flags & FLAG_REGRANT != 0));
+    // Rank 1 at the boundary too: job 5 moves to 5 slots with a new token, and job 6
+    // starts with the 5 freed.
+    let t = h.token;
+    regrant(&mut h, 1, t);
+    let g = grants(&h.drain());
+    let five: Vec<_> = g.iter().filter(|(_, g)| g.job == 5).collect();
+    let six: Vec<_> = g.iter().filter(|(_, g)| g.job == 6).collect();
+    assert_eq!(five.len(), 2, "{g:?}");
+    assert_eq!(six.len(), 2, "{g:?}");
+    assert!(five
+        .iter()
+        .all(|(_, g)| g.window == 5 && g.token != h.token));
+    assert!(six.iter().all(|(_, g)| g.window == 5));
+    assert_eq!((h.agg.job_slots(5), h.agg.job_slots(6)), (Some(5), Some(5)));
+    assert!(h.agg.slot_memory() <= 10 * slot);
+    let old = h.token;
+    h.token = five[0].1.token;
+    // A late packet with the old token is stale, not forged; a rank whose grant was
+    // lost asks again with the old token and gets the new grant.
+    h.contribute_as(101, &h1, &[2.0; 4]);
+    assert_eq!(h.agg.stats().dropped(DropReason::Stale), 1);
+    assert_eq!(h.agg.stats().dropped(DropReason::BadToken), 0);
+    regrant(&mut h, 1, old);
+    let g = grants(&h.drain());
+    assert!(
+        matches!(&g[..], [(101, g)] if g.window == 5 && g.token == h.token),
+        "{g:?}"
+    );
+    // Job 6 ends: job 5 may grow back to 8 (reserved now, at its next boundary).
+    for r in 0..2u16 {
+        let mut b = Vec::new();
+        let token = six[0].1.token;
+        wire::encode_leave(
+            &Control {
+                job: 6,
+                rank: r,
+                token,
+            },
+            &mut b,
+        );
+        h.agg.handle_datagram(h.now, 200 + u32::from(r), &b);
+    }
+    h.drain();
+    assert!(!h.agg.jobs().contains(&6));
+    let seq = 100u64;
+    let hd = |rank: u16| DataHeader {
+        job: 5,
+        token: h.token,
+        slot: (seq % 5) as u32,
+        version: ((seq / 5) % 2) as u8,
+        ..h.header(rank, seq, 4)
+    };
+    let (a, b) = (hd(0), hd(1));
+    h.contribute_as(100, &a, &[1.0; 4]);
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT != 0)));
+    let t = h.token;
+    regrant(&mut h, 0, t);
+    let t = h.token;
+    regrant(&mut h, 1, t);
+    let g = grants(&h.drain());
+    assert!(
+        g.len() == 2 && g.iter().all(|(_, g)| g.window == 8),
+        "{g:?}"
+    );
+    assert_eq!(h.agg.job_slots(5), Some(8));
+}
+
+#[test]
+fn without_a_budget_no_result_is_flagged_and_nothing_waits() {
+    let mut h = Harness::new(2);
+    h.contribute(0, 0, &[1.0; 4]);
+    h.contribute(1, 0, &[1.0; 4]);
+    let out = h.drain();
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT == 0)));
+}
+
+/// Every rank must see the same flagged results, or some would switch pools at one
+/// boundary and some at the next: a chunk that completed before the re-grant was
+/// decided is answered from its copy without the flag, even after.
+#[test]
+fn a_result_keeps_the_regrant_flag_it_completed_with() {
+    let slot = slot_bytes(4, 4, 2);
+    let mut h = Harness {
+        agg: Aggregator::new(AggregatorConfig {
+            slot_memory: Some(8 * slot),
+            ..AggregatorConfig::default()
+        }),
+        now: Instant::now(),
+        token: 0,
+    };
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 8));
+    }
+    h.token = grants(&h.drain())[0].1.token;
+    let hd = |h: &Harness, rank: u16, seq: u64| DataHeader {
+        slot: (seq % 8) as u32,
+        version: ((seq / 8) % 2) as u8,
+        ..h.header(rank, seq, 4)
+    };
+    let (a, b) = (hd(&h, 0, 0), hd(&h, 1, 0));
+    h.contribute_as(100, &a, &[1.0; 4]);
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT == 0)));
+    // Job 6 comes: job 5 is to shrink.
+    for r in 0..2 {
+        h.agg
+            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 8));
+    }
+    assert!(h.drain().is_empty());
+    // Rank 1 lost its result of chunk 0 and retransmits: the copy says what rank 0 heard.
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert!(
+        matches!(&out[..], [(101, Message::Result(hd, _))] if hd.flags & FLAG_REGRANT == 0),
+        "{out:?}"
+    );
+    // The next chunk completes flagged, for both.
+    let (a, b) = (hd(&h, 0, 1), hd(&h, 1, 1));
+    h.contribute_as(100, &a, &[1.0; 4]);
+    h.contribute_as(101, &b, &[1.0; 4]);
+    let out = h.drain();
+    assert_eq!(out.len(), 2);
+    assert!(out
+        .iter()
+        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT != 0)));
 }

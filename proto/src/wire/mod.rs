@@ -13,6 +13,7 @@
 //! | 5 | [`Control`] leave | job u32, rank u16, token u64 |
 //! | 6 | [`Control`] heartbeat | job u32, rank u16, token u64 |
 //! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, msg_len u16, UTF-8 message |
+//! | 8 | [`Control`] regrant | job u32, rank u16, token u64 |
 //!
 //! Data packets have a 40-byte header, a multiple of 4 so that payload lanes stay
 //! aligned in the caller's buffers.
@@ -56,7 +57,12 @@ pub const FLAG_PROBE: u8 = 0x04;
 /// to this chunk was a retransmission, so the time to the result says nothing of the
 /// path (Karn's rule, for the whole group): workers take no RTT sample from it.
 pub const FLAG_RETX: u8 = 0x08;
-const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX;
+/// Flag bit on a result: the aggregator is re-sizing this job's slot pool (a share of
+/// its slot memory budget changed). The flag is fixed when the chunk completes, so
+/// every rank sees the same flagged results; a rank that got one in an allreduce asks
+/// for its new grant ([`Message::Regrant`]) before it starts the next.
+pub const FLAG_REGRANT: u8 = 0x10;
+const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX | FLAG_REGRANT;
 
 /// The kind byte of each message.
 mod kind {
@@ -67,6 +73,7 @@ mod kind {
     pub const LEAVE: u8 = 5;
     pub const HEARTBEAT: u8 = 6;
     pub const ERROR: u8 = 7;
+    pub const REGRANT: u8 = 8;
 }
 
 /// Why a datagram could not be decoded.
@@ -142,7 +149,7 @@ pub struct DataHeader {
     pub rank: u16,
     /// The codec of the payload.
     pub codec: CodecId,
-    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`], [`FLAG_RETX`].
+    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`], [`FLAG_RETX`], [`FLAG_REGRANT`].
     pub flags: u8,
     /// The job's session token.
     pub token: u64,
@@ -162,7 +169,7 @@ pub struct DataHeader {
     pub count: u16,
 }
 
-/// Leave or heartbeat: a rank's control message without a body.
+/// Leave, heartbeat or regrant: a rank's control message without a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Control {
     /// The job.
@@ -248,6 +255,10 @@ pub enum Message<'a> {
     Heartbeat(Control),
     /// Aggregator to worker.
     Error(ErrorMsg),
+    /// Worker to aggregator, between two allreduces, after results flagged
+    /// [`FLAG_REGRANT`]: "send me the job's new grant". Carries the token in use; the
+    /// answer is a [`Grant`] once every rank has asked.
+    Regrant(Control),
 }
 
 fn preamble(out: &mut impl BufMut, kind: u8) {
@@ -358,6 +369,11 @@ pub fn encode_heartbeat(c: &Control, out: &mut impl BufMut) {
     encode_control(kind::HEARTBEAT, c, out)
 }
 
+/// Appends a regrant request to `out`.
+pub fn encode_regrant(c: &Control, out: &mut impl BufMut) {
+    encode_control(kind::REGRANT, c, out)
+}
+
 /// Appends an error to `out`; text beyond [`MAX_ERROR_TEXT`] bytes is cut at a
 /// character boundary.
 pub fn encode_error(e: &ErrorMsg, out: &mut impl BufMut) {
@@ -385,6 +401,7 @@ impl Message<'_> {
             Message::Leave(c) => encode_leave(c, out),
             Message::Heartbeat(c) => encode_heartbeat(c, out),
             Message::Error(e) => encode_error(e, out),
+            Message::Regrant(c) => encode_regrant(c, out),
         }
     }
 }
@@ -580,6 +597,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
         }
         kind::LEAVE => Message::Leave(decode_control(&mut r)?),
         kind::HEARTBEAT => Message::Heartbeat(decode_control(&mut r)?),
+        kind::REGRANT => Message::Regrant(decode_control(&mut r)?),
         kind::ERROR => {
             let job = r.u32()?;
             let rank = r.u16()?;

@@ -87,6 +87,14 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
             }),
             "49410107 09000000 0100 06 0400 676f6e65",
         ),
+        (
+            Message::Regrant(Control {
+                job: 9,
+                rank: 2,
+                token: 5,
+            }),
+            "49410108 09000000 0200 0500000000000000",
+        ),
     ]
 }
 

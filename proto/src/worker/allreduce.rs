@@ -140,6 +140,9 @@ pub(crate) struct Allreduce {
     /// congestion window: results that needed a retransmission of this rank's own
     /// (sent more than once, never held by the aggregator for a peer).
     lost: Option<u64>,
+    /// A result said the aggregator is re-sizing the job's pool: ask for the new grant
+    /// before the next allreduce.
+    pub regrant: bool,
 }
 
 impl Allreduce {
@@ -218,6 +221,7 @@ impl Allreduce {
                 ..AllreduceStats::default()
             },
             lost: None,
+            regrant: false,
         }
     }
 

@@ -47,6 +47,17 @@ impl Cwnd {
         }
     }
 
+    /// The grant changed to `max` slots (a re-grant): the window never exceeds it, and a
+    /// window that sat at the old grant (not held back by congestion) moves to the new.
+    pub fn set_max(&mut self, max: u32) {
+        let max = f64::from(max.max(1));
+        if self.w >= self.max {
+            self.w = max;
+        }
+        self.max = max;
+        self.w = self.w.min(max);
+    }
+
     /// Packets allowed in flight.
     pub fn window(&self) -> u64 {
         self.w.floor().max(1.0) as u64
@@ -117,6 +128,25 @@ mod tests {
             c.on_result(200_000 + 1000 * i, true, 200_000 + 1000 * i + 1);
         }
         assert_eq!(c.window(), 2, "never below the minimum");
+    }
+
+    #[test]
+    fn a_new_grant_caps_the_window_and_an_unconstrained_one_follows_it() {
+        let mut c = Cwnd::new(64);
+        c.set_max(16);
+        assert_eq!(c.window(), 16);
+        c.set_max(48);
+        assert_eq!(
+            c.window(),
+            48,
+            "not held back by congestion: it follows the grant"
+        );
+        c.on_result(0, true, 10);
+        assert_eq!(c.window(), 24);
+        c.set_max(64);
+        assert_eq!(c.window(), 24, "after a mark it grows by AIMD");
+        c.set_max(8);
+        assert_eq!(c.window(), 8);
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //!
 //! No call waits: every way the job can fail (no grant, a silent aggregator, a peer
 //! that died) ends in an [`Event::Failed`] within the configured timeouts.
+//!
+//! Re-grants: when the aggregator re-sizes the job's slot pool (a slot memory budget
+//! shared with other jobs), results carry [`wire::FLAG_REGRANT`]. A rank that got one
+//! sends a regrant request when its allreduce ends and takes its new grant (window and
+//! token) before its next allreduce starts; an allreduce started meanwhile waits for
+//! it. Every rank sees the same flagged results, so all switch at the same boundary.
 
 mod allreduce;
 mod cwnd;
@@ -27,6 +33,10 @@ use crate::codec::{self, Codec, CodecId};
 use crate::wire::{self, Control, ErrorCode, Grant, Join, Message, MAX_SECRET_LEN};
 use allreduce::{Allreduce, ResultOutcome};
 pub use cwnd::Cwnd;
+
+/// Tokens of earlier grants remembered, so that a late duplicate of an old grant is
+/// never taken for a re-grant.
+const OLD_TOKENS: usize = 16;
 
 /// Leaves sent before giving up on the aggregator's echo.
 const LEAVE_TRIES: u32 = 3;
@@ -140,7 +150,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkerError {
     /// No grant in time.
-    #[error("no grant within {0:?}: the aggregator is unreachable or not every rank joined")]
+    #[error(
+        "no grant within {0:?}: the aggregator is unreachable, not every rank joined, or its slot memory is still held by other jobs"
+    )]
     JoinTimeout(Duration),
     /// The aggregator refused the join.
     #[error("the aggregator refused to admit this rank: {text}")]
@@ -202,6 +214,13 @@ enum State {
     },
     Ready,
     Running(Box<Allreduce>),
+    /// Waiting for a re-grant: the request goes out every `next`, and an allreduce
+    /// started meanwhile waits in `pending`.
+    Regranting {
+        since: Instant,
+        next: Instant,
+        pending: Option<Pending>,
+    },
     Failed(WorkerError),
     /// Leaving: the leave goes out up to [`LEAVE_TRIES`] times, [`LEAVE_INTERVAL`]
     /// apart, until the aggregator echoes it.
@@ -210,6 +229,13 @@ enum State {
         next: Instant,
     },
     Closed,
+}
+
+/// An allreduce started while a re-grant is pending: what it needs to start.
+#[derive(Debug)]
+struct Pending {
+    len: usize,
+    residual: Option<Vec<f32>>,
 }
 
 /// The worker state machine. See the module documentation for the call order.
@@ -234,6 +260,8 @@ pub struct Worker {
     feedback_key: Option<u64>,
     /// The congestion window (AIMD), kept across allreduces.
     cwnd: Cwnd,
+    /// Tokens of earlier grants (see [`OLD_TOKENS`]).
+    old_tokens: VecDeque<u64>,
 }
 
 impl Worker {
@@ -285,6 +313,7 @@ impl Worker {
             idle_packets: 0,
             residuals: HashMap::new(),
             feedback_key: None,
+            old_tokens: VecDeque::new(),
             config,
         })
     }
@@ -309,14 +338,29 @@ impl Worker {
         &self.rtt
     }
 
-    /// Joined and no allreduce running.
+    /// Joined and no allreduce running: one may start.
     pub fn is_ready(&self) -> bool {
-        matches!(self.state, State::Ready)
+        matches!(
+            self.state,
+            State::Ready | State::Regranting { pending: None, .. }
+        )
     }
 
-    /// An allreduce is running.
+    /// An allreduce is running (or started and waits for a re-grant).
     pub fn is_running(&self) -> bool {
-        matches!(self.state, State::Running(_))
+        matches!(
+            self.state,
+            State::Running(_)
+                | State::Regranting {
+                    pending: Some(_),
+                    ..
+                }
+        )
+    }
+
+    /// Waiting for a re-grant from the aggregator.
+    pub fn is_regranting(&self) -> bool {
+        matches!(self.state, State::Regranting { .. })
     }
 
     /// The error the worker failed with, if it did.
@@ -358,9 +402,11 @@ impl Worker {
         feedback: Option<u64>,
     ) -> Result<(), WorkerError> {
         match &self.state {
-            State::Ready => {}
+            State::Ready | State::Regranting { pending: None, .. } => {}
             State::Joining { .. } => return Err(WorkerError::NotReady("still joining")),
-            State::Running(_) => return Err(WorkerError::NotReady("an allreduce is running")),
+            State::Running(_) | State::Regranting { .. } => {
+                return Err(WorkerError::NotReady("an allreduce is running"))
+            }
             State::Failed(e) => return Err(e.clone()),
             State::Closing { .. } | State::Closed => return Err(WorkerError::Closed),
         }
@@ -378,28 +424,57 @@ impl Worker {
             r.resize(data.len(), 0.0);
             r
         });
-        let opts = allreduce::Options {
-            dither_seed: self.config.stochastic_rounding,
-            skip_zeros: self.config.skip_zeros,
-        };
-        let mut op = Allreduce::new(
-            self.codec,
-            &g,
-            self.seq_base,
-            data.len(),
-            opts,
-            residual,
-            now,
-        );
+        if matches!(self.state, State::Regranting { .. }) {
+            // The allreduce starts once the new grant is in; what it could never
+            // send is refused now.
+            if self.codec.block_scaled() && codec::block_exponent(data).is_err() {
+                return Err(codec::NonFinite.into());
+            }
+            self.feedback_key = feedback;
+            if let State::Regranting { pending, .. } = &mut self.state {
+                *pending = Some(Pending {
+                    len: data.len(),
+                    residual,
+                });
+            }
+            return Ok(());
+        }
+        let mut op = self.allreduce_op(now, &g, data.len(), residual);
         if self.codec.block_scaled() {
             // One pass: every chunk's exponent, and the check that nothing is
             // infinite or NaN before anything is sent.
             op.prime_exponents(data)?;
         }
         self.feedback_key = feedback;
+        self.run(now, op);
+        Ok(())
+    }
+
+    /// The state of an allreduce of `len` elements under grant `g`.
+    fn allreduce_op(
+        &self,
+        now: Instant,
+        g: &Grant,
+        len: usize,
+        residual: Option<Vec<f32>>,
+    ) -> Allreduce {
+        let opts = allreduce::Options {
+            dither_seed: self.config.stochastic_rounding,
+            skip_zeros: self.config.skip_zeros,
+        };
+        Allreduce::new(self.codec, g, self.seq_base, len, opts, residual, now)
+    }
+
+    /// Runs an allreduce of `len` elements under grant `g`.
+    fn begin(&mut self, now: Instant, g: &Grant, len: usize, residual: Option<Vec<f32>>) {
+        let op = self.allreduce_op(now, g, len, residual);
+        self.run(now, op);
+    }
+
+    /// Makes `op` the running allreduce.
+    fn run(&mut self, now: Instant, op: Allreduce) {
         self.state = State::Running(Box::new(op));
         self.finish_if_done(now);
-        Ok(())
     }
 
     /// Forgets the error-feedback residual of `key` (or of every key).
@@ -415,10 +490,12 @@ impl Worker {
     /// Sends a leave and stops. Any running allreduce is abandoned.
     pub fn close(&mut self) {
         self.state = match self.state {
-            State::Ready | State::Running(_) if self.grant.is_some() => State::Closing {
-                sent: 0,
-                next: self.last_sent,
-            },
+            State::Ready | State::Running(_) | State::Regranting { .. } if self.grant.is_some() => {
+                State::Closing {
+                    sent: 0,
+                    next: self.last_sent,
+                }
+            }
             State::Failed(_) => return,
             _ => State::Closed,
         };
@@ -434,7 +511,15 @@ impl Worker {
                     self.residuals.insert(key, r);
                 }
                 self.seq_base += total;
-                self.state = State::Ready;
+                self.state = if op.regrant {
+                    State::Regranting {
+                        since: now,
+                        next: now,
+                        pending: None,
+                    }
+                } else {
+                    State::Ready
+                };
                 self.events
                     .push_back(Event::AllreduceDone { stats, elapsed });
             }
@@ -466,11 +551,33 @@ impl Worker {
                     return;
                 }
                 self.last_heard = now;
-                if let State::Joining { .. } = self.state {
-                    self.grant = Some(g);
-                    self.cwnd = Cwnd::new(g.window);
-                    self.state = State::Ready;
-                    self.events.push_back(Event::Joined(g));
+                match &mut self.state {
+                    State::Joining { .. } => {
+                        self.grant = Some(g);
+                        self.cwnd = Cwnd::new(g.window);
+                        self.state = State::Ready;
+                        self.events.push_back(Event::Joined(g));
+                    }
+                    State::Regranting { pending, .. }
+                        if g.chunk_elems == self.config.chunk_elems
+                            && self.grant.is_some_and(|old| old.token != g.token)
+                            && !self.old_tokens.contains(&g.token) =>
+                    {
+                        // The new grant (a late copy of an old one has an old token).
+                        let pending = pending.take();
+                        if let Some(old) = self.grant.replace(g) {
+                            if self.old_tokens.len() == OLD_TOKENS {
+                                self.old_tokens.pop_front();
+                            }
+                            self.old_tokens.push_back(old.token);
+                        }
+                        self.cwnd.set_max(g.window);
+                        match pending {
+                            Some(p) => self.begin(now, &g, p.len, p.residual),
+                            None => self.state = State::Ready,
+                        }
+                    }
+                    _ => {}
                 }
             }
             Message::Result(h, payload) => {
@@ -492,6 +599,7 @@ impl Worker {
                             let marked = h.flags & wire::FLAG_MARK != 0;
                             self.cwnd.on_result(h.seq, marked, op.next_seq());
                         }
+                        op.regrant |= h.flags & wire::FLAG_REGRANT != 0;
                     }
                     if let Some(lost) = op.take_loss() {
                         if self.config.congestion_control {
@@ -539,7 +647,7 @@ impl Worker {
                     self.state = State::Closed;
                 }
             }
-            Message::Join(_) | Message::Contribution(..) => {}
+            Message::Join(_) | Message::Contribution(..) | Message::Regrant(_) => {}
         }
     }
 
@@ -581,7 +689,15 @@ impl Worker {
                     false
                 }
             }
-            State::Ready if self.heartbeat_due => {
+            State::Regranting { next, .. } if *next <= now => {
+                *next = now + self.rtt.rto(1).min(self.config.join_interval);
+                self.idle_packets += 1;
+                control.is_some_and(|c| {
+                    wire::encode_regrant(&c, buf);
+                    true
+                })
+            }
+            State::Ready | State::Regranting { .. } if self.heartbeat_due => {
                 self.heartbeat_due = false;
                 self.idle_packets += 1;
                 self.control().is_some_and(|c| {
@@ -628,6 +744,12 @@ impl Worker {
                 Some((*next_join).min(*since + self.config.join_timeout))
             }
             State::Ready => Some(quiet.min(silent)),
+            State::Regranting { since, next, .. } => Some(
+                quiet
+                    .min(silent)
+                    .min(*next)
+                    .min(*since + self.config.progress_timeout),
+            ),
             State::Running(op) => {
                 let t = quiet
                     .min(silent)
@@ -661,6 +783,13 @@ impl Worker {
                     if self.config.congestion_control {
                         self.cwnd.on_loss(lost, op.next_seq());
                     }
+                }
+            }
+            State::Regranting { since, .. } => {
+                // Every rank must reach the boundary; one that never does stalls the job.
+                if now.saturating_duration_since(*since) >= self.config.progress_timeout {
+                    let t = self.config.progress_timeout;
+                    return self.fail(WorkerError::Stalled(t));
                 }
             }
             State::Ready => {}
