@@ -206,7 +206,8 @@ pub struct Row {
     /// Checksum of rank 0's last result (hex): equal runs give equal bits.
     pub result_checksum: String,
     /// In `scripts/netlab.sh`: the time each worker's link needs for the bytes the
-    /// worker sends or receives (the larger), and that bound over the median time.
+    /// worker sends (first transmissions) or receives, the larger, and that bound over
+    /// the median time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line_rate_bound_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -584,11 +585,17 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
     });
     let reports: Vec<&Report> = jobs.iter().flatten().collect();
     let n = reports.len().max(1) as u64;
-    // The busiest worker link's bytes (either way) at the netlab link rate.
+    // The busiest worker link's bytes (either way) at the netlab link rate: the bytes
+    // the allreduce needs, so retransmissions are left out (they would raise the
+    // bound with the waste).
     let bound = a.netlab.link_bps.map(|bps| {
         let worst = reports
             .iter()
-            .map(|r| r.bytes_sent.max(r.bytes_recv))
+            .map(|r| {
+                r.bytes_sent
+                    .saturating_sub(r.retransmitted_bytes)
+                    .max(r.bytes_recv)
+            })
             .max()
             .unwrap_or(0);
         worst as f64 * 8.0 / bps
@@ -601,7 +608,13 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         elements: a.elements,
         iters: a.iters,
         warmup: a.warmup,
-        chunk_elements: codec::by_name(codec).map_or(0, |c| a.tuning.chunk_for(c, &agg)),
+        // As granted; the request where no report says (older workers).
+        chunk_elements: jobs
+            .iter()
+            .flatten()
+            .map(|r| r.chunk_elements)
+            .find(|c| *c > 0)
+            .unwrap_or_else(|| codec::by_name(codec).map_or(0, |c| a.tuning.chunk_for(c, &agg))),
         window: a.tuning.window_for(&agg),
         stochastic: a.tuning.stochastic,
         skip_zeros: a.tuning.skip_zeros,

@@ -127,10 +127,10 @@ impl From<QuicMode> for inagg_quic::Mode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
     /// Elements per chunk (per datagram). Default: 32 KiB of payload to a loopback
-    /// aggregator, 4 KiB to any other (1024 f32 elements, 2048 f16, 4096 i8).
+    /// aggregator, 8 KiB to any other (2048 f32 elements, 4096 f16, 8192 i8).
     #[arg(long)]
     pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 128 otherwise.
+    /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 64 otherwise.
     #[arg(long)]
     pub window: Option<u32>,
     /// The job's secret.
@@ -200,6 +200,9 @@ pub struct Report {
     /// input never changes, so any difference is an error).
     #[serde(default)]
     pub mismatches: u64,
+    /// Elements per chunk, as granted (QUIC datagrams shrink it to fit).
+    #[serde(default)]
+    pub chunk_elements: u16,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -267,6 +270,7 @@ pub fn run(a: &Args) -> Result<()> {
         probes: 0,
         allreduces: 0,
         mismatches: 0,
+        chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
         check: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
@@ -292,6 +296,12 @@ pub fn run(a: &Args) -> Result<()> {
                 0.0
             };
         }
+        // A one-element allreduce first, as a barrier: every rank starts the timed call
+        // together, as Gloo's and MPI's benchmarks do (`scripts/peers`), so a rank's
+        // time does not include the others' copying of their inputs.
+        worker
+            .allreduce(&mut [0.0])
+            .with_context(|| format!("rank {}: barrier {} of job {} failed", a.rank, i, a.job))?;
         let r = worker
             .allreduce(&mut buf)
             .with_context(|| format!("rank {}: allreduce {} of job {} failed", a.rank, i, a.job))?;
