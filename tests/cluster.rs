@@ -7,7 +7,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, bench_json, worker};
+use common::{aggregator, bench_json, metrics_address, worker};
 use serde_json::Value;
 
 fn bench(extra: &[&str]) -> Vec<Value> {
@@ -124,19 +124,8 @@ fn value(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn the_metrics_endpoint_counts_jobs_while_they_run() {
-    use std::io::BufRead;
     let (mut agg, addr) = aggregator(&["--metrics", "127.0.0.1:0"]);
-    let err = agg.child.stderr.take().expect("stderr");
-    let mut line = String::new();
-    std::io::BufReader::new(err)
-        .read_line(&mut line)
-        .expect("metrics line");
-    let metrics = line
-        .trim()
-        .strip_prefix("metrics on http://")
-        .and_then(|s| s.strip_suffix("/metrics"))
-        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
-        .to_string();
+    let metrics = metrics_address(&mut agg);
     UdpSocket::bind("127.0.0.1:0")
         .expect("bind")
         .send_to(b"not inagg", addr)
@@ -227,7 +216,6 @@ fn three_jobs_under_a_small_slot_memory_budget_are_correct() {
 
 #[test]
 fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
-    use std::io::BufRead;
     // Room for 48 slots: 16 per job once all three run (each asks for 64).
     let budget = 48 * SLOT_4K;
     let (mut agg, addr) = aggregator(&[
@@ -236,17 +224,7 @@ fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
         "--slot-memory",
         &budget.to_string(),
     ]);
-    let err = agg.child.stderr.take().expect("stderr");
-    let mut line = String::new();
-    std::io::BufReader::new(err)
-        .read_line(&mut line)
-        .expect("metrics line");
-    let metrics = line
-        .trim()
-        .strip_prefix("metrics on http://")
-        .and_then(|s| s.strip_suffix("/metrics"))
-        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
-        .to_string();
+    let metrics = metrics_address(&mut agg);
     let args = [
         "--elements",
         "100000",

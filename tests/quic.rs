@@ -4,9 +4,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{bench_json, expect_failure, quic_aggregator, worker, QuicAggregator, TempDir};
+use common::{
+    bench_json, expect_failure, kill_rank_and_expect_aborts, quic_aggregator, worker,
+    QuicAggregator, TempDir,
+};
 use inagg_quic::{ClientOptions, Mode, QuicLink, Trust};
 
 /// `inagg worker` flags that use QUIC and trust `agg` by its certificate file.
@@ -229,21 +232,7 @@ fn garbage_from_a_quic_client_and_a_vanished_rank_leave_the_aggregator_serving()
         .map(|r| worker(agg.addr, 21, r, 3, &strs(&args)))
         .collect();
     std::thread::sleep(Duration::from_millis(2000));
-    assert!(
-        ws.iter_mut().all(|w| w.running()),
-        "workers should be mid-run"
-    );
-    ws[1].signal(libc::SIGKILL);
-    let killed = Instant::now();
-    for r in [0, 2] {
-        let what = format!("rank {r} after rank 1 died");
-        let err = expect_failure(&mut ws[r], Duration::from_secs(15), &what);
-        assert!(
-            err.contains("rank 1") && err.contains("aborted"),
-            "rank {r} said: {err}"
-        );
-    }
-    assert!(killed.elapsed() < Duration::from_secs(15));
+    kill_rank_and_expect_aborts(&mut ws, 1, Duration::from_secs(15));
     assert!(agg.proc.running(), "the aggregator must survive");
     assert_new_quic_job_runs(&agg, 22);
 }

@@ -6,7 +6,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, assert_new_job_runs, expect_failure, inagg, worker};
+use common::{aggregator, assert_new_job_runs, inagg, kill_rank_and_expect_aborts, worker};
 use serde_json::Value;
 
 #[test]
@@ -77,21 +77,7 @@ fn a_killed_worker_aborts_the_others_and_the_aggregator_serves_on() {
     let long = ["--elements", "200000", "--iters", "100000", "--no-check"];
     let mut ws: Vec<_> = (0..3).map(|r| worker(addr, 7, r, 3, &long)).collect();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        ws.iter_mut().all(|w| w.running()),
-        "workers should be mid-run"
-    );
-    ws[1].signal(libc::SIGKILL);
-    let killed = Instant::now();
-    for r in [0, 2] {
-        let what = format!("rank {r} after rank 1 died");
-        let err = expect_failure(&mut ws[r], Duration::from_secs(10), &what);
-        assert!(
-            err.contains("rank 1") && err.contains("aborted"),
-            "rank {r} said: {err}"
-        );
-    }
-    assert!(killed.elapsed() < Duration::from_secs(10));
+    kill_rank_and_expect_aborts(&mut ws, 1, Duration::from_secs(10));
     assert!(agg.running(), "the aggregator must survive");
     // A new job runs to completion on the same aggregator.
     assert_new_job_runs(addr, 8, &["--codec", "i32"]);

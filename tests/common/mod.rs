@@ -246,3 +246,38 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `host:port` of the metrics endpoint an aggregator started with `--metrics`
+/// printed first on stderr.
+pub fn metrics_address(agg: &mut Proc) -> String {
+    let err = agg.child.stderr.take().expect("stderr");
+    let mut line = String::new();
+    BufReader::new(err)
+        .read_line(&mut line)
+        .expect("metrics line");
+    line.trim()
+        .strip_prefix("metrics on http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
+        .to_string()
+}
+
+/// SIGKILLs rank `victim` of the running workers `ws` and asserts that every other
+/// rank fails within `limit`, naming the victim and the abort.
+pub fn kill_rank_and_expect_aborts(ws: &mut [Proc], victim: usize, limit: Duration) {
+    assert!(
+        ws.iter_mut().all(|w| w.running()),
+        "workers should be mid-run"
+    );
+    ws[victim].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    for (r, w) in ws.iter_mut().enumerate().filter(|(r, _)| *r != victim) {
+        let what = format!("rank {r} after rank {victim} died");
+        let err = expect_failure(w, limit, &what);
+        assert!(
+            err.contains(&format!("rank {victim}")) && err.contains("aborted"),
+            "rank {r} said: {err}"
+        );
+    }
+    assert!(killed.elapsed() < limit);
+}
