@@ -290,6 +290,20 @@ impl Sim {
             }
         }
         self.run_until(|s| (0..s.workers.len()).all(|i| !active[i] || s.status[i].done.is_some()))?;
+        // Some rank's tensor held NaN or infinity under a block-scaled codec: every
+        // rank's allreduce is that error.
+        if let Some(i) = (0..self.workers.len()).find(|i| {
+            active[*i]
+                && self.status[*i]
+                    .done
+                    .as_ref()
+                    .is_some_and(|st| st.nonfinite_chunks > 0)
+        }) {
+            return Err(SimError::Worker {
+                index: i,
+                error: crate::codec::NonFinite.into(),
+            });
+        }
         let n = self.buffers.len();
         let out = std::mem::replace(&mut self.buffers, vec![Vec::new(); n]);
         Ok(out

@@ -239,6 +239,10 @@ impl Session {
         self.worker
             .start_allreduce(Instant::now(), data, feedback)?;
         match self.drive(data, |ev| matches!(ev, Event::AllreduceDone { .. }))? {
+            Event::AllreduceDone { stats, .. } if stats.nonfinite_chunks > 0 => {
+                // Every rank ends this allreduce so; the job goes on.
+                Err(WorkerError::NonFinite(inagg_proto::codec::NonFinite).into())
+            }
             Event::AllreduceDone { stats, elapsed } => {
                 let per = header_overhead(&self.aggregator);
                 tracing::debug!(

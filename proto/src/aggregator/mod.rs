@@ -34,7 +34,7 @@ pub use stats::{DropReason, Stats};
 use crate::codec;
 use crate::wire::{
     self, Control, DataHeader, ErrorCode, ErrorMsg, Grant, Join, Message, DATA_HEADER_LEN,
-    FLAG_FROM_COPY, FLAG_MARK, FLAG_PROBE, FLAG_REGRANT, FLAG_RETX, MAX_DATAGRAM,
+    FLAG_FROM_COPY, FLAG_MARK, FLAG_NONFINITE, FLAG_PROBE, FLAG_REGRANT, FLAG_RETX, MAX_DATAGRAM,
 };
 use job::Job;
 use slots::Outcome;
@@ -701,6 +701,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
         if meta.regrant {
             flags |= FLAG_REGRANT;
+        }
+        if meta.nonfinite {
+            flags |= FLAG_NONFINITE;
         }
         let s = u64::from(job.pool.as_ref()?.slots());
         let h = DataHeader {

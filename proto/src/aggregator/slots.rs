@@ -35,6 +35,8 @@ pub(crate) struct SlotMeta {
     pub complete: bool,
     /// A contribution carried a congestion mark.
     pub marked: bool,
+    /// A contribution held a NaN or an infinity (`FLAG_NONFINITE`).
+    pub nonfinite: bool,
     /// Some contribution was a retransmission.
     pub retx: bool,
     /// The pool was being re-granted when the chunk completed: its result says so to
@@ -102,6 +104,7 @@ impl SlotPool {
             scale_exp: NO_EXPONENT,
             complete: false,
             marked: false,
+            nonfinite: false,
             retx: false,
             regrant: false,
         };
@@ -150,6 +153,7 @@ impl SlotPool {
         let lanes = &mut self.acc[i * self.chunk..i * self.chunk + usize::from(h.count)];
         let marked = h.flags & crate::wire::FLAG_MARK != 0;
         let retx = h.flags & crate::wire::FLAG_RETX != 0;
+        let nonfinite = h.flags & crate::wire::FLAG_NONFINITE != 0;
         if meta.seq == h.seq {
             if meta.complete {
                 return Outcome::AnswerCopy;
@@ -167,6 +171,7 @@ impl SlotPool {
             m.exp_max = m.exp_max.max(h.next_exp);
             m.marked |= marked;
             m.retx |= retx;
+            m.nonfinite |= nonfinite;
         } else if meta.seq == EMPTY || meta.seq < h.seq {
             if meta.seq != EMPTY && !meta.complete {
                 return Outcome::Ahead;
@@ -183,6 +188,7 @@ impl SlotPool {
                 complete: false,
                 marked,
                 retx,
+                nonfinite,
                 regrant: false,
             };
         } else {

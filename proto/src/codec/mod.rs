@@ -24,8 +24,11 @@
 //! a [`Scale`].
 //!
 //! Non-finite values: `f32`, `f16` and `bf16` carry NaN and infinity through (f16
-//! also overflows to infinity above 65504); block-scaled codecs cannot, and the worker
-//! refuses such a tensor with [`NonFinite`] before sending anything.
+//! also overflows to infinity above 65504); block-scaled codecs cannot: a chunk that
+//! holds one goes out clamped and flagged (`wire::FLAG_NONFINITE`), and the allreduce
+//! ends in [`NonFinite`] on every rank while the job goes on. (Refusing before sending
+//! anything, as inagg first did, cost a whole extra pass over the tensor before the
+//! first packet and left the other ranks waiting until their progress timeout.)
 
 mod fixed;
 mod float;

@@ -62,7 +62,14 @@ pub const FLAG_RETX: u8 = 0x08;
 /// every rank sees the same flagged results; a rank that got one in an allreduce asks
 /// for its new grant ([`Message::Regrant`]) before it starts the next.
 pub const FLAG_REGRANT: u8 = 0x10;
-const DATA_FLAGS: u8 = FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX | FLAG_REGRANT;
+/// Flag bit on a contribution: this rank's chunk held a NaN or an infinity, which a
+/// block-scaled codec cannot carry (its payload is clamped and means nothing). On a
+/// result: some rank's contribution to the chunk did. The aggregator ORs it in, so
+/// every rank sees it and ends that allreduce with the same error, while the job
+/// itself goes on.
+pub const FLAG_NONFINITE: u8 = 0x20;
+const DATA_FLAGS: u8 =
+    FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX | FLAG_REGRANT | FLAG_NONFINITE;
 
 /// The kind byte of each message.
 mod kind {
@@ -149,7 +156,8 @@ pub struct DataHeader {
     pub rank: u16,
     /// The codec of the payload.
     pub codec: CodecId,
-    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`], [`FLAG_RETX`], [`FLAG_REGRANT`].
+    /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`], [`FLAG_RETX`], [`FLAG_REGRANT`],
+    /// [`FLAG_NONFINITE`].
     pub flags: u8,
     /// The job's session token.
     pub token: u64,

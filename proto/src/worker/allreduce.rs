@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use super::rtt::RttEstimator;
 use crate::codec::{self, Codec};
-use crate::wire::{DataHeader, Grant, FLAG_PROBE, FLAG_RETX, NO_EXPONENT};
+use crate::wire::{DataHeader, Grant, FLAG_NONFINITE, FLAG_PROBE, FLAG_RETX, NO_EXPONENT};
 
 /// Counters of one allreduce.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,6 +48,9 @@ pub struct AllreduceStats {
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
     pub marks: u64,
+    /// Results of chunks in which some rank's tensor held a NaN or an infinity that a
+    /// block-scaled codec cannot carry: the allreduce is an error on every rank.
+    pub nonfinite_chunks: u64,
 }
 
 /// What an allreduce does beyond the plain protocol.
@@ -118,6 +121,9 @@ pub(crate) struct Allreduce {
     ring: Vec<Packet>,
     /// Exponent of each of this rank's chunks (block-scaled codecs).
     e_local: Vec<i8>,
+    /// This rank's chunks that hold a NaN or an infinity (block-scaled codecs only):
+    /// they go out flagged `FLAG_NONFINITE`.
+    nonfinite: Vec<bool>,
     /// Maximum exponent over the ranks, from the results.
     e_max: Vec<i8>,
     /// Retransmission deadlines: (deadline, packet, tx count when armed).
@@ -203,6 +209,7 @@ impl Allreduce {
                 slots as usize
             ],
             e_local: vec![NO_EXPONENT; per_chunk],
+            nonfinite: vec![false; per_chunk],
             e_max: vec![NO_EXPONENT; per_chunk],
             timers: BinaryHeap::new(),
             due: Vec::new(),
@@ -266,24 +273,21 @@ impl Allreduce {
         }
     }
 
-    /// The exponent of this rank's chunk `j` (non-finite values count as the largest,
-    /// for float codecs with zero skipping; block-scaled codecs never see them).
+    /// The exponent of this rank's chunk `j`. Non-finite values count as the largest;
+    /// for block-scaled codecs they also mark the chunk, whose data then goes out
+    /// flagged so that every rank's allreduce ends in the same error.
     fn local_exponent(&mut self, j: usize, data: &[f32]) -> i8 {
         if self.e_local[j] == NO_EXPONENT {
-            let e = codec::block_exponent(&data[self.chunk_range(j as u64)])
-                .unwrap_or(codec::MAX_EXPONENT);
+            let e = match codec::block_exponent(&data[self.chunk_range(j as u64)]) {
+                Ok(e) => e,
+                Err(codec::NonFinite) => {
+                    self.nonfinite[j] |= self.codec.block_scaled();
+                    codec::MAX_EXPONENT
+                }
+            };
             self.e_local[j] = e;
         }
         self.e_local[j]
-    }
-
-    /// Computes every chunk's local exponent now, in one pass over the tensor; fails
-    /// on a value that is infinite or NaN, which block-scaled codecs cannot carry.
-    pub fn prime_exponents(&mut self, data: &[f32]) -> Result<(), codec::NonFinite> {
-        for j in 0..self.e_local.len() {
-            self.e_local[j] = codec::block_exponent(&data[self.chunk_range(j as u64)])?;
-        }
-        Ok(())
     }
 
     /// The random stream of packet `seq` for stochastic rounding.
@@ -348,11 +352,12 @@ impl Allreduce {
             next_exp,
             // At most `chunk` elements, and chunks fit a u16.
             count: count as u16,
-            flags: if first {
-                self.template.flags
-            } else {
-                self.template.flags | FLAG_RETX
-            },
+            flags: self.template.flags
+                | if first { 0 } else { FLAG_RETX }
+                | match self.data_chunk(q) {
+                    Some(j) if self.nonfinite.get(j as usize) == Some(&true) => FLAG_NONFINITE,
+                    _ => 0,
+                },
             ..self.template
         };
         let start = buf.len();
@@ -563,6 +568,9 @@ impl Allreduce {
         }
         if h.flags & crate::wire::FLAG_MARK != 0 {
             self.stats.marks += 1;
+        }
+        if h.flags & FLAG_NONFINITE != 0 {
+            self.stats.nonfinite_chunks += 1;
         }
         self.last_progress = now;
         let p = &mut self.ring[(q % self.slots) as usize];

@@ -395,6 +395,13 @@ impl Worker {
     /// With `feedback: Some(key)`, error feedback: the quantization residual left by the
     /// previous allreduce with the same key (and length) is added to `data` first, and
     /// this allreduce's residual is kept for the next one.
+    ///
+    /// A NaN or an infinity in `data` under a block-scaled codec does not stop the
+    /// allreduce half-way (the other ranks would wait for this one's chunks): the chunk
+    /// goes out clamped and flagged, and on every rank the allreduce ends with
+    /// [`AllreduceStats::nonfinite_chunks`] above zero, which drivers report as
+    /// [`WorkerError::NonFinite`]; the buffer then holds no meaningful sum, and the job
+    /// goes on.
     pub fn start_allreduce(
         &mut self,
         now: Instant,
@@ -425,11 +432,7 @@ impl Worker {
             r
         });
         if matches!(self.state, State::Regranting { .. }) {
-            // The allreduce starts once the new grant is in; what it could never
-            // send is refused now.
-            if self.codec.block_scaled() && codec::block_exponent(data).is_err() {
-                return Err(codec::NonFinite.into());
-            }
+            // The allreduce starts once the new grant is in.
             self.feedback_key = feedback;
             if let State::Regranting { pending, .. } = &mut self.state {
                 *pending = Some(Pending {
@@ -439,12 +442,7 @@ impl Worker {
             }
             return Ok(());
         }
-        let mut op = self.allreduce_op(now, &g, data.len(), residual);
-        if self.codec.block_scaled() {
-            // One pass: every chunk's exponent, and the check that nothing is
-            // infinite or NaN before anything is sent.
-            op.prime_exponents(data)?;
-        }
+        let op = self.allreduce_op(now, &g, data.len(), residual);
         self.feedback_key = feedback;
         self.run(now, op);
         Ok(())
@@ -508,7 +506,10 @@ impl Worker {
                 let stats = op.stats.clone();
                 let elapsed = now.saturating_duration_since(op.started);
                 if let (Some(key), Some(r)) = (self.feedback_key.take(), op.residual.take()) {
-                    self.residuals.insert(key, r);
+                    // A residual of clamped non-finite input would only carry garbage.
+                    if stats.nonfinite_chunks == 0 {
+                        self.residuals.insert(key, r);
+                    }
                 }
                 self.seq_base += total;
                 self.state = if op.regrant {

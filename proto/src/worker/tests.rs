@@ -235,37 +235,33 @@ fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
 }
 
 #[test]
-fn non_finite_input_to_a_block_scaled_codec_is_refused_before_anything_is_sent() {
-    let mut sim = Sim::new(
-        SimConfig::lossless(3),
-        AggregatorConfig::default(),
-        configs(2),
-    );
-    sim.join().expect("join");
-    let now = std::time::Instant::now();
-    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        let mut data = vec![1.0f32; 5000];
-        data[4321] = bad;
-        let w = sim.worker_mut(0);
-        assert!(
-            matches!(
-                w.start_allreduce(now, &mut data, None),
-                Err(WorkerError::NonFinite(_))
-            ),
-            "{bad}"
+fn non_finite_input_to_a_block_scaled_codec_fails_the_allreduce_on_every_rank_and_the_job_goes_on()
+{
+    for (seed, bad) in [(3, f32::NAN), (4, f32::INFINITY), (5, f32::NEG_INFINITY)] {
+        let mut sim = Sim::new(
+            SimConfig::lossy(seed),
+            AggregatorConfig::default(),
+            configs(3),
         );
-        assert!(!w.is_running());
-        let mut buf = Vec::new();
-        assert!(
-            !w.poll_transmit(now, &data, &mut buf),
-            "sent after refusing {bad}"
-        );
+        let mut inputs = vec![vec![1.0f32; 5000]; 3];
+        inputs[1][4321] = bad;
+        match sim.allreduce(inputs) {
+            Err(SimError::Worker {
+                error: WorkerError::NonFinite(_),
+                ..
+            }) => {}
+            other => panic!("{bad}: {other:?}"),
+        }
+        // Every rank saw the flagged chunk, not only the one whose input it was.
+        for i in 0..3 {
+            let st = sim.last_stats(i).expect("finished");
+            assert!(st.nonfinite_chunks > 0, "{bad}: rank {i} {st:?}");
+        }
+        // The job goes on: the next allreduce is exact.
+        let out = sim
+            .allreduce(vec![vec![1.0; 5000], vec![2.0; 5000], vec![3.0; 5000]])
+            .expect("allreduce after the error");
+        assert!(out.iter().all(|o| o.iter().all(|x| *x == 6.0)), "{bad}");
+        assert!((0..3).all(|i| sim.last_stats(i).is_some_and(|s| s.nonfinite_chunks == 0)));
     }
-    // The ranks go on: a finite allreduce still works.
-    let out = sim
-        .allreduce(vec![vec![1.0; 5000], vec![2.0; 5000]])
-        .expect("allreduce");
-    assert!(out
-        .iter()
-        .all(|o| o.iter().all(|x| (*x - 3.0).abs() < 1e-6)));
 }
