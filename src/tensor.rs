@@ -14,7 +14,7 @@ pub fn input(seed: u64, rank: u16, len: usize) -> Vec<f32> {
     input_with_zeros(seed, rank, len, 0.0, 1)
 }
 
-/// [`input`], with a seeded fraction `zeros` of the `chunk`-element chunks set to zero
+/// `input`, with a seeded fraction `zeros` of the `chunk`-element chunks set to zero
 /// on every rank (the same chunks on all: sparse gradients, as for embeddings).
 pub fn input_with_zeros(seed: u64, rank: u16, len: usize, zeros: f64, chunk: usize) -> Vec<f32> {
     let mut v = dense(seed, rank, len);

@@ -69,7 +69,7 @@ pub(crate) enum Outcome {
 
 /// Bytes one slot holds for chunks of `chunk` elements of `width` wire bytes and a
 /// world of `world` ranks: two versions of accumulator lanes, kept result and rank
-/// bitmap. [`SlotPool::memory_bytes`] is this times the slots.
+/// bitmap. `SlotPool::memory_bytes` is this times the slots.
 pub fn slot_bytes(chunk: usize, width: usize, world: u16) -> usize {
     2 * (chunk * 4 + chunk * width + 8 * usize::from(world).div_ceil(64))
 }

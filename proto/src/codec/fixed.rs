@@ -94,7 +94,7 @@ fn pow2(e: i32) -> f32 {
 
 impl Fixed {
     /// A codec of `bits` bits (8, 16 or 32) with the given way of making room; for
-    /// comparisons (the registered codecs are [`I32`], [`I16`] and [`I8`]).
+    /// comparisons (the registered codecs are `I32`, `I16` and `I8`).
     pub const fn new(id: CodecId, name: &'static str, bits: u32, room: Room) -> Self {
         Self {
             id,
