@@ -426,7 +426,7 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
             "--ca".to_string(),
             ca.display().to_string(),
             "--quic-mode".to_string(),
-            format!("{:?}", t.quic_mode).to_lowercase(),
+            inagg_quic::Mode::from(t.quic_mode).name().to_string(),
         ],
         _ => Vec::new(),
     })
@@ -608,13 +608,8 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         elements: a.elements,
         iters: a.iters,
         warmup: a.warmup,
-        // As granted; the request where no report says (older workers).
-        chunk_elements: jobs
-            .iter()
-            .flatten()
-            .map(|r| r.chunk_elements)
-            .find(|c| *c > 0)
-            .unwrap_or_else(|| codec::by_name(codec).map_or(0, |c| a.tuning.chunk_for(c, &agg))),
+        // As granted (QUIC datagrams shrink it), from the ranks' reports.
+        chunk_elements: reports.first().map_or(0, |r| r.chunk_elements),
         window: a.tuning.window_for(&agg),
         stochastic: a.tuning.stochastic,
         skip_zeros: a.tuning.skip_zeros,

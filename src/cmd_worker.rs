@@ -160,10 +160,8 @@ impl Tuning {
     /// Elements per chunk for `codec` toward `aggregator`: the flag, or the library's
     /// default for that path.
     pub fn chunk_for(&self, codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u16 {
-        self.chunk_elements.unwrap_or_else(|| {
-            let elems = inagg_worker::default_chunk_bytes(aggregator) / codec.wire_bytes();
-            u16::try_from(elems).unwrap_or(u16::MAX)
-        })
+        self.chunk_elements
+            .unwrap_or_else(|| inagg_worker::default_chunk_elems(codec, aggregator))
     }
 
     /// Slots toward `aggregator`: the flag, or the library's default for that path.

@@ -130,18 +130,7 @@ fn the_metrics_endpoint_counts_jobs_while_they_run() {
         .expect("bind")
         .send_to(b"not inagg", addr)
         .expect("send");
-    let args = [
-        "--elements",
-        "100000",
-        "--iters",
-        "100000",
-        "--no-check",
-        "--window",
-        "64",
-        // The budget counts 4 KiB chunks (loopback's default is larger).
-        "--chunk-elements",
-        "1024",
-    ];
+    let args = LONG_RUN;
     let _ws: Vec<_> = (0..2).map(|r| worker(addr, 30, r, 2, &args)).collect();
     let end = Instant::now() + Duration::from_secs(30);
     let mut body = String::new();
@@ -174,14 +163,27 @@ fn the_metrics_endpoint_counts_jobs_while_they_run() {
     assert!(total > job && job > 0.0, "{total} {job}");
 }
 
-/// One slot of an i32 or f32 job with the default 4 KiB chunks (1024 elements) and up
-/// to 64 ranks: two versions of 1024 lanes of 4 bytes, 1024 results of 4 bytes, one
+/// Workers that run until killed, asking for 64 slots of 4 KiB chunks (pinned: the
+/// budgets below count such slots, and loopback's default chunk is larger).
+const LONG_RUN: [&str; 9] = [
+    "--elements",
+    "100000",
+    "--iters",
+    "100000",
+    "--no-check",
+    "--window",
+    "64",
+    "--chunk-elements",
+    "1024",
+];
+
+/// One slot of an i32 or f32 job with 4 KiB chunks (1024 elements) and up to 64 ranks: two versions of 1024 lanes of 4 bytes, 1024 results of 4 bytes, one
 /// bitmap word.
 const SLOT_4K: usize = 2 * (1024 * 4 + 1024 * 4 + 8);
 
 #[test]
 fn three_jobs_under_a_small_slot_memory_budget_are_correct() {
-    // Room for 72 slots: 24 per job once all three run (each asks for 128).
+    // Room for 72 slots: 24 per job once all three run (each asks for loopback's 32).
     let budget = (72 * SLOT_4K).to_string();
     let rows = bench_json(&[
         "--workers",
@@ -225,18 +227,7 @@ fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
         &budget.to_string(),
     ]);
     let metrics = metrics_address(&mut agg);
-    let args = [
-        "--elements",
-        "100000",
-        "--iters",
-        "100000",
-        "--no-check",
-        "--window",
-        "64",
-        // The budget counts 4 KiB chunks (loopback's default is larger).
-        "--chunk-elements",
-        "1024",
-    ];
+    let args = LONG_RUN;
     let _ws: Vec<_> = (40..43)
         .flat_map(|job| (0..2).map(move |r| (job, r)))
         .map(|(job, r)| worker(addr, job, r, 2, &args))

@@ -25,19 +25,25 @@ pub struct UdpEndpoint {
     last_full: bool,
 }
 
+/// A blocking UDP socket bound to `addr` with send and receive buffers of `buffer`
+/// bytes asked for (best effort: a smaller buffer still works, only less well under
+/// bursts); bound to the IPv6 wildcard, it takes IPv4 peers too. What
+/// [`UdpEndpoint::bind`] and the QUIC transport both build on.
+pub fn bind_socket(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 impl UdpEndpoint {
     /// Binds to `addr` with send and receive buffers of `buffer` bytes.
     pub fn bind(addr: SocketAddr, buffer: usize) -> io::Result<Self> {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            // Accept IPv4 peers too when bound to the IPv6 wildcard.
-            let _ = socket.set_only_v6(false);
-        }
-        // Best effort: a smaller buffer still works, only less well under bursts.
-        let _ = socket.set_recv_buffer_size(buffer);
-        let _ = socket.set_send_buffer_size(buffer);
-        socket.bind(&addr.into())?;
-        let socket: UdpSocket = socket.into();
+        let socket = bind_socket(addr, buffer)?;
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let n = BATCH_SIZE;
         Ok(Self {

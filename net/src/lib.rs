@@ -16,7 +16,7 @@ mod batch;
 mod endpoint;
 
 pub use batch::SendBatch;
-pub use endpoint::{UdpEndpoint, DEFAULT_SOCKET_BUFFER};
+pub use endpoint::{bind_socket, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
 
 /// Bytes of IP and UDP headers in front of each datagram to or from `addr`: what a
 /// datagram costs on the wire beyond its payload.

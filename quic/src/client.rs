@@ -76,7 +76,7 @@ impl QuicLink {
             .thread_name("inagg-quic")
             .enable_all()
             .build()?;
-        let socket = crate::socket(bind)?;
+        let socket = inagg_net::bind_socket(bind, inagg_net::DEFAULT_SOCKET_BUFFER)?;
         let (tx, inbound) = mpsc::channel();
         let mode = opts.mode;
         let timeout = opts.connect_timeout;
@@ -191,21 +191,20 @@ impl QuicLink {
     /// Hands every message received to `f`, waiting up to `timeout` if none is there.
     /// Returns how many; an error once the connection is closed and drained.
     pub fn recv(&mut self, timeout: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, Error> {
+        // Err(true): the connection is gone and everything it delivered was read.
         let first = if timeout.is_zero() {
-            self.inbound.try_recv().map_err(|e| match e {
-                mpsc::TryRecvError::Empty => None,
-                mpsc::TryRecvError::Disconnected => Some(()),
-            })
+            self.inbound
+                .try_recv()
+                .map_err(|e| matches!(e, mpsc::TryRecvError::Disconnected))
         } else {
-            self.inbound.recv_timeout(timeout).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => None,
-                mpsc::RecvTimeoutError::Disconnected => Some(()),
-            })
+            self.inbound
+                .recv_timeout(timeout)
+                .map_err(|e| matches!(e, mpsc::RecvTimeoutError::Disconnected))
         };
         match first {
             Ok(m) => f(&m),
-            Err(None) => return Ok(0),
-            Err(Some(())) => return Err(Error::Closed(self.close_reason())),
+            Err(false) => return Ok(0),
+            Err(true) => return Err(Error::Closed(self.close_reason())),
         }
         let mut n = 1;
         while n < 256 {

@@ -146,9 +146,6 @@ pub const MIN_DATAGRAM: usize = 1100;
 /// with its header is 262,180 bytes); a larger length is garbage and ends the stream.
 pub(crate) const MAX_FRAME: usize = 1 << 20;
 
-/// Socket buffers asked for (as for UDP: the kernel caps them at `rmem_max`).
-pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
-
 /// The largest UDP payload path MTU discovery tries. Loopback could take far more, but
 /// quinn sends up to 10 packets per GSO call and the kernel refuses more than 64 KB in
 /// one call: jumbo packets (8972) made throughput collapse to under 0.1 Gbit/s in a
@@ -173,19 +170,6 @@ pub(crate) fn transport_config() -> Arc<quinn::TransportConfig> {
     mtu.upper_bound(MTU_CEILING);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
-}
-
-/// A UDP socket for quinn with large buffers.
-pub(crate) fn socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
-    if bind.is_ipv6() {
-        let _ = s.set_only_v6(false);
-    }
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    s.bind(&bind.into())?;
-    Ok(s.into())
 }
 
 /// Frames a message for a stream: its length (u32, little-endian), then the bytes.

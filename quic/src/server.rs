@@ -74,7 +74,7 @@ impl QuicListener {
             .thread_name("inagg-quic")
             .enable_all()
             .build()?;
-        let socket = crate::socket(addr)?;
+        let socket = inagg_net::bind_socket(addr, inagg_net::DEFAULT_SOCKET_BUFFER)?;
         let endpoint = {
             let _rt = runtime.enter();
             quinn::Endpoint::new(

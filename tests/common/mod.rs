@@ -81,17 +81,24 @@ impl Drop for Proc {
     }
 }
 
+/// The first line a server process prints on stdout (its address); the rest of its
+/// stdout is not read.
+fn first_line(p: &mut Proc) -> String {
+    let out = p.child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read address");
+    line
+}
+
 /// Starts `inagg aggregator` on 127.0.0.1 with `extra` flags; returns it and its address.
 pub fn aggregator(extra: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = inagg();
     cmd.args(["aggregator", "--listen", "127.0.0.1:0"])
         .args(extra);
     let mut p = Proc::spawn(cmd);
-    let out = p.child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("read address");
+    let line = first_line(&mut p);
     let addr = line
         .trim()
         .strip_prefix("listening on ")
@@ -207,11 +214,7 @@ pub fn quic_aggregator(dir: &std::path::Path, extra: &[&str]) -> QuicAggregator 
         .arg(&key)
         .args(extra);
     let mut p = Proc::spawn(cmd);
-    let out = p.child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("read address");
+    let line = first_line(&mut p);
     // "quic on ADDR sha256 HEX certificate FILE"
     let words: Vec<&str> = line.split_whitespace().collect();
     assert!(

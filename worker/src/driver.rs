@@ -153,7 +153,7 @@ impl Session {
     pub fn new(opts: &Options, aggregator: SocketAddr) -> Result<Self, Error> {
         // Check the settings before touching the network.
         let mut config = opts.protocol.clone();
-        Worker::new(config.clone(), Instant::now())?;
+        config.validate()?;
         let bind = opts.bind.unwrap_or_else(|| match aggregator {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),

@@ -82,8 +82,7 @@ impl Options {
     pub fn new(aggregator: SocketAddr, job: u32, rank: u16, world: u16, codec: CodecId) -> Self {
         let mut protocol = WorkerConfig::new(job, rank, world, codec);
         if let Some(c) = inagg_proto::codec::lookup(codec) {
-            let elems = default_chunk_bytes(&aggregator) / c.wire_bytes().max(1);
-            protocol.chunk_elems = u16::try_from(elems).unwrap_or(u16::MAX);
+            protocol.chunk_elems = default_chunk_elems(c, &aggregator);
         }
         protocol.window = default_window(&aggregator);
         Self {
@@ -117,6 +116,13 @@ pub fn default_chunk_bytes(aggregator: &SocketAddr) -> usize {
     } else {
         8 * 1024
     }
+}
+
+/// Elements per chunk of `codec` by default toward `aggregator`: the
+/// [`default_chunk_bytes`] of payload.
+pub fn default_chunk_elems(codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u16 {
+    let elems = default_chunk_bytes(aggregator) / codec.wire_bytes().max(1);
+    u16::try_from(elems).unwrap_or(u16::MAX)
 }
 
 /// Slots to ask for by default: 64 on a network (512 KiB of 8 KiB chunks in flight

@@ -87,6 +87,34 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// Checks that these settings can work; returns the codec they name.
+    pub fn validate(&self) -> Result<&'static dyn Codec, ConfigError> {
+        let codec = codec::lookup(self.codec).ok_or(ConfigError::Codec(self.codec))?;
+        if self.world == 0 || self.rank >= self.world {
+            return Err(ConfigError::Rank {
+                rank: self.rank,
+                world: self.world,
+            });
+        }
+        if self.world > codec.max_world() {
+            return Err(ConfigError::World {
+                codec: codec.name(),
+                max: codec.max_world(),
+            });
+        }
+        if self.secret.len() > MAX_SECRET_LEN {
+            return Err(ConfigError::Secret);
+        }
+        if self.chunk_elems == 0
+            || self.window == 0
+            || wire::DATA_HEADER_LEN + usize::from(self.chunk_elems) * codec.wire_bytes()
+                > wire::MAX_DATAGRAM
+        {
+            return Err(ConfigError::Size);
+        }
+        Ok(codec)
+    }
+
     /// Defaults for everything but the job's identity.
     pub fn new(job: u32, rank: u16, world: u16, codec: CodecId) -> Self {
         Self {
@@ -272,29 +300,7 @@ impl Worker {
 
     /// A worker that starts joining its job at `now`.
     pub fn new(config: WorkerConfig, now: Instant) -> Result<Self, ConfigError> {
-        let codec = codec::lookup(config.codec).ok_or(ConfigError::Codec(config.codec))?;
-        if config.world == 0 || config.rank >= config.world {
-            return Err(ConfigError::Rank {
-                rank: config.rank,
-                world: config.world,
-            });
-        }
-        if config.world > codec.max_world() {
-            return Err(ConfigError::World {
-                codec: codec.name(),
-                max: codec.max_world(),
-            });
-        }
-        if config.secret.len() > MAX_SECRET_LEN {
-            return Err(ConfigError::Secret);
-        }
-        if config.chunk_elems == 0
-            || config.window == 0
-            || wire::DATA_HEADER_LEN + usize::from(config.chunk_elems) * codec.wire_bytes()
-                > wire::MAX_DATAGRAM
-        {
-            return Err(ConfigError::Size);
-        }
+        let codec = config.validate()?;
         let rtt = RttEstimator::new(config.initial_rto, config.min_rto, config.max_rto);
         Ok(Self {
             codec,
