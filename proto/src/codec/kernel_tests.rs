@@ -1,7 +1,8 @@
-//! The aggregator's fast sum kernels against plain scalar references: f16 (F16C, and
-//! the portable fallback) and i8 (16-bit lanes up to 256 ranks, 32-bit above), on
-//! random and extreme inputs, at lengths that are not multiples of a vector and at
-//! payload offsets that are not aligned.
+//! The fast kernels against plain scalar references, on random and extreme inputs, at
+//! lengths that are not multiples of a vector and at payload offsets that are not
+//! aligned: the aggregator's sums (f16 with F16C and the portable fallback; i8 in
+//! 16-bit lanes up to 256 ranks, 32-bit above) and the workers' encoders (fixed-point
+//! quantization at every width and rounding, f32 to bf16).
 
 use half::f16;
 
@@ -225,5 +226,149 @@ fn i8_sum_of_256_extremes_reaches_the_ends_of_16_bit_lanes() {
         // = 127.
         let want = want.max(-127) as u8;
         assert!(got.iter().all(|b| *b == want), "{v}: {got:?}");
+    }
+}
+
+/// f32 inputs at the edges of quantization: zeros of both signs, ties at every
+/// position around the limits, values just inside and outside them, the largest
+/// finite values, infinities and NaNs; `lim` is the codec's largest integer.
+fn quantize_inputs(key: u64, lim: f32, n: usize) -> Vec<f32> {
+    let edges = [
+        0.0,
+        -0.0,
+        0.5,
+        1.5,
+        2.5,
+        -0.5,
+        -2.5,
+        lim,
+        lim - 0.5,
+        lim + 0.5,
+        lim + 0.49,
+        lim + 1.0,
+        -lim - 0.5,
+        -lim + 0.5,
+        -lim - 1.0,
+        4_194_303.5,
+        8_388_607.0,
+        2_147_483_520.0,
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+    ];
+    (0..n)
+        .map(|i| {
+            let r = uniform(key, i);
+            if i % 3 == 0 {
+                edges[(r * edges.len() as f32) as usize % edges.len()]
+            } else {
+                (r - 0.5) * 2.5 * lim
+            }
+        })
+        .collect()
+}
+
+/// What `quantize` must give for one value: `x * s` rounded (to nearest, ties to even,
+/// or down after adding the element's noise), then clamped to `±lim`; NaN to `-lim`.
+fn quantize_reference(x: f32, s: f32, lim: f32, dither: Option<(u64, usize)>) -> i64 {
+    let y = x * s;
+    if y.is_nan() {
+        return -(lim as i64);
+    }
+    let r = match dither {
+        None => f64::from(y).round_ties_even(),
+        Some((key, i)) => f64::from(y + uniform(key, i)).floor(),
+    };
+    r.clamp(-f64::from(lim), f64::from(lim)) as i64
+}
+
+#[test]
+fn quantize_matches_scalar_reference_at_every_width_and_rounding() {
+    // The limits the fixed-point codecs use (i8, i16, i32 with and without headroom).
+    let cases: [(usize, f32); 5] = [
+        (1, 127.0),
+        (2, 32_767.0),
+        (4, 2_147_483_520.0),
+        (4, 536_870_911.0),
+        (4, 1_048_575.0),
+    ];
+    for (case, (width, lim)) in cases.into_iter().enumerate() {
+        for &len in &LENGTHS {
+            for offset in [0usize, 1] {
+                let src = quantize_inputs(case as u64 * 1000 + len as u64, lim, len + offset);
+                let src = &src[offset..];
+                for s in [1.0f32, 0.25] {
+                    for dither in [None, Some(0xfeed_u64 + len as u64)] {
+                        let mut out = vec![0u8; len * width + 3];
+                        let out = &mut out[3..];
+                        kernels::quantize(src, s, lim, dither, out, width);
+                        for (i, (x, o)) in src.iter().zip(out.chunks_exact(width)).enumerate() {
+                            let mut b = [0u8; 4];
+                            b[..width].copy_from_slice(o);
+                            // Sign-extend the little-endian integer of `width` bytes.
+                            let bits = 32 - 8 * width as u32;
+                            let got = i64::from((i32::from_le_bytes(b) << bits) >> bits);
+                            let want = quantize_reference(*x, s, lim, dither.map(|k| (k, i)));
+                            assert_eq!(
+                                got, want,
+                                "width {width} lim {lim} s {s} dither {dither:?} x {x:e} at {i}/{len}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_encoding_matches_half_crate_to_nearest_even() {
+    let edges = [
+        0.0f32,
+        -0.0,
+        1.0 + f32::EPSILON,
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        f32::from_bits(0xff80_0001),
+    ];
+    for &len in &LENGTHS {
+        let src: Vec<f32> = (0..len)
+            .map(|i| {
+                let r = (uniform(len as u64, i) * 16_777_216.0) as u32;
+                if r % 4 == 0 {
+                    edges[(r >> 2) as usize % edges.len()]
+                } else {
+                    f32::from_bits(r.wrapping_mul(0x9e37_79b9))
+                }
+            })
+            .collect();
+        let mut out = vec![0u8; 2 * len + 1];
+        kernels::to_bf16(&src, None, &mut out[1..]);
+        for (i, (x, o)) in src.iter().zip(out[1..].chunks_exact(2)).enumerate() {
+            let got = u16::from_le_bytes([o[0], o[1]]);
+            let want = half::bf16::from_f32(*x);
+            if x.is_nan() {
+                assert!(
+                    half::bf16::from_bits(got).is_nan(),
+                    "NaN {:#x} became {got:#x}",
+                    x.to_bits()
+                );
+            } else {
+                assert_eq!(got, want.to_bits(), "{x:e} ({:#x}) at {i}", x.to_bits());
+            }
+        }
     }
 }
