@@ -5,9 +5,11 @@
 # ATE/s with its ratio to Gloo.
 #   scripts/compare-peers.sh [--workers 2,4] [--elements 4194304,16777216,67108864]
 #       [--codecs f32,f16,bf16,i32,i16,i8] [--iters 5] [--out DIR] [--link-rate RATE]
+#       [--aggregator-threads T]
 # --link-rate runs the same comparison inside scripts/netlab.sh's emulated cluster
 # (MPI's daemons start in the worker namespaces through scripts/peers/netns-rsh) and
-# adds, for inagg, the fraction of the line-rate bound reached.
+# adds, for inagg, the fraction of the line-rate bound reached. --aggregator-threads
+# runs inagg's aggregator as T shards (`inagg aggregator --threads T`); default 1.
 # Installs Debian's python3-torch, openmpi-bin and python3-mpi4py if missing; uses
 # Debian's interpreter, /usr/bin/python3.
 set -euo pipefail
@@ -18,6 +20,7 @@ CODECS=f32,f16,bf16,i32,i16,i8
 ITERS=5
 OUT=inagg-out/peers
 RATE=""
+AGG_THREADS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) WORKERS="$2"; shift 2 ;;
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
         --iters) ITERS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --link-rate) RATE="$2"; shift 2 ;;
+        --aggregator-threads) AGG_THREADS="$2"; shift 2 ;;
         *) echo "compare-peers: unknown flag $1" >&2; exit 2 ;;
     esac
 done
@@ -81,7 +85,7 @@ mpi() { # workers elements
 
 inagg() { # workers elements
     "$BIN" bench --workers "$1" --elements "$2" --codec "$CODECS" --iters "$ITERS" \
-        --warmup 1 --json >>"$results"
+        --warmup 1 --aggregator-threads "$AGG_THREADS" --json >>"$results"
 }
 
 measure() {
@@ -100,7 +104,7 @@ if [ -n "$RATE" ]; then
     for n in "${worker_list[@]}"; do [ "$n" -gt "$max" ] && max="$n"; done
     # Run this very script's measuring part inside the cluster.
     export -f gloo mpi inagg measure
-    export PY BIN ITERS CODECS RATE results
+    export PY BIN ITERS CODECS RATE AGG_THREADS results
     export WORKERS_LIST="${worker_list[*]}" SIZES_LIST="${size_list[*]}"
     scripts/netlab.sh --workers "$max" --link-rate "$RATE" -- bash -c '
         set -euo pipefail

@@ -63,6 +63,10 @@ pub struct Args {
     /// Aggregator processes to start; every job is striped over all of them.
     #[arg(long, default_value_t = 1)]
     pub aggregators: u16,
+    /// UDP shards per aggregator, one thread each (`inagg aggregator --threads`); the
+    /// workers find them in their grants and stripe over them.
+    #[arg(long, default_value_t = 1)]
+    pub aggregator_threads: u16,
     /// Start the aggregator(s) with this slot memory budget in bytes (`inagg
     /// aggregator --slot-memory`); default none.
     #[arg(long, value_name = "BYTES")]
@@ -174,6 +178,8 @@ pub struct Row {
     /// Concurrent jobs and aggregators.
     pub jobs: u16,
     pub aggregators: u16,
+    /// Shards (threads) per aggregator.
+    pub aggregator_threads: u16,
     /// ATE/s of each job (from its median); `ate_per_s` is their sum.
     pub per_job_ate_per_s: Vec<f64>,
     /// Jain's fairness index over `per_job_ate_per_s` (1: perfectly fair).
@@ -619,6 +625,7 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         reorder: a.faults.reorder,
         jobs: jobs.len() as u16,
         aggregators: a.aggregators,
+        aggregator_threads: a.aggregator_threads,
         jain: jain(&per_job),
         per_job_ate_per_s: per_job,
         median_s: med,
@@ -664,18 +671,27 @@ pub fn run(a: &Args) -> Result<()> {
     if !faults.is_clean() && a.netlab.agg_netns.is_some() {
         bail!("the fault relay runs on 127.0.0.1 and cannot sit inside netlab's namespaces");
     }
-    if a.jobs == 0 || a.aggregators == 0 {
-        bail!("--jobs and --aggregators must be at least 1");
+    if a.jobs == 0 || a.aggregators == 0 || a.aggregator_threads == 0 {
+        bail!("--jobs, --aggregators and --aggregator-threads must be at least 1");
+    }
+    if a.aggregator_threads > 1 && (quic.is_some() || !faults.is_clean()) {
+        bail!(
+            "--aggregator-threads shards the UDP aggregator on consecutive ports: not with \
+             --transport quic, nor behind the fault relay (one port)"
+        );
     }
     // Aggregators, each with a relay in front when faults are asked for; the workers
     // talk to the relays.
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
-    let agg_flags: Vec<String> = a
+    let mut agg_flags: Vec<String> = a
         .slot_memory
         .iter()
         .flat_map(|b| ["--slot-memory".to_string(), b.to_string()])
         .collect();
+    if a.aggregator_threads > 1 {
+        agg_flags.extend(["--threads".to_string(), a.aggregator_threads.to_string()]);
+    }
     for _ in 0..a.aggregators {
         let (agg, agg_addr) = match &quic {
             Some(id) => start_quic_aggregator_in(&a.netlab, id, &agg_flags)?,

@@ -4,6 +4,14 @@
 //! With both, each transport runs its own server loop on its own thread, with its own
 //! state machine: a job lives on one transport (its ranks all use the same one), so
 //! nothing needs sharing between them, and the UDP path keeps its lock-free loop.
+//!
+//! `--threads T` runs the UDP side as `T` shards on consecutive ports, one loop, socket
+//! and state machine per core, each with `1/T` of the slot memory. Nothing is shared
+//! between them: every grant names its shard and the count, and workers join the
+//! same job on every shard and stripe each tensor over them (as over several
+//! aggregators). Sharding by port rather than by `SO_REUSEPORT` on one port keeps all
+//! the ranks' packets for a slot on one core: the kernel spreads a reuseport group by
+//! sender, and a slot needs every sender.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use inagg_aggregator::{DropReason, Front, Identity, Server, ServerConfig, Stats};
 use inagg_proto::aggregator::Aggregator;
 
@@ -51,6 +59,11 @@ pub struct Args {
     /// window, up to --max-window).
     #[arg(long, value_name = "BYTES")]
     pub slot_memory: Option<usize>,
+    /// UDP shards to run, one per thread (and core): shard k listens on the
+    /// `--listen` port + k (with port 0, on a run of free ports), and workers stripe
+    /// every job over all of them on their own. Each gets 1/T of `--slot-memory`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
     /// A rank silent this long (milliseconds) aborts its job.
     #[arg(long, default_value_t = 3000)]
     pub silence_timeout_ms: u64,
@@ -60,11 +73,14 @@ pub struct Args {
     pub metrics: Option<SocketAddr>,
 }
 
-fn config(a: &Args, listen: SocketAddr) -> ServerConfig {
+/// The configuration of shard `shard` of `shards` (1 for QUIC), listening on `listen`.
+fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig {
     let mut cfg = ServerConfig::new(listen);
     cfg.protocol.max_window = a.max_window;
     cfg.protocol.max_jobs = a.max_jobs;
-    cfg.protocol.slot_memory = a.slot_memory;
+    cfg.protocol.slot_memory = a.slot_memory.map(|b| b / usize::from(shards.max(1)));
+    cfg.protocol.shard = shard;
+    cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
     cfg.protocol.seed = {
         use rand::{Rng, SeedableRng};
@@ -73,18 +89,66 @@ fn config(a: &Args, listen: SocketAddr) -> ServerConfig {
     cfg
 }
 
-/// Runs a bound server until `stop`, publishing metrics if they are served. With two
-/// transports, only the UDP one publishes (`publish` sets process-wide values).
-fn serve<F: Front>(server: Server<F>, stop: &AtomicBool, metrics: bool) -> Result<Stats> {
-    Ok(if metrics {
-        server.run_observed(
-            stop,
-            Duration::from_millis(250),
-            |agg: &Aggregator<SocketAddr>| crate::metrics::publish(agg),
-        )?
-    } else {
-        server.run(stop)?
-    })
+/// How a server loop publishes metrics.
+#[derive(Debug, Clone, Copy)]
+enum Publish {
+    /// Not at all (no `--metrics`, or the other transport publishes).
+    No,
+    /// Unlabeled: the only UDP loop, or the only loop.
+    Alone,
+    /// With a `shard` label: one of several UDP shards.
+    Shard(u16),
+}
+
+/// Runs a bound server until `stop`, publishing metrics as told. With two transports,
+/// only the UDP side publishes (`publish` sets process-wide values).
+fn serve<F: Front>(server: Server<F>, stop: &AtomicBool, publish: Publish) -> Result<Stats> {
+    let shard = match publish {
+        Publish::No => return Ok(server.run(stop)?),
+        Publish::Alone => None,
+        Publish::Shard(k) => Some(k),
+    };
+    Ok(server.run_observed(
+        stop,
+        Duration::from_millis(250),
+        |agg: &Aggregator<SocketAddr>| crate::metrics::publish(agg, shard),
+    )?)
+}
+
+/// Binds the UDP shards on consecutive ports from `listen`'s. With port 0, the first
+/// gets a free port and the others the ports after it; if one of those is taken, the
+/// whole run is tried again elsewhere (a bounded number of times).
+fn bind_shards(a: &Args, listen: SocketAddr) -> Result<Vec<Server>> {
+    let shards = a.threads.max(1);
+    const ATTEMPTS: usize = 32;
+    for _ in 0..ATTEMPTS {
+        let first = Server::bind(config(a, listen, 0, shards))?;
+        let base = first.local_addr()?;
+        let mut all = vec![first];
+        for k in 1..shards {
+            let port = base
+                .port()
+                .checked_add(k)
+                .ok_or_else(|| anyhow!("--threads {shards}: no room above port {}", base.port()))?;
+            let addr = SocketAddr::new(base.ip(), port);
+            match Server::bind(config(a, addr, k, shards)) {
+                Ok(s) => all.push(s),
+                Err(e) if listen.port() == 0 => {
+                    tracing::debug!(%addr, error = %e, "shard port taken, trying another run");
+                    break;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("--threads {shards}: shard {k} needs UDP port {port}")
+                    })
+                }
+            }
+        }
+        if all.len() == usize::from(shards) {
+            return Ok(all);
+        }
+    }
+    bail!("--threads {shards}: found no run of {shards} free UDP ports in {ATTEMPTS} tries")
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -92,7 +156,7 @@ pub fn run(a: &Args) -> Result<()> {
         (None, None) => Some(DEFAULT_LISTEN.parse()?),
         (l, _) => l,
     };
-    let udp = listen.map(|l| Server::bind(config(a, l))).transpose()?;
+    let udp = listen.map(|l| bind_shards(a, l)).transpose()?;
     let quic = match a.quic {
         Some(q) => {
             let id = Identity::load_or_generate(&a.cert, &a.key)
@@ -104,7 +168,7 @@ pub fn run(a: &Args) -> Result<()> {
                     a.key.display()
                 );
             }
-            Some((Server::bind_quic(config(a, q), &id)?, id))
+            Some((Server::bind_quic(config(a, q, 0, 1), &id)?, id))
         }
         None => None,
     };
@@ -114,8 +178,8 @@ pub fn run(a: &Args) -> Result<()> {
             .context("installing signal handlers")?;
     }
     // Scripts and `inagg bench` read these lines to learn the ports.
-    if let Some(s) = &udp {
-        println!("listening on {}", s.local_addr()?);
+    if let Some(first) = udp.as_ref().and_then(|s| s.first()) {
+        println!("listening on {}", first.local_addr()?);
     }
     if let Some((s, id)) = &quic {
         println!(
@@ -130,19 +194,58 @@ pub fn run(a: &Args) -> Result<()> {
         let bound = crate::metrics::serve(addr)?;
         eprintln!("metrics on http://{bound}/metrics");
     }
+    if let Some([first, .., last]) = udp.as_deref() {
+        eprintln!(
+            "{} UDP shards on ports {}-{}",
+            usize::from(a.threads),
+            first.local_addr()?.port(),
+            last.local_addr()?.port()
+        );
+    }
     let metrics = a.metrics.is_some();
     let stats = std::thread::scope(|scope| -> Result<Vec<Stats>> {
+        let stop = &stop;
         let quic = quic.map(|(s, _)| {
-            let stop = &stop;
-            let m = metrics && udp.is_none();
-            scope.spawn(move || serve(s, stop, m))
+            let publish = if metrics && udp.is_none() {
+                Publish::Alone
+            } else {
+                Publish::No
+            };
+            scope.spawn(move || serve(s, stop, publish))
         });
+        let mut udp = udp.unwrap_or_default().into_iter();
+        let sharded = udp.len() > 1;
+        let publish = |k: u16| match (metrics, sharded) {
+            (false, _) => Publish::No,
+            (true, false) => Publish::Alone,
+            (true, true) => Publish::Shard(k),
+        };
+        let first = udp.next();
+        let others: Vec<_> = udp
+            .enumerate()
+            .map(|(i, s)| {
+                let k = i as u16 + 1;
+                let p = publish(k);
+                scope.spawn(move || {
+                    let r = serve(s, stop, p);
+                    // One shard failing stops the others.
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    r
+                })
+            })
+            .collect();
         let mut all = Vec::new();
-        if let Some(s) = udp {
-            let r = serve(s, &stop, metrics);
-            // One transport failing stops the other.
+        if let Some(s) = first {
+            let r = serve(s, stop, publish(0));
+            // One transport (or shard) failing stops the others.
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             all.push(r?);
+        }
+        for h in others {
+            all.push(
+                h.join()
+                    .map_err(|_| anyhow!("a UDP shard's server panicked"))??,
+            );
         }
         if let Some(h) = quic {
             all.push(

@@ -48,8 +48,17 @@ pub fn serve(addr: SocketAddr) -> Result<SocketAddr> {
     Ok(bound)
 }
 
-fn counters(prefix: &str, s: &Stats, job: Option<String>) {
-    let labels: Vec<(&'static str, String)> = job.iter().map(|j| ("job", j.clone())).collect();
+/// The labels every series of one shard carries (none with a single shard).
+fn shard_labels(shard: Option<u16>) -> Vec<(&'static str, String)> {
+    shard
+        .map(|k| ("shard", k.to_string()))
+        .into_iter()
+        .collect()
+}
+
+fn counters(prefix: &str, s: &Stats, shard: Option<u16>, job: Option<String>) {
+    let mut labels = shard_labels(shard);
+    labels.extend(job.iter().map(|j| ("job", j.clone())));
     let set = |name: &str, v: u64| {
         counter!(format!("{prefix}{name}_total"), &labels).absolute(v);
     };
@@ -72,20 +81,24 @@ fn counters(prefix: &str, s: &Stats, job: Option<String>) {
     }
 }
 
-/// Publishes the aggregator's totals and every present job's counters.
-pub fn publish(agg: &Aggregator<SocketAddr>) {
-    counters("inagg_", agg.stats(), None);
+/// Publishes the aggregator's totals and every present job's counters; those of one
+/// shard of several (`inagg aggregator --threads`) carry its number as `shard`.
+pub fn publish(agg: &Aggregator<SocketAddr>, shard: Option<u16>) {
+    counters("inagg_", agg.stats(), shard, None);
     let jobs = agg.jobs();
-    gauge!("inagg_jobs").set(jobs.len() as f64);
-    gauge!("inagg_slot_memory_bytes").set(agg.slot_memory() as f64);
+    let labels = shard_labels(shard);
+    gauge!("inagg_jobs", &labels).set(jobs.len() as f64);
+    gauge!("inagg_slot_memory_bytes", &labels).set(agg.slot_memory() as f64);
     if let Some(budget) = agg.slot_budget() {
-        gauge!("inagg_slot_memory_budget_bytes").set(budget as f64);
+        gauge!("inagg_slot_memory_budget_bytes", &labels).set(budget as f64);
     }
     for j in jobs {
         if let Some(s) = agg.job_stats(j) {
-            counters("inagg_job_", s, Some(j.to_string()));
+            counters("inagg_job_", s, shard, Some(j.to_string()));
         }
         let slots = agg.job_slots(j).unwrap_or(0);
-        gauge!("inagg_job_slots", "job" => j.to_string()).set(f64::from(slots));
+        let mut l = labels.clone();
+        l.push(("job", j.to_string()));
+        gauge!("inagg_job_slots", &l).set(f64::from(slots));
     }
 }

@@ -86,6 +86,7 @@ pub fn run(a: &Args) -> Result<()> {
                     fault_seed: 1,
                     jobs: 1,
                     aggregators: 1,
+                    aggregator_threads: 1,
                     slot_memory: None,
                     netlab: bench::Netlab::default(),
                     timeout_s: 600,

@@ -1,6 +1,7 @@
 //! A shared aggregator and a job spread over several: concurrent jobs stay correct,
 //! a rogue sender with guessed tokens changes nothing, and striping over two
-//! aggregators gives the bits of one.
+//! aggregators, or over the shards of one aggregator of several threads, gives the
+//! bits of one.
 
 mod common;
 
@@ -269,4 +270,83 @@ fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
     for (i, j) in (40..43).enumerate() {
         assert!(chunks(&after, j) > before[i], "job {j} stalled: {after}");
     }
+}
+
+#[test]
+fn an_aggregator_of_three_shards_spreads_each_job_over_all_of_them_with_the_same_bits() {
+    let (mut sharded, addr) = aggregator(&["--threads", "3", "--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_address(&mut sharded);
+    let (_plain, plain_addr) = aggregator(&[]);
+    let args = [
+        "--codec",
+        "i32",
+        "--elements",
+        "300000",
+        "--iters",
+        "2",
+        "--json",
+    ];
+    // The workers are told only the first shard's address.
+    let mut on_shards: Vec<_> = (0..3).map(|r| worker(addr, 40, r, 3, &args)).collect();
+    let mut on_one: Vec<_> = (0..3)
+        .map(|r| worker(plain_addr, 41, r, 3, &args))
+        .collect();
+    let want = report(&mut on_one[0])["check"]["checksum"].clone();
+    assert!(!want.is_null(), "no checksum");
+    for w in on_one.iter_mut().skip(1).chain(on_shards.iter_mut()) {
+        let r = report(w);
+        assert_eq!(r["check"]["checksum"], want, "{r}");
+        assert_eq!(r["check"]["within_bound"], true, "{r}");
+    }
+    // Every shard summed part of the job (the metrics carry a shard label).
+    let end = Instant::now() + Duration::from_secs(20);
+    let chunks = |body: &str, k: u16| {
+        value(
+            body,
+            &format!("inagg_job_chunks_completed_total{{shard=\"{k}\",job=\"40\"}}"),
+        )
+        .or_else(|| {
+            value(
+                body,
+                &format!("inagg_chunks_completed_total{{shard=\"{k}\"}}"),
+            )
+        })
+    };
+    let mut body = String::new();
+    while Instant::now() < end {
+        body = scrape(&metrics);
+        if (0..3).all(|k| chunks(&body, k).is_some_and(|v| v > 0.0)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for k in 0..3 {
+        assert!(
+            chunks(&body, k).is_some_and(|v| v > 0.0),
+            "shard {k}: {body}"
+        );
+    }
+}
+
+#[test]
+fn shards_need_their_ports_and_say_which_is_taken() {
+    // Hold a port whose predecessor is free, and ask for two shards from there.
+    let (held, port) = (0..20)
+        .find_map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").ok()?;
+            let p = s.local_addr().ok()?.port();
+            UdpSocket::bind(("127.0.0.1", p.checked_sub(1)?)).ok()?;
+            Some((s, p))
+        })
+        .expect("a free port below a bound one");
+    let mut cmd = common::inagg();
+    cmd.args(["aggregator", "--listen", &format!("127.0.0.1:{}", port - 1)])
+        .args(["--threads", "2"]);
+    let (st, _, err) = common::run_bounded(cmd, Duration::from_secs(10));
+    assert!(!st.success());
+    assert!(
+        err.contains(&format!("shard 1 needs UDP port {port}")),
+        "{err}"
+    );
+    drop(held);
 }

@@ -212,6 +212,8 @@ impl Session {
             chunk_elems: 0,
             window: 0,
             token: 0,
+            shard: 0,
+            shards: 1,
         })
     }
 

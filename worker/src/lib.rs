@@ -22,7 +22,8 @@
 //! A job can spread over several aggregators (PANAMA's several aggregation trees):
 //! with [`Options::stripes`], the worker joins the job on each, cuts every tensor
 //! into as many runs of whole chunks, and sums each run through its own aggregator
-//! in parallel. Chunk boundaries do not move, so fixed-point results are
+//! in parallel. The shards of one aggregator of several cores are joined the same
+//! way, found from its grant. Chunk boundaries do not move, so fixed-point results are
 //! bit-identical to a single aggregator's (stochastic rounding excepted: its random
 //! stream follows each aggregator's sequence numbers).
 //!
@@ -214,6 +215,17 @@ impl Stripe {
     }
 }
 
+/// The addresses of the other shards of the aggregator at `addr` that sent `grant`:
+/// shard `k` listens on port `base + k`, and `addr` is shard `grant.shard`'s.
+fn sibling_shards(addr: SocketAddr, grant: &Grant) -> impl Iterator<Item = SocketAddr> {
+    let (shard, shards) = (grant.shard, grant.shards);
+    let base = addr.port().checked_sub(shard);
+    (0..shards)
+        .filter(move |k| *k != shard)
+        .filter_map(move |k| base?.checked_add(k))
+        .map(move |port| SocketAddr::new(addr.ip(), port))
+}
+
 /// One rank of one job, over UDP. Cheap to clone: clones share the sessions.
 #[derive(Debug, Clone)]
 pub struct UdpWorker {
@@ -224,10 +236,30 @@ impl UdpWorker {
     /// Binds a socket and joins the job (on every aggregator, in order); returns once
     /// every rank has joined (or with the error that stopped it: refused, or no grant
     /// within `join_timeout`).
+    ///
+    /// An aggregator of several shards (`inagg aggregator --threads`) says so in its
+    /// grant: the worker then joins the job on its other shards too, right after it,
+    /// and stripes over all of them.
     pub fn connect(opts: Options) -> Result<Self, Error> {
-        let mut stripes = Vec::with_capacity(1 + opts.stripes.len());
-        for addr in std::iter::once(opts.aggregator).chain(opts.stripes.iter().copied()) {
-            stripes.push(Stripe::connect(&opts, addr)?);
+        let mut addrs: Vec<SocketAddr> = std::iter::once(opts.aggregator)
+            .chain(opts.stripes.iter().copied())
+            .collect();
+        let mut stripes = Vec::with_capacity(addrs.len());
+        let mut i = 0;
+        // Bounded: each pass joins one address, and only a grant's `shards - 1`
+        // siblings (at most 65,535 ports) can be added per address, none twice.
+        while i < addrs.len() {
+            let stripe = Stripe::connect(&opts, addrs[i])?;
+            let grant = stripe.session()?.grant();
+            let mut at = i + 1;
+            for sibling in sibling_shards(addrs[i], &grant) {
+                if !addrs.contains(&sibling) {
+                    addrs.insert(at, sibling);
+                    at += 1;
+                }
+            }
+            stripes.push(stripe);
+            i += 1;
         }
         Ok(Self {
             stripes: Arc::new(stripes),

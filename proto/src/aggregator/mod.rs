@@ -59,6 +59,11 @@ pub struct AggregatorConfig {
     /// [`budget`] and [`slot_bytes`] for what a slot costs); `None`: every job gets
     /// the window it asks for, up to `max_window`.
     pub slot_memory: Option<usize>,
+    /// This state machine's shard of its aggregator, and the number of shards, which
+    /// every grant announces (see [`Grant::shards`]). One shard: 0 of 1.
+    pub shard: u16,
+    /// See `shard`.
+    pub shards: u16,
 }
 
 impl Default for AggregatorConfig {
@@ -71,6 +76,8 @@ impl Default for AggregatorConfig {
             tombstone_ttl: Duration::from_secs(30),
             seed: 0x1a66_0000_0000_0001,
             slot_memory: None,
+            shard: 0,
+            shards: 1,
         }
     }
 }
@@ -364,7 +371,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             self.job_complete(id);
         } else if let Some(pool) = &job.pool {
             // A retransmitted join from a running job's rank: its grant was lost.
-            let g = grant(job, join.rank, pool.slots());
+            let g = grant(&self.config, job, join.rank, pool.slots());
             self.send(from, Message::Grant(g));
         }
     }
@@ -732,7 +739,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     }
 }
 
-fn grant<A>(job: &Job<A>, rank: u16, window: u32) -> Grant {
+fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> Grant {
     Grant {
         job: job.id,
         rank,
@@ -741,6 +748,8 @@ fn grant<A>(job: &Job<A>, rank: u16, window: u32) -> Grant {
         chunk_elems: job.chunk_elems,
         window,
         token: job.token,
+        shard: config.shard,
+        shards: config.shards.max(1),
     }
 }
 

@@ -156,7 +156,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .enumerate()
             .filter_map(|(r, m)| {
                 let m = m.as_ref().filter(|m| !m.left)?;
-                Some((m.addr.clone(), grant(job, r as u16, window)))
+                Some((m.addr.clone(), grant(&self.config, job, r as u16, window)))
             })
             .collect();
         for (to, g) in grants {
@@ -246,7 +246,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         if c.token != job.token || !pool.regrant_announced {
             // Its grant was lost (it asks with the old token), or nothing changes:
             // the grant in force.
-            let g = grant(job, c.rank, window);
+            let g = grant(&self.config, job, c.rank, window);
             return self.send(from, Message::Grant(g));
         }
         if let Some(rank) = job.left_rank() {

@@ -145,6 +145,13 @@ pub struct Grant {
     pub window: u32,
     /// Carried by every later packet of this job; packets with another token are dropped.
     pub token: u64,
+    /// Which shard of its aggregator answered (0-based). An aggregator of several
+    /// cores runs one shard per core, shard `k` on UDP port `base + k`: independent
+    /// aggregators whose joins the worker makes in turn, striping every tensor over
+    /// them (see `shards`).
+    pub shard: u16,
+    /// How many shards the aggregator runs (1: one). Both fields follow the token.
+    pub shards: u16,
 }
 
 /// The header of a contribution (worker to aggregator) or a result (back).
@@ -303,6 +310,8 @@ pub fn encode_grant(g: &Grant, out: &mut impl BufMut) {
     out.put_u16_le(g.chunk_elems);
     out.put_u32_le(g.window);
     out.put_u64_le(g.token);
+    out.put_u16_le(g.shard);
+    out.put_u16_le(g.shards);
 }
 
 fn encode_data(kind: u8, h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
@@ -589,9 +598,14 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 },
                 window: r.u32()?,
                 token: r.u64()?,
+                shard: r.u16()?,
+                shards: r.u16()?,
             };
             if g.world == 0 || g.rank >= g.world || g.chunk_elems == 0 || g.window == 0 {
                 return Err(DecodeError::Field("grant"));
+            }
+            if g.shards == 0 || g.shard >= g.shards {
+                return Err(DecodeError::Field("shard"));
             }
             Message::Grant(g)
         }

@@ -49,8 +49,10 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 chunk_elems: 256,
                 window: 64,
                 token: 0xdead_beef,
+                shard: 1,
+                shards: 2,
             }),
-            "49410102 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000",
+            "49410102 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
         ),
         (
             Message::Contribution(header(), &PAYLOAD),
@@ -167,6 +169,23 @@ fn rejects_what_it_must() {
     b[10] = 200;
     assert_eq!(decode(&b), Err(DecodeError::Codec(200)));
     assert_eq!(decode(&[]), Err(DecodeError::BadMagic));
+    // A shard outside the count, or no shards at all.
+    for (shard, shards) in [(2u16, 2u16), (0, 0)] {
+        let mut b = Vec::new();
+        let g = Grant {
+            job: 1,
+            rank: 0,
+            world: 1,
+            codec: CodecId::F32,
+            chunk_elems: 8,
+            window: 4,
+            token: 9,
+            shard,
+            shards,
+        };
+        encode_grant(&g, &mut b);
+        assert_eq!(decode(&b), Err(DecodeError::Field("shard")));
+    }
     assert!(decode(&vec![0u8; MAX_DATAGRAM + 1]).is_err());
 }
 

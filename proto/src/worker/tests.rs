@@ -185,6 +185,8 @@ fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
         chunk_elems: 256,
         window: 8,
         token: 42,
+        shard: 0,
+        shards: 1,
     };
     let joined = |now| {
         let mut w = Worker::new(WorkerConfig::new(1, 0, 2, CodecId::I32), now).expect("worker");
