@@ -7,18 +7,24 @@
 //! each group copies exactly that.
 //!
 //! The kernels run as inagg runs them. A worker encodes its tensor chunk by chunk into
-//! one packet buffer and decodes each result from one receive buffer into the tensor;
-//! the aggregator adds a packet's payload into a slot's lanes. Two sizes, chosen so
-//! that a kernel and its memcpy work at the same level of the memory hierarchy (a
-//! ratio across levels measures the caches, not the kernel):
-//! - `packet`: 32 Ki elements, one default loopback chunk: everything in L1/L2.
+//! one packet buffer (block-scaled codecs first find the chunk's exponent, a pass of
+//! its own: it travels a window ahead) and decodes each result from one receive
+//! buffer into the tensor; the aggregator adds a packet's payload into a slot's lanes.
+//! Two sizes, chosen so that a kernel and its memcpy work at the same level of the
+//! memory hierarchy (a ratio across levels measures the caches, not the kernel):
+//! - `packet`: 8 Ki elements, the default chunk of f32 and the block-scaled codecs
+//!   toward a loopback aggregator (f16 and bf16 take 16 Ki there; every codec takes
+//!   8 KiB of payload toward any other): everything in L1/L2. The sum takes a
+//!   window's worth: 32 such payloads (a receive batch) into 32 slots' lanes, one
+//!   call per packet, and its memcpy copies those payloads into 32 buffers; one
+//!   payload into one slot would compare a sum that leaves L1 with a memcpy in it.
 //! - `tensor`: 64 Mi elements (256 MiB of f32), beyond every cache: encode and decode
 //!   stream the tensor through one chunk-sized buffer (the memcpy too); the sum adds a
-//!   whole tensor of payload into as many lanes, its worst case.
+//!   whole tensor of payload, packet by packet, into as many lanes: its worst case.
 //!
 //! In between, ratios measure where the caches' edges fall: at 1 Mi elements and with
 //! whole-tensor buffers (how this bench ran before) i8's memcpy moved 2 MiB and stayed
-//! in a 2 MiB L2 while the i8 sum's 3 MiB did not (0.34x, against 0.6-0.7x at either
+//! in a 2 MiB L2 while the i8 sum's 3 MiB did not (0.34x, against about 0.6x at either
 //! size here); at 16 Mi the 2-byte codecs' 64 MiB memcpy still ran from the last-level
 //! cache at twice the bandwidth of f32's 128 MiB.
 
@@ -31,9 +37,12 @@ use inagg_proto::codec::{self, Codec};
 /// Elements per call, by name: one packet's chunk and one large gradient tensor.
 const SIZES: [(&str, usize); 2] = [("packet", CHUNK), ("tensor", 64 << 20)];
 
-/// Elements per chunk: 32 KiB of f32 (the default chunk to a loopback aggregator is
-/// 32 KiB of wire bytes, so this is the largest chunk of any codec there).
-const CHUNK: usize = 32 << 10;
+/// Elements per chunk: 32 KiB of f32, the default chunk of f32, i32, i16 and i8
+/// toward a loopback aggregator.
+const CHUNK: usize = 8 << 10;
+
+/// Slots the aggregator cycles through: the loopback default window.
+const WINDOW: usize = 32;
 
 /// The world size the chunks are scaled and summed for (codecs may pick their sum's
 /// lanes from it: i8 sums 4 ranks in 16-bit lanes).
@@ -56,16 +65,20 @@ fn kernels_at(c: &mut Criterion, size: &str, n: usize) {
     let mut out = vec![0f32; n];
     // What memcpy copies from and to: the tensor and one chunk's bytes.
     let (mut tensor_bytes, mut chunk_bytes) = (vec![1u8; n * 4], vec![0u8; CHUNK * 4]);
-    let (sum_src, mut sum_dst) = (vec![1u8; n * 4], vec![1u8; n * 4]);
+    // The sum: a window of packets at the packet size, the whole tensor else.
+    let n_sum = if n == CHUNK { WINDOW * CHUNK } else { n };
+    let sum_data = if n_sum == n { None } else { Some(data(n_sum)) };
+    let sum_data = sum_data.as_deref().unwrap_or(&src);
+    let (sum_src, mut sum_dst) = (vec![1u8; n_sum * 4], vec![1u8; n_sum * 4]);
     for codec in codec::ALL {
         let codec: &dyn Codec = *codec;
         let w = codec.wire_bytes();
         let e = codec::block_exponent(&src).unwrap_or(0);
         let scale = codec.scale(WORLD, e);
         let mut packet = vec![0u8; CHUNK * w];
-        let mut wire = vec![0u8; n * w];
-        codec.encode(&src, scale, &mut wire);
-        let mut acc = vec![0u32; n];
+        let mut wire = vec![0u8; n_sum * w];
+        codec.encode(sum_data, scale, &mut wire);
+        let mut acc = vec![0u32; n_sum];
         codec.sum_first(&mut acc, WORLD, &wire);
 
         let mut g = c.benchmark_group(format!("{}/encode/{size}", codec.name()));
@@ -73,6 +86,9 @@ fn kernels_at(c: &mut Criterion, size: &str, n: usize) {
         g.bench_function("codec", |b| {
             b.iter(|| {
                 for chunk in black_box(&src).chunks(CHUNK) {
+                    if codec.block_scaled() {
+                        let _ = black_box(codec::block_exponent(chunk));
+                    }
                     codec.encode(chunk, scale, black_box(&mut packet[..chunk.len() * w]));
                 }
             })
@@ -106,12 +122,21 @@ fn kernels_at(c: &mut Criterion, size: &str, n: usize) {
         g.finish();
 
         let mut g = c.benchmark_group(format!("{}/sum/{size}", codec.name()));
-        g.throughput(Throughput::Bytes((n * w) as u64));
+        g.throughput(Throughput::Bytes((n_sum * w) as u64));
         g.bench_function("codec", |b| {
-            b.iter(|| codec.sum_add(black_box(&mut acc), WORLD, black_box(&wire)))
+            b.iter(|| {
+                for (lanes, payload) in acc.chunks_mut(CHUNK).zip(wire.chunks(CHUNK * w)) {
+                    codec.sum_add(black_box(lanes), WORLD, black_box(payload));
+                }
+            })
         });
         g.bench_function("memcpy", |b| {
-            b.iter(|| sum_dst[..n * w].copy_from_slice(black_box(&sum_src[..n * w])))
+            b.iter(|| {
+                let (from, to) = (&sum_src[..n_sum * w], &mut sum_dst[..n_sum * w]);
+                for (d, s) in to.chunks_mut(CHUNK * w).zip(from.chunks(CHUNK * w)) {
+                    black_box(d).copy_from_slice(black_box(s));
+                }
+            })
         });
         g.finish();
     }

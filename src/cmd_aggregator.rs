@@ -89,6 +89,16 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     cfg
 }
 
+/// Sets the stop flag when dropped: a server loop that returns, fails or panics stops
+/// the other loops of the process (their jobs could not all finish anyway).
+struct StopOthers<'a>(&'a AtomicBool);
+
+impl Drop for StopOthers<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How a server loop publishes metrics.
 #[derive(Debug, Clone, Copy)]
 enum Publish {
@@ -126,11 +136,15 @@ fn bind_shards(a: &Args, listen: SocketAddr) -> Result<Vec<Server>> {
         let base = first.local_addr()?;
         let mut all = vec![first];
         for k in 1..shards {
-            let port = base
-                .port()
-                .checked_add(k)
-                .ok_or_else(|| anyhow!("--threads {shards}: no room above port {}", base.port()))?;
-            let addr = SocketAddr::new(base.ip(), port);
+            let Some(port) = base.port().checked_add(k) else {
+                if listen.port() == 0 {
+                    break; // Too near the top: another run.
+                }
+                bail!("--threads {shards}: no room above port {}", base.port());
+            };
+            // A copy keeps an IPv6 scope id.
+            let mut addr = base;
+            addr.set_port(port);
             match Server::bind(config(a, addr, k, shards)) {
                 Ok(s) => all.push(s),
                 Err(e) if listen.port() == 0 => {
@@ -211,7 +225,10 @@ pub fn run(a: &Args) -> Result<()> {
             } else {
                 Publish::No
             };
-            scope.spawn(move || serve(s, stop, publish))
+            scope.spawn(move || {
+                let _stop = StopOthers(stop);
+                serve(s, stop, publish)
+            })
         });
         let mut udp = udp.unwrap_or_default().into_iter();
         let sharded = udp.len() > 1;
@@ -227,19 +244,15 @@ pub fn run(a: &Args) -> Result<()> {
                 let k = i as u16 + 1;
                 let p = publish(k);
                 scope.spawn(move || {
-                    let r = serve(s, stop, p);
-                    // One shard failing stops the others.
-                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                    r
+                    let _stop = StopOthers(stop);
+                    serve(s, stop, p)
                 })
             })
             .collect();
         let mut all = Vec::new();
         if let Some(s) = first {
-            let r = serve(s, stop, publish(0));
-            // One transport (or shard) failing stops the others.
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            all.push(r?);
+            let _stop = StopOthers(stop);
+            all.push(serve(s, stop, publish(0))?);
         }
         for h in others {
             all.push(

@@ -127,7 +127,9 @@ impl From<QuicMode> for inagg_quic::Mode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
     /// Elements per chunk (per datagram). Default: 32 KiB of payload to a loopback
-    /// aggregator, 8 KiB to any other (2048 f32 elements, 4096 f16, 8192 i8).
+    /// aggregator, 8 KiB to any other (2048 f32 elements, 4096 f16, 8192 i8), and at
+    /// most 8192 elements for the block-scaled codecs (i32, i16, i8), whose chunks
+    /// share one exponent.
     #[arg(long)]
     pub chunk_elements: Option<u16>,
     /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 64 otherwise.

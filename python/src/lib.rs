@@ -89,7 +89,7 @@ fn to_py(e: Error) -> PyErr {
     let msg = chain(&e);
     match e {
         Error::Config(_) => PyValueError::new_err(msg),
-        Error::Quic(_) => ConnectError::new_err(msg),
+        Error::Quic(_) | Error::ShardMismatch { .. } => ConnectError::new_err(msg),
         Error::Protocol(p) => match p {
             WorkerError::Refused { .. } => RefusedError::new_err(msg),
             WorkerError::JoinTimeout(_) => JoinTimeoutError::new_err(msg),

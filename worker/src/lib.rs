@@ -155,6 +155,17 @@ pub enum Error {
     /// The settings cannot work.
     #[error("invalid worker settings")]
     Config(#[from] ConfigError),
+    /// A shard of a sharded aggregator answered as something else than its first
+    /// shard announced (another service on that port, or another aggregator).
+    #[error("{addr} was expected to be {expected} but granted {got}")]
+    ShardMismatch {
+        /// The shard's address.
+        addr: SocketAddr,
+        /// What the first shard's grant implied.
+        expected: String,
+        /// What this one granted.
+        got: String,
+    },
     /// The socket failed.
     #[error("socket error")]
     Io(#[from] std::io::Error),
@@ -227,15 +238,21 @@ impl Stripe {
     }
 }
 
-/// The addresses of the other shards of the aggregator at `addr` that sent `grant`:
+/// The other shards of the aggregator at `addr` that sent `grant`, with their numbers:
 /// shard `k` listens on port `base + k`, and `addr` is shard `grant.shard`'s.
-fn sibling_shards(addr: SocketAddr, grant: &Grant) -> impl Iterator<Item = SocketAddr> {
+fn sibling_shards(addr: SocketAddr, grant: &Grant) -> Vec<(u16, SocketAddr)> {
     let (shard, shards) = (grant.shard, grant.shards);
-    let base = addr.port().checked_sub(shard);
+    let Some(base) = addr.port().checked_sub(shard) else {
+        return Vec::new();
+    };
     (0..shards)
-        .filter(move |k| *k != shard)
-        .filter_map(move |k| base?.checked_add(k))
-        .map(move |port| SocketAddr::new(addr.ip(), port))
+        .filter(|k| *k != shard)
+        .filter_map(|k| {
+            let mut a = addr;
+            a.set_port(base.checked_add(k)?);
+            Some((k, a))
+        })
+        .collect()
 }
 
 /// One rank of one job, over UDP. Cheap to clone: clones share the sessions.
@@ -251,31 +268,67 @@ impl UdpWorker {
     ///
     /// An aggregator of several shards (`inagg aggregator --threads`) says so in its
     /// grant: the worker then joins the job on its other shards too, right after it,
-    /// and stripes over all of them.
+    /// and stripes over all of them. As with stripes, every rank must name the same
+    /// addresses in the same order (joins wait for every rank, so ranks that named
+    /// different shards time out rather than sum mismatched runs). If any join fails,
+    /// the ones made already are left.
     pub fn connect(opts: Options) -> Result<Self, Error> {
+        let mut stripes = Vec::new();
+        match Self::join_all(&opts, &mut stripes) {
+            Ok(()) => Ok(Self {
+                stripes: Arc::new(stripes),
+            }),
+            Err(e) => {
+                for s in &stripes {
+                    s.shutdown();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Joins every listed aggregator and every shard their grants announce, in order,
+    /// pushing each session onto `stripes` as it is made.
+    fn join_all(opts: &Options, stripes: &mut Vec<Stripe>) -> Result<(), Error> {
         let mut addrs: Vec<SocketAddr> = std::iter::once(opts.aggregator)
             .chain(opts.stripes.iter().copied())
             .collect();
-        let mut stripes = Vec::with_capacity(addrs.len());
+        // `(address, shard, shards, chunk)` that a later join must be granted: what the
+        // first shard of the same aggregator announced.
+        let mut expect: Vec<(SocketAddr, u16, u16, u16)> = Vec::new();
         let mut i = 0;
-        // Bounded: each pass joins one address, and only a grant's `shards - 1`
-        // siblings (at most 65,535 ports) can be added per address, none twice.
+        // Bounded: each pass joins one address; a grant adds at most `MAX_SHARDS - 1`
+        // siblings, and an address is never added twice.
         while i < addrs.len() {
-            let stripe = Stripe::connect(&opts, addrs[i])?;
+            let addr = addrs[i];
+            let stripe = Stripe::connect(opts, addr)?;
             let grant = stripe.session()?.grant();
+            stripes.push(stripe);
+            if let Some(&(_, shard, shards, chunk)) = expect.iter().find(|e| e.0 == addr) {
+                if (grant.shard, grant.shards, grant.chunk_elems) != (shard, shards, chunk) {
+                    return Err(Error::ShardMismatch {
+                        addr,
+                        expected: format!("shard {shard} of {shards}, chunks of {chunk}"),
+                        got: format!(
+                            "shard {} of {}, chunks of {}",
+                            grant.shard, grant.shards, grant.chunk_elems
+                        ),
+                    });
+                }
+                i += 1;
+                continue;
+            }
             let mut at = i + 1;
-            for sibling in sibling_shards(addrs[i], &grant) {
+            for (k, sibling) in sibling_shards(addr, &grant) {
                 if !addrs.contains(&sibling) {
                     addrs.insert(at, sibling);
+                    expect.push((sibling, k, grant.shards, grant.chunk_elems));
                     at += 1;
                 }
             }
-            stripes.push(stripe);
             i += 1;
         }
-        Ok(Self {
-            stripes: Arc::new(stripes),
-        })
+        Ok(())
     }
 
     /// The grant of the first aggregator: world size, codec, chunk size, slots.
@@ -387,5 +440,46 @@ impl Drop for UdpWorker {
         if Arc::strong_count(&self.stripes) == 1 {
             self.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(shard: u16, shards: u16) -> Grant {
+        Grant {
+            job: 1,
+            rank: 0,
+            world: 2,
+            codec: CodecId::I32,
+            chunk_elems: 1024,
+            window: 8,
+            token: 1,
+            shard,
+            shards,
+        }
+    }
+
+    #[test]
+    fn siblings_are_the_other_shards_ports_in_shard_order() {
+        let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        assert_eq!(
+            sibling_shards(at(7071), &grant(1, 3)),
+            [(0, at(7070)), (2, at(7072))]
+        );
+        assert_eq!(sibling_shards(at(7070), &grant(0, 1)), []);
+        // Ports that would fall outside 0..=65535 are skipped, not wrapped.
+        assert_eq!(sibling_shards(at(65535), &grant(0, 2)), []);
+        assert_eq!(sibling_shards(at(1), &grant(2, 3)), []);
+        // An IPv6 link-local address keeps its scope.
+        let ip = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        let v6 = SocketAddr::V6(std::net::SocketAddrV6::new(ip, 9000, 0, 3));
+        let s = sibling_shards(v6, &grant(0, 2));
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            s[0].1,
+            SocketAddr::V6(std::net::SocketAddrV6::new(ip, 9001, 0, 3))
+        );
     }
 }

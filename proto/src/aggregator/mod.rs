@@ -60,7 +60,8 @@ pub struct AggregatorConfig {
     /// the window it asks for, up to `max_window`.
     pub slot_memory: Option<usize>,
     /// This state machine's shard of its aggregator, and the number of shards, which
-    /// every grant announces (see [`Grant::shards`]). One shard: 0 of 1.
+    /// every grant announces (see [`Grant::shards`]). One shard: 0 of 1. `new` keeps
+    /// them in range (1 to `MAX_SHARDS` shards, the shard below the count).
     pub shard: u16,
     /// See `shard`.
     pub shards: u16,
@@ -167,8 +168,11 @@ pub struct Aggregator<A> {
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// An aggregator with no jobs.
-    pub fn new(config: AggregatorConfig) -> Self {
+    pub fn new(mut config: AggregatorConfig) -> Self {
         let rng = SmallRng::seed_from_u64(config.seed);
+        // Grants must decode: 1 to MAX_SHARDS shards, this one among them.
+        config.shards = config.shards.clamp(1, crate::wire::MAX_SHARDS);
+        config.shard = config.shard.min(config.shards - 1);
         Self {
             config,
             jobs: BTreeMap::new(),
@@ -749,7 +753,7 @@ fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> 
         window,
         token: job.token,
         shard: config.shard,
-        shards: config.shards.max(1),
+        shards: config.shards,
     }
 }
 

@@ -288,6 +288,11 @@ fn quantize_reference(x: f32, s: f32, lim: f32, dither: Option<(u64, usize)>) ->
 
 #[test]
 fn quantize_matches_scalar_reference_at_every_width_and_rounding() {
+    check_quantize();
+    kernels::tests_force_baseline::with(check_quantize);
+}
+
+fn check_quantize() {
     // The limits the fixed-point codecs use (i8, i16, i32 with and without headroom).
     let cases: [(usize, f32); 5] = [
         (1, 127.0),
@@ -326,7 +331,12 @@ fn quantize_matches_scalar_reference_at_every_width_and_rounding() {
 }
 
 #[test]
-fn bf16_encoding_matches_half_crate_to_nearest_even() {
+fn bf16_encoding_matches_half_crate_to_nearest_even_and_dithers_as_defined() {
+    check_bf16();
+    kernels::tests_force_baseline::with(check_bf16);
+}
+
+fn check_bf16() {
     let edges = [
         0.0f32,
         -0.0,
@@ -369,6 +379,19 @@ fn bf16_encoding_matches_half_crate_to_nearest_even() {
             } else {
                 assert_eq!(got, want.to_bits(), "{x:e} ({:#x}) at {i}", x.to_bits());
             }
+        }
+        // Stochastic: the bits below the cut plus 16 bits of the element's noise, cut.
+        let key = 0xb16 + len as u64;
+        kernels::to_bf16(&src, Some(key), &mut out[1..]);
+        for (i, (x, o)) in src.iter().zip(out[1..].chunks_exact(2)).enumerate() {
+            let got = u16::from_le_bytes([o[0], o[1]]);
+            if x.is_nan() {
+                assert!(half::bf16::from_bits(got).is_nan(), "{got:#x}");
+                continue;
+            }
+            let noise = (f64::from(uniform(key, i)) * 65536.0).floor() as u32;
+            let want = (x.to_bits().wrapping_add(noise) >> 16) as u16;
+            assert_eq!(got, want, "{x:e} at {i} with noise {noise}");
         }
     }
 }

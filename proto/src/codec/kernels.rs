@@ -15,9 +15,34 @@ use super::uniform;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn has_v3() -> bool {
+    #[cfg(test)]
+    if tests_force_baseline::get() {
+        return false;
+    }
     std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
+}
+
+/// Tests run every kernel in its baseline build too, on machines that have the fast
+/// one: a flag per thread (each test runs on its own) that makes [`has_v3`] say no.
+#[cfg(test)]
+pub(crate) mod tests_force_baseline {
+    use std::cell::Cell;
+
+    thread_local!(static BASELINE: Cell<bool> = const { Cell::new(false) });
+
+    pub(crate) fn get() -> bool {
+        BASELINE.with(Cell::get)
+    }
+
+    /// Runs `f` with the baseline kernels on this thread.
+    pub(crate) fn with<T>(f: impl FnOnce() -> T) -> T {
+        BASELINE.with(|b| b.set(true));
+        let r = f();
+        BASELINE.with(|b| b.set(false));
+        r
+    }
 }
 
 /// Defines `pub(crate) fn $name` that runs `$body` compiled with AVX2/FMA/F16C when the
@@ -232,8 +257,13 @@ multiversion! {
     /// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or down
     /// after adding uniform noise from `dither`), clamped to `±lim`.
     fn quantize(src: &[f32], s: f32, lim: f32, dither: Option<u64>, out: &mut [u8], width: usize) {
-        // The largest f32 below 2^31: what keeps `q`'s conversion in range.
-        let lim = lim.clamp(0.0, 2_147_483_520.0);
+        // The largest f32 below 2^31: what keeps `q`'s conversion in range (a NaN
+        // `lim`, which `clamp` would pass through, becomes 0).
+        let lim = if lim >= 0.0 {
+            lim.min(2_147_483_520.0)
+        } else {
+            0.0
+        };
         match (dither, width) {
             (None, 1) => {
                 for (x, o) in src.iter().zip(out.iter_mut()) {

@@ -35,6 +35,10 @@ pub const VERSION: u8 = 1;
 pub const DATA_HEADER_LEN: usize = 40;
 /// The longest job secret a join may carry.
 pub const MAX_SECRET_LEN: usize = 64;
+
+/// The most shards a grant may announce (`inagg aggregator --threads` allows as many):
+/// a worker joins every one, so a grant claiming thousands is refused as malformed.
+pub const MAX_SHARDS: u16 = 256;
 /// The longest error message text.
 pub const MAX_ERROR_TEXT: usize = 512;
 /// The exponent value that means "no exponent": an all-zero block, or a packet that
@@ -604,7 +608,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
             if g.world == 0 || g.rank >= g.world || g.chunk_elems == 0 || g.window == 0 {
                 return Err(DecodeError::Field("grant"));
             }
-            if g.shards == 0 || g.shard >= g.shards {
+            if g.shards == 0 || g.shards > MAX_SHARDS || g.shard >= g.shards {
                 return Err(DecodeError::Field("shard"));
             }
             Message::Grant(g)

@@ -169,8 +169,8 @@ fn rejects_what_it_must() {
     b[10] = 200;
     assert_eq!(decode(&b), Err(DecodeError::Codec(200)));
     assert_eq!(decode(&[]), Err(DecodeError::BadMagic));
-    // A shard outside the count, or no shards at all.
-    for (shard, shards) in [(2u16, 2u16), (0, 0)] {
+    // A shard outside the count, no shards at all, or more than a worker would join.
+    for (shard, shards) in [(2u16, 2u16), (0, 0), (0, MAX_SHARDS + 1)] {
         let mut b = Vec::new();
         let g = Grant {
             job: 1,
