@@ -210,6 +210,7 @@ struct Worker {
     codec: &'static str,
     chunk_elements: u16,
     window: u32,
+    stripes: usize,
 }
 
 #[pymethods]
@@ -314,6 +315,7 @@ impl Worker {
             .allow_threads(move || UdpWorker::connect(o))
             .map_err(to_py)?;
         let g = w.grant().map_err(to_py)?;
+        let stripes = w.stripes();
         Ok(Self {
             inner: Some(w),
             rank,
@@ -321,6 +323,7 @@ impl Worker {
             codec: c.name(),
             chunk_elements: g.chunk_elems,
             window: g.window,
+            stripes,
         })
     }
 
@@ -400,10 +403,17 @@ impl Worker {
         self.chunk_elements
     }
 
-    /// Slots granted.
+    /// Slots granted (by the first aggregator).
     #[getter]
     fn window(&self) -> u32 {
         self.window
+    }
+
+    /// Aggregators the job is striped over: those given (`aggregator` and `stripes`)
+    /// and the other shards of each sharded one (`inagg aggregator --threads`).
+    #[getter]
+    fn stripes(&self) -> usize {
+        self.stripes
     }
 
     /// Whether `close()` was called.

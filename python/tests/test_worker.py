@@ -12,6 +12,7 @@ import torch
 
 import inagg
 import ranks
+from conftest import Aggregator
 
 CODECS = ["f32", "f16", "bf16", "i32", "i16", "i8"]
 # Largest error relative to the largest exact sum (4 ranks).
@@ -65,6 +66,34 @@ def test_both_ranks_in_threads_of_one_process_need_the_gil_released(aggregator):
         stats, a = results[r]
         assert np.all(a == 3.0)
         assert stats["bytes_sent"] > 4 * 100_000 and stats["elapsed_s"] > 0
+
+
+def test_a_sharded_aggregator_is_striped_over_from_its_first_address():
+    # `inagg aggregator --threads 3`: the workers are given the first shard only.
+    agg = Aggregator("--threads", "3")
+    try:
+        results = {}
+
+        def rank(r):
+            with inagg.Worker(agg.addr, 9, r, 2, "i32", join_timeout=20.0) as w:
+                a = np.arange(300_000, dtype=np.float32) * (r + 1)
+                results[r] = (w.stripes, w.allreduce(a), a)
+
+        ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout=60)
+            assert not t.is_alive()
+        want = np.arange(300_000, dtype=np.float64) * 3
+        for r in range(2):
+            stripes, stats, a = results[r]
+            assert stripes == 3
+            assert np.max(np.abs(a - want)) <= 1e-6 * np.max(want)
+            assert stats["bytes_sent"] > 4 * 300_000
+        assert np.array_equal(results[0][2], results[1][2])
+    finally:
+        agg.stop()
 
 
 def test_a_bad_address_raises(aggregator):
