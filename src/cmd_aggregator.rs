@@ -99,6 +99,16 @@ impl Drop for StopOthers<'_> {
     }
 }
 
+/// Writes one line to stdout or stderr and ignores failure: whoever started the
+/// aggregator may stop reading once it has the lines it needs (a closed pipe), and
+/// that must not stop the aggregator (`println!` panics on a closed pipe).
+fn say(to: &mut dyn Write, line: std::fmt::Arguments<'_>) {
+    let _ = to
+        .write_fmt(line)
+        .and_then(|()| to.write_all(b"\n"))
+        .and_then(|()| to.flush());
+}
+
 /// How a server loop publishes metrics.
 #[derive(Debug, Clone, Copy)]
 enum Publish {
@@ -176,10 +186,13 @@ pub fn run(a: &Args) -> Result<()> {
             let id = Identity::load_or_generate(&a.cert, &a.key)
                 .context("loading or generating the QUIC certificate")?;
             if id.generated {
-                eprintln!(
-                    "generated a self-signed certificate in {} (key in {})",
-                    a.cert.display(),
-                    a.key.display()
+                say(
+                    &mut std::io::stderr(),
+                    format_args!(
+                        "generated a self-signed certificate in {} (key in {})",
+                        a.cert.display(),
+                        a.key.display()
+                    ),
                 );
             }
             Some((Server::bind_quic(config(a, q, 0, 1), &id)?, id))
@@ -193,31 +206,42 @@ pub fn run(a: &Args) -> Result<()> {
     }
     // Scripts and `inagg bench` read these lines to learn the ports.
     if let Some(first) = udp.as_ref().and_then(|s| s.first()) {
-        println!("listening on {}", first.local_addr()?);
-    }
-    if let Some((s, id)) = &quic {
-        println!(
-            "quic on {} sha256 {} certificate {}",
-            s.local_addr()?,
-            id.fingerprint(),
-            id.cert_path.display()
+        say(
+            &mut std::io::stdout(),
+            format_args!("listening on {}", first.local_addr()?),
         );
     }
-    std::io::stdout().flush()?;
+    if let Some((s, id)) = &quic {
+        say(
+            &mut std::io::stdout(),
+            format_args!(
+                "quic on {} sha256 {} certificate {}",
+                s.local_addr()?,
+                id.fingerprint(),
+                id.cert_path.display()
+            ),
+        );
+    }
     if let Some(addr) = a.metrics {
         let bound = crate::metrics::serve(addr)?;
-        eprintln!("metrics on http://{bound}/metrics");
+        say(
+            &mut std::io::stderr(),
+            format_args!("metrics on http://{bound}/metrics"),
+        );
     }
     if let Some([first, .., last]) = udp.as_deref() {
-        eprintln!(
-            "{} UDP shards on ports {}-{}",
-            usize::from(a.threads),
-            first.local_addr()?.port(),
-            last.local_addr()?.port()
+        say(
+            &mut std::io::stderr(),
+            format_args!(
+                "{} UDP shards on ports {}-{}",
+                usize::from(a.threads),
+                first.local_addr()?.port(),
+                last.local_addr()?.port()
+            ),
         );
     }
     let metrics = a.metrics.is_some();
-    let stats = std::thread::scope(|scope| -> Result<Vec<Stats>> {
+    let stats = std::thread::scope(|scope| -> Result<Vec<(String, Stats)>> {
         let stop = &stop;
         let quic = quic.map(|(s, _)| {
             let publish = if metrics && udp.is_none() {
@@ -232,6 +256,16 @@ pub fn run(a: &Args) -> Result<()> {
         });
         let mut udp = udp.unwrap_or_default().into_iter();
         let sharded = udp.len() > 1;
+        let both = udp.len() > 0 && quic.is_some();
+        let label = |k: u16| {
+            if sharded {
+                format!(" (UDP shard {k})")
+            } else if both {
+                " (UDP)".to_string()
+            } else {
+                String::new()
+            }
+        };
         let publish = |k: u16| match (metrics, sharded) {
             (false, _) => Publish::No,
             (true, false) => Publish::Alone,
@@ -252,29 +286,38 @@ pub fn run(a: &Args) -> Result<()> {
         let mut all = Vec::new();
         if let Some(s) = first {
             let _stop = StopOthers(stop);
-            all.push(serve(s, stop, publish(0))?);
+            all.push((label(0), serve(s, stop, publish(0))?));
         }
-        for h in others {
-            all.push(
-                h.join()
-                    .map_err(|_| anyhow!("a UDP shard's server panicked"))??,
-            );
+        for (i, h) in others.into_iter().enumerate() {
+            let stats = h
+                .join()
+                .map_err(|_| anyhow!("a UDP shard's server panicked"))??;
+            all.push((label(i as u16 + 1), stats));
         }
         if let Some(h) = quic {
-            all.push(
-                h.join()
-                    .map_err(|_| anyhow!("the QUIC server panicked"))??,
-            );
+            let stats = h
+                .join()
+                .map_err(|_| anyhow!("the QUIC server panicked"))??;
+            all.push((
+                if both {
+                    " (QUIC)".into()
+                } else {
+                    String::new()
+                },
+                stats,
+            ));
         }
         Ok(all)
     })?;
-    for stats in &stats {
-        report(stats);
+    for (label, stats) in &stats {
+        report(label, stats);
     }
     Ok(())
 }
 
-fn report(stats: &Stats) {
+/// Prints a server loop's counters as it stops; `label` names the shard or transport
+/// when the process ran more than one loop.
+fn report(label: &str, stats: &Stats) {
     let mut drops: Vec<String> = DropReason::ALL
         .iter()
         .filter(|r| stats.dropped(**r) > 0)
@@ -283,13 +326,17 @@ fn report(stats: &Stats) {
     if drops.is_empty() {
         drops.push("none".into());
     }
-    eprintln!(
-        "aggregator stopped: {} datagrams in, {} out, {} chunks completed, {} copies answered, {} held answered, dropped: {}",
-        stats.packets_received,
-        stats.packets_sent,
-        stats.chunks_completed,
-        stats.copies_answered,
-        stats.probes_held,
-        drops.join(" ")
+    say(
+        &mut std::io::stderr(),
+        format_args!(
+            "aggregator stopped{label}: {} datagrams in, {} out, {} chunks completed, \
+             {} copies answered, {} held answered, dropped: {}",
+            stats.packets_received,
+            stats.packets_sent,
+            stats.chunks_completed,
+            stats.copies_answered,
+            stats.probes_held,
+            drops.join(" ")
+        ),
     );
 }

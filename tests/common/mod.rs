@@ -85,11 +85,17 @@ impl Drop for Proc {
 /// stdout is not read.
 fn first_line(p: &mut Proc) -> String {
     let out = p.child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(out);
     let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("read address");
+    reader.read_line(&mut line).expect("read address");
+    drain(reader);
     line
+}
+
+/// Reads the rest of a child's output on a thread of its own, so that the child
+/// never blocks on a full pipe nor meets a closed one.
+fn drain(mut r: impl Read + Send + 'static) {
+    std::thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
 }
 
 /// Starts `inagg aggregator` on 127.0.0.1 with `extra` flags; returns it and its address.
@@ -254,10 +260,10 @@ impl Drop for TempDir {
 /// printed first on stderr.
 pub fn metrics_address(agg: &mut Proc) -> String {
     let err = agg.child.stderr.take().expect("stderr");
+    let mut reader = BufReader::new(err);
     let mut line = String::new();
-    BufReader::new(err)
-        .read_line(&mut line)
-        .expect("metrics line");
+    reader.read_line(&mut line).expect("metrics line");
+    drain(reader);
     line.trim()
         .strip_prefix("metrics on http://")
         .and_then(|s| s.strip_suffix("/metrics"))
