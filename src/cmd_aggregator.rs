@@ -241,73 +241,53 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     let metrics = a.metrics.is_some();
+    // One thread per loop: every UDP shard, and QUIC. Each loop's stop report is
+    // labeled when the process runs more than one.
     let stats = std::thread::scope(|scope| -> Result<Vec<(String, Stats)>> {
         let stop = &stop;
-        let quic = quic.map(|(s, _)| {
-            let publish = if metrics && udp.is_none() {
-                Publish::Alone
-            } else {
-                Publish::No
-            };
-            scope.spawn(move || {
-                let _stop = StopOthers(stop);
-                serve(s, stop, publish)
-            })
-        });
-        let mut udp = udp.unwrap_or_default().into_iter();
+        let udp = udp.unwrap_or_default();
         let sharded = udp.len() > 1;
-        let both = udp.len() > 0 && quic.is_some();
-        let label = |k: u16| {
-            if sharded {
-                format!(" (UDP shard {k})")
-            } else if both {
-                " (UDP)".to_string()
-            } else {
-                String::new()
-            }
-        };
-        let publish = |k: u16| match (metrics, sharded) {
-            (false, _) => Publish::No,
-            (true, false) => Publish::Alone,
-            (true, true) => Publish::Shard(k),
-        };
-        let first = udp.next();
-        let others: Vec<_> = udp
-            .enumerate()
-            .map(|(i, s)| {
-                let k = i as u16 + 1;
-                let p = publish(k);
+        let both = !udp.is_empty() && quic.is_some();
+        let mut loops = Vec::new();
+        for (k, s) in (0u16..).zip(udp) {
+            let (label, publish) = match (sharded, both) {
+                (true, _) => (format!(" (UDP shard {k})"), Publish::Shard(k)),
+                (false, true) => (" (UDP)".to_string(), Publish::Alone),
+                (false, false) => (String::new(), Publish::Alone),
+            };
+            let publish = if metrics { publish } else { Publish::No };
+            loops.push((
+                label,
                 scope.spawn(move || {
                     let _stop = StopOthers(stop);
-                    serve(s, stop, p)
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        if let Some(s) = first {
-            let _stop = StopOthers(stop);
-            all.push((label(0), serve(s, stop, publish(0))?));
-        }
-        for (i, h) in others.into_iter().enumerate() {
-            let stats = h
-                .join()
-                .map_err(|_| anyhow!("a UDP shard's server panicked"))??;
-            all.push((label(i as u16 + 1), stats));
-        }
-        if let Some(h) = quic {
-            let stats = h
-                .join()
-                .map_err(|_| anyhow!("the QUIC server panicked"))??;
-            all.push((
-                if both {
-                    " (QUIC)".into()
-                } else {
-                    String::new()
-                },
-                stats,
+                    serve(s, stop, publish)
+                }),
             ));
         }
-        Ok(all)
+        if let Some((s, _)) = quic {
+            // With UDP beside it, only the UDP side publishes metrics.
+            let (label, publish) = match (both, metrics) {
+                (true, _) => (" (QUIC)".to_string(), Publish::No),
+                (false, true) => (String::new(), Publish::Alone),
+                (false, false) => (String::new(), Publish::No),
+            };
+            loops.push((
+                label,
+                scope.spawn(move || {
+                    let _stop = StopOthers(stop);
+                    serve(s, stop, publish)
+                }),
+            ));
+        }
+        loops
+            .into_iter()
+            .map(|(label, h)| {
+                let stats = h
+                    .join()
+                    .map_err(|_| anyhow!("the server loop{label} panicked"))??;
+                Ok((label, stats))
+            })
+            .collect()
     })?;
     for (label, stats) in &stats {
         report(label, stats);

@@ -48,17 +48,16 @@ pub fn serve(addr: SocketAddr) -> Result<SocketAddr> {
     Ok(bound)
 }
 
-/// The labels every series of one shard carries (none with a single shard).
-fn shard_labels(shard: Option<u16>) -> Vec<(&'static str, String)> {
-    shard
-        .map(|k| ("shard", k.to_string()))
-        .into_iter()
-        .collect()
+/// The labels of a series: the shard's number when there are several, and the job's
+/// id for per-job series.
+fn labels(shard: Option<u16>, job: Option<u32>) -> Vec<(&'static str, String)> {
+    let shard = shard.map(|k| ("shard", k.to_string()));
+    let job = job.map(|j| ("job", j.to_string()));
+    shard.into_iter().chain(job).collect()
 }
 
-fn counters(prefix: &str, s: &Stats, shard: Option<u16>, job: Option<String>) {
-    let mut labels = shard_labels(shard);
-    labels.extend(job.iter().map(|j| ("job", j.clone())));
+fn counters(prefix: &str, s: &Stats, shard: Option<u16>, job: Option<u32>) {
+    let labels = labels(shard, job);
     let set = |name: &str, v: u64| {
         counter!(format!("{prefix}{name}_total"), &labels).absolute(v);
     };
@@ -86,19 +85,17 @@ fn counters(prefix: &str, s: &Stats, shard: Option<u16>, job: Option<String>) {
 pub fn publish(agg: &Aggregator<SocketAddr>, shard: Option<u16>) {
     counters("inagg_", agg.stats(), shard, None);
     let jobs = agg.jobs();
-    let labels = shard_labels(shard);
-    gauge!("inagg_jobs", &labels).set(jobs.len() as f64);
-    gauge!("inagg_slot_memory_bytes", &labels).set(agg.slot_memory() as f64);
+    let totals = labels(shard, None);
+    gauge!("inagg_jobs", &totals).set(jobs.len() as f64);
+    gauge!("inagg_slot_memory_bytes", &totals).set(agg.slot_memory() as f64);
     if let Some(budget) = agg.slot_budget() {
-        gauge!("inagg_slot_memory_budget_bytes", &labels).set(budget as f64);
+        gauge!("inagg_slot_memory_budget_bytes", &totals).set(budget as f64);
     }
     for j in jobs {
         if let Some(s) = agg.job_stats(j) {
-            counters("inagg_job_", s, shard, Some(j.to_string()));
+            counters("inagg_job_", s, shard, Some(j));
         }
         let slots = agg.job_slots(j).unwrap_or(0);
-        let mut l = labels.clone();
-        l.push(("job", j.to_string()));
-        gauge!("inagg_job_slots", &l).set(f64::from(slots));
+        gauge!("inagg_job_slots", &labels(shard, Some(j))).set(f64::from(slots));
     }
 }

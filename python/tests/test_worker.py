@@ -19,6 +19,16 @@ CODECS = ["f32", "f16", "bf16", "i32", "i16", "i8"]
 TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1.6e-2, "i32": 1e-6, "i16": 2e-3, "i8": 0.1}
 
 
+def in_threads(rank, n, timeout=60):
+    """Runs `rank(r)` for r in 0..n on threads of this process; fails if one hangs."""
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=timeout)
+        assert not t.is_alive()
+
+
 def test_module_lists_its_codecs():
     assert sorted(inagg.codecs()) == sorted(CODECS)
 
@@ -56,12 +66,7 @@ def test_both_ranks_in_threads_of_one_process_need_the_gil_released(aggregator):
             a = np.full(100_000, r + 1, dtype=np.float32)
             results[r] = (w.allreduce(a), a)
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(timeout=60)
-        assert not t.is_alive()
+    in_threads(rank, 2)
     for r in range(2):
         stats, a = results[r]
         assert np.all(a == 3.0)
@@ -79,12 +84,7 @@ def test_a_sharded_aggregator_is_striped_over_from_its_first_address():
                 a = np.arange(300_000, dtype=np.float32) * (r + 1)
                 results[r] = (w.stripes, w.allreduce(a), a)
 
-        ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(timeout=60)
-            assert not t.is_alive()
+        in_threads(rank, 2)
         want = np.arange(300_000, dtype=np.float64) * 3
         for r in range(2):
             stripes, stats, a = results[r]

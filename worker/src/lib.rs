@@ -238,6 +238,9 @@ impl Stripe {
     }
 }
 
+/// What a shard's grant says of its place: (shard, shards, chunk elements).
+type ShardGrant = (u16, u16, u16);
+
 /// The other shards of the aggregator at `addr` that sent `grant`, with their numbers:
 /// shard `k` listens on port `base + k`, and `addr` is shard `grant.shard`'s.
 fn sibling_shards(addr: SocketAddr, grant: &Grant) -> Vec<(u16, SocketAddr)> {
@@ -290,43 +293,42 @@ impl UdpWorker {
     /// Joins every listed aggregator and every shard their grants announce, in order,
     /// pushing each session onto `stripes` as it is made.
     fn join_all(opts: &Options, stripes: &mut Vec<Stripe>) -> Result<(), Error> {
-        let mut addrs: Vec<SocketAddr> = std::iter::once(opts.aggregator)
+        // Each address to join, with what its grant must say when it is a shard that
+        // another aggregator's grant announced.
+        let mut todo: Vec<(SocketAddr, Option<ShardGrant>)> = std::iter::once(opts.aggregator)
             .chain(opts.stripes.iter().copied())
+            .map(|a| (a, None))
             .collect();
-        // `(address, shard, shards, chunk)` that a later join must be granted: what the
-        // first shard of the same aggregator announced.
-        let mut expect: Vec<(SocketAddr, u16, u16, u16)> = Vec::new();
         let mut i = 0;
         // Bounded: each pass joins one address; a grant adds at most `MAX_SHARDS - 1`
         // siblings, and an address is never added twice.
-        while i < addrs.len() {
-            let addr = addrs[i];
+        while let Some(&(addr, expected)) = todo.get(i) {
+            i += 1;
             let stripe = Stripe::connect(opts, addr)?;
-            let grant = stripe.session()?.grant();
+            let g = stripe.session()?.grant();
             stripes.push(stripe);
-            if let Some(&(_, shard, shards, chunk)) = expect.iter().find(|e| e.0 == addr) {
-                if (grant.shard, grant.shards, grant.chunk_elems) != (shard, shards, chunk) {
+            let got = (g.shard, g.shards, g.chunk_elems);
+            match expected {
+                Some(want) if want != got => {
+                    let show =
+                        |(k, n, c): (u16, u16, u16)| format!("shard {k} of {n}, chunks of {c}");
                     return Err(Error::ShardMismatch {
                         addr,
-                        expected: format!("shard {shard} of {shards}, chunks of {chunk}"),
-                        got: format!(
-                            "shard {} of {}, chunks of {}",
-                            grant.shard, grant.shards, grant.chunk_elems
-                        ),
+                        expected: show(want),
+                        got: show(got),
                     });
                 }
-                i += 1;
-                continue;
-            }
-            let mut at = i + 1;
-            for (k, sibling) in sibling_shards(addr, &grant) {
-                if !addrs.contains(&sibling) {
-                    addrs.insert(at, sibling);
-                    expect.push((sibling, k, grant.shards, grant.chunk_elems));
-                    at += 1;
+                Some(_) => {}
+                None => {
+                    let mut at = i;
+                    for (k, sibling) in sibling_shards(addr, &g) {
+                        if todo.iter().all(|t| t.0 != sibling) {
+                            todo.insert(at, (sibling, Some((k, g.shards, g.chunk_elems))));
+                            at += 1;
+                        }
+                    }
                 }
             }
-            i += 1;
         }
         Ok(())
     }
