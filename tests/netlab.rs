@@ -38,12 +38,23 @@ fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
     let mut cmd = Command::new(script);
-    cmd.args(["--workers", "2", "--link-rate", "200mbit", "--"])
-        .arg(env!("CARGO_BIN_EXE_inagg"))
-        .args(["bench", "--workers", "2", "--elements", "200000"])
-        .args([
-            "--codec", "i32,f16", "--iters", "2", "--warmup", "1", "--json",
-        ]);
+    // A small token bucket: tbf lets a full bucket through at once, so a transfer of
+    // B bytes can beat B / rate by the bucket (B / (B - burst) at most).
+    let burst = 32 * 1024;
+    cmd.args([
+        "--workers",
+        "2",
+        "--link-rate",
+        "200mbit",
+        "--burst",
+        "32kb",
+        "--",
+    ])
+    .arg(env!("CARGO_BIN_EXE_inagg"))
+    .args(["bench", "--workers", "2", "--elements", "200000"])
+    .args([
+        "--codec", "i32,f16", "--iters", "2", "--warmup", "1", "--json",
+    ]);
     let (st, out, err) = run_bounded(cmd, Duration::from_secs(120));
     assert!(st.success(), "netlab failed: {out}\n{err}");
     let id = err
@@ -59,8 +70,14 @@ fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
         let f = r["line_rate_fraction"]
             .as_f64()
             .expect("line-rate fraction");
-        // The links are the bottleneck at 200 Mbit/s: no run can beat the bound.
-        assert!(f > 0.0 && f <= 1.05, "{r}");
+        // The links are the bottleneck at 200 Mbit/s: no run beats the bound by more
+        // than the bucket's head start (1.04 for i32 here, 1.09 for f16).
+        let sent = r["bytes_sent_per_worker"].as_f64().expect("bytes sent");
+        let most = sent / (sent - f64::from(burst));
+        assert!(
+            f > 0.0 && f <= most * 1.01,
+            "fraction {f}, at most {most}: {r}"
+        );
     }
     assert!(
         !namespaces().contains(&format!("{id}-")),

@@ -6,8 +6,9 @@
 //!
 //! - [`UdpFront`]: receives up to 32 `recvmmsg` buffers (GRO-coalesced) per call, and
 //!   collects sends in a [`SendBatch`], which groups them by destination and sends each
-//!   run with one GSO call. Results are encoded straight into the batch's arena from
-//!   the slots' kept copies: nothing is allocated per datagram.
+//!   run as one GSO message, many per `sendmmsg`. A result's header is encoded into the
+//!   batch's arena and its payload goes to the kernel from the slot's kept copy, the
+//!   same bytes for every rank: nothing is allocated or copied per datagram.
 //! - [`QuicFront`]: a [`QuicListener`], whose connections deliver messages tagged with
 //!   the peer's address, as a socket would; answers go back on the peer's stream or as
 //!   datagrams.
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use inagg_net::{SendBatch, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
-use inagg_proto::aggregator::{Aggregator, AggregatorConfig, Event, Stats};
+use inagg_proto::aggregator::{Aggregator, AggregatorConfig, Body, Event, Stats};
 use inagg_quic::{Identity, QuicListener};
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn};
@@ -95,7 +96,9 @@ pub trait Front: std::fmt::Debug {
 #[derive(Debug)]
 pub struct UdpFront {
     endpoint: UdpEndpoint,
-    batch: SendBatch,
+    /// Results go out from their slots (scatter-gather): one kept copy serves every
+    /// rank, where copying it into the batch for each rank cost as much as the sum.
+    batch: SendBatch<Body>,
 }
 
 impl Front for UdpFront {
@@ -114,12 +117,16 @@ impl Front for UdpFront {
     fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
         loop {
             while self.batch.len() < SEND_BATCH
-                && self.batch.push_with(|buf| agg.poll_transmit_append(buf))
+                && self.batch.push_head_with(|buf| {
+                    agg.poll_transmit_head(buf)
+                        .map(|(to, body)| (to, body.map(|b| (b, b.len()))))
+                })
             {}
             if self.batch.is_empty() {
                 return Ok(());
             }
-            self.batch.flush(&self.endpoint)?;
+            let agg = &*agg;
+            self.batch.flush_with(&self.endpoint, |b| agg.body(b))?;
         }
     }
 

@@ -1,6 +1,6 @@
 //! Outgoing datagrams, collected and sent in as few system calls as GSO allows.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
 use crate::UdpEndpoint;
@@ -8,15 +8,40 @@ use crate::UdpEndpoint;
 /// The kernel refuses a GSO send of more than 64 KB in all.
 const GSO_BYTES: usize = 65_000;
 
+/// A batch whose datagrams are all whole in the arena: it has no bodies kept elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBody {}
+
+/// One queued datagram: `len` bytes at `off` in the arena, then, if `body` is set,
+/// `body_len` bytes that the caller's resolver hands back at flush.
+#[derive(Debug, Clone, Copy)]
+struct Queued<B> {
+    to: SocketAddr,
+    off: usize,
+    len: usize,
+    body: Option<B>,
+    body_len: usize,
+}
+
+impl<B> Queued<B> {
+    fn size(&self) -> usize {
+        self.len + self.body_len
+    }
+}
+
 /// Datagrams waiting to be sent: one arena of bytes and an index of (destination,
-/// offset, length). Reused across batches; allocation-free once warm.
-#[derive(Debug, Default)]
-pub struct SendBatch {
+/// offset, length, body). A datagram may end in a body of type `B`: a handle to bytes
+/// kept elsewhere (an aggregator's result in its slot, sent to every rank), found at
+/// flush time and sent from where they are, without a copy. Reused across batches;
+/// allocation-free once warm.
+#[derive(Debug)]
+pub struct SendBatch<B = NoBody> {
     arena: Vec<u8>,
-    index: Vec<(SocketAddr, usize, usize)>,
+    index: Vec<Queued<B>>,
     order: Vec<usize>,
-    /// Where a destination's datagrams are gathered when they do not follow each other
-    /// in the arena (an aggregator queues each result for every rank in turn).
+    /// Where a destination's datagrams are gathered where scatter-gather sends are
+    /// not available (outside Linux).
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
     gather: Vec<u8>,
     /// Datagrams sent so far.
     pub datagrams: u64,
@@ -24,7 +49,20 @@ pub struct SendBatch {
     pub calls: u64,
 }
 
-impl SendBatch {
+impl<B> Default for SendBatch<B> {
+    fn default() -> Self {
+        Self {
+            arena: Vec::new(),
+            index: Vec::new(),
+            order: Vec::new(),
+            gather: Vec::new(),
+            datagrams: 0,
+            calls: 0,
+        }
+    }
+}
+
+impl<B: Copy> SendBatch<B> {
     /// An empty batch.
     pub fn new() -> Self {
         Self::default()
@@ -40,7 +78,7 @@ impl SendBatch {
         self.index.is_empty()
     }
 
-    /// Bytes queued.
+    /// Bytes queued in the arena (bodies kept elsewhere not counted).
     pub fn bytes(&self) -> usize {
         self.arena.len()
     }
@@ -49,17 +87,40 @@ impl SendBatch {
     pub fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
         let off = self.arena.len();
         self.arena.extend_from_slice(datagram);
-        self.index.push((to, off, datagram.len()));
+        self.index.push(Queued {
+            to,
+            off,
+            len: datagram.len(),
+            body: None,
+            body_len: 0,
+        });
     }
 
     /// Queues a datagram written by `write` straight into the arena (no copy).
     /// `write` appends to the vector it is given and returns the destination, or `None`
     /// to queue nothing.
     pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Option<SocketAddr>) -> bool {
+        self.push_head_with(|buf| write(buf).map(|to| (to, None)))
+    }
+
+    /// Queues a datagram whose head `write` appends to the arena and whose rest, if
+    /// any, is a body of `len` bytes that the resolver given to
+    /// [`SendBatch::flush_with`] returns. `write` returns the destination and the
+    /// body, or `None` to queue nothing.
+    pub fn push_head_with(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Option<(SocketAddr, Option<(B, usize)>)>,
+    ) -> bool {
         let off = self.arena.len();
         match write(&mut self.arena) {
-            Some(to) if self.arena.len() > off => {
-                self.index.push((to, off, self.arena.len() - off));
+            Some((to, body)) if self.arena.len() > off => {
+                self.index.push(Queued {
+                    to,
+                    off,
+                    len: self.arena.len() - off,
+                    body: body.map(|(b, _)| b),
+                    body_len: body.map_or(0, |(_, l)| l),
+                });
                 true
             }
             _ => {
@@ -69,65 +130,174 @@ impl SendBatch {
         }
     }
 
-    /// Sends everything queued: datagrams to the same destination go out together,
-    /// runs of equal size as one GSO send. Order is kept per destination.
+    /// Sends everything queued, each body as `resolve` returns it (it must return
+    /// the length given when the datagram was queued): datagrams to the same
+    /// destination go out together, runs of equal size as one GSO send, and up to 64
+    /// runs per system call (`sendmmsg`). Order is kept per destination.
     ///
-    /// A run whose datagrams lie apart in the arena is first gathered into one buffer:
-    /// an aggregator queues each result for every rank in turn, so no two datagrams to
-    /// one rank ever follow each other, and without gathering it made one system call
-    /// (and the kernel one packet) per datagram (`strace -c`: 32,792 `sendmsg` for
-    /// 32,792 results of 8 KiB). The copy costs less than the calls it saves.
-    pub fn flush(&mut self, ep: &UdpEndpoint) -> io::Result<()> {
-        let max_segments = ep.max_gso_segments().max(1);
+    /// A datagram's head and body go to the kernel as they lie (scatter-gather), so a
+    /// run whose datagrams lie apart costs no copy. An aggregator queues each result
+    /// for every rank in turn: no two datagrams to one rank follow each other in the
+    /// arena, and sending them as they lay made one system call (and the kernel one
+    /// packet) per datagram (`strace -c`: 32,792 `sendmsg` for 32,792 results of 8
+    /// KiB); gathering them into one buffer fixed that at the cost of a copy, and
+    /// scatter-gather removes the copy.
+    pub fn flush_with<'r>(
+        &mut self,
+        ep: &UdpEndpoint,
+        resolve: impl Fn(B) -> &'r [u8],
+    ) -> io::Result<()> {
         self.order.clear();
         self.order.extend(0..self.index.len());
         let index = &self.index;
         // Stable: keeps each destination's datagrams in the order they were queued.
-        self.order.sort_by_key(|&i| index[i].0);
-        let mut i = 0;
-        let mut result = Ok(());
-        while i < self.order.len() {
-            let (to, off, len) = self.index[self.order[i]];
-            // Extend the run while the next datagram has the same destination and size
-            // and the run fits one GSO send.
-            let mut j = i + 1;
-            let mut bytes = len;
-            let mut contiguous = true;
-            while j < self.order.len() && j - i < max_segments {
-                let (t2, o2, l2) = self.index[self.order[j]];
-                if t2 != to || l2 > len || bytes + l2 > GSO_BYTES {
-                    break;
-                }
-                contiguous &= o2 == off + bytes;
-                bytes += l2;
-                j += 1;
-                if l2 < len {
-                    // A shorter datagram may only end a run.
-                    break;
-                }
-            }
-            let segment = (j - i > 1).then_some(len);
-            let contents = if contiguous {
-                &self.arena[off..off + bytes]
-            } else {
-                self.gather.clear();
-                for &k in &self.order[i..j] {
-                    let (_, o, l) = self.index[k];
-                    self.gather.extend_from_slice(&self.arena[o..o + l]);
-                }
-                &self.gather[..]
-            };
-            if let Err(e) = ep.send(to, contents, segment) {
-                result = Err(e);
+        self.order.sort_by_key(|&i| index[i].to);
+        let result = self.send_ordered(ep, &resolve);
+        self.arena.clear();
+        self.index.clear();
+        result
+    }
+
+    /// The run of datagrams that starts at `order[i]`: the end of the run, exclusive,
+    /// and the segment size if it holds more than one datagram.
+    fn run(&self, i: usize, max_segments: usize) -> (usize, Option<usize>) {
+        let first = self.index[self.order[i]];
+        let size = first.size();
+        // Extend the run while the next datagram has the same destination and size
+        // and the run fits one GSO send.
+        let mut j = i + 1;
+        let mut bytes = size;
+        while j < self.order.len() && j - i < max_segments {
+            let q = self.index[self.order[j]];
+            let s = q.size();
+            if q.to != first.to || s > size || bytes + s > GSO_BYTES {
                 break;
             }
+            bytes += s;
+            j += 1;
+            if s < size {
+                // A shorter datagram may only end a run.
+                break;
+            }
+        }
+        (j, (j - i > 1).then_some(size))
+    }
+
+    #[cfg(target_os = "linux")]
+    fn send_ordered<'r>(
+        &mut self,
+        ep: &UdpEndpoint,
+        resolve: &impl Fn(B) -> &'r [u8],
+    ) -> io::Result<()> {
+        use crate::scatter::{send_mmsg, Msg, Sent, MAX_IOVS, MAX_MSGS};
+        let mut i = 0;
+        while i < self.order.len() {
+            // Build up to MAX_MSGS messages from the runs starting at `i`.
+            let max_segments = ep.max_gso_segments().clamp(1, (MAX_IOVS / 2).min(64));
+            let mut iovs: [IoSlice<'_>; MAX_IOVS] = [IoSlice::new(&[]); MAX_IOVS];
+            let mut msgs = [Msg {
+                to: SocketAddr::from(([0, 0, 0, 0], 0)),
+                iov_start: 0,
+                iov_len: 0,
+                segment: None,
+                datagrams: 0,
+            }; MAX_MSGS];
+            let (mut n_iov, mut n_msg, mut k) = (0, 0, i);
+            while k < self.order.len() && n_msg < MAX_MSGS {
+                let (end, segment) = self.run(k, max_segments);
+                if n_iov + 2 * (end - k) > MAX_IOVS {
+                    break;
+                }
+                let start = n_iov;
+                // The arena bytes the last buffer covers, while it is a head: a head
+                // right after it in the arena extends it (a worker's packets lie in a
+                // row, so one buffer carries a whole run).
+                let mut open: Option<(usize, usize)> = None;
+                for &q in &self.order[k..end] {
+                    let q = self.index[q];
+                    match open {
+                        Some((from, to)) if to == q.off => {
+                            iovs[n_iov - 1] = IoSlice::new(&self.arena[from..q.off + q.len]);
+                            open = Some((from, q.off + q.len));
+                        }
+                        _ => {
+                            iovs[n_iov] = IoSlice::new(&self.arena[q.off..q.off + q.len]);
+                            n_iov += 1;
+                            open = Some((q.off, q.off + q.len));
+                        }
+                    }
+                    if let Some(b) = q.body {
+                        let body = resolve(b);
+                        debug_assert_eq!(body.len(), q.body_len);
+                        iovs[n_iov] = IoSlice::new(body);
+                        n_iov += 1;
+                        open = None;
+                    }
+                }
+                msgs[n_msg] = Msg {
+                    to: self.index[self.order[k]].to,
+                    iov_start: start,
+                    iov_len: n_iov - start,
+                    segment: segment.and_then(|s| u16::try_from(s).ok()),
+                    datagrams: end - k,
+                };
+                n_msg += 1;
+                k = end;
+            }
+            let mut m = 0;
+            while m < n_msg {
+                match send_mmsg(ep, &msgs[m..n_msg], &iovs[..n_iov])? {
+                    Sent::Some(n) => {
+                        self.calls += 1;
+                        for msg in &msgs[m..m + n] {
+                            self.datagrams += msg.datagrams as u64;
+                            i += msg.datagrams;
+                        }
+                        m += n;
+                    }
+                    Sent::GsoRefused => {
+                        // Rebuild from the refused message on, one datagram each.
+                        ep.refuse_gso();
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn send_ordered<'r>(
+        &mut self,
+        ep: &UdpEndpoint,
+        resolve: &impl Fn(B) -> &'r [u8],
+    ) -> io::Result<()> {
+        let max_segments = ep.max_gso_segments().max(1);
+        let mut i = 0;
+        while i < self.order.len() {
+            let (j, segment) = self.run(i, max_segments);
+            self.gather.clear();
+            for &k in &self.order[i..j] {
+                let q = self.index[k];
+                self.gather
+                    .extend_from_slice(&self.arena[q.off..q.off + q.len]);
+                if let Some(b) = q.body {
+                    self.gather.extend_from_slice(resolve(b));
+                }
+            }
+            ep.send(self.index[self.order[i]].to, &self.gather, segment)?;
             self.datagrams += (j - i) as u64;
             self.calls += 1;
             i = j;
         }
-        self.arena.clear();
-        self.index.clear();
-        result
+        Ok(())
+    }
+}
+
+impl SendBatch<NoBody> {
+    /// Sends everything queued (see [`SendBatch::flush_with`]).
+    pub fn flush(&mut self, ep: &UdpEndpoint) -> io::Result<()> {
+        self.flush_with(ep, |b| match b {})
     }
 }
 
@@ -172,9 +342,66 @@ mod tests {
         assert_eq!(take(&mut b, 7), want_b);
         assert_eq!(take(&mut c, 6), want_c);
         assert_eq!(batch.datagrams, 13);
-        if sender.max_gso_segments() >= 7 {
-            // One GSO send per destination.
-            assert_eq!(batch.calls, 2);
+        if cfg!(target_os = "linux") && sender.max_gso_segments() >= 7 {
+            // One GSO message per destination, both in one sendmmsg.
+            assert_eq!(batch.calls, 1);
         }
+    }
+
+    #[test]
+    fn bodies_kept_elsewhere_follow_their_heads() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let sender = UdpEndpoint::bind(local, 1 << 20).expect("bind");
+        let mut eps: Vec<UdpEndpoint> = (0..3)
+            .map(|_| UdpEndpoint::bind(local, 1 << 20).expect("bind"))
+            .collect();
+        let addrs: Vec<SocketAddr> = eps.iter().map(|e| e.local_addr().expect("addr")).collect();
+        // Kept payloads, as an aggregator's slots hold results: body k is `store[k]`.
+        let store: Vec<Vec<u8>> = (0..5u8).map(|k| vec![200 + k; 900]).collect();
+        let mut batch: SendBatch<usize> = SendBatch::new();
+        for (k, body) in store.iter().enumerate() {
+            for (r, to) in addrs.iter().enumerate() {
+                // Every destination gets every body after its own head; the last
+                // destination also gets a datagram that is all head.
+                batch.push_head_with(|buf| {
+                    buf.extend_from_slice(&[r as u8, k as u8]);
+                    Some((*to, Some((k, body.len()))))
+                });
+                if r == 2 && k == 2 {
+                    batch.push(*to, &[9; 902]);
+                }
+            }
+        }
+        // The arena holds the heads only.
+        assert_eq!(batch.bytes(), 5 * 3 * 2 + 902);
+        batch.flush_with(&sender, |k| &store[k]).expect("flush");
+        for (r, ep) in eps.iter_mut().enumerate() {
+            let mut want: Vec<Vec<u8>> = (0..5u8)
+                .map(|k| [&[r as u8, k][..], &store[usize::from(k)]].concat())
+                .collect();
+            if r == 2 {
+                want.insert(3, vec![9; 902]);
+            }
+            assert_eq!(take(ep, want.len()), want, "destination {r}");
+        }
+        assert_eq!(batch.datagrams, 16);
+        assert!(batch.is_empty());
+        if cfg!(target_os = "linux") && sender.max_gso_segments() >= 6 {
+            assert_eq!(batch.calls, 1, "three GSO messages in one sendmmsg");
+        }
+    }
+
+    #[test]
+    fn an_ipv4_destination_is_reached_from_a_dual_stack_socket() {
+        let Ok(sender) = UdpEndpoint::bind(SocketAddr::from(([0u16; 8], 0)), 1 << 20) else {
+            eprintln!("skipped: no IPv6 on this host");
+            return;
+        };
+        let mut to =
+            UdpEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).expect("bind");
+        let mut batch = SendBatch::new();
+        batch.push(to.local_addr().expect("addr"), b"four");
+        batch.flush(&sender).expect("flush");
+        assert_eq!(take(&mut to, 1), vec![b"four".to_vec()]);
     }
 }

@@ -3,9 +3,12 @@
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use quinn::udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState, BATCH_SIZE};
+#[cfg(not(target_os = "linux"))]
+use quinn::udp::Transmit;
+use quinn::udp::{RecvMeta, UdpSockRef, UdpSocketState, BATCH_SIZE};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Socket buffer size to ask for: the kernel caps it at `net.core.rmem_max`
@@ -23,6 +26,10 @@ pub struct UdpEndpoint {
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     last_full: bool,
+    /// Bound to an IPv6 address: IPv4 peers are reached as mapped addresses.
+    v6: bool,
+    /// The kernel refused a GSO send (a device without segmentation offload).
+    gso_refused: AtomicBool,
 }
 
 /// A blocking UDP socket bound to `addr` with send and receive buffers of `buffer`
@@ -45,6 +52,7 @@ impl UdpEndpoint {
     pub fn bind(addr: SocketAddr, buffer: usize) -> io::Result<Self> {
         let socket = bind_socket(addr, buffer)?;
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let v6 = socket.local_addr()?.is_ipv6();
         let n = BATCH_SIZE;
         Ok(Self {
             socket,
@@ -52,6 +60,8 @@ impl UdpEndpoint {
             bufs: vec![vec![0u8; RECV_BUF]; n],
             meta: vec![RecvMeta::default(); n],
             last_full: false,
+            v6,
+            gso_refused: AtomicBool::new(false),
         })
     }
 
@@ -73,7 +83,29 @@ impl UdpEndpoint {
 
     /// The most datagrams one send may carry (1 without GSO).
     pub fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        if self.gso_refused.load(Ordering::Relaxed) {
+            1
+        } else {
+            self.state.max_gso_segments()
+        }
+    }
+
+    /// Sends no more GSO runs: the kernel refused one.
+    pub(crate) fn refuse_gso(&self) {
+        self.gso_refused.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_v6(&self) -> bool {
+        self.v6
+    }
+
+    pub(crate) fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// Waits until the socket buffer has room or `timeout` passes.
+    pub(crate) fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
+        self.wait(libc::POLLOUT, timeout)
     }
 
     /// Receives what is there, waiting up to `timeout` if nothing is; calls `f` for
@@ -147,6 +179,7 @@ impl UdpEndpoint {
 
     /// Sends `contents` (one datagram, or several of `segment` bytes each) to `to`,
     /// waiting for room in the socket buffer if it is full.
+    #[cfg(not(target_os = "linux"))]
     pub(crate) fn send(
         &self,
         to: SocketAddr,

@@ -7,15 +7,19 @@
 //!   possibly holding several datagrams coalesced by GRO, and waits with `poll(2)` when
 //!   nothing is there.
 //! - [`SendBatch`] collects outgoing datagrams in one arena and sends runs of equal-size
-//!   datagrams to the same destination with one system call each (GSO), within the
-//!   kernel's 64 KB limit per call.
+//!   datagrams to the same destination as one GSO message each, within the kernel's 64
+//!   KB limit per message, and up to 64 messages per system call (`sendmmsg`). A
+//!   datagram may end in a body kept elsewhere (an aggregator's result in its slot),
+//!   sent from where it lies (scatter-gather) rather than copied for every rank.
 //!
 //! Nothing here allocates per datagram.
 
 mod batch;
 mod endpoint;
+#[cfg(target_os = "linux")]
+mod scatter;
 
-pub use batch::SendBatch;
+pub use batch::{NoBody, SendBatch};
 pub use endpoint::{bind_socket, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
 
 /// Bytes of IP and UDP headers in front of each datagram to or from `addr`: what a

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use inagg_net::{header_overhead, SendBatch, UdpEndpoint};
 use inagg_proto::wire::{Grant, DATA_HEADER_LEN};
-use inagg_proto::worker::{Event, Worker, WorkerError};
+use inagg_proto::worker::{Event, Tail, Worker, WorkerError};
 use inagg_quic::QuicLink;
 
 use crate::{Error, Options, Transport};
@@ -20,7 +20,9 @@ use crate::{Error, Options, Transport};
 enum Link {
     Udp {
         endpoint: UdpEndpoint,
-        batch: SendBatch,
+        /// An f32 contribution's payload goes to the kernel from the tensor: the body
+        /// is its range of elements.
+        batch: SendBatch<(usize, usize)>,
         aggregator: SocketAddr,
     },
     Quic {
@@ -41,14 +43,22 @@ impl Link {
             } => loop {
                 let agg = *aggregator;
                 while batch.len() < SEND_BATCH
-                    && batch
-                        .push_with(|buf| worker.poll_transmit_append(now, data, buf).then_some(agg))
-                {
-                }
+                    && batch.push_head_with(|buf| {
+                        worker
+                            .poll_transmit_head(now, data, buf)
+                            .map(|tail| match tail {
+                                Tail::InBuf => (agg, None),
+                                Tail::Data(r) => (agg, Some(((r.start, r.end), r.len() * 4))),
+                            })
+                    })
+                {}
                 if batch.is_empty() {
                     return Ok(());
                 }
-                batch.flush(endpoint)?;
+                // The little-endian bytes of the elements: the f32 codec's wire form.
+                batch.flush_with(endpoint, |(a, b)| {
+                    data.get(a..b).map_or(&[][..], bytemuck::cast_slice)
+                })?;
             },
             Link::Quic { link, buf } => loop {
                 buf.clear();

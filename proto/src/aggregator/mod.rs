@@ -141,6 +141,27 @@ enum Outgoing<A> {
     Control { to: A, msg: Message<'static> },
 }
 
+/// A result's payload that [`Aggregator::poll_transmit_head`] left in its slot: the
+/// datagram's bytes after the header, found again by [`Aggregator::body`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Body {
+    job: u32,
+    seq: u64,
+    len: usize,
+}
+
+impl Body {
+    /// Bytes of the payload.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// An empty payload (a result of a chunk every rank skipped).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// An aborted job, remembered so that ranks that missed the news hear it.
 #[derive(Debug)]
 struct Tombstone<A> {
@@ -650,14 +671,28 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// Like [`Aggregator::poll_transmit`], but appends the datagram to `buf`, so that a
     /// driver can encode a whole batch into one arena.
     pub fn poll_transmit_append(&mut self, buf: &mut Vec<u8>) -> Option<A> {
+        let (to, body) = self.poll_transmit_head(buf)?;
+        if let Some(b) = body {
+            buf.extend_from_slice(self.body(b));
+        }
+        Some(to)
+    }
+
+    /// Like [`Aggregator::poll_transmit_append`], but a result's payload is not copied:
+    /// only the header is appended to `buf`, and the datagram is that header followed
+    /// by [`Aggregator::body`] of the returned [`Body`]. A driver can so send one kept
+    /// result to every rank straight from the slot (scatter-gather), where a copy per
+    /// rank cost as much as the sum itself. The body stays valid until the next call
+    /// that takes `&mut self`.
+    pub fn poll_transmit_head(&mut self, buf: &mut Vec<u8>) -> Option<(A, Option<Body>)> {
         let start = buf.len();
         loop {
             buf.truncate(start);
-            let to = match self.outbox.front_mut()? {
+            let sent = match self.outbox.front_mut()? {
                 Outgoing::Control { .. } => match self.outbox.pop_front() {
                     Some(Outgoing::Control { to, msg }) => {
                         msg.encode(buf);
-                        Some(to)
+                        Some((to, None))
                     }
                     _ => None,
                 },
@@ -670,38 +705,54 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                             (*r - 1, false)
                         }
                     };
-                    let to = self.encode_result(job, seq, rank, single, buf);
+                    let sent = self.encode_result_head(job, seq, rank, single, buf);
                     let world = self.jobs.get(&job).map_or(0, |j| j.world);
                     if single || rank + 1 >= world {
                         self.outbox.pop_front();
                     }
-                    to
+                    sent.map(|(to, body)| (to, Some(body)))
                 }
             };
-            if let Some(to) = to {
+            if let Some((to, body)) = sent {
                 self.stats.packets_sent += 1;
-                self.stats.bytes_sent += (buf.len() - start) as u64;
-                return Some(to);
+                self.stats.bytes_sent += (buf.len() - start + body.map_or(0, |b| b.len)) as u64;
+                return Some((to, body));
             }
         }
     }
 
-    /// Encodes the result of `seq` for `rank`, if the job, the rank and the result are
-    /// all still there.
-    fn encode_result(
+    /// The payload of a result whose header [`Aggregator::poll_transmit_head`] wrote:
+    /// the slot's kept copy (empty if the job or the result is gone, which cannot
+    /// happen between that call and this one, as neither changes the state machine).
+    pub fn body(&self, b: Body) -> &[u8] {
+        self.jobs
+            .get(&b.job)
+            .and_then(|j| j.pool.as_ref())
+            .and_then(|p| p.result(b.seq))
+            .map_or(&[][..], |(_, payload)| payload)
+    }
+
+    /// Encodes the header of the result of `seq` for `rank`, if the job, the rank and
+    /// the result are all still there; the payload stays in the slot.
+    fn encode_result_head(
         &mut self,
         job: u32,
         seq: u64,
         rank: u16,
         from_copy: bool,
         buf: &mut Vec<u8>,
-    ) -> Option<A> {
+    ) -> Option<(A, Body)> {
         let job = self.jobs.get_mut(&job)?;
         let member = job.members.get(usize::from(rank))?.as_ref()?;
         if member.left {
             return None;
         }
         let (meta, payload) = job.pool.as_ref()?.result(seq)?;
+        let body = Body {
+            job: job.id,
+            seq,
+            len: payload.len(),
+        };
         let mut flags = if from_copy { FLAG_FROM_COPY } else { 0 };
         if meta.marked {
             flags |= FLAG_MARK;
@@ -731,10 +782,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             count: meta.count,
         };
         let start = buf.len();
-        wire::encode_result(&h, payload, buf);
+        wire::encode_result(&h, &[], buf);
         job.stats.packets_sent += 1;
-        job.stats.bytes_sent += (buf.len() - start) as u64;
-        Some(member.addr.clone())
+        job.stats.bytes_sent += (buf.len() - start + body.len) as u64;
+        Some((member.addr.clone(), body))
     }
 
     /// The next job event, for logs.

@@ -149,6 +149,43 @@ fn duplicate_contribution_is_never_added_twice() {
 }
 
 #[test]
+fn results_go_out_as_a_header_and_the_slots_one_payload() {
+    let mut h = Harness::new(3);
+    for r in 0..3u16 {
+        h.contribute(r, 0, &[1.0, 2.0, 3.0, f32::from(r)]);
+    }
+    let before = h.agg.stats().bytes_sent;
+    let mut heads = Vec::new();
+    let mut buf = Vec::new();
+    while let Some((to, body)) = h.agg.poll_transmit_head(&mut buf) {
+        heads.push((to, buf.clone(), body.expect("a result has a body")));
+        buf.clear();
+    }
+    assert_eq!(heads.len(), 3, "one result per rank");
+    let mut sent = 0;
+    for (to, head, body) in &heads {
+        assert_eq!(
+            head.len(),
+            wire::DATA_HEADER_LEN,
+            "only the header is copied"
+        );
+        let payload = h.agg.body(*body);
+        // Every rank's datagram ends in the same kept bytes: no copy per rank.
+        assert_eq!(payload.as_ptr(), h.agg.body(heads[0].2).as_ptr());
+        assert_eq!(payload.len(), body.len());
+        let datagram = [&head[..], payload].concat();
+        sent += datagram.len() as u64;
+        let Ok(Message::Result(hd, p)) = wire::decode(&datagram) else {
+            panic!("not a result")
+        };
+        assert!([100, 101, 102].contains(to));
+        assert_eq!((hd.seq, hd.count), (0, 4));
+        assert_eq!(values(p), vec![3.0, 6.0, 9.0, 3.0]);
+    }
+    assert_eq!(h.agg.stats().bytes_sent - before, sent);
+}
+
+#[test]
 fn hostile_contributions_are_counted_and_change_nothing() {
     let mut h = Harness::new(2);
     h.contribute(0, 0, &[1.0; 4]);

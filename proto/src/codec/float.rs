@@ -19,6 +19,9 @@ impl Codec for F32 {
     fn block_scaled(&self) -> bool {
         false
     }
+    fn wire_is_native_f32(&self) -> bool {
+        cfg!(target_endian = "little")
+    }
     fn encode(&self, src: &[f32], _scale: Scale, out: &mut [u8]) {
         kernels::f32_to_le(src, out)
     }

@@ -91,6 +91,11 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn wire_bytes(&self) -> usize;
     /// Whether the codec needs a shared block exponent per chunk (exponent lookahead).
     fn block_scaled(&self) -> bool;
+    /// Whether encoding is a byte copy of the f32s (f32 on a little-endian host), so
+    /// that a contribution can go to the kernel straight from the tensor.
+    fn wire_is_native_f32(&self) -> bool {
+        false
+    }
     /// The largest world size the codec supports (headroom for the sum).
     fn max_world(&self) -> u16 {
         u16::MAX

@@ -86,6 +86,17 @@ struct Packet {
     was_held: bool,
 }
 
+/// How a datagram that a `poll_transmit` call appended ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tail {
+    /// The buffer holds the whole datagram.
+    InBuf,
+    /// The datagram goes on with elements `.0` of the tensor, as their little-endian
+    /// bytes: the payload of an f32 contribution, left where it is so that the driver
+    /// can send it without a copy.
+    Data(std::ops::Range<usize>),
+}
+
 /// What became of a result handed to [`Allreduce::handle_result`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResultOutcome {
@@ -298,7 +309,10 @@ impl Allreduce {
     }
 
     /// Appends the next packet to send (a retransmission first, then a new one within
-    /// `window`) to `buf`, header then payload. Returns false when nothing is due.
+    /// `window`) to `buf`, header then payload; `None` when nothing is due. With
+    /// `by_ref`, a payload that is a byte copy of `data` (see
+    /// [`crate::codec::Codec::wire_is_native_f32`]) is left there:
+    /// [`Tail::Data`] says which elements follow the header.
     pub fn poll_transmit(
         &mut self,
         now: Instant,
@@ -306,14 +320,15 @@ impl Allreduce {
         rtt: &RttEstimator,
         data: &[f32],
         buf: &mut Vec<u8>,
-    ) -> bool {
+        by_ref: bool,
+    ) -> Option<Tail> {
         let q = loop {
             match self.due.pop() {
                 Some(q) if q >= self.oldest && !self.ring[(q % self.slots) as usize].done => {
                     self.stats.retransmissions += 1;
                     if self.ring[(q % self.slots) as usize].held {
                         self.probe(now, q, rtt, buf);
-                        return true;
+                        return Some(Tail::InBuf);
                     }
                     break q;
                 }
@@ -329,7 +344,7 @@ impl Allreduce {
                 self.next += 1;
                 break self.next - 1;
             }
-            return false;
+            return None;
         };
         let range = self.data_range(q);
         let count = range.len();
@@ -363,11 +378,18 @@ impl Allreduce {
         let start = buf.len();
         crate::wire::encode_contribution(&h, &[], buf);
         let body = buf.len();
-        buf.resize(body + count * self.codec.wire_bytes(), 0);
+        let payload = count * self.codec.wire_bytes();
         let mut scale = self.codec.scale(self.world, scale_exp);
         scale.dither = self.dither(seq);
-        self.codec
-            .encode(&data[range.clone()], scale, &mut buf[body..]);
+        let tail = if by_ref && self.codec.wire_is_native_f32() && self.residual.is_none() {
+            // The payload is the tensor's bytes: the driver sends them from there.
+            Tail::Data(range.clone())
+        } else {
+            buf.resize(body + payload, 0);
+            self.codec
+                .encode(&data[range.clone()], scale, &mut buf[body..]);
+            Tail::InBuf
+        };
         let has_data = self.data_chunk(q).is_some();
         if let (true, true, Some(res)) = (first, has_data, self.residual.as_mut()) {
             // Error feedback: what this rank's contribution lost to quantization. A
@@ -399,12 +421,13 @@ impl Allreduce {
         p.last_at = Some(now);
         let tx = p.tx;
         self.timers.push(Reverse((now + rtt.rto(p.backoff), q, tx)));
+        let bytes = (body - start + payload) as u64;
         self.stats.packets_sent += 1;
-        self.stats.bytes_sent += (buf.len() - start) as u64;
+        self.stats.bytes_sent += bytes;
         if !first {
-            self.stats.retransmitted_bytes += (buf.len() - start) as u64;
+            self.stats.retransmitted_bytes += bytes;
         }
-        true
+        Some(tail)
     }
 
     /// The next sequence number this allreduce will send.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use allreduce::AllreduceStats;
+pub use allreduce::{AllreduceStats, Tail};
 pub use rtt::RttEstimator;
 
 use crate::codec::{self, Codec, CodecId};
@@ -668,12 +668,35 @@ impl Worker {
     /// Like [`Worker::poll_transmit`], but appends the datagram to `buf`, so that a
     /// driver can encode a whole batch into one arena.
     pub fn poll_transmit_append(&mut self, now: Instant, data: &[f32], buf: &mut Vec<u8>) -> bool {
+        self.poll_transmit_parts(now, data, buf, false).is_some()
+    }
+
+    /// Like [`Worker::poll_transmit_append`], but an f32 contribution's payload is not
+    /// copied: only its header is appended, and [`Tail::Data`] names the elements of
+    /// `data` whose bytes follow it, for a driver that sends them from the tensor
+    /// (scatter-gather). Encoding f32 was a plain copy of every element.
+    pub fn poll_transmit_head(
+        &mut self,
+        now: Instant,
+        data: &[f32],
+        buf: &mut Vec<u8>,
+    ) -> Option<Tail> {
+        self.poll_transmit_parts(now, data, buf, true)
+    }
+
+    fn poll_transmit_parts(
+        &mut self,
+        now: Instant,
+        data: &[f32],
+        buf: &mut Vec<u8>,
+        by_ref: bool,
+    ) -> Option<Tail> {
         let start = buf.len();
         let control = self.control();
         let sent = match &mut self.state {
             State::Joining { next_join, .. } => {
                 if *next_join > now {
-                    return false;
+                    return None;
                 }
                 *next_join = now + self.config.join_interval;
                 wire::encode_join(&self.join_msg(), buf);
@@ -682,8 +705,9 @@ impl Worker {
             }
             State::Running(op) => {
                 let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
-                if op.poll_transmit(now, window, &self.rtt, data, buf) {
-                    true
+                if let Some(tail) = op.poll_transmit(now, window, &self.rtt, data, buf, by_ref) {
+                    self.last_sent = now;
+                    return Some(tail);
                 } else if self.heartbeat_due {
                     self.heartbeat_due = false;
                     control.is_some_and(|c| {
@@ -726,7 +750,7 @@ impl Worker {
         if sent {
             self.last_sent = now;
         }
-        sent
+        sent.then_some(Tail::InBuf)
     }
 
     fn join_msg(&self) -> Join {

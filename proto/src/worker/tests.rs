@@ -1,4 +1,5 @@
-//! The worker's failure paths: every one ends in an error, never a wait.
+//! The worker alone: its failure paths, every one ending in an error, never a wait;
+//! and the datagrams it sends.
 
 use std::time::Duration;
 
@@ -6,7 +7,7 @@ use crate::aggregator::AggregatorConfig;
 use crate::codec::CodecId;
 use crate::sim::{Sim, SimConfig, SimError};
 use crate::wire::ErrorCode;
-use crate::worker::{ConfigError, Worker, WorkerConfig, WorkerError};
+use crate::worker::{ConfigError, Tail, Worker, WorkerConfig, WorkerError};
 
 fn configs(world: u16) -> Vec<WorkerConfig> {
     (0..world)
@@ -265,5 +266,57 @@ fn non_finite_input_to_a_block_scaled_codec_fails_the_allreduce_on_every_rank_an
             .expect("allreduce after the error");
         assert!(out.iter().all(|o| o.iter().all(|x| *x == 6.0)), "{bad}");
         assert!((0..3).all(|i| sim.last_stats(i).is_some_and(|s| s.nonfinite_chunks == 0)));
+    }
+}
+
+#[test]
+fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
+    let t0 = std::time::Instant::now();
+    let data: Vec<f32> = (0..10).map(|i| i as f32 * 1.5 - 4.0).collect();
+    // Two workers in the same state; one sends whole datagrams, one heads and tails.
+    let started = |codec| {
+        let grant = crate::wire::Grant {
+            job: 1,
+            rank: 0,
+            world: 2,
+            codec,
+            chunk_elems: 4,
+            window: 8,
+            token: 42,
+            shard: 0,
+            shards: 1,
+        };
+        let mut w = Worker::new(WorkerConfig::new(1, 0, 2, codec), t0).expect("worker");
+        let mut b = Vec::new();
+        crate::wire::encode_grant(&grant, &mut b);
+        w.handle_datagram(t0, &b, &mut []);
+        let mut d = data.clone();
+        w.start_allreduce(t0, &mut d, None).expect("start");
+        w
+    };
+    for codec in [CodecId::F32, CodecId::I32, CodecId::F16] {
+        let (mut whole, mut parts) = (started(codec), started(codec));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut n = 0;
+        while whole.poll_transmit(t0, &data, &mut a) {
+            b.clear();
+            let tail = parts
+                .poll_transmit_head(t0, &data, &mut b)
+                .expect("the same datagrams");
+            match tail {
+                Tail::Data(r) => {
+                    assert_eq!(codec, CodecId::F32, "only f32 is sent from the tensor");
+                    assert_eq!(b.len(), crate::wire::DATA_HEADER_LEN);
+                    b.extend(data[r].iter().flat_map(|x| x.to_le_bytes()));
+                    n += 1;
+                }
+                Tail::InBuf => {}
+            }
+            assert_eq!(a, b, "{codec:?}");
+        }
+        assert!(parts.poll_transmit_head(t0, &data, &mut b).is_none());
+        if codec == CodecId::F32 {
+            assert_eq!(n, 3, "every chunk of 10 elements in chunks of 4");
+        }
     }
 }
