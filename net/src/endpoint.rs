@@ -27,6 +27,7 @@ pub struct UdpEndpoint {
     meta: Vec<RecvMeta>,
     last_full: bool,
     /// Bound to an IPv6 address: IPv4 peers are reached as mapped addresses.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     v6: bool,
     /// The kernel refused a GSO send (a device without segmentation offload).
     gso_refused: AtomicBool,
@@ -91,19 +92,23 @@ impl UdpEndpoint {
     }
 
     /// Sends no more GSO runs: the kernel refused one.
+    #[cfg(target_os = "linux")]
     pub(crate) fn refuse_gso(&self) {
         self.gso_refused.store(true, Ordering::Relaxed);
     }
 
+    #[cfg(target_os = "linux")]
     pub(crate) fn is_v6(&self) -> bool {
         self.v6
     }
 
+    #[cfg(target_os = "linux")]
     pub(crate) fn socket(&self) -> &UdpSocket {
         &self.socket
     }
 
     /// Waits until the socket buffer has room or `timeout` passes.
+    #[cfg(target_os = "linux")]
     pub(crate) fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
         self.wait(libc::POLLOUT, timeout)
     }

@@ -34,8 +34,7 @@ pub(crate) struct Msg {
 
 /// The outcome of [`send_mmsg`].
 pub(crate) enum Sent {
-    /// Messages sent (all of them when equal to the count given), or skipped because
-    /// their destination refused (a previous ICMP error; UDP carries on).
+    /// Messages sent (all of them when equal to the count given).
     Some(usize),
     /// The kernel refused GSO for the first message (a device without segmentation
     /// offload): send that message's datagrams one by one from now on.
@@ -103,8 +102,9 @@ pub(crate) fn send_mmsg(ep: &UdpEndpoint, msgs: &[Msg], iovs: &[IoSlice<'_>]) ->
             (io::ErrorKind::WouldBlock, _) => {
                 ep.wait_writable(Duration::from_millis(10))?;
             }
-            // A peer that went away: UDP carries on; the protocol notices silence.
-            (io::ErrorKind::ConnectionRefused, _) => return Ok(Sent::Some(1)),
+            // An ICMP error from an earlier send to a peer that went away, reported
+            // (and cleared) now: nothing of this call was sent; try again.
+            (io::ErrorKind::ConnectionRefused, _) => continue,
             (_, Some(libc::EIO | libc::EINVAL)) if msgs[0].segment.is_some() => {
                 return Ok(Sent::GsoRefused)
             }

@@ -682,8 +682,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// only the header is appended to `buf`, and the datagram is that header followed
     /// by [`Aggregator::body`] of the returned [`Body`]. A driver can so send one kept
     /// result to every rank straight from the slot (scatter-gather), where a copy per
-    /// rank cost as much as the sum itself. The body stays valid until the next call
-    /// that takes `&mut self`.
+    /// rank cost as much as the sum itself. Neither this call nor any other send call
+    /// touches a pool or a job, so a body stays what it was (the bytes and the length
+    /// its header announced) until the next input: a datagram, a timeout, a shutdown.
     pub fn poll_transmit_head(&mut self, buf: &mut Vec<u8>) -> Option<(A, Option<Body>)> {
         let start = buf.len();
         loop {
