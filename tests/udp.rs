@@ -6,7 +6,9 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, assert_new_job_runs, inagg, kill_rank_and_expect_aborts, worker};
+use common::{
+    aggregator, aggregator_on, assert_new_job_runs, inagg, kill_rank_and_expect_aborts, worker,
+};
 use serde_json::Value;
 
 #[test]
@@ -347,5 +349,24 @@ fn bench_with_stochastic_rounding_and_zero_skipping() {
             s["bytes_sent_per_worker"].as_f64().unwrap_or(0.0),
         );
         assert!(bs < 0.65 * bd, "half the chunks are zero: {bs} vs {bd}");
+    }
+}
+
+#[test]
+fn ipv6_loopback_carries_every_codec() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    // Sends are built by hand (sendmmsg with GSO): IPv6 addresses must come out
+    // right, at GSO-sized runs (8 KiB chunks) and single datagrams alike.
+    let (_agg, addr) = aggregator_on("[::1]:0", &[]);
+    assert!(addr.is_ipv6());
+    for (job, codec, chunk) in [(1, "f32", "2048"), (2, "i8", "8192"), (3, "f16", "300")] {
+        assert_new_job_runs(
+            addr,
+            job,
+            &["--codec", codec, "--chunk-elements", chunk, "--iters", "2"],
+        );
     }
 }

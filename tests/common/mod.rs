@@ -100,9 +100,13 @@ fn drain(mut r: impl Read + Send + 'static) {
 
 /// Starts `inagg aggregator` on 127.0.0.1 with `extra` flags; returns it and its address.
 pub fn aggregator(extra: &[&str]) -> (Proc, SocketAddr) {
+    aggregator_on("127.0.0.1:0", extra)
+}
+
+/// `inagg aggregator --listen LISTEN`, as [`aggregator`].
+pub fn aggregator_on(listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = inagg();
-    cmd.args(["aggregator", "--listen", "127.0.0.1:0"])
-        .args(extra);
+    cmd.args(["aggregator", "--listen", listen]).args(extra);
     let mut p = Proc::spawn(cmd);
     let line = first_line(&mut p);
     let addr = line
