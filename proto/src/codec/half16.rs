@@ -2,14 +2,14 @@
 //! rounded to two bytes; the aggregator widens them to `f32` lanes, sums, and rounds
 //! the sum back to two bytes.
 //!
-//! f16 conversions go through the `half` crate's slice conversions, which use the
-//! CPU's F16C instructions when it has them (checked at run time); the aggregator's
-//! f16 sum converts and adds with F16C in one pass, at any payload alignment
-//! ([`kernels::add_f16`]). bf16 is a bit trick (round to nearest even on the upper 16
+//! f16 conversions use the CPU's F16C instructions, eight elements per register, when
+//! it has them (checked at run time; [`kernels::to_f16`], [`kernels::from_f16`]), and
+//! the `half` crate element by element otherwise; the aggregator's f16 sum converts
+//! and adds with F16C in one pass ([`kernels::add_f16`]). All work at any payload
+//! alignment. bf16 is a bit trick (round to nearest even on the upper 16
 //! bits), which vectorizes as well.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use super::{kernels, uniform, Codec, CodecId, Scale};
 
@@ -20,30 +20,6 @@ pub struct F16;
 /// bfloat16: 8 significant bits, the range of `f32`.
 #[derive(Debug, Clone, Copy)]
 pub struct Bf16;
-
-/// f16 to f32, through the fast slice conversion when `src` is aligned.
-fn f16_to_f32(src: &[u8], out: &mut [f32]) {
-    match bytemuck::try_cast_slice::<u8, f16>(src) {
-        Ok(h) => h.convert_to_f32_slice(out),
-        Err(_) => {
-            for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-    }
-}
-
-/// f32 to f16, round to nearest even, through the fast slice conversion when aligned.
-fn f32_to_f16(src: &[f32], out: &mut [u8]) {
-    match bytemuck::try_cast_slice_mut::<u8, f16>(out) {
-        Ok(h) => h.convert_from_f32_slice(src),
-        Err(_) => {
-            for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
-            }
-        }
-    }
-}
 
 /// Stochastic rounding to f16: the neighbour above with probability equal to the
 /// distance from the one below, in units of their gap.
@@ -98,12 +74,12 @@ impl Codec for F16 {
     }
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
         match scale.dither {
-            None => f32_to_f16(src, out),
+            None => kernels::to_f16(src, out),
             Some(key) => f32_to_f16_stochastic(src, key, out),
         }
     }
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
-        f16_to_f32(src, out)
+        kernels::from_f16(src, out)
     }
     fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::load_f16(acc, payload)
@@ -112,7 +88,7 @@ impl Codec for F16 {
         kernels::add_f16(acc, payload)
     }
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
-        f32_to_f16(bytemuck::cast_slice(acc), out)
+        kernels::to_f16(bytemuck::cast_slice(acc), out)
     }
 }
 

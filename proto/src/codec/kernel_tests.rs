@@ -2,7 +2,7 @@
 //! lengths that are not multiples of a vector and at payload offsets that are not
 //! aligned: the aggregator's sums (f16 with F16C and the portable fallback; i8 in
 //! 16-bit lanes up to 256 ranks, 32-bit above) and the workers' encoders (fixed-point
-//! quantization at every width and rounding, f32 to bf16).
+//! quantization at every width and rounding, f32 to bf16, f32 to f16 and back).
 
 use half::f16;
 
@@ -393,5 +393,99 @@ fn check_bf16() {
             let want = (x.to_bits().wrapping_add(noise) >> 16) as u16;
             assert_eq!(got, want, "{x:e} at {i} with noise {noise}");
         }
+    }
+}
+
+/// f32 values at f16's edges: zeros, ties between neighbouring halves (even and odd
+/// below), the largest finite half and the ties and values around it, overflow,
+/// subnormal halves and their ties, below the smallest subnormal, infinities, NaNs.
+fn f16_edge_inputs() -> Vec<f32> {
+    let mut v = vec![
+        0.0,
+        1.0,
+        1.0 + 2f32.powi(-11),       // tie: to 1.0 (even)
+        1.0 + 3.0 * 2f32.powi(-11), // tie: up to the even neighbour
+        65504.0,
+        65519.99,
+        65520.0, // tie between 65504 and infinity: infinity
+        1e6,
+        f32::MAX,
+        2f32.powi(-24),       // the smallest subnormal half
+        2f32.powi(-25),       // tie with zero: zero (even)
+        3.0 * 2f32.powi(-25), // tie: up to 2^-23
+        2f32.powi(-26),
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        6.103_515_6e-5, // the smallest normal half
+        f32::INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7f80_0001), // a signaling NaN
+        f32::from_bits(0x7fc1_2345), // a NaN with a payload
+    ];
+    let neg: Vec<f32> = v.iter().map(|x| -x).collect();
+    v.extend(neg);
+    v
+}
+
+#[test]
+fn f16_narrowing_matches_half_at_edges_and_random_values() {
+    type Narrow = fn(&[f32], &mut [u8]);
+    let paths: [(&str, Narrow); 2] = [
+        ("dispatched", kernels::to_f16),
+        ("portable", kernels::to_f16_portable),
+    ];
+    let edges = f16_edge_inputs();
+    for (name, narrow) in paths {
+        for n in LENGTHS {
+            for offset in [0, 1] {
+                // Half from the edges, half any bit pattern scaled into f16's range.
+                let src: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let r = uniform(n as u64, i);
+                        if i % 2 == 0 {
+                            edges[(r * edges.len() as f32) as usize % edges.len()]
+                        } else {
+                            f32::from_bits((r * 16_777_216.0) as u32 * 127 + 0x3000_0000)
+                                * if i % 4 == 1 { 1.0 } else { -1.0 }
+                        }
+                    })
+                    .collect();
+                // Guard bytes around the output: the kernel must not touch them.
+                let mut out = vec![0xa5u8; offset + 2 * n + 3];
+                narrow(&src, &mut out[offset..offset + 2 * n]);
+                assert!(out[..offset].iter().all(|&b| b == 0xa5), "{name}: before");
+                assert!(
+                    out[offset + 2 * n..].iter().all(|&b| b == 0xa5),
+                    "{name}: after"
+                );
+                for (i, x) in src.iter().enumerate() {
+                    let o = offset + 2 * i;
+                    let got = f16::from_le_bytes([out[o], out[o + 1]]);
+                    let want = f16::from_f32(*x);
+                    if want.is_nan() {
+                        assert!(got.is_nan(), "{name}: {x:e} gave {got:?}");
+                    } else {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{name}: {x:e} (n {n}, i {i})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Every f16 value goes back to itself through f32.
+    let all: Vec<f32> = (0..=u16::MAX)
+        .map(f16::from_bits)
+        .filter(|h| !h.is_nan())
+        .map(f16::to_f32)
+        .collect();
+    let mut wire = vec![0u8; 2 * all.len()];
+    kernels::to_f16(&all, &mut wire);
+    let mut back = vec![0f32; all.len()];
+    kernels::from_f16(&wire, &mut back);
+    for (a, b) in all.iter().zip(&back) {
+        assert_eq!(a.to_bits(), b.to_bits());
     }
 }
