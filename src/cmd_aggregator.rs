@@ -53,7 +53,9 @@ pub struct Args {
     pub max_jobs: usize,
     /// Slot memory budget in bytes (like a switch's SRAM), shared by the jobs present in
     /// max-min fair shares, re-granted at allreduce boundaries as jobs come and go. A
-    /// slot costs 2 x (4 + codec bytes) x chunk elements + 16 x ceil(world / 64) bytes.
+    /// slot costs 2 x (4 + kept) x chunk elements + 16 x ceil(world / 64) bytes, where
+    /// kept is the codec's wire bytes (f16, bf16, i16: 2; i8: 1) and 0 for f32 and i32,
+    /// whose lanes are their results.
     /// A job waits while others shrink to make room, and is refused if even its
     /// minimal share (4 slots) cannot fit. Default: no budget (every job gets its
     /// window, up to --max-window).

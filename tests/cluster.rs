@@ -178,9 +178,10 @@ const LONG_RUN: [&str; 9] = [
     "1024",
 ];
 
-/// One slot of an i32 or f32 job with 4 KiB chunks (1024 elements) and up to 64 ranks: two versions of 1024 lanes of 4 bytes, 1024 results of 4 bytes, one
-/// bitmap word.
-const SLOT_4K: usize = 2 * (1024 * 4 + 1024 * 4 + 8);
+/// One slot of an i32 or f32 job with 4 KiB chunks (1024 elements) and up to 64
+/// ranks: two versions of 1024 lanes of 4 bytes (which are the kept result for these
+/// codecs) and one bitmap word.
+const SLOT_4K: usize = 2 * (1024 * 4 + 8);
 
 #[test]
 fn three_jobs_under_a_small_slot_memory_budget_are_correct() {

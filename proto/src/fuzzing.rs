@@ -76,7 +76,8 @@ pub fn aggregator(data: &[u8]) -> u64 {
     let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
     let codec = codecs[usize::from(input.u8()) % codecs.len()];
     let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
-    let limit = 12 * crate::aggregator::slot_bytes(16, width, WORLD);
+    let kept = codec::lookup(codec).map_or(4, crate::aggregator::kept_bytes);
+    let limit = 12 * crate::aggregator::slot_bytes(16, kept, WORLD);
     let config = AggregatorConfig {
         max_window: 8,
         max_jobs: 4,

@@ -443,7 +443,12 @@ const BN_WINDOW: u32 = 64;
 
 /// What one of those jobs' slots costs.
 fn bn_slot_bytes() -> usize {
-    inagg_proto::aggregator::slot_bytes(usize::from(BN_CHUNK), 4, BN_WORLD)
+    let f32 = codec::lookup(CodecId::F32).expect("f32");
+    inagg_proto::aggregator::slot_bytes(
+        usize::from(BN_CHUNK),
+        inagg_proto::aggregator::kept_bytes(f32),
+        BN_WORLD,
+    )
 }
 
 /// A bottleneck run: per-job ATE/s, each job's window at the end, the most slot
@@ -665,7 +670,9 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
     };
     let a_want = alone(configs(1, 2, CodecId::I32, chunk, window), &a_in);
     let b_want = alone(configs(2, 2, CodecId::I32, chunk, window), &b_in);
-    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), 4, 2);
+    let i32_codec = codec::lookup(CodecId::I32).expect("i32");
+    let kept = inagg_proto::aggregator::kept_bytes(i32_codec);
+    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), kept, 2);
     let budget = 16 * slot;
     let agg = AggregatorConfig {
         slot_memory: Some(budget),

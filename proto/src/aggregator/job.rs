@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use super::budget::Demand;
-use super::slots::{slot_bytes, SlotPool};
+use super::slots::{kept_bytes, slot_bytes, SlotPool};
 use super::stats::Stats;
 use crate::codec::Codec;
 use crate::wire::{ErrorCode, Join};
@@ -92,7 +92,7 @@ impl<A: Clone + Eq> Job<A> {
     pub fn slot_bytes(&self) -> usize {
         slot_bytes(
             usize::from(self.chunk_elems),
-            self.codec.wire_bytes(),
+            kept_bytes(self.codec),
             self.world,
         )
     }

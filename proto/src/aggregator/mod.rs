@@ -28,7 +28,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 pub use budget::MIN_SLOTS;
-pub use slots::slot_bytes;
+pub use slots::{kept_bytes, slot_bytes};
 pub use stats::{DropReason, Stats};
 
 use crate::codec;

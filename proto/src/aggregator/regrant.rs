@@ -132,7 +132,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         job.pool = Some(SlotPool::new(
             window,
             usize::from(job.chunk_elems),
-            job.codec.wire_bytes(),
+            job.codec,
             job.world,
         ));
         self.events.push_back(Event::JobStarted {
@@ -285,7 +285,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             job.pool = Some(SlotPool::new(
                 window,
                 usize::from(job.chunk_elems),
-                job.codec.wire_bytes(),
+                job.codec,
                 job.world,
             ));
         }

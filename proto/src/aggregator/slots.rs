@@ -10,6 +10,10 @@
 //! What one slot costs ([`slot_bytes`]), the unit of the slot memory budget: both
 //! versions, each with `K` accumulator lanes of 4 bytes, the kept result of `K`
 //! elements in the codec's wire form, and a bitmap of `ceil(N / 64)` words of ranks.
+//! Where the wire form of a sum is its lanes (f32 and i32), the lanes are the kept
+//! result: a version's lanes are only written again when a later chunk restarts it,
+//! and from then on its old result is never asked for (every rank got it before
+//! sending that chunk). Those codecs keep no copy, and store none per chunk.
 //! The per-version bookkeeping ([`SlotMeta`], a few bytes) is left out, as a switch
 //! keeps it in registers beside its SRAM.
 
@@ -67,11 +71,22 @@ pub(crate) enum Outcome {
     Missing,
 }
 
-/// Bytes one slot holds for chunks of `chunk` elements of `width` wire bytes and a
-/// world of `world` ranks: two versions of accumulator lanes, kept result and rank
-/// bitmap. `SlotPool::memory_bytes` is this times the slots.
-pub fn slot_bytes(chunk: usize, width: usize, world: u16) -> usize {
-    2 * (chunk * 4 + chunk * width + 8 * usize::from(world).div_ceil(64))
+/// Bytes one slot holds for chunks of `chunk` elements whose kept result takes `kept`
+/// bytes each ([`kept_bytes`]) and a world of `world` ranks: two versions of
+/// accumulator lanes, kept result and rank bitmap. `SlotPool::memory_bytes` is this
+/// times the slots.
+pub fn slot_bytes(chunk: usize, kept: usize, world: u16) -> usize {
+    2 * (chunk * 4 + chunk * kept + 8 * usize::from(world).div_ceil(64))
+}
+
+/// Bytes per element of the result a slot keeps for `codec`: its wire width, or 0
+/// where the lanes are the result ([`Codec::result_is_lanes`]).
+pub fn kept_bytes(codec: &dyn Codec) -> usize {
+    if codec.result_is_lanes() {
+        0
+    } else {
+        codec.wire_bytes()
+    }
 }
 
 /// The slot memory of one job.
@@ -83,7 +98,10 @@ pub(crate) struct SlotPool {
     pub regrant_announced: bool,
     slots: u32,
     chunk: usize,
+    /// Wire bytes per element of a result.
     width: usize,
+    /// Results are read from the lanes; `results` is empty.
+    in_lanes: bool,
     world: u16,
     words: usize,
     meta: Vec<SlotMeta>,
@@ -93,8 +111,9 @@ pub(crate) struct SlotPool {
 }
 
 impl SlotPool {
-    pub fn new(slots: u32, chunk: usize, width: usize, world: u16) -> Self {
+    pub fn new(slots: u32, chunk: usize, codec: &dyn Codec, world: u16) -> Self {
         let versions = 2 * slots as usize;
+        let kept = kept_bytes(codec);
         let words = usize::from(world).div_ceil(64);
         let empty = SlotMeta {
             seq: EMPTY,
@@ -113,13 +132,14 @@ impl SlotPool {
             regrant_announced: false,
             slots,
             chunk,
-            width,
+            width: codec.wire_bytes(),
+            in_lanes: kept == 0,
             world,
             words,
             meta: vec![empty; versions],
             bitmaps: vec![0; versions * words],
             acc: vec![0; versions * chunk],
-            results: vec![0; versions * chunk * width],
+            results: vec![0; versions * chunk * kept],
         }
     }
 
@@ -195,13 +215,15 @@ impl SlotPool {
             return Outcome::Stale;
         }
         if self.meta[i].contributors == self.world {
-            let n = usize::from(h.count);
-            let base = i * self.chunk * self.width;
-            codec.sum_store(
-                &self.acc[i * self.chunk..i * self.chunk + n],
-                self.world,
-                &mut self.results[base..base + n * self.width],
-            );
+            if !self.in_lanes {
+                let n = usize::from(h.count);
+                let base = i * self.chunk * self.width;
+                codec.sum_store(
+                    &self.acc[i * self.chunk..i * self.chunk + n],
+                    self.world,
+                    &mut self.results[base..base + n * self.width],
+                );
+            }
             self.meta[i].complete = true;
             self.meta[i].regrant = self.regrant;
             self.regrant_announced |= self.regrant;
@@ -244,10 +266,13 @@ impl SlotPool {
         if meta.seq != seq || !meta.complete {
             return None;
         }
-        let base = i * self.chunk * self.width;
-        Some((
-            meta,
-            &self.results[base..base + usize::from(meta.count) * self.width],
-        ))
+        let n = usize::from(meta.count);
+        let bytes = if self.in_lanes {
+            bytemuck::cast_slice(&self.acc[i * self.chunk..i * self.chunk + n])
+        } else {
+            let base = i * self.chunk * self.width;
+            &self.results[base..base + n * self.width]
+        };
+        Some((meta, bytes))
     }
 }

@@ -515,9 +515,10 @@ fn grants(out: &[(u32, Message<'static>)]) -> Vec<(u32, Grant)> {
 
 #[test]
 fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_boundary() {
-    // One slot of these jobs: two versions of 4 f32 lanes, 4 f32 results, one bitmap word.
-    let slot = slot_bytes(4, 4, 2);
-    assert_eq!(slot, 80);
+    // One slot of these jobs: two versions of 4 f32 lanes (which are the kept result)
+    // and one bitmap word.
+    let slot = slot_bytes(4, kept_bytes(&crate::codec::F32), 2);
+    assert_eq!(slot, 48);
     let mut agg = Aggregator::new(AggregatorConfig {
         slot_memory: Some(10 * slot),
         ..AggregatorConfig::default()
@@ -558,7 +559,7 @@ fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_bou
         assert!([300, 301].contains(to));
         assert_eq!(e.code, ErrorCode::NoCapacity);
         assert!(
-            e.text.contains("slot memory") && e.text.contains("4 slots of 80 bytes"),
+            e.text.contains("slot memory") && e.text.contains("4 slots of 48 bytes"),
             "{}",
             e.text
         );
@@ -693,7 +694,7 @@ fn without_a_budget_no_result_is_flagged_and_nothing_waits() {
 /// decided is answered from its copy without the flag, even after.
 #[test]
 fn a_result_keeps_the_regrant_flag_it_completed_with() {
-    let slot = slot_bytes(4, 4, 2);
+    let slot = slot_bytes(4, kept_bytes(&crate::codec::F32), 2);
     let mut h = Harness {
         agg: Aggregator::new(AggregatorConfig {
             slot_memory: Some(8 * slot),

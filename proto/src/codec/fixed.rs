@@ -220,6 +220,10 @@ impl Codec for Fixed {
             kernels::add_int(acc, payload, self.wire_bytes())
         }
     }
+    fn result_is_lanes(&self) -> bool {
+        // The one store that is a plain copy (see `sum_store`).
+        self.room == Room::Headroom && self.bits == 32 && cfg!(target_endian = "little")
+    }
     fn sum_store(&self, acc: &[u32], world: u16, out: &mut [u8]) {
         let shift = match self.room {
             Room::Headroom if self.bits == 32 => return kernels::store_lanes(acc, out),

@@ -22,6 +22,9 @@ impl Codec for F32 {
     fn wire_is_native_f32(&self) -> bool {
         cfg!(target_endian = "little")
     }
+    fn result_is_lanes(&self) -> bool {
+        cfg!(target_endian = "little")
+    }
     fn encode(&self, src: &[f32], _scale: Scale, out: &mut [u8]) {
         kernels::f32_to_le(src, out)
     }

@@ -96,6 +96,12 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn wire_is_native_f32(&self) -> bool {
         false
     }
+    /// Whether a sum's wire form is its 32-bit lanes as they lie in memory (f32 and
+    /// i32 on a little-endian host): the aggregator then sends results straight from
+    /// the lanes and keeps no copy.
+    fn result_is_lanes(&self) -> bool {
+        false
+    }
     /// The largest world size the codec supports (headroom for the sum).
     fn max_world(&self) -> u16 {
         u16::MAX
