@@ -169,15 +169,17 @@ impl<B: Copy> SendBatch<B> {
     }
 
     /// The run of datagrams that starts at `order[i]`: the end of the run, exclusive,
-    /// and the segment size if it holds more than one datagram.
-    fn run(&self, i: usize, max_segments: usize) -> (usize, Option<usize>) {
+    /// and the segment size if it holds more than one datagram (a size the kernel
+    /// takes: two segments fit in `GSO_BYTES`, so one fits a u16).
+    fn run(&self, i: usize, max_segments: usize) -> (usize, Option<u16>) {
         let first = self.index[self.order[i]];
         let size = first.size();
         // Extend the run while the next datagram has the same destination and size
         // and the run fits one GSO send.
         let mut j = i + 1;
         let mut bytes = size;
-        while j < self.order.len() && j - i < max_segments {
+        let segment = u16::try_from(size).ok();
+        while j < self.order.len() && j - i < max_segments && segment.is_some() {
             let q = self.index[self.order[j]];
             let s = q.size();
             if q.to != first.to || s > size || bytes + s > GSO_BYTES {
@@ -190,7 +192,7 @@ impl<B: Copy> SendBatch<B> {
                 break;
             }
         }
-        (j, (j - i > 1).then_some(size))
+        (j, segment.filter(|_| j - i > 1))
     }
 
     #[cfg(target_os = "linux")]
@@ -199,11 +201,11 @@ impl<B: Copy> SendBatch<B> {
         ep: &UdpEndpoint,
         resolve: &impl Fn(B) -> &'r [u8],
     ) -> io::Result<()> {
-        use crate::scatter::{send_mmsg, Msg, Sent, MAX_IOVS, MAX_MSGS};
+        use crate::scatter::{send_mmsg, Msg, Sent, MAX_IOVS, MAX_MSGS, MAX_SEGMENTS};
         let mut i = 0;
         while i < self.order.len() {
             // Build up to MAX_MSGS messages from the runs starting at `i`.
-            let max_segments = ep.max_gso_segments().clamp(1, (MAX_IOVS / 2).min(64));
+            let max_segments = ep.max_gso_segments().clamp(1, MAX_SEGMENTS);
             let mut iovs: [IoSlice<'_>; MAX_IOVS] = [IoSlice::new(&[]); MAX_IOVS];
             let mut msgs = [Msg {
                 to: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -247,13 +249,13 @@ impl<B: Copy> SendBatch<B> {
                     to: self.index[self.order[k]].to,
                     iov_start: start,
                     iov_len: n_iov - start,
-                    segment: segment.and_then(|s| u16::try_from(s).ok()),
+                    segment,
                     datagrams: end - k,
                 };
                 n_msg += 1;
                 k = end;
             }
-            // A run takes at most 2 x 64 buffers of the 512: never none.
+            // A run takes at most 2 x MAX_SEGMENTS buffers of the MAX_IOVS: never none.
             debug_assert!(n_msg > 0);
             let mut m = 0;
             while m < n_msg {
@@ -296,7 +298,11 @@ impl<B: Copy> SendBatch<B> {
                     self.gather.extend_from_slice(resolve(b));
                 }
             }
-            ep.send(self.index[self.order[i]].to, &self.gather, segment)?;
+            ep.send(
+                self.index[self.order[i]].to,
+                &self.gather,
+                segment.map(usize::from),
+            )?;
             self.datagrams += (j - i) as u64;
             self.calls += 1;
             i = j;

@@ -13,9 +13,12 @@ use crate::UdpEndpoint;
 
 /// Messages (GSO runs) per system call.
 pub(crate) const MAX_MSGS: usize = 64;
-/// Buffers per system call, over all its messages (a GSO run of 64 datagrams of a
-/// header and a payload each needs 128).
+/// Datagrams per GSO message: the kernel's `UDP_MAX_SEGMENTS`.
+pub(crate) const MAX_SEGMENTS: usize = 64;
+/// Buffers per system call, over all its messages: room for at least one GSO run of
+/// `MAX_SEGMENTS` datagrams of a header and a payload each.
 pub(crate) const MAX_IOVS: usize = 512;
+const _: () = assert!(MAX_IOVS >= 2 * MAX_SEGMENTS);
 
 /// `CMSG_SPACE(sizeof(u16))` rounded up, in u64s for alignment.
 const CMSG_WORDS: usize = 4;

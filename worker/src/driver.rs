@@ -48,7 +48,10 @@ impl Link {
                             .poll_transmit_head(now, data, buf)
                             .map(|tail| match tail {
                                 Tail::InBuf => (agg, None),
-                                Tail::Data(r) => (agg, Some(((r.start, r.end), r.len() * 4))),
+                                Tail::Data(r) => {
+                                    let bytes = r.len() * std::mem::size_of::<f32>();
+                                    (agg, Some(((r.start, r.end), bytes)))
+                                }
                             })
                     })
                 {}
