@@ -4,9 +4,9 @@
 //! timers, then drain every message the state machine wants to send into the front
 //! end. The loop is the same for both transports; a [`Front`] is the layer under it:
 //!
-//! - [`UdpFront`]: receives up to 32 `recvmmsg` buffers (GRO-coalesced) per call, and
-//!   collects sends in a [`SendBatch`], which groups them by destination and sends each
-//!   run as one GSO message, many per `sendmmsg`. A result's header is encoded into the
+//! - [`UdpFront`]: receives up to 32 `recvmmsg` buffers (GRO-coalesced, 128 KiB) per
+//!   call, and collects sends in a [`SendBatch`], which groups them by destination and
+//!   sends each run as one GSO message, many per `sendmmsg`. A result's header is encoded into the
 //!   batch's arena and its payload goes to the kernel from the slot's kept copy, the
 //!   same bytes for every rank: nothing is allocated or copied per datagram.
 //! - [`QuicFront`]: a [`QuicListener`], whose connections deliver messages tagged with
@@ -184,7 +184,9 @@ impl Front for QuicFront {
 }
 
 /// Full receive batches in a row after which the aggregator counts as falling behind
-/// and marks the results it completes (about 8 x 32 GRO buffers of datagrams waiting).
+/// and marks the results it completes (about 8 x 32 GRO buffers of datagrams waiting:
+/// [`UdpEndpoint::last_batch_full`](inagg_net::UdpEndpoint::last_batch_full) counts
+/// whole batches, however many calls took them).
 const BACKLOG_STREAK: u32 = 8;
 
 /// Datagrams drained from the state machine before a flush.

@@ -18,6 +18,14 @@ pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 /// The largest datagram a receive buffer holds, GRO segments included.
 const RECV_BUF: usize = 64 * 1024;
 
+/// Bytes one `recvmmsg` call aims to take. What a call receives is read back at once
+/// (summed, decoded), so it should still be in the core's L2 cache then: 32 buffers
+/// of 32 KiB datagrams (1 MiB, plus the slots or tensor they go to) were not, and
+/// taking them four at a time made f16 allreduces on loopback 18% faster and f32 9%
+/// (`inagg bench --workers 4 --elements 16777216`, README "Performance"). Small
+/// datagrams still go 32 to a call.
+const RECV_BYTES_PER_CALL: usize = 128 * 1024;
+
 /// A bound, non-blocking UDP socket with receive buffers for one batch.
 #[derive(Debug)]
 pub struct UdpEndpoint {
@@ -26,6 +34,11 @@ pub struct UdpEndpoint {
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     last_full: bool,
+    /// Buffers to offer the next `recvmmsg` call: [`RECV_BYTES_PER_CALL`] over the
+    /// size of the datagrams (or GRO batches) the last call took.
+    per_call: usize,
+    /// Buffers taken by the full calls since the last call that was not.
+    full_run: usize,
     /// Bound to an IPv6 address: IPv4 peers are reached as mapped addresses.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     v6: bool,
@@ -61,6 +74,8 @@ impl UdpEndpoint {
             bufs: vec![vec![0u8; RECV_BUF]; n],
             meta: vec![RecvMeta::default(); n],
             last_full: false,
+            per_call: n,
+            full_run: 0,
             v6,
             gso_refused: AtomicBool::new(false),
         })
@@ -76,8 +91,9 @@ impl UdpEndpoint {
         socket2::SockRef::from(&self.socket).recv_buffer_size()
     }
 
-    /// Whether the last receive filled every buffer of the batch: more was waiting.
-    /// A run of such receives means the reader is falling behind.
+    /// Whether the receives since the queue was last found empty have now taken a
+    /// whole batch ([`BATCH_SIZE`] datagrams or GRO batches; true once per batch), so
+    /// more may be waiting. A run of such receives means the reader is falling behind.
     pub fn last_batch_full(&self) -> bool {
         self.last_full
     }
@@ -127,34 +143,56 @@ impl UdpEndpoint {
         Ok(n)
     }
 
+    /// One `recvmmsg` call of `per_call` buffers; hands every datagram to `f`.
     fn try_recv(&mut self, f: &mut impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        // One IoSliceMut per buffer, on the stack: no allocation per batch.
-        let mut bufs = self.bufs.iter_mut();
-        let got = {
-            let mut slices: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
-                IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
-            });
-            match self
-                .state
-                .recv(UdpSockRef::from(&self.socket), &mut slices, &mut self.meta)
-            {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-                // A previous send to an unreachable port (ICMP): nothing to read.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(0),
-                Err(e) => return Err(e),
-            }
+        let want = self.per_call.clamp(1, BATCH_SIZE);
+        let got = match self.recv_call(want) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            // A previous send to an unreachable port (ICMP): nothing to read.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => 0,
+            Err(e) => return Err(e),
         };
-        self.last_full = got == BATCH_SIZE;
         let mut count = 0;
+        let mut bytes = 0;
         for (m, buf) in self.meta[..got].iter().zip(&self.bufs) {
-            let stride = m.stride.max(1);
-            for d in buf[..m.len.min(buf.len())].chunks(stride) {
+            let len = m.len.min(buf.len());
+            bytes += len;
+            for d in buf[..len].chunks(m.stride.max(1)) {
                 f(m.addr, d);
                 count += 1;
             }
         }
+        if let Some(mean) = bytes.checked_div(got) {
+            self.per_call = (RECV_BYTES_PER_CALL / mean.max(1)).clamp(1, BATCH_SIZE);
+        }
+        // Full calls in a row count as one full batch per BATCH_SIZE buffers taken.
+        self.last_full = false;
+        if got == want {
+            self.full_run += got;
+            if self.full_run >= BATCH_SIZE {
+                self.full_run = 0;
+                self.last_full = true;
+            }
+        } else {
+            self.full_run = 0;
+        }
         Ok(count)
+    }
+
+    /// One `recvmmsg` call into the first `want` buffers; returns how many it filled.
+    fn recv_call(&mut self, want: usize) -> io::Result<usize> {
+        // One IoSliceMut per buffer, on the stack: no allocation per call.
+        let mut bufs = self.bufs.iter_mut();
+        let mut slices: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
+            IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
+        });
+        let want = want.min(BATCH_SIZE);
+        self.state.recv(
+            UdpSockRef::from(&self.socket),
+            &mut slices[..want],
+            &mut self.meta,
+        )
     }
 
     /// Waits until the socket is ready for `events` or `timeout` passes.
@@ -213,5 +251,94 @@ impl UdpEndpoint {
             io::ErrorKind::TimedOut,
             "socket send buffer stayed full",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Sends `n` datagrams of `len` bytes, numbered in their first byte, and waits
+    /// (bounded) until the receiver's queue holds them all.
+    fn queue(to: &UdpEndpoint, n: usize, len: usize) {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+        let dst = to.local_addr().expect("addr");
+        for i in 0..n {
+            let mut d = vec![0u8; len];
+            d[0] = i as u8;
+            s.send_to(&d, dst).expect("send");
+        }
+        // Loopback delivers within the send call; this only bounds a slow machine.
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end
+            && !to
+                .wait(libc::POLLIN, Duration::from_millis(10))
+                .expect("poll")
+        {}
+    }
+
+    /// Receives once (without waiting); returns the datagrams' first bytes.
+    fn once(ep: &mut UdpEndpoint) -> Vec<u8> {
+        let mut got = Vec::new();
+        ep.recv(Duration::ZERO, |_, d| got.push(d[0]))
+            .expect("recv");
+        got
+    }
+
+    #[test]
+    fn small_datagrams_come_a_batch_at_a_time() {
+        let mut ep =
+            UdpEndpoint::bind("127.0.0.1:0".parse().expect("addr"), 1 << 20).expect("bind");
+        queue(&ep, BATCH_SIZE + 5, 100);
+        let first = once(&mut ep);
+        assert_eq!(first, (0..BATCH_SIZE as u8).collect::<Vec<_>>());
+        assert!(ep.last_batch_full(), "a whole batch taken, more waiting");
+        let rest = once(&mut ep);
+        assert_eq!(
+            rest,
+            (BATCH_SIZE as u8..BATCH_SIZE as u8 + 5).collect::<Vec<_>>()
+        );
+        assert!(!ep.last_batch_full());
+        assert!(once(&mut ep).is_empty());
+    }
+
+    #[test]
+    fn large_datagrams_come_a_few_at_a_time_in_order_and_count_as_a_backlog_per_batch() {
+        let len = 32 * 1024;
+        let per_call = RECV_BYTES_PER_CALL / len;
+        let mut ep =
+            UdpEndpoint::bind("127.0.0.1:0".parse().expect("addr"), 8 << 20).expect("bind");
+        // Only what the kernel's buffer holds (it may cap the size asked for).
+        let room = ep.recv_buffer_size().expect("size") / (2 * (len + 1024));
+        let n = (BATCH_SIZE + 3 * per_call).min(room);
+        assert!(
+            n > per_call + 1,
+            "receive buffer too small to test: {room} datagrams"
+        );
+        queue(&ep, n, len);
+        // The first call knows no sizes yet and offers every buffer.
+        let mut order = once(&mut ep);
+        let first = order.len();
+        assert_eq!(first, n.min(BATCH_SIZE));
+        let mut fulls = usize::from(ep.last_batch_full());
+        let end = Instant::now() + Duration::from_secs(2);
+        while order.len() < n && Instant::now() < end {
+            let got = once(&mut ep);
+            // Then no more than the per-call byte budget's worth at a time.
+            assert!(
+                !got.is_empty() && got.len() <= per_call,
+                "{} in one call",
+                got.len()
+            );
+            order.extend(got);
+            fulls += usize::from(ep.last_batch_full());
+        }
+        assert_eq!(order, (0..n).map(|i| i as u8).collect::<Vec<_>>());
+        // One backlog signal per whole batch taken by full calls, not one per call.
+        assert_eq!(
+            fulls,
+            usize::from(first == BATCH_SIZE) + (n - first) / BATCH_SIZE
+        );
     }
 }
