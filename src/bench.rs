@@ -425,6 +425,10 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
         t.no_congestion_control
             .then(|| "--no-congestion-control".to_string()),
     )
+    .chain([
+        "--yields-before-sleep".to_string(),
+        t.yields_before_sleep.to_string(),
+    ])
     .chain(match (a.transport, &a.ca) {
         (Transport::Quic, Some(ca)) => vec![
             "--transport".to_string(),

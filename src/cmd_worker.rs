@@ -156,6 +156,10 @@ pub struct Tuning {
     /// With `--transport quic`: messages on a stream or as QUIC datagrams.
     #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
     pub quic_mode: QuicMode,
+    /// Over UDP, times to yield the CPU while waiting for results before sleeping (0:
+    /// sleep at once; the default suits ranks sharing cores with each other).
+    #[arg(long, default_value_t = inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP)]
+    pub yields_before_sleep: u32,
 }
 
 impl Tuning {
@@ -232,6 +236,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.seed);
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
+    o.yields_before_sleep = a.tuning.yields_before_sleep;
     if a.transport == Transport::Quic {
         o.transport = inagg_worker::Transport::Quic(a.trust.quic(a.tuning.quic_mode)?);
     }

@@ -79,6 +79,7 @@ pub fn run(a: &Args) -> Result<()> {
                         skip_zeros: false,
                         no_congestion_control: false,
                         quic_mode: Default::default(),
+                        yields_before_sleep: inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP,
                     },
                     json: true,
                     zero_fraction: 0.0,

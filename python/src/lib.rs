@@ -221,7 +221,7 @@ impl Worker {
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
         skip_zeros = false, congestion_control = true, join_timeout = 30.0,
-        aggregator_timeout = 10.0
+        aggregator_timeout = 10.0, yields_before_sleep = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -245,6 +245,7 @@ impl Worker {
         congestion_control: bool,
         join_timeout: f64,
         aggregator_timeout: f64,
+        yields_before_sleep: Option<u32>,
     ) -> PyResult<Self> {
         let c = codec::by_name(codec).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -269,6 +270,9 @@ impl Worker {
         o.protocol.stochastic_rounding = stochastic_rounding;
         o.protocol.skip_zeros = skip_zeros;
         o.protocol.congestion_control = congestion_control;
+        if let Some(y) = yields_before_sleep {
+            o.yields_before_sleep = y;
+        }
         let secs = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
                 .ok()

@@ -174,11 +174,15 @@ impl Session {
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         });
         let link = match &opts.transport {
-            Transport::Udp => Link::Udp {
-                endpoint: UdpEndpoint::bind(bind, opts.socket_buffer)?,
-                batch: SendBatch::new(),
-                aggregator,
-            },
+            Transport::Udp => {
+                let mut endpoint = UdpEndpoint::bind(bind, opts.socket_buffer)?;
+                endpoint.set_yields_before_sleep(opts.yields_before_sleep);
+                Link::Udp {
+                    endpoint,
+                    batch: SendBatch::new(),
+                    aggregator,
+                }
+            }
             Transport::Quic(q) => {
                 let link = QuicLink::connect(q, aggregator, bind)?;
                 if q.mode == inagg_quic::Mode::Stream {
