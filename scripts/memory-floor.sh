@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The least time N ranks on this machine need just to touch their tensors, per
+# allreduce: each rank (a process, as inagg's workers are) reads its f32 tensor R times
+# into a small buffer that stays in cache, as an encoder does, and writes it once
+# from such a buffer, as a decoder does; all N at once, on whatever cores there are.
+# No network, no sum, no kernel: a floor under any allreduce that reads and writes
+# the tensor in place, inagg's or a ring's.
+#   scripts/memory-floor.sh [--workers 4] [--elements 16777216] [--reads 1,2]
+# Prints, per R, the milliseconds per allreduce (the median of 5 rounds of 20 passes
+# each, the set-up subtracted). inagg's passes: f32, f16, bf16 read once (the f32
+# payload by the kernel's send copy), i32, i16, i8 twice (the block exponents first);
+# every codec writes once (decoding). Needs gcc.
+set -euo pipefail
+WORKERS=4
+ELEMENTS=16777216
+READS=1,2
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --workers) WORKERS="$2"; shift 2 ;;
+        --elements) ELEMENTS="$2"; shift 2 ;;
+        --reads) READS="$2"; shift 2 ;;
+        *) echo "memory-floor: unknown flag $1" >&2; exit 2 ;;
+    esac
+done
+command -v gcc >/dev/null || { echo "memory-floor: needs gcc" >&2; exit 1; }
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+cat >"$dir/floor.c" <<'EOF'
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+/* rank ELEMENTS READS ITERS: READS read passes and one write pass, ITERS times. */
+int main(int argc, char **argv) {
+    if (argc != 4) return 2;
+    size_t n = strtoull(argv[1], 0, 10);
+    int reads = atoi(argv[2]), iters = atoi(argv[3]);
+    enum { CHUNK = 8192 };
+    float *t = malloc(n * sizeof *t), hot[CHUNK];
+    if (!t) return 1;
+    for (size_t i = 0; i < n; i++) t[i] = (float)(i % 1000) - 500.0f;
+    for (size_t i = 0; i < CHUNK; i++) hot[i] = (float)i;
+    volatile float sink = 0;
+    for (int it = 0; it < iters; it++) {
+        for (int r = 0; r < reads; r++)
+            for (size_t c = 0; c < n; c += CHUNK) {
+                size_t k = n - c < CHUNK ? n - c : CHUNK;
+                memcpy(hot, t + c, k * sizeof *t);
+                sink += hot[k / 2];
+            }
+        for (size_t c = 0; c < n; c += CHUNK) {
+            size_t k = n - c < CHUNK ? n - c : CHUNK;
+            hot[0] = (float)it;
+            memcpy(t + c, hot, k * sizeof *t);
+        }
+    }
+    return sink == 12345.0f;
+}
+EOF
+gcc -O2 -o "$dir/floor" "$dir/floor.c"
+# Wall time of WORKERS ranks doing ITERS allreduces' passes each, all at once.
+wall() {
+    local start end
+    start=$(date +%s%N)
+    for ((r = 0; r < WORKERS; r++)); do "$dir/floor" "$ELEMENTS" "$1" "$2" & done
+    wait
+    end=$(date +%s%N)
+    echo $(((end - start) / 1000))
+}
+echo "memory-floor: $WORKERS ranks, $ELEMENTS f32 elements each, $(nproc) cores"
+IFS=, read -ra reads <<<"$READS"
+for r in "${reads[@]}"; do
+    runs=()
+    for _ in 1 2 3 4 5; do
+        # Twenty allreduces less one: the set-up (allocation, first touch) cancels.
+        a=$(wall "$r" 1)
+        b=$(wall "$r" 21)
+        runs+=("$(((b - a) / 20))")
+    done
+    median=$(printf '%s\n' "${runs[@]}" | sort -n | sed -n 3p)
+    [ "$median" -ge 0 ] || median=0 # Below what process start-up noise lets it see.
+    printf 'reads %s + write 1: %d.%03d ms per allreduce\n' "$r" $((median / 1000)) $((median % 1000))
+done
