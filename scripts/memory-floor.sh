@@ -9,20 +9,29 @@
 # Prints, per R, the milliseconds per allreduce (the median of 5 rounds of 20 passes
 # each, the set-up subtracted). inagg's passes: f32, f16, bf16 read once (the f32
 # payload by the kernel's send copy), i32, i16, i8 twice (the block exponents first);
-# every codec writes once (decoding). Needs gcc.
+# every codec writes once (decoding). Needs a C compiler ($CC, else cc).
 set -euo pipefail
 WORKERS=4
 ELEMENTS=16777216
 READS=1,2
 while [ $# -gt 0 ]; do
     case "$1" in
-        --workers) WORKERS="$2"; shift 2 ;;
-        --elements) ELEMENTS="$2"; shift 2 ;;
-        --reads) READS="$2"; shift 2 ;;
+        --workers | --elements | --reads)
+            [ $# -ge 2 ] || { echo "memory-floor: $1 needs a value" >&2; exit 2; }
+            case "$1" in
+                --workers) WORKERS="$2" ;;
+                --elements) ELEMENTS="$2" ;;
+                --reads) READS="$2" ;;
+            esac
+            shift 2 ;;
         *) echo "memory-floor: unknown flag $1" >&2; exit 2 ;;
     esac
 done
-command -v gcc >/dev/null || { echo "memory-floor: needs gcc" >&2; exit 1; }
+[[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || { echo "memory-floor: --workers must be a positive integer" >&2; exit 2; }
+[[ "$ELEMENTS" =~ ^[1-9][0-9]*$ ]] || { echo "memory-floor: --elements must be a positive integer" >&2; exit 2; }
+[[ "$READS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "memory-floor: --reads takes counts like 1,2" >&2; exit 2; }
+CC=${CC:-cc}
+command -v "$CC" >/dev/null || { echo "memory-floor: needs a C compiler ($CC)" >&2; exit 1; }
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cat >"$dir/floor.c" <<'EOF'
@@ -54,16 +63,24 @@ int main(int argc, char **argv) {
             memcpy(t + c, hot, k * sizeof *t);
         }
     }
+    /* The tensor's stores must happen: tell the compiler it is read. */
+    __asm__ volatile("" : : "r"(t) : "memory");
+    free(t);
     return sink == 12345.0f;
 }
 EOF
-gcc -O2 -o "$dir/floor" "$dir/floor.c"
+"$CC" -O2 -o "$dir/floor" "$dir/floor.c"
 # Wall time of WORKERS ranks doing ITERS allreduces' passes each, all at once.
 wall() {
-    local start end
+    local start end r pids=()
     start=$(date +%s%N)
-    for ((r = 0; r < WORKERS; r++)); do "$dir/floor" "$ELEMENTS" "$1" "$2" & done
-    wait
+    for ((r = 0; r < WORKERS; r++)); do
+        "$dir/floor" "$ELEMENTS" "$1" "$2" &
+        pids+=("$!")
+    done
+    for r in "${pids[@]}"; do
+        wait "$r" || { echo "memory-floor: a rank failed (out of memory?)" >&2; exit 1; }
+    done
     end=$(date +%s%N)
     echo $(((end - start) / 1000))
 }
@@ -72,7 +89,7 @@ IFS=, read -ra reads <<<"$READS"
 for r in "${reads[@]}"; do
     runs=()
     for _ in 1 2 3 4 5; do
-        # Twenty allreduces less one: the set-up (allocation, first touch) cancels.
+        # Twenty-one allreduces less one: the set-up (allocation, first touch) cancels.
         a=$(wall "$r" 1)
         b=$(wall "$r" 21)
         runs+=("$(((b - a) / 20))")

@@ -82,8 +82,9 @@ pub trait Front: std::fmt::Debug {
     /// Hands what arrived to `f`, waiting up to `wait` if nothing did; returns the
     /// number of messages.
     fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
-    /// Whether the last receive left more waiting.
-    fn last_batch_full(&self) -> bool;
+    /// Whole receive batches taken in a row, each receive finding more waiting, since
+    /// the queue was last found empty: how far the loop is falling behind.
+    fn backlog_batches(&self) -> usize;
     /// Sends everything the state machine has to send.
     fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()>;
     /// Called once when the loop ends, after the last flush.
@@ -110,8 +111,8 @@ impl Front for UdpFront {
         self.endpoint.recv(wait, f)
     }
 
-    fn last_batch_full(&self) -> bool {
-        self.endpoint.last_batch_full()
+    fn backlog_batches(&self) -> usize {
+        self.endpoint.backlog_batches()
     }
 
     fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
@@ -145,6 +146,8 @@ impl Front for UdpFront {
 pub struct QuicFront {
     listener: QuicListener,
     buf: Vec<u8>,
+    /// Receives in a row that stopped at the listener's batch limit.
+    full_batches: usize,
 }
 
 impl Front for QuicFront {
@@ -153,11 +156,17 @@ impl Front for QuicFront {
     }
 
     fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        Ok(self.listener.recv(wait, f))
+        let n = self.listener.recv(wait, f);
+        self.full_batches = if self.listener.last_batch_full() {
+            self.full_batches.saturating_add(1)
+        } else {
+            0
+        };
+        Ok(n)
     }
 
-    fn last_batch_full(&self) -> bool {
-        self.listener.last_batch_full()
+    fn backlog_batches(&self) -> usize {
+        self.full_batches
     }
 
     fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
@@ -184,10 +193,10 @@ impl Front for QuicFront {
 }
 
 /// Full receive batches in a row after which the aggregator counts as falling behind
-/// and marks the results it completes (about 8 x 32 GRO buffers of datagrams waiting:
-/// [`UdpEndpoint::last_batch_full`](inagg_net::UdpEndpoint::last_batch_full) counts
-/// whole batches, however many calls took them).
-const BACKLOG_STREAK: u32 = 8;
+/// and marks the results it completes (about 8 x 32 GRO buffers of datagrams taken
+/// without the queue running dry: [`Front::backlog_batches`], which counts whole
+/// batches however many `recvmmsg` calls took them).
+const BACKLOG_STREAK: usize = 8;
 
 /// Datagrams drained from the state machine before a flush.
 const SEND_BATCH: usize = 256;
@@ -215,6 +224,7 @@ impl Server<QuicFront> {
             front: QuicFront {
                 listener,
                 buf: Vec::with_capacity(64 * 1024),
+                full_batches: 0,
             },
             agg,
         })
@@ -274,7 +284,6 @@ impl<F: Front> Server<F> {
         mut observe: impl FnMut(&Aggregator<SocketAddr>),
     ) -> Result<Stats, ServerError> {
         let mut observed = Instant::now();
-        let mut streak = 0u32;
         let span = info_span!("aggregator", addr = %self.local_addr()?);
         let _enter = span.enter();
         info!(front = self.front.describe(), "serving");
@@ -289,12 +298,8 @@ impl<F: Front> Server<F> {
             let agg = &mut self.agg;
             self.front
                 .recv(wait, |from, d| agg.handle_datagram(now, from, d))?;
-            streak = if self.front.last_batch_full() {
-                streak.saturating_add(1)
-            } else {
-                0
-            };
-            self.agg.set_backlogged(streak >= BACKLOG_STREAK);
+            self.agg
+                .set_backlogged(self.front.backlog_batches() >= BACKLOG_STREAK);
             let now = Instant::now();
             if self.agg.poll_timeout().is_some_and(|t| t <= now) {
                 self.agg.handle_timeout(now);

@@ -4,9 +4,9 @@
 //! - [`UdpEndpoint::bind`] opens a non-blocking socket with large buffers (a fast
 //!   sender otherwise loses thousands of datagrams to the 208 KB default).
 //! - [`UdpEndpoint::recv`] takes up to 32 buffers per system call (`recvmmsg`), each
-//!   possibly holding several datagrams coalesced by GRO, but no more than about 128
-//!   KiB in all, so that what it took is still in cache when the caller reads it; it
-//!   waits with `poll(2)` when nothing is there.
+//!   possibly holding several datagrams coalesced by GRO, offering as many as make
+//!   about 128 KiB at the size the last call saw, so that what it took is still in
+//!   cache when the caller reads it; it waits with `poll(2)` when nothing is there.
 //! - [`SendBatch`] collects outgoing datagrams in one arena and sends runs of equal-size
 //!   datagrams to the same destination as one GSO message each, within the kernel's 64
 //!   KB limit per message, and up to 64 messages per system call (`sendmmsg`). A
