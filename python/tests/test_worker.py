@@ -73,6 +73,26 @@ def test_both_ranks_in_threads_of_one_process_need_the_gil_released(aggregator):
         assert stats["bytes_sent"] > 4 * 100_000 and stats["elapsed_s"] > 0
 
 
+def test_yields_before_sleep_is_taken_and_checked(aggregator):
+    # One rank sleeps at once, the other spins long: both get the sum.
+    results = {}
+
+    def rank(r):
+        y = [0, 1000][r]
+        with inagg.Worker(
+            aggregator.addr, 8, r, 2, "f32", join_timeout=20.0, yields_before_sleep=y
+        ) as w:
+            a = np.full(50_000, r + 1, dtype=np.float32)
+            w.allreduce(a)
+            results[r] = a
+
+    in_threads(rank, 2)
+    for r in range(2):
+        assert np.all(results[r] == 3.0)
+    with pytest.raises(OverflowError):
+        inagg.Worker(aggregator.addr, 8, 0, 1, yields_before_sleep=-1)
+
+
 def test_a_sharded_aggregator_is_striped_over_from_its_first_address():
     # `inagg aggregator --threads 3`: the workers are given the first shard only.
     agg = Aggregator("--threads", "3")
