@@ -167,7 +167,11 @@ impl UdpEndpoint {
         mut f: impl FnMut(SocketAddr, &[u8]),
     ) -> io::Result<usize> {
         let mut n = self.try_recv(&mut f)?;
-        if n == 0 && self.yields > 0 && !timeout.is_zero() {
+        if n > 0 || timeout.is_zero() {
+            return Ok(n);
+        }
+        let mut left = timeout;
+        if self.yields > 0 {
             // A timeout too long to add up means no deadline for the spin.
             let end = Instant::now().checked_add(timeout);
             for _ in 0..self.spin {
@@ -182,16 +186,12 @@ impl UdpEndpoint {
                 }
             }
             self.spin /= 2;
-            let left = end.map_or(timeout, |e| e.saturating_duration_since(Instant::now()));
-            if !left.is_zero() && self.wait(libc::POLLIN, left)? {
-                n = self.try_recv(&mut f)?;
-            }
-            self.spin = (self.spin + 1).min(self.yields);
-            return Ok(n);
+            left = end.map_or(timeout, |e| e.saturating_duration_since(Instant::now()));
         }
-        if n == 0 && !timeout.is_zero() && self.wait(libc::POLLIN, timeout)? {
+        if !left.is_zero() && self.wait(libc::POLLIN, left)? {
             n = self.try_recv(&mut f)?;
         }
+        self.spin = (self.spin + 1).min(self.yields);
         Ok(n)
     }
 

@@ -75,8 +75,9 @@ pub fn aggregator(data: &[u8]) -> u64 {
     let mut input = Bytes(data);
     let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
     let codec = codecs[usize::from(input.u8()) % codecs.len()];
-    let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
-    let kept = codec::lookup(codec).map_or(4, crate::aggregator::kept_bytes);
+    let known = codec::lookup(codec);
+    let width = known.map_or(4, |c| c.wire_bytes());
+    let kept = known.map_or(4, crate::aggregator::kept_bytes);
     let limit = 12 * crate::aggregator::slot_bytes(16, kept, WORLD);
     let config = AggregatorConfig {
         max_window: 8,
