@@ -2,9 +2,10 @@
 //! auto-vectorize, and compiled twice: for the baseline target and for AVX2 + FMA +
 //! F16C, chosen at run time (the CPU check is a cached atomic load, once per chunk).
 //!
-//! The f16 sum is the exception: no portable code converts f16 in vector registers,
-//! so its fast version calls F16C's conversion explicitly (module `x86`), and the
-//! baseline converts element by element through the `half` crate.
+//! Two exceptions call intrinsics explicitly (module `x86`). No portable code converts
+//! f16 in vector registers, so the f16 kernels call F16C's conversions, and the
+//! baseline converts element by element through the `half` crate. And the 8- and
+//! 16-bit quantizers narrow with AVX2's saturating packs, which LLVM did not find.
 
 use half::f16;
 
@@ -253,17 +254,46 @@ fn q(x: f32, s: f32, lim: f32, round: impl Fn(f32) -> f32) -> i32 {
     unsafe { r.to_int_unchecked::<i32>() }
 }
 
+/// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or down after
+/// adding uniform noise from `dither`), clamped to `±lim`, which must fit `width`.
+///
+/// The 8- and 16-bit roundings to nearest, the codecs' usual case, go through
+/// [`x86::quantize_packed`] with AVX2: LLVM narrowed the vectorized loop's 32-bit
+/// integers with a shuffle per eight elements, where two saturating packs narrow
+/// thirty-two at once.
+pub(crate) fn quantize(
+    src: &[f32],
+    s: f32,
+    lim: f32,
+    dither: Option<u64>,
+    out: &mut [u8],
+    width: usize,
+) {
+    // The largest f32 below 2^31: what keeps the conversion to i32 in range (a NaN
+    // `lim`, which `clamp` would pass through, becomes 0).
+    let lim = if lim >= 0.0 {
+        lim.min(2_147_483_520.0)
+    } else {
+        0.0
+    };
+    #[cfg(target_arch = "x86_64")]
+    if dither.is_none() && has_v3() {
+        match width {
+            // SAFETY: the CPU supports every feature `x86::quantize_packed` was
+            // compiled for.
+            1 => return unsafe { x86::quantize_packed::<1>(src, s, lim.min(127.0), out) },
+            // SAFETY: as above.
+            2 => return unsafe { x86::quantize_packed::<2>(src, s, lim.min(32_767.0), out) },
+            _ => {}
+        }
+    }
+    quantize_loop(src, s, lim, dither, out, width)
+}
+
 multiversion! {
-    /// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or down
-    /// after adding uniform noise from `dither`), clamped to `±lim`.
-    fn quantize(src: &[f32], s: f32, lim: f32, dither: Option<u64>, out: &mut [u8], width: usize) {
-        // The largest f32 below 2^31: what keeps `q`'s conversion in range (a NaN
-        // `lim`, which `clamp` would pass through, becomes 0).
-        let lim = if lim >= 0.0 {
-            lim.min(2_147_483_520.0)
-        } else {
-            0.0
-        };
+    /// [`quantize`] as plain loops, for the widths and roundings without a packed
+    /// version and for CPUs without AVX2.
+    fn quantize_loop(src: &[f32], s: f32, lim: f32, dither: Option<u64>, out: &mut [u8], width: usize) {
         match (dither, width) {
             (None, 1) => {
                 for (x, o) in src.iter().zip(out.iter_mut()) {
@@ -434,10 +464,77 @@ pub(crate) fn from_f16(src: &[u8], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m128i, __m256, _mm256_add_ps, _mm256_cvtph_ps, _mm256_cvtps_ph, _MM_FROUND_TO_NEAREST_INT,
+        __m128i, __m256, __m256i, _mm256_add_ps, _mm256_cvtph_ps, _mm256_cvtps_ph,
+        _mm256_cvttps_epi32, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_packs_epi16,
+        _mm256_packs_epi32, _mm256_permute4x64_epi64, _mm256_permutevar8x32_epi32, _mm256_round_ps,
+        _mm256_set1_ps, _mm256_setr_epi32, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
     };
 
-    use super::F16_STEP;
+    use super::{quantize_loop, F16_STEP};
+
+    /// Elements quantized per step by [`quantize_packed`]: four registers of eight.
+    const QUANT_STEP: usize = 32;
+
+    /// Eight `round(x * s)` clamped to `[lo, hi]` (NaN to `lo`), as 32-bit integers:
+    /// the scalar loop's `q`, instruction for instruction.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn q8(x: &[f32; 8], s: __m256, lo: __m256, hi: __m256) -> __m256i {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(bytemuck::cast::<_, __m256>(*x), s),
+        );
+        // `maxps(r, lo)` is `r > lo ? r : lo` and `minps(r, hi)` is `r < hi ? r : hi`.
+        _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+    }
+
+    /// [`super::quantize`] to nearest at `W` = 1 or 2 bytes on a CPU with AVX2;
+    /// `lim` (at most 127 or 32,767) keeps the saturating packs exact.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_packed<const W: usize>(
+        src: &[f32],
+        s: f32,
+        lim: f32,
+        out: &mut [u8],
+    ) {
+        let n = src.len().min(out.len() / W);
+        let (sv, lo, hi) = (_mm256_set1_ps(s), _mm256_set1_ps(-lim), _mm256_set1_ps(lim));
+        // The packs work within 128-bit halves: after both, the four-byte groups hold
+        // elements 0-3, 8-11, 16-19, 24-27, 4-7, 12-15, 20-23, 28-31; this puts them
+        // back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut s32 = src[..n].chunks_exact(QUANT_STEP);
+        let mut o32 = out[..W * n].chunks_exact_mut(W * QUANT_STEP);
+        for (x, o) in (&mut s32).zip(&mut o32) {
+            // Always taken: `chunks_exact` hands out slices of exactly these lengths.
+            let Ok(x) = <&[f32; QUANT_STEP]>::try_from(x) else {
+                continue;
+            };
+            let x: &[[f32; 8]; 4] = bytemuck::cast_ref(x);
+            // SAFETY: this function is compiled with the same features.
+            let v: [__m256i; 4] = std::array::from_fn(|k| unsafe { q8(&x[k], sv, lo, hi) });
+            // Within each 128-bit half: four i32 of one register, then four of the next.
+            let ab = _mm256_packs_epi32(v[0], v[1]);
+            let cd = _mm256_packs_epi32(v[2], v[3]);
+            if W == 1 {
+                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+                o.copy_from_slice(&bytemuck::cast::<_, [u8; 32]>(bytes));
+            } else {
+                let ab = _mm256_permute4x64_epi64::<0b11_01_10_00>(ab);
+                let cd = _mm256_permute4x64_epi64::<0b11_01_10_00>(cd);
+                o[..32].copy_from_slice(&bytemuck::cast::<_, [u8; 32]>(ab));
+                o[32..].copy_from_slice(&bytemuck::cast::<_, [u8; 32]>(cd));
+            }
+        }
+        // The tail (fewer than 32 elements) through the loop.
+        let (s_tail, o_tail) = (s32.remainder(), o32.into_remainder());
+        quantize_loop(s_tail, s, lim, None, o_tail, W);
+    }
 
     /// Eight f32 to eight f16, round to nearest even (NaN stays NaN, quieted).
     ///
