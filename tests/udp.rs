@@ -150,6 +150,54 @@ fn garbage_datagrams_change_nothing() {
     );
 }
 
+/// Before receives dropped datagrams from port 0, one such join stopped the whole
+/// aggregator: the kernel refuses to send the grant there (EINVAL), and that send
+/// error ended the serving loop.
+#[test]
+fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    // Only a raw socket sends from port 0, and only with CAP_NET_RAW.
+    let raw = match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("skipped: no raw socket to send from port 0 ({e})");
+            return;
+        }
+    };
+    let (mut agg, addr) = aggregator(&[]);
+    // A one-rank job, which the aggregator would grant at once: a reply to port 0.
+    let join = inagg_proto::wire::Join {
+        job: 77,
+        rank: 0,
+        world: 1,
+        codec: inagg_proto::codec::CodecId::F32,
+        chunk_elems: 256,
+        window: 8,
+        secret: Vec::new(),
+    };
+    let mut payload = Vec::new();
+    inagg_proto::wire::encode_join(&join, &mut payload);
+    let mut d = Vec::new();
+    d.extend_from_slice(&0u16.to_be_bytes()); // source port
+    d.extend_from_slice(&addr.port().to_be_bytes());
+    d.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes()); // no checksum (allowed over IPv4)
+    d.extend_from_slice(&payload);
+    for _ in 0..3 {
+        raw.send_to(&d, &addr.into()).expect("raw send");
+    }
+    // A raw UDP socket also takes a copy of every UDP datagram on the host.
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agg.running(), "aggregator stopped: {}", agg.stderr());
+    assert_new_job_runs(addr, 78, &[]);
+    agg.signal(libc::SIGTERM);
+    let st = agg
+        .wait_for(Duration::from_secs(10))
+        .expect("aggregator stops on SIGTERM");
+    assert!(st.success(), "aggregator said: {}", agg.stderr());
+}
+
 #[test]
 fn a_dead_aggregator_makes_workers_fail_not_hang() {
     let (agg, addr) = aggregator(&[]);

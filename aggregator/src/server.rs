@@ -133,10 +133,13 @@ impl Front for UdpFront {
 
     fn describe(&self) -> String {
         format!(
-            "udp, gso {} segments, {} sends for {} datagrams",
+            "udp, gso {} segments, {} sends for {} datagrams, {} refused by the kernel, \
+             {} from port 0 dropped",
             self.endpoint.max_gso_segments(),
             self.batch.calls,
-            self.batch.datagrams
+            self.batch.datagrams,
+            self.batch.refused,
+            self.endpoint.from_port_zero()
         )
     }
 }
@@ -255,7 +258,13 @@ impl Server<UdpFront> {
             config,
             front: UdpFront {
                 endpoint,
-                batch: SendBatch::new(),
+                batch: {
+                    // Replies go to source addresses off the network, which may be
+                    // forged or unreachable: drop those, serve on.
+                    let mut b = SendBatch::new();
+                    b.set_drop_refused(true);
+                    b
+                },
             },
             agg,
         })

@@ -50,6 +50,10 @@ pub struct SendBatch<B = NoBody> {
     /// Datagrams not sent because their body was not the length queued (a resolver
     /// that lost track of it; inside a GSO run it would shift every later datagram).
     pub dropped: u64,
+    /// Datagrams not sent because the kernel refused their destination (with
+    /// [`SendBatch::set_drop_refused`]).
+    pub refused: u64,
+    drop_refused: bool,
 }
 
 impl<B> Default for SendBatch<B> {
@@ -62,6 +66,8 @@ impl<B> Default for SendBatch<B> {
             datagrams: 0,
             calls: 0,
             dropped: 0,
+            refused: 0,
+            drop_refused: false,
         }
     }
 }
@@ -70,6 +76,15 @@ impl<B: Copy> SendBatch<B> {
     /// An empty batch.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether a destination the kernel will not send to (no route, port 0, a
+    /// firewall's refusal) drops its datagrams, counted in [`SendBatch::refused`],
+    /// rather than failing the flush. For a server, whose destinations are whoever
+    /// wrote to it: one forged source address must not stop it. A client, which sends
+    /// to the one address it was given, wants the error (off by default).
+    pub fn set_drop_refused(&mut self, on: bool) {
+        self.drop_refused = on;
     }
 
     /// Datagrams queued.
@@ -259,7 +274,7 @@ impl<B: Copy> SendBatch<B> {
             debug_assert!(n_msg > 0);
             let mut m = 0;
             while m < n_msg {
-                match send_mmsg(ep, &msgs[m..n_msg], &iovs[..n_iov])? {
+                match send_mmsg(ep, &msgs[m..n_msg], &iovs[..n_iov], self.drop_refused)? {
                     Sent::Some(n) => {
                         self.calls += 1;
                         for msg in &msgs[m..m + n] {
@@ -272,6 +287,12 @@ impl<B: Copy> SendBatch<B> {
                         // Rebuild from the refused message on, one datagram each.
                         ep.refuse_gso();
                         break;
+                    }
+                    Sent::Refused => {
+                        // Its datagrams share one destination: drop them all.
+                        self.refused += msgs[m].datagrams as u64;
+                        i += msgs[m].datagrams;
+                        m += 1;
                     }
                 }
             }
@@ -298,13 +319,20 @@ impl<B: Copy> SendBatch<B> {
                     self.gather.extend_from_slice(resolve(b));
                 }
             }
-            ep.send(
+            match ep.send(
                 self.index[self.order[i]].to,
                 &self.gather,
                 segment.map(usize::from),
-            )?;
-            self.datagrams += (j - i) as u64;
-            self.calls += 1;
+            ) {
+                Ok(()) => {
+                    self.datagrams += (j - i) as u64;
+                    self.calls += 1;
+                }
+                Err(e) if self.drop_refused && crate::endpoint::refused_destination(&e) => {
+                    self.refused += (j - i) as u64;
+                }
+                Err(e) => return Err(e),
+            }
             i = j;
         }
         Ok(())
@@ -431,6 +459,44 @@ mod tests {
         ];
         assert_eq!((batch.datagrams, batch.dropped), (2, 1));
         assert_eq!(take(&mut to, 2), want);
+    }
+
+    #[test]
+    fn a_destination_the_kernel_refuses_is_dropped_and_the_rest_go_out() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let sender = UdpEndpoint::bind(local, 1 << 20).expect("bind");
+        // Port 0: `sendto` fails with EINVAL. A lone datagram, then a run of three
+        // (one GSO message where the kernel has GSO), among good ones.
+        let bad = SocketAddr::from(([127, 0, 0, 1], 0));
+        let fill = |batch: &mut SendBatch, good: SocketAddr| {
+            batch.push(good, b"one");
+            batch.push(bad, b"lost");
+            batch.push(good, b"two");
+            for _ in 0..3 {
+                batch.push(bad, &[7; 100]);
+            }
+            batch.push(good, b"three");
+        };
+        // A client wants the error.
+        let client_to = UdpEndpoint::bind(local, 1 << 20).expect("bind");
+        let mut batch = SendBatch::new();
+        fill(&mut batch, client_to.local_addr().expect("addr"));
+        let err = batch.flush(&sender).expect_err("port 0 is refused");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+        // A server drops what it cannot send and sends the rest.
+        let mut to = UdpEndpoint::bind(local, 1 << 20).expect("bind");
+        let mut batch = SendBatch::new();
+        batch.set_drop_refused(true);
+        fill(&mut batch, to.local_addr().expect("addr"));
+        batch.flush(&sender).expect("flush drops the refused");
+        assert_eq!((batch.datagrams, batch.refused), (3, 4));
+        assert!(batch.is_empty());
+        let mut got = take(&mut to, 3);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![b"one".to_vec(), b"three".to_vec(), b"two".to_vec()]
+        );
     }
 
     #[test]

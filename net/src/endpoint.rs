@@ -51,6 +51,29 @@ pub struct UdpEndpoint {
     v6: bool,
     /// The kernel refused a GSO send (a device without segmentation offload).
     gso_refused: AtomicBool,
+    /// Datagrams dropped on receipt because they came from port 0.
+    from_port_zero: u64,
+}
+
+/// Whether a send failed because of where it was going, not because of the socket: no
+/// route to the destination (`ENETUNREACH`, `EHOSTUNREACH`), an address or port the
+/// kernel will not send to (`EINVAL`: port 0; `EADDRNOTAVAIL`, `EAFNOSUPPORT`), or a
+/// firewall's or broadcast refusal (`EPERM`, `EACCES`). A server answering whoever
+/// wrote to it drops that datagram and serves on: the address came off the network
+/// and may be forged.
+pub(crate) fn refused_destination(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EINVAL
+                | libc::ENETUNREACH
+                | libc::EHOSTUNREACH
+                | libc::EADDRNOTAVAIL
+                | libc::EAFNOSUPPORT
+                | libc::EPERM
+                | libc::EACCES
+        )
+    )
 }
 
 /// A blocking UDP socket bound to `addr` with send and receive buffers of `buffer`
@@ -86,6 +109,7 @@ impl UdpEndpoint {
             spin: 0,
             v6,
             gso_refused: AtomicBool::new(false),
+            from_port_zero: 0,
         })
     }
 
@@ -104,6 +128,12 @@ impl UdpEndpoint {
     /// so more was waiting each time. Growing means the reader is falling behind.
     pub fn backlog_batches(&self) -> usize {
         self.full_run / BATCH_SIZE
+    }
+
+    /// Datagrams dropped on receipt because they came from port 0: no reply can
+    /// reach that port (a send to it fails), so the sender is forged or broken.
+    pub fn from_port_zero(&self) -> u64 {
+        self.from_port_zero
     }
 
     /// The most datagrams one send may carry (1 without GSO).
@@ -210,6 +240,10 @@ impl UdpEndpoint {
         for (m, buf) in self.meta[..got].iter().zip(&self.bufs) {
             let len = m.len.min(buf.len());
             bytes += len;
+            if m.addr.port() == 0 {
+                self.from_port_zero += len.div_ceil(m.stride.max(1)) as u64;
+                continue;
+            }
             for d in buf[..len].chunks(m.stride.max(1)) {
                 f(m.addr, d);
                 count += 1;
@@ -331,6 +365,44 @@ mod tests {
         ep.recv(Duration::ZERO, |_, d| got.push(d[0]))
             .expect("recv");
         got
+    }
+
+    #[test]
+    fn datagrams_from_port_zero_are_dropped_and_counted() {
+        // Only a raw socket sends from port 0, and only with CAP_NET_RAW.
+        let raw = match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skipped: no raw socket to send from port 0 ({e})");
+                return;
+            }
+        };
+        let mut ep =
+            UdpEndpoint::bind("127.0.0.1:0".parse().expect("addr"), 1 << 20).expect("bind");
+        let to = ep.local_addr().expect("addr");
+        for first in [1u8, 2] {
+            // The UDP header by hand: source port 0, no checksum (allowed over IPv4).
+            let payload = [first; 16];
+            let mut d = Vec::new();
+            d.extend_from_slice(&0u16.to_be_bytes());
+            d.extend_from_slice(&to.port().to_be_bytes());
+            d.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+            d.extend_from_slice(&0u16.to_be_bytes());
+            d.extend_from_slice(&payload);
+            raw.send_to(&d, &to.into()).expect("raw send");
+        }
+        queue(&ep, 1, 16);
+        let mut got = Vec::new();
+        let end = Instant::now() + Duration::from_secs(2);
+        while (got.is_empty() || ep.from_port_zero() < 2) && Instant::now() < end {
+            ep.recv(Duration::from_millis(50), |from, d| {
+                got.push((from.port(), d[0]))
+            })
+            .expect("recv");
+        }
+        assert_eq!(got.len(), 1, "only the ordinary datagram: {got:?}");
+        assert_ne!(got[0].0, 0);
+        assert_eq!(ep.from_port_zero(), 2);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use crate::endpoint::refused_destination;
 use crate::UdpEndpoint;
 
 /// Messages (GSO runs) per system call.
@@ -42,12 +43,21 @@ pub(crate) enum Sent {
     /// The kernel refused GSO for the first message (a device without segmentation
     /// offload): send that message's datagrams one by one from now on.
     GsoRefused,
+    /// The kernel refused the first message's destination (see
+    /// [`crate::endpoint::refused_destination`]); nothing of this call was sent.
+    Refused,
 }
 
 /// Sends `msgs`, whose buffers are `iovs[m.iov_start..][..m.iov_len]`, in one call,
 /// waiting for room in the socket buffer if it is full. Returns how many messages
-/// went out (at least one, or an error).
-pub(crate) fn send_mmsg(ep: &UdpEndpoint, msgs: &[Msg], iovs: &[IoSlice<'_>]) -> io::Result<Sent> {
+/// went out (at least one, or an error). With `drop_refused`, a destination the
+/// kernel refuses is reported as [`Sent::Refused`] rather than as an error.
+pub(crate) fn send_mmsg(
+    ep: &UdpEndpoint,
+    msgs: &[Msg],
+    iovs: &[IoSlice<'_>],
+    drop_refused: bool,
+) -> io::Result<Sent> {
     debug_assert!(msgs.len() <= MAX_MSGS);
     let v6 = ep.is_v6();
     // SAFETY: all-zero bytes are valid values of these plain C structs.
@@ -108,9 +118,12 @@ pub(crate) fn send_mmsg(ep: &UdpEndpoint, msgs: &[Msg], iovs: &[IoSlice<'_>]) ->
             // An ICMP error from an earlier send to a peer that went away, reported
             // (and cleared) now: nothing of this call was sent; try again.
             (io::ErrorKind::ConnectionRefused, _) => continue,
+            // Also what a GSO run to port 0 gets: receivers drop datagrams from port 0
+            // (`UdpEndpoint::from_port_zero`), so no reply goes there.
             (_, Some(libc::EIO | libc::EINVAL)) if msgs[0].segment.is_some() => {
                 return Ok(Sent::GsoRefused)
             }
+            _ if drop_refused && refused_destination(&e) => return Ok(Sent::Refused),
             _ => return Err(e),
         }
     }
