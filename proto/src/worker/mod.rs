@@ -550,10 +550,16 @@ impl Worker {
         let len = datagram.len() as u64;
         match msg {
             Message::Grant(g) => {
+                // The aggregator grants the chunk every rank asked for and at most the
+                // smallest window asked: anything else is forged or broken, and a
+                // window beyond ours would size this rank's ring by it.
                 if g.job != self.config.job
                     || g.rank != self.config.rank
                     || g.world != self.config.world
                     || g.codec != self.config.codec
+                    || g.chunk_elems != self.config.chunk_elems
+                    || g.window == 0
+                    || g.window > self.config.window
                 {
                     return;
                 }
@@ -566,8 +572,7 @@ impl Worker {
                         self.events.push_back(Event::Joined(g));
                     }
                     State::Regranting { pending, .. }
-                        if g.chunk_elems == self.config.chunk_elems
-                            && self.grant.is_some_and(|old| old.token != g.token)
+                        if self.grant.is_some_and(|old| old.token != g.token)
                             && !self.old_tokens.contains(&g.token) =>
                     {
                         // The new grant (a late copy of an old one has an old token).

@@ -175,6 +175,62 @@ fn a_peer_that_never_calls_allreduce_is_a_stall_not_a_hang() {
 }
 
 #[test]
+fn a_grant_beyond_what_the_rank_asked_for_is_ignored() {
+    use crate::wire::{self, Grant};
+    let now = std::time::Instant::now();
+    let mut cfg = WorkerConfig::new(1, 0, 2, CodecId::I32);
+    cfg.window = 16;
+    let mut w = Worker::new(cfg, now).expect("worker");
+    let honest = Grant {
+        job: 1,
+        rank: 0,
+        world: 2,
+        codec: CodecId::I32,
+        chunk_elems: 256,
+        window: 16,
+        token: 42,
+        shard: 0,
+        shards: 1,
+    };
+    let forged = [
+        // A window of u32::MAX would have sized the rank's ring by it.
+        Grant {
+            window: u32::MAX,
+            ..honest
+        },
+        Grant {
+            window: 17,
+            ..honest
+        },
+        Grant {
+            window: 0,
+            ..honest
+        },
+        Grant {
+            chunk_elems: 512,
+            ..honest
+        },
+    ];
+    for g in forged {
+        let mut b = Vec::new();
+        wire::encode_grant(&g, &mut b);
+        w.handle_datagram(now, &b, &mut []);
+        assert!(w.grant().is_none(), "took {g:?}");
+    }
+    // A smaller window than asked is what a shared aggregator grants.
+    let mut b = Vec::new();
+    wire::encode_grant(
+        &Grant {
+            window: 4,
+            ..honest
+        },
+        &mut b,
+    );
+    w.handle_datagram(now, &b, &mut []);
+    assert_eq!(w.grant().map(|g| g.window), Some(4));
+}
+
+#[test]
 fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
     use crate::wire::{self, Grant, Message};
     let t0 = std::time::Instant::now();
@@ -286,7 +342,9 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
             shard: 0,
             shards: 1,
         };
-        let mut w = Worker::new(WorkerConfig::new(1, 0, 2, codec), t0).expect("worker");
+        let mut cfg = WorkerConfig::new(1, 0, 2, codec);
+        cfg.chunk_elems = 4;
+        let mut w = Worker::new(cfg, t0).expect("worker");
         let mut b = Vec::new();
         crate::wire::encode_grant(&grant, &mut b);
         w.handle_datagram(t0, &b, &mut []);
