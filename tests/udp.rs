@@ -7,7 +7,8 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use common::{
-    aggregator, aggregator_on, assert_new_job_runs, inagg, kill_rank_and_expect_aborts, worker,
+    aggregator, aggregator_on, assert_new_job_runs, expect_failure, inagg,
+    kill_rank_and_expect_aborts, worker,
 };
 use serde_json::Value;
 
@@ -196,6 +197,30 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
         .wait_for(Duration::from_secs(10))
         .expect("aggregator stops on SIGTERM");
     assert!(st.success(), "aggregator said: {}", agg.stderr());
+}
+
+/// Ranks whose tensors differ in length fail at once, saying so, and the job's bits
+/// never mix: a tensor that ends on a chunk boundary before the others' (16 Ki
+/// against 24 Ki elements in chunks of 8 Ki) is caught by its last packet's flag,
+/// one that ends inside a chunk by the element count. Before, both waited 60 s for
+/// "no progress", and without the barrier between allreduces the first would have
+/// summed its next tensor with the others' current one.
+#[test]
+fn ranks_with_tensors_of_different_lengths_fail_at_once_with_a_clear_error() {
+    let (mut agg, addr) = aggregator(&[]);
+    for (job, short, long) in [(21, "16384", "24576"), (22, "100000", "150000")] {
+        let args = |n| ["--elements", n, "--chunk-elements", "8192", "--iters", "2"];
+        let mut ws = [
+            worker(addr, job, 0, 2, &args(short)),
+            worker(addr, job, 1, 2, &args(long)),
+        ];
+        for w in &mut ws {
+            let err = expect_failure(w, Duration::from_secs(20), "a rank of unequal length");
+            assert!(err.contains("same length"), "job {job}: {err}");
+        }
+    }
+    assert_new_job_runs(addr, 23, &[]);
+    assert!(agg.running());
 }
 
 #[test]

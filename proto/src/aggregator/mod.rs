@@ -34,7 +34,8 @@ pub use stats::{DropReason, Stats};
 use crate::codec;
 use crate::wire::{
     self, Control, DataHeader, ErrorCode, ErrorMsg, Grant, Join, Message, DATA_HEADER_LEN,
-    FLAG_FROM_COPY, FLAG_MARK, FLAG_NONFINITE, FLAG_PROBE, FLAG_REGRANT, FLAG_RETX, MAX_DATAGRAM,
+    FLAG_FROM_COPY, FLAG_LAST, FLAG_MARK, FLAG_NONFINITE, FLAG_PROBE, FLAG_REGRANT, FLAG_RETX,
+    MAX_DATAGRAM,
 };
 use job::Job;
 use slots::Outcome;
@@ -549,6 +550,13 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     return;
                 }
                 Outcome::Held | Outcome::Duplicate => {
+                    if let Some(rank) = job.left_rank() {
+                        // Waiting for a rank that has left: never completes. Say so
+                        // now rather than hold the rank until its progress timeout.
+                        let text = format!("rank {rank} left job {} before it finished", h.job);
+                        self.abort(now, h.job, ErrorCode::PeerLeft, rank, text);
+                        return;
+                    }
                     // The rank's contribution is in and waits for others: say so, so
                     // that its next retransmission is a header-only probe.
                     job.stats.probes_held += 1;
@@ -568,7 +576,26 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 Outcome::Missing => DropReason::ProbeMissing,
                 Outcome::Stale => DropReason::Stale,
                 Outcome::Ahead => DropReason::Ahead,
-                Outcome::Inconsistent => DropReason::Inconsistent,
+                Outcome::Inconsistent => {
+                    // Honest ranks agree on every packet's length, scale and end unless
+                    // their tensors differ: no allreduce of this job can be right.
+                    let text = format!(
+                        "rank {} sent packet {} of job {} with {} elements{} where another \
+                         rank's differs: do all ranks reduce tensors of the same length?",
+                        h.rank,
+                        h.seq,
+                        h.job,
+                        h.count,
+                        if h.flags & FLAG_LAST != 0 {
+                            ", the last of its tensor,"
+                        } else {
+                            ""
+                        },
+                    );
+                    self.drop_packet(Some(h.job), DropReason::Inconsistent);
+                    self.abort(now, h.job, ErrorCode::Inconsistent, h.rank, text);
+                    return;
+                }
             }
         };
         self.drop_packet(Some(h.job), reason);

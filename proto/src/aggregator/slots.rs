@@ -35,6 +35,8 @@ pub(crate) struct SlotMeta {
     pub exp_max: i8,
     /// The block exponent the chunk was quantized with (all ranks must agree).
     pub scale_exp: i8,
+    /// The packet ends its allreduce (`FLAG_LAST`; all ranks must agree).
+    pub last: bool,
     /// All ranks are in; the result is in the version's result buffer.
     pub complete: bool,
     /// A contribution carried a congestion mark.
@@ -63,7 +65,8 @@ pub(crate) enum Outcome {
     Stale,
     /// A chunk two generations ahead of one still open: no honest rank sends it.
     Ahead,
-    /// Element count or scale differ from the other ranks' for the same chunk.
+    /// Element count, scale or end of allreduce (`FLAG_LAST`) differ from the other
+    /// ranks' for the same packet: their tensors differ.
     Inconsistent,
     /// A probe: this rank's contribution is in, the chunk waits for other ranks.
     Held,
@@ -121,6 +124,7 @@ impl SlotPool {
             count: 0,
             exp_max: NO_EXPONENT,
             scale_exp: NO_EXPONENT,
+            last: false,
             complete: false,
             marked: false,
             nonfinite: false,
@@ -174,6 +178,7 @@ impl SlotPool {
         let marked = h.flags & crate::wire::FLAG_MARK != 0;
         let retx = h.flags & crate::wire::FLAG_RETX != 0;
         let nonfinite = h.flags & crate::wire::FLAG_NONFINITE != 0;
+        let last = h.flags & crate::wire::FLAG_LAST != 0;
         if meta.seq == h.seq {
             if meta.complete {
                 return Outcome::AnswerCopy;
@@ -181,7 +186,7 @@ impl SlotPool {
             if bits[word] & bit != 0 {
                 return Outcome::Duplicate;
             }
-            if meta.count != h.count || meta.scale_exp != h.scale_exp {
+            if meta.count != h.count || meta.scale_exp != h.scale_exp || meta.last != last {
                 return Outcome::Inconsistent;
             }
             bits[word] |= bit;
@@ -205,6 +210,7 @@ impl SlotPool {
                 count: h.count,
                 exp_max: h.next_exp,
                 scale_exp: h.scale_exp,
+                last,
                 complete: false,
                 marked,
                 retx,

@@ -230,12 +230,6 @@ fn hostile_contributions_are_counted_and_change_nothing() {
         ),
         (999, ok, DropReason::NotMember),
         (100, ok, DropReason::NotMember),
-        (101, DataHeader { count: 3, ..ok }, DropReason::Inconsistent),
-        (
-            101,
-            DataHeader { scale_exp: 3, ..ok },
-            DropReason::Inconsistent,
-        ),
     ];
     for (from, hd, reason) in &cases {
         let before = h.agg.stats().dropped(*reason);
@@ -269,6 +263,56 @@ fn hostile_contributions_are_counted_and_change_nothing() {
     };
     assert_eq!(values(p), vec![3.0; 4]);
     assert_eq!(h.agg.stats().contributions, 2);
+}
+
+#[test]
+fn ranks_that_disagree_on_a_packet_abort_their_job_with_a_clear_error() {
+    // Rank 0's packet 0 holds 4 elements; rank 1's differs in count, scale, or in
+    // being the last of its tensor (a shorter tensor ending on a chunk boundary).
+    let cases = [
+        |ok: DataHeader| DataHeader { count: 3, ..ok },
+        |ok: DataHeader| DataHeader { scale_exp: 3, ..ok },
+        |ok: DataHeader| DataHeader {
+            flags: ok.flags | wire::FLAG_LAST,
+            ..ok
+        },
+    ];
+    for (i, differ) in cases.into_iter().enumerate() {
+        let mut h = Harness::new(2);
+        h.contribute(0, 0, &[1.0; 4]);
+        h.drain();
+        let hd = differ(h.header(1, 0, 4));
+        h.contribute_as(101, &hd, &vec![1.0; usize::from(hd.count)]);
+        assert_eq!(
+            h.agg.stats().dropped(DropReason::Inconsistent),
+            1,
+            "case {i}"
+        );
+        let out = h.drain();
+        assert_eq!(out.len(), 2, "case {i}: every rank is told: {out:?}");
+        for (_, m) in &out {
+            let Message::Error(e) = m else {
+                panic!("case {i}: {m:?}")
+            };
+            assert_eq!((e.code, e.rank), (ErrorCode::Inconsistent, 1), "case {i}");
+            assert!(e.text.contains("same length"), "case {i}: {}", e.text);
+        }
+        assert!(h.agg.jobs().is_empty(), "case {i}");
+    }
+    // Agreeing on the end is fine.
+    let mut h = Harness::new(2);
+    for r in 0..2 {
+        let hd = h.header(r, 0, 4);
+        let hd = DataHeader {
+            flags: hd.flags | wire::FLAG_LAST,
+            ..hd
+        };
+        h.contribute_as(100 + u32::from(r), &hd, &[1.0; 4]);
+    }
+    assert!(matches!(
+        &h.drain()[..],
+        [(_, Message::Result(..)), (_, Message::Result(..))]
+    ));
 }
 
 #[test]
@@ -387,6 +431,34 @@ fn a_silent_rank_aborts_its_job_and_stragglers_learn_why() {
     let hd = h.header(0, 1, 4);
     h.contribute_as(555, &hd, &[1.0; 4]);
     assert!(h.drain().is_empty());
+}
+
+#[test]
+fn a_rank_waiting_on_a_leaver_hears_at_its_next_probe() {
+    // Rank 0's contribution is in before rank 2 leaves; its retransmission (held:
+    // it waits for the others) gets the abort at once, not a hold until it times out.
+    let mut h = Harness::new(3);
+    h.contribute(0, 0, &[1.0; 4]);
+    h.drain();
+    let mut b = Vec::new();
+    wire::encode_leave(
+        &Control {
+            job: 5,
+            rank: 2,
+            token: h.token,
+        },
+        &mut b,
+    );
+    h.agg.handle_datagram(h.now, 102, &b);
+    h.drain();
+    h.contribute(0, 0, &[1.0; 4]);
+    let out = h.drain();
+    assert!(
+        out.iter().any(|(to, m)| *to == 100
+            && matches!(m, Message::Error(e) if e.code == ErrorCode::PeerLeft && e.rank == 2)),
+        "{out:?}"
+    );
+    assert!(h.agg.jobs().is_empty());
 }
 
 #[test]

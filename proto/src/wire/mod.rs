@@ -72,8 +72,16 @@ pub const FLAG_REGRANT: u8 = 0x10;
 /// every rank sees it and ends that allreduce with the same error, while the job
 /// itself goes on.
 pub const FLAG_NONFINITE: u8 = 0x20;
+/// Flag bit on a contribution: the last packet of this rank's allreduce. Ranks must
+/// agree on it, as on every chunk's length, or their tensors differ in length: the
+/// aggregator checks (the flag is part of what all contributions to a chunk must
+/// share) and aborts the job with [`ErrorCode::Inconsistent`]. Without it, a rank
+/// whose tensor ends on a chunk boundary before the others' would start its next
+/// allreduce on packet numbers the others still use, and its next tensor would be
+/// summed with their current one.
+pub const FLAG_LAST: u8 = 0x40;
 const DATA_FLAGS: u8 =
-    FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX | FLAG_REGRANT | FLAG_NONFINITE;
+    FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX | FLAG_REGRANT | FLAG_NONFINITE | FLAG_LAST;
 
 /// The kind byte of each message.
 mod kind {
@@ -168,7 +176,7 @@ pub struct DataHeader {
     /// The codec of the payload.
     pub codec: CodecId,
     /// [`FLAG_MARK`], [`FLAG_FROM_COPY`], [`FLAG_PROBE`], [`FLAG_RETX`], [`FLAG_REGRANT`],
-    /// [`FLAG_NONFINITE`].
+    /// [`FLAG_NONFINITE`], [`FLAG_LAST`].
     pub flags: u8,
     /// The job's session token.
     pub token: u64,

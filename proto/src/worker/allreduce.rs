@@ -20,7 +20,9 @@ use std::time::Instant;
 
 use super::rtt::RttEstimator;
 use crate::codec::{self, Codec};
-use crate::wire::{DataHeader, Grant, FLAG_NONFINITE, FLAG_PROBE, FLAG_RETX, NO_EXPONENT};
+use crate::wire::{
+    DataHeader, Grant, FLAG_LAST, FLAG_NONFINITE, FLAG_PROBE, FLAG_RETX, NO_EXPONENT,
+};
 
 /// Counters of one allreduce.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -372,7 +374,8 @@ impl Allreduce {
                 | match self.data_chunk(q) {
                     Some(j) if self.nonfinite.get(j as usize) == Some(&true) => FLAG_NONFINITE,
                     _ => 0,
-                },
+                }
+                | if q + 1 == self.total() { FLAG_LAST } else { 0 },
             ..self.template
         };
         let start = buf.len();
