@@ -84,10 +84,6 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     cfg.protocol.shard = shard;
     cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
-    cfg.protocol.seed = {
-        use rand::{Rng, SeedableRng};
-        rand::rngs::StdRng::from_os_rng().random()
-    };
     cfg
 }
 

@@ -38,12 +38,19 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults, listening on `listen`.
+    /// Defaults, listening on `listen`, with session tokens seeded from the operating
+    /// system's randomness: the state machine's default seed is fixed (for tests and
+    /// the simulator), and tokens that repeat from run to run could be guessed.
     pub fn new(listen: SocketAddr) -> Self {
+        use rand::{Rng, SeedableRng};
+        let protocol = AggregatorConfig {
+            seed: rand::rngs::StdRng::from_os_rng().random(),
+            ..AggregatorConfig::default()
+        };
         Self {
             listen,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
-            protocol: AggregatorConfig::default(),
+            protocol,
             poll_interval: Duration::from_millis(50),
         }
     }
@@ -364,5 +371,20 @@ impl<F: Front> Server<F> {
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_server_seeds_its_tokens_afresh() {
+        let at = SocketAddr::from(([127, 0, 0, 1], 0));
+        let seeds: Vec<u64> = (0..3)
+            .map(|_| ServerConfig::new(at).protocol.seed)
+            .collect();
+        assert!(seeds.iter().all(|s| *s != AggregatorConfig::default().seed));
+        assert!(seeds[0] != seeds[1] || seeds[1] != seeds[2], "{seeds:?}");
     }
 }
