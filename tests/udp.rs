@@ -196,7 +196,9 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
     let st = agg
         .wait_for(Duration::from_secs(10))
         .expect("aggregator stops on SIGTERM");
-    assert!(st.success(), "aggregator said: {}", agg.stderr());
+    let err = agg.stderr();
+    assert!(st.success(), "aggregator said: {err}");
+    assert!(err.contains("datagrams from port 0"), "not reported: {err}");
 }
 
 /// Ranks whose tensors differ in length fail at once, saying so, and the job's bits

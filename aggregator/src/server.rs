@@ -107,6 +107,32 @@ pub struct UdpFront {
     /// Results go out from their slots (scatter-gather): one kept copy serves every
     /// rank, where copying it into the batch for each rank cost as much as the sum.
     batch: SendBatch<Body>,
+    /// Replies refused by the kernel and datagrams from port 0 at the last warning:
+    /// warned at 1, 2, 4, 8, ... of each, so that a firewall refusing every reply is
+    /// seen at once and a forged source now and then does not flood the log.
+    warned: (u64, u64),
+}
+
+impl UdpFront {
+    /// Warns when the counts of dropped replies or port-0 datagrams double.
+    fn warn_on_drops(&mut self) {
+        let (refused, port0) = (self.batch.refused, self.endpoint.from_port_zero());
+        if refused > 0 && refused >= 2 * self.warned.0 {
+            warn!(
+                refused,
+                "the kernel refused replies (no route, a forbidden address or a firewall): \
+                 dropped; forged source addresses, or this host cannot reach its workers"
+            );
+            self.warned.0 = refused;
+        }
+        if port0 > 0 && port0 >= 2 * self.warned.1 {
+            warn!(
+                datagrams = port0,
+                "datagrams from port 0 (forged or broken senders, no reply can reach them): dropped"
+            );
+            self.warned.1 = port0;
+        }
+    }
 }
 
 impl Front for UdpFront {
@@ -131,6 +157,7 @@ impl Front for UdpFront {
                 })
             {}
             if self.batch.is_empty() {
+                self.warn_on_drops();
                 return Ok(());
             }
             let agg = &*agg;
@@ -272,6 +299,7 @@ impl Server<UdpFront> {
                     b.set_drop_refused(true);
                     b
                 },
+                warned: (0, 0),
             },
             agg,
         })

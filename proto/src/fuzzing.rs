@@ -63,10 +63,11 @@ const SECRET: &[u8] = b"fuzz";
 /// The most datagrams one step may make the aggregator send (a loop guard).
 const MAX_OUT: usize = 10_000;
 
-/// Drives an aggregator with a running job of three ranks through the operations that
-/// `data` encodes: raw datagrams, well-formed contributions with fuzzed fields (right
-/// or wrong token, rank, slot, count, exponents, flags), control messages (regrants
-/// included), and the passing of time. The aggregator has a slot memory budget of 12
+/// Drives an aggregator with a running job of three ranks (started again whenever an
+/// input ends it) through the operations that `data` encodes: raw datagrams,
+/// well-formed contributions with fuzzed fields (right or wrong token, rank, slot,
+/// count, exponents, flags), control messages (regrants included), and the passing
+/// of time. The aggregator has a slot memory budget of 12
 /// of the job's slots, so joins of other jobs make it wait, refuse and re-grant.
 /// Checks after every step that everything the aggregator sends decodes and goes to
 /// an address that spoke to it, and that its slot memory stays within the budget.
@@ -138,7 +139,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
                 let seq = u64::from(input.u8() % 24);
                 let slots = 4u64;
                 let count = u16::from(input.u8() % 18);
-                let flags = input.u8() & 0x0f;
+                let flags = input.u8() & (0x0f | wire::FLAG_LAST);
                 let skew = input.u8();
                 let h = DataHeader {
                     job: if skew & 0x80 != 0 { JOB + 1 } else { JOB },
@@ -191,6 +192,17 @@ pub fn aggregator(data: &[u8]) -> u64 {
             }
         }
         drain(&mut agg, &mut token);
+        if !agg.jobs().contains(&JOB) {
+            // Aborted (a fuzzed contribution that disagrees with another rank's ends
+            // the job, as does a leave): start it again, so that the rest of the
+            // input meets a live job rather than only its tombstone.
+            for rank in 0..WORLD {
+                buf.clear();
+                wire::encode_join(&join(rank), &mut buf);
+                agg.handle_datagram(now, rank as u8, &buf);
+            }
+            drain(&mut agg, &mut token);
+        }
         assert!(
             agg.slot_memory() <= limit,
             "slot memory {} above {limit}",
