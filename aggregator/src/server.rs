@@ -223,8 +223,9 @@ impl Front for QuicFront {
     fn describe(&self) -> String {
         let s = self.listener.stats();
         format!(
-            "quic, {} connections ({} handshakes failed), {} messages unroutable, {} too large",
-            s.connections, s.failed_handshakes, s.unroutable, s.too_large
+            "quic, {} connections ({} handshakes failed), {} messages unroutable, {} too large, \
+             {} behind a peer that stopped reading",
+            s.connections, s.failed_handshakes, s.unroutable, s.too_large, s.queue_full
         )
     }
 }

@@ -40,7 +40,7 @@ impl ClientOptions {
 #[derive(Debug)]
 enum Outbound {
     Datagram,
-    Stream(tokio::sync::mpsc::UnboundedSender<Bytes>),
+    Stream(tokio::sync::mpsc::Sender<Bytes>),
 }
 
 /// A connection to an aggregator: send and receive protocol messages.
@@ -127,7 +127,7 @@ impl QuicLink {
                         addr: remote,
                         detail: e.to_string(),
                     })?;
-                    let (wtx, wrx) = tokio::sync::mpsc::unbounded_channel();
+                    let (wtx, wrx) = tokio::sync::mpsc::channel(crate::STREAM_QUEUE);
                     tokio::spawn(crate::write_frames(send, wrx));
                     let c = conn.clone();
                     tokio::spawn(async move {
@@ -182,9 +182,14 @@ impl QuicLink {
                 }),
                 Err(e) => Err(Error::Closed(e.to_string())),
             },
-            Outbound::Stream(tx) => tx
-                .send(crate::frame(msg))
-                .map_err(|_| Error::Closed(self.close_reason())),
+            Outbound::Stream(tx) => match tx.try_send(crate::frame(msg)) {
+                // The aggregator has stopped reading (`STREAM_QUEUE` frames behind):
+                // lost, as over UDP; the worker's timeouts take it from there.
+                Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Ok(()),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    Err(Error::Closed(self.close_reason()))
+                }
+            },
         }
     }
 

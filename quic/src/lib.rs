@@ -205,10 +205,18 @@ pub(crate) async fn read_frames(
     }
 }
 
+/// Frames a stream may have queued for writing; more are dropped, as UDP would drop
+/// them, and the protocol's retransmissions recover. A peer that stops reading its
+/// stream blocks the writer on QUIC's flow control, and an aggregator's replies to it
+/// would otherwise pile up without bound while the peer kept sending. An honest peer
+/// never comes near: a rank has at most its window of packets in flight (1024 slots at
+/// the most), so at most that many results to read, and it reads them as they come.
+pub(crate) const STREAM_QUEUE: usize = 2048;
+
 /// Writes the frames queued on `rx` to `send`, as many as are waiting per write.
 pub(crate) async fn write_frames(
     mut send: quinn::SendStream,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
 ) {
     let mut batch = Vec::with_capacity(64);
     while let Some(b) = rx.recv().await {

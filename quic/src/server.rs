@@ -22,7 +22,7 @@ const RECV_BATCH: usize = 256;
 #[derive(Debug)]
 enum Inbound {
     Open(SocketAddr, usize, quinn::Connection),
-    Stream(SocketAddr, usize, tokio::sync::mpsc::UnboundedSender<Bytes>),
+    Stream(SocketAddr, usize, tokio::sync::mpsc::Sender<Bytes>),
     Data(SocketAddr, Bytes),
     Closed(SocketAddr, usize),
 }
@@ -32,7 +32,7 @@ enum Inbound {
 struct Peer {
     id: usize,
     conn: quinn::Connection,
-    stream: Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
+    stream: Option<tokio::sync::mpsc::Sender<Bytes>>,
 }
 
 /// Counters of the QUIC front end.
@@ -46,6 +46,9 @@ pub struct ListenerStats {
     pub unroutable: u64,
     /// Messages that did not fit the peer's datagram size, dropped.
     pub too_large: u64,
+    /// Messages dropped because the peer's stream already had a full queue of frames
+    /// waiting to be written: it has stopped reading.
+    pub queue_full: u64,
 }
 
 /// A QUIC endpoint accepting workers.
@@ -180,11 +183,13 @@ impl QuicListener {
             return;
         };
         match &p.stream {
-            Some(s) => {
-                if s.send(crate::frame(msg)).is_err() {
-                    self.stats.unroutable += 1;
+            Some(s) => match s.try_send(crate::frame(msg)) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => self.stats.queue_full += 1,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    self.stats.unroutable += 1
                 }
-            }
+            },
             None => match p.conn.send_datagram(Bytes::copy_from_slice(msg)) {
                 Ok(()) => {}
                 Err(quinn::SendDatagramError::TooLarge) => {
@@ -249,7 +254,7 @@ async fn serve(conn: quinn::Connection, id: usize, tx: mpsc::Sender<Inbound>) {
         })
     };
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let (wtx, wrx) = tokio::sync::mpsc::unbounded_channel();
+        let (wtx, wrx) = tokio::sync::mpsc::channel(crate::STREAM_QUEUE);
         tokio::spawn(crate::write_frames(send, wrx));
         if tx.send(Inbound::Stream(addr, id, wtx)).is_err() {
             return;
@@ -264,4 +269,79 @@ async fn serve(conn: quinn::Connection, id: usize, tx: mpsc::Sender<Inbound>) {
     }
     let _ = datagrams.await;
     let _ = tx.send(Inbound::Closed(addr, id));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::{Trust, STREAM_QUEUE};
+
+    /// A peer that opens its stream, says one thing and never reads: the replies
+    /// queued for it stop at `STREAM_QUEUE` frames, the rest dropped and counted.
+    #[test]
+    fn replies_to_a_peer_that_stops_reading_are_bounded() {
+        let dir = std::env::temp_dir().join(format!(
+            "inagg-quic-unread-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let id = Identity::load_or_generate(&dir.join("c.pem"), &dir.join("k.pem")).expect("id");
+        let mut listener =
+            QuicListener::bind("127.0.0.1:0".parse().expect("addr"), &id).expect("bind");
+        let crypto = Trust::fingerprint(&id.fingerprint())
+            .and_then(|t| t.client_crypto())
+            .expect("trust");
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(crypto).expect("client crypto");
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(crate::transport_config());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let to = listener.local_addr();
+        // Kept alive (and never read) until the end of the test.
+        let (_endpoint, _conn, _send, _recv) = rt.block_on(async move {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))
+                .expect("client endpoint");
+            ep.set_default_client_config(client);
+            let conn = ep
+                .connect(to, crate::DEFAULT_SERVER_NAME)
+                .expect("connect")
+                .await
+                .expect("handshake");
+            let (mut send, recv) = conn.open_bi().await.expect("stream");
+            send.write_all(&crate::frame(b"hello"))
+                .await
+                .expect("write");
+            (ep, conn, send, recv)
+        });
+        let mut from = None;
+        let end = Instant::now() + Duration::from_secs(10);
+        while from.is_none() && Instant::now() < end {
+            listener.recv(Duration::from_millis(20), |a, m| {
+                if m == b"hello" {
+                    from = Some(a);
+                }
+            });
+        }
+        let from = from.expect("the peer's message arrives");
+        // The writer may hand quinn 48 MiB (its 32 MiB send buffer and the peer's 16
+        // MiB stream window) before it blocks, 3072 replies of 16 KiB; then the queue
+        // fills, and the 1000 after that must be dropped.
+        let reply = vec![7u8; 16 << 10];
+        let sent = 3 * 1024 + STREAM_QUEUE + 1000;
+        for _ in 0..sent {
+            listener.send(from, &reply);
+        }
+        let s = listener.stats();
+        assert!(s.queue_full >= 1000, "{s:?}");
+        assert!(s.queue_full < sent as u64, "{s:?}");
+        assert_eq!(s.unroutable, 0, "{s:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
