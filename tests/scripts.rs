@@ -2,8 +2,13 @@
 //! positive time per allreduce for each read count asked for; bad flags are refused
 //! before anything is built.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use common::run_bounded;
 
 fn script() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/memory-floor.sh")
@@ -27,16 +32,10 @@ fn memory_floor_prints_a_time_per_read_count() {
     if !have_cc() {
         return;
     }
-    let out = Command::new(script())
-        .args(["--workers", "2", "--elements", "4194304", "--reads", "1,2"])
-        .output()
-        .expect("run scripts/memory-floor.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(script());
+    cmd.args(["--workers", "2", "--elements", "4194304", "--reads", "1,2"]);
+    let (status, stdout, stderr) = run_bounded(cmd, Duration::from_secs(300));
+    assert!(status.success(), "{stdout}{stderr}");
     assert!(
         stdout.starts_with("memory-floor: 2 ranks, 4194304 f32 elements each"),
         "{stdout}"
@@ -70,12 +69,10 @@ fn memory_floor_refuses_bad_flags() {
         ),
         (&["--reads", "1,,2"][..], "--reads takes counts like 1,2"),
     ] {
-        let out = Command::new(script())
-            .args(args)
-            .output()
-            .expect("run scripts/memory-floor.sh");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let mut cmd = Command::new(script());
+        cmd.args(args);
+        let (status, _, stderr) = run_bounded(cmd, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }

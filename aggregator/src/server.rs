@@ -116,23 +116,31 @@ pub struct UdpFront {
 impl UdpFront {
     /// Warns when the counts of dropped replies or port-0 datagrams double.
     fn warn_on_drops(&mut self) {
-        let (refused, port0) = (self.batch.refused, self.endpoint.from_port_zero());
-        if refused > 0 && refused >= 2 * self.warned.0 {
+        let refused = self.batch.refused;
+        if doubled(refused, &mut self.warned.0) {
             warn!(
                 refused,
                 "the kernel refused replies (no route, a forbidden address or a firewall): \
                  dropped; forged source addresses, or this host cannot reach its workers"
             );
-            self.warned.0 = refused;
         }
-        if port0 > 0 && port0 >= 2 * self.warned.1 {
+        let port0 = self.endpoint.from_port_zero();
+        if doubled(port0, &mut self.warned.1) {
             warn!(
                 datagrams = port0,
                 "datagrams from port 0 (forged or broken senders, no reply can reach them): dropped"
             );
-            self.warned.1 = port0;
         }
     }
+}
+
+/// Whether `count` has reached twice `at_last` (or its first 1), which it then becomes.
+fn doubled(count: u64, at_last: &mut u64) -> bool {
+    let due = count > 0 && count >= at_last.saturating_mul(2);
+    if due {
+        *at_last = count;
+    }
+    due
 }
 
 impl Front for UdpFront {

@@ -67,8 +67,8 @@ const MAX_OUT: usize = 10_000;
 /// input ends it) through the operations that `data` encodes: raw datagrams,
 /// well-formed contributions with fuzzed fields (right or wrong token, rank, slot,
 /// count, exponents, flags), control messages (regrants included), and the passing
-/// of time. The aggregator has a slot memory budget of 12
-/// of the job's slots, so joins of other jobs make it wait, refuse and re-grant.
+/// of time. The aggregator has a slot memory budget of 12 of the job's slots, so
+/// joins of other jobs make it wait, refuse and re-grant.
 /// Checks after every step that everything the aggregator sends decodes and goes to
 /// an address that spoke to it, and that its slot memory stays within the budget.
 /// Returns the datagrams it sent.
@@ -101,11 +101,15 @@ pub fn aggregator(data: &[u8]) -> u64 {
         secret: SECRET.to_vec(),
     };
     let mut token = 0u64;
-    for rank in 0..WORLD {
-        buf.clear();
-        wire::encode_join(&join(rank), &mut buf);
-        agg.handle_datagram(now, rank as u8, &buf);
-    }
+    // Every rank joins from its own address.
+    let join_all = |agg: &mut Aggregator<u8>, now: Instant, buf: &mut Vec<u8>| {
+        for rank in 0..WORLD {
+            buf.clear();
+            wire::encode_join(&join(rank), buf);
+            agg.handle_datagram(now, rank as u8, buf);
+        }
+    };
+    join_all(&mut agg, now, &mut buf);
     let mut drain = |agg: &mut Aggregator<u8>, token: &mut u64| {
         let mut out = Vec::new();
         for _ in 0..MAX_OUT {
@@ -196,11 +200,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
             // Aborted (a fuzzed contribution that disagrees with another rank's ends
             // the job, as does a leave): start it again, so that the rest of the
             // input meets a live job rather than only its tombstone.
-            for rank in 0..WORLD {
-                buf.clear();
-                wire::encode_join(&join(rank), &mut buf);
-                agg.handle_datagram(now, rank as u8, &buf);
-            }
+            join_all(&mut agg, now, &mut buf);
             drain(&mut agg, &mut token);
         }
         assert!(

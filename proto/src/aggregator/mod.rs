@@ -534,8 +534,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                         });
                     } else if let Some(rank) = job.left_rank() {
                         // A chunk that needs a rank that has left can never complete.
-                        let text = format!("rank {rank} left job {} before it finished", h.job);
-                        self.abort(now, h.job, ErrorCode::PeerLeft, rank, text);
+                        self.abort_left(now, h.job, rank);
                     }
                     return;
                 }
@@ -553,8 +552,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     if let Some(rank) = job.left_rank() {
                         // Waiting for a rank that has left: never completes. Say so
                         // now rather than hold the rank until its progress timeout.
-                        let text = format!("rank {rank} left job {} before it finished", h.job);
-                        self.abort(now, h.job, ErrorCode::PeerLeft, rank, text);
+                        self.abort_left(now, h.job, rank);
                         return;
                     }
                     // The rank's contribution is in and waits for others: say so, so
@@ -599,6 +597,12 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             }
         };
         self.drop_packet(Some(h.job), reason);
+    }
+
+    /// Ends a job whose rank `rank` has left while a chunk still needs it.
+    fn abort_left(&mut self, now: Instant, id: u32, rank: u16) {
+        let text = format!("rank {rank} left job {id} before it finished");
+        self.abort(now, id, ErrorCode::PeerLeft, rank, text);
     }
 
     /// Ends a job: every rank that joined is told why; the slots are freed.

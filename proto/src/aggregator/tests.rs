@@ -98,6 +98,19 @@ impl Harness {
         let h = self.header(rank, seq, values.len() as u16);
         self.contribute_as(100 + u32::from(rank), &h, values);
     }
+
+    /// Rank `rank` of job 5 leaves, from its own address.
+    fn leave(&mut self, rank: u16) {
+        let mut b = Vec::new();
+        let c = Control {
+            job: 5,
+            rank,
+            token: self.token,
+        };
+        wire::encode_leave(&c, &mut b);
+        self.agg
+            .handle_datagram(self.now, 100 + u32::from(rank), &b);
+    }
 }
 
 fn values(p: &[u8]) -> Vec<f32> {
@@ -440,16 +453,7 @@ fn a_rank_waiting_on_a_leaver_hears_at_its_next_probe() {
     let mut h = Harness::new(3);
     h.contribute(0, 0, &[1.0; 4]);
     h.drain();
-    let mut b = Vec::new();
-    wire::encode_leave(
-        &Control {
-            job: 5,
-            rank: 2,
-            token: h.token,
-        },
-        &mut b,
-    );
-    h.agg.handle_datagram(h.now, 102, &b);
+    h.leave(2);
     h.drain();
     h.contribute(0, 0, &[1.0; 4]);
     let out = h.drain();
@@ -467,16 +471,7 @@ fn leaving_ends_the_job_and_a_chunk_that_needs_a_leaver_aborts() {
     h.contribute(0, 0, &[1.0; 4]);
     h.contribute(1, 0, &[1.0; 4]);
     h.drain();
-    let mut b = Vec::new();
-    wire::encode_leave(
-        &Control {
-            job: 5,
-            rank: 1,
-            token: h.token,
-        },
-        &mut b,
-    );
-    h.agg.handle_datagram(h.now, 101, &b);
+    h.leave(1);
     // The leave is echoed, so that the rank stops resending it.
     assert!(
         matches!(&h.drain()[..], [(101, Message::Leave(c))] if c.rank == 1),
@@ -493,16 +488,7 @@ fn leaving_ends_the_job_and_a_chunk_that_needs_a_leaver_aborts() {
 
     let mut h = Harness::new(2);
     for r in 0..2u16 {
-        b.clear();
-        wire::encode_leave(
-            &Control {
-                job: 5,
-                rank: r,
-                token: h.token,
-            },
-            &mut b,
-        );
-        h.agg.handle_datagram(h.now, 100 + u32::from(r), &b);
+        h.leave(r);
     }
     assert!(h.agg.jobs().is_empty());
     assert!(matches!(h.agg.poll_event(), Some(Event::JobStarted { .. })));
