@@ -68,7 +68,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub aggregator_threads: u16,
     /// Start the aggregator(s) with this slot memory budget in bytes (`inagg
-    /// aggregator --slot-memory`); default none.
+    /// aggregator --slot-memory`); default the aggregator's own (1 GiB).
     #[arg(long, value_name = "BYTES")]
     pub slot_memory: Option<usize>,
     /// Faults for a relay in the path (none: no relay), as `inagg relay` takes them.

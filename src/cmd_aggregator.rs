@@ -57,10 +57,10 @@ pub struct Args {
     /// kept is the codec's wire bytes (f16, bf16, i16: 2; i8: 1) and 0 for f32 and i32,
     /// whose lanes are their results.
     /// A job waits while others shrink to make room, and is refused if even its
-    /// minimal share (4 slots) cannot fit. Default: no budget (every job gets its
-    /// window, up to --max-window).
-    #[arg(long, value_name = "BYTES")]
-    pub slot_memory: Option<usize>,
+    /// minimal share (4 slots) cannot fit. The default, 1 GiB, is far above what
+    /// honest jobs hold and keeps strangers' joins from claiming unbounded memory.
+    #[arg(long, value_name = "BYTES", default_value_t = inagg_aggregator::DEFAULT_SLOT_MEMORY)]
+    pub slot_memory: usize,
     /// UDP shards to run, one per thread (and core): shard k listens on the
     /// `--listen` port + k (with port 0, on a run of free ports), and workers stripe
     /// every job over all of them on their own. Each gets 1/T of `--slot-memory`.
@@ -80,7 +80,7 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     let mut cfg = ServerConfig::new(listen);
     cfg.protocol.max_window = a.max_window;
     cfg.protocol.max_jobs = a.max_jobs;
-    cfg.protocol.slot_memory = a.slot_memory.map(|b| b / usize::from(shards.max(1)));
+    cfg.protocol.slot_memory = Some(a.slot_memory / usize::from(shards.max(1)));
     cfg.protocol.shard = shard;
     cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);

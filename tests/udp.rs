@@ -201,6 +201,62 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
     assert!(err.contains("datagrams from port 0"), "not reported: {err}");
 }
 
+/// Strangers cannot claim unbounded memory: with no flags the aggregator holds a
+/// 1 GiB slot memory budget. Four one-rank jobs that anyone on the network could
+/// start, each asking for the largest window of the widest slots (670 MB each, 2.7 GB
+/// in all without a budget), together get grants within the budget, and once they
+/// fall silent their jobs end and a real job runs.
+#[test]
+fn strangers_joins_get_no_more_than_the_default_slot_memory() {
+    use inagg_proto::wire::{decode, encode_join, Join, Message, MAX_DATAGRAM};
+    let (mut agg, addr) = aggregator(&[]);
+    let codec = inagg_proto::codec::CodecId::I8;
+    // The widest i8 chunk that fits a datagram behind its 40-byte header.
+    let chunk = (MAX_DATAGRAM - 40) as u16;
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let jobs: Vec<u32> = (900..904).collect();
+    let mut granted = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let end = Instant::now() + Duration::from_millis(1500);
+    // Joins are resent (as workers do) until every job has its grant or time is up;
+    // a job that must wait for memory never gets one here.
+    while Instant::now() < end && granted.len() < jobs.len() {
+        for &job in jobs.iter().filter(|j| !granted.contains_key(*j)) {
+            let join = Join {
+                job,
+                rank: 0,
+                world: 1,
+                codec,
+                chunk_elems: chunk,
+                window: 1024,
+                secret: Vec::new(),
+            };
+            let mut d = Vec::new();
+            encode_join(&join, &mut d);
+            sock.send_to(&d, addr).expect("send");
+        }
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if let Ok(Message::Grant(g)) = decode(&buf[..n]) {
+                assert_eq!(g.chunk_elems, chunk);
+                granted.insert(g.job, g.window);
+            }
+        }
+    }
+    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), 1, 1);
+    let held: usize = granted.values().map(|&w| w as usize * slot).sum();
+    assert!(!granted.is_empty(), "no job granted: {}", agg.stderr());
+    assert!(
+        held <= inagg_aggregator::DEFAULT_SLOT_MEMORY,
+        "granted {granted:?} slots of {slot} bytes: {held} bytes"
+    );
+    // The strangers send nothing more: their jobs end at the silence timeout (3 s)
+    // and free their memory for a job that runs.
+    assert_new_job_runs(addr, 905, &[]);
+    assert!(agg.running(), "aggregator stopped: {}", agg.stderr());
+}
+
 /// Ranks whose tensors differ in length fail at once, saying so, and the job's bits
 /// never mix: a tensor that ends on a chunk boundary before the others' (16 Ki
 /// against 24 Ki elements in chunks of 8 Ki) is caught by its last packet's flag,

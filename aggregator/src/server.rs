@@ -24,6 +24,16 @@ use inagg_quic::{Identity, QuicListener};
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn};
 
+/// The slot memory budget of an aggregator unless told otherwise (`inagg aggregator
+/// --slot-memory`): 1 GiB. Without a budget each job got the window it asked for, up
+/// to `max_window` (1024) slots of up to 655 KB (65,467 elements of i8, the most one
+/// datagram carries), so one unauthenticated one-rank join could claim 670 MB and 64
+/// of them 43 GB. The budget is far above what honest jobs hold (a few MB at the
+/// default windows: their shares stay what they ask for until hundreds run at once),
+/// and above the minimal shares of 64 jobs (the default `max_jobs`) of the widest
+/// slots (64 x 4 x 655 KB = 168 MB), so none of them is refused for memory.
+pub const DEFAULT_SLOT_MEMORY: usize = 1 << 30;
+
 /// Settings of the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -39,12 +49,15 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults, listening on `listen`, with session tokens seeded from the operating
-    /// system's randomness: the state machine's default seed is fixed (for tests and
-    /// the simulator), and tokens that repeat from run to run could be guessed.
+    /// system's randomness (the state machine's default seed is fixed, for tests and
+    /// the simulator, and tokens that repeat from run to run could be guessed) and a
+    /// slot memory budget of [`DEFAULT_SLOT_MEMORY`] (the state machine's default has
+    /// none).
     pub fn new(listen: SocketAddr) -> Self {
         use rand::{Rng, SeedableRng};
         let protocol = AggregatorConfig {
             seed: rand::rngs::StdRng::from_os_rng().random(),
+            slot_memory: Some(DEFAULT_SLOT_MEMORY),
             ..AggregatorConfig::default()
         };
         Self {

@@ -131,7 +131,10 @@ impl QuicLink {
                     tokio::spawn(crate::write_frames(send, wrx));
                     let c = conn.clone();
                     tokio::spawn(async move {
-                        if let Err(why) = crate::read_frames(recv, |m| tx.send(m).is_ok()).await {
+                        if let Err(why) =
+                            crate::read_frames(recv, |m| std::future::ready(tx.send(m).is_ok()))
+                                .await
+                        {
                             c.close(quinn::VarInt::from_u32(1), why.as_bytes());
                         }
                     });

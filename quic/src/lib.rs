@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{ClientOptions, QuicLink};
-pub use server::{ListenerStats, QuicListener};
+pub use server::{ListenerStats, QuicListener, INBOUND_QUEUE};
 pub use tls::{Identity, Trust, DEFAULT_SERVER_NAME};
 
 use thiserror::Error;
@@ -181,10 +181,12 @@ pub(crate) fn frame(msg: &[u8]) -> bytes::Bytes {
 }
 
 /// Reads length-framed messages from `recv` until it ends, fails, or announces a frame
-/// over [`MAX_FRAME`]; hands each to `deliver` (which returns false to stop).
-pub(crate) async fn read_frames(
+/// over [`MAX_FRAME`]; hands each to `deliver` and waits for it (which says false to
+/// stop). A `deliver` that waits for room holds the stream back, and QUIC's flow
+/// control then holds back the peer.
+pub(crate) async fn read_frames<F: std::future::Future<Output = bool>>(
     mut recv: quinn::RecvStream,
-    mut deliver: impl FnMut(bytes::Bytes) -> bool,
+    mut deliver: impl FnMut(bytes::Bytes) -> F,
 ) -> Result<(), &'static str> {
     let mut len = [0u8; 4];
     loop {
@@ -199,7 +201,7 @@ pub(crate) async fn read_frames(
         if recv.read_exact(&mut buf).await.is_err() {
             return Ok(());
         }
-        if !deliver(bytes::Bytes::from(buf)) {
+        if !deliver(bytes::Bytes::from(buf)).await {
             return Ok(());
         }
     }

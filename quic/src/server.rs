@@ -1,12 +1,11 @@
 //! The aggregator's end: accepts connections and turns them back into what the
 //! aggregator's loop knows, messages tagged with the peer's address. A tokio runtime
 //! runs quinn and one task per connection (plus one per stream); everything they
-//! receive arrives in one channel, read by the caller's thread, which owns the
-//! protocol state machine as it does over UDP.
+//! receive arrives in one bounded channel ([`INBOUND_QUEUE`]), read by the caller's
+//! thread, which owns the protocol state machine as it does over UDP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,15 @@ use crate::{tls::Identity, Error};
 
 /// Messages drained per receive call before the loop goes on to send.
 const RECV_BATCH: usize = 256;
+
+/// Messages received from all connections and not yet taken by the loop, at most.
+/// When the queue is full the connection tasks wait: a stream's reader stops reading,
+/// and QUIC's flow control stops its peer; datagrams wait in quinn's receive buffer,
+/// which drops the oldest when full. Before the bound, a peer sending faster than the
+/// loop could take grew the aggregator's memory without limit. Honest ranks have at
+/// most their windows of contributions in flight, 16 batches of the loop's receives
+/// at 32 ranks of 128 slots.
+pub const INBOUND_QUEUE: usize = 4096;
 
 /// What the connection tasks tell the loop.
 #[derive(Debug)]
@@ -54,7 +62,7 @@ pub struct ListenerStats {
 /// A QUIC endpoint accepting workers.
 #[derive(Debug)]
 pub struct QuicListener {
-    inbound: mpsc::Receiver<Inbound>,
+    inbound: tokio::sync::mpsc::Receiver<Inbound>,
     peers: HashMap<SocketAddr, Peer>,
     local: SocketAddr,
     last_full: bool,
@@ -88,7 +96,7 @@ impl QuicListener {
             )?
         };
         let local = endpoint.local_addr()?;
-        let (tx, inbound) = mpsc::channel();
+        let (tx, inbound) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
         let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         runtime.spawn(accept(endpoint.clone(), tx, Arc::clone(&failed)));
         Ok(Self {
@@ -120,6 +128,12 @@ impl QuicListener {
         self.peers.len()
     }
 
+    /// Messages received and waiting for [`recv`](Self::recv): at most
+    /// [`INBOUND_QUEUE`].
+    pub fn queued(&self) -> usize {
+        self.inbound.len()
+    }
+
     /// Whether the last receive stopped at its batch limit: more was waiting.
     pub fn last_batch_full(&self) -> bool {
         self.last_full
@@ -134,7 +148,11 @@ impl QuicListener {
         while handled < RECV_BATCH {
             let next = if wait {
                 wait = false;
-                self.inbound.recv_timeout(timeout).ok()
+                let rx = &mut self.inbound;
+                self.runtime
+                    .block_on(async { tokio::time::timeout(timeout, rx.recv()).await })
+                    .ok()
+                    .flatten()
             } else {
                 self.inbound.try_recv().ok()
             };
@@ -215,7 +233,7 @@ impl QuicListener {
 /// Accepts connections until the endpoint closes.
 async fn accept(
     endpoint: quinn::Endpoint,
-    tx: mpsc::Sender<Inbound>,
+    tx: tokio::sync::mpsc::Sender<Inbound>,
     failed: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut next_id = 0usize;
@@ -238,16 +256,20 @@ async fn accept(
 }
 
 /// Forwards one connection's datagrams and streams until it closes.
-async fn serve(conn: quinn::Connection, id: usize, tx: mpsc::Sender<Inbound>) {
+async fn serve(conn: quinn::Connection, id: usize, tx: tokio::sync::mpsc::Sender<Inbound>) {
     let addr = conn.remote_address();
-    if tx.send(Inbound::Open(addr, id, conn.clone())).is_err() {
+    if tx
+        .send(Inbound::Open(addr, id, conn.clone()))
+        .await
+        .is_err()
+    {
         return;
     }
     let datagrams = {
         let (conn, tx) = (conn.clone(), tx.clone());
         tokio::spawn(async move {
             while let Ok(d) = conn.read_datagram().await {
-                if tx.send(Inbound::Data(addr, d)).is_err() {
+                if tx.send(Inbound::Data(addr, d)).await.is_err() {
                     return;
                 }
             }
@@ -256,19 +278,23 @@ async fn serve(conn: quinn::Connection, id: usize, tx: mpsc::Sender<Inbound>) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (wtx, wrx) = tokio::sync::mpsc::channel(crate::STREAM_QUEUE);
         tokio::spawn(crate::write_frames(send, wrx));
-        if tx.send(Inbound::Stream(addr, id, wtx)).is_err() {
+        if tx.send(Inbound::Stream(addr, id, wtx)).await.is_err() {
             return;
         }
         let (conn, tx) = (conn.clone(), tx.clone());
         tokio::spawn(async move {
-            let r = crate::read_frames(recv, |m| tx.send(Inbound::Data(addr, m)).is_ok()).await;
+            let r = crate::read_frames(recv, |m| {
+                let tx = tx.clone();
+                async move { tx.send(Inbound::Data(addr, m)).await.is_ok() }
+            })
+            .await;
             if let Err(why) = r {
                 conn.close(quinn::VarInt::from_u32(1), why.as_bytes());
             }
         });
     }
     let _ = datagrams.await;
-    let _ = tx.send(Inbound::Closed(addr, id));
+    let _ = tx.send(Inbound::Closed(addr, id)).await;
 }
 
 #[cfg(test)]
@@ -276,21 +302,30 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::{Trust, STREAM_QUEUE};
+    use crate::{Trust, INBOUND_QUEUE, STREAM_QUEUE};
 
-    /// A peer that opens its stream, says one thing and never reads: the replies
-    /// queued for it stop at `STREAM_QUEUE` frames, the rest dropped and counted.
-    #[test]
-    fn replies_to_a_peer_that_stops_reading_are_bounded() {
+    /// A listener with a fresh identity, a client runtime, and a quinn client
+    /// connected to the listener with one stream open: (listener, runtime, endpoint,
+    /// connection, send, recv, directory to remove).
+    fn listener_and_raw_peer() -> (
+        QuicListener,
+        tokio::runtime::Runtime,
+        (
+            quinn::Endpoint,
+            quinn::Connection,
+            quinn::SendStream,
+            quinn::RecvStream,
+        ),
+        std::path::PathBuf,
+    ) {
         let dir = std::env::temp_dir().join(format!(
-            "inagg-quic-unread-{}-{:?}",
+            "inagg-quic-peer-{}-{:?}",
             std::process::id(),
             Instant::now()
         ));
         std::fs::create_dir_all(&dir).expect("dir");
         let id = Identity::load_or_generate(&dir.join("c.pem"), &dir.join("k.pem")).expect("id");
-        let mut listener =
-            QuicListener::bind("127.0.0.1:0".parse().expect("addr"), &id).expect("bind");
+        let listener = QuicListener::bind("127.0.0.1:0".parse().expect("addr"), &id).expect("bind");
         let crypto = Trust::fingerprint(&id.fingerprint())
             .and_then(|t| t.client_crypto())
             .expect("trust");
@@ -304,8 +339,7 @@ mod tests {
             .build()
             .expect("runtime");
         let to = listener.local_addr();
-        // Kept alive (and never read) until the end of the test.
-        let (_endpoint, _conn, _send, _recv) = rt.block_on(async move {
+        let peer = rt.block_on(async move {
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))
                 .expect("client endpoint");
             ep.set_default_client_config(client);
@@ -314,11 +348,59 @@ mod tests {
                 .expect("connect")
                 .await
                 .expect("handshake");
-            let (mut send, recv) = conn.open_bi().await.expect("stream");
+            let (send, recv) = conn.open_bi().await.expect("stream");
+            (ep, conn, send, recv)
+        });
+        (listener, rt, peer, dir)
+    }
+
+    /// A peer that sends faster than the loop takes: what waits for the loop stops at
+    /// `INBOUND_QUEUE` messages (the stream's reader waits, and flow control holds the
+    /// peer), and once the loop takes them every message arrives, none dropped.
+    #[test]
+    fn a_peer_sending_faster_than_the_loop_takes_is_held_back_not_queued() {
+        let (mut listener, rt, (_ep, _conn, mut send, _recv), dir) = listener_and_raw_peer();
+        let sent = 3 * INBOUND_QUEUE;
+        let writer = rt.spawn(async move {
+            for i in 0..sent {
+                let m = (i as u32).to_le_bytes();
+                if send.write_all(&crate::frame(&m)).await.is_err() {
+                    return send;
+                }
+            }
+            send
+        });
+        let end = Instant::now() + Duration::from_secs(20);
+        while listener.queued() < INBOUND_QUEUE && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(listener.queued(), INBOUND_QUEUE);
+        let mut got = Vec::with_capacity(sent);
+        while got.len() < sent && Instant::now() < end {
+            listener.recv(Duration::from_millis(20), |_, m| {
+                if let Ok(b) = <[u8; 4]>::try_from(m) {
+                    got.push(u32::from_le_bytes(b));
+                }
+            });
+        }
+        assert_eq!(got.len(), sent);
+        assert!(got.iter().enumerate().all(|(i, &x)| x == i as u32));
+        let _send = rt.block_on(writer).expect("writer");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer that opens its stream, says one thing and never reads: the replies
+    /// queued for it stop at `STREAM_QUEUE` frames, the rest dropped and counted.
+    #[test]
+    fn replies_to_a_peer_that_stops_reading_are_bounded() {
+        let (mut listener, rt, (_ep, _conn, mut send, _recv), dir) = listener_and_raw_peer();
+        // Kept alive (and never read) until the end of the test.
+        let _send = rt.block_on(async move {
             send.write_all(&crate::frame(b"hello"))
                 .await
                 .expect("write");
-            (ep, conn, send, recv)
+            send
         });
         let mut from = None;
         let end = Instant::now() + Duration::from_secs(10);

@@ -54,6 +54,11 @@ pub struct AggregatorConfig {
     pub silence_timeout: Duration,
     /// How long an aborted job's reason is kept, to answer ranks that missed the abort.
     pub tombstone_ttl: Duration,
+    /// The most aborted jobs' reasons kept at once; beyond, the oldest is forgotten
+    /// first. Jobs come and go faster than `tombstone_ttl` only when someone starts
+    /// and breaks jobs on purpose, and without a bound each would cost memory for the
+    /// whole TTL.
+    pub max_tombstones: usize,
     /// Seeds the session tokens. Drivers pass fresh randomness; tests a fixed value.
     pub seed: u64,
     /// Slot memory budget in bytes, shared by all jobs in max-min fair shares (see
@@ -76,6 +81,7 @@ impl Default for AggregatorConfig {
             max_world: 1024,
             silence_timeout: Duration::from_secs(3),
             tombstone_ttl: Duration::from_secs(30),
+            max_tombstones: 1024,
             seed: 0x1a66_0000_0000_0001,
             slot_memory: None,
             shard: 0,
@@ -619,6 +625,15 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let members: Vec<A> = job.live_addrs().cloned().collect();
         for to in &members {
             self.send(to.clone(), Message::Error(error.clone()));
+        }
+        self.tombstones.remove(&id);
+        while self.tombstones.len() >= self.config.max_tombstones.max(1) {
+            // The one that expires first was made first (every TTL is the same).
+            let oldest = self.tombstones.iter().min_by_key(|(_, t)| t.expires);
+            let Some(&oldest) = oldest.map(|(id, _)| id) else {
+                break;
+            };
+            self.tombstones.remove(&oldest);
         }
         self.tombstones.insert(
             id,

@@ -446,6 +446,60 @@ fn a_silent_rank_aborts_its_job_and_stragglers_learn_why() {
     assert!(h.drain().is_empty());
 }
 
+/// Aborted jobs' reasons are kept for at most `max_tombstones` jobs, the oldest
+/// forgotten first: starting and breaking jobs on purpose cannot grow them for the
+/// whole TTL.
+#[test]
+fn only_the_newest_aborted_jobs_are_remembered() {
+    let mut agg = Aggregator::new(AggregatorConfig {
+        max_tombstones: 2,
+        ..AggregatorConfig::default()
+    });
+    let t0 = Instant::now();
+    // Jobs 10, 11 and 12 of one rank each (addresses 200, 201, 202), one second
+    // apart, all silent: each is aborted 3 s after its join.
+    for k in 0..3u16 {
+        let at = t0 + Duration::from_secs(u64::from(k));
+        agg.handle_datagram(
+            at,
+            200 + u32::from(k),
+            &join_msg(10 + u32::from(k), 0, 1, CodecId::F32, b""),
+        );
+        agg.handle_timeout(at + Duration::from_millis(3500));
+    }
+    let mut buf = Vec::new();
+    while agg.poll_transmit(&mut buf).is_some() {}
+    assert!(agg.jobs().is_empty());
+    let later = t0 + Duration::from_secs(6);
+    let mut answered = Vec::new();
+    for k in 0..3u16 {
+        let job = 10 + u32::from(k);
+        let h = DataHeader {
+            job,
+            rank: 0,
+            codec: CodecId::F32,
+            flags: 0,
+            token: 0,
+            seq: 0,
+            slot: 0,
+            version: 0,
+            scale_exp: wire::NO_EXPONENT,
+            next_exp: wire::NO_EXPONENT,
+            count: 1,
+        };
+        let mut b = Vec::new();
+        wire::encode_contribution(&h, &1f32.to_le_bytes(), &mut b);
+        agg.handle_datagram(later, 200 + u32::from(k), &b);
+        while let Some(to) = agg.poll_transmit(&mut buf) {
+            if let Ok(Message::Error(e)) = wire::decode(&buf) {
+                assert_eq!(e.code, ErrorCode::PeerSilent);
+                answered.push((to, e.job));
+            }
+        }
+    }
+    assert_eq!(answered, vec![(201, 11), (202, 12)]);
+}
+
 #[test]
 fn a_rank_waiting_on_a_leaver_hears_at_its_next_probe() {
     // Rank 0's contribution is in before rank 2 leaves; its retransmission (held:
