@@ -201,18 +201,22 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
     assert!(err.contains("datagrams from port 0"), "not reported: {err}");
 }
 
-/// Strangers cannot claim unbounded memory: with no flags the aggregator holds a
-/// 1 GiB slot memory budget. Four one-rank jobs that anyone on the network could
-/// start, each asking for the largest window of the widest slots (670 MB each, 2.7 GB
-/// in all without a budget), together get grants within the budget, and once they
-/// fall silent their jobs end and a real job runs.
+/// Strangers cannot claim unbounded memory, nor all of it: with no flags the
+/// aggregator has a 1 GiB slot memory budget and a 16 MiB cap per job. Four one-rank
+/// jobs that anyone on the network could start, each asking for the largest window of
+/// the widest slots (670 MB each, 2.7 GB in all without a budget), each get a grant
+/// within the cap (with the budget alone, the first two took all of it and the others
+/// waited), and a real job runs beside them while they keep their jobs alive.
 #[test]
 fn strangers_joins_get_no_more_than_the_default_slot_memory() {
-    use inagg_proto::wire::{decode, encode_join, Join, Message, MAX_DATAGRAM};
+    use inagg_proto::wire::{
+        decode, encode_heartbeat, encode_join, Control, Join, Message, DATA_HEADER_LEN,
+        MAX_DATAGRAM,
+    };
     let (mut agg, addr) = aggregator(&[]);
     let codec = inagg_proto::codec::CodecId::I8;
-    // The widest i8 chunk that fits a datagram behind its 40-byte header.
-    let chunk = (MAX_DATAGRAM - 40) as u16;
+    // The widest i8 chunk that fits a datagram behind its header.
+    let chunk = (MAX_DATAGRAM - DATA_HEADER_LEN) as u16;
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
@@ -240,20 +244,43 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
         while let Ok((n, _)) = sock.recv_from(&mut buf) {
             if let Ok(Message::Grant(g)) = decode(&buf[..n]) {
                 assert_eq!(g.chunk_elems, chunk);
-                granted.insert(g.job, g.window);
+                granted.insert(g.job, (g.window, g.token));
             }
         }
     }
     let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), 1, 1);
-    let held: usize = granted.values().map(|&w| w as usize * slot).sum();
-    assert!(!granted.is_empty(), "no job granted: {}", agg.stderr());
-    assert!(
-        held <= inagg_aggregator::DEFAULT_SLOT_MEMORY,
-        "granted {granted:?} slots of {slot} bytes: {held} bytes"
-    );
-    // The strangers send nothing more: their jobs end at the silence timeout (3 s)
-    // and free their memory for a job that runs.
-    assert_new_job_runs(addr, 905, &[]);
+    assert_eq!(granted.len(), jobs.len(), "{granted:?}");
+    for (job, &(w, _)) in &granted {
+        assert!(
+            w as usize * slot <= inagg_aggregator::DEFAULT_MAX_JOB_MEMORY,
+            "job {job}: {w} slots of {slot} bytes"
+        );
+    }
+    // The strangers keep their jobs (and memory) alive with heartbeats while a real
+    // job runs; it must not wait for them.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                for (&job, &(_, token)) in &granted {
+                    let mut d = Vec::new();
+                    encode_heartbeat(
+                        &Control {
+                            job,
+                            rank: 0,
+                            token,
+                        },
+                        &mut d,
+                    );
+                    let _ = sock.send_to(&d, addr);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        assert_new_job_runs(addr, 905, &[]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     assert!(agg.running(), "aggregator stopped: {}", agg.stderr());
 }
 

@@ -18,5 +18,6 @@ mod server;
 pub use inagg_proto::aggregator::{AggregatorConfig, DropReason, Stats};
 pub use inagg_quic::Identity;
 pub use server::{
-    Front, QuicFront, Server, ServerConfig, ServerError, UdpFront, DEFAULT_SLOT_MEMORY,
+    Front, QuicFront, Server, ServerConfig, ServerError, UdpFront, DEFAULT_MAX_JOB_MEMORY,
+    DEFAULT_SLOT_MEMORY,
 };

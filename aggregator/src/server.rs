@@ -28,11 +28,17 @@ use tracing::{debug, info, info_span, warn};
 /// --slot-memory`): 1 GiB. Without a budget each job got the window it asked for, up
 /// to `max_window` (1024) slots of up to 655 KB (65,467 elements of i8, the most one
 /// datagram carries), so one unauthenticated one-rank join could claim 670 MB and 64
-/// of them 43 GB. The budget is far above what honest jobs hold (a few MB at the
-/// default windows: their shares stay what they ask for until hundreds run at once),
-/// and above the minimal shares of 64 jobs (the default `max_jobs`) of the widest
-/// slots (64 x 4 x 655 KB = 168 MB), so none of them is refused for memory.
+/// of them 43 GB.
 pub const DEFAULT_SLOT_MEMORY: usize = 1 << 30;
+
+/// The most slot memory one job holds unless told otherwise (`inagg aggregator
+/// --max-job-memory`): [`DEFAULT_SLOT_MEMORY`] over the default 64 jobs, 16 MiB. So the
+/// default budget holds every job the job limit admits, each at its cap, and no job
+/// waits for another's memory (with the budget alone, two joins asking for 1024 slots
+/// of the widest chunks took it all, and every later job waited for them to leave).
+/// Far above what jobs ask for at the default windows (2 MiB for 32 slots of 32 KiB
+/// f32 chunks); a window of 1024 such slots is capped at 255.
+pub const DEFAULT_MAX_JOB_MEMORY: usize = DEFAULT_SLOT_MEMORY / 64;
 
 /// Settings of the server.
 #[derive(Debug, Clone)]
@@ -50,14 +56,15 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Defaults, listening on `listen`, with session tokens seeded from the operating
     /// system's randomness (the state machine's default seed is fixed, for tests and
-    /// the simulator, and tokens that repeat from run to run could be guessed) and a
-    /// slot memory budget of [`DEFAULT_SLOT_MEMORY`] (the state machine's default has
-    /// none).
+    /// the simulator, and tokens that repeat from run to run could be guessed), a slot
+    /// memory budget of [`DEFAULT_SLOT_MEMORY`] and a cap per job of
+    /// [`DEFAULT_MAX_JOB_MEMORY`] (the state machine's defaults have neither).
     pub fn new(listen: SocketAddr) -> Self {
         use rand::{Rng, SeedableRng};
         let protocol = AggregatorConfig {
             seed: rand::rngs::StdRng::from_os_rng().random(),
             slot_memory: Some(DEFAULT_SLOT_MEMORY),
+            max_job_memory: Some(DEFAULT_MAX_JOB_MEMORY),
             ..AggregatorConfig::default()
         };
         Self {

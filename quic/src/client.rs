@@ -164,8 +164,8 @@ impl QuicLink {
     }
 
     /// The largest message [`QuicLink::send`] takes: the path's datagram size in
-    /// datagram mode (it may grow as path MTU discovery proceeds), unlimited on a
-    /// stream.
+    /// datagram mode (it may grow as path MTU discovery proceeds), on a stream the
+    /// largest inagg message (65,507 bytes, as over UDP).
     pub fn max_message(&self) -> usize {
         match self.out {
             Outbound::Datagram => self.conn.max_datagram_size().unwrap_or(0),

@@ -17,13 +17,15 @@ use crate::{tls::Identity, Error};
 /// Messages drained per receive call before the loop goes on to send.
 const RECV_BATCH: usize = 256;
 
-/// Messages received from all connections and not yet taken by the loop, at most.
-/// When the queue is full the connection tasks wait: a stream's reader stops reading,
-/// and QUIC's flow control stops its peer; datagrams wait in quinn's receive buffer,
-/// which drops the oldest when full. Before the bound, a peer sending faster than the
-/// loop could take grew the aggregator's memory without limit. Honest ranks have at
-/// most their windows of contributions in flight, 16 batches of the loop's receives
-/// at 32 ranks of 128 slots.
+/// Messages received from all connections and not yet taken by the loop, at most
+/// (of at most `MAX_FRAME` bytes each: 256 MiB). When the queue is full the connection
+/// tasks wait: a stream's reader stops reading, and once quinn's receive window for
+/// the stream is full, QUIC's flow control stops its peer; datagrams wait in quinn's
+/// receive buffer, which drops the oldest when full. Before the bound, a peer sending
+/// faster than the loop could take grew the aggregator's memory without limit.
+/// (quinn's own buffers, up to its receive windows per connection, come on top.)
+/// Honest ranks have at most their windows of contributions in flight; 4096 is 16
+/// batches of the loop's receives, or 32 ranks with 128 slots each.
 pub const INBOUND_QUEUE: usize = 4096;
 
 /// What the connection tasks tell the loop.
@@ -140,7 +142,8 @@ impl QuicListener {
     }
 
     /// Hands every message received to `f` with its peer's address, waiting up to
-    /// `timeout` if none is there. Returns how many.
+    /// `timeout` if none is there. Returns how many. Blocks the calling thread (on the
+    /// listener's runtime), so it must not be called from within an async runtime.
     pub fn recv(&mut self, timeout: Duration, mut f: impl FnMut(SocketAddr, &[u8])) -> usize {
         let mut n = 0;
         let mut handled = 0;
@@ -355,8 +358,9 @@ mod tests {
     }
 
     /// A peer that sends faster than the loop takes: what waits for the loop stops at
-    /// `INBOUND_QUEUE` messages (the stream's reader waits, and flow control holds the
-    /// peer), and once the loop takes them every message arrives, none dropped.
+    /// `INBOUND_QUEUE` messages (the stream's reader waits; the rest stay in quinn's
+    /// stream window, as the messages here are small), and once the loop takes them
+    /// every message arrives, none dropped.
     #[test]
     fn a_peer_sending_faster_than_the_loop_takes_is_held_back_not_queued() {
         let (mut listener, rt, (_ep, _conn, mut send, _recv), dir) = listener_and_raw_peer();

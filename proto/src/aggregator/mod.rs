@@ -65,6 +65,11 @@ pub struct AggregatorConfig {
     /// [`budget`] and [`slot_bytes`] for what a slot costs); `None`: every job gets
     /// the window it asks for, up to `max_window`.
     pub slot_memory: Option<usize>,
+    /// The most slot memory one job may hold, in bytes: a job's window is capped at
+    /// as many slots as fit (at least one). With `slot_memory` at `max_jobs` times this,
+    /// jobs never wait for one another's memory, so a few joins asking for the largest
+    /// windows cannot keep every later job out. `None`: no cap beyond `max_window`.
+    pub max_job_memory: Option<usize>,
     /// This state machine's shard of its aggregator, and the number of shards, which
     /// every grant announces (see [`Grant::shards`]). One shard: 0 of 1. `new` keeps
     /// them in range (1 to `MAX_SHARDS` shards, the shard below the count).
@@ -84,6 +89,7 @@ impl Default for AggregatorConfig {
             max_tombstones: 1024,
             seed: 0x1a66_0000_0000_0001,
             slot_memory: None,
+            max_job_memory: None,
             shard: 0,
             shards: 1,
         }

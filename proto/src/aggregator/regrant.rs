@@ -61,7 +61,14 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        job.want = job.requested_window().min(max_window).max(1);
+        let memory_cap = self.config.max_job_memory.map_or(u32::MAX, |m| {
+            (m / job.slot_bytes().max(1)).min(u32::MAX as usize) as u32
+        });
+        job.want = job
+            .requested_window()
+            .min(max_window)
+            .min(memory_cap)
+            .max(1);
         job.arrival = arrival;
         let Some(budget) = self.config.slot_memory else {
             let window = job.want;

@@ -446,6 +446,41 @@ fn a_silent_rank_aborts_its_job_and_stragglers_learn_why() {
     assert!(h.drain().is_empty());
 }
 
+/// `max_job_memory` caps a job's window at the slots that fit in it, budget or not.
+#[test]
+fn a_job_gets_no_more_slots_than_its_memory_cap_holds() {
+    let slot = slot_bytes(4, 0, 1);
+    for budget in [None, Some(1000 * slot)] {
+        let mut agg = Aggregator::new(AggregatorConfig {
+            slot_memory: budget,
+            max_job_memory: Some(10 * slot + slot / 2),
+            ..AggregatorConfig::default()
+        });
+        let now = Instant::now();
+        let mut b = Vec::new();
+        let join = Join {
+            job: 3,
+            rank: 0,
+            world: 1,
+            codec: CodecId::F32,
+            chunk_elems: 4,
+            window: 100,
+            secret: Vec::new(),
+        };
+        wire::encode_join(&join, &mut b);
+        agg.handle_datagram(now, 7, &b);
+        let mut buf = Vec::new();
+        let mut windows = Vec::new();
+        while agg.poll_transmit(&mut buf).is_some() {
+            if let Ok(Message::Grant(g)) = wire::decode(&buf) {
+                windows.push(g.window);
+            }
+        }
+        assert_eq!(windows, vec![10], "budget {budget:?}");
+        assert_eq!(agg.slot_memory(), 10 * slot);
+    }
+}
+
 /// Aborted jobs' reasons are kept for at most `max_tombstones` jobs, the oldest
 /// forgotten first: starting and breaking jobs on purpose cannot grow them for the
 /// whole TTL.

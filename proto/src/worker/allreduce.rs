@@ -188,7 +188,11 @@ impl Allreduce {
             next_exp: NO_EXPONENT,
             count: 0,
         };
-        let n = len.div_ceil(chunk) as u64;
+        // An empty tensor is one empty chunk, not none: its packet, flagged last like
+        // any allreduce's, tells a rank that reduces [] from one whose tensor has
+        // data (the counts differ), where sending nothing let the first rank's next
+        // tensor be summed with the other's current one.
+        let n = len.div_ceil(chunk).max(1) as u64;
         let slots = u64::from(slots.max(1));
         // Block exponents travel one window ahead for block-scaled codecs (the shared
         // scale) and, with zero skipping, for every codec (an all-zero chunk has none).

@@ -325,6 +325,37 @@ fn non_finite_input_to_a_block_scaled_codec_fails_the_allreduce_on_every_rank_an
     }
 }
 
+/// A rank that reduces an empty tensor while another reduces one with data fails as
+/// any length mismatch does, at once; when every rank's tensor is empty the result
+/// is empty and the job goes on. Before, the empty allreduce sent nothing and ended
+/// at once, so its rank's next tensor met the other rank's current one.
+#[test]
+fn an_empty_tensor_against_one_with_data_is_a_length_mismatch() {
+    for codec in [CodecId::F32, CodecId::F16, CodecId::I8] {
+        let cfgs = (0..2).map(|r| WorkerConfig::new(1, r, 2, codec)).collect();
+        let mut sim = Sim::new(SimConfig::lossy(9), AggregatorConfig::default(), cfgs);
+        let out = sim
+            .allreduce(vec![Vec::new(), Vec::new()])
+            .expect("every rank empty");
+        assert!(out.iter().all(Vec::is_empty), "{codec:?}");
+        let out = sim
+            .allreduce(vec![vec![1.0; 100], vec![2.0; 100]])
+            .expect("the job goes on");
+        assert!(out.iter().all(|o| o.iter().all(|x| *x == 3.0)), "{codec:?}");
+        match sim.allreduce(vec![Vec::new(), vec![1.0; 100]]) {
+            Err(SimError::Worker {
+                error:
+                    WorkerError::Aborted {
+                        code: ErrorCode::Inconsistent,
+                        ..
+                    },
+                ..
+            }) => {}
+            other => panic!("{codec:?}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
     let t0 = std::time::Instant::now();
