@@ -57,20 +57,22 @@ pub struct Args {
     /// kept is the codec's wire bytes (f16, bf16, i16: 2; i8: 1) and 0 for f32 and i32,
     /// whose lanes are their results.
     /// A job waits while others shrink to make room, and is refused if even its
-    /// minimal share (4 slots) cannot fit. The default, 1 GiB, keeps strangers' joins
-    /// from claiming unbounded memory.
-    #[arg(long, value_name = "BYTES", default_value_t = inagg_aggregator::DEFAULT_SLOT_MEMORY)]
-    pub slot_memory: usize,
+    /// minimal share (4 slots) cannot fit. Default: 1 GiB per shard (and for QUIC),
+    /// with a cap of 16 MiB per job (see --max-job-memory), which keeps strangers'
+    /// joins from claiming unbounded memory.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub slot_memory: Option<u64>,
     /// The most slot memory one job may hold: its window is capped at as many slots as
-    /// fit. The default, 16 MiB (--slot-memory's default over 64 jobs), lets the
-    /// default budget hold 64 jobs at their caps, so that no job waits for another's
-    /// memory, and is far above what jobs hold at the default windows (2 MiB).
-    #[arg(long, value_name = "BYTES", default_value_t = inagg_aggregator::DEFAULT_MAX_JOB_MEMORY)]
-    pub max_job_memory: usize,
+    /// fit. Without --slot-memory it defaults to 16 MiB per shard (the default budget
+    /// over 64 jobs, so that the default budget holds 64 jobs at their caps and no job
+    /// waits for another's memory; jobs at the default windows hold 2-6 MiB); with
+    /// --slot-memory, to no cap (max-min fair shares of that budget).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_job_memory: Option<u64>,
     /// UDP shards to run, one per thread (and core): shard k listens on the
     /// `--listen` port + k (with port 0, on a run of free ports), and workers stripe
     /// every job over all of them on their own. Each gets 1/T of `--slot-memory` and
-    /// of `--max-job-memory`.
+    /// of `--max-job-memory` where they are given.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
     /// A rank silent this long (milliseconds) aborts its job.
@@ -87,8 +89,17 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     let mut cfg = ServerConfig::new(listen);
     cfg.protocol.max_window = a.max_window;
     cfg.protocol.max_jobs = a.max_jobs;
-    cfg.protocol.slot_memory = Some(a.slot_memory / usize::from(shards.max(1)));
-    cfg.protocol.max_job_memory = Some(a.max_job_memory / usize::from(shards.max(1)));
+    let per_shard =
+        |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX) / usize::from(shards.max(1));
+    // The defaults (those of `ServerConfig::new`) are per shard; given values are
+    // shared among the shards.
+    if let Some(b) = a.slot_memory {
+        cfg.protocol.slot_memory = Some(per_shard(b));
+        cfg.protocol.max_job_memory = None;
+    }
+    if let Some(m) = a.max_job_memory {
+        cfg.protocol.max_job_memory = Some(per_shard(m));
+    }
     cfg.protocol.shard = shard;
     cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);

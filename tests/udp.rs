@@ -278,8 +278,15 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
+        // Stops the heartbeats however the job ends, a failed assertion included.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
         assert_new_job_runs(addr, 905, &[]);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     assert!(agg.running(), "aggregator stopped: {}", agg.stderr());
 }
@@ -358,6 +365,17 @@ fn bad_input_gets_a_clear_error() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown codec"));
+    // A budget of nothing would refuse every job: refused at the start instead.
+    for flag in ["--slot-memory", "--max-job-memory"] {
+        let mut cmd = inagg();
+        cmd.args(["aggregator", "--listen", "127.0.0.1:0", flag, "0"]);
+        let (st, _, err) = common::run_bounded(cmd, Duration::from_secs(10));
+        assert!(!st.success(), "{flag} 0 accepted");
+        assert!(
+            err.contains(flag) && err.contains("0 is not in 1.."),
+            "{err}"
+        );
+    }
     let out = inagg()
         .args([
             "worker",

@@ -24,20 +24,21 @@ use inagg_quic::{Identity, QuicListener};
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn};
 
-/// The slot memory budget of an aggregator unless told otherwise (`inagg aggregator
-/// --slot-memory`): 1 GiB. Without a budget each job got the window it asked for, up
+/// The slot memory budget of a server (one shard of `inagg aggregator --threads`, or
+/// its QUIC listener) unless told otherwise (`--slot-memory`): 1 GiB. Without a budget each job got the window it asked for, up
 /// to `max_window` (1024) slots of up to 655 KB (65,467 elements of i8, the most one
 /// datagram carries), so one unauthenticated one-rank join could claim 670 MB and 64
 /// of them 43 GB.
 pub const DEFAULT_SLOT_MEMORY: usize = 1 << 30;
 
-/// The most slot memory one job holds unless told otherwise (`inagg aggregator
-/// --max-job-memory`): [`DEFAULT_SLOT_MEMORY`] over the default 64 jobs, 16 MiB. So the
-/// default budget holds every job the job limit admits, each at its cap, and no job
-/// waits for another's memory (with the budget alone, two joins asking for 1024 slots
-/// of the widest chunks took it all, and every later job waited for them to leave).
-/// Far above what jobs ask for at the default windows (2 MiB for 32 slots of 32 KiB
-/// f32 chunks); a window of 1024 such slots is capped at 255.
+/// The most slot memory one job holds on a server unless told otherwise (`inagg
+/// aggregator --max-job-memory`): [`DEFAULT_SLOT_MEMORY`] over the default 64 jobs, 16
+/// MiB. So the default budget holds every job the default job limit admits, each at
+/// its cap, and no job waits for another's memory (with the budget alone, two joins
+/// asking for 1024 slots of the widest chunks took it all, and every later job waited
+/// for them to leave). Above what jobs ask for at the default windows (2 MiB for 32
+/// slots of 32 KiB f32 chunks, 6 MiB for f16's 16 Ki-element chunks); a window of
+/// 1024 slots of f32's is capped at 255.
 pub const DEFAULT_MAX_JOB_MEMORY: usize = DEFAULT_SLOT_MEMORY / 64;
 
 /// Settings of the server.
