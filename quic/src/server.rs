@@ -286,9 +286,9 @@ async fn serve(conn: quinn::Connection, id: usize, tx: tokio::sync::mpsc::Sender
         }
         let (conn, tx) = (conn.clone(), tx.clone());
         tokio::spawn(async move {
-            let r = crate::read_frames(recv, |m| {
-                let tx = tx.clone();
-                async move { tx.send(Inbound::Data(addr, m)).await.is_ok() }
+            let tx = &tx;
+            let r = crate::read_frames(recv, |m| async move {
+                tx.send(Inbound::Data(addr, m)).await.is_ok()
             })
             .await;
             if let Err(why) = r {

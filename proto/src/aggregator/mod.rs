@@ -633,13 +633,12 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             self.send(to.clone(), Message::Error(error.clone()));
         }
         self.tombstones.remove(&id);
-        while self.tombstones.len() >= self.config.max_tombstones.max(1) {
-            // The one that expires first was made first (every TTL is the same).
+        if self.tombstones.len() >= self.config.max_tombstones.max(1) {
+            // Every TTL is the same: the first to expire is the oldest.
             let oldest = self.tombstones.iter().min_by_key(|(_, t)| t.expires);
-            let Some(&oldest) = oldest.map(|(id, _)| id) else {
-                break;
-            };
-            self.tombstones.remove(&oldest);
+            if let Some(&oldest) = oldest.map(|(id, _)| id) {
+                self.tombstones.remove(&oldest);
+            }
         }
         self.tombstones.insert(
             id,

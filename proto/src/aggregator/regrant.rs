@@ -257,8 +257,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             return self.send(from, Message::Grant(g));
         }
         if let Some(rank) = job.left_rank() {
-            let text = format!("rank {rank} left job {} before it finished", c.job);
-            return self.abort(now, c.job, ErrorCode::PeerLeft, rank, text);
+            return self.abort_left(now, c.job, rank);
         }
         if let Some(r) = job.regrant_ready.get_mut(usize::from(c.rank)) {
             *r = true;
