@@ -9,8 +9,11 @@ use half::f16;
 use super::fixed::{Fixed, Room, I8};
 use super::{kernels, uniform, Codec, CodecId, F16};
 
-/// Lengths around the vector widths (8 f16 lanes, 16 or 32 i16 lanes, 64 unrolled).
-const LENGTHS: [usize; 14] = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 1001];
+/// Lengths around the vector widths (8 f16 lanes, 16 or 32 i16 lanes, 64 unrolled)
+/// and the blocks of 256 elements between two prefetches.
+const LENGTHS: [usize; 17] = [
+    0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 255, 256, 257, 1001,
+];
 
 /// f16 bit patterns at the edges: zeros, the smallest and largest subnormals, the
 /// smallest normal, one, the largest finite value, infinities, quiet and signaling
