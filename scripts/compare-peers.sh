@@ -77,10 +77,19 @@ mpi() { # workers elements
         where=(--host "$(IFS=,; echo "${hosts[*]}")" --mca plm_rsh_agent "$PWD/scripts/peers/netns-rsh"
             --mca btl_tcp_if_include 198.18.0.0/15 --mca oob_tcp_if_include 198.18.0.0/15)
     fi
-    "${prefix[@]}" mpirun -np "$n" "${where[@]}" --mca btl tcp,self --mca pml ob1 \
+    # Open MPI prints its errors as banners, to standard output too: only the JSON
+    # line of a run that succeeded is a measurement.
+    local log
+    log=$(mktemp)
+    if "${prefix[@]}" mpirun -np "$n" "${where[@]}" --mca btl tcp,self --mca pml ob1 \
         "$PY" "$PWD/scripts/peers/mpi_allreduce.py" --elements "$e" \
-        --iters "$ITERS" --warmup 1 >>"$results" 2>/dev/null ||
-        echo "compare-peers: MPI run failed (N=$n, E=$e)" >&2
+        --iters "$ITERS" --warmup 1 >"$log" 2>&1; then
+        grep '^{' "$log" >>"$results" || echo "compare-peers: MPI printed no measurement (N=$n, E=$e)" >&2
+    else
+        echo "compare-peers: MPI run failed (N=$n, E=$e), left out of the report; its last words:" >&2
+        tail -n 20 "$log" | sed 's/^/  mpi: /' >&2
+    fi
+    rm -f "$log"
 }
 
 inagg() { # workers elements
