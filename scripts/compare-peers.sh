@@ -84,7 +84,10 @@ mpi() { # workers elements
     if "${prefix[@]}" mpirun -np "$n" "${where[@]}" --mca btl tcp,self --mca pml ob1 \
         "$PY" "$PWD/scripts/peers/mpi_allreduce.py" --elements "$e" \
         --iters "$ITERS" --warmup 1 >"$log" 2>&1; then
-        grep '^{' "$log" >>"$results" || echo "compare-peers: MPI printed no measurement (N=$n, E=$e)" >&2
+        if ! grep '^{' "$log" >>"$results"; then
+            echo "compare-peers: MPI printed no measurement (N=$n, E=$e); its last words:" >&2
+            tail -n 20 "$log" | sed 's/^/  mpi: /' >&2
+        fi
     else
         echo "compare-peers: MPI run failed (N=$n, E=$e), left out of the report; its last words:" >&2
         tail -n 20 "$log" | sed 's/^/  mpi: /' >&2

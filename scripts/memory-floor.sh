@@ -41,20 +41,18 @@ cat >"$dir/floor.c" <<'EOF'
 #include <stdlib.h>
 #include <string.h>
 /* Copies k floats in blocks of 256, first asking for the tensor's side 2 KiB ahead,
-   one prefetch per line, as inagg's kernels do (`kernels::prefetch_block`): without
-   it a pass is bound by the memory's latency, and the floor would lie above what
-   inagg's decoders reach. */
+   one prefetch per line, as inagg's kernels do (`kernels::prefetch_block`, a read
+   prefetch for reads and writes alike): without it a pass is bound by the memory's
+   latency, and the floor would lie above what inagg's decoders reach. */
 enum { BLOCK = 256, AHEAD = 2048 };
-static void copy_ahead(float *dst, const float *src, size_t k, const float *tensor, int write) {
+static void copy_ahead(float *dst, const float *src, size_t k, const float *tensor) {
     for (size_t b = 0; b < k; b += BLOCK) {
         size_t m = k - b < BLOCK ? k - b : BLOCK;
         /* Integer arithmetic: the address may lie past the tensor's end, and a
            prefetch of it is a hint that never faults. */
-        const char *ahead = (const char *)((uintptr_t)(tensor + b) + AHEAD);
-        for (int l = 0; l < BLOCK * 4 / 64; l++) {
-            if (write) __builtin_prefetch(ahead + 64 * l, 1);
-            else __builtin_prefetch(ahead + 64 * l, 0);
-        }
+        uintptr_t ahead = (uintptr_t)(tensor + b) + AHEAD;
+        for (int l = 0; l < BLOCK * 4 / 64; l++)
+            __builtin_prefetch((const void *)(ahead + 64 * (uintptr_t)l), 0, 3);
         memcpy(dst + b, src + b, m * sizeof *src);
     }
 }
@@ -73,13 +71,13 @@ int main(int argc, char **argv) {
         for (int r = 0; r < reads; r++)
             for (size_t c = 0; c < n; c += CHUNK) {
                 size_t k = n - c < CHUNK ? n - c : CHUNK;
-                copy_ahead(hot, t + c, k, t + c, 0);
+                copy_ahead(hot, t + c, k, t + c);
                 sink += hot[k / 2];
             }
         for (size_t c = 0; c < n; c += CHUNK) {
             size_t k = n - c < CHUNK ? n - c : CHUNK;
             hot[0] = (float)it;
-            copy_ahead(t + c, hot, k, t + c, 1);
+            copy_ahead(t + c, hot, k, t + c);
         }
     }
     /* The tensor's stores must happen: tell the compiler it is read. */

@@ -70,15 +70,17 @@ macro_rules! multiversion {
     };
 }
 
-/// Elements of a pass handled between two prefetches: 1 KiB of 32-bit values.
+/// Elements of a pass handled between two prefetches: 1 KiB of f32 or 32-bit lanes
+/// (512 bytes of the i8 sum's 16-bit lanes).
 const BLOCK: usize = 256;
 
-/// How far ahead of the block at hand a pass asks for its 32-bit side, in bytes.
+/// How far ahead of the block at hand a pass asks for its wide side, in bytes.
 const AHEAD: usize = 2048;
 
-/// Asks the CPU to fetch into L1 the lines of block `k` of the 32-bit side that
-/// starts at `base` (the tensor, or a slot's lanes), [`AHEAD`] bytes beyond it, so that they arrive while
-/// this block is worked on.
+/// Asks the CPU to fetch into L1 the lines of one block's worth of the wide side
+/// that starts at `base` (the f32 tensor, or a slot's lanes), [`AHEAD`] bytes past
+/// the start of block `k`: with 32-bit elements, block `k + 2`, so that its lines
+/// arrive while blocks `k` and `k + 1` are worked on.
 ///
 /// Every pass over a tensor that leaves the caches was latency-bound, not
 /// bandwidth-bound: the hardware's stream prefetcher stops at each 4 KiB page, and a
@@ -95,8 +97,8 @@ fn prefetch_block<T>(base: *const T, k: usize) {
             .wrapping_add(AHEAD);
         for line in 0..BLOCK * std::mem::size_of::<T>() / 64 {
             // SAFETY: a prefetch is a hint: it never faults, whatever the address
-            // (past the end of the side it may fetch a neighbour's lines or nothing), and
-            // the address is formed with wrapping arithmetic, never dereferenced.
+            // (past the end of the side it may fetch a neighbour's lines or nothing),
+            // and the address is formed with wrapping arithmetic, never dereferenced.
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                     first.wrapping_add(line * 64),
@@ -105,7 +107,7 @@ fn prefetch_block<T>(base: *const T, k: usize) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (base, k);
+    let _ = (base, k, AHEAD);
 }
 
 /// Bytes per element of the integer kernels' `width`: 1, 2, and 4 for anything else
@@ -199,30 +201,47 @@ multiversion! {
     }
 }
 
+/// One block of [`int_lanes`] for integers of `w` bytes: `ADD` chooses the operation
+/// at compile time, so that each loop is a plain store or a plain add.
+#[inline(always)]
+fn int_block<const ADD: bool>(acc: &mut [u32], src: &[u8], w: usize) {
+    let put = |a: &mut u32, v: i32| {
+        *a = if ADD {
+            a.wrapping_add(v as u32)
+        } else {
+            v as u32
+        }
+    };
+    match w {
+        1 => {
+            for (c, a) in src.iter().zip(acc.iter_mut()) {
+                put(a, i32::from(*c as i8));
+            }
+        }
+        2 => {
+            for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
+                put(a, i32::from(i16::from_le_bytes([c[0], c[1]])));
+            }
+        }
+        _ => {
+            for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
+                put(a, i32::from_le_bytes(lane4(c)));
+            }
+        }
+    }
+}
+
 multiversion! {
     /// i32 lanes: `acc += src` with `add`, wrapping, else `acc = src`, where `src`
     /// holds integers of `width` bytes (1, 2, 4).
     fn int_lanes(acc: &mut [u32], src: &[u8], width: usize, add: bool) {
         let (base, w) = (acc.as_ptr(), int_bytes(width));
-        let put = |a: &mut u32, v: i32| *a = if add { a.wrapping_add(v as u32) } else { v as u32 };
         for (k, (src, acc)) in src.chunks(w * BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
             prefetch_block(base, k);
-            match w {
-                1 => {
-                    for (c, a) in src.iter().zip(acc.iter_mut()) {
-                        put(a, i32::from(*c as i8));
-                    }
-                }
-                2 => {
-                    for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
-                        put(a, i32::from(i16::from_le_bytes([c[0], c[1]])));
-                    }
-                }
-                _ => {
-                    for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
-                        put(a, i32::from_le_bytes(lane4(c)));
-                    }
-                }
+            if add {
+                int_block::<true>(acc, src, w)
+            } else {
+                int_block::<false>(acc, src, w)
             }
         }
     }
@@ -504,6 +523,7 @@ multiversion! {
 }
 
 /// Elements of an f16 payload converted per step by F16C (one 256-bit register).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const F16_STEP: usize = 8;
 
 /// f32 lanes: `acc = f16(src)`, or `acc += f16(src)` with `ADD`; the payload at any
@@ -617,7 +637,7 @@ mod x86 {
     /// [`quantize_packed`] on one block.
     ///
     /// # Safety
-    /// The CPU must support AVX2.
+    /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn quantize_packed_block<const W: usize>(src: &[f32], s: f32, lim: f32, out: &mut [u8]) {
@@ -650,9 +670,11 @@ mod x86 {
                 o[32..].copy_from_slice(&bytemuck::cast::<_, [u8; 32]>(cd));
             }
         }
-        // The tail (fewer than 32 elements) through the loop.
+        // The tail (fewer than 32 elements, in the last block only) through the loop.
         let (s_tail, o_tail) = (s32.remainder(), o32.into_remainder());
-        quantize_loop(s_tail, s, lim, None, o_tail, W);
+        if !s_tail.is_empty() {
+            quantize_loop(s_tail, s, lim, None, o_tail, W);
+        }
     }
 
     /// Eight f32 to eight f16, round to nearest even (NaN stays NaN, quieted).
