@@ -143,11 +143,11 @@ pub enum Error {
 pub const MIN_DATAGRAM: usize = 1100;
 
 /// The largest message a stream frame may announce: the largest inagg message,
-/// which is the largest UDP payload (65,507 bytes; `inagg_proto::wire::MAX_DATAGRAM`,
-/// which the decoder enforces and to which the aggregator holds every job's chunks,
-/// on streams too). A larger length is garbage and ends the stream. It also bounds
-/// what the aggregator's inbound queue holds (`INBOUND_QUEUE` of them, 256 MiB).
-pub(crate) const MAX_FRAME: usize = 65_507;
+/// which is the largest UDP payload (65,507 bytes, which the decoder enforces and to
+/// which the aggregator holds every job's chunks, on streams too). A larger length is
+/// garbage and ends the stream. It also bounds what the aggregator's inbound queue
+/// holds (`INBOUND_QUEUE` of them, 256 MiB).
+pub(crate) const MAX_FRAME: usize = inagg_proto::wire::MAX_DATAGRAM;
 
 /// The largest UDP payload path MTU discovery tries. Loopback could take far more, but
 /// quinn sends up to 10 packets per GSO call and the kernel refuses more than 64 KB in

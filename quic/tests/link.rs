@@ -77,7 +77,7 @@ fn messages_travel_both_ways_in_both_modes() {
         if mode == Mode::Stream {
             // A stream takes messages larger than any datagram, up to the largest inagg
             // message (65,507 bytes, as over UDP).
-            assert_eq!(link.max_message(), 65_507);
+            assert_eq!(link.max_message(), inagg_proto::wire::MAX_DATAGRAM);
             link.send(&vec![7u8; 60_000]).expect("send");
             assert_eq!(echo(&mut listener, 1, Duration::from_secs(5)), 1);
         } else {

@@ -28,6 +28,32 @@ fn join_msg(job: u32, rank: u16, world: u16, codec: CodecId, secret: &[u8]) -> V
     b
 }
 
+/// The header of rank `rank`'s f32 contribution of `count` elements to packet `seq`
+/// of job `job`, in a pool of 2 slots.
+fn f32_header(job: u32, rank: u16, token: u64, seq: u64, count: u16) -> DataHeader {
+    DataHeader {
+        job,
+        rank,
+        codec: CodecId::F32,
+        flags: 0,
+        token,
+        seq,
+        slot: (seq % 2) as u32,
+        version: ((seq / 2) % 2) as u8,
+        scale_exp: wire::NO_EXPONENT,
+        next_exp: wire::NO_EXPONENT,
+        count,
+    }
+}
+
+/// A contribution datagram: `h` and `values` as f32 payload.
+fn contribution(h: &DataHeader, values: &[f32]) -> Vec<u8> {
+    let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut b = Vec::new();
+    wire::encode_contribution(h, &payload, &mut b);
+    b
+}
+
 impl Harness {
     /// A running job 5 of `world` ranks (addresses 100 + rank), f32, chunks of 4, 2 slots.
     fn new(world: u16) -> Self {
@@ -72,26 +98,12 @@ impl Harness {
     }
 
     fn header(&self, rank: u16, seq: u64, count: u16) -> DataHeader {
-        DataHeader {
-            job: 5,
-            rank,
-            codec: CodecId::F32,
-            flags: 0,
-            token: self.token,
-            seq,
-            slot: (seq % 2) as u32,
-            version: ((seq / 2) % 2) as u8,
-            scale_exp: wire::NO_EXPONENT,
-            next_exp: wire::NO_EXPONENT,
-            count,
-        }
+        f32_header(5, rank, self.token, seq, count)
     }
 
     fn contribute_as(&mut self, from: u32, h: &DataHeader, values: &[f32]) {
-        let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut b = Vec::new();
-        wire::encode_contribution(h, &payload, &mut b);
-        self.agg.handle_datagram(self.now, from, &b);
+        self.agg
+            .handle_datagram(self.now, from, &contribution(h, values));
     }
 
     fn contribute(&mut self, rank: u16, seq: u64, values: &[f32]) {
@@ -457,18 +469,7 @@ fn a_job_gets_no_more_slots_than_its_memory_cap_holds() {
             ..AggregatorConfig::default()
         });
         let now = Instant::now();
-        let mut b = Vec::new();
-        let join = Join {
-            job: 3,
-            rank: 0,
-            world: 1,
-            codec: CodecId::F32,
-            chunk_elems: 4,
-            window: 100,
-            secret: Vec::new(),
-        };
-        wire::encode_join(&join, &mut b);
-        agg.handle_datagram(now, 7, &b);
+        agg.handle_datagram(now, 7, &join_window(3, 0, 1, 100));
         let mut buf = Vec::new();
         let mut windows = Vec::new();
         while agg.poll_transmit(&mut buf).is_some() {
@@ -508,23 +509,8 @@ fn only_the_newest_aborted_jobs_are_remembered() {
     let later = t0 + Duration::from_secs(6);
     let mut answered = Vec::new();
     for k in 0..3u16 {
-        let job = 10 + u32::from(k);
-        let h = DataHeader {
-            job,
-            rank: 0,
-            codec: CodecId::F32,
-            flags: 0,
-            token: 0,
-            seq: 0,
-            slot: 0,
-            version: 0,
-            scale_exp: wire::NO_EXPONENT,
-            next_exp: wire::NO_EXPONENT,
-            count: 1,
-        };
-        let mut b = Vec::new();
-        wire::encode_contribution(&h, &1f32.to_le_bytes(), &mut b);
-        agg.handle_datagram(later, 200 + u32::from(k), &b);
+        let h = f32_header(10 + u32::from(k), 0, 0, 0, 1);
+        agg.handle_datagram(later, 200 + u32::from(k), &contribution(&h, &[1.0]));
         while let Some(to) = agg.poll_transmit(&mut buf) {
             if let Ok(Message::Error(e)) = wire::decode(&buf) {
                 assert_eq!(e.code, ErrorCode::PeerSilent);
@@ -633,14 +619,14 @@ fn probes_are_answered_without_touching_the_slot() {
     assert_eq!(h.agg.stats().contributions, 2);
 }
 
-/// A join for job `job` (f32, chunks of 4) asking for `window` slots.
-fn join_window(job: u32, rank: u16, window: u32) -> Vec<u8> {
+/// A join for job `job` of `world` ranks (f32, chunks of 4) asking for `window` slots.
+fn join_window(job: u32, rank: u16, world: u16, window: u32) -> Vec<u8> {
     let mut b = Vec::new();
     wire::encode_join(
         &Join {
             job,
             rank,
-            world: 2,
+            world,
             codec: CodecId::F32,
             chunk_elems: 4,
             window,
@@ -679,7 +665,7 @@ fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_bou
     // Job 5 alone: the 8 slots it asks for.
     for r in 0..2 {
         h.agg
-            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 8));
+            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 2, 8));
     }
     let g = grants(&h.drain());
     assert_eq!(g.len(), 2);
@@ -688,14 +674,14 @@ fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_bou
     // Job 6 comes: fair shares are 5 and 5. Job 5 must shrink first; job 6 waits.
     for r in 0..2 {
         h.agg
-            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 8));
+            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 2, 8));
     }
     assert!(h.drain().is_empty(), "job 6 must wait for memory");
     assert_eq!(h.agg.job_slots(6), None);
     // Job 7 cannot get its minimal share (4 slots) beside the two: refused.
     for r in 0..2 {
         h.agg
-            .handle_datagram(h.now, 300 + u32::from(r), &join_window(7, r, 8));
+            .handle_datagram(h.now, 300 + u32::from(r), &join_window(7, r, 2, 8));
     }
     let out = h.drain();
     assert_eq!(out.len(), 2, "{out:?}");
@@ -852,7 +838,7 @@ fn a_result_keeps_the_regrant_flag_it_completed_with() {
     };
     for r in 0..2 {
         h.agg
-            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 8));
+            .handle_datagram(h.now, 100 + u32::from(r), &join_window(5, r, 2, 8));
     }
     h.token = grants(&h.drain())[0].1.token;
     let hd = |h: &Harness, rank: u16, seq: u64| DataHeader {
@@ -870,7 +856,7 @@ fn a_result_keeps_the_regrant_flag_it_completed_with() {
     // Job 6 comes: job 5 is to shrink.
     for r in 0..2 {
         h.agg
-            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 8));
+            .handle_datagram(h.now, 200 + u32::from(r), &join_window(6, r, 2, 8));
     }
     assert!(h.drain().is_empty());
     // Rank 1 lost its result of chunk 0 and retransmits: the copy says what rank 0 heard.
