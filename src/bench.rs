@@ -71,6 +71,11 @@ pub struct Args {
     /// aggregator --slot-memory`); default the aggregator's own (1 GiB).
     #[arg(long, value_name = "BYTES")]
     pub slot_memory: Option<usize>,
+    /// Start the aggregator(s) with `--yields-before-sleep N`: times an aggregator
+    /// with nothing to read yields the CPU before sleeping; default the aggregator's
+    /// own (64).
+    #[arg(long, value_name = "N")]
+    pub aggregator_yields: Option<u32>,
     /// Faults for a relay in the path (none: no relay), as `inagg relay` takes them.
     #[command(flatten)]
     pub faults: FaultArgs,
@@ -695,6 +700,9 @@ pub fn run(a: &Args) -> Result<()> {
         .collect();
     if a.aggregator_threads > 1 {
         agg_flags.extend(["--threads".to_string(), a.aggregator_threads.to_string()]);
+    }
+    if let Some(y) = a.aggregator_yields {
+        agg_flags.extend(["--yields-before-sleep".to_string(), y.to_string()]);
     }
     for _ in 0..a.aggregators {
         let (agg, agg_addr) = match &quic {

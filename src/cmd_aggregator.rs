@@ -78,6 +78,12 @@ pub struct Args {
     /// A rank silent this long (milliseconds) aborts its job.
     #[arg(long, default_value_t = 3000)]
     pub silence_timeout_ms: u64,
+    /// Over UDP, times a server loop with nothing to read yields the CPU, looking at
+    /// the socket after each, before it sleeps (adaptive within N; 0: sleep at once).
+    /// The default spares the ranks a wakeup per burst where they share cores with the
+    /// aggregator; on a host of its own it is a short busy poll.
+    #[arg(long, default_value_t = inagg_aggregator::DEFAULT_YIELDS_BEFORE_SLEEP)]
+    pub yields_before_sleep: u32,
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`; port 0
     /// picks one; the address is printed on stderr).
     #[arg(long)]
@@ -103,6 +109,7 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     cfg.protocol.shard = shard;
     cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
+    cfg.yields_before_sleep = a.yields_before_sleep;
     cfg
 }
 

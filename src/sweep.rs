@@ -89,6 +89,7 @@ pub fn run(a: &Args) -> Result<()> {
                     aggregators: 1,
                     aggregator_threads: 1,
                     slot_memory: None,
+                    aggregator_yields: None,
                     netlab: bench::Netlab::default(),
                     timeout_s: 600,
                     ca: None,

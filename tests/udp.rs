@@ -357,6 +357,42 @@ fn sigterm_aborts_jobs_and_exits_cleanly() {
     }
 }
 
+/// The aggregator's wait before sleeping: 0 sleeps at once, and a spin far longer
+/// than any wait still ends at the loop's poll interval, so that jobs run and a stop
+/// request is seen either way.
+#[test]
+fn aggregators_that_sleep_at_once_or_spin_long_serve_and_stop() {
+    for yields in ["0", "4294967295"] {
+        let (mut agg, addr) = aggregator(&["--yields-before-sleep", yields]);
+        assert_new_job_runs(addr, 11, &["--codec", "i8"]);
+        // Idle now: the spin must not keep the loop from its stop flag.
+        std::thread::sleep(Duration::from_millis(300));
+        agg.signal(libc::SIGTERM);
+        let st = agg
+            .wait_for(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("--yields-before-sleep {yields}: no stop"));
+        assert!(
+            st.success(),
+            "--yields-before-sleep {yields}: {}",
+            agg.stderr()
+        );
+    }
+    let mut cmd = inagg();
+    cmd.args([
+        "aggregator",
+        "--listen",
+        "127.0.0.1:0",
+        "--yields-before-sleep",
+        "often",
+    ]);
+    let (st, _, err) = common::run_bounded(cmd, Duration::from_secs(10));
+    assert!(!st.success());
+    assert!(
+        err.contains("invalid value 'often' for '--yields-before-sleep"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_input_gets_a_clear_error() {
     let out = inagg()

@@ -19,5 +19,5 @@ pub use inagg_proto::aggregator::{AggregatorConfig, DropReason, Stats};
 pub use inagg_quic::Identity;
 pub use server::{
     Front, QuicFront, Server, ServerConfig, ServerError, UdpFront, DEFAULT_MAX_JOB_MEMORY,
-    DEFAULT_SLOT_MEMORY,
+    DEFAULT_SLOT_MEMORY, DEFAULT_YIELDS_BEFORE_SLEEP,
 };
