@@ -72,8 +72,8 @@ pub struct Args {
     #[arg(long, value_name = "BYTES")]
     pub slot_memory: Option<usize>,
     /// Start the aggregator(s) with `--yields-before-sleep N`: times an aggregator
-    /// with nothing to read yields the CPU before sleeping; default the aggregator's
-    /// own (64).
+    /// with nothing to read over UDP yields the CPU before sleeping; default the
+    /// aggregator's own.
     #[arg(long, value_name = "N")]
     pub aggregator_yields: Option<u32>,
     /// Faults for a relay in the path (none: no relay), as `inagg relay` takes them.
@@ -185,6 +185,8 @@ pub struct Row {
     pub aggregators: u16,
     /// Shards (threads) per aggregator.
     pub aggregator_threads: u16,
+    /// `--aggregator-yields` where given (null: the aggregator's default).
+    pub aggregator_yields: Option<u32>,
     /// ATE/s of each job (from its median); `ate_per_s` is their sum.
     pub per_job_ate_per_s: Vec<f64>,
     /// Jain's fairness index over `per_job_ate_per_s` (1: perfectly fair).
@@ -635,6 +637,7 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         jobs: jobs.len() as u16,
         aggregators: a.aggregators,
         aggregator_threads: a.aggregator_threads,
+        aggregator_yields: a.aggregator_yields,
         jain: jain(&per_job),
         per_job_ate_per_s: per_job,
         median_s: med,
@@ -688,6 +691,9 @@ pub fn run(a: &Args) -> Result<()> {
             "--aggregator-threads shards the UDP aggregator on consecutive ports: not with \
              --transport quic, nor behind the fault relay (one port)"
         );
+    }
+    if a.aggregator_yields.is_some() && quic.is_some() {
+        bail!("--aggregator-yields sets the UDP aggregator's spin: not with --transport quic");
     }
     // Aggregators, each with a relay in front when faults are asked for; the workers
     // talk to the relays.

@@ -344,3 +344,38 @@ fn report(label: &str, stats: &Stats) {
         ),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `inagg aggregator`'s flags alone.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn shard_config(flags: &[&str]) -> ServerConfig {
+        let cli = Cli::try_parse_from(std::iter::once("aggregator").chain(flags.iter().copied()))
+            .expect("flags parse");
+        config(&cli.args, SocketAddr::from(([127, 0, 0, 1], 0)), 0, 1)
+    }
+
+    #[test]
+    fn the_spin_flag_reaches_every_shard_config() {
+        assert_eq!(
+            shard_config(&[]).yields_before_sleep,
+            inagg_aggregator::DEFAULT_YIELDS_BEFORE_SLEEP
+        );
+        assert_eq!(
+            shard_config(&["--yields-before-sleep", "0"]).yields_before_sleep,
+            0
+        );
+        assert_eq!(
+            shard_config(&["--yields-before-sleep", "7"]).yields_before_sleep,
+            7
+        );
+    }
+}

@@ -72,7 +72,8 @@ pub struct ServerConfig {
     /// The longest the loop waits before looking at the stop flag again.
     pub poll_interval: Duration,
     /// Over UDP, times the loop yields the CPU, looking at the socket after each,
-    /// before it sleeps ([`DEFAULT_YIELDS_BEFORE_SLEEP`]; 0 sleeps at once).
+    /// before it sleeps ([`DEFAULT_YIELDS_BEFORE_SLEEP`]; 0 sleeps at once). Not used
+    /// by [`Server::bind_quic`]: quinn drives its socket.
     pub yields_before_sleep: u32,
 }
 
@@ -469,5 +470,16 @@ mod tests {
             .collect();
         assert!(seeds.iter().all(|s| *s != AggregatorConfig::default().seed));
         assert!(seeds[0] != seeds[1] || seeds[1] != seeds[2], "{seeds:?}");
+    }
+
+    #[test]
+    fn a_udp_server_spins_as_configured() {
+        let mut config = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(config.yields_before_sleep, DEFAULT_YIELDS_BEFORE_SLEEP);
+        for yields in [0, 7] {
+            config.yields_before_sleep = yields;
+            let server = Server::bind(config.clone()).expect("bind");
+            assert_eq!(server.front.endpoint.yields_before_sleep(), yields);
+        }
     }
 }

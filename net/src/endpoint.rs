@@ -172,21 +172,28 @@ impl UdpEndpoint {
     /// default: sleep at once).
     ///
     /// Sleeping costs the sender a wakeup (an inter-processor interrupt, dear in a
-    /// virtual machine) and the receiver a context switch. A worker waiting for results
-    /// on a host it shares with the aggregator and other ranks, more processes than
-    /// cores, loses less by yielding: the others run meanwhile, and when it is back its
-    /// results are usually there. Where nothing else wants the CPU, a yield returns at
-    /// once and the whole spin costs some microseconds per wait; it stops at the
-    /// receive's `timeout` (give or take one yield, which on a busy CPU may last a
-    /// scheduler slice).
+    /// virtual machine) and the receiver a context switch. A receiver on a host it
+    /// shares with its peers, more processes than cores (a worker waiting for results
+    /// beside the aggregator and other ranks, or the aggregator waiting for their
+    /// contributions), loses less by yielding: the others run meanwhile, and when it is
+    /// back their datagrams are usually there. Where nothing else wants the CPU, a
+    /// yield returns at once and the whole spin costs some microseconds per wait; it
+    /// stops at the receive's `timeout` (give or take one yield, which on a busy CPU
+    /// may last a scheduler slice).
     ///
     /// The spin adapts within `yields`: a spin that finds data doubles the next one, a
-    /// spin that ends in sleep halves it, and each sleep adds one, so where spins keep
-    /// missing (a rank waiting on slower ranks' quantizing) they settle at two yields
-    /// and cost little.
+    /// spin that ends in sleep or at the timeout halves it, and each wait adds one, so
+    /// where spins keep missing (a rank waiting on slower ranks' quantizing, or an idle
+    /// aggregator) they settle at two yields and cost little.
     pub fn set_yields_before_sleep(&mut self, yields: u32) {
         self.yields = yields;
         self.spin = yields;
+    }
+
+    /// The most yields before sleeping, as set by
+    /// [`set_yields_before_sleep`](Self::set_yields_before_sleep).
+    pub fn yields_before_sleep(&self) -> u32 {
+        self.yields
     }
 
     /// Receives what is there, waiting up to `timeout` if nothing is; calls `f` for
@@ -212,7 +219,10 @@ impl UdpEndpoint {
                     return Ok(n);
                 }
                 if end.is_some_and(|e| Instant::now() >= e) {
-                    return Ok(n);
+                    // A spin that outlasts the wait is a miss too: it must shrink, or
+                    // a loop whose waits are all shorter than its spin never sleeps
+                    // again (an idle aggregator at a large spin kept a core busy).
+                    break;
                 }
             }
             self.spin /= 2;
@@ -492,5 +502,13 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+        // The spin that ran into the timeout counts as a miss: halved (then one added
+        // for the wait), so that waits shorter than the spin do not keep it at full
+        // length forever.
+        assert_eq!(ep.spin, u32::MAX / 2 + 1);
+        for _ in 0..40 {
+            ep.recv(Duration::from_millis(1), |_, _| {}).expect("recv");
+        }
+        assert!(ep.spin <= 2, "the spin stayed at {}", ep.spin);
     }
 }
