@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub fn inagg() -> Command {
@@ -17,16 +18,47 @@ pub fn inagg() -> Command {
 /// A child process, killed when dropped.
 pub struct Proc {
     pub child: Child,
+    /// Threads reading all of stdout and of stderr, from [`Proc::spawn_collected`].
+    out: Option<JoinHandle<String>>,
+    err: Option<JoinHandle<String>>,
+}
+
+/// Reads all of a child's output on a thread of its own, kept for later.
+fn collect(r: Option<impl Read + Send + 'static>) -> Option<JoinHandle<String>> {
+    r.map(|mut r| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    })
 }
 
 impl Proc {
+    /// Spawns `cmd` with its output piped and left unread, for callers that read the
+    /// first lines as they come; a child that writes more than a pipe holds then
+    /// blocks until someone reads.
     pub fn spawn(mut cmd: Command) -> Proc {
         let child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn inagg");
-        Proc { child }
+        Proc {
+            child,
+            out: None,
+            err: None,
+        }
+    }
+
+    /// Spawns `cmd` with threads collecting all of its output as it comes, so that it
+    /// never blocks on a full pipe (a worker's `--json` report of thousands of timed
+    /// calls outgrew the 64 KiB pipe, and the worker never exited).
+    pub fn spawn_collected(cmd: Command) -> Proc {
+        let mut p = Proc::spawn(cmd);
+        p.out = collect(p.child.stdout.take());
+        p.err = collect(p.child.stderr.take());
+        p
     }
 
     pub fn pid(&self) -> i32 {
@@ -58,6 +90,9 @@ impl Proc {
 
     /// Everything it wrote to stderr (after it exited).
     pub fn stderr(&mut self) -> String {
+        if let Some(h) = self.err.take() {
+            return h.join().expect("stderr reader");
+        }
         let mut s = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut s);
@@ -65,7 +100,11 @@ impl Proc {
         s
     }
 
+    /// Everything it wrote to stdout (after it exited).
     pub fn stdout(&mut self) -> String {
+        if let Some(h) = self.out.take() {
+            return h.join().expect("stdout reader");
+        }
         let mut s = String::new();
         if let Some(mut e) = self.child.stdout.take() {
             let _ = e.read_to_string(&mut s);
@@ -133,34 +172,18 @@ pub fn worker(addr: SocketAddr, job: u32, rank: u16, world: u16, extra: &[&str])
         &world.to_string(),
     ])
     .args(extra);
-    Proc::spawn(cmd)
+    Proc::spawn_collected(cmd)
 }
 
 /// Runs `cmd` to completion, killing it and failing the test if it takes longer than
 /// `limit`. Returns (status, stdout, stderr).
 pub fn run_bounded(cmd: Command, limit: Duration) -> (ExitStatus, String, String) {
-    let mut p = Proc::spawn(cmd);
-    let mut out = p.child.stdout.take().expect("stdout");
-    let mut err = p.child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let e = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let mut p = Proc::spawn_collected(cmd);
     let Some(status) = p.wait_for(limit) else {
         drop(p);
         panic!("still running after {limit:?}");
     };
-    (
-        status,
-        o.join().expect("stdout reader"),
-        e.join().expect("stderr reader"),
-    )
+    (status, p.stdout(), p.stderr())
 }
 
 /// One JSON value per non-empty line of `out` (what `--json` prints).
