@@ -84,15 +84,17 @@ mpi() { # workers elements
     if "${prefix[@]}" mpirun -np "$n" "${where[@]}" --mca btl tcp,self --mca pml ob1 \
         "$PY" "$PWD/scripts/peers/mpi_allreduce.py" --elements "$e" \
         --iters "$ITERS" --warmup 1 >"$log" 2>&1; then
-        if ! grep '^{' "$log" >>"$results"; then
-            echo "compare-peers: MPI printed no measurement (N=$n, E=$e); its last words:" >&2
-            tail -n 20 "$log" | sed 's/^/  mpi: /' >&2
-        fi
+        grep '^{' "$log" >>"$results" ||
+            last_words "$log" "MPI printed no measurement (N=$n, E=$e)"
     else
-        echo "compare-peers: MPI run failed (N=$n, E=$e), left out of the report; its last words:" >&2
-        tail -n 20 "$log" | sed 's/^/  mpi: /' >&2
+        last_words "$log" "MPI run failed (N=$n, E=$e), left out of the report"
     fi
     rm -f "$log"
+}
+
+last_words() { # log why: says why on stderr, then the log's last 20 lines
+    echo "compare-peers: $2; its last words:" >&2
+    tail -n 20 "$1" | sed 's/^/  mpi: /' >&2
 }
 
 inagg() { # workers elements

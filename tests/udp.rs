@@ -359,7 +359,7 @@ fn sigterm_aborts_jobs_and_exits_cleanly() {
 
 /// The aggregator's wait before sleeping: 0 sleeps at once, and a spin far longer
 /// than any wait still ends at the loop's poll interval, so that jobs run and a stop
-/// request is seen either way.
+/// request is seen either way (a bad value: `bad_input_gets_a_clear_error`).
 #[test]
 fn aggregators_that_sleep_at_once_or_spin_long_serve_and_stop() {
     for yields in ["0", "4294967295"] {
@@ -378,20 +378,6 @@ fn aggregators_that_sleep_at_once_or_spin_long_serve_and_stop() {
             agg.stderr()
         );
     }
-    let mut cmd = inagg();
-    cmd.args([
-        "aggregator",
-        "--listen",
-        "127.0.0.1:0",
-        "--yields-before-sleep",
-        "often",
-    ]);
-    let (st, _, err) = common::run_bounded(cmd, Duration::from_secs(10));
-    assert!(!st.success());
-    assert!(
-        err.contains("'often'") && err.contains("--yields-before-sleep"),
-        "{err}"
-    );
 }
 
 #[test]
@@ -413,6 +399,20 @@ fn bad_input_gets_a_clear_error() {
             "{err}"
         );
     }
+    let mut cmd = inagg();
+    cmd.args([
+        "aggregator",
+        "--listen",
+        "127.0.0.1:0",
+        "--yields-before-sleep",
+        "often",
+    ]);
+    let (st, _, err) = common::run_bounded(cmd, Duration::from_secs(10));
+    assert!(!st.success());
+    assert!(
+        err.contains("'often'") && err.contains("--yields-before-sleep"),
+        "{err}"
+    );
     let out = inagg()
         .args([
             "worker",

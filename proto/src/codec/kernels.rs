@@ -110,6 +110,44 @@ fn prefetch_block<T>(base: *const T, k: usize) {
     let _ = (base, k, AHEAD);
 }
 
+/// Runs `$body` over a pass that reads `$src`, the wide side (f32 or lanes), and
+/// writes `$out`, `$per` bytes per element: on each block of [`BLOCK`] elements
+/// (`$s`) and its bytes (`$o`), with the block's number (`$k`), after prefetching
+/// `$src` ahead ([`prefetch_block`]). A macro, not a function taking a closure: LLVM
+/// left the larger closures out of line, compiled without the fast build's features.
+macro_rules! from_wide {
+    ($src:expr, $out:expr, $per:expr, |$k:pat, $s:ident, $o:ident| $body:expr) => {{
+        let src = $src;
+        let base = src.as_ptr();
+        for (k, ($s, $o)) in src
+            .chunks(BLOCK)
+            .zip($out.chunks_mut($per * BLOCK))
+            .enumerate()
+        {
+            prefetch_block(base, k);
+            let $k = k;
+            $body;
+        }
+    }};
+}
+
+/// [`from_wide!`] the other way: reads `$src`, `$per` bytes per element, and writes
+/// `$out`, the wide side, which it prefetches.
+macro_rules! into_wide {
+    ($src:expr, $per:expr, $out:expr, |$s:ident, $o:ident| $body:expr) => {{
+        let out = $out;
+        let base = out.as_ptr();
+        for (k, ($s, $o)) in $src
+            .chunks($per * BLOCK)
+            .zip(out.chunks_mut(BLOCK))
+            .enumerate()
+        {
+            prefetch_block(base, k);
+            $body;
+        }
+    }};
+}
+
 /// Bytes per element of the integer kernels' `width`: 1, 2, and 4 for anything else
 /// (their loops' arms).
 #[inline(always)]
@@ -139,65 +177,55 @@ multiversion! {
 multiversion! {
     /// `out = le_bytes(src)`.
     fn f32_to_le(src: &[f32], out: &mut [u8]) {
-        let base = src.as_ptr();
-        for (k, (src_b, out_b)) in src.chunks(BLOCK).zip(out.chunks_mut(4 * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (x, o) in src_b.iter().zip(out_b.chunks_exact_mut(4)) {
+        from_wide!(src, out, 4, |_, src, out| {
+            for (x, o) in src.iter().zip(out.chunks_exact_mut(4)) {
                 o.copy_from_slice(&x.to_le_bytes());
             }
-        }
+        })
     }
 }
 
 multiversion! {
     /// `out = from_le_bytes(src)`.
     fn le_to_f32(src: &[u8], out: &mut [f32]) {
-        let base = out.as_ptr();
-        for (k, (src_b, out_b)) in src.chunks(4 * BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (c, o) in src_b.chunks_exact(4).zip(out_b.iter_mut()) {
+        into_wide!(src, 4, out, |src, out| {
+            for (c, o) in src.chunks_exact(4).zip(out.iter_mut()) {
                 *o = f32::from_le_bytes(lane4(c));
             }
-        }
+        })
     }
 }
 
 multiversion! {
     /// `acc = src` (32-bit lanes, any type).
     fn load_lanes(acc: &mut [u32], src: &[u8]) {
-        let base = acc.as_ptr();
-        for (k, (src_b, acc_b)) in src.chunks(4 * BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (c, a) in src_b.chunks_exact(4).zip(acc_b.iter_mut()) {
+        into_wide!(src, 4, acc, |src, acc| {
+            for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
                 *a = u32::from_le_bytes(lane4(c));
             }
-        }
+        })
     }
 }
 
 multiversion! {
     /// `out = le_bytes(acc)` (32-bit lanes, any type).
     fn store_lanes(acc: &[u32], out: &mut [u8]) {
-        let base = acc.as_ptr();
-        for (k, (acc_b, out_b)) in acc.chunks(BLOCK).zip(out.chunks_mut(4 * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (a, o) in acc_b.iter().zip(out_b.chunks_exact_mut(4)) {
+        from_wide!(acc, out, 4, |_, acc, out| {
+            for (a, o) in acc.iter().zip(out.chunks_exact_mut(4)) {
                 o.copy_from_slice(&a.to_le_bytes());
             }
-        }
+        })
     }
 }
 
 multiversion! {
     /// f32 lanes: `acc += src`.
     fn add_f32(acc: &mut [u32], src: &[u8]) {
-        let base = acc.as_ptr();
-        for (k, (src_b, acc_b)) in src.chunks(4 * BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (c, a) in src_b.chunks_exact(4).zip(acc_b.iter_mut()) {
+        into_wide!(src, 4, acc, |src, acc| {
+            for (c, a) in src.chunks_exact(4).zip(acc.iter_mut()) {
                 *a = (f32::from_bits(*a) + f32::from_le_bytes(lane4(c))).to_bits();
             }
-        }
+        })
     }
 }
 
@@ -235,15 +263,14 @@ multiversion! {
     /// i32 lanes: `acc += src` with `add`, wrapping, else `acc = src`, where `src`
     /// holds integers of `width` bytes (1, 2, 4).
     fn int_lanes(acc: &mut [u32], src: &[u8], width: usize, add: bool) {
-        let (base, w) = (acc.as_ptr(), int_bytes(width));
-        for (k, (src, acc)) in src.chunks(w * BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
+        let w = int_bytes(width);
+        into_wide!(src, w, acc, |src, acc| {
             if add {
                 int_block::<true>(acc, src, w)
             } else {
                 int_block::<false>(acc, src, w)
             }
-        }
+        })
     }
 }
 
@@ -266,53 +293,46 @@ multiversion! {
         let q = |a: u32| -> i32 {
             (((a as i32 as i64) + half) >> shift).clamp(-i64::from(lim), i64::from(lim)) as i32
         };
-        let (base, w) = (acc.as_ptr(), int_bytes(width));
-        for (k, (acc, out)) in acc.chunks(BLOCK).zip(out.chunks_mut(w * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            match w {
-                1 => {
-                    for (a, o) in acc.iter().zip(out.iter_mut()) {
-                        *o = q(*a) as i8 as u8;
-                    }
-                }
-                2 => {
-                    for (a, o) in acc.iter().zip(out.chunks_exact_mut(2)) {
-                        o.copy_from_slice(&(q(*a) as i16).to_le_bytes());
-                    }
-                }
-                _ => {
-                    for (a, o) in acc.iter().zip(out.chunks_exact_mut(4)) {
-                        o.copy_from_slice(&q(*a).to_le_bytes());
-                    }
+        let w = int_bytes(width);
+        from_wide!(acc, out, w, |_, acc, out| match w {
+            1 => {
+                for (a, o) in acc.iter().zip(out.iter_mut()) {
+                    *o = q(*a) as i8 as u8;
                 }
             }
-        }
+            2 => {
+                for (a, o) in acc.iter().zip(out.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&(q(*a) as i16).to_le_bytes());
+                }
+            }
+            _ => {
+                for (a, o) in acc.iter().zip(out.chunks_exact_mut(4)) {
+                    o.copy_from_slice(&q(*a).to_le_bytes());
+                }
+            }
+        })
     }
 }
 
 multiversion! {
     /// i16 lanes: `acc = src` for i8 integers.
     fn load_i8_i16(acc: &mut [i16], src: &[u8]) {
-        let base = acc.as_ptr();
-        for (k, (src, acc)) in src.chunks(BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
+        into_wide!(src, 1, acc, |src, acc| {
             for (c, a) in src.iter().zip(acc.iter_mut()) {
                 *a = i16::from(*c as i8);
             }
-        }
+        })
     }
 }
 
 multiversion! {
     /// i16 lanes: `acc += src` for i8 integers, wrapping.
     fn add_i8_i16(acc: &mut [i16], src: &[u8]) {
-        let base = acc.as_ptr();
-        for (k, (src, acc)) in src.chunks(BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
+        into_wide!(src, 1, acc, |src, acc| {
             for (c, a) in src.iter().zip(acc.iter_mut()) {
                 *a = a.wrapping_add(i16::from(*c as i8));
             }
-        }
+        })
     }
 }
 
@@ -322,13 +342,11 @@ multiversion! {
     fn store_i16_i8(acc: &[i16], shift: u32, lim: i32, out: &mut [u8]) {
         let shift = shift.min(15);
         let half = (1i32 << shift) >> 1;
-        let base = acc.as_ptr();
-        for (k, (acc, out)) in acc.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
+        from_wide!(acc, out, 1, |_, acc, out| {
             for (a, o) in acc.iter().zip(out.iter_mut()) {
                 *o = ((i32::from(*a) + half) >> shift).clamp(-lim, lim) as i8 as u8;
             }
-        }
+        })
     }
 }
 
@@ -396,61 +414,54 @@ multiversion! {
     fn quantize_loop(src: &[f32], s: f32, lim: f32, dither: Option<u64>, out: &mut [u8], width: usize) {
         // Bytes per element: the dithered loop writes `width` (1-4) of each value.
         let w = if dither.is_some() { width.clamp(1, 4) } else { int_bytes(width) };
-        let base = src.as_ptr();
-        for (k, (src, out)) in src.chunks(BLOCK).zip(out.chunks_mut(w * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            match (dither, w) {
-                (None, 1) => {
-                    for (x, o) in src.iter().zip(out.iter_mut()) {
-                        *o = q(*x, s, lim, f32::round_ties_even) as i8 as u8;
-                    }
-                }
-                (None, 2) => {
-                    for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
-                        o.copy_from_slice(&(q(*x, s, lim, f32::round_ties_even) as i16).to_le_bytes());
-                    }
-                }
-                (None, _) => {
-                    for (x, o) in src.iter().zip(out.chunks_exact_mut(4)) {
-                        o.copy_from_slice(&q(*x, s, lim, f32::round_ties_even).to_le_bytes());
-                    }
-                }
-                (Some(key), _) => {
-                    let items = src.iter().zip(out.chunks_exact_mut(w));
-                    for (i, (x, o)) in (k * BLOCK..).zip(items) {
-                        let v = q(*x, s, lim, |y| (y + uniform(key, i)).floor());
-                        o.copy_from_slice(&v.to_le_bytes()[..w]);
-                    }
+        from_wide!(src, out, w, |k, src, out| match (dither, w) {
+            (None, 1) => {
+                for (x, o) in src.iter().zip(out.iter_mut()) {
+                    *o = q(*x, s, lim, f32::round_ties_even) as i8 as u8;
                 }
             }
-        }
+            (None, 2) => {
+                for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&(q(*x, s, lim, f32::round_ties_even) as i16).to_le_bytes());
+                }
+            }
+            (None, _) => {
+                for (x, o) in src.iter().zip(out.chunks_exact_mut(4)) {
+                    o.copy_from_slice(&q(*x, s, lim, f32::round_ties_even).to_le_bytes());
+                }
+            }
+            (Some(key), _) => {
+                let items = src.iter().zip(out.chunks_exact_mut(w));
+                for (i, (x, o)) in (k * BLOCK..).zip(items) {
+                    let v = q(*x, s, lim, |y| (y + uniform(key, i)).floor());
+                    o.copy_from_slice(&v.to_le_bytes()[..w]);
+                }
+            }
+        })
     }
 }
 
 multiversion! {
     /// `out = int(src) * inv` for integers of `width` bytes.
     fn dequantize(src: &[u8], inv: f32, out: &mut [f32], width: usize) {
-        let (base, w) = (out.as_ptr(), int_bytes(width));
-        for (k, (src, out)) in src.chunks(w * BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            match w {
-                1 => {
-                    for (c, o) in src.iter().zip(out.iter_mut()) {
-                        *o = f32::from(*c as i8) * inv;
-                    }
-                }
-                2 => {
-                    for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
-                        *o = f32::from(i16::from_le_bytes([c[0], c[1]])) * inv;
-                    }
-                }
-                _ => {
-                    for (c, o) in src.chunks_exact(4).zip(out.iter_mut()) {
-                        *o = i32::from_le_bytes(lane4(c)) as f32 * inv;
-                    }
+        let w = int_bytes(width);
+        into_wide!(src, w, out, |src, out| match w {
+            1 => {
+                for (c, o) in src.iter().zip(out.iter_mut()) {
+                    *o = f32::from(*c as i8) * inv;
                 }
             }
-        }
+            2 => {
+                for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
+                    *o = f32::from(i16::from_le_bytes([c[0], c[1]])) * inv;
+                }
+            }
+            _ => {
+                for (c, o) in src.chunks_exact(4).zip(out.iter_mut()) {
+                    *o = i32::from_le_bytes(lane4(c)) as f32 * inv;
+                }
+            }
+        })
     }
 }
 
@@ -473,52 +484,44 @@ multiversion! {
     /// f32 to bf16 bits, round to nearest even (NaN stays NaN), or stochastically with
     /// `dither`. One loop per rounding, so that each compiles to straight vector code.
     fn to_bf16(src: &[f32], dither: Option<u64>, out: &mut [u8]) {
-        let base = src.as_ptr();
-        for (k, (src_b, out_b)) in src.chunks(BLOCK).zip(out.chunks_mut(2 * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            match dither {
-                None => {
-                    for (x, o) in src_b.iter().zip(out_b.chunks_exact_mut(2)) {
-                        let add = 0x7fff + ((x.to_bits() >> 16) & 1);
-                        o.copy_from_slice(&bf16_bits(*x, add).to_le_bytes());
-                    }
-                }
-                Some(key) => {
-                    let items = src_b.iter().zip(out_b.chunks_exact_mut(2));
-                    for (i, (x, o)) in (k * BLOCK..).zip(items) {
-                        let add = (uniform(key, i) * 65536.0) as u32;
-                        o.copy_from_slice(&bf16_bits(*x, add).to_le_bytes());
-                    }
+        from_wide!(src, out, 2, |k, src, out| match dither {
+            None => {
+                for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
+                    let add = 0x7fff + ((x.to_bits() >> 16) & 1);
+                    o.copy_from_slice(&bf16_bits(*x, add).to_le_bytes());
                 }
             }
-        }
+            Some(key) => {
+                let items = src.iter().zip(out.chunks_exact_mut(2));
+                for (i, (x, o)) in (k * BLOCK..).zip(items) {
+                    let add = (uniform(key, i) * 65536.0) as u32;
+                    o.copy_from_slice(&bf16_bits(*x, add).to_le_bytes());
+                }
+            }
+        })
     }
 }
 
 multiversion! {
     /// bf16 bits to f32.
     fn from_bf16(src: &[u8], out: &mut [f32]) {
-        let base = out.as_ptr();
-        for (k, (src_b, out_b)) in src.chunks(2 * BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (c, o) in src_b.chunks_exact(2).zip(out_b.iter_mut()) {
+        into_wide!(src, 2, out, |src, out| {
+            for (c, o) in src.chunks_exact(2).zip(out.iter_mut()) {
                 *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
             }
-        }
+        })
     }
 }
 
 multiversion! {
     /// f32 lanes: `acc += bf16(src)`.
     fn add_bf16(acc: &mut [u32], src: &[u8]) {
-        let base = acc.as_ptr();
-        for (k, (src_b, acc_b)) in src.chunks(2 * BLOCK).zip(acc.chunks_mut(BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            for (c, a) in src_b.chunks_exact(2).zip(acc_b.iter_mut()) {
+        into_wide!(src, 2, acc, |src, acc| {
+            for (c, a) in src.chunks_exact(2).zip(acc.iter_mut()) {
                 let x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
                 *a = (f32::from_bits(*a) + x).to_bits();
             }
-        }
+        })
     }
 }
 
@@ -626,12 +629,10 @@ mod x86 {
         lim: f32,
         out: &mut [u8],
     ) {
-        let base = src.as_ptr();
-        for (k, (x, o)) in src.chunks(BLOCK).zip(out.chunks_mut(W * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            // SAFETY: this function is compiled with the same features.
-            unsafe { quantize_packed_block::<W>(x, s, lim, o) };
-        }
+        // SAFETY: this function is compiled with the same features .
+        from_wide!(src, out, W, |_, x, o| unsafe {
+            quantize_packed_block::<W>(x, s, lim, o)
+        });
     }
 
     /// [`quantize_packed`] on one block.
@@ -694,12 +695,8 @@ mod x86 {
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn to_f16(src: &[f32], out: &mut [u8]) {
-        let base = src.as_ptr();
-        for (k, (s, o)) in src.chunks(BLOCK).zip(out.chunks_mut(2 * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            // SAFETY: this function is compiled with the same features.
-            unsafe { to_f16_block(s, o) };
-        }
+        // SAFETY: this function is compiled with the same features .
+        from_wide!(src, out, 2, |_, s, o| unsafe { to_f16_block(s, o) });
     }
 
     /// [`to_f16`] on one block.
@@ -752,12 +749,8 @@ mod x86 {
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn f16_lanes<const ADD: bool>(acc: &mut [u32], src: &[u8]) {
-        let base = acc.as_ptr();
-        for (k, (a, s)) in acc.chunks_mut(BLOCK).zip(src.chunks(2 * BLOCK)).enumerate() {
-            prefetch_block(base, k);
-            // SAFETY: this function is compiled with the same features.
-            unsafe { f16_lanes_block::<ADD>(a, s) };
-        }
+        // SAFETY: this function is compiled with the same features .
+        into_wide!(src, 2, acc, |s, a| unsafe { f16_lanes_block::<ADD>(a, s) });
     }
 
     /// [`f16_lanes`] on one block.
