@@ -187,6 +187,9 @@ pub struct Row {
     pub aggregator_threads: u16,
     /// `--aggregator-yields` where given (null: the aggregator's default).
     pub aggregator_yields: Option<u32>,
+    /// Whether the ranks asked for their results by multicast (not `--no-multicast`);
+    /// only a loopback aggregator reached without a relay sends them so.
+    pub multicast: bool,
     /// ATE/s of each job (from its median); `ate_per_s` is their sum.
     pub per_job_ate_per_s: Vec<f64>,
     /// Jain's fairness index over `per_job_ate_per_s` (1: perfectly fair).
@@ -436,6 +439,7 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
         "--yields-before-sleep".to_string(),
         t.yields_before_sleep.to_string(),
     ])
+    .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
     .chain(match (a.transport, &a.ca) {
         (Transport::Quic, Some(ca)) => vec![
             "--transport".to_string(),
@@ -638,6 +642,7 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         aggregators: a.aggregators,
         aggregator_threads: a.aggregator_threads,
         aggregator_yields: a.aggregator_yields,
+        multicast: !a.tuning.no_multicast,
         jain: jain(&per_job),
         per_job_ate_per_s: per_job,
         median_s: med,
@@ -709,6 +714,9 @@ pub fn run(a: &Args) -> Result<()> {
     }
     if let Some(y) = a.aggregator_yields {
         agg_flags.extend(["--yields-before-sleep".to_string(), y.to_string()]);
+    }
+    if a.tuning.no_multicast {
+        agg_flags.push("--no-multicast".to_string());
     }
     for _ in 0..a.aggregators {
         let (agg, agg_addr) = match &quic {

@@ -84,6 +84,11 @@ pub struct Args {
     /// aggregator; on a host of its own it is a short busy poll.
     #[arg(long, default_value_t = inagg_aggregator::DEFAULT_YIELDS_BEFORE_SLEEP)]
     pub yields_before_sleep: u32,
+    /// Send every result to each rank, even for jobs whose ranks all asked for a
+    /// multicast group. By default, over UDP on loopback (or the IPv4 wildcard), such a
+    /// job's results go out once, to a group its ranks joined, as a switch multicasts.
+    #[arg(long)]
+    pub no_multicast: bool,
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`; port 0
     /// picks one; the address is printed on stderr).
     #[arg(long)]
@@ -110,6 +115,7 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
     cfg.yields_before_sleep = a.yields_before_sleep;
+    cfg.multicast = !a.no_multicast;
     cfg
 }
 
@@ -377,5 +383,11 @@ mod tests {
             shard_config(&["--yields-before-sleep", "7"]).yields_before_sleep,
             7
         );
+    }
+
+    #[test]
+    fn multicast_is_on_unless_turned_off() {
+        assert!(shard_config(&[]).multicast);
+        assert!(!shard_config(&["--no-multicast"]).multicast);
     }
 }

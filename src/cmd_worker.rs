@@ -160,6 +160,11 @@ pub struct Tuning {
     /// sleep at once; the default suits ranks sharing cores with each other).
     #[arg(long, default_value_t = inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP)]
     pub yields_before_sleep: u32,
+    /// Take every result at this rank's own address: do not ask a loopback aggregator
+    /// to send the job's results once, to a multicast group its ranks join (the
+    /// default over UDP toward 127.0.0.0/8; a job uses a group only if every rank asks).
+    #[arg(long)]
+    pub no_multicast: bool,
 }
 
 impl Tuning {
@@ -237,6 +242,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.yields_before_sleep = a.tuning.yields_before_sleep;
+    o.multicast = !a.tuning.no_multicast;
     if a.transport == Transport::Quic {
         o.transport = inagg_worker::Transport::Quic(a.trust.quic(a.tuning.quic_mode)?);
     }

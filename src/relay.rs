@@ -196,6 +196,23 @@ fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// `datagram`, or, if it is a join asking for results by multicast, the same join
+/// without the ask: the relay forwards datagrams between addresses, so results sent to
+/// a group would pass it by (to a group on the aggregator's port, which ranks that
+/// know only the relay's port never join), and its faults would not touch them.
+fn unicast_only(datagram: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use inagg_proto::wire::{self, Message};
+    match wire::decode(datagram) {
+        Ok(Message::Join(mut j)) if j.groups => {
+            j.groups = false;
+            let mut b = Vec::with_capacity(datagram.len());
+            wire::encode_join(&j, &mut b);
+            b.into()
+        }
+        _ => datagram.into(),
+    }
+}
+
 impl Relay {
     fn client(&mut self, addr: SocketAddr) -> Option<usize> {
         if let Some(i) = self.by_addr.get(&addr) {
@@ -234,7 +251,8 @@ impl Relay {
             match self.front.recv_from(buf) {
                 Ok((n, from)) => {
                     if let Some(i) = self.client(from) {
-                        self.hold(now, Dest::Upstream(i), &buf[..n]);
+                        let d = unicast_only(&buf[..n]);
+                        self.hold(now, Dest::Upstream(i), &d);
                     }
                 }
                 Err(_) => break,
@@ -379,6 +397,31 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(f.plan(now), [Some(now), None]);
         }
+    }
+
+    #[test]
+    fn joins_through_the_relay_ask_for_no_group() {
+        let join = |groups| {
+            let mut b = Vec::new();
+            inagg_proto::wire::encode_join(
+                &inagg_proto::wire::Join {
+                    job: 3,
+                    rank: 1,
+                    world: 2,
+                    codec: inagg_proto::codec::CodecId::I8,
+                    chunk_elems: 64,
+                    window: 8,
+                    secret: b"s".to_vec(),
+                    groups,
+                },
+                &mut b,
+            );
+            b
+        };
+        assert_eq!(unicast_only(&join(true)).as_ref(), &join(false)[..]);
+        assert_eq!(unicast_only(&join(false)).as_ref(), &join(false)[..]);
+        // Anything else passes as it is, even bytes that are no inagg message.
+        assert_eq!(unicast_only(b"not inagg").as_ref(), b"not inagg");
     }
 
     #[test]

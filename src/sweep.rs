@@ -80,6 +80,7 @@ pub fn run(a: &Args) -> Result<()> {
                         no_congestion_control: false,
                         quic_mode: Default::default(),
                         yields_before_sleep: inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP,
+                        no_multicast: false,
                     },
                     json: true,
                     zero_fraction: 0.0,

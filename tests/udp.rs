@@ -175,6 +175,7 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
         chunk_elems: 256,
         window: 8,
         secret: Vec::new(),
+        groups: false,
     };
     let mut payload = Vec::new();
     inagg_proto::wire::encode_join(&join, &mut payload);
@@ -236,6 +237,7 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
                 chunk_elems: chunk,
                 window: 1024,
                 secret: Vec::new(),
+                groups: false,
             };
             let mut d = Vec::new();
             encode_join(&join, &mut d);
@@ -354,6 +356,66 @@ fn sigterm_aborts_jobs_and_exits_cleanly() {
         let st = w.wait_for(Duration::from_secs(10)).expect("worker stops");
         assert!(!st.success());
         assert!(w.stderr().contains("shutting down"));
+    }
+}
+
+/// The counts of the line an aggregator prints as it stops: datagrams in and out,
+/// chunks completed.
+fn stop_counts(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("aggregator stopped"))
+        .unwrap_or_else(|| panic!("no stop line in {stderr}"));
+    let n = |before: &str| -> u64 {
+        let head = line
+            .split(before)
+            .next()
+            .and_then(|h| h.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no {before:?} in {line}"));
+        head.parse()
+            .unwrap_or_else(|_| panic!("{head:?} in {line}"))
+    };
+    (n(" datagrams in"), n(" out,"), n(" chunks completed"))
+}
+
+/// On loopback a job's results go out once, to a multicast group its ranks joined,
+/// when every rank asks (the default); one rank with `--no-multicast`, or an
+/// aggregator with it, and each rank gets its own. The sums are right either way
+/// (each worker checks its result and fails otherwise).
+#[test]
+fn results_go_once_to_a_multicast_group_unless_a_rank_or_the_aggregator_opts_out() {
+    let world = 3u16;
+    for (agg_flags, opt_out, per_chunk) in [
+        (&[][..], None, 1u64),
+        (&[][..], Some(1u16), 3),
+        (&["--no-multicast"][..], None, 3),
+    ] {
+        let (mut agg, addr) = aggregator(agg_flags);
+        let mut ws: Vec<_> = (0..world)
+            .map(|r| {
+                let mut args = vec!["--elements", "300000", "--iters", "3", "--codec", "i8"];
+                if opt_out == Some(r) {
+                    args.push("--no-multicast");
+                }
+                worker(addr, 4, r, world, &args)
+            })
+            .collect();
+        for w in &mut ws {
+            let st = w
+                .wait_for(Duration::from_secs(60))
+                .expect("worker finishes");
+            assert!(st.success(), "{agg_flags:?} {opt_out:?}: {}", w.stderr());
+        }
+        agg.signal(libc::SIGTERM);
+        agg.wait_for(Duration::from_secs(5)).expect("stops");
+        let (_, out, chunks) = stop_counts(&agg.stderr());
+        assert!(chunks > 100, "{chunks} chunks");
+        // Besides the results: grants, echoed heartbeats and leaves, answers to
+        // retransmissions (a loaded machine delays a rank now and then).
+        assert!(
+            (per_chunk * chunks..per_chunk * chunks + chunks / 5 + 40).contains(&out),
+            "{agg_flags:?} {opt_out:?}: {out} datagrams out for {chunks} chunks"
+        );
     }
 }
 

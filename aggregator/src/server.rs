@@ -14,11 +14,11 @@
 //!   datagrams.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use inagg_net::{SendBatch, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
+use inagg_net::{group, SendBatch, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
 use inagg_proto::aggregator::{Aggregator, AggregatorConfig, Body, Event, Stats};
 use inagg_quic::{Identity, QuicListener};
 use thiserror::Error;
@@ -75,6 +75,11 @@ pub struct ServerConfig {
     /// before it sleeps ([`DEFAULT_YIELDS_BEFORE_SLEEP`]; 0 sleeps at once). Not used
     /// by [`Server::bind_quic`]: quinn drives its socket.
     pub yields_before_sleep: u32,
+    /// Over UDP on loopback (or the IPv4 wildcard), send each result of a job whose
+    /// ranks all asked for it once, to a multicast group they joined, instead of once
+    /// per rank ([`inagg_net::group`]; on by default). Not used by
+    /// [`Server::bind_quic`]: a QUIC connection is one peer's.
+    pub multicast: bool,
 }
 
 impl ServerConfig {
@@ -98,6 +103,7 @@ impl ServerConfig {
             protocol,
             poll_interval: Duration::from_millis(50),
             yields_before_sleep: DEFAULT_YIELDS_BEFORE_SLEEP,
+            multicast: true,
         }
     }
 }
@@ -343,7 +349,10 @@ impl Server<UdpFront> {
             }
         }
         endpoint.set_yields_before_sleep(config.yields_before_sleep);
-        let agg = Aggregator::new(config.protocol.clone());
+        let mut agg = Aggregator::new(config.protocol.clone());
+        if config.multicast {
+            offer_groups(&endpoint, &mut agg)?;
+        }
         Ok(Self {
             config,
             front: UdpFront {
@@ -360,6 +369,28 @@ impl Server<UdpFront> {
             agg,
         })
     }
+}
+
+/// Offers the state machine result groups if the socket is bound where groups reach
+/// (IPv4 loopback or wildcard: [`group::group_source`]) and takes the multicast
+/// options; a socket elsewhere sends every result to each rank.
+fn offer_groups(endpoint: &UdpEndpoint, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
+    let local = endpoint.local_addr()?;
+    let Some(iface) = group::group_source(&local) else {
+        return Ok(());
+    };
+    if let Err(e) = endpoint.send_to_groups_from(iface) {
+        warn!(error = %e, "cannot send to multicast groups: every result goes to each rank");
+        return Ok(());
+    }
+    let port = local.port();
+    agg.offer_groups(group::GROUPS, move |g| {
+        // Every number the state machine hands out is below GROUPS, so has an address;
+        // the wildcard (which a send refuses, and the batch drops) cannot be reached.
+        let a = group::group_addr(g, port);
+        SocketAddr::V4(a.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))
+    });
+    Ok(())
 }
 
 impl<F: Front> Server<F> {

@@ -1,7 +1,7 @@
 //! A UDP socket with batched receive.
 
 use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -53,6 +53,19 @@ pub struct UdpEndpoint {
     gso_refused: AtomicBool,
     /// Datagrams dropped on receipt because they came from port 0.
     from_port_zero: u64,
+    /// Socket buffer size asked for, for a group socket too.
+    buffer: usize,
+    /// The group socket that results sent to a multicast group arrive on
+    /// ([`UdpEndpoint::join_group`]), received and waited on with the main one.
+    group: Option<GroupSocket>,
+}
+
+/// A socket bound to a multicast group's address and port, a member of the group.
+#[derive(Debug)]
+struct GroupSocket {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    addr: SocketAddrV4,
 }
 
 /// Whether a send failed because of where it was going, not because of the socket: no
@@ -110,7 +123,60 @@ impl UdpEndpoint {
             v6,
             gso_refused: AtomicBool::new(false),
             from_port_zero: 0,
+            buffer,
+            group: None,
         })
+    }
+
+    /// Joins the multicast group `group` on the interface of `iface` (the loopback
+    /// address, for an aggregator on this host), so that what is sent to it arrives
+    /// here too: [`recv`](Self::recv) takes from both sockets and waits on both. The
+    /// group socket is bound to the group's address and port (shared with the other
+    /// members, `SO_REUSEADDR`), takes only this group (`IP_MULTICAST_ALL` off) and
+    /// has GRO on, as the main one. One group at a time: joining another leaves the
+    /// first.
+    pub fn join_group(&mut self, group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<()> {
+        if !group.ip().is_multicast() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{group} is not a multicast address"),
+            ));
+        }
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        let _ = socket.set_recv_buffer_size(self.buffer);
+        socket.bind(&SocketAddr::V4(group).into())?;
+        socket.join_multicast_v4(group.ip(), &iface)?;
+        #[cfg(target_os = "linux")]
+        socket.set_multicast_all_v4(false)?;
+        let socket: UdpSocket = socket.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        self.group = Some(GroupSocket {
+            socket,
+            state,
+            addr: group,
+        });
+        Ok(())
+    }
+
+    /// The group joined by [`join_group`](Self::join_group), if any.
+    pub fn group(&self) -> Option<SocketAddrV4> {
+        self.group.as_ref().map(|g| g.addr)
+    }
+
+    /// Makes the socket able to send to multicast groups of this host: from the
+    /// interface of `iface` (the loopback address), looped back to the members here,
+    /// one hop at most. And it takes no group's datagrams itself (`IP_MULTICAST_ALL`
+    /// off), which a socket bound to the wildcard on the port of its ranks' groups
+    /// would otherwise receive: its own results.
+    pub fn send_to_groups_from(&self, iface: Ipv4Addr) -> io::Result<()> {
+        let s = socket2::SockRef::from(&self.socket);
+        s.set_multicast_if_v4(&iface)?;
+        s.set_multicast_loop_v4(true)?;
+        s.set_multicast_ttl_v4(1)?;
+        #[cfg(target_os = "linux")]
+        s.set_multicast_all_v4(false)?;
+        Ok(())
     }
 
     /// The address the socket is bound to.
@@ -235,10 +301,25 @@ impl UdpEndpoint {
         Ok(n)
     }
 
-    /// One `recvmmsg` call of `per_call` buffers; hands every datagram to `f`.
+    /// One `recvmmsg` call of `per_call` buffers on each socket (the group's after
+    /// the main one's); hands every datagram to `f`.
     fn try_recv(&mut self, f: &mut impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        let n = self.try_recv_on(false, f)?;
+        if self.group.is_none() {
+            return Ok(n);
+        }
+        Ok(n + self.try_recv_on(true, f)?)
+    }
+
+    /// One `recvmmsg` call of `per_call` buffers on the main socket or the group's;
+    /// hands every datagram to `f`.
+    fn try_recv_on(
+        &mut self,
+        group: bool,
+        f: &mut impl FnMut(SocketAddr, &[u8]),
+    ) -> io::Result<usize> {
         let want = self.per_call.clamp(1, BATCH_SIZE);
-        let got = match self.recv_call(want) {
+        let got = match self.recv_call(group, want) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             // A previous send to an unreachable port (ICMP): nothing to read.
@@ -270,32 +351,44 @@ impl UdpEndpoint {
         Ok(count)
     }
 
-    /// One `recvmmsg` call into the first `want` buffers; returns how many it filled.
-    fn recv_call(&mut self, want: usize) -> io::Result<usize> {
+    /// One `recvmmsg` call on the main socket or the group's into the first `want`
+    /// buffers; returns how many it filled.
+    fn recv_call(&mut self, group: bool, want: usize) -> io::Result<usize> {
+        let (socket, state) = match (&self.group, group) {
+            (Some(g), true) => (&g.socket, &g.state),
+            _ => (&self.socket, &self.state),
+        };
         // One IoSliceMut per buffer, on the stack: no allocation per call.
         let mut bufs = self.bufs.iter_mut();
         let mut slices: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
             IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
         });
         let want = want.min(BATCH_SIZE);
-        self.state.recv(
-            UdpSockRef::from(&self.socket),
+        state.recv(
+            UdpSockRef::from(socket),
             &mut slices[..want],
             &mut self.meta,
         )
     }
 
-    /// Waits until the socket is ready for `events` or `timeout` passes.
+    /// Waits until the socket (or, for reading, the group socket) is ready for
+    /// `events` or `timeout` passes.
     fn wait(&self, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.socket.as_raw_fd(),
+        let pfd = |fd| libc::pollfd {
+            fd,
             events,
             revents: 0,
         };
+        let mut pfds = [pfd(self.socket.as_raw_fd()), pfd(-1)];
+        let mut n = 1;
+        if let (Some(g), true) = (&self.group, events == libc::POLLIN) {
+            pfds[1] = pfd(g.socket.as_raw_fd());
+            n = 2;
+        }
         // Round up so that a sub-millisecond timeout still waits.
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call and the count is 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pfds` holds `n` valid pollfds for the duration of the call.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), n, ms) };
         match r {
             -1 => {
                 let e = io::Error::last_os_error();
@@ -464,6 +557,59 @@ mod tests {
         assert_eq!(most_backlog, 2);
         assert!(once(&mut ep).is_empty());
         assert_eq!(ep.backlog_batches(), 0, "the queue was found empty");
+    }
+
+    #[test]
+    fn a_group_member_receives_what_is_sent_to_the_group_and_to_itself() {
+        let ep = |a: &str| UdpEndpoint::bind(a.parse().expect("addr"), 1 << 20).expect("bind");
+        let sender = ep("127.0.0.1:0");
+        sender
+            .send_to_groups_from(Ipv4Addr::LOCALHOST)
+            .expect("multicast options");
+        let port = sender.local_addr().expect("addr").port();
+        let group = crate::group::group_addr(7, port).expect("group");
+        let mut members = [ep("0.0.0.0:0"), ep("127.0.0.1:0")];
+        for m in &mut members {
+            m.join_group(group, Ipv4Addr::LOCALHOST).expect("join");
+            assert_eq!(m.group(), Some(group));
+        }
+        // An endpoint on the group's port that did not join it takes none of it.
+        let mut stranger = ep(&format!("0.0.0.0:{}", port + 1));
+        stranger
+            .join_group(
+                crate::group::group_addr(8, port).expect("group"),
+                Ipv4Addr::LOCALHOST,
+            )
+            .expect("join another");
+        let plain = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        // One datagram to the group from the sender's socket, and one to each
+        // member's own address.
+        sender
+            .socket
+            .send_to(&[1; 8], group)
+            .expect("send to group");
+        for m in &members {
+            plain
+                .send_to(&[2; 8], m.local_addr().expect("addr"))
+                .expect("send");
+        }
+        for m in &mut members {
+            let mut got = Vec::new();
+            let end = Instant::now() + Duration::from_secs(2);
+            while got.len() < 2 && Instant::now() < end {
+                m.recv(Duration::from_millis(50), |from, d| got.push((from, d[0])))
+                    .expect("recv");
+            }
+            got.sort_by_key(|g| g.1);
+            assert_eq!(got.len(), 2, "{got:?}");
+            assert_eq!(got[0], (sender.local_addr().expect("addr"), 1));
+            assert_eq!(got[1].1, 2);
+        }
+        assert!(once(&mut stranger).is_empty());
+        let not_a_group = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        assert!(members[0]
+            .join_group(not_a_group, Ipv4Addr::LOCALHOST)
+            .is_err());
     }
 
     #[test]

@@ -13,10 +13,14 @@
 //!   datagram may end in a body kept elsewhere (an aggregator's result in its slot),
 //!   sent from where it lies (scatter-gather) rather than copied for every rank.
 //!
+//! - [`group`]: an aggregator on loopback sends each result once, to a multicast
+//!   group its job's ranks have joined ([`UdpEndpoint::join_group`]).
+//!
 //! Nothing here allocates per datagram.
 
 mod batch;
 mod endpoint;
+pub mod group;
 #[cfg(target_os = "linux")]
 mod scatter;
 

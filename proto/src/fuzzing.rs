@@ -62,6 +62,10 @@ const JOB: u32 = 77;
 const SECRET: &[u8] = b"fuzz";
 /// The most datagrams one step may make the aggregator send (a loop guard).
 const MAX_OUT: usize = 10_000;
+/// Group numbers the aggregator may hand out (fewer than the jobs it holds, so that
+/// some jobs find none free), and the address of group 0.
+const GROUPS: u32 = 2;
+const GROUP_BASE: u8 = 200;
 
 /// Drives an aggregator with a running job of three ranks (started again whenever an
 /// input ends it) through the operations that `data` encodes: raw datagrams,
@@ -75,7 +79,10 @@ const MAX_OUT: usize = 10_000;
 pub fn aggregator(data: &[u8]) -> u64 {
     let mut input = Bytes(data);
     let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
-    let codec = codecs[usize::from(input.u8()) % codecs.len()];
+    let first = input.u8();
+    let codec = codecs[usize::from(first & 0x7f) % codecs.len()];
+    // Its top bit: ranks ask for groups, which the aggregator offers.
+    let groups = first & 0x80 != 0;
     let known = codec::lookup(codec);
     let width = known.map_or(4, |c| c.wire_bytes());
     let kept = known.map_or(4, crate::aggregator::kept_bytes);
@@ -88,6 +95,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
         ..AggregatorConfig::default()
     };
     let mut agg = Aggregator::<u8>::new(config);
+    agg.offer_groups(GROUPS, |g| GROUP_BASE + g as u8);
     let mut now = Instant::now();
     let mut sent = 0u64;
     let mut buf = Vec::new();
@@ -99,6 +107,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
         chunk_elems: 16,
         window: 4,
         secret: SECRET.to_vec(),
+        groups,
     };
     let mut token = 0u64;
     // Every rank joins from its own address.
@@ -117,7 +126,10 @@ pub fn aggregator(data: &[u8]) -> u64 {
                 return;
             };
             sent += 1;
-            assert!(to < ADDRESSES, "sent to an address nobody used: {to}");
+            assert!(
+                to < ADDRESSES || (GROUP_BASE..GROUP_BASE + GROUPS as u8).contains(&to),
+                "sent to an address nobody used: {to}"
+            );
             match wire::decode(&out) {
                 Ok(Message::Grant(g)) => *token = g.token,
                 Ok(_) => {}

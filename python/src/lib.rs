@@ -221,7 +221,7 @@ impl Worker {
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
         skip_zeros = false, congestion_control = true, join_timeout = 30.0,
-        aggregator_timeout = 10.0, yields_before_sleep = None
+        aggregator_timeout = 10.0, yields_before_sleep = None, multicast = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -246,6 +246,7 @@ impl Worker {
         join_timeout: f64,
         aggregator_timeout: f64,
         yields_before_sleep: Option<u32>,
+        multicast: bool,
     ) -> PyResult<Self> {
         let c = codec::by_name(codec).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -273,6 +274,7 @@ impl Worker {
         if let Some(y) = yields_before_sleep {
             o.yields_before_sleep = y;
         }
+        o.multicast = multicast;
         let secs = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
                 .ok()

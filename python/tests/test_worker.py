@@ -93,6 +93,25 @@ def test_yields_before_sleep_is_taken_and_checked(aggregator):
         inagg.Worker(aggregator.addr, 8, 0, 1, yields_before_sleep=-1)
 
 
+def test_ranks_that_take_results_by_multicast_or_not_share_a_job(aggregator):
+    # A job's results go to a multicast group only when every rank asks (the
+    # default on loopback); here one does not, so each gets its own, the same sums.
+    results = {}
+
+    def rank(r):
+        with inagg.Worker(
+            aggregator.addr, 9, r, 2, "i8", join_timeout=20.0, multicast=(r == 0)
+        ) as w:
+            a = np.full(70_000, r + 1, dtype=np.float32)
+            w.allreduce(a)
+            results[r] = a
+
+    in_threads(rank, 2)
+    for r in range(2):
+        assert np.allclose(results[r], 3.0, rtol=0.05)
+    assert np.array_equal(results[0], results[1])
+
+
 def test_a_sharded_aggregator_is_striped_over_from_its_first_address():
     # `inagg aggregator --threads 3`: the workers are given the first shard only.
     agg = Aggregator("--threads", "3")

@@ -169,6 +169,9 @@ impl Session {
         // Check the settings before touching the network.
         let mut config = opts.protocol.clone();
         config.validate()?;
+        config.groups = opts.multicast
+            && matches!(opts.transport, Transport::Udp)
+            && inagg_net::group::groups_reach(&aggregator);
         let bind = opts.bind.unwrap_or_else(|| match aggregator {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -233,12 +236,40 @@ impl Session {
             token: 0,
             shard: 0,
             shards: 1,
+            group: None,
         })
     }
 
+    /// Joins the job; then, if the grant names a result group, the group, before
+    /// any contribution goes out (the first result needs every rank's).
     pub fn join(&mut self) -> Result<(), Error> {
-        self.drive(&mut [], |ev| matches!(ev, Event::Joined(_)))
-            .map(|_| ())
+        let ev = self.drive(&mut [], |ev| matches!(ev, Event::Joined(_)))?;
+        let (Event::Joined(g), Link::Udp { endpoint, .. }) = (ev, &mut self.link) else {
+            return Ok(());
+        };
+        let Some(group) = g.group else {
+            return Ok(());
+        };
+        let port = self.aggregator.port();
+        let Some(addr) = inagg_net::group::group_addr(group, port) else {
+            // A broken aggregator's grant: no address of this transport.
+            return Err(Error::Group {
+                group: std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the grant names group {group}, beyond the {} there are",
+                        inagg_net::group::GROUPS
+                    ),
+                ),
+            });
+        };
+        endpoint
+            .join_group(addr, std::net::Ipv4Addr::LOCALHOST)
+            .map_err(|source| Error::Group {
+                group: addr,
+                source,
+            })
     }
 
     pub fn allreduce(

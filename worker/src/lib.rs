@@ -79,6 +79,11 @@ pub struct Options {
     /// for results, looking at the socket after each, before sleeping in `poll(2)`
     /// ([`DEFAULT_YIELDS_BEFORE_SLEEP`]; 0 sleeps at once).
     pub yields_before_sleep: u32,
+    /// Over UDP to an IPv4 loopback aggregator, ask for the job's results to come to
+    /// a multicast group (on by default): the aggregator then sends each result once
+    /// for all ranks instead of once per rank, where every rank of the job asked and
+    /// it offers groups ([`inagg_net::group`]). Elsewhere it changes nothing.
+    pub multicast: bool,
 }
 
 /// Yields before a worker sleeps waiting for results, by default.
@@ -114,6 +119,7 @@ impl Options {
             transport: Transport::Udp,
             protocol,
             yields_before_sleep: DEFAULT_YIELDS_BEFORE_SLEEP,
+            multicast: true,
         }
     }
 }
@@ -190,6 +196,16 @@ pub enum Error {
     /// The socket failed.
     #[error("socket error")]
     Io(#[from] std::io::Error),
+    /// The multicast group the grant named could not be joined (turn groups off with
+    /// `Options::multicast`, `--no-multicast`).
+    #[error("cannot join the result group {group}")]
+    Group {
+        /// The group's address.
+        group: std::net::SocketAddrV4,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The QUIC connection failed or could not be made.
     #[error(transparent)]
     Quic(#[from] inagg_quic::Error),
@@ -481,6 +497,7 @@ mod tests {
             token: 1,
             shard,
             shards,
+            group: None,
         }
     }
 

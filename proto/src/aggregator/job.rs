@@ -22,6 +22,8 @@ pub(crate) struct Member<A> {
     pub window: u32,
     /// It sent a leave.
     pub left: bool,
+    /// It can take results sent to a group ([`Join::groups`]).
+    pub groups: bool,
 }
 
 /// A job: created by its first join, running once all ranks have joined.
@@ -51,6 +53,9 @@ pub(crate) struct Job<A> {
     /// Ranks that asked for the re-grant announced by flagged results: once every rank
     /// has, none needs the old pool any more.
     pub regrant_ready: Vec<bool>,
+    /// The group its results go to, once each, instead of to every rank: chosen when
+    /// it starts, if the driver offers groups and every rank asked for them.
+    pub group: Option<u32>,
     pub stats: Stats,
 }
 
@@ -75,6 +80,7 @@ impl<A: Clone + Eq> Job<A> {
             arrival: 0,
             next: None,
             regrant_ready: vec![false; usize::from(join.world)],
+            group: None,
             stats: Stats::default(),
         }
     }
@@ -143,12 +149,20 @@ impl<A: Clone + Eq> Job<A> {
             last_seen: now,
             window: join.window,
             left: false,
+            groups: join.groups,
         });
         !was_full && self.joined() == usize::from(self.world)
     }
 
     pub fn joined(&self) -> usize {
         self.members.iter().filter(|m| m.is_some()).count()
+    }
+
+    /// Every rank joined and can take results sent to a group.
+    pub fn all_take_groups(&self) -> bool {
+        self.members
+            .iter()
+            .all(|m| m.as_ref().is_some_and(|m| m.groups))
     }
 
     /// The smallest window any rank asked for.

@@ -183,6 +183,22 @@ struct Tombstone<A> {
     expires: Instant,
 }
 
+/// The driver's map from group numbers to addresses, given with
+/// [`Aggregator::offer_groups`].
+struct Groups<A> {
+    /// Group numbers run from 0 to below this.
+    count: u32,
+    addr: Box<dyn Fn(u32) -> A + Send>,
+}
+
+impl<A> std::fmt::Debug for Groups<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Groups")
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
 /// The aggregator state machine. See the module documentation for the call order.
 #[derive(Debug)]
 pub struct Aggregator<A> {
@@ -198,6 +214,8 @@ pub struct Aggregator<A> {
     backlogged: bool,
     /// Jobs that got all their ranks so far: orders waiting jobs.
     arrivals: u64,
+    /// Where results can go once for all ranks, if the driver offers groups.
+    groups: Option<Groups<A>>,
 }
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
@@ -218,7 +236,37 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             next_check: None,
             backlogged: false,
             arrivals: 0,
+            groups: None,
         }
+    }
+
+    /// Offers jobs that start from now on a group to send their results to: one
+    /// datagram per result instead of one per rank, as a switch multicasts. A job
+    /// gets one when every rank asked for it ([`Join::groups`]); its grants then name
+    /// the group ([`Grant::group`]), a number below `count` that no other job holds,
+    /// which `addr` turns into the address to send to (over UDP on loopback, a
+    /// multicast group on the aggregator's port, which every rank joins before it
+    /// sends). Answers to one rank (results from the kept copy, held answers) and
+    /// control messages still go to the rank's own address. Where every number is
+    /// held, a job's results go to each rank as without groups.
+    pub fn offer_groups(&mut self, count: u32, addr: impl Fn(u32) -> A + Send + 'static) {
+        self.groups = Some(Groups {
+            count,
+            addr: Box::new(addr),
+        });
+    }
+
+    /// The lowest group number no job holds, if groups are offered and one is free.
+    fn free_group(&self) -> Option<u32> {
+        let count = self.groups.as_ref()?.count;
+        let held: std::collections::BTreeSet<u32> =
+            self.jobs.values().filter_map(|j| j.group).collect();
+        (0..count).find(|g| !held.contains(g))
+    }
+
+    /// The group the job `id` sends its results to, if any.
+    pub fn job_group(&self, id: u32) -> Option<u32> {
+        self.jobs.get(&id)?.group
     }
 
     /// Tells the aggregator whether it is falling behind (for a socket driver: its
@@ -740,7 +788,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let start = buf.len();
         loop {
             buf.truncate(start);
-            let sent = match self.outbox.front_mut()? {
+            let sent = match self.outbox.front()? {
                 Outgoing::Control { .. } => match self.outbox.pop_front() {
                     Some(Outgoing::Control { to, msg }) => {
                         msg.encode(buf);
@@ -748,22 +796,32 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     }
                     _ => None,
                 },
-                Outgoing::Result { job, seq, dest } => {
-                    let (job, seq) = (*job, *seq);
-                    let (rank, single) = match dest {
-                        Dest::Rank(r) => (*r, true),
-                        Dest::All(r) => {
-                            *r += 1;
-                            (*r - 1, false)
-                        }
-                    };
-                    let sent = self.encode_result_head(job, seq, rank, single, buf);
-                    let world = self.jobs.get(&job).map_or(0, |j| j.world);
-                    if single || rank + 1 >= world {
+                &Outgoing::Result { job, seq, dest } => match (dest, self.group_addr(job)) {
+                    (Dest::All(0), Some(to)) => {
+                        // Once, to the group that every rank joined.
                         self.outbox.pop_front();
+                        let j = self.jobs.get_mut(&job);
+                        let body = j.and_then(|j| encode_result_head(j, seq, false, buf));
+                        body.map(|body| (to, Some(body)))
                     }
-                    sent.map(|(to, body)| (to, Some(body)))
-                }
+                    _ => {
+                        let (rank, single) = match dest {
+                            Dest::Rank(r) => (r, true),
+                            Dest::All(r) => (r, false),
+                        };
+                        let world = self.jobs.get(&job).map_or(0, |j| j.world);
+                        if single || rank + 1 >= world {
+                            self.outbox.pop_front();
+                        } else if let Some(Outgoing::Result {
+                            dest: Dest::All(r), ..
+                        }) = self.outbox.front_mut()
+                        {
+                            *r += 1;
+                        }
+                        let sent = self.encode_rank_result_head(job, seq, rank, single, buf);
+                        sent.map(|(to, body)| (to, Some(body)))
+                    }
+                },
             };
             if let Some((to, body)) = sent {
                 self.stats.packets_sent += 1;
@@ -784,9 +842,15 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .map_or(&[][..], |(_, payload)| payload)
     }
 
+    /// The address of the group job `id` sends its results to, if it has one.
+    fn group_addr(&self, id: u32) -> Option<A> {
+        let group = self.jobs.get(&id)?.group?;
+        Some((self.groups.as_ref()?.addr)(group))
+    }
+
     /// Encodes the header of the result of `seq` for `rank`, if the job, the rank and
     /// the result are all still there; the payload stays in the slot.
-    fn encode_result_head(
+    fn encode_rank_result_head(
         &mut self,
         job: u32,
         seq: u64,
@@ -799,51 +863,63 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         if member.left {
             return None;
         }
-        let (meta, payload) = job.pool.as_ref()?.result(seq)?;
-        let body = Body {
-            job: job.id,
-            seq,
-            len: payload.len(),
-        };
-        let mut flags = if from_copy { FLAG_FROM_COPY } else { 0 };
-        if meta.marked {
-            flags |= FLAG_MARK;
-            job.stats.marks += 1;
-        }
-        if meta.retx {
-            flags |= FLAG_RETX;
-        }
-        if meta.regrant {
-            flags |= FLAG_REGRANT;
-        }
-        if meta.nonfinite {
-            flags |= FLAG_NONFINITE;
-        }
-        let s = u64::from(job.pool.as_ref()?.slots());
-        let h = DataHeader {
-            job: job.id,
-            rank: job.world,
-            codec: job.codec.id(),
-            flags,
-            token: job.token,
-            seq,
-            slot: (seq % s) as u32,
-            version: ((seq / s) % 2) as u8,
-            scale_exp: meta.scale_exp,
-            next_exp: meta.exp_max,
-            count: meta.count,
-        };
-        let start = buf.len();
-        wire::encode_result(&h, &[], buf);
-        job.stats.packets_sent += 1;
-        job.stats.bytes_sent += (buf.len() - start + body.len) as u64;
-        Some((member.addr.clone(), body))
+        let to = member.addr.clone();
+        Some((to, encode_result_head(job, seq, from_copy, buf)?))
     }
 
     /// The next job event, for logs.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// Encodes the header of the result of `seq` of `job` (the same bytes for every
+/// rank), if the result is still there; the payload stays in the slot.
+fn encode_result_head<A>(
+    job: &mut Job<A>,
+    seq: u64,
+    from_copy: bool,
+    buf: &mut Vec<u8>,
+) -> Option<Body> {
+    let (meta, payload) = job.pool.as_ref()?.result(seq)?;
+    let body = Body {
+        job: job.id,
+        seq,
+        len: payload.len(),
+    };
+    let mut flags = if from_copy { FLAG_FROM_COPY } else { 0 };
+    if meta.marked {
+        flags |= FLAG_MARK;
+        job.stats.marks += 1;
+    }
+    if meta.retx {
+        flags |= FLAG_RETX;
+    }
+    if meta.regrant {
+        flags |= FLAG_REGRANT;
+    }
+    if meta.nonfinite {
+        flags |= FLAG_NONFINITE;
+    }
+    let s = u64::from(job.pool.as_ref()?.slots());
+    let h = DataHeader {
+        job: job.id,
+        rank: job.world,
+        codec: job.codec.id(),
+        flags,
+        token: job.token,
+        seq,
+        slot: (seq % s) as u32,
+        version: ((seq / s) % 2) as u8,
+        scale_exp: meta.scale_exp,
+        next_exp: meta.exp_max,
+        count: meta.count,
+    };
+    let start = buf.len();
+    wire::encode_result(&h, &[], buf);
+    job.stats.packets_sent += 1;
+    job.stats.bytes_sent += (buf.len() - start + body.len) as u64;
+    Some(body)
 }
 
 fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> Grant {
@@ -857,6 +933,7 @@ fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> 
         token: job.token,
         shard: config.shard,
         shards: config.shards,
+        group: job.group,
     }
 }
 

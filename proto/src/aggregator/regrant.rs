@@ -133,9 +133,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
 
     /// Gives job `id` a pool of `window` slots and every rank its grant.
     fn start(&mut self, id: u32, window: u32) {
+        let group = self.free_group();
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        job.group = group.filter(|_| job.all_take_groups());
         job.pool = Some(SlotPool::new(
             window,
             usize::from(job.chunk_elems),

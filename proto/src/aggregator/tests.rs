@@ -12,6 +12,18 @@ struct Harness {
 }
 
 fn join_msg(job: u32, rank: u16, world: u16, codec: CodecId, secret: &[u8]) -> Vec<u8> {
+    join_with_groups(job, rank, world, codec, secret, false)
+}
+
+/// [`join_msg`], asking for groups or not.
+fn join_with_groups(
+    job: u32,
+    rank: u16,
+    world: u16,
+    codec: CodecId,
+    secret: &[u8],
+    groups: bool,
+) -> Vec<u8> {
     let mut b = Vec::new();
     wire::encode_join(
         &Join {
@@ -22,6 +34,7 @@ fn join_msg(job: u32, rank: u16, world: u16, codec: CodecId, secret: &[u8]) -> V
             chunk_elems: 4,
             window: 2,
             secret: secret.to_vec(),
+            groups,
         },
         &mut b,
     );
@@ -631,6 +644,7 @@ fn join_window(job: u32, rank: u16, world: u16, window: u32) -> Vec<u8> {
             chunk_elems: 4,
             window,
             secret: b"k".to_vec(),
+            groups: false,
         },
         &mut b,
     );
@@ -875,4 +889,124 @@ fn a_result_keeps_the_regrant_flag_it_completed_with() {
     assert!(out
         .iter()
         .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT != 0)));
+}
+
+/// An aggregator offering `count` groups at addresses 1000 + number, with job `job`
+/// of two f32 ranks (addresses 10 * job + rank) joined, each asking for groups or
+/// not; returns the grants.
+fn groups_harness(
+    agg: &mut Aggregator<u32>,
+    now: Instant,
+    job: u32,
+    ask: [bool; 2],
+) -> Vec<(u32, Grant)> {
+    for (r, a) in ask.into_iter().enumerate() {
+        let j = join_with_groups(job, r as u16, 2, CodecId::F32, b"k", a);
+        agg.handle_datagram(now, 10 * job + r as u32, &j);
+    }
+    let mut buf = Vec::new();
+    let mut grants = Vec::new();
+    while let Some(to) = agg.poll_transmit(&mut buf) {
+        match wire::decode(&buf) {
+            Ok(Message::Grant(g)) => grants.push((to, g)),
+            m => panic!("expected grants, got {m:?}"),
+        }
+    }
+    grants
+}
+
+#[test]
+fn results_go_once_to_the_group_when_every_rank_asked() {
+    let now = Instant::now();
+    let mut agg = Aggregator::new(AggregatorConfig::default());
+    agg.offer_groups(4, |g| 1000 + g);
+    let grants = groups_harness(&mut agg, now, 5, [true, true]);
+    assert_eq!(grants.len(), 2);
+    assert!(grants.iter().all(|(_, g)| g.group == Some(0)), "{grants:?}");
+    assert_eq!(agg.job_group(5), Some(0));
+    let token = grants[0].1.token;
+    for r in 0..2u16 {
+        let h = f32_header(5, r, token, 0, 2);
+        agg.handle_datagram(now, 50 + u32::from(r), &contribution(&h, &[1.0, 2.0]));
+    }
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while let Some(to) = agg.poll_transmit(&mut buf) {
+        let Ok(Message::Result(h, p)) = wire::decode(&buf) else {
+            panic!("expected a result");
+        };
+        assert_eq!(h.flags & FLAG_FROM_COPY, 0);
+        out.push((to, values(p)));
+    }
+    assert_eq!(
+        out,
+        vec![(1000, vec![2.0, 4.0])],
+        "one datagram, to the group"
+    );
+    assert_eq!(agg.stats().packets_sent, 3, "two grants and one result");
+    // A rank that missed it asks again: answered to its own address, from the copy.
+    let h = f32_header(5, 1, token, 0, 2);
+    agg.handle_datagram(now, 51, &contribution(&h, &[1.0, 2.0]));
+    let to = agg.poll_transmit(&mut buf);
+    assert_eq!(to, Some(51));
+    let Ok(Message::Result(h, p)) = wire::decode(&buf) else {
+        panic!("expected a result");
+    };
+    assert_ne!(h.flags & FLAG_FROM_COPY, 0);
+    assert_eq!(values(p), vec![2.0, 4.0]);
+}
+
+#[test]
+fn a_job_gets_no_group_unless_offered_and_asked_by_every_rank() {
+    let now = Instant::now();
+    // Not offered: ranks that ask get none.
+    let mut agg = Aggregator::new(AggregatorConfig::default());
+    let grants = groups_harness(&mut agg, now, 5, [true, true]);
+    assert!(grants.iter().all(|(_, g)| g.group.is_none()), "{grants:?}");
+    // Offered, but one rank did not ask: every rank gets its own results.
+    let mut agg = Aggregator::new(AggregatorConfig::default());
+    agg.offer_groups(4, |g| 1000 + g);
+    let grants = groups_harness(&mut agg, now, 5, [true, false]);
+    assert!(grants.iter().all(|(_, g)| g.group.is_none()), "{grants:?}");
+    let token = grants[0].1.token;
+    for r in 0..2u16 {
+        let h = f32_header(5, r, token, 0, 2);
+        agg.handle_datagram(now, 50 + u32::from(r), &contribution(&h, &[1.0, 2.0]));
+    }
+    let mut buf = Vec::new();
+    let mut to = Vec::new();
+    while let Some(a) = agg.poll_transmit(&mut buf) {
+        to.push(a);
+    }
+    assert_eq!(to, vec![50, 51]);
+}
+
+#[test]
+fn jobs_hold_distinct_groups_and_free_them_when_they_end() {
+    let now = Instant::now();
+    let mut agg = Aggregator::new(AggregatorConfig::default());
+    agg.offer_groups(2, |g| 1000 + g);
+    let first = groups_harness(&mut agg, now, 5, [true, true]);
+    let second = groups_harness(&mut agg, now, 6, [true, true]);
+    assert_eq!(first[0].1.group, Some(0));
+    assert_eq!(second[0].1.group, Some(1));
+    // Every number is held: the third job's results go to each rank.
+    let third = groups_harness(&mut agg, now, 7, [true, true]);
+    assert_eq!(third[0].1.group, None);
+    // Job 5 ends: its number is free for the next job.
+    let mut buf = Vec::new();
+    for r in 0..2u16 {
+        let c = Control {
+            job: 5,
+            rank: r,
+            token: first[0].1.token,
+        };
+        wire::encode_leave(&c, &mut buf);
+        agg.handle_datagram(now, 50 + u32::from(r), &buf);
+        buf.clear();
+    }
+    while agg.poll_transmit(&mut buf).is_some() {}
+    assert!(!agg.jobs().contains(&5));
+    let fourth = groups_harness(&mut agg, now, 8, [true, true]);
+    assert_eq!(fourth[0].1.group, Some(0));
 }

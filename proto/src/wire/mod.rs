@@ -6,8 +6,8 @@
 //!
 //! | kind | message | body after the preamble |
 //! |---|---|---|
-//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8, chunk_elems u16, window u32, secret_len u8, secret |
-//! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8, chunk_elems u16, window u32, token u64 |
+//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8 ([`JOIN_GROUPS`]), chunk_elems u16, window u32, secret_len u8, secret |
+//! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8 ([`GRANT_GROUP`]), chunk_elems u16, window u32, token u64, shard u16, shards u16, then group u32 if flagged |
 //! | 3 | contribution | [`DataHeader`] (36 bytes), then `count` elements in the codec's wire form |
 //! | 4 | result | [`DataHeader`] (36 bytes), then `count` elements in the codec's wire form |
 //! | 5 | [`Control`] leave | job u32, rank u16, token u64 |
@@ -80,6 +80,12 @@ pub const FLAG_NONFINITE: u8 = 0x20;
 /// allreduce on packet numbers the others still use, and its next tensor would be
 /// summed with their current one.
 pub const FLAG_LAST: u8 = 0x40;
+/// Flag bit on a join: the rank can take its job's results from a group address
+/// (multicast), which its grant would name ([`Join::groups`]).
+pub const JOIN_GROUPS: u8 = 0x01;
+/// Flag bit on a grant: the job's results go to a group, whose number follows the
+/// grant's other fields ([`Grant::group`]).
+pub const GRANT_GROUP: u8 = 0x01;
 const DATA_FLAGS: u8 =
     FLAG_MARK | FLAG_FROM_COPY | FLAG_PROBE | FLAG_RETX | FLAG_REGRANT | FLAG_NONFINITE | FLAG_LAST;
 
@@ -138,6 +144,11 @@ pub struct Join {
     pub window: u32,
     /// The job's shared secret (at most [`MAX_SECRET_LEN`] bytes).
     pub secret: Vec<u8>,
+    /// The rank can take results sent to a group ([`JOIN_GROUPS`]): the aggregator
+    /// may then send each result once, to a group every rank has joined, instead of
+    /// once per rank, as a switch multicasts. A job's results go to a group only when
+    /// every rank asked.
+    pub groups: bool,
 }
 
 /// The aggregator admits a rank to a job whose ranks have all joined.
@@ -164,6 +175,11 @@ pub struct Grant {
     pub shard: u16,
     /// How many shards the aggregator runs (1: one). Both fields follow the token.
     pub shards: u16,
+    /// The group the job's results go to, once each, if every rank asked for groups
+    /// ([`Join::groups`]) and the aggregator offers them: a number the transport maps
+    /// to an address (over UDP on loopback, a multicast group on the aggregator's
+    /// port). `None`: results go to each rank's own address.
+    pub group: Option<u32>,
 }
 
 /// The header of a contribution (worker to aggregator) or a result (back).
@@ -303,7 +319,7 @@ pub fn encode_join(j: &Join, out: &mut impl BufMut) {
     out.put_u16_le(j.rank);
     out.put_u16_le(j.world);
     out.put_u8(j.codec.0);
-    out.put_u8(0);
+    out.put_u8(if j.groups { JOIN_GROUPS } else { 0 });
     out.put_u16_le(j.chunk_elems);
     out.put_u32_le(j.window);
     // Cannot truncate: the length is capped at MAX_SECRET_LEN above.
@@ -318,12 +334,15 @@ pub fn encode_grant(g: &Grant, out: &mut impl BufMut) {
     out.put_u16_le(g.rank);
     out.put_u16_le(g.world);
     out.put_u8(g.codec.0);
-    out.put_u8(0);
+    out.put_u8(if g.group.is_some() { GRANT_GROUP } else { 0 });
     out.put_u16_le(g.chunk_elems);
     out.put_u32_le(g.window);
     out.put_u64_le(g.token);
     out.put_u16_le(g.shard);
     out.put_u16_le(g.shards);
+    if let Some(group) = g.group {
+        out.put_u32_le(group);
+    }
 }
 
 fn encode_data(kind: u8, h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
@@ -574,7 +593,10 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
             let rank = r.u16()?;
             let world = r.u16()?;
             let codec = r.codec()?;
-            r.zero("flags")?;
+            let flags = r.u8()?;
+            if flags & !JOIN_GROUPS != 0 {
+                return Err(DecodeError::Field("flags"));
+            }
             let chunk_elems = r.u16()?;
             let window = r.u32()?;
             let len = usize::from(r.u8()?);
@@ -596,22 +618,30 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 chunk_elems,
                 window,
                 secret,
+                groups: flags & JOIN_GROUPS != 0,
             })
         }
         kind::GRANT => {
+            let (job, rank, world, codec) = (r.u32()?, r.u16()?, r.u16()?, r.codec()?);
+            let flags = r.u8()?;
+            if flags & !GRANT_GROUP != 0 {
+                return Err(DecodeError::Field("flags"));
+            }
             let g = Grant {
-                job: r.u32()?,
-                rank: r.u16()?,
-                world: r.u16()?,
-                codec: r.codec()?,
-                chunk_elems: {
-                    r.zero("flags")?;
-                    r.u16()?
-                },
+                job,
+                rank,
+                world,
+                codec,
+                chunk_elems: r.u16()?,
                 window: r.u32()?,
                 token: r.u64()?,
                 shard: r.u16()?,
                 shards: r.u16()?,
+                group: if flags & GRANT_GROUP != 0 {
+                    Some(r.u32()?)
+                } else {
+                    None
+                },
             };
             if g.world == 0 || g.rank >= g.world || g.chunk_elems == 0 || g.window == 0 {
                 return Err(DecodeError::Field("grant"));

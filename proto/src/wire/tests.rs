@@ -37,8 +37,22 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 chunk_elems: 256,
                 window: 128,
                 secret: b"s3".to_vec(),
+                groups: false,
             }),
             "49410101 07000000 0100 0400 01 00 0001 80000000 02 7333",
+        ),
+        (
+            Message::Join(Join {
+                job: 7,
+                rank: 1,
+                world: 4,
+                codec: CodecId::F32,
+                chunk_elems: 256,
+                window: 128,
+                secret: b"s3".to_vec(),
+                groups: true,
+            }),
+            "49410101 07000000 0100 0400 01 01 0001 80000000 02 7333",
         ),
         (
             Message::Grant(Grant {
@@ -51,8 +65,24 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 token: 0xdead_beef,
                 shard: 1,
                 shards: 2,
+                group: None,
             }),
             "49410102 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
+        ),
+        (
+            Message::Grant(Grant {
+                job: 7,
+                rank: 1,
+                world: 4,
+                codec: CodecId::I32,
+                chunk_elems: 256,
+                window: 64,
+                token: 0xdead_beef,
+                shard: 1,
+                shards: 2,
+                group: Some(0x0102),
+            }),
+            "49410102 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
         ),
         (
             Message::Contribution(header(), &PAYLOAD),
@@ -182,10 +212,54 @@ fn rejects_what_it_must() {
             token: 9,
             shard,
             shards,
+            group: None,
         };
         encode_grant(&g, &mut b);
         assert_eq!(decode(&b), Err(DecodeError::Field("shard")));
     }
+    // Flag bits of joins and grants that mean nothing yet.
+    let mut join = Vec::new();
+    encode_join(
+        &Join {
+            job: 1,
+            rank: 0,
+            world: 1,
+            codec: CodecId::F32,
+            chunk_elems: 8,
+            window: 4,
+            secret: Vec::new(),
+            groups: true,
+        },
+        &mut join,
+    );
+    let mut grant = Vec::new();
+    encode_grant(
+        &Grant {
+            job: 1,
+            rank: 0,
+            world: 1,
+            codec: CodecId::F32,
+            chunk_elems: 8,
+            window: 4,
+            token: 9,
+            shard: 0,
+            shards: 1,
+            group: Some(3),
+        },
+        &mut grant,
+    );
+    for b in [&join, &grant] {
+        assert!(decode(b).is_ok());
+        for bit in 1..8 {
+            let mut b = b.clone();
+            b[13] |= 1 << bit;
+            assert_eq!(decode(&b), Err(DecodeError::Field("flags")), "bit {bit}");
+        }
+    }
+    // A grant flagged for a group must carry it.
+    let mut b = grant.clone();
+    b.truncate(b.len() - 4);
+    assert_eq!(decode(&b), Err(DecodeError::Truncated));
     assert!(decode(&vec![0u8; MAX_DATAGRAM + 1]).is_err());
 }
 

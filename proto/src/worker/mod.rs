@@ -84,6 +84,10 @@ pub struct WorkerConfig {
     pub stochastic_rounding: Option<u64>,
     /// Chunks that are zero on every rank travel as headers only.
     pub skip_zeros: bool,
+    /// Ask for results sent to a group ([`Join::groups`]): the driver can join the
+    /// group a grant names ([`Grant::group`]) before the first allreduce. Off by
+    /// default; the UDP driver turns it on toward a loopback aggregator.
+    pub groups: bool,
 }
 
 impl WorkerConfig {
@@ -140,6 +144,7 @@ impl WorkerConfig {
             max_rto: Duration::from_secs(1),
             stochastic_rounding: None,
             skip_zeros: false,
+            groups: false,
         }
     }
 }
@@ -767,6 +772,7 @@ impl Worker {
             chunk_elems: self.config.chunk_elems,
             window: self.config.window,
             secret: self.config.secret.clone(),
+            groups: self.config.groups,
         }
     }
 

@@ -191,6 +191,7 @@ fn a_grant_beyond_what_the_rank_asked_for_is_ignored() {
         token: 42,
         shard: 0,
         shards: 1,
+        group: None,
     };
     let forged = [
         // A window of u32::MAX would have sized the rank's ring by it.
@@ -244,6 +245,7 @@ fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
         token: 42,
         shard: 0,
         shards: 1,
+        group: None,
     };
     let joined = |now| {
         let mut w = Worker::new(WorkerConfig::new(1, 0, 2, CodecId::I32), now).expect("worker");
@@ -372,6 +374,7 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
             token: 42,
             shard: 0,
             shards: 1,
+            group: None,
         };
         let mut cfg = WorkerConfig::new(1, 0, 2, codec);
         cfg.chunk_elems = 4;

@@ -1,0 +1,91 @@
+//! Result groups over UDP: an aggregator sends each result once, to a multicast group
+//! that every rank of the job has joined, instead of once per rank, as a switch
+//! multicasts; the kernel hands each member a reference to the same buffer.
+//!
+//! Only on loopback, where the host itself is the network: a worker asks for a group
+//! ([`groups_reach`]) when its aggregator is an IPv4 loopback address, and the
+//! aggregator sends with the loopback interface as the multicast source, so no group
+//! datagram leaves the host. On a real network multicast needs routers and switches
+//! set up for it, and results go to each rank as before.
+//!
+//! Group `g` of the aggregator listening on port `p` is `239.255.(g >> 8).(g & 255):p`
+//! (IPv4 Local Scope, RFC 2365): the port keeps aggregators on one host apart, the
+//! number the jobs of one aggregator, which hands out at most [`GROUPS`] at once.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+/// The group numbers an aggregator may hand out at once.
+pub const GROUPS: u32 = 1 << 16;
+
+/// The address of group `group` of the aggregator on port `port`, if the number is
+/// below [`GROUPS`].
+pub fn group_addr(group: u32, port: u16) -> Option<SocketAddrV4> {
+    let g = u16::try_from(group).ok()?;
+    let [hi, lo] = g.to_be_bytes();
+    Some(SocketAddrV4::new(Ipv4Addr::new(239, 255, hi, lo), port))
+}
+
+/// Whether results from the aggregator at `aggregator` can come to a group: it is an
+/// IPv4 loopback address (then the rank and the aggregator share the host). Not an
+/// IPv4-mapped IPv6 one: group datagrams arrive from the plain IPv4 address, which a
+/// worker would not take for its aggregator's.
+pub fn groups_reach(aggregator: &SocketAddr) -> bool {
+    matches!(aggregator, SocketAddr::V4(a) if a.ip().is_loopback())
+}
+
+/// The interface address an aggregator bound to `local` sends group datagrams from:
+/// its own address if that is an IPv4 loopback one, the loopback address if it is
+/// the IPv4 wildcard; `None` (no groups) otherwise.
+pub fn group_source(local: &SocketAddr) -> Option<Ipv4Addr> {
+    match local {
+        SocketAddr::V4(a) if a.ip().is_loopback() => Some(*a.ip()),
+        SocketAddr::V4(a) if a.ip().is_unspecified() => Some(Ipv4Addr::LOCALHOST),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_map_to_local_scope_addresses_on_the_aggregators_port() {
+        assert_eq!(
+            group_addr(0, 7000),
+            Some("239.255.0.0:7000".parse().expect("addr"))
+        );
+        assert_eq!(
+            group_addr(0x1234, 7001),
+            Some("239.255.18.52:7001".parse().expect("addr"))
+        );
+        assert_eq!(
+            group_addr(GROUPS - 1, 1).map(|a| *a.ip()),
+            Some(Ipv4Addr::new(239, 255, 255, 255))
+        );
+        assert_eq!(group_addr(GROUPS, 1), None);
+    }
+
+    #[test]
+    fn only_loopback_reaches_groups() {
+        for (a, want) in [
+            ("127.0.0.1:9", true),
+            ("127.0.0.2:9", true),
+            ("[::ffff:127.0.0.1]:9", false),
+            ("10.0.0.1:9", false),
+            ("[::1]:9", false),
+        ] {
+            let a: SocketAddr = a.parse().expect("addr");
+            assert_eq!(groups_reach(&a), want, "{a}");
+        }
+        for (a, want) in [
+            ("127.0.0.1:9", Some(Ipv4Addr::LOCALHOST)),
+            ("127.0.0.3:9", Some(Ipv4Addr::new(127, 0, 0, 3))),
+            ("0.0.0.0:9", Some(Ipv4Addr::LOCALHOST)),
+            ("198.18.0.10:9", None),
+            ("[::]:9", None),
+        ] {
+            let a: SocketAddr = a.parse().expect("addr");
+            assert_eq!(group_source(&a), want, "{a}");
+        }
+    }
+}
