@@ -33,6 +33,21 @@ pub fn groups_reach(aggregator: &SocketAddr) -> bool {
     matches!(aggregator, SocketAddr::V4(a) if a.ip().is_loopback())
 }
 
+/// Whether this host lets a socket join a multicast group on the loopback interface
+/// (tried once per process, on a socket of its own): a worker asks for a group only
+/// where it can then join the one its grant names.
+pub fn loopback_groups_work() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let try_join = || -> std::io::Result<()> {
+            let probe = group_addr(GROUPS - 1, 0).ok_or(std::io::ErrorKind::InvalidInput)?;
+            let s = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+            s.join_multicast_v4(probe.ip(), &Ipv4Addr::LOCALHOST)
+        };
+        try_join().is_ok()
+    })
+}
+
 /// The interface address an aggregator bound to `local` sends group datagrams from:
 /// its own address if that is an IPv4 loopback one, the loopback address if it is
 /// the IPv4 wildcard; `None` (no groups) otherwise.
@@ -63,6 +78,13 @@ mod tests {
             Some(Ipv4Addr::new(239, 255, 255, 255))
         );
         assert_eq!(group_addr(GROUPS, 1), None);
+    }
+
+    #[test]
+    fn this_host_joins_groups_on_loopback() {
+        // Where it could not, workers would not ask, and the end-to-end test of
+        // multicast results would fail on the counts instead.
+        assert!(loopback_groups_work());
     }
 
     #[test]

@@ -171,7 +171,8 @@ impl Session {
         config.validate()?;
         config.groups = opts.multicast
             && matches!(opts.transport, Transport::Udp)
-            && inagg_net::group::groups_reach(&aggregator);
+            && inagg_net::group::groups_reach(&aggregator)
+            && inagg_net::group::loopback_groups_work();
         let bind = opts.bind.unwrap_or_else(|| match aggregator {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
