@@ -584,6 +584,32 @@ fn bench_every_codec_sends_its_width() {
     }
 }
 
+/// Tensors of 4 MiB and more are decoded around the caches (non-temporal stores) for
+/// f16, bf16 and i8: the results must be the same sums, at every rank, to the last
+/// element of a tensor that ends inside a chunk.
+#[test]
+fn large_tensors_decoded_around_the_cache_are_right() {
+    let elements = inagg_proto::codec::stream::STREAM_MIN_BYTES / 4 + 12_345;
+    let rows = common::bench_json(&[
+        "--workers",
+        "2",
+        "--elements",
+        &elements.to_string(),
+        "--codec",
+        "f16,bf16,i8",
+        "--iters",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(row["within_bound"], true, "{row}");
+        assert_eq!(row["ranks_identical"], true, "{row}");
+    }
+}
+
 #[test]
 fn bench_with_stochastic_rounding_and_zero_skipping() {
     let run = |extra: &[&str]| {

@@ -24,6 +24,7 @@
 //! So at most `N * 2^-shift` for headroom, plus `2^(ceil(log2 N) - shift) / 2` for
 //! the final rounding when widening.
 
+use super::stream::{self, Wire};
 use super::{kernels, Codec, CodecId, Scale};
 use crate::wire::NO_EXPONENT;
 
@@ -205,6 +206,18 @@ impl Codec for Fixed {
     }
     fn decode(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
         kernels::dequantize(src, pow2(-scale.shift), out, self.wire_bytes())
+    }
+    /// Around the cache for i8 only: four ranks of 16 Mi elements gained 1-6% in four
+    /// rounds, where i16 was level to 4% slower and i32 1-3% slower (`stream`).
+    fn decode_around_cache(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
+        if self.wire_bytes() != 1 {
+            return self.decode(src, scale, out);
+        }
+        let wire = Wire::Int {
+            width: 1,
+            inv: pow2(-scale.shift),
+        };
+        stream::decode_around_cache(wire, src, out)
     }
     fn sum_first(&self, acc: &mut [u32], world: u16, payload: &[u8]) {
         if self.narrow_lanes(world) {

@@ -31,6 +31,9 @@ impl Codec for F32 {
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::le_to_f32(src, out)
     }
+    // `decode_around_cache` stays `decode`: streaming f32 results made four ranks'
+    // allreduces of 16 Mi elements 4-6% slower, where f16, bf16 and i8 gained (see
+    // `stream`).
     fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::load_lanes(acc, payload)
     }

@@ -11,6 +11,7 @@
 
 use half::f16;
 
+use super::stream::{self, Wire};
 use super::{kernels, uniform, Codec, CodecId, Scale};
 
 /// IEEE half precision: 11 significant bits, largest finite value 65504.
@@ -81,6 +82,9 @@ impl Codec for F16 {
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::from_f16(src, out)
     }
+    fn decode_around_cache(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
+        stream::decode_around_cache(Wire::F16, src, out)
+    }
     fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::load_f16(acc, payload)
     }
@@ -116,6 +120,9 @@ impl Codec for Bf16 {
     }
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::from_bf16(src, out)
+    }
+    fn decode_around_cache(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
+        stream::decode_around_cache(Wire::Bf16, src, out)
     }
     fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::from_bf16(payload, bytemuck::cast_slice_mut(acc))

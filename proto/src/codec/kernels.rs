@@ -15,7 +15,7 @@ use super::uniform;
 /// the kernels are compiled for.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn has_v3() -> bool {
+pub(crate) fn has_v3() -> bool {
     #[cfg(test)]
     if tests_force_baseline::get() {
         return false;

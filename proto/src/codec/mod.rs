@@ -34,6 +34,7 @@ mod fixed;
 mod float;
 mod half16;
 mod kernels;
+pub mod stream;
 
 use std::fmt;
 
@@ -137,6 +138,12 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]);
     /// Turns a payload back into values; `out.len() * wire_bytes() == src.len()`.
     fn decode(&self, src: &[u8], scale: Scale, out: &mut [f32]);
+    /// [`Codec::decode`] into a tensor too large to stay in cache: the same values,
+    /// written around the caches where the CPU can ([`stream`]), so that `out` is not
+    /// read before it is written.
+    fn decode_around_cache(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
+        self.decode(src, scale, out)
+    }
     /// Aggregator: the first contribution to a slot initializes its lanes. `acc` holds
     /// one `u32` per element; `world` is the job's world size, the same in every call
     /// of one sum, from which the codec may choose narrower lanes that use only the

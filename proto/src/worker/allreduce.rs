@@ -590,6 +590,10 @@ impl Allreduce {
                 let all = self.chunk_range(j);
                 data[all].fill(0.0);
             }
+        } else if std::mem::size_of_val(data) >= crate::codec::stream::STREAM_MIN_BYTES {
+            // Out of cache by the end of the allreduce anyway: not read first.
+            self.codec
+                .decode_around_cache(payload, scale, &mut data[range]);
         } else {
             self.codec.decode(payload, scale, &mut data[range]);
         }
