@@ -85,8 +85,10 @@ pub struct Args {
     #[arg(long, default_value_t = inagg_aggregator::DEFAULT_YIELDS_BEFORE_SLEEP)]
     pub yields_before_sleep: u32,
     /// Send every result to each rank, even for jobs whose ranks all asked for a
-    /// multicast group. By default, over UDP on loopback (or the IPv4 wildcard), such a
-    /// job's results go out once, to a group its ranks joined, as a switch multicasts.
+    /// multicast group. By default, over UDP listening on an IPv4 loopback address
+    /// (not the wildcard), such a job's results go out once, to a group its ranks
+    /// joined, as a switch multicasts; any local process may join that group and read
+    /// them, so on a host shared with untrusted users pass this flag.
     #[arg(long)]
     pub no_multicast: bool,
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`; port 0

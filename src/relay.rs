@@ -202,6 +202,10 @@ fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// know only the relay's port never join), and its faults would not touch them.
 fn unicast_only(datagram: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     use inagg_proto::wire::{self, Message};
+    if !wire::is_join(datagram) {
+        // Only joins ask; the rest passes without being decoded.
+        return datagram.into();
+    }
     match wire::decode(datagram) {
         Ok(Message::Join(mut j)) if j.groups => {
             j.groups = false;

@@ -75,7 +75,7 @@ pub struct ServerConfig {
     /// before it sleeps ([`DEFAULT_YIELDS_BEFORE_SLEEP`]; 0 sleeps at once). Not used
     /// by [`Server::bind_quic`]: quinn drives its socket.
     pub yields_before_sleep: u32,
-    /// Over UDP on loopback (or the IPv4 wildcard), send each result of a job whose
+    /// Over UDP bound to an IPv4 loopback address, send each result of a job whose
     /// ranks all asked for it once, to a multicast group they joined, instead of once
     /// per rank ([`inagg_net::group`]; on by default). Not used by
     /// [`Server::bind_quic`]: a QUIC connection is one peer's.
@@ -372,7 +372,7 @@ impl Server<UdpFront> {
 }
 
 /// Offers the state machine result groups if the socket is bound where groups reach
-/// (IPv4 loopback or wildcard: [`group::group_source`]) and takes the multicast
+/// (an IPv4 loopback address: [`group::group_source`]) and takes the multicast
 /// options; a socket elsewhere sends every result to each rank.
 fn offer_groups(endpoint: &UdpEndpoint, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
     let local = endpoint.local_addr()?;

@@ -242,7 +242,9 @@ impl Session {
     }
 
     /// Joins the job; then, if the grant names a result group, the group, before
-    /// any contribution goes out (the first result needs every rank's).
+    /// any contribution goes out (the first result needs every rank's). A rank that
+    /// cannot join it leaves the job at once, so that the others are told instead of
+    /// waiting for its silence.
     pub fn join(&mut self) -> Result<(), Error> {
         let ev = self.drive(&mut [], |ev| matches!(ev, Event::Joined(_)))?;
         let (Event::Joined(g), Link::Udp { endpoint, .. }) = (ev, &mut self.link) else {
@@ -252,25 +254,20 @@ impl Session {
             return Ok(());
         };
         let port = self.aggregator.port();
-        let Some(addr) = inagg_net::group::group_addr(group, port) else {
-            // A broken aggregator's grant: no address of this transport.
-            return Err(Error::Group {
-                group: std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "the grant names group {group}, beyond the {} there are",
-                        inagg_net::group::GROUPS
-                    ),
-                ),
-            });
+        let joined = match inagg_net::group::group_addr(group, port) {
+            Some(addr) => endpoint
+                .join_group(addr, std::net::Ipv4Addr::LOCALHOST)
+                .map_err(|source| Error::Group {
+                    group: addr,
+                    source,
+                }),
+            // Only a broken aggregator names a number with no address.
+            None => Err(Error::GroupOutOfRange(group)),
         };
-        endpoint
-            .join_group(addr, std::net::Ipv4Addr::LOCALHOST)
-            .map_err(|source| Error::Group {
-                group: addr,
-                source,
-            })
+        if joined.is_err() {
+            self.leave();
+        }
+        joined
     }
 
     pub fn allreduce(

@@ -206,6 +206,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The grant named a result group beyond those that have an address.
+    #[error("the aggregator's grant names result group {0}, which has no address")]
+    GroupOutOfRange(u32),
     /// The QUIC connection failed or could not be made.
     #[error(transparent)]
     Quic(#[from] inagg_quic::Error),

@@ -188,7 +188,11 @@ struct Tombstone<A> {
 struct Groups<A> {
     /// Group numbers run from 0 to below this.
     count: u32,
-    addr: Box<dyn Fn(u32) -> A + Send>,
+    addr: Box<dyn Fn(u32) -> A + Send + Sync>,
+    /// Where the search for a free number starts: after the last one handed out, so
+    /// that an ended job's number is not handed out again at once (its ranks may
+    /// still be members of the group for a while).
+    next: u32,
 }
 
 impl<A> std::fmt::Debug for Groups<A> {
@@ -248,20 +252,28 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// multicast group on the aggregator's port, which every rank joins before it
     /// sends). Answers to one rank (results from the kept copy, held answers) and
     /// control messages still go to the rank's own address. Where every number is
-    /// held, a job's results go to each rank as without groups.
-    pub fn offer_groups(&mut self, count: u32, addr: impl Fn(u32) -> A + Send + 'static) {
+    /// held, a job's results go to each rank as without groups. Numbers are handed
+    /// out in turn, so an ended job's comes back only after the others.
+    pub fn offer_groups(&mut self, count: u32, addr: impl Fn(u32) -> A + Send + Sync + 'static) {
         self.groups = Some(Groups {
             count,
             addr: Box::new(addr),
+            next: 0,
         });
     }
 
-    /// The lowest group number no job holds, if groups are offered and one is free.
-    fn free_group(&self) -> Option<u32> {
-        let count = self.groups.as_ref()?.count;
+    /// A group number no job holds, the first at or after the last one handed out,
+    /// if groups are offered and one is free; it counts as handed out.
+    fn take_group(&mut self) -> Option<u32> {
         let held: std::collections::BTreeSet<u32> =
             self.jobs.values().filter_map(|j| j.group).collect();
-        (0..count).find(|g| !held.contains(g))
+        let groups = self.groups.as_mut()?;
+        let (count, next) = (groups.count, groups.next);
+        let free = (next..count)
+            .chain(0..next.min(count))
+            .find(|g| !held.contains(g))?;
+        groups.next = free.wrapping_add(1) % count.max(1);
+        Some(free)
     }
 
     /// The group the job `id` sends its results to, if any.

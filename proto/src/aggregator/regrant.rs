@@ -133,11 +133,12 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
 
     /// Gives job `id` a pool of `window` slots and every rank its grant.
     fn start(&mut self, id: u32, window: u32) {
-        let group = self.free_group();
+        let asks = self.jobs.get(&id).is_some_and(|j| j.all_take_groups());
+        let group = if asks { self.take_group() } else { None };
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        job.group = group.filter(|_| job.all_take_groups());
+        job.group = group;
         job.pool = Some(SlotPool::new(
             window,
             usize::from(job.chunk_elems),

@@ -1010,3 +1010,30 @@ fn jobs_hold_distinct_groups_and_free_them_when_they_end() {
     let fourth = groups_harness(&mut agg, now, 8, [true, true]);
     assert_eq!(fourth[0].1.group, Some(0));
 }
+
+#[test]
+fn an_ended_jobs_group_comes_back_only_after_the_others() {
+    let now = Instant::now();
+    let mut agg = Aggregator::new(AggregatorConfig::default());
+    agg.offer_groups(3, |g| 1000 + g);
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    // One job at a time, each ending before the next starts.
+    for job in 5..10u32 {
+        let grants = groups_harness(&mut agg, now, job, [true, true]);
+        got.push(grants[0].1.group);
+        for r in 0..2u16 {
+            let c = Control {
+                job,
+                rank: r,
+                token: grants[0].1.token,
+            };
+            buf.clear();
+            wire::encode_leave(&c, &mut buf);
+            agg.handle_datagram(now, 10 * job + u32::from(r), &buf);
+        }
+        while agg.poll_transmit(&mut buf).is_some() {}
+        assert!(!agg.jobs().contains(&job));
+    }
+    assert_eq!(got, [0, 1, 2, 0, 1].map(Some));
+}

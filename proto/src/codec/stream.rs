@@ -11,8 +11,9 @@
 //! worker streams from [`STREAM_MIN_BYTES`] up.
 //!
 //! Every decode here gives the bits of [`Codec::decode`](super::Codec::decode) (the
-//! same conversions, eight elements at a time); the unaligned ends of `out` go
-//! through the cached kernels. Each call ends with `sfence`, so that its stores are
+//! same conversions, eight elements at a time); the ends of `out` outside whole
+//! 64-byte lines go through the cached kernels, so that every streamed line is
+//! written whole (a partly written line costs the memory a read anyway). Each call ends with `sfence`, so that its stores are
 //! visible to other threads before anything the caller writes after.
 
 use super::kernels;
@@ -83,6 +84,8 @@ mod x86 {
 
     /// Elements per step: one 256-bit register of f32.
     const STEP: usize = 8;
+    /// Elements per cache line: the body streams whole lines.
+    const LINE: usize = 16;
 
     /// [`super::decode_around_cache`] on a CPU with AVX2.
     ///
@@ -92,10 +95,10 @@ mod x86 {
     pub(super) unsafe fn decode(wire: Wire, src: &[u8], out: &mut [f32]) {
         let per = wire.bytes();
         let n = out.len().min(src.len() / per);
-        // Up to the first 32-byte boundary of `out` (where `vmovntps` may store), and
-        // the tail after the last whole step, through the cached kernels.
-        let head = out.as_ptr().align_offset(32).min(n);
-        let steps = (n - head) / STEP;
+        // Up to the first line boundary of `out` (`vmovntps` stores at 32-byte ones),
+        // and the tail after the last whole line, through the cached kernels.
+        let head = out.as_ptr().align_offset(64).min(n);
+        let steps = (n - head) / LINE * (LINE / STEP);
         let body = head + steps * STEP;
         let (out_head, rest) = out.split_at_mut(head);
         cached(wire, &src[..head * per], out_head);
@@ -105,7 +108,7 @@ mod x86 {
         // SAFETY (each loop): step `i` reads `STEP * per` bytes at `i * STEP * per`
         // of `s`, which holds `steps * STEP * per`, and stores 32 bytes at element
         // `i * STEP` of `out_body`, which holds `steps * STEP` elements from a 32-byte
-        // boundary; the loads are unaligned ones.
+        // boundary (a line's); the loads are unaligned ones.
         macro_rules! each_step {
             (|$p:ident| $convert:expr) => {
                 for i in 0..steps {
@@ -177,12 +180,12 @@ mod tests {
             },
         ];
         for wire in wires {
-            for len in [0, 1, 7, 8, 9, 31, 64, 255, 256, 257, 1000] {
-                for offset in 0..8 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 31, 64, 255, 256, 257, 1000] {
+                for offset in 0..16 {
                     let src = payload(len * wire.bytes(), (len + offset) as u32);
                     let mut want = vec![0f32; len];
                     cached(wire, &src, &mut want);
-                    let mut buf = vec![f32::NAN; len + 8];
+                    let mut buf = vec![f32::NAN; len + 16];
                     let out = &mut buf[offset..offset + len];
                     decode_around_cache(wire, &src, out);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -310,6 +310,11 @@ fn preamble(out: &mut impl BufMut, kind: u8) {
     out.put_u8(kind);
 }
 
+/// Whether `datagram` says it is a join (its preamble; nothing else is checked).
+pub fn is_join(datagram: &[u8]) -> bool {
+    datagram.len() >= 4 && datagram[..2] == MAGIC && datagram[3] == kind::JOIN
+}
+
 /// Appends a join to `out`.
 pub fn encode_join(j: &Join, out: &mut impl BufMut) {
     debug_assert!(j.secret.len() <= MAX_SECRET_LEN);

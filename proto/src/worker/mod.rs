@@ -565,6 +565,9 @@ impl Worker {
                     || g.chunk_elems != self.config.chunk_elems
                     || g.window == 0
                     || g.window > self.config.window
+                    // A group this rank did not ask for, or another than its job's.
+                    || (g.group.is_some() && !self.config.groups)
+                    || self.grant.is_some_and(|old| old.group != g.group)
                 {
                     return;
                 }

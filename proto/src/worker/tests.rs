@@ -211,6 +211,11 @@ fn a_grant_beyond_what_the_rank_asked_for_is_ignored() {
             chunk_elems: 512,
             ..honest
         },
+        // A result group this rank did not ask for.
+        Grant {
+            group: Some(3),
+            ..honest
+        },
     ];
     for g in forged {
         let mut b = Vec::new();
@@ -229,6 +234,37 @@ fn a_grant_beyond_what_the_rank_asked_for_is_ignored() {
     );
     w.handle_datagram(now, &b, &mut []);
     assert_eq!(w.grant().map(|g| g.window), Some(4));
+}
+
+#[test]
+fn a_rank_that_asks_for_groups_says_so_and_takes_its_group() {
+    use crate::wire::{self, Grant};
+    let now = std::time::Instant::now();
+    let mut cfg = WorkerConfig::new(1, 0, 2, CodecId::I32);
+    cfg.groups = true;
+    let mut w = Worker::new(cfg.clone(), now).expect("worker");
+    let mut b = Vec::new();
+    w.poll_transmit(now, &[], &mut b);
+    let Ok(wire::Message::Join(j)) = wire::decode(&b) else {
+        panic!("expected a join");
+    };
+    assert!(j.groups, "the join asks for groups");
+    let grant = Grant {
+        job: 1,
+        rank: 0,
+        world: 2,
+        codec: CodecId::I32,
+        chunk_elems: cfg.chunk_elems,
+        window: cfg.window,
+        token: 42,
+        shard: 0,
+        shards: 1,
+        group: Some(7),
+    };
+    b.clear();
+    wire::encode_grant(&grant, &mut b);
+    w.handle_datagram(now, &b, &mut []);
+    assert_eq!(w.grant().and_then(|g| g.group), Some(7));
 }
 
 #[test]
