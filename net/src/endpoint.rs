@@ -94,14 +94,22 @@ pub(crate) fn refused_destination(e: &io::Error) -> bool {
 /// bursts); bound to the IPv6 wildcard, it takes IPv4 peers too. What
 /// [`UdpEndpoint::bind`] and the QUIC transport both build on.
 pub fn bind_socket(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    let socket = unbound_socket(addr, buffer)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A UDP socket for `addr`'s family with buffers of `buffer` bytes asked for (an IPv6
+/// one taking IPv4 peers too), not yet bound: [`bind_socket`]'s, and a group
+/// socket's, which must share its address before it binds.
+fn unbound_socket(addr: SocketAddr, buffer: usize) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
     let _ = socket.set_recv_buffer_size(buffer);
     let _ = socket.set_send_buffer_size(buffer);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 impl UdpEndpoint {
@@ -142,9 +150,8 @@ impl UdpEndpoint {
                 format!("{group} is not a multicast address"),
             ));
         }
-        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        let socket = unbound_socket(SocketAddr::V4(group), self.buffer)?;
         socket.set_reuse_address(true)?;
-        let _ = socket.set_recv_buffer_size(self.buffer);
         socket.bind(&SocketAddr::V4(group).into())?;
         socket.join_multicast_v4(group.ip(), &iface)?;
         #[cfg(target_os = "linux")]

@@ -29,6 +29,23 @@ def in_threads(rank, n, timeout=60):
         assert not t.is_alive()
 
 
+def two_ranks_sum(aggregator, job, codec, n, options):
+    """Ranks 0 and 1 of `job`, each with `options(r)` as its Worker's keywords,
+    allreduce n elements of r + 1; returns each rank's result."""
+    results = {}
+
+    def rank(r):
+        with inagg.Worker(
+            aggregator.addr, job, r, 2, codec, join_timeout=20.0, **options(r)
+        ) as w:
+            a = np.full(n, r + 1, dtype=np.float32)
+            w.allreduce(a)
+            results[r] = a
+
+    in_threads(rank, 2)
+    return results
+
+
 def test_module_lists_its_codecs():
     assert sorted(inagg.codecs()) == sorted(CODECS)
 
@@ -75,18 +92,9 @@ def test_both_ranks_in_threads_of_one_process_need_the_gil_released(aggregator):
 
 def test_yields_before_sleep_is_taken_and_checked(aggregator):
     # One rank sleeps at once, the other spins long: both get the sum.
-    results = {}
-
-    def rank(r):
-        y = [0, 1000][r]
-        with inagg.Worker(
-            aggregator.addr, 8, r, 2, "f32", join_timeout=20.0, yields_before_sleep=y
-        ) as w:
-            a = np.full(50_000, r + 1, dtype=np.float32)
-            w.allreduce(a)
-            results[r] = a
-
-    in_threads(rank, 2)
+    results = two_ranks_sum(
+        aggregator, 8, "f32", 50_000, lambda r: {"yields_before_sleep": [0, 1000][r]}
+    )
     for r in range(2):
         assert np.all(results[r] == 3.0)
     with pytest.raises(OverflowError):
@@ -96,17 +104,7 @@ def test_yields_before_sleep_is_taken_and_checked(aggregator):
 def test_ranks_that_take_results_by_multicast_or_not_share_a_job(aggregator):
     # A job's results go to a multicast group only when every rank asks (the
     # default on loopback); here one does not, so each gets its own, the same sums.
-    results = {}
-
-    def rank(r):
-        with inagg.Worker(
-            aggregator.addr, 9, r, 2, "i8", join_timeout=20.0, multicast=(r == 0)
-        ) as w:
-            a = np.full(70_000, r + 1, dtype=np.float32)
-            w.allreduce(a)
-            results[r] = a
-
-    in_threads(rank, 2)
+    results = two_ranks_sum(aggregator, 9, "i8", 70_000, lambda r: {"multicast": r == 0})
     for r in range(2):
         assert np.allclose(results[r], 3.0, rtol=0.05)
     assert np.array_equal(results[0], results[1])

@@ -808,15 +808,15 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     }
                     _ => None,
                 },
-                &Outgoing::Result { job, seq, dest } => match (dest, self.group_addr(job)) {
-                    (Dest::All(0), Some(to)) => {
+                &Outgoing::Result { job, seq, dest } => match self.group_of(job, dest) {
+                    Some(to) => {
                         // Once, to the group that every rank joined.
                         self.outbox.pop_front();
                         let j = self.jobs.get_mut(&job);
                         let body = j.and_then(|j| encode_result_head(j, seq, false, buf));
                         body.map(|body| (to, Some(body)))
                     }
-                    _ => {
+                    None => {
                         let (rank, single) = match dest {
                             Dest::Rank(r) => (r, true),
                             Dest::All(r) => (r, false),
@@ -854,8 +854,12 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .map_or(&[][..], |(_, payload)| payload)
     }
 
-    /// The address of the group job `id` sends its results to, if it has one.
-    fn group_addr(&self, id: u32) -> Option<A> {
+    /// Where a result of job `id` for `dest` goes once for all ranks: the job's
+    /// group's address, for a result not yet sent to any rank, if the job has one.
+    fn group_of(&self, id: u32, dest: Dest) -> Option<A> {
+        if !matches!(dest, Dest::All(0)) {
+            return None;
+        }
         let group = self.jobs.get(&id)?.group?;
         Some((self.groups.as_ref()?.addr)(group))
     }

@@ -915,6 +915,26 @@ fn groups_harness(
     grants
 }
 
+/// Both ranks of [`groups_harness`]'s job `job` contribute `[1, 2]` to its packet 0.
+fn contribute_both(agg: &mut Aggregator<u32>, now: Instant, job: u32, token: u64) {
+    for r in 0..2u16 {
+        let h = f32_header(job, r, token, 0, 2);
+        agg.handle_datagram(now, 10 * job + u32::from(r), &contribution(&h, &[1.0, 2.0]));
+    }
+}
+
+/// Both ranks of [`groups_harness`]'s job `job` leave; the job is gone after.
+fn end_job(agg: &mut Aggregator<u32>, now: Instant, job: u32, token: u64) {
+    let mut buf = Vec::new();
+    for rank in 0..2u16 {
+        buf.clear();
+        wire::encode_leave(&Control { job, rank, token }, &mut buf);
+        agg.handle_datagram(now, 10 * job + u32::from(rank), &buf);
+    }
+    while agg.poll_transmit(&mut buf).is_some() {}
+    assert!(!agg.jobs().contains(&job));
+}
+
 #[test]
 fn results_go_once_to_the_group_when_every_rank_asked() {
     let now = Instant::now();
@@ -925,10 +945,7 @@ fn results_go_once_to_the_group_when_every_rank_asked() {
     assert!(grants.iter().all(|(_, g)| g.group == Some(0)), "{grants:?}");
     assert_eq!(agg.job_group(5), Some(0));
     let token = grants[0].1.token;
-    for r in 0..2u16 {
-        let h = f32_header(5, r, token, 0, 2);
-        agg.handle_datagram(now, 50 + u32::from(r), &contribution(&h, &[1.0, 2.0]));
-    }
+    contribute_both(&mut agg, now, 5, token);
     let mut buf = Vec::new();
     let mut out = Vec::new();
     while let Some(to) = agg.poll_transmit(&mut buf) {
@@ -969,10 +986,7 @@ fn a_job_gets_no_group_unless_offered_and_asked_by_every_rank() {
     let grants = groups_harness(&mut agg, now, 5, [true, false]);
     assert!(grants.iter().all(|(_, g)| g.group.is_none()), "{grants:?}");
     let token = grants[0].1.token;
-    for r in 0..2u16 {
-        let h = f32_header(5, r, token, 0, 2);
-        agg.handle_datagram(now, 50 + u32::from(r), &contribution(&h, &[1.0, 2.0]));
-    }
+    contribute_both(&mut agg, now, 5, token);
     let mut buf = Vec::new();
     let mut to = Vec::new();
     while let Some(a) = agg.poll_transmit(&mut buf) {
@@ -994,19 +1008,7 @@ fn jobs_hold_distinct_groups_and_free_them_when_they_end() {
     let third = groups_harness(&mut agg, now, 7, [true, true]);
     assert_eq!(third[0].1.group, None);
     // Job 5 ends: its number is free for the next job.
-    let mut buf = Vec::new();
-    for r in 0..2u16 {
-        let c = Control {
-            job: 5,
-            rank: r,
-            token: first[0].1.token,
-        };
-        wire::encode_leave(&c, &mut buf);
-        agg.handle_datagram(now, 50 + u32::from(r), &buf);
-        buf.clear();
-    }
-    while agg.poll_transmit(&mut buf).is_some() {}
-    assert!(!agg.jobs().contains(&5));
+    end_job(&mut agg, now, 5, first[0].1.token);
     let fourth = groups_harness(&mut agg, now, 8, [true, true]);
     assert_eq!(fourth[0].1.group, Some(0));
 }
@@ -1016,24 +1018,12 @@ fn an_ended_jobs_group_comes_back_only_after_the_others() {
     let now = Instant::now();
     let mut agg = Aggregator::new(AggregatorConfig::default());
     agg.offer_groups(3, |g| 1000 + g);
-    let mut buf = Vec::new();
     let mut got = Vec::new();
     // One job at a time, each ending before the next starts.
     for job in 5..10u32 {
         let grants = groups_harness(&mut agg, now, job, [true, true]);
         got.push(grants[0].1.group);
-        for r in 0..2u16 {
-            let c = Control {
-                job,
-                rank: r,
-                token: grants[0].1.token,
-            };
-            buf.clear();
-            wire::encode_leave(&c, &mut buf);
-            agg.handle_datagram(now, 10 * job + u32::from(r), &buf);
-        }
-        while agg.poll_transmit(&mut buf).is_some() {}
-        assert!(!agg.jobs().contains(&job));
+        end_job(&mut agg, now, job, grants[0].1.token);
     }
     assert_eq!(got, [0, 1, 2, 0, 1].map(Some));
 }

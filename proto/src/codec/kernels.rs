@@ -151,7 +151,7 @@ macro_rules! into_wide {
 /// Bytes per element of the integer kernels' `width`: 1, 2, and 4 for anything else
 /// (their loops' arms).
 #[inline(always)]
-fn int_bytes(width: usize) -> usize {
+pub(crate) fn int_bytes(width: usize) -> usize {
     match width {
         1 | 2 => width,
         _ => 4,

@@ -43,10 +43,7 @@ impl Wire {
     fn bytes(self) -> usize {
         match self {
             Wire::F16 | Wire::Bf16 => 2,
-            Wire::Int { width, .. } => match width {
-                1 | 2 => width,
-                _ => 4,
-            },
+            Wire::Int { width, .. } => kernels::int_bytes(width),
         }
     }
 }

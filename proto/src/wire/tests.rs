@@ -27,60 +27,48 @@ fn header() -> DataHeader {
 /// One of every message, with the bytes each must encode to.
 fn golden() -> Vec<(Message<'static>, &'static str)> {
     static PAYLOAD: [u8; 8] = [1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+    let join = Join {
+        job: 7,
+        rank: 1,
+        world: 4,
+        codec: CodecId::F32,
+        chunk_elems: 256,
+        window: 128,
+        secret: b"s3".to_vec(),
+        groups: false,
+    };
+    let grant = Grant {
+        job: 7,
+        rank: 1,
+        world: 4,
+        codec: CodecId::I32,
+        chunk_elems: 256,
+        window: 64,
+        token: 0xdead_beef,
+        shard: 1,
+        shards: 2,
+        group: None,
+    };
     vec![
         (
-            Message::Join(Join {
-                job: 7,
-                rank: 1,
-                world: 4,
-                codec: CodecId::F32,
-                chunk_elems: 256,
-                window: 128,
-                secret: b"s3".to_vec(),
-                groups: false,
-            }),
+            Message::Join(join.clone()),
             "49410101 07000000 0100 0400 01 00 0001 80000000 02 7333",
         ),
         (
             Message::Join(Join {
-                job: 7,
-                rank: 1,
-                world: 4,
-                codec: CodecId::F32,
-                chunk_elems: 256,
-                window: 128,
-                secret: b"s3".to_vec(),
                 groups: true,
+                ..join
             }),
             "49410101 07000000 0100 0400 01 01 0001 80000000 02 7333",
         ),
         (
-            Message::Grant(Grant {
-                job: 7,
-                rank: 1,
-                world: 4,
-                codec: CodecId::I32,
-                chunk_elems: 256,
-                window: 64,
-                token: 0xdead_beef,
-                shard: 1,
-                shards: 2,
-                group: None,
-            }),
+            Message::Grant(grant),
             "49410102 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
         ),
         (
             Message::Grant(Grant {
-                job: 7,
-                rank: 1,
-                world: 4,
-                codec: CodecId::I32,
-                chunk_elems: 256,
-                window: 64,
-                token: 0xdead_beef,
-                shard: 1,
-                shards: 2,
                 group: Some(0x0102),
+                ..grant
             }),
             "49410102 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
         ),
@@ -199,22 +187,29 @@ fn rejects_what_it_must() {
     b[10] = 200;
     assert_eq!(decode(&b), Err(DecodeError::Codec(200)));
     assert_eq!(decode(&[]), Err(DecodeError::BadMagic));
+    let small = Grant {
+        job: 1,
+        rank: 0,
+        world: 1,
+        codec: CodecId::F32,
+        chunk_elems: 8,
+        window: 4,
+        token: 9,
+        shard: 0,
+        shards: 1,
+        group: None,
+    };
     // A shard outside the count, no shards at all, or more than a worker would join.
     for (shard, shards) in [(2u16, 2u16), (0, 0), (0, MAX_SHARDS + 1)] {
         let mut b = Vec::new();
-        let g = Grant {
-            job: 1,
-            rank: 0,
-            world: 1,
-            codec: CodecId::F32,
-            chunk_elems: 8,
-            window: 4,
-            token: 9,
-            shard,
-            shards,
-            group: None,
-        };
-        encode_grant(&g, &mut b);
+        encode_grant(
+            &Grant {
+                shard,
+                shards,
+                ..small
+            },
+            &mut b,
+        );
         assert_eq!(decode(&b), Err(DecodeError::Field("shard")));
     }
     // Flag bits of joins and grants that mean nothing yet.
@@ -235,16 +230,8 @@ fn rejects_what_it_must() {
     let mut grant = Vec::new();
     encode_grant(
         &Grant {
-            job: 1,
-            rank: 0,
-            world: 1,
-            codec: CodecId::F32,
-            chunk_elems: 8,
-            window: 4,
-            token: 9,
-            shard: 0,
-            shards: 1,
             group: Some(3),
+            ..small
         },
         &mut grant,
     );
