@@ -103,7 +103,7 @@ fn garbage_datagrams_change_nothing() {
     let end = Instant::now() + Duration::from_secs(60);
     let mut valid = Vec::new();
     // A well-formed contribution, to cut and corrupt.
-    valid.extend_from_slice(b"IA\x01\x03");
+    valid.extend_from_slice(b"IA\x02\x03"); // version 2, a contribution
     valid.extend_from_slice(&3u32.to_le_bytes());
     valid.extend_from_slice(&[0, 0, 2, 0]);
     valid.extend_from_slice(&[0xab; 8]); // guessed token

@@ -17,7 +17,7 @@
 //! The per-version bookkeeping ([`SlotMeta`], a few bytes) is left out, as a switch
 //! keeps it in registers beside its SRAM.
 
-use crate::codec::Codec;
+use crate::codec::{Alignment, Codec};
 use crate::wire::{DataHeader, NO_EXPONENT};
 
 const EMPTY: u64 = u64::MAX;
@@ -33,8 +33,12 @@ pub(crate) struct SlotMeta {
     pub count: u16,
     /// Maximum of the ranks' lookahead exponents.
     pub exp_max: i8,
-    /// The block exponent the chunk was quantized with (all ranks must agree).
+    /// The block exponent the chunk was quantized with (all ranks must agree), or, for
+    /// codecs that align exponents ([`Codec::aligns_exponents`]), the result's, set when
+    /// the chunk completes.
     pub scale_exp: i8,
+    /// The exponents of the lanes, for codecs that align exponents.
+    pub align: Alignment,
     /// The packet ends its allreduce (`FLAG_LAST`; all ranks must agree).
     pub last: bool,
     /// All ranks are in; the result is in the version's result buffer.
@@ -124,6 +128,7 @@ impl SlotPool {
             count: 0,
             exp_max: NO_EXPONENT,
             scale_exp: NO_EXPONENT,
+            align: Alignment::EMPTY,
             last: false,
             complete: false,
             marked: false,
@@ -186,12 +191,16 @@ impl SlotPool {
             if bits[word] & bit != 0 {
                 return Outcome::Duplicate;
             }
-            if meta.count != h.count || meta.scale_exp != h.scale_exp || meta.last != last {
+            let aligned = codec.aligns_exponents();
+            if meta.count != h.count
+                || (!aligned && meta.scale_exp != h.scale_exp)
+                || meta.last != last
+            {
                 return Outcome::Inconsistent;
             }
             bits[word] |= bit;
-            codec.sum_add(lanes, self.world, payload);
             let m = &mut self.meta[i];
+            codec.sum_at(lanes, self.world, &mut m.align, h.scale_exp, payload);
             m.contributors += 1;
             m.exp_max = m.exp_max.max(h.next_exp);
             m.marked |= marked;
@@ -203,13 +212,15 @@ impl SlotPool {
             }
             bits.fill(0);
             bits[word] |= bit;
-            codec.sum_first(lanes, self.world, payload);
+            let mut align = Alignment::EMPTY;
+            codec.sum_at(lanes, self.world, &mut align, h.scale_exp, payload);
             self.meta[i] = SlotMeta {
                 seq: h.seq,
                 contributors: 1,
                 count: h.count,
                 exp_max: h.next_exp,
                 scale_exp: h.scale_exp,
+                align,
                 last,
                 complete: false,
                 marked,
@@ -224,11 +235,15 @@ impl SlotPool {
             if !self.in_lanes {
                 let n = usize::from(h.count);
                 let base = i * self.chunk * self.width;
-                codec.sum_store(
+                codec.store_at(
                     &self.acc[i * self.chunk..i * self.chunk + n],
                     self.world,
+                    self.meta[i].align,
                     &mut self.results[base..base + n * self.width],
                 );
+            }
+            if codec.aligns_exponents() {
+                self.meta[i].scale_exp = self.meta[i].align.top;
             }
             self.meta[i].complete = true;
             self.meta[i].regrant = self.regrant;

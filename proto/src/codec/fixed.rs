@@ -1,31 +1,56 @@
 //! Block-scaled fixed point (SwitchML's scheme), in two ways of making room for the
-//! sum of `N` ranks.
+//! sum of `N` ranks, and, for `i8`, with each rank's own exponent.
 //!
-//! Every rank multiplies its chunk by the same power of two, `2^shift` with
-//! `shift = p - (e_max + 1)`, where `e_max` is the largest block exponent over all
-//! ranks (so every `|x| < 2^(e_max + 1)`): each scaled value lies strictly inside
-//! `±2^p`; it is rounded (to nearest, ties to even; or stochastically) and clamped to
-//! `±(2^p - 1)`. Integer sums do not depend on the order in which contributions
-//! arrive, so every rank gets bit-identical results.
+//! A contribution at block exponent `e` multiplies its chunk by `2^shift` with
+//! `shift = p - (e + 1)`, so that every scaled value of a block whose values all lie
+//! below `2^(e + 1)` lies strictly inside `±2^p`; it is rounded (to nearest, ties to
+//! even; or stochastically) and clamped to `±(2^p - 1)`.
 //!
 //! - [`Room::Headroom`] (`i32`): `p = bits - 1 - ceil(log2 N)`. The sum of `N` values
 //!   fits the wire width as it is. Each value loses `ceil(log2 N)` bits: cheap at 32.
 //! - [`Room::Widen`] (`i16`, `i8`): `p = bits - 1`, full width on the wire; the
-//!   aggregator sums in 32-bit lanes (no overflow below 2^(31 - p) ranks; `i8` up to
-//!   256 ranks in 16-bit lanes, which hold those sums exactly), then shifts the sum
-//!   right by `ceil(log2 N)` bits, rounding once, to send it back at the same width.
-//!   Same bytes on the wire as headroom, but one rounding of the sum instead of `N`
-//!   coarser ones: measured in the conformance tests, the error at N = 8 is several
-//!   times smaller (`widening_beats_headroom`).
+//!   aggregator sums in 32-bit lanes (no overflow below 2^(31 - p) ranks; `i8` in
+//!   16-bit lanes where they hold the sums exactly), then shifts the sum right by
+//!   `ceil(log2 N)` bits, rounding once, to send it back at the same width. Same bytes
+//!   on the wire as headroom, but one rounding of the sum instead of `N` coarser
+//!   ones: measured in the conformance tests, the error at N = 8 is several times
+//!   smaller (`widening_beats_headroom`).
 //!
-//! Error of a sum: each contribution is off by at most half a step when rounded to
-//! nearest, except within a step of the top of the range, where the clamp to
-//! `2^p - 1` costs up to a whole step; stochastic rounding, up to a step, unbiased.
-//! So at most `N * 2^-shift` for headroom, plus `2^(ceil(log2 N) - shift) / 2` for
-//! the final rounding when widening.
+//! Which exponent:
+//! - `i32` and `i16` share one: `e` is the largest block exponent of the chunk over all
+//!   ranks, which the exponent lookahead brings a window ahead (`worker::allreduce`).
+//!   Every rank so reads its tensor twice, a window apart: for the lookahead and to
+//!   quantize.
+//! - `i8` aligns them in the aggregator ([`Codec::aligns_exponents`]): each rank
+//!   quantizes at its own chunk's exponent, read just before, while the chunk is in
+//!   cache, and its packet says which. The aggregator shifts each contribution left
+//!   into lanes that count units of the smallest exponent's scale, exactly, as long as
+//!   the exponents lie within `31 - p - ceil(log2 N)` binades of the largest (16 or
+//!   more up to 256 ranks; within `15 - p - ceil(log2 N)` the sum stays in 16-bit
+//!   lanes), and rounds the sum once to the largest exponent's scale, widened by
+//!   `ceil(log2 N)` bits. A switch cannot shift each packet by its own amount, hence
+//!   SwitchML's shared exponent; a software aggregator can, and on a 2-core host that
+//!   saved the worker's second read of the tensor: four ranks of 16 Mi elements took
+//!   44-45 ms instead of 49-50 per allreduce (README, Performance). It is also more
+//!   precise: a rank whose values are small keeps its own bits
+//!   (`aligning_exponents_beats_sharing_one_where_ranks_differ`). `i16`'s 32-bit lanes
+//!   have no such spare bits at large worlds, and `i32`'s none at all.
+//!
+//! Integer sums do not depend on the order in which contributions arrive, so a job's
+//! results repeat bit for bit; for `i8` that holds while a chunk's exponents lie within
+//! the span above (maxima within a factor of 2^16 up to 256 ranks). Beyond it, the
+//! lanes or the smaller contribution are rounded (half up) on arrival, at most
+//! `2^-span` of a step each, which may depend on the order. Every rank gets the same
+//! result either way: the aggregator sends one.
+//!
+//! Error of a sum: each contribution is off by at most half a step of its scale when
+//! rounded to nearest, except within a step of the top of the range, where the clamp
+//! to `2^p - 1` costs up to a whole step there; stochastic rounding, up to a step,
+//! unbiased. So at most `N * 2^-shift` at the shared (largest) exponent for headroom,
+//! plus `2^(ceil(log2 N) - shift) / 2` for the final rounding when widening.
 
 use super::stream::{self, Wire};
-use super::{kernels, Codec, CodecId, Scale};
+use super::{kernels, Alignment, Codec, CodecId, Scale};
 use crate::wire::NO_EXPONENT;
 
 /// How a fixed-point codec makes room for the sum.
@@ -44,6 +69,8 @@ pub struct Fixed {
     name: &'static str,
     bits: u32,
     room: Room,
+    /// Each rank quantizes at its own block exponent; the aggregator aligns them.
+    aligned: bool,
 }
 
 /// 32-bit block-scaled fixed point, with headroom.
@@ -52,6 +79,7 @@ pub const I32: Fixed = Fixed {
     name: "i32",
     bits: 32,
     room: Room::Headroom,
+    aligned: false,
 };
 
 /// 16-bit block-scaled fixed point, widened in the aggregator.
@@ -60,6 +88,7 @@ pub const I16: Fixed = Fixed {
     name: "i16",
     bits: 16,
     room: Room::Widen,
+    aligned: false,
 };
 
 /// 8-bit block-scaled fixed point, widened in the aggregator.
@@ -68,6 +97,7 @@ pub const I8: Fixed = Fixed {
     name: "i8",
     bits: 8,
     room: Room::Widen,
+    aligned: true,
 };
 
 /// `ceil(log2 n)` for `n >= 1`.
@@ -102,6 +132,7 @@ impl Fixed {
             name,
             bits,
             room,
+            aligned: false,
         }
     }
 
@@ -119,6 +150,31 @@ impl Fixed {
     /// as in 32-bit lanes. Half the accumulator traffic of 32-bit lanes.
     fn narrow_lanes(&self, world: u16) -> bool {
         self.bits == 8 && u32::from(world) << (self.bits - 1) <= 1 << 15
+    }
+
+    /// How far below the largest block exponent of a chunk the lanes of an aligned sum
+    /// may count, in binades: `31 - p - ceil(log2 N)`, so that `N` contributions of
+    /// `p` bits, each shifted left by at most that much, fit the 32-bit lanes (24 for
+    /// one `i8` rank, 16 at 256, 8 at the 65,535 the codec allows).
+    fn align_span(&self, world: u16) -> i32 {
+        31 - self.precision(world) - ceil_log2(world) as i32
+    }
+
+    /// How far below the largest block exponent of a chunk the 16-bit lanes of an
+    /// aligned `i8` sum may count ([`Fixed::narrow_lanes`]): `15 - p - ceil(log2 N)`.
+    fn narrow_span(&self, world: u16) -> i32 {
+        15 - self.precision(world) - ceil_log2(world) as i32
+    }
+
+    /// The exponent whose scale a contribution at `e` was quantized with: what
+    /// [`Codec::scale`] makes of tiny blocks and of all-zero ones.
+    fn scale_exponent(&self, world: u16, e: i8) -> i32 {
+        let least = self.precision(world) - 127;
+        if e == NO_EXPONENT {
+            least
+        } else {
+            i32::from(e).max(least)
+        }
     }
 
     /// The largest magnitude a quantized value may take, as an `f32` that is exactly an
@@ -195,7 +251,15 @@ impl Codec for Fixed {
             Room::Widen if h > 0 => step * 2f64.powi(h) / 2.0,
             _ => 0.0,
         };
-        f64::from(world) * per + last
+        // An aligned sum whose exponents spread wider than its lanes rounds the
+        // smaller contributions, or its lanes, to a unit at most 2^-span of a step, at
+        // most once per contribution.
+        let spread = if self.aligned {
+            f64::from(world) * step * 2f64.powi(-self.align_span(world))
+        } else {
+            0.0
+        };
+        f64::from(world) * per + last + spread
     }
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
         let s = pow2(scale.shift);
@@ -249,6 +313,92 @@ impl Codec for Fixed {
             kernels::store_i16_i8(&lanes[..acc.len()], shift, lim, out)
         } else {
             kernels::store_int(acc, shift, lim, out, self.wire_bytes())
+        }
+    }
+    fn aligns_exponents(&self) -> bool {
+        self.aligned
+    }
+    /// Aligned: the lanes count units of the scale of exponent `unit`, at most
+    /// [`Fixed::align_span`] below `top`, and as low as the smallest contribution's
+    /// exponent allows. While a chunk's exponents lie within the span, every
+    /// contribution is shifted left into the lanes, exactly, and the sum does not
+    /// depend on the order of arrival; only a wider spread rounds (half up) the lanes
+    /// or the small contribution.
+    fn sum_at(&self, acc: &mut [u32], world: u16, at: &mut Alignment, e: i8, payload: &[u8]) {
+        if !self.aligned {
+            if at.first {
+                at.first = false;
+                return self.sum_first(acc, world, payload);
+            }
+            return self.sum_add(acc, world, payload);
+        }
+        let w = self.wire_bytes();
+        // In -120..=127 for i8, so the exponents below fit an i8.
+        let e = self.scale_exponent(world, e);
+        if at.first {
+            let wide = !self.narrow_lanes(world);
+            if wide {
+                kernels::load_int(acc, payload, w);
+            } else {
+                kernels::load_i8_i16(narrow_mut(acc), payload);
+            }
+            *at = Alignment {
+                first: false,
+                unit: e as i8,
+                top: e as i8,
+                wide,
+            };
+            return;
+        }
+        let (unit, top) = (i32::from(at.unit), i32::from(at.top));
+        let new_top = top.max(e);
+        if !at.wide {
+            // 16-bit lanes hold the exact sum while the exponents lie within their
+            // span (at most 8 binades; 6 at four ranks): the usual case, at half the
+            // accumulator traffic.
+            let low = unit.min(e);
+            if new_top - low <= self.narrow_span(world) {
+                let lanes = narrow_mut(acc);
+                if low < unit {
+                    kernels::shl_i16_lanes(lanes, (unit - low) as u32);
+                }
+                kernels::add_i8_i16_shl(lanes, payload, (e - low) as u32);
+                at.unit = low as i8;
+                at.top = new_top as i8;
+                return;
+            }
+            kernels::widen_i16_lanes(acc);
+            at.wide = true;
+        }
+        let new_unit = unit.min(e).max(new_top - self.align_span(world));
+        // Every shift below is at most the span (under 32): the unit stays within it
+        // of the top, and no exponent lies above the top.
+        if new_unit < unit {
+            kernels::shl_lanes(acc, (unit - new_unit) as u32);
+        } else if new_unit > unit {
+            kernels::round_shr_lanes(acc, (new_unit - unit) as u32);
+        }
+        if e >= new_unit {
+            kernels::add_int_shl(acc, payload, w, (e - new_unit) as u32);
+        } else {
+            kernels::add_int_round_shr(acc, payload, w, (new_unit - e) as u32);
+        }
+        at.unit = new_unit as i8;
+        at.top = new_top as i8;
+    }
+    /// Aligned: the lanes divided down to the result's scale, that of exponent `top`
+    /// widened by `ceil(log2 N)` bits, rounded once (half up).
+    fn store_at(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {
+        if !self.aligned {
+            return self.sum_store(acc, world, out);
+        }
+        let shift = (i32::from(at.top) - i32::from(at.unit)).clamp(0, 31) as u32 + ceil_log2(world);
+        let lim = (1i32 << (self.bits - 1)) - 1;
+        if at.wide {
+            kernels::store_int(acc, shift.min(31), lim, out, self.wire_bytes())
+        } else {
+            let lanes: &[i16] = bytemuck::cast_slice(acc);
+            kernels::store_i16_i8(&lanes[..acc.len()], shift, lim, out)
         }
     }
 }

@@ -230,15 +230,13 @@ multiversion! {
 }
 
 /// One block of [`int_lanes`] for integers of `w` bytes: `ADD` chooses the operation
-/// at compile time, so that each loop is a plain store or a plain add.
+/// at compile time, so that each loop is a plain store or a plain add (of each value
+/// times `2^shl`, `shl` below 32).
 #[inline(always)]
-fn int_block<const ADD: bool>(acc: &mut [u32], src: &[u8], w: usize) {
+fn int_block<const ADD: bool>(acc: &mut [u32], src: &[u8], w: usize, shl: u32) {
     let put = |a: &mut u32, v: i32| {
-        *a = if ADD {
-            a.wrapping_add(v as u32)
-        } else {
-            v as u32
-        }
+        let v = (v as u32) << shl;
+        *a = if ADD { a.wrapping_add(v) } else { v }
     };
     match w {
         1 => {
@@ -260,15 +258,16 @@ fn int_block<const ADD: bool>(acc: &mut [u32], src: &[u8], w: usize) {
 }
 
 multiversion! {
-    /// i32 lanes: `acc += src` with `add`, wrapping, else `acc = src`, where `src`
-    /// holds integers of `width` bytes (1, 2, 4).
-    fn int_lanes(acc: &mut [u32], src: &[u8], width: usize, add: bool) {
+    /// i32 lanes: `acc += src * 2^shl` with `add`, wrapping, else `acc = src * 2^shl`,
+    /// where `src` holds integers of `width` bytes (1, 2, 4) and `shl` is below 32.
+    fn int_lanes(acc: &mut [u32], src: &[u8], width: usize, add: bool, shl: u32) {
         let w = int_bytes(width);
+        let shl = shl.min(31);
         into_wide!(src, w, acc, |src, acc| {
             if add {
-                int_block::<true>(acc, src, w)
+                int_block::<true>(acc, src, w, shl)
             } else {
-                int_block::<false>(acc, src, w)
+                int_block::<false>(acc, src, w, shl)
             }
         })
     }
@@ -277,12 +276,61 @@ multiversion! {
 /// i32 lanes: `acc += src` where `src` holds integers of `width` bytes (1, 2, 4),
 /// wrapping.
 pub(crate) fn add_int(acc: &mut [u32], src: &[u8], width: usize) {
-    int_lanes(acc, src, width, true)
+    int_lanes(acc, src, width, true, 0)
+}
+
+/// i32 lanes: `acc += src * 2^shl` (`shl` below 32), wrapping.
+pub(crate) fn add_int_shl(acc: &mut [u32], src: &[u8], width: usize, shl: u32) {
+    int_lanes(acc, src, width, true, shl)
 }
 
 /// i32 lanes: `acc = src` for integers of `width` bytes.
 pub(crate) fn load_int(acc: &mut [u32], src: &[u8], width: usize) {
-    int_lanes(acc, src, width, false)
+    int_lanes(acc, src, width, false, 0)
+}
+
+/// `x / 2^shr`, rounded half up, for `shr` of any size (0 for `shr` of 64 and more,
+/// where even `i64::MIN` rounds to 0).
+#[inline(always)]
+fn round_shr(x: i64, shr: u32) -> i64 {
+    match shr {
+        0 => x,
+        1..=62 => (x + (1i64 << (shr - 1))) >> shr,
+        _ => 0,
+    }
+}
+
+multiversion! {
+    /// i32 lanes: `acc *= 2^shl` (`shl` below 32), wrapping.
+    fn shl_lanes(acc: &mut [u32], shl: u32) {
+        let shl = shl.min(31);
+        for a in acc.iter_mut() {
+            *a <<= shl;
+        }
+    }
+}
+
+/// i32 lanes: `acc /= 2^shr`, rounded half up: what the lanes lose when a slot's sum
+/// must give up low bits to make room at the top.
+pub(crate) fn round_shr_lanes(acc: &mut [u32], shr: u32) {
+    for a in acc.iter_mut() {
+        *a = round_shr(i64::from(*a as i32), shr) as i32 as u32;
+    }
+}
+
+/// i32 lanes: `acc += src / 2^shr`, each value rounded half up, wrapping, where `src`
+/// holds integers of `width` bytes (1, 2, 4): a contribution too small for the lanes'
+/// unit.
+pub(crate) fn add_int_round_shr(acc: &mut [u32], src: &[u8], width: usize, shr: u32) {
+    let w = int_bytes(width);
+    for (c, a) in src.chunks_exact(w).zip(acc.iter_mut()) {
+        let v = match w {
+            1 => i64::from(c[0] as i8),
+            2 => i64::from(i16::from_le_bytes([c[0], c[1]])),
+            _ => i64::from(i32::from_le_bytes(lane4(c))),
+        };
+        *a = a.wrapping_add(round_shr(v, shr) as i32 as u32);
+    }
 }
 
 multiversion! {
@@ -326,13 +374,36 @@ multiversion! {
 }
 
 multiversion! {
-    /// i16 lanes: `acc += src` for i8 integers, wrapping.
-    fn add_i8_i16(acc: &mut [i16], src: &[u8]) {
+    /// i16 lanes: `acc += src * 2^shl` for i8 integers (`shl` below 16), wrapping.
+    fn add_i8_i16_shl(acc: &mut [i16], src: &[u8], shl: u32) {
+        let shl = shl.min(15);
         into_wide!(src, 1, acc, |src, acc| {
             for (c, a) in src.iter().zip(acc.iter_mut()) {
-                *a = a.wrapping_add(i16::from(*c as i8));
+                *a = a.wrapping_add(i16::from(*c as i8) << shl);
             }
         })
+    }
+}
+
+/// i16 lanes: `acc += src` for i8 integers, wrapping.
+pub(crate) fn add_i8_i16(acc: &mut [i16], src: &[u8]) {
+    add_i8_i16_shl(acc, src, 0)
+}
+
+/// i16 lanes: `acc *= 2^shl` (`shl` below 16), wrapping.
+pub(crate) fn shl_i16_lanes(acc: &mut [i16], shl: u32) {
+    let shl = shl.min(15);
+    for a in acc.iter_mut() {
+        *a <<= shl;
+    }
+}
+
+/// Widens the i16 lanes in the front half of `acc` to its i32 lanes, in place (from
+/// the back, so that no lane is overwritten before it is read).
+pub(crate) fn widen_i16_lanes(acc: &mut [u32]) {
+    for i in (0..acc.len()).rev() {
+        let v = bytemuck::cast_slice::<u32, i16>(acc)[i];
+        acc[i] = i32::from(v) as u32;
     }
 }
 

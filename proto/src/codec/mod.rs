@@ -90,7 +90,9 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str;
     /// Bytes per element on the wire, for contributions and results alike.
     fn wire_bytes(&self) -> usize;
-    /// Whether the codec needs a shared block exponent per chunk (exponent lookahead).
+    /// Whether the codec is block-scaled fixed point: a block exponent per chunk,
+    /// shared by the ranks through the exponent lookahead, or each rank's own where
+    /// the codec aligns them ([`Codec::aligns_exponents`]).
     fn block_scaled(&self) -> bool;
     /// Whether encoding is a byte copy of the f32s (f32 on a little-endian host), so
     /// that a contribution can go to the kernel straight from the tensor.
@@ -154,6 +156,59 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn sum_add(&self, acc: &mut [u32], world: u16, payload: &[u8]);
     /// Aggregator: writes the finished sum of `world` contributions at the wire width.
     fn sum_store(&self, acc: &[u32], world: u16, out: &mut [u8]);
+    /// Whether each rank quantizes a chunk at its own block exponent, which its packet
+    /// carries as `scale_exp`, and the aggregator aligns the contributions
+    /// ([`Codec::sum_at`]), instead of all ranks sharing one through the lookahead. A
+    /// worker then reads each chunk once, while it is in cache, not once for the
+    /// lookahead and again a window later (see the `fixed` module).
+    fn aligns_exponents(&self) -> bool {
+        false
+    }
+    /// Aggregator: adds a contribution quantized at block exponent `e` (the packet's
+    /// `scale_exp`) to lanes whose exponents are `at` (the first contribution, with
+    /// `first`, sets them). Codecs that do not align exponents ignore both and do
+    /// [`Codec::sum_first`] or [`Codec::sum_add`].
+    fn sum_at(&self, acc: &mut [u32], world: u16, at: &mut Alignment, e: i8, payload: &[u8]) {
+        let _ = e;
+        if at.first {
+            at.first = false;
+            self.sum_first(acc, world, payload)
+        } else {
+            self.sum_add(acc, world, payload)
+        }
+    }
+    /// Aggregator: [`Codec::sum_store`] for lanes summed by [`Codec::sum_at`]; the
+    /// result's block exponent is `at.top` for codecs that align exponents.
+    fn store_at(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {
+        let _ = at;
+        self.sum_store(acc, world, out)
+    }
+}
+
+/// The exponents of a slot's lanes under [`Codec::sum_at`]: the lanes count units of
+/// the scale of block exponent `unit`, and `top` is the largest exponent of the
+/// contributions so far, the result's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alignment {
+    /// No contribution yet: the next one sets the lanes.
+    pub first: bool,
+    /// The block exponent whose scale's unit the lanes count.
+    pub unit: i8,
+    /// The largest block exponent of the contributions so far.
+    pub top: i8,
+    /// The lanes are 32-bit, having been widened from narrower ones (if the codec
+    /// starts narrow) when the exponents spread too far for those.
+    pub wide: bool,
+}
+
+impl Alignment {
+    /// Lanes that no contribution has touched.
+    pub const EMPTY: Alignment = Alignment {
+        first: true,
+        unit: NO_EXPONENT,
+        top: NO_EXPONENT,
+        wide: false,
+    };
 }
 
 /// Every codec this build knows.

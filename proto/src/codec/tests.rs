@@ -28,23 +28,45 @@ fn e_max(codec: &dyn Codec, inputs: &[Vec<f32>]) -> i8 {
         .unwrap_or(NO_EXPONENT)
 }
 
-/// Runs `inputs` (one per rank) through encode, the aggregator's sum and decode.
+/// Runs `inputs` (one per rank) through encode, the aggregator's sum and decode, the
+/// ranks in the order given.
 fn sum_through(codec: &dyn Codec, world: u16, inputs: &[Vec<f32>], sr: Option<u64>) -> Vec<f32> {
-    let e = e_max(codec, inputs);
+    let order: Vec<usize> = (0..inputs.len()).collect();
+    sum_in_order(codec, world, inputs, sr, &order)
+}
+
+/// [`sum_through`] with the contributions reaching the aggregator in `order`.
+fn sum_in_order(
+    codec: &dyn Codec,
+    world: u16,
+    inputs: &[Vec<f32>],
+    sr: Option<u64>,
+    order: &[usize],
+) -> Vec<f32> {
+    let shared = e_max(codec, inputs);
     let n = inputs[0].len();
     let mut acc = vec![0u32; n];
     let mut wire = vec![0u8; n * codec.wire_bytes()];
-    for (i, v) in inputs.iter().enumerate() {
+    let mut at = Alignment::EMPTY;
+    for &i in order {
+        let v = &inputs[i];
+        // Each rank's own exponent where the aggregator aligns them, else the shared one.
+        let e = if codec.aligns_exponents() {
+            block_exponent(v).expect("finite")
+        } else {
+            shared
+        };
         let mut scale = codec.scale(world, e);
         scale.dither = sr.map(|s| s.wrapping_add(i as u64 * 7919));
         codec.encode(v, scale, &mut wire);
-        if i == 0 {
-            codec.sum_first(&mut acc, world, &wire);
-        } else {
-            codec.sum_add(&mut acc, world, &wire);
-        }
+        codec.sum_at(&mut acc, world, &mut at, e, &wire);
     }
-    codec.sum_store(&acc, world, &mut wire);
+    codec.store_at(&acc, world, at, &mut wire);
+    let e = if codec.aligns_exponents() {
+        at.top
+    } else {
+        shared
+    };
     let mut out = vec![0f32; n];
     codec.decode(&wire, codec.result_scale(world, e), &mut out);
     out
@@ -203,7 +225,101 @@ fn hostile_payloads_wrap_without_panicking() {
         codec.sum_add(&mut acc, 2, &junk[..3]);
         let mut out = vec![0u8; 3 * codec.wire_bytes()];
         codec.sum_store(&acc, 2, &mut out);
+        // And through the aligning path, at every extreme of the exponents, in 16- and
+        // 32-bit lanes alike.
+        for world in [2u16, 300] {
+            let mut at = Alignment::EMPTY;
+            for e in [NO_EXPONENT, MAX_EXPONENT, MIN_EXPONENT, 0, MAX_EXPONENT, -3] {
+                codec.sum_at(&mut acc, world, &mut at, e, &junk[..3 * codec.wire_bytes()]);
+            }
+            codec.store_at(&acc, world, at, &mut out);
+        }
     }
+}
+
+/// Ranks whose tensors differ in magnitude by `2^spread` from the first to the last.
+fn spread_inputs(world: u16, n: usize, seed: u64, spread: i32) -> Vec<Vec<f32>> {
+    let mut ins = inputs(world, n, seed);
+    for (r, v) in ins.iter_mut().enumerate() {
+        let k = 2f32.powi(-(spread * r as i32) / i32::from(world.max(2) - 1));
+        v.iter_mut().for_each(|x| *x *= k);
+    }
+    ins
+}
+
+#[test]
+fn aligned_sums_do_not_depend_on_the_order_of_arrival() {
+    // Spreads within the 16-bit lanes' span (4 at four ranks), beyond it (so the lanes
+    // widen, at the first contribution or later) and up to the 32-bit lanes' span (22).
+    for (world, spread) in [
+        (4u16, 0),
+        (4, 4),
+        (4, 12),
+        (4, 22),
+        (3, 9),
+        (8, 20),
+        (64, 17),
+    ] {
+        let ins = spread_inputs(world, 300, u64::from(world) * 31 + spread as u64, spread);
+        let forward: Vec<usize> = (0..usize::from(world)).collect();
+        let reference = sum_in_order(&I8, world, &ins, None, &forward);
+        assert_within_bound(&I8, world, false, &ins, &reference);
+        let mut orders = vec![forward.iter().rev().copied().collect::<Vec<_>>()];
+        // Every rotation, and the largest in the middle.
+        orders.extend((1..forward.len()).map(|k| {
+            let mut o = forward.clone();
+            o.rotate_left(k);
+            o
+        }));
+        for order in orders {
+            let out = sum_in_order(&I8, world, &ins, None, &order);
+            let same = out
+                .iter()
+                .zip(&reference)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "world {world} spread {spread}: order {order:?} changed the sum"
+            );
+        }
+    }
+}
+
+#[test]
+fn aligned_sums_stay_within_bound_at_any_spread() {
+    // Wider than any lanes' span: the smaller contributions round, within the bound.
+    for (world, spread) in [(2u16, 40), (4, 60), (3, 200), (8, 100)] {
+        let ins = spread_inputs(world, 200, spread as u64, spread);
+        let forward: Vec<usize> = (0..usize::from(world)).collect();
+        let backward: Vec<usize> = forward.iter().rev().copied().collect();
+        for order in [forward, backward] {
+            let out = sum_in_order(&I8, world, &ins, None, &order);
+            assert_within_bound(&I8, world, false, &ins, &out);
+        }
+    }
+}
+
+#[test]
+fn aligning_exponents_beats_sharing_one_where_ranks_differ() {
+    // Ranks a factor 2^6 apart: with one shared exponent the small ones lose six of
+    // their seven bits; aligned, each keeps its own.
+    let world = 4;
+    let ins = spread_inputs(world, 4000, 5, 6);
+    let shared = Fixed::new(CodecId(252), "i8-shared", 8, Room::Widen);
+    let rms = |out: &[f32]| {
+        let s: f64 = out
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
+                (f64::from(*o) - exact).powi(2)
+            })
+            .sum();
+        (s / out.len() as f64).sqrt()
+    };
+    let aligned = rms(&sum_through(&I8, world, &ins, None));
+    let one = rms(&sum_through(&shared, world, &ins, None));
+    assert!(aligned < one, "aligned {aligned:e}, shared {one:e}");
 }
 
 #[test]

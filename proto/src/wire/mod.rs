@@ -29,8 +29,10 @@ use crate::codec::{self, CodecId};
 
 /// The two bytes every inagg datagram starts with.
 pub const MAGIC: [u8; 2] = *b"IA";
-/// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this crate speaks. Version 2: an `i8` contribution's
+/// `scale_exp` is the rank's own block exponent, which the aggregator aligns, and an
+/// `i8` result's is the sum's (version 1 shared one exponent through the lookahead).
+pub const VERSION: u8 = 2;
 /// Bytes before the payload of a contribution or a result.
 pub const DATA_HEADER_LEN: usize = 40;
 /// The longest job secret a join may carry.
@@ -203,7 +205,10 @@ pub struct DataHeader {
     pub slot: u32,
     /// `(seq / S) mod 2`.
     pub version: u8,
-    /// The block exponent the payload was quantized with ([`NO_EXPONENT`] for float codecs).
+    /// The block exponent the payload was quantized with ([`NO_EXPONENT`] for float
+    /// codecs): shared by the ranks, or, for a codec that aligns exponents
+    /// ([`crate::codec::Codec::aligns_exponents`]), the rank's own in a contribution and
+    /// the sum's in a result.
     pub scale_exp: i8,
     /// Lookahead: the exponent of a later block (contribution), or the maximum over the
     /// ranks (result). [`NO_EXPONENT`] when none.

@@ -52,34 +52,34 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
     vec![
         (
             Message::Join(join.clone()),
-            "49410101 07000000 0100 0400 01 00 0001 80000000 02 7333",
+            "49410201 07000000 0100 0400 01 00 0001 80000000 02 7333",
         ),
         (
             Message::Join(Join {
                 groups: true,
                 ..join
             }),
-            "49410101 07000000 0100 0400 01 01 0001 80000000 02 7333",
+            "49410201 07000000 0100 0400 01 01 0001 80000000 02 7333",
         ),
         (
             Message::Grant(grant),
-            "49410102 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
+            "49410202 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
         ),
         (
             Message::Grant(Grant {
                 group: Some(0x0102),
                 ..grant
             }),
-            "49410102 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
+            "49410202 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
         ),
         (
             Message::Contribution(header(), &PAYLOAD),
-            "49410103 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410203 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
             Message::Result(header(), &PAYLOAD),
-            "49410104 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410204 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
@@ -88,7 +88,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410105 09000000 0200 0500000000000000",
+            "49410205 09000000 0200 0500000000000000",
         ),
         (
             Message::Heartbeat(Control {
@@ -96,7 +96,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410106 09000000 0200 0500000000000000",
+            "49410206 09000000 0200 0500000000000000",
         ),
         (
             Message::Error(ErrorMsg {
@@ -105,7 +105,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 code: ErrorCode::PeerSilent,
                 text: "gone".into(),
             }),
-            "49410107 09000000 0100 06 0400 676f6e65",
+            "49410207 09000000 0100 06 0400 676f6e65",
         ),
         (
             Message::Regrant(Control {
@@ -113,7 +113,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410108 09000000 0200 0500000000000000",
+            "49410208 09000000 0200 0500000000000000",
         ),
     ]
 }
@@ -175,8 +175,8 @@ fn rejects_what_it_must() {
     let mut buf = Vec::new();
     encode_contribution(&header(), &[0; 8], &mut buf);
     let mut b = buf.clone();
-    b[2] = 2;
-    assert_eq!(decode(&b), Err(DecodeError::Version(2)));
+    b[2] = 1;
+    assert_eq!(decode(&b), Err(DecodeError::Version(1)));
     let mut b = buf.clone();
     b[0] = b'X';
     assert_eq!(decode(&b), Err(DecodeError::BadMagic));

@@ -10,6 +10,11 @@
 //! packets carry exponents only: that is the priming window. For float codecs packet
 //! `q` is simply chunk `q`.
 //!
+//! A block-scaled codec that aligns exponents in the aggregator (`i8`,
+//! [`crate::codec::Codec::aligns_exponents`]) needs no shared exponent, so it has no
+//! lookahead either, unless zero skipping asks for one: each packet carries its chunk
+//! quantized at this rank's own exponent, read just before, and its result the sum's.
+//!
 //! Packet `q` may be sent once every packet below `q - S` has its result (the window),
 //! which is what lets the aggregator reuse slot versions safely; with a lookahead, also
 //! once packet `q - W` has its result, whose exponent it needs.
@@ -196,12 +201,18 @@ impl Allreduce {
         let slots = u64::from(slots.max(1));
         // Block exponents travel one window ahead for block-scaled codecs (the shared
         // scale) and, with zero skipping, for every codec (an all-zero chunk has none).
-        let lookahead = if codec.block_scaled() || opts.skip_zeros {
+        // A codec that aligns exponents in the aggregator needs none shared.
+        let shared = codec.block_scaled() && !codec.aligns_exponents();
+        let lookahead = if shared || opts.skip_zeros {
             slots.min(n)
         } else {
             0
         };
-        let per_chunk = if lookahead > 0 { n as usize } else { 0 };
+        let per_chunk = if lookahead > 0 || codec.block_scaled() {
+            n as usize
+        } else {
+            0
+        };
         Self {
             codec,
             world,
@@ -227,7 +238,7 @@ impl Allreduce {
             ],
             e_local: vec![NO_EXPONENT; per_chunk],
             nonfinite: vec![false; per_chunk],
-            e_max: vec![NO_EXPONENT; per_chunk],
+            e_max: vec![NO_EXPONENT; if lookahead > 0 { n as usize } else { 0 }],
             timers: BinaryHeap::new(),
             due: Vec::new(),
             template,
@@ -282,9 +293,29 @@ impl Allreduce {
         }
     }
 
-    /// The block exponent packet `q`'s data was quantized with.
-    fn scale_exp(&self, q: u64) -> i8 {
+    /// The block exponent packet `q`'s data is quantized with: the ranks' shared one,
+    /// or, for a codec that aligns exponents, this rank's own, read from the chunk now,
+    /// just before it is quantized (so that the chunk is in cache for that), unless the
+    /// lookahead or an earlier transmission already did.
+    fn scale_exp(&mut self, q: u64, data: &[f32]) -> i8 {
+        if let Some(j) = self.data_chunk(q) {
+            if self.codec.aligns_exponents() && !self.data_range(q).is_empty() {
+                self.local_exponent(j as usize, data);
+            }
+        }
+        self.sent_scale_exp(q)
+    }
+
+    /// The block exponent of packet `q`'s data as sent ([`Allreduce::scale_exp`]).
+    fn sent_scale_exp(&self, q: u64) -> i8 {
         match self.data_chunk(q) {
+            Some(j) if self.codec.aligns_exponents() => {
+                if self.data_range(q).is_empty() {
+                    NO_EXPONENT
+                } else {
+                    self.e_local[j as usize]
+                }
+            }
             Some(j) if self.lookahead > 0 => self.e_max[j as usize],
             _ => NO_EXPONENT,
         }
@@ -359,7 +390,7 @@ impl Allreduce {
         } else {
             NO_EXPONENT
         };
-        let scale_exp = self.scale_exp(q);
+        let scale_exp = self.scale_exp(q, data);
         let seq = self.base + q;
         let first = {
             let p = &self.ring[(q % self.slots) as usize];
@@ -485,7 +516,7 @@ impl Allreduce {
             seq,
             slot: (seq % self.slots) as u32,
             version: ((seq / self.slots) % 2) as u8,
-            scale_exp: self.scale_exp(q),
+            scale_exp: self.sent_scale_exp(q),
             next_exp: NO_EXPONENT,
             count: self.data_range(q).len() as u16,
             flags: self.template.flags | FLAG_PROBE | FLAG_RETX,
@@ -575,15 +606,16 @@ impl Allreduce {
             return ResultOutcome::Held;
         }
         let range = self.data_range(q);
-        let scale_exp = self.scale_exp(q);
+        // The aggregator names the exponent of an aligned sum; a shared one is known.
+        let aligned = self.codec.aligns_exponents();
         if usize::from(h.count) != range.len()
             || payload.len() != range.len() * self.codec.wire_bytes()
-            || h.scale_exp != scale_exp
+            || (!aligned && h.scale_exp != self.sent_scale_exp(q))
             || data.len() != self.len
         {
             return ResultOutcome::Ignored;
         }
-        let scale = self.codec.result_scale(self.world, scale_exp);
+        let scale = self.codec.result_scale(self.world, h.scale_exp);
         if range.is_empty() {
             if let Some(j) = self.data_chunk(q) {
                 // A chunk that was zero on every rank.
