@@ -631,7 +631,10 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         warmup: a.warmup,
         // As granted (QUIC datagrams shrink it), from the ranks' reports.
         chunk_elements: reports.first().map_or(0, |r| r.chunk_elements),
-        window: a.tuning.window_for(&agg),
+        window: inagg_proto::codec::by_name(codec).map_or_else(
+            || inagg_worker::default_window(&agg),
+            |c| a.tuning.window_for(c, &agg),
+        ),
         stochastic: a.tuning.stochastic,
         skip_zeros: a.tuning.skip_zeros,
         zero_fraction: a.zero_fraction,
@@ -735,7 +738,15 @@ pub fn run(a: &Args) -> Result<()> {
     if !a.json {
         println!(
             "inagg bench: {} job(s) of {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator(s) {:?}",
-            a.jobs, a.workers, a.elements, a.tuning.window_for(&addrs[0]), a.warmup, a.iters, addrs
+            a.jobs,
+            a.workers,
+            a.elements,
+            a.tuning
+                .window
+                .map_or_else(|| "by codec".to_string(), |w| w.to_string()),
+            a.warmup,
+            a.iters,
+            addrs
         );
         println!(
             "{:<6} {:>10} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>6} {:>5}",

@@ -132,7 +132,7 @@ pub struct Tuning {
     /// share one exponent.
     #[arg(long)]
     pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 64 otherwise.
+    /// Slots to ask for (datagrams in flight). Default: 32 on loopback (128 for i8, whose chunks are a quarter the size), 64 otherwise.
     #[arg(long)]
     pub window: Option<u32>,
     /// The job's secret.
@@ -175,10 +175,15 @@ impl Tuning {
             .unwrap_or_else(|| inagg_worker::default_chunk_elems(codec, aggregator))
     }
 
-    /// Slots toward `aggregator`: the flag, or the library's default for that path.
-    pub fn window_for(&self, aggregator: &SocketAddr) -> u32 {
+    /// Slots for `codec` toward `aggregator`: the flag, or the library's default for
+    /// that codec and path.
+    pub fn window_for(
+        &self,
+        codec: &dyn inagg_proto::codec::Codec,
+        aggregator: &SocketAddr,
+    ) -> u32 {
         self.window
-            .unwrap_or_else(|| inagg_worker::default_window(aggregator))
+            .unwrap_or_else(|| inagg_worker::default_window_for(codec, aggregator))
     }
 }
 
@@ -234,7 +239,7 @@ pub fn options(a: &Args) -> Result<Options> {
     let mut o = Options::new(first, a.job, a.rank, a.world, codec.id());
     o.stripes = addrs.collect();
     o.protocol.chunk_elems = a.tuning.chunk_for(codec, &first);
-    o.protocol.window = a.tuning.window_for(&first);
+    o.protocol.window = a.tuning.window_for(codec, &first);
     o.protocol.secret = a.tuning.secret.as_bytes().to_vec();
     o.protocol.join_timeout = Duration::from_millis(a.tuning.join_timeout_ms);
     o.protocol.aggregator_timeout = Duration::from_millis(a.tuning.aggregator_timeout_ms);
