@@ -306,20 +306,23 @@ fn aligning_exponents_beats_sharing_one_where_ranks_differ() {
     let world = 4;
     let ins = spread_inputs(world, 4000, 5, 6);
     let shared = Fixed::new(CodecId(252), "i8-shared", 8, Room::Widen);
-    let rms = |out: &[f32]| {
-        let s: f64 = out
-            .iter()
-            .enumerate()
-            .map(|(i, o)| {
-                let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
-                (f64::from(*o) - exact).powi(2)
-            })
-            .sum();
-        (s / out.len() as f64).sqrt()
-    };
+    let rms = |out: &[f32]| rms_error(&ins, out);
     let aligned = rms(&sum_through(&I8, world, &ins, None));
     let one = rms(&sum_through(&shared, world, &ins, None));
     assert!(aligned < one, "aligned {aligned:e}, shared {one:e}");
+}
+
+/// The root mean square of `out`'s errors against the exact sums of `ins`.
+fn rms_error(ins: &[Vec<f32>], out: &[f32]) -> f64 {
+    let s: f64 = out
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
+            (f64::from(*o) - exact).powi(2)
+        })
+        .sum();
+    (s / out.len() as f64).sqrt()
 }
 
 #[test]
@@ -338,17 +341,7 @@ fn widening_beats_headroom() {
             Fixed::new(CodecId(251), "i16-headroom", 16, Room::Headroom),
         ),
     ] {
-        let rms = |out: &[f32]| {
-            let s: f64 = out
-                .iter()
-                .enumerate()
-                .map(|(i, o)| {
-                    let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
-                    (f64::from(*o) - exact).powi(2)
-                })
-                .sum();
-            (s / out.len() as f64).sqrt()
-        };
+        let rms = |out: &[f32]| rms_error(&ins, out);
         let e_wide = rms(&sum_through(&wide, world, &ins, None));
         let e_narrow = rms(&sum_through(&narrow, world, &ins, None));
         assert!(
