@@ -78,8 +78,17 @@ fn kernels_at(c: &mut Criterion, size: &str, n: usize) {
         let mut packet = vec![0u8; CHUNK * w];
         let mut wire = vec![0u8; n_sum * w];
         codec.encode(sum_data, scale, &mut wire);
+        // The aggregator's path: each chunk's lanes set by a first contribution, then
+        // added to at the same exponent (aligned i8 stays in 16-bit lanes so).
         let mut acc = vec![0u32; n_sum];
-        codec.sum_first(&mut acc, WORLD, &wire);
+        let mut ats = vec![codec::Alignment::EMPTY; n_sum.div_ceil(CHUNK)];
+        for ((lanes, payload), at) in acc
+            .chunks_mut(CHUNK)
+            .zip(wire.chunks(CHUNK * w))
+            .zip(&mut ats)
+        {
+            codec.sum_at(lanes, WORLD, at, e, payload);
+        }
 
         let mut g = c.benchmark_group(format!("{}/encode/{size}", codec.name()));
         g.throughput(Throughput::Bytes((n * 4) as u64));
@@ -125,8 +134,9 @@ fn kernels_at(c: &mut Criterion, size: &str, n: usize) {
         g.throughput(Throughput::Bytes((n_sum * w) as u64));
         g.bench_function("codec", |b| {
             b.iter(|| {
-                for (lanes, payload) in acc.chunks_mut(CHUNK).zip(wire.chunks(CHUNK * w)) {
-                    codec.sum_add(black_box(lanes), WORLD, black_box(payload));
+                let chunks = acc.chunks_mut(CHUNK).zip(wire.chunks(CHUNK * w));
+                for ((lanes, payload), at) in chunks.zip(&mut ats) {
+                    codec.sum_at(black_box(lanes), WORLD, at, e, black_box(payload));
                 }
             })
         });

@@ -176,14 +176,16 @@ impl Tuning {
     }
 
     /// Slots for `codec` toward `aggregator`: the flag, or the library's default for
-    /// that codec and path.
+    /// that codec, its chunks ([`Tuning::chunk_for`]) and path.
     pub fn window_for(
         &self,
         codec: &dyn inagg_proto::codec::Codec,
         aggregator: &SocketAddr,
     ) -> u32 {
-        self.window
-            .unwrap_or_else(|| inagg_worker::default_window_for(codec, aggregator))
+        self.window.unwrap_or_else(|| {
+            let chunk = self.chunk_for(codec, aggregator);
+            inagg_worker::default_window_for(codec, aggregator, chunk, self.skip_zeros)
+        })
     }
 }
 
@@ -329,6 +331,9 @@ pub fn run(a: &Args) -> Result<()> {
             report.retransmitted_bytes += r.retransmitted_bytes;
             report.probes += r.probes;
             report.allreduces += 1;
+            // Fixed-point sums repeat bit for bit. (For i8, while the ranks' block
+            // exponents of a chunk lie within the aggregator's span, `codec::Fixed`: the
+            // seeded tensors here share one magnitude, so they always do.)
             if codec.block_scaled() {
                 let out = &buf[..n];
                 if !tensor::same_bits(first.get_or_insert_with(|| out.to_vec()), out) {

@@ -166,8 +166,10 @@ pub fn aggregator(data: &[u8]) -> u64 {
                     seq,
                     slot: ((seq % slots) as u32) ^ u32::from(skew & 0x20 != 0),
                     version: ((seq / slots) % 2) as u8,
-                    scale_exp: (input.u8() % 40) as i8 - 20,
-                    next_exp: (input.u8() % 40) as i8 - 20,
+                    // Every exponent the wire carries, NO_EXPONENT and the extremes
+                    // included (aligned i8 sums shift by them).
+                    scale_exp: input.u8() as i8,
+                    next_exp: input.u8() as i8,
                     count,
                 };
                 let mut payload = input.take(usize::from(count) * width);

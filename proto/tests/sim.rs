@@ -184,7 +184,7 @@ fn lossy_runs_match_lossless_bit_for_bit() {
 #[test]
 fn i8_ranks_of_different_magnitudes_align_alike_under_loss() {
     // Each rank quantizes at its own block exponent and the aggregator aligns them:
-    // ranks 2^3 apart (beyond the 16-bit lanes' span at 8 ranks, so lanes widen),
+    // ranks 2^3 apart (beyond the 16-bit lanes' span at 4 and 8 ranks, so lanes widen),
     // under loss, duplication and reordering, give the lossless run's bits, within the
     // bound of one shared exponent.
     for world in [2u16, 4, 8] {

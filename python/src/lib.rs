@@ -265,11 +265,11 @@ impl Worker {
         if let Some(k) = chunk_elements {
             o.protocol.chunk_elems = k;
         }
-        if let Some(w) = window {
-            o.protocol.window = w;
-        }
         o.protocol.stochastic_rounding = stochastic_rounding;
         o.protocol.skip_zeros = skip_zeros;
+        o.protocol.window = window.unwrap_or_else(|| {
+            inagg_worker::default_window_for(c, &addr, o.protocol.chunk_elems, skip_zeros)
+        });
         o.protocol.congestion_control = congestion_control;
         if let Some(y) = yields_before_sleep {
             o.yields_before_sleep = y;

@@ -110,7 +110,7 @@ impl Options {
         protocol.window = default_window(&aggregator);
         if let Some(c) = inagg_proto::codec::lookup(codec) {
             protocol.chunk_elems = default_chunk_elems(c, &aggregator);
-            protocol.window = default_window_for(c, &aggregator);
+            protocol.window = default_window_for(c, &aggregator, protocol.chunk_elems, false);
         }
         Self {
             aggregator,
@@ -177,22 +177,30 @@ pub fn default_window(aggregator: &SocketAddr) -> u32 {
     }
 }
 
-/// Slots to ask for by default for `codec` toward `aggregator`: [`default_window`],
-/// except for a codec whose chunks are capped below the path's payload
-/// ([`BLOCK_SCALED_DEFAULT_CHUNK_CAP`]) and that primes no lookahead (i8, which aligns
-/// exponents): it gets as many slots as keep the same bytes in flight, at most four
-/// times as many. So i8 asks for 128 slots of 8 KiB on loopback (the 1 MiB of 32 x 32
-/// KiB) and 64 on a network, as before. Four `inagg bench --codec i8` ranks on loopback
-/// with one aggregator thread: 16 Mi elements 42.2 ms at 128 slots against 47.2 at 32,
-/// 4 Mi 14.1 against 15.1-15.6 (two rounds); with two shards level. i16 and i32 keep
-/// [`default_window`]: their window is also their exponent lookahead, which a larger
-/// one makes longer to prime (a 128-slot default cost i32 20% at 4 Mi elements).
-pub fn default_window_for(codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u32 {
+/// Slots to ask for by default for `codec` in chunks of `chunk_elems` toward
+/// `aggregator`: [`default_window`], except for a codec that primes no lookahead
+/// (i8, which aligns exponents, unless `skip_zeros` asks for one) in chunks of fewer
+/// bytes than the path's payload ([`default_chunk_bytes`], as i8's are by
+/// [`BLOCK_SCALED_DEFAULT_CHUNK_CAP`]): it gets as many slots as keep the same bytes in
+/// flight, at most four times as many. So i8 asks for 128 slots of 8 KiB on loopback
+/// (the 1 MiB of 32 x 32 KiB) and 64 on a network, as before. Four `inagg bench
+/// --codec i8` ranks on loopback with one aggregator thread: 16 Mi elements 42.2 ms at
+/// 128 slots against 47.2 at 32, 4 Mi 14.1 against 15.1-15.6 (two rounds); with two
+/// shards level. i16 and i32 keep [`default_window`]: their window is also their
+/// exponent lookahead, which a larger one makes longer to prime (a 128-slot default
+/// cost i32 20% at 4 Mi elements).
+pub fn default_window_for(
+    codec: &dyn inagg_proto::codec::Codec,
+    aggregator: &SocketAddr,
+    chunk_elems: u16,
+    skip_zeros: bool,
+) -> u32 {
     let base = default_window(aggregator);
-    if codec.block_scaled() && !codec.aligns_exponents() {
+    let lookahead = skip_zeros || (codec.block_scaled() && !codec.aligns_exponents());
+    if lookahead {
         return base;
     }
-    let chunk = usize::from(default_chunk_elems(codec, aggregator)) * codec.wire_bytes();
+    let chunk = usize::from(chunk_elems) * codec.wire_bytes();
     let in_flight = base as usize * default_chunk_bytes(aggregator);
     let slots = (in_flight / chunk.max(1)).clamp(base as usize, 4 * base as usize);
     u32::try_from(slots).unwrap_or(base)

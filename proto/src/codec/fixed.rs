@@ -333,22 +333,41 @@ impl Codec for Fixed {
             return self.sum_add(acc, world, payload);
         }
         let w = self.wire_bytes();
-        // In -120..=127 for i8, so the exponents below fit an i8.
-        let e = self.scale_exponent(world, e);
+        // An all-zero block (no exponent) adds nothing, and aligns nothing: an honest
+        // one's payload is zeros (a dishonest one's is ignored), and taking its
+        // exponent as the least one would push every other rank's past the lanes' span.
         if at.first {
             let wide = !self.narrow_lanes(world);
-            if wide {
+            if e == NO_EXPONENT {
+                acc.fill(0);
+            } else if wide {
                 kernels::load_int(acc, payload, w);
             } else {
                 kernels::load_i8_i16(narrow_mut(acc), payload);
             }
+            // In -120..=127 for i8, so the exponents below fit an i8. Lanes of zero
+            // blocks alone keep no exponent, until a block with one comes.
+            let e = if e == NO_EXPONENT {
+                NO_EXPONENT
+            } else {
+                self.scale_exponent(world, e) as i8
+            };
             *at = Alignment {
                 first: false,
-                unit: e as i8,
-                top: e as i8,
+                unit: e,
+                top: e,
                 wide,
             };
             return;
+        }
+        if e == NO_EXPONENT {
+            return;
+        }
+        let e = self.scale_exponent(world, e);
+        if at.top == NO_EXPONENT {
+            // Zero lanes: this block's exponent is theirs.
+            at.unit = e as i8;
+            at.top = e as i8;
         }
         let (unit, top) = (i32::from(at.unit), i32::from(at.top));
         let new_top = top.max(e);

@@ -251,14 +251,15 @@ fn spread_inputs(world: u16, n: usize, seed: u64, spread: i32) -> Vec<Vec<f32>> 
 fn aligned_sums_do_not_depend_on_the_order_of_arrival() {
     // Spreads within the 16-bit lanes' span (4 at four ranks), beyond it (so the lanes
     // widen, at the first contribution or later) and up to the 32-bit lanes' span (22).
+    // A binade below each span: a block's exponent may sit one off its rank's scale.
     for (world, spread) in [
         (4u16, 0),
         (4, 4),
         (4, 12),
-        (4, 22),
+        (4, 21),
         (3, 9),
         (8, 20),
-        (64, 17),
+        (64, 16),
     ] {
         let ins = spread_inputs(world, 300, u64::from(world) * 31 + spread as u64, spread);
         let forward: Vec<usize> = (0..usize::from(world)).collect();
@@ -283,6 +284,44 @@ fn aligned_sums_do_not_depend_on_the_order_of_arrival() {
             );
         }
     }
+}
+
+#[test]
+fn an_all_zero_block_aligns_nothing() {
+    // Rank 1's chunk is zero: it has no exponent, adds nothing, and the others' sum
+    // stays in 16-bit lanes, whichever comes first.
+    let world = 4;
+    let mut ins = inputs(world, 300, 21);
+    ins[1].fill(0.0);
+    let mut results = Vec::new();
+    for order in [[1, 0, 2, 3], [0, 2, 1, 3], [3, 2, 0, 1]] {
+        let mut acc = vec![0u32; 300];
+        let mut wire = vec![0u8; 300];
+        let mut at = Alignment::EMPTY;
+        for &r in &order {
+            let e = block_exponent(&ins[r]).expect("finite");
+            I8.encode(&ins[r], I8.scale(world, e), &mut wire);
+            I8.sum_at(&mut acc, world, &mut at, e, &wire);
+        }
+        assert!(
+            !at.wide,
+            "order {order:?}: the zero block widened the lanes"
+        );
+        I8.store_at(&acc, world, at, &mut wire);
+        results.push((at.top, wire.clone()));
+    }
+    assert!(results.iter().all(|r| r == &results[0]));
+    let order: Vec<usize> = (0..4).collect();
+    assert_within_bound(
+        &I8,
+        world,
+        false,
+        &ins,
+        &sum_in_order(&I8, world, &ins, None, &order),
+    );
+    // Zero blocks alone keep no exponent, and sum to zero.
+    let zeros = vec![vec![0.0f32; 8]; 2];
+    assert!(sum_through(&I8, 2, &zeros, None).iter().all(|x| *x == 0.0));
 }
 
 #[test]

@@ -606,11 +606,18 @@ impl Allreduce {
             return ResultOutcome::Held;
         }
         let range = self.data_range(q);
-        // The aggregator names the exponent of an aligned sum; a shared one is known.
-        let aligned = self.codec.aligns_exponents();
+        // The aggregator names the exponent of an aligned sum, at least this rank's own
+        // (the largest over the ranks, and none only where every block was zero); a
+        // shared one is known.
+        let sent = self.sent_scale_exp(q);
+        let exponent_fits = if self.codec.aligns_exponents() {
+            sent == NO_EXPONENT || (h.scale_exp != NO_EXPONENT && h.scale_exp >= sent)
+        } else {
+            h.scale_exp == sent
+        };
         if usize::from(h.count) != range.len()
             || payload.len() != range.len() * self.codec.wire_bytes()
-            || (!aligned && h.scale_exp != self.sent_scale_exp(q))
+            || !exponent_fits
             || data.len() != self.len
         {
             return ResultOutcome::Ignored;
