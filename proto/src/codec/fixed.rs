@@ -166,14 +166,22 @@ impl Fixed {
         15 - self.precision(world) - ceil_log2(world) as i32
     }
 
-    /// The exponent whose scale a contribution at `e` was quantized with: what
-    /// [`Codec::scale`] makes of tiny blocks and of all-zero ones.
-    fn scale_exponent(&self, world: u16, e: i8) -> i32 {
-        let least = self.precision(world) - 127;
-        if e == NO_EXPONENT {
-            least
+    /// The exponent whose scale a contribution at block exponent `e` was quantized
+    /// with: what [`Codec::scale`] makes of tiny blocks (in `-120..=127` for `i8`).
+    fn scale_exponent(&self, world: u16, e: i8) -> i8 {
+        // `p - 127` is above `i8::MIN` for every width and world.
+        i32::from(e).max(self.precision(world) - 127) as i8
+    }
+
+    /// Writes lanes (32-bit if `wide`, else `i8`'s 16-bit ones) at the wire width, each
+    /// divided by `2^shift`, rounded half up, clamped to the width's `±(2^(bits-1) - 1)`.
+    fn store_shifted(&self, acc: &[u32], wide: bool, shift: u32, out: &mut [u8]) {
+        let lim = (1i32 << (self.bits - 1)) - 1;
+        if wide {
+            kernels::store_int(acc, shift, lim, out, self.wire_bytes())
         } else {
-            i32::from(e).max(least)
+            let lanes: &[i16] = bytemuck::cast_slice(acc);
+            kernels::store_i16_i8(&lanes[..acc.len()], shift, lim, out)
         }
     }
 
@@ -307,13 +315,7 @@ impl Codec for Fixed {
             Room::Headroom => 0,
             Room::Widen => ceil_log2(world),
         };
-        let lim = (1i32 << (self.bits - 1)) - 1;
-        if self.narrow_lanes(world) {
-            let lanes: &[i16] = bytemuck::cast_slice(acc);
-            kernels::store_i16_i8(&lanes[..acc.len()], shift, lim, out)
-        } else {
-            kernels::store_int(acc, shift, lim, out, self.wire_bytes())
-        }
+        self.store_shifted(acc, !self.narrow_lanes(world), shift, out)
     }
     fn aligns_exponents(&self) -> bool {
         self.aligned
@@ -326,32 +328,21 @@ impl Codec for Fixed {
     /// or the small contribution.
     fn sum_at(&self, acc: &mut [u32], world: u16, at: &mut Alignment, e: i8, payload: &[u8]) {
         if !self.aligned {
-            if at.first {
-                at.first = false;
-                return self.sum_first(acc, world, payload);
-            }
-            return self.sum_add(acc, world, payload);
+            return super::sum_in_turn(self, acc, world, at, payload);
         }
-        let w = self.wire_bytes();
         // An all-zero block (no exponent) adds nothing, and aligns nothing: an honest
         // one's payload is zeros (a dishonest one's is ignored), and taking its
         // exponent as the least one would push every other rank's past the lanes' span.
+        // Lanes of zero blocks alone keep no exponent, until a block with one comes.
+        let e = (e != NO_EXPONENT).then(|| self.scale_exponent(world, e));
         if at.first {
             let wide = !self.narrow_lanes(world);
-            if e == NO_EXPONENT {
-                acc.fill(0);
-            } else if wide {
-                kernels::load_int(acc, payload, w);
-            } else {
-                kernels::load_i8_i16(narrow_mut(acc), payload);
+            match e {
+                None => acc.fill(0),
+                Some(_) if wide => kernels::load_int(acc, payload, self.wire_bytes()),
+                Some(_) => kernels::load_i8_i16(narrow_mut(acc), payload),
             }
-            // In -120..=127 for i8, so the exponents below fit an i8. Lanes of zero
-            // blocks alone keep no exponent, until a block with one comes.
-            let e = if e == NO_EXPONENT {
-                NO_EXPONENT
-            } else {
-                self.scale_exponent(world, e) as i8
-            };
+            let e = e.unwrap_or(NO_EXPONENT);
             *at = Alignment {
                 first: false,
                 unit: e,
@@ -360,15 +351,13 @@ impl Codec for Fixed {
             };
             return;
         }
-        if e == NO_EXPONENT {
-            return;
-        }
-        let e = self.scale_exponent(world, e);
+        let Some(e) = e else { return };
         if at.top == NO_EXPONENT {
             // Zero lanes: this block's exponent is theirs.
-            at.unit = e as i8;
-            at.top = e as i8;
+            at.unit = e;
+            at.top = e;
         }
+        let e = i32::from(e);
         let (unit, top) = (i32::from(at.unit), i32::from(at.top));
         let new_top = top.max(e);
         if !at.wide {
@@ -397,6 +386,7 @@ impl Codec for Fixed {
         } else if new_unit > unit {
             kernels::round_shr_lanes(acc, (new_unit - unit) as u32);
         }
+        let w = self.wire_bytes();
         if e >= new_unit {
             kernels::add_int_shl(acc, payload, w, (e - new_unit) as u32);
         } else {
@@ -412,12 +402,6 @@ impl Codec for Fixed {
             return self.sum_store(acc, world, out);
         }
         let shift = (i32::from(at.top) - i32::from(at.unit)).clamp(0, 31) as u32 + ceil_log2(world);
-        let lim = (1i32 << (self.bits - 1)) - 1;
-        if at.wide {
-            kernels::store_int(acc, shift.min(31), lim, out, self.wire_bytes())
-        } else {
-            let lanes: &[i16] = bytemuck::cast_slice(acc);
-            kernels::store_i16_i8(&lanes[..acc.len()], shift, lim, out)
-        }
+        self.store_shifted(acc, at.wide, shift.min(31), out)
     }
 }

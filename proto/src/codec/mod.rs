@@ -170,18 +170,30 @@ pub trait Codec: Send + Sync + fmt::Debug {
     /// [`Codec::sum_first`] or [`Codec::sum_add`].
     fn sum_at(&self, acc: &mut [u32], world: u16, at: &mut Alignment, e: i8, payload: &[u8]) {
         let _ = e;
-        if at.first {
-            at.first = false;
-            self.sum_first(acc, world, payload)
-        } else {
-            self.sum_add(acc, world, payload)
-        }
+        sum_in_turn(self, acc, world, at, payload)
     }
     /// Aggregator: [`Codec::sum_store`] for lanes summed by [`Codec::sum_at`]; the
     /// result's block exponent is `at.top` for codecs that align exponents.
     fn store_at(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {
         let _ = at;
         self.sum_store(acc, world, out)
+    }
+}
+
+/// [`Codec::sum_at`] without aligning: the first contribution sets the lanes
+/// ([`Codec::sum_first`]), the others add ([`Codec::sum_add`]).
+fn sum_in_turn<C: Codec + ?Sized>(
+    codec: &C,
+    acc: &mut [u32],
+    world: u16,
+    at: &mut Alignment,
+    payload: &[u8],
+) {
+    if at.first {
+        at.first = false;
+        codec.sum_first(acc, world, payload)
+    } else {
+        codec.sum_add(acc, world, payload)
     }
 }
 
