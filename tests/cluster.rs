@@ -79,7 +79,7 @@ fn a_rogue_sender_with_guessed_tokens_changes_nothing() {
         // Contributions for job 21 (and its neighbours) with guessed tokens, every rank,
         // the first slots, large values.
         let mut d = Vec::new();
-        d.extend_from_slice(b"IA\x02\x03"); // version 2, a contribution
+        d.extend_from_slice(b"IA\x03\x03"); // version 3, a contribution
         d.extend_from_slice(&(20 + (sent % 3) as u32).to_le_bytes());
         d.extend_from_slice(&((sent % 2) as u16).to_le_bytes());
         d.extend_from_slice(&[2, 0]); // i32, no flags

@@ -209,7 +209,7 @@ fn garbage_from_a_quic_client_and_a_vanished_rank_leave_the_aggregator_serving()
                 .collect();
             link.send(&junk).expect("send");
             // The protocol's magic with junk after it.
-            let mut framed = b"IA\x02".to_vec();
+            let mut framed = b"IA\x03".to_vec();
             framed.extend_from_slice(&junk);
             link.send(&framed).expect("send");
         }

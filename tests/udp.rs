@@ -103,7 +103,7 @@ fn garbage_datagrams_change_nothing() {
     let end = Instant::now() + Duration::from_secs(60);
     let mut valid = Vec::new();
     // A well-formed contribution, to cut and corrupt.
-    valid.extend_from_slice(b"IA\x02\x03"); // version 2, a contribution
+    valid.extend_from_slice(b"IA\x03\x03"); // version 3, a contribution
     valid.extend_from_slice(&3u32.to_le_bytes());
     valid.extend_from_slice(&[0, 0, 2, 0]);
     valid.extend_from_slice(&[0xab; 8]); // guessed token
@@ -216,8 +216,9 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
     };
     let (mut agg, addr) = aggregator(&[]);
     let codec = inagg_proto::codec::CodecId::I8;
-    // The widest i8 chunk that fits a datagram behind its header.
-    let chunk = (MAX_DATAGRAM - DATA_HEADER_LEN) as u16;
+    // The widest i8 chunk that fits a datagram behind its header, with an exponent
+    // for each 8 Ki-element block after the first.
+    let chunk = (MAX_DATAGRAM - DATA_HEADER_LEN - (inagg_proto::codec::MAX_BLOCKS - 1)) as u16;
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
@@ -250,7 +251,9 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
             }
         }
     }
-    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), 1, 1);
+    let i8_codec = inagg_proto::codec::lookup(codec).expect("i8");
+    let kept = inagg_proto::aggregator::kept_bytes(i8_codec, usize::from(chunk));
+    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), kept, 1);
     assert_eq!(granted.len(), jobs.len(), "{granted:?}");
     for (job, &(w, _)) in &granted {
         assert!(
@@ -408,6 +411,8 @@ fn results_go_once_to_a_multicast_group_unless_a_rank_or_the_aggregator_opts_out
         let mut ws: Vec<_> = (0..world)
             .map(|r| {
                 let mut args = vec!["--elements", "300000", "--iters", "3", "--codec", "i8"];
+                // Enough chunks to count (37 per allreduce).
+                args.extend(["--chunk-elements", "8192"]);
                 if opt_out == Some(r) {
                     args.push("--no-multicast");
                 }

@@ -85,7 +85,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
     let groups = first & 0x80 != 0;
     let known = codec::lookup(codec);
     let width = known.map_or(4, |c| c.wire_bytes());
-    let kept = known.map_or(4, crate::aggregator::kept_bytes);
+    let kept = known.map_or(4 * 16, |c| crate::aggregator::kept_bytes(c, 16));
     let limit = 12 * crate::aggregator::slot_bytes(16, kept, WORLD);
     let config = AggregatorConfig {
         max_window: 8,

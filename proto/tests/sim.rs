@@ -218,6 +218,53 @@ fn i8_ranks_of_different_magnitudes_align_alike_under_loss() {
 }
 
 #[test]
+fn i8_chunks_of_several_exponent_blocks_keep_each_blocks_precision() {
+    // Chunks of three 8 Ki-element exponent blocks (and a last, shorter chunk of one),
+    // whose blocks lie 2^8 apart in magnitude: each block is quantized at its own
+    // exponent, so each is within the bound of its own, where one exponent for the
+    // chunk would round the small blocks to zero. Under loss, duplication and
+    // reordering the bits are the lossless run's, retransmissions included.
+    let block = codec::EXPONENT_BLOCK;
+    let chunk = 3 * block;
+    for world in [1u16, 3, 4] {
+        let mut ins = inputs(91 + u64::from(world), world, 2 * chunk + 5000, false);
+        for v in &mut ins {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x *= 2f32.powi(-8 * ((i % chunk) / block) as i32);
+            }
+        }
+        let once = |cfg: SimConfig| {
+            let mut sim = Sim::new(
+                cfg,
+                Default::default(),
+                configs(4, world, CodecId::I8, chunk as u16, 4),
+            );
+            sim.allreduce(ins.clone()).expect("allreduce")
+        };
+        let reference = once(SimConfig::lossless(0));
+        assert!(
+            reference.iter().all(|o| o == &reference[0]),
+            "ranks disagree"
+        );
+        check_bound(CodecId::I8, &ins, &reference[0], block, world);
+        // The small blocks keep their values: not one all-zero block of results.
+        for (b, out) in reference[0].chunks(block).enumerate() {
+            assert!(
+                out.iter().any(|&x| x != 0.0),
+                "world {world} block {b} lost"
+            );
+        }
+        for s in 0..10 {
+            assert_eq!(
+                once(SimConfig::lossy(700 + s)),
+                reference,
+                "world {world} seed {s}"
+            );
+        }
+    }
+}
+
+#[test]
 fn error_feedback_tracks_the_accumulated_sum() {
     // Small values next to a large one in the same chunk: i8 rounds them to zero every
     // time. Over many steps, error feedback delivers what rounding held back.
@@ -488,7 +535,7 @@ fn bn_slot_bytes() -> usize {
     let f32 = codec::lookup(CodecId::F32).expect("f32");
     inagg_proto::aggregator::slot_bytes(
         usize::from(BN_CHUNK),
-        inagg_proto::aggregator::kept_bytes(f32),
+        inagg_proto::aggregator::kept_bytes(f32, usize::from(BN_CHUNK)),
         BN_WORLD,
     )
 }
@@ -713,7 +760,7 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
     let a_want = alone(configs(1, 2, CodecId::I32, chunk, window), &a_in);
     let b_want = alone(configs(2, 2, CodecId::I32, chunk, window), &b_in);
     let i32_codec = codec::lookup(CodecId::I32).expect("i32");
-    let kept = inagg_proto::aggregator::kept_bytes(i32_codec);
+    let kept = inagg_proto::aggregator::kept_bytes(i32_codec, usize::from(chunk));
     let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), kept, 2);
     let budget = 16 * slot;
     let agg = AggregatorConfig {

@@ -147,20 +147,24 @@ pub fn default_chunk_bytes(aggregator: &SocketAddr) -> usize {
     }
 }
 
-/// The most elements a chunk of a block-scaled codec has by default. Such a chunk
-/// shares one exponent, so a larger chunk quantizes its small values more coarsely:
+/// The most elements a chunk of a block-scaled codec that shares one exponent per
+/// chunk (i32, i16) has by default. Such a chunk shares one exponent, so a larger
+/// chunk quantizes its small values more coarsely:
 /// `inagg sweep --workers 4 --chunk-elements 4096,8192` and the 32 Ki default before
 /// gave i8 a relative L2 error of 1.2e-2, 1.5e-2 and 2.3e-2 (i16 4.7e-5, 6.4e-5 and
 /// 8.6e-5 at 4096, 8192, 16384), and i8 ran no faster on loopback beyond 8192
-/// (163 M ATE/s at 8192, 153 M at 32768, N = 4).
+/// (163 M ATE/s at 8192, 153 M at 32768, N = 4, with one exponent per chunk then).
+/// i8, which aligns exponents, carries one per 8 Ki-element block instead
+/// ([`inagg_proto::codec::EXPONENT_BLOCK`]), so its chunks take the path's whole
+/// payload at that precision: 32 Ki elements on loopback, 8 Ki on a network.
 pub const BLOCK_SCALED_DEFAULT_CHUNK_CAP: usize = 8192;
 
 /// Elements per chunk of `codec` by default toward `aggregator`: the
-/// [`default_chunk_bytes`] of payload, and for block-scaled codecs at most
-/// [`BLOCK_SCALED_DEFAULT_CHUNK_CAP`].
+/// [`default_chunk_bytes`] of payload, and for block-scaled codecs that share one
+/// exponent per chunk at most [`BLOCK_SCALED_DEFAULT_CHUNK_CAP`].
 pub fn default_chunk_elems(codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u16 {
     let mut elems = default_chunk_bytes(aggregator) / codec.wire_bytes().max(1);
-    if codec.block_scaled() {
+    if codec.block_scaled() && !codec.aligns_exponents() {
         elems = elems.min(BLOCK_SCALED_DEFAULT_CHUNK_CAP);
     }
     u16::try_from(elems).unwrap_or(u16::MAX)

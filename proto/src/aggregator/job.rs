@@ -98,7 +98,7 @@ impl<A: Clone + Eq> Job<A> {
     pub fn slot_bytes(&self) -> usize {
         slot_bytes(
             usize::from(self.chunk_elems),
-            kept_bytes(self.codec),
+            kept_bytes(self.codec, usize::from(self.chunk_elems)),
             self.world,
         )
     }

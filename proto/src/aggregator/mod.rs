@@ -391,7 +391,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             // decode() only admits known codecs.
             return self.drop_packet(None, DropReason::Malformed);
         };
-        let payload = usize::from(join.chunk_elems) * codec.wire_bytes();
+        let payload = codec::payload_bytes(codec, usize::from(join.chunk_elems));
         if join.world > self.config.max_world.min(codec.max_world()) {
             let text = format!(
                 "world size {} is above this aggregator's limit for {} ({})",

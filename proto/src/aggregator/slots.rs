@@ -17,7 +17,7 @@
 //! The per-version bookkeeping ([`SlotMeta`], a few bytes) is left out, as a switch
 //! keeps it in registers beside its SRAM.
 
-use crate::codec::{Alignment, Codec};
+use crate::codec::{self, Alignment, Codec, MAX_BLOCKS};
 use crate::wire::{DataHeader, NO_EXPONENT};
 
 const EMPTY: u64 = u64::MAX;
@@ -37,8 +37,9 @@ pub(crate) struct SlotMeta {
     /// codecs that align exponents ([`Codec::aligns_exponents`]), the result's, set when
     /// the chunk completes.
     pub scale_exp: i8,
-    /// The exponents of the lanes, for codecs that align exponents.
-    pub align: Alignment,
+    /// The exponents of the lanes, one per exponent block, for codecs that align
+    /// exponents ([`codec::EXPONENT_BLOCK`]).
+    pub align: [Alignment; MAX_BLOCKS],
     /// The packet ends its allreduce (`FLAG_LAST`; all ranks must agree).
     pub last: bool,
     /// All ranks are in; the result is in the version's result buffer.
@@ -79,20 +80,21 @@ pub(crate) enum Outcome {
 }
 
 /// Bytes one slot holds for chunks of `chunk` elements whose kept result takes `kept`
-/// bytes each ([`kept_bytes`]) and a world of `world` ranks: two versions of
-/// accumulator lanes, kept result and rank bitmap. `SlotPool::memory_bytes` is this
-/// times the slots.
+/// bytes ([`kept_bytes`]) and a world of `world` ranks: two versions of accumulator
+/// lanes, kept result and rank bitmap. `SlotPool::memory_bytes` is this times the
+/// slots.
 pub fn slot_bytes(chunk: usize, kept: usize, world: u16) -> usize {
-    2 * (chunk * 4 + chunk * kept + 8 * usize::from(world).div_ceil(64))
+    2 * (chunk * 4 + kept + 8 * usize::from(world).div_ceil(64))
 }
 
-/// Bytes per element of the result a slot keeps for `codec`: its wire width, or 0
-/// where the lanes are the result ([`Codec::result_is_lanes`]).
-pub fn kept_bytes(codec: &dyn Codec) -> usize {
+/// Bytes of the result a slot keeps for a chunk of `chunk` elements of `codec`: its
+/// payload ([`codec::payload_bytes`]), or 0 where the lanes are the result
+/// ([`Codec::result_is_lanes`]).
+pub fn kept_bytes(codec: &dyn Codec, chunk: usize) -> usize {
     if codec.result_is_lanes() {
         0
     } else {
-        codec.wire_bytes()
+        codec::payload_bytes(codec, chunk)
     }
 }
 
@@ -105,8 +107,9 @@ pub(crate) struct SlotPool {
     pub regrant_announced: bool,
     slots: u32,
     chunk: usize,
-    /// Wire bytes per element of a result.
-    width: usize,
+    /// Bytes of one version's kept result ([`kept_bytes`]).
+    kept: usize,
+    codec: &'static dyn Codec,
     /// Results are read from the lanes; `results` is empty.
     in_lanes: bool,
     world: u16,
@@ -118,9 +121,9 @@ pub(crate) struct SlotPool {
 }
 
 impl SlotPool {
-    pub fn new(slots: u32, chunk: usize, codec: &dyn Codec, world: u16) -> Self {
+    pub fn new(slots: u32, chunk: usize, codec: &'static dyn Codec, world: u16) -> Self {
         let versions = 2 * slots as usize;
-        let kept = kept_bytes(codec);
+        let kept = kept_bytes(codec, chunk);
         let words = usize::from(world).div_ceil(64);
         let empty = SlotMeta {
             seq: EMPTY,
@@ -128,7 +131,7 @@ impl SlotPool {
             count: 0,
             exp_max: NO_EXPONENT,
             scale_exp: NO_EXPONENT,
-            align: Alignment::EMPTY,
+            align: [Alignment::EMPTY; MAX_BLOCKS],
             last: false,
             complete: false,
             marked: false,
@@ -141,14 +144,15 @@ impl SlotPool {
             regrant_announced: false,
             slots,
             chunk,
-            width: codec.wire_bytes(),
+            kept,
+            codec,
             in_lanes: kept == 0,
             world,
             words,
             meta: vec![empty; versions],
             bitmaps: vec![0; versions * words],
             acc: vec![0; versions * chunk],
-            results: vec![0; versions * chunk * kept],
+            results: vec![0; versions * kept],
         }
     }
 
@@ -200,7 +204,7 @@ impl SlotPool {
             }
             bits[word] |= bit;
             let m = &mut self.meta[i];
-            codec.sum_at(lanes, self.world, &mut m.align, h.scale_exp, payload);
+            codec::sum_blocks(codec, lanes, self.world, &mut m.align, h.scale_exp, payload);
             m.contributors += 1;
             m.exp_max = m.exp_max.max(h.next_exp);
             m.marked |= marked;
@@ -212,8 +216,8 @@ impl SlotPool {
             }
             bits.fill(0);
             bits[word] |= bit;
-            let mut align = Alignment::EMPTY;
-            codec.sum_at(lanes, self.world, &mut align, h.scale_exp, payload);
+            let mut align = [Alignment::EMPTY; MAX_BLOCKS];
+            codec::sum_blocks(codec, lanes, self.world, &mut align, h.scale_exp, payload);
             self.meta[i] = SlotMeta {
                 seq: h.seq,
                 contributors: 1,
@@ -234,16 +238,17 @@ impl SlotPool {
         if self.meta[i].contributors == self.world {
             if !self.in_lanes {
                 let n = usize::from(h.count);
-                let base = i * self.chunk * self.width;
-                codec.store_at(
+                let base = i * self.kept;
+                let top = codec::store_blocks(
+                    codec,
                     &self.acc[i * self.chunk..i * self.chunk + n],
                     self.world,
-                    self.meta[i].align,
-                    &mut self.results[base..base + n * self.width],
+                    &self.meta[i].align,
+                    &mut self.results[base..base + codec::payload_bytes(codec, n)],
                 );
-            }
-            if codec.aligns_exponents() {
-                self.meta[i].scale_exp = self.meta[i].align.top;
+                if codec.aligns_exponents() {
+                    self.meta[i].scale_exp = top;
+                }
             }
             self.meta[i].complete = true;
             self.meta[i].regrant = self.regrant;
@@ -291,8 +296,8 @@ impl SlotPool {
         let bytes = if self.in_lanes {
             bytemuck::cast_slice(&self.acc[i * self.chunk..i * self.chunk + n])
         } else {
-            let base = i * self.chunk * self.width;
-            &self.results[base..base + n * self.width]
+            let base = i * self.kept;
+            &self.results[base..base + self.kept.min(codec::payload_bytes(self.codec, n))]
         };
         Some((meta, bytes))
     }

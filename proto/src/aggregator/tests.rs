@@ -664,7 +664,7 @@ fn grants(out: &[(u32, Message<'static>)]) -> Vec<(u32, Grant)> {
 fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_boundary() {
     // One slot of these jobs: two versions of 4 f32 lanes (which are the kept result)
     // and one bitmap word.
-    let slot = slot_bytes(4, kept_bytes(&crate::codec::F32), 2);
+    let slot = slot_bytes(4, kept_bytes(&crate::codec::F32, 4), 2);
     assert_eq!(slot, 48);
     let mut agg = Aggregator::new(AggregatorConfig {
         slot_memory: Some(10 * slot),
@@ -841,7 +841,7 @@ fn without_a_budget_no_result_is_flagged_and_nothing_waits() {
 /// decided is answered from its copy without the flag, even after.
 #[test]
 fn a_result_keeps_the_regrant_flag_it_completed_with() {
-    let slot = slot_bytes(4, kept_bytes(&crate::codec::F32), 2);
+    let slot = slot_bytes(4, kept_bytes(&crate::codec::F32, 4), 2);
     let mut h = Harness {
         agg: Aggregator::new(AggregatorConfig {
             slot_memory: Some(8 * slot),

@@ -237,6 +237,37 @@ fn hostile_payloads_wrap_without_panicking() {
     }
 }
 
+#[test]
+fn hostile_block_exponents_and_short_payloads_change_no_lane_outside_the_chunk() {
+    // A chunk of three exponent blocks and one element over, summed block by block
+    // (`sum_blocks`): trailing exponents at every extreme, and payloads shorter than
+    // the chunk's (cut inside the data or inside the trailer), never panic, and the
+    // stored result has the chunk's payload layout.
+    let count = 2 * EXPONENT_BLOCK + 1;
+    let codec: &dyn Codec = &I8;
+    assert_eq!(exponent_blocks(codec, count), 3);
+    assert_eq!(payload_bytes(codec, count), count + 2);
+    assert_eq!(exponent_blocks(&I16, count), 1);
+    assert_eq!(payload_bytes(&I16, count), 2 * count);
+    let extremes = [NO_EXPONENT, MIN_EXPONENT, -1, 0, MAX_EXPONENT];
+    for world in [2u16, 300] {
+        let mut acc = vec![0u32; count + 8];
+        let mut at = [Alignment::EMPTY; MAX_BLOCKS];
+        for (k, &e) in extremes.iter().enumerate() {
+            let mut payload: Vec<u8> = (0..count).map(|i| (i * 37 + k) as u8).collect();
+            payload.extend([extremes[(k + 1) % 5] as u8, extremes[(k + 3) % 5] as u8]);
+            for len in [payload.len(), count + 1, count, EXPONENT_BLOCK + 5, 0] {
+                sum_blocks(codec, &mut acc[..count], world, &mut at, e, &payload[..len]);
+            }
+        }
+        assert!(acc[count..].iter().all(|&x| x == 0), "lanes past the chunk");
+        let mut out = vec![0u8; payload_bytes(codec, count)];
+        let first = store_blocks(codec, &acc[..count], world, &at, &mut out);
+        let got = block_exponents(codec, count, first, &out);
+        assert_eq!(got.as_slice(), &[at[0].top, at[1].top, at[2].top]);
+    }
+}
+
 /// Ranks whose tensors differ in magnitude by `2^spread` from the first to the last.
 fn spread_inputs(world: u16, n: usize, seed: u64, spread: i32) -> Vec<Vec<f32>> {
     let mut ins = inputs(world, n, seed);

@@ -29,10 +29,13 @@ use crate::codec::{self, CodecId};
 
 /// The two bytes every inagg datagram starts with.
 pub const MAGIC: [u8; 2] = *b"IA";
-/// The protocol version this crate speaks. Version 2: an `i8` contribution's
-/// `scale_exp` is the rank's own block exponent, which the aggregator aligns, and an
-/// `i8` result's is the sum's (version 1 shared one exponent through the lookahead).
-pub const VERSION: u8 = 2;
+/// The protocol version this crate speaks. Version 3: an `i8` chunk of more than
+/// 8,192 elements has an exponent per 8 Ki-element block, its first block's in
+/// `scale_exp` and the others' after the data (`codec::EXPONENT_BLOCK`). Version 2: an
+/// `i8` contribution's `scale_exp` is the rank's own block exponent, which the
+/// aggregator aligns, and an `i8` result's is the sum's (version 1 shared one
+/// exponent through the lookahead).
+pub const VERSION: u8 = 3;
 /// Bytes before the payload of a contribution or a result.
 pub const DATA_HEADER_LEN: usize = 40;
 /// The longest job secret a join may carry.
@@ -553,11 +556,12 @@ fn decode_data<'a>(r: &mut Reader<'a>) -> Result<(DataHeader, &'a [u8]), DecodeE
         return Err(DecodeError::Field("reserved"));
     }
     // The codec was validated above, so the lookup cannot fail; stay total anyway.
-    let width = codec::lookup(codec).map_or(4, |c| c.wire_bytes());
     let len = if flags & FLAG_PROBE != 0 {
         0
     } else {
-        usize::from(count) * width
+        codec::lookup(codec).map_or(usize::from(count) * 4, |c| {
+            codec::payload_bytes(c, usize::from(count))
+        })
     };
     let payload = r.bytes(len)?;
     let h = DataHeader {

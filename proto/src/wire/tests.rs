@@ -52,34 +52,34 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
     vec![
         (
             Message::Join(join.clone()),
-            "49410201 07000000 0100 0400 01 00 0001 80000000 02 7333",
+            "49410301 07000000 0100 0400 01 00 0001 80000000 02 7333",
         ),
         (
             Message::Join(Join {
                 groups: true,
                 ..join
             }),
-            "49410201 07000000 0100 0400 01 01 0001 80000000 02 7333",
+            "49410301 07000000 0100 0400 01 01 0001 80000000 02 7333",
         ),
         (
             Message::Grant(grant),
-            "49410202 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
+            "49410302 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
         ),
         (
             Message::Grant(Grant {
                 group: Some(0x0102),
                 ..grant
             }),
-            "49410202 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
+            "49410302 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
         ),
         (
             Message::Contribution(header(), &PAYLOAD),
-            "49410203 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410303 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
             Message::Result(header(), &PAYLOAD),
-            "49410204 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410304 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
@@ -88,7 +88,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410205 09000000 0200 0500000000000000",
+            "49410305 09000000 0200 0500000000000000",
         ),
         (
             Message::Heartbeat(Control {
@@ -96,7 +96,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410206 09000000 0200 0500000000000000",
+            "49410306 09000000 0200 0500000000000000",
         ),
         (
             Message::Error(ErrorMsg {
@@ -105,7 +105,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 code: ErrorCode::PeerSilent,
                 text: "gone".into(),
             }),
-            "49410207 09000000 0100 06 0400 676f6e65",
+            "49410307 09000000 0100 06 0400 676f6e65",
         ),
         (
             Message::Regrant(Control {
@@ -113,7 +113,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410208 09000000 0200 0500000000000000",
+            "49410308 09000000 0200 0500000000000000",
         ),
     ]
 }
@@ -142,6 +142,35 @@ fn data_header_is_forty_bytes() {
     let mut fixed = [0u8; DATA_HEADER_LEN];
     write_data_header(true, &h, &mut fixed);
     assert_eq!(&fixed[..], &buf[..]);
+}
+
+#[test]
+fn an_i8_chunk_of_several_exponent_blocks_carries_their_exponents_after_its_data() {
+    // 8,193 elements: two blocks, so one exponent byte after the data.
+    let h = DataHeader {
+        codec: CodecId::I8,
+        flags: 0,
+        count: 8193,
+        ..header()
+    };
+    let mut payload = vec![7u8; 8193];
+    payload.push(-9i8 as u8);
+    let mut buf = Vec::new();
+    encode_contribution(&h, &payload, &mut buf);
+    match decode(&buf) {
+        Ok(Message::Contribution(got, p)) => {
+            assert_eq!(got, h);
+            assert_eq!(p, &payload[..]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without the exponent, or with one too many, it is no contribution.
+    for len in [8193, 8195] {
+        payload.resize(len, 0);
+        let mut buf = Vec::new();
+        encode_contribution(&h, &payload, &mut buf);
+        assert!(decode(&buf).is_err(), "{len} bytes decoded");
+    }
 }
 
 #[test]

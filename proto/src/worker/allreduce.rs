@@ -137,8 +137,12 @@ pub(crate) struct Allreduce {
     /// The next packet never sent.
     next: u64,
     ring: Vec<Packet>,
-    /// Exponent of each of this rank's chunks (block-scaled codecs).
+    /// Exponent of each of this rank's chunks (block-scaled codecs); for codecs that
+    /// align exponents, of each exponent block of each chunk, `blocks` per chunk
+    /// ([`codec::EXPONENT_BLOCK`]).
     e_local: Vec<i8>,
+    /// Exponent blocks per chunk in `e_local`.
+    blocks: usize,
     /// This rank's chunks that hold a NaN or an infinity (block-scaled codecs only):
     /// they go out flagged `FLAG_NONFINITE`.
     nonfinite: Vec<bool>,
@@ -236,7 +240,8 @@ impl Allreduce {
                 };
                 slots as usize
             ],
-            e_local: vec![NO_EXPONENT; per_chunk],
+            e_local: vec![NO_EXPONENT; per_chunk * codec::exponent_blocks(codec, chunk)],
+            blocks: codec::exponent_blocks(codec, chunk),
             nonfinite: vec![false; per_chunk],
             e_max: vec![NO_EXPONENT; if lookahead > 0 { n as usize } else { 0 }],
             timers: BinaryHeap::new(),
@@ -313,7 +318,7 @@ impl Allreduce {
                 if self.data_range(q).is_empty() {
                     NO_EXPONENT
                 } else {
-                    self.e_local[j as usize]
+                    self.e_local[j as usize * self.blocks]
                 }
             }
             Some(j) if self.lookahead > 0 => self.e_max[j as usize],
@@ -324,18 +329,80 @@ impl Allreduce {
     /// The exponent of this rank's chunk `j`. Non-finite values count as the largest;
     /// for block-scaled codecs they also mark the chunk, whose data then goes out
     /// flagged so that every rank's allreduce ends in the same error.
+    /// For a codec that aligns exponents, of its first exponent block, having read
+    /// every block's ([`Allreduce::block_exponents`]).
     fn local_exponent(&mut self, j: usize, data: &[f32]) -> i8 {
-        if self.e_local[j] == NO_EXPONENT {
-            let e = match codec::block_exponent(&data[self.chunk_range(j as u64)]) {
-                Ok(e) => e,
-                Err(codec::NonFinite) => {
-                    self.nonfinite[j] |= self.codec.block_scaled();
-                    codec::MAX_EXPONENT
-                }
-            };
-            self.e_local[j] = e;
+        let base = j * self.blocks;
+        if self.e_local[base] == NO_EXPONENT {
+            let range = self.chunk_range(j as u64);
+            let k = codec::exponent_blocks(self.codec, range.len());
+            let mut exps = [Ok(NO_EXPONENT); codec::MAX_BLOCKS];
+            if k == 1 {
+                exps[0] = codec::block_exponent(&data[range]);
+            } else {
+                codec::block_exponents_of(&data[range], &mut exps[..k]);
+            }
+            for (b, e) in exps[..k].iter().enumerate() {
+                let e = match *e {
+                    Ok(e) => e,
+                    Err(codec::NonFinite) => {
+                        self.nonfinite[j] |= self.codec.block_scaled();
+                        codec::MAX_EXPONENT
+                    }
+                };
+                self.e_local[base + b] = e;
+            }
         }
-        self.e_local[j]
+        self.e_local[base]
+    }
+
+    /// The exponents of packet `q`'s blocks as sent, one per exponent block of its
+    /// data: the first is [`Allreduce::sent_scale_exp`]. Empty without data.
+    fn block_exponents(&self, q: u64) -> &[i8] {
+        let range = self.data_range(q);
+        match self.data_chunk(q) {
+            Some(j) if self.codec.aligns_exponents() && !range.is_empty() => {
+                let base = j as usize * self.blocks;
+                &self.e_local[base..base + codec::exponent_blocks(self.codec, range.len())]
+            }
+            _ => &[],
+        }
+    }
+
+    /// Quantizes `src`, the data of packet `seq`, into `out` at `scale_exp` (for codecs
+    /// that align exponents, at `exps`, one per block, the later ones written after
+    /// the data: [`codec::payload_bytes`]); with `back`, decodes that payload again
+    /// into it, for the residual.
+    fn encode_payload(
+        &self,
+        seq: u64,
+        scale_exp: i8,
+        exps: &[i8],
+        src: &[f32],
+        out: &mut [u8],
+        back: Option<&mut [f32]>,
+    ) {
+        let dither = self.dither(seq);
+        let w = self.codec.wire_bytes();
+        let k = exps.len().max(1);
+        let mut back = back;
+        for b in 0..k {
+            let e = exps.get(b).copied().unwrap_or(scale_exp);
+            let mut scale = self.codec.scale(self.world, e);
+            // Each block its own random stream: the streams count from each slice's
+            // first element.
+            scale.dither = dither.map(|d| d ^ (b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let r = codec::block_range(b, src.len(), k);
+            let bytes = r.start * w..r.end * w;
+            self.codec
+                .encode(&src[r.clone()], scale, &mut out[bytes.clone()]);
+            if let Some(t) = back.as_deref_mut() {
+                self.codec.decode(&out[bytes], scale, &mut t[r]);
+            }
+            if b > 0 {
+                out[src.len() * w + b - 1] = e as u8;
+            }
+        }
     }
 
     /// The random stream of packet `seq` for stochastic rounding.
@@ -416,24 +483,36 @@ impl Allreduce {
         let start = buf.len();
         crate::wire::encode_contribution(&h, &[], buf);
         let body = buf.len();
-        let payload = count * self.codec.wire_bytes();
-        let mut scale = self.codec.scale(self.world, scale_exp);
-        scale.dither = self.dither(seq);
+        let payload = codec::payload_bytes(self.codec, count);
+        let has_data = self.data_chunk(q).is_some();
+        // Error feedback on a first transmission: the payload decoded back, to see what
+        // this rank's contribution lost to quantization (a skipped chunk loses nothing).
+        let feedback = first && has_data && self.residual.is_some();
+        let mut scratch = std::mem::take(&mut self.scratch);
         let tail = if by_ref && self.codec.wire_is_native_f32() && self.residual.is_none() {
             // The payload is the tensor's bytes: the driver sends them from there.
             Tail::Data(range.clone())
         } else {
             buf.resize(body + payload, 0);
-            self.codec
-                .encode(&data[range.clone()], scale, &mut buf[body..]);
+            let mut exps = [NO_EXPONENT; codec::MAX_BLOCKS];
+            let k = {
+                let e = self.block_exponents(q);
+                exps[..e.len()].copy_from_slice(e);
+                e.len()
+            };
+            let back = feedback.then(|| &mut scratch[..range.len()]);
+            self.encode_payload(
+                seq,
+                scale_exp,
+                &exps[..k],
+                &data[range.clone()],
+                &mut buf[body..],
+                back,
+            );
             Tail::InBuf
         };
-        let has_data = self.data_chunk(q).is_some();
-        if let (true, true, Some(res)) = (first, has_data, self.residual.as_mut()) {
-            // Error feedback: what this rank's contribution lost to quantization. A
-            // skipped chunk is zero and loses nothing.
-            let t = &mut self.scratch[..range.len()];
-            self.codec.decode(&buf[body..], scale, t);
+        if let (true, Some(res)) = (feedback, self.residual.as_mut()) {
+            let t = &scratch[..range.len()];
             for ((r, x), y) in res[range.clone()]
                 .iter_mut()
                 .zip(&data[range])
@@ -442,6 +521,7 @@ impl Allreduce {
                 *r = x - y;
             }
         }
+        self.scratch = scratch;
         let p = &mut self.ring[(q % self.slots) as usize];
         if first {
             *p = Packet {
@@ -609,32 +689,51 @@ impl Allreduce {
         // The aggregator names the exponent of an aligned sum, at least this rank's own
         // (the largest over the ranks, and none only where every block was zero); a
         // shared one is known.
-        let sent = self.sent_scale_exp(q);
-        let exponent_fits = if self.codec.aligns_exponents() {
-            sent == NO_EXPONENT || (h.scale_exp != NO_EXPONENT && h.scale_exp >= sent)
-        } else {
-            h.scale_exp == sent
-        };
-        if usize::from(h.count) != range.len()
-            || payload.len() != range.len() * self.codec.wire_bytes()
-            || !exponent_fits
+        // For codecs with several exponent blocks per chunk, so for each block.
+        let count = range.len();
+        if usize::from(h.count) != count
+            || payload.len() != codec::payload_bytes(self.codec, count)
             || data.len() != self.len
         {
             return ResultOutcome::Ignored;
         }
-        let scale = self.codec.result_scale(self.world, h.scale_exp);
+        let got = codec::block_exponents(self.codec, count, h.scale_exp, payload);
+        let exponent_fits = if self.codec.aligns_exponents() {
+            let sent = self.block_exponents(q);
+            sent.is_empty()
+                || got
+                    .as_slice()
+                    .iter()
+                    .zip(sent)
+                    .all(|(&r, &own)| own == NO_EXPONENT || (r != NO_EXPONENT && r >= own))
+        } else {
+            h.scale_exp == self.sent_scale_exp(q)
+        };
+        if !exponent_fits {
+            return ResultOutcome::Ignored;
+        }
         if range.is_empty() {
             if let Some(j) = self.data_chunk(q) {
                 // A chunk that was zero on every rank.
                 let all = self.chunk_range(j);
                 data[all].fill(0.0);
             }
-        } else if std::mem::size_of_val(data) >= crate::codec::stream::STREAM_MIN_BYTES {
-            // Out of cache by the end of the allreduce anyway: not read first.
-            self.codec
-                .decode_around_cache(payload, scale, &mut data[range]);
         } else {
-            self.codec.decode(payload, scale, &mut data[range]);
+            // Out of cache by the end of the allreduce anyway: not read first.
+            let around = std::mem::size_of_val(data) >= codec::stream::STREAM_MIN_BYTES;
+            let out = &mut data[range];
+            let w = self.codec.wire_bytes();
+            let k = got.as_slice().len();
+            for (b, &e) in got.as_slice().iter().enumerate() {
+                let scale = self.codec.result_scale(self.world, e);
+                let r = codec::block_range(b, count, k);
+                let src = &payload[r.start * w..r.end * w];
+                if around {
+                    self.codec.decode_around_cache(src, scale, &mut out[r]);
+                } else {
+                    self.codec.decode(src, scale, &mut out[r]);
+                }
+            }
         }
         if self.lookahead > 0 && q < self.n {
             self.e_max[q as usize] = h.next_exp;

@@ -111,7 +111,7 @@ impl WorkerConfig {
         }
         if self.chunk_elems == 0
             || self.window == 0
-            || wire::DATA_HEADER_LEN + usize::from(self.chunk_elems) * codec.wire_bytes()
+            || wire::DATA_HEADER_LEN + codec::payload_bytes(codec, usize::from(self.chunk_elems))
                 > wire::MAX_DATAGRAM
         {
             return Err(ConfigError::Size);
