@@ -128,11 +128,13 @@ impl From<QuicMode> for inagg_quic::Mode {
 pub struct Tuning {
     /// Elements per chunk (per datagram). Default: 32 KiB of payload to a loopback
     /// aggregator, 8 KiB to any other (2048 f32 elements, 4096 f16, 8192 i8), and at
-    /// most 8192 elements for the block-scaled codecs (i32, i16, i8), whose chunks
-    /// share one exponent.
+    /// most 8192 elements for i32 and i16, whose chunks share one exponent (i8 has one
+    /// per 8192 elements of a chunk).
     #[arg(long)]
     pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight). Default: 32 on loopback (128 for i8, whose chunks are a quarter the size), 64 otherwise.
+    /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 64 otherwise;
+    /// a codec without exponent lookahead (i8) in smaller chunks than the path's
+    /// payload gets as many slots as keep the same bytes in flight, up to 4x.
     #[arg(long)]
     pub window: Option<u32>,
     /// The job's secret.
