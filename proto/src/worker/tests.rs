@@ -448,3 +448,91 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
         }
     }
 }
+
+#[test]
+fn an_i8_result_is_refused_where_any_blocks_exponent_is_below_the_ranks_own() {
+    use crate::wire::{self, Message};
+    let t0 = std::time::Instant::now();
+    let chunk = 2 * crate::codec::EXPONENT_BLOCK;
+    let grant = wire::Grant {
+        job: 1,
+        rank: 0,
+        world: 1,
+        codec: CodecId::I8,
+        chunk_elems: chunk as u16,
+        window: 4,
+        token: 42,
+        shard: 0,
+        shards: 1,
+        group: None,
+    };
+    let mut cfg = WorkerConfig::new(1, 0, 1, CodecId::I8);
+    cfg.chunk_elems = chunk as u16;
+    cfg.window = 4;
+    let mut w = Worker::new(cfg, t0).expect("worker");
+    let mut b = Vec::new();
+    wire::encode_grant(&grant, &mut b);
+    w.handle_datagram(t0, &b, &mut []);
+    // One chunk of two blocks, the second 2^-10 of the first.
+    let input: Vec<f32> = (0..chunk)
+        .map(|i| {
+            let x = ((i * 37) % 101) as f32 / 101.0 - 0.5;
+            if i < chunk / 2 {
+                x
+            } else {
+                x / 1024.0
+            }
+        })
+        .collect();
+    let mut d = input.clone();
+    w.start_allreduce(t0, &mut d, None).expect("start");
+    assert!(matches!(
+        w.poll_event(),
+        Some(crate::worker::Event::Joined(_))
+    ));
+    let mut out = Vec::new();
+    assert!(w.poll_transmit(t0, &d, &mut out));
+    let Ok(Message::Contribution(h, payload)) = wire::decode(&out) else {
+        panic!("not a contribution");
+    };
+    assert_eq!(
+        payload.len(),
+        chunk + 1,
+        "the second block's exponent follows"
+    );
+    let own = payload[chunk] as i8;
+    assert!(
+        own < h.scale_exp,
+        "the second block has its own, smaller exponent"
+    );
+    // With one rank the honest result is the contribution itself. The same with the
+    // second block's exponent one below this rank's own is refused, and so is one
+    // without that exponent: the tensor stays as it was and the allreduce goes on.
+    let mut low = payload.to_vec();
+    low[chunk] = (own - 1) as u8;
+    for forged in [&low[..], &payload[..chunk]] {
+        let mut r = Vec::new();
+        wire::encode_result(&h, forged, &mut r);
+        w.handle_datagram(t0, &r, &mut d);
+        assert_eq!(d, input, "a forged result was decoded");
+        assert!(
+            w.poll_event().is_none(),
+            "a forged result ended the allreduce"
+        );
+    }
+    let mut r = Vec::new();
+    wire::encode_result(&h, payload, &mut r);
+    w.handle_datagram(t0, &r, &mut d);
+    assert!(matches!(
+        w.poll_event(),
+        Some(crate::worker::Event::AllreduceDone { .. })
+    ));
+    for (i, (x, y)) in d.iter().zip(&input).enumerate() {
+        let step = if i < chunk / 2 {
+            2f32.powi(-7)
+        } else {
+            2f32.powi(-17)
+        };
+        assert!((x - y).abs() <= step, "element {i}: {x} against {y}");
+    }
+}
