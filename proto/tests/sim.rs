@@ -265,6 +265,34 @@ fn i8_chunks_of_several_exponent_blocks_keep_each_blocks_precision() {
 }
 
 #[test]
+fn zero_skipping_sees_every_exponent_block_of_an_i8_chunk() {
+    // With --skip-zeros the exponent lookahead says which chunks are zero on every
+    // rank. A chunk whose first exponent block is zero but whose second is not is not
+    // such a chunk: it travels, and its sum is the one without skipping.
+    let block = codec::EXPONENT_BLOCK;
+    let chunk = 2 * block;
+    let world = 3u16;
+    let mut ins = inputs(5, world, 3 * chunk, false);
+    for v in &mut ins {
+        // Chunk 0: first block zero; chunk 2: wholly zero.
+        v[..block].fill(0.0);
+        v[2 * chunk..].fill(0.0);
+    }
+    let run = |skip: bool| {
+        let mut cfgs = configs(6, world, CodecId::I8, chunk as u16, 4);
+        for c in &mut cfgs {
+            c.skip_zeros = skip;
+        }
+        let mut sim = Sim::new(SimConfig::lossless(0), Default::default(), cfgs);
+        sim.allreduce(ins.clone()).expect("allreduce")
+    };
+    let plain = run(false);
+    let skipping = run(true);
+    assert!(skipping == plain, "skipping changed the sums");
+    assert!(plain[0][block..chunk].iter().any(|&x| x != 0.0));
+}
+
+#[test]
 fn error_feedback_tracks_the_accumulated_sum() {
     // Small values next to a large one in the same chunk: i8 rounds them to zero every
     // time. Over many steps, error feedback delivers what rounding held back.

@@ -356,6 +356,20 @@ impl Allreduce {
         self.e_local[base]
     }
 
+    /// The largest exponent of this rank's chunk `j` over its exponent blocks: what the
+    /// lookahead carries (`next_exp`), for the shared scale and for zero skipping, which
+    /// must not take a chunk whose first block alone is zero for an all-zero one.
+    fn chunk_exponent(&mut self, j: usize, data: &[f32]) -> i8 {
+        self.local_exponent(j, data);
+        let base = j * self.blocks;
+        let k = codec::exponent_blocks(self.codec, self.chunk_range(j as u64).len());
+        self.e_local[base..base + k]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(NO_EXPONENT)
+    }
+
     /// The exponents of packet `q`'s blocks as sent, one per exponent block of its
     /// data: the first is [`Allreduce::sent_scale_exp`]. Empty without data.
     fn block_exponents(&self, q: u64) -> &[i8] {
@@ -453,7 +467,7 @@ impl Allreduce {
         let range = self.data_range(q);
         let count = range.len();
         let next_exp = if self.lookahead > 0 && q < self.n {
-            self.local_exponent(q as usize, data)
+            self.chunk_exponent(q as usize, data)
         } else {
             NO_EXPONENT
         };
