@@ -27,7 +27,8 @@ use tracing::{debug, info, info_span, warn};
 /// The slot memory budget of a server (one shard of `inagg aggregator --threads`, or
 /// its QUIC listener) unless told otherwise (`--slot-memory`): 1 GiB. Without a
 /// budget each job got the window it asked for, up to `max_window` (1024) slots of up
-/// to 655 KB (65,467 elements of i8, the most one datagram carries), so one
+/// to 655 KB (65,460 elements of i8, the most one datagram carries with its
+/// exponents), so one
 /// unauthenticated one-rank join could claim 670 MB and 64 of them 43 GB.
 pub const DEFAULT_SLOT_MEMORY: usize = 1 << 30;
 

@@ -78,15 +78,25 @@ const GROUP_BASE: u8 = 200;
 /// Returns the datagrams it sent.
 pub fn aggregator(data: &[u8]) -> u64 {
     let mut input = Bytes(data);
-    let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
+    // The codec, and its chunk: i8 also in chunks of two exponent blocks and a bit,
+    // whose payloads end in the later blocks' exponents (`codec::payload_bytes`).
+    let codecs = [
+        (CodecId::I32, 16u16),
+        (CodecId::F32, 16),
+        (CodecId::I8, 16),
+        (CodecId::F16, 16),
+        (CodecId::I8, 2 * codec::EXPONENT_BLOCK as u16 + 8),
+    ];
     let first = input.u8();
-    let codec = codecs[usize::from(first & 0x7f) % codecs.len()];
+    let (codec, chunk) = codecs[usize::from(first & 0x7f) % codecs.len()];
     // Its top bit: ranks ask for groups, which the aggregator offers.
     let groups = first & 0x80 != 0;
     let known = codec::lookup(codec);
     let width = known.map_or(4, |c| c.wire_bytes());
-    let kept = known.map_or(4 * 16, |c| crate::aggregator::kept_bytes(c, 16));
-    let limit = 12 * crate::aggregator::slot_bytes(16, kept, WORLD);
+    let kept = known.map_or(4 * 16, |c| {
+        crate::aggregator::kept_bytes(c, usize::from(chunk))
+    });
+    let limit = 12 * crate::aggregator::slot_bytes(usize::from(chunk), kept, WORLD);
     let config = AggregatorConfig {
         max_window: 8,
         max_jobs: 4,
@@ -104,7 +114,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
         rank,
         world: WORLD,
         codec,
-        chunk_elems: 16,
+        chunk_elems: chunk,
         window: 4,
         secret: SECRET.to_vec(),
         groups,
@@ -154,7 +164,12 @@ pub fn aggregator(data: &[u8]) -> u64 {
                 let rank = u16::from(input.u8() % 4);
                 let seq = u64::from(input.u8() % 24);
                 let slots = 4u64;
-                let count = u16::from(input.u8() % 18);
+                let count = if chunk > 16 {
+                    // Whole, one short, just past one block, one block, a few.
+                    [chunk, chunk - 1, 8193, 8192, 5][usize::from(input.u8() % 5)]
+                } else {
+                    u16::from(input.u8() % 18)
+                };
                 let flags = input.u8() & (0x0f | wire::FLAG_LAST);
                 let skew = input.u8();
                 let h = DataHeader {
@@ -172,8 +187,17 @@ pub fn aggregator(data: &[u8]) -> u64 {
                     next_exp: input.u8() as i8,
                     count,
                 };
-                let mut payload = input.take(usize::from(count) * width);
-                payload.resize(usize::from(count) * width, 0);
+                let n = usize::from(count) * width;
+                let mut payload = input.take(n.min(64));
+                // Long payloads repeat their fuzzed start; the exponents after the
+                // data (multi-block i8 chunks) are fuzzed bytes of their own.
+                let start = payload.clone();
+                payload.extend(start.iter().cycle().take(n - payload.len()));
+                payload.resize(n, 0);
+                let extra = known.map_or(0, |c| codec::payload_bytes(c, usize::from(count)) - n);
+                let mut trailer = input.take(extra);
+                trailer.resize(extra, 0);
+                payload.extend(trailer);
                 if flags & wire::FLAG_PROBE != 0 {
                     payload.clear();
                 }

@@ -184,10 +184,11 @@ pub fn default_window(aggregator: &SocketAddr) -> u32 {
 /// Slots to ask for by default for `codec` in chunks of `chunk_elems` toward
 /// `aggregator`: [`default_window`], except for a codec that primes no lookahead
 /// (i8, which aligns exponents, unless `skip_zeros` asks for one) in chunks of fewer
-/// bytes than the path's payload ([`default_chunk_bytes`], as i8's are by
-/// [`BLOCK_SCALED_DEFAULT_CHUNK_CAP`]): it gets as many slots as keep the same bytes in
-/// flight, at most four times as many. So i8 asks for 128 slots of 8 KiB on loopback
-/// (the 1 MiB of 32 x 32 KiB) and 64 on a network, as before. Four `inagg bench
+/// bytes than the path's payload ([`default_chunk_bytes`]): it gets as many slots as
+/// keep the same bytes in flight, at most four times as many. i8's default chunks
+/// take the whole payload, so it asks for 32 slots on loopback and 64 on a network;
+/// given `--chunk-elements 8192` on loopback, 128 (the 1 MiB of 32 x 32 KiB), which
+/// was its default while its chunks were capped at 8 Ki elements. Then four `inagg bench
 /// --codec i8` ranks on loopback with one aggregator thread: 16 Mi elements 42.2 ms at
 /// 128 slots against 47.2 at 32, 4 Mi 14.1 against 15.1-15.6 (two rounds); with two
 /// shards level. i16 and i32 keep [`default_window`]: their window is also their

@@ -9,7 +9,8 @@
 //!
 //! What one slot costs ([`slot_bytes`]), the unit of the slot memory budget: both
 //! versions, each with `K` accumulator lanes of 4 bytes, the kept result of `K`
-//! elements in the codec's wire form, and a bitmap of `ceil(N / 64)` words of ranks.
+//! elements in the codec's wire form (with its exponent blocks' bytes,
+//! `codec::payload_bytes`), and a bitmap of `ceil(N / 64)` words of ranks.
 //! Where the wire form of a sum is its lanes (f32 and i32), the lanes are the kept
 //! result: a version's lanes are only written again when a later chunk restarts it,
 //! and from then on its old result is never asked for (every rank got it before
@@ -34,8 +35,8 @@ pub(crate) struct SlotMeta {
     /// Maximum of the ranks' lookahead exponents.
     pub exp_max: i8,
     /// The block exponent the chunk was quantized with (all ranks must agree), or, for
-    /// codecs that align exponents ([`Codec::aligns_exponents`]), the result's, set when
-    /// the chunk completes.
+    /// codecs that align exponents ([`Codec::aligns_exponents`]), the result's first
+    /// exponent block's (the header's), set when the chunk completes.
     pub scale_exp: i8,
     /// The exponents of the lanes, one per exponent block, for codecs that align
     /// exponents ([`codec::EXPONENT_BLOCK`]).

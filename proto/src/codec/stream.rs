@@ -12,8 +12,9 @@
 //!
 //! Every decode here gives the bits of [`Codec::decode`](super::Codec::decode) (the
 //! same conversions, eight elements at a time); the ends of `out` outside whole
-//! 64-byte lines go through the cached kernels, so that every streamed line is
-//! written whole (a partly written line costs the memory a read anyway). Each call ends with `sfence`, so that its stores are
+//! 64-byte lines are stored around the caches one element at a time (`movnti`),
+//! since those lines are shared with neighbouring chunks or exponent blocks that are
+//! decoded at other times. Each call ends with `sfence`, so that its stores are
 //! visible to other threads before anything the caller writes after.
 
 use super::kernels;
@@ -118,7 +119,9 @@ mod x86 {
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn stream_each(wire: Wire, src: &[u8], out: &mut [f32]) {
-        for (i, o) in out.iter_mut().enumerate() {
+        // At most as many elements as `src` holds, like the cached kernels.
+        let n = src.len() / wire.bytes();
+        for (i, o) in out.iter_mut().enumerate().take(n) {
             // SAFETY: the caller's CPU has the features; `o` is a valid, aligned `f32`,
             // and an `i32` has its size and alignment.
             unsafe {
@@ -137,7 +140,7 @@ mod x86 {
         let per = wire.bytes();
         let n = out.len().min(src.len() / per);
         // Up to the first line boundary of `out` (`vmovntps` stores at 32-byte ones),
-        // and the tail after the last whole line, through the cached kernels.
+        // and the tail after the last whole line, one element at a time.
         let head = out.as_ptr().align_offset(64).min(n);
         let steps = (n - head) / LINE * (LINE / STEP);
         let body = head + steps * STEP;
@@ -201,6 +204,23 @@ mod tests {
         (0..bytes as u32)
             .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
             .collect()
+    }
+
+    #[test]
+    fn a_short_payload_decodes_what_it_holds_like_the_cached_kernels() {
+        // `src` shorter than `out` asks for: the elements it holds, as the cached
+        // kernels do (they zip the two), and no panic, whatever the alignment.
+        for wire in [Wire::F16, Wire::Bf16, Wire::Int { width: 1, inv: 0.5 }] {
+            for offset in 0..16 {
+                let src = payload(70 * wire.bytes(), offset as u32);
+                let mut want = vec![-1f32; 100];
+                cached(wire, &src, &mut want);
+                let mut buf = vec![-1f32; 116];
+                decode_around_cache(wire, &src, &mut buf[offset..offset + 100]);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&buf[offset..offset + 100]), bits(&want), "{wire:?}");
+            }
+        }
     }
 
     #[test]

@@ -238,6 +238,40 @@ fn hostile_payloads_wrap_without_panicking() {
 }
 
 #[test]
+fn block_exponents_in_one_pass_are_each_blocks_own() {
+    // Against `block_exponent` block by block: chunks one element past a block, with
+    // blocks of other scales, all zero, subnormal, or holding a NaN or an infinity.
+    let b = EXPONENT_BLOCK;
+    for len in [b + 1, 2 * b, 3 * b - 5, 8 * b - 1] {
+        let k = len.div_ceil(b);
+        for case in 0..4 {
+            let mut v: Vec<f32> = (0..len)
+                .map(|i| (((i * 7919) % 1000) as f32 - 500.0) * 2f32.powi(-((i / b) as i32) * 5))
+                .collect();
+            let last = (k - 1) * b;
+            match case {
+                0 => {}
+                1 => v[b..(2 * b).min(len)].fill(0.0),
+                2 => v[last..]
+                    .iter_mut()
+                    .for_each(|x| *x = f32::from_bits(1 + x.to_bits() % 7)),
+                _ => {
+                    v[len - 1] = if len % 2 == 0 {
+                        f32::NAN
+                    } else {
+                        f32::INFINITY
+                    }
+                }
+            }
+            let mut got = vec![Ok(0); k];
+            block_exponents_of(&v, &mut got);
+            let want: Vec<_> = v.chunks(b).map(block_exponent).collect();
+            assert_eq!(got, want, "len {len} case {case}");
+        }
+    }
+}
+
+#[test]
 fn hostile_block_exponents_and_short_payloads_change_no_lane_outside_the_chunk() {
     // A chunk of three exponent blocks and one element over, summed block by block
     // (`sum_blocks`): trailing exponents at every extreme, and payloads shorter than

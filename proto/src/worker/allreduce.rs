@@ -143,6 +143,8 @@ pub(crate) struct Allreduce {
     e_local: Vec<i8>,
     /// Exponent blocks per chunk in `e_local`.
     blocks: usize,
+    /// The chunks whose exponents `e_local` holds already.
+    e_known: Vec<bool>,
     /// This rank's chunks that hold a NaN or an infinity (block-scaled codecs only):
     /// they go out flagged `FLAG_NONFINITE`.
     nonfinite: Vec<bool>,
@@ -242,6 +244,7 @@ impl Allreduce {
             ],
             e_local: vec![NO_EXPONENT; per_chunk * codec::exponent_blocks(codec, chunk)],
             blocks: codec::exponent_blocks(codec, chunk),
+            e_known: vec![false; per_chunk],
             nonfinite: vec![false; per_chunk],
             e_max: vec![NO_EXPONENT; if lookahead > 0 { n as usize } else { 0 }],
             timers: BinaryHeap::new(),
@@ -333,7 +336,8 @@ impl Allreduce {
     /// every block's ([`Allreduce::block_exponents`]).
     fn local_exponent(&mut self, j: usize, data: &[f32]) -> i8 {
         let base = j * self.blocks;
-        if self.e_local[base] == NO_EXPONENT {
+        if !self.e_known[j] {
+            self.e_known[j] = true;
             let range = self.chunk_range(j as u64);
             let k = codec::exponent_blocks(self.codec, range.len());
             let mut exps = [Ok(NO_EXPONENT); codec::MAX_BLOCKS];
