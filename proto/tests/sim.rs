@@ -181,6 +181,38 @@ fn lossy_runs_match_lossless_bit_for_bit() {
     assert_eq!(runs, WORLDS.len() as u64 * (2 * SEEDS + 6 * 20));
 }
 
+/// Runs one i8 allreduce of `ins` (job `job`, chunks of `chunk`, a window of
+/// `window`) without loss, checks that every rank got the same result, then under ten
+/// lossy, duplicating and reordering paths (seeds from `seed`), each of which must
+/// give the lossless run's bits; returns the lossless run's outputs.
+fn i8_runs_agree_under_loss(
+    job: u32,
+    world: u16,
+    chunk: u16,
+    window: u32,
+    ins: &[Vec<f32>],
+    seed: u64,
+) -> Vec<Vec<f32>> {
+    let once = |cfg: SimConfig| {
+        let cfgs = configs(job, world, CodecId::I8, chunk, window);
+        let mut sim = Sim::new(cfg, Default::default(), cfgs);
+        sim.allreduce(ins.to_vec()).expect("allreduce")
+    };
+    let reference = once(SimConfig::lossless(0));
+    assert!(
+        reference.iter().all(|o| o == &reference[0]),
+        "ranks disagree"
+    );
+    for s in 0..10 {
+        assert_eq!(
+            once(SimConfig::lossy(seed + s)),
+            reference,
+            "world {world} seed {s}"
+        );
+    }
+    reference
+}
+
 #[test]
 fn i8_ranks_of_different_magnitudes_align_alike_under_loss() {
     // Each rank quantizes at its own block exponent and the aggregator aligns them:
@@ -193,27 +225,8 @@ fn i8_ranks_of_different_magnitudes_align_alike_under_loss() {
             let k = 2f32.powi(-3 * r as i32);
             v.iter_mut().for_each(|x| *x *= k);
         }
-        let once = |cfg: SimConfig| {
-            let mut sim = Sim::new(
-                cfg,
-                Default::default(),
-                configs(3, world, CodecId::I8, 64, 8),
-            );
-            sim.allreduce(ins.clone()).expect("allreduce")
-        };
-        let reference = once(SimConfig::lossless(0));
-        assert!(
-            reference.iter().all(|o| o == &reference[0]),
-            "ranks disagree"
-        );
+        let reference = i8_runs_agree_under_loss(3, world, 64, 8, &ins, 500);
         check_bound(CodecId::I8, &ins, &reference[0], 64, world);
-        for s in 0..10 {
-            assert_eq!(
-                once(SimConfig::lossy(500 + s)),
-                reference,
-                "world {world} seed {s}"
-            );
-        }
     }
 }
 
@@ -233,32 +246,13 @@ fn i8_chunks_of_several_exponent_blocks_keep_each_blocks_precision() {
                 *x *= 2f32.powi(-8 * ((i % chunk) / block) as i32);
             }
         }
-        let once = |cfg: SimConfig| {
-            let mut sim = Sim::new(
-                cfg,
-                Default::default(),
-                configs(4, world, CodecId::I8, chunk as u16, 4),
-            );
-            sim.allreduce(ins.clone()).expect("allreduce")
-        };
-        let reference = once(SimConfig::lossless(0));
-        assert!(
-            reference.iter().all(|o| o == &reference[0]),
-            "ranks disagree"
-        );
+        let reference = i8_runs_agree_under_loss(4, world, chunk as u16, 4, &ins, 700);
         check_bound(CodecId::I8, &ins, &reference[0], block, world);
         // The small blocks keep their values: not one all-zero block of results.
         for (b, out) in reference[0].chunks(block).enumerate() {
             assert!(
                 out.iter().any(|&x| x != 0.0),
                 "world {world} block {b} lost"
-            );
-        }
-        for s in 0..10 {
-            assert_eq!(
-                once(SimConfig::lossy(700 + s)),
-                reference,
-                "world {world} seed {s}"
             );
         }
     }

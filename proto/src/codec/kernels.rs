@@ -176,17 +176,19 @@ multiversion! {
 
 multiversion! {
     /// The largest `|x|` of each `per`-element block of `src` (`per` a multiple of
-    /// [`BLOCK`]), as raw bits, into `out`, one per block: one pass, prefetching
-    /// across the blocks' borders, where a pass per block left the first 2 KiB of each
-    /// block unasked for.
+    /// [`BLOCK`]), as raw bits, into `out`, one per block, the last one taking
+    /// whatever lies past the others (so one block is the whole of `src`): one pass,
+    /// prefetching across the blocks' borders, where a pass per block left the first
+    /// 2 KiB of each block unasked for.
     fn max_abs_bits_blocks(src: &[f32], per: usize, out: &mut [u32]) {
         let base = src.as_ptr();
         out.fill(0);
         let per_block = (per / BLOCK).max(1);
+        let last = out.len().saturating_sub(1);
         for (k, b) in src.chunks(BLOCK).enumerate() {
             prefetch_block(base, k);
             let m = b.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
-            if let Some(o) = out.get_mut(k / per_block) {
+            if let Some(o) = out.get_mut((k / per_block).min(last)) {
                 *o = (*o).max(m);
             }
         }

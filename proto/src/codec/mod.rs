@@ -378,7 +378,8 @@ pub fn block_exponent(src: &[f32]) -> Result<i8, NonFinite> {
 }
 
 /// The [`block_exponent`] of each [`EXPONENT_BLOCK`]-element block of `src` into
-/// `out` (one per block, `out.len()` of them), in one pass over `src`.
+/// `out` (one per block, `out.len()` of them, the last taking the rest of `src`: one
+/// is the whole of it, as [`block_range`] has it), in one pass over `src`.
 pub fn block_exponents_of(src: &[f32], out: &mut [Result<i8, NonFinite>]) {
     let mut bits = [0u32; MAX_BLOCKS];
     let k = out.len().min(MAX_BLOCKS);

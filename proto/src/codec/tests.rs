@@ -267,6 +267,14 @@ fn block_exponents_in_one_pass_are_each_blocks_own() {
             block_exponents_of(&v, &mut got);
             let want: Vec<_> = v.chunks(b).map(block_exponent).collect();
             assert_eq!(got, want, "len {len} case {case}");
+            // One block is the whole chunk, as for codecs with one exponent per chunk.
+            let mut whole = [Ok(0)];
+            block_exponents_of(&v, &mut whole);
+            assert_eq!(
+                whole[0],
+                block_exponent(&v),
+                "len {len} case {case}, one block"
+            );
         }
     }
 }

@@ -341,11 +341,7 @@ impl Allreduce {
             let range = self.chunk_range(j as u64);
             let k = codec::exponent_blocks(self.codec, range.len());
             let mut exps = [Ok(NO_EXPONENT); codec::MAX_BLOCKS];
-            if k == 1 {
-                exps[0] = codec::block_exponent(&data[range]);
-            } else {
-                codec::block_exponents_of(&data[range], &mut exps[..k]);
-            }
+            codec::block_exponents_of(&data[range], &mut exps[..k]);
             for (b, e) in exps[..k].iter().enumerate() {
                 let e = match *e {
                     Ok(e) => e,
@@ -365,41 +361,46 @@ impl Allreduce {
     /// must not take a chunk whose first block alone is zero for an all-zero one.
     fn chunk_exponent(&mut self, j: usize, data: &[f32]) -> i8 {
         self.local_exponent(j, data);
-        let base = j * self.blocks;
-        let k = codec::exponent_blocks(self.codec, self.chunk_range(j as u64).len());
-        self.e_local[base..base + k]
+        self.local_exponents(j)
             .iter()
             .copied()
             .max()
             .unwrap_or(NO_EXPONENT)
     }
 
+    /// This rank's exponents of chunk `j`, one per exponent block, as
+    /// [`Allreduce::local_exponent`] read them.
+    fn local_exponents(&self, j: usize) -> &[i8] {
+        let base = j * self.blocks;
+        let k = codec::exponent_blocks(self.codec, self.chunk_range(j as u64).len());
+        &self.e_local[base..base + k]
+    }
+
     /// The exponents of packet `q`'s blocks as sent, one per exponent block of its
     /// data: the first is [`Allreduce::sent_scale_exp`]. Empty without data.
     fn block_exponents(&self, q: u64) -> &[i8] {
-        let range = self.data_range(q);
         match self.data_chunk(q) {
-            Some(j) if self.codec.aligns_exponents() && !range.is_empty() => {
-                let base = j as usize * self.blocks;
-                &self.e_local[base..base + codec::exponent_blocks(self.codec, range.len())]
+            Some(j) if self.codec.aligns_exponents() && !self.data_range(q).is_empty() => {
+                self.local_exponents(j as usize)
             }
             _ => &[],
         }
     }
 
-    /// Quantizes `src`, the data of packet `seq`, into `out` at `scale_exp` (for codecs
-    /// that align exponents, at `exps`, one per block, the later ones written after
-    /// the data: [`codec::payload_bytes`]); with `back`, decodes that payload again
-    /// into it, for the residual.
+    /// Quantizes `src`, the data of packet `q` (sequence number `seq`), into `out` at
+    /// `scale_exp` (for codecs that align exponents, at its blocks' own
+    /// ([`Allreduce::block_exponents`]), the later ones written after the data:
+    /// [`codec::payload_bytes`]); with `back`, decodes that payload again into it, for
+    /// the residual.
     fn encode_payload(
         &self,
-        seq: u64,
+        (q, seq): (u64, u64),
         scale_exp: i8,
-        exps: &[i8],
         src: &[f32],
         out: &mut [u8],
         back: Option<&mut [f32]>,
     ) {
+        let exps = self.block_exponents(q);
         let dither = self.dither(seq);
         let w = self.codec.wire_bytes();
         let k = exps.len().max(1);
@@ -512,21 +513,9 @@ impl Allreduce {
             Tail::Data(range.clone())
         } else {
             buf.resize(body + payload, 0);
-            let mut exps = [NO_EXPONENT; codec::MAX_BLOCKS];
-            let k = {
-                let e = self.block_exponents(q);
-                exps[..e.len()].copy_from_slice(e);
-                e.len()
-            };
             let back = feedback.then(|| &mut scratch[..range.len()]);
-            self.encode_payload(
-                seq,
-                scale_exp,
-                &exps[..k],
-                &data[range.clone()],
-                &mut buf[body..],
-                back,
-            );
+            let src = &data[range.clone()];
+            self.encode_payload((q, seq), scale_exp, src, &mut buf[body..], back);
             Tail::InBuf
         };
         if let (true, Some(res)) = (feedback, self.residual.as_mut()) {
@@ -704,10 +693,9 @@ impl Allreduce {
             return ResultOutcome::Held;
         }
         let range = self.data_range(q);
-        // The aggregator names the exponent of an aligned sum, at least this rank's own
-        // (the largest over the ranks, and none only where every block was zero); a
-        // shared one is known.
-        // For codecs with several exponent blocks per chunk, so for each block.
+        // The aggregator names the exponent of an aligned sum, block by block, at least
+        // this rank's own (the largest over the ranks, and none only where every rank's
+        // block was zero); a shared one is known.
         let count = range.len();
         if usize::from(h.count) != count
             || payload.len() != codec::payload_bytes(self.codec, count)
