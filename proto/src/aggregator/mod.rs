@@ -954,4 +954,6 @@ fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> 
 }
 
 #[cfg(test)]
+mod slot_tests;
+#[cfg(test)]
 mod tests;

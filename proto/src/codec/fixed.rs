@@ -395,6 +395,60 @@ impl Codec for Fixed {
         at.unit = new_unit as i8;
         at.top = new_top as i8;
     }
+    fn sums_all_at_once(&self, world: u16) -> bool {
+        self.aligned && self.narrow_lanes(world) && usize::from(world) <= super::MAX_AT_ONCE
+    }
+    /// Aligned `i8` in 16-bit lanes: every contribution with an exponent, shifted left
+    /// by its distance from the least one, summed, and stored at the largest, all in
+    /// one pass ([`kernels::sum_store_i8`]). While the exponents lie within the narrow
+    /// lanes' span, [`Fixed::sum_at`] sums exactly that, whatever the order: its lanes
+    /// end up counting units of the least exponent, at the largest; every step on the
+    /// way spans no more than the whole.
+    fn sum_store_all(
+        &self,
+        world: u16,
+        exps: &[i8],
+        payloads: &[&[u8]],
+        out: &mut [u8],
+    ) -> Option<Alignment> {
+        if !self.sums_all_at_once(world) || exps.len() > super::MAX_AT_ONCE {
+            return None;
+        }
+        let mut srcs: [&[u8]; super::MAX_AT_ONCE] = [&[]; super::MAX_AT_ONCE];
+        let mut at = [0i32; super::MAX_AT_ONCE];
+        let mut k = 0;
+        // Blocks without an exponent add nothing (see `sum_at`).
+        for (&e, &p) in exps.iter().zip(payloads) {
+            if e != NO_EXPONENT {
+                srcs[k] = p;
+                at[k] = i32::from(self.scale_exponent(world, e));
+                k += 1;
+            }
+        }
+        let (Some(&low), Some(&top)) = (at[..k].iter().min(), at[..k].iter().max()) else {
+            out.fill(0);
+            return Some(Alignment {
+                first: false,
+                unit: NO_EXPONENT,
+                top: NO_EXPONENT,
+                wide: false,
+            });
+        };
+        if top - low > self.narrow_span(world) {
+            return None;
+        }
+        let shl = at.map(|e| (e - low).max(0) as u32);
+        let at = Alignment {
+            first: false,
+            unit: low as i8,
+            top: top as i8,
+            wide: false,
+        };
+        let shift = (top - low) as u32 + ceil_log2(world);
+        let lim = (1i32 << (self.bits - 1)) - 1;
+        kernels::sum_store_i8(&srcs[..k], &shl[..k], shift.min(31), lim, out);
+        Some(at)
+    }
     /// Aligned: the lanes divided down to the result's scale, that of exponent `top`
     /// widened by `ceil(log2 N)` bits, rounded once (half up).
     fn store_at(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {

@@ -492,3 +492,66 @@ fn f16_narrowing_matches_half_at_edges_and_random_values() {
         assert_eq!(a.to_bits(), b.to_bits());
     }
 }
+
+/// The scalar reference of [`kernels::sum_store_i8`]: the contributions' integers,
+/// each shifted left by its `shl`, added in wrapping 16-bit lanes, then stored as the
+/// lanes' store does (`(sum + half) >> shift` in 32 bits, clamped to `±lim`).
+fn sum_store_reference(srcs: &[&[u8]], shl: &[u32], shift: u32, lim: i32) -> Vec<u8> {
+    let n = srcs.iter().map(|s| s.len()).min().unwrap_or(0);
+    let half = (1i32 << shift) >> 1;
+    (0..n)
+        .map(|i| {
+            let sum = srcs.iter().zip(shl).fold(0i16, |a, (s, &k)| {
+                a.wrapping_add(i16::from(s[i] as i8) << k)
+            });
+            ((i32::from(sum) + half) >> shift).clamp(-lim, lim) as i8 as u8
+        })
+        .collect()
+}
+
+#[test]
+fn i8_one_pass_sum_and_store_matches_scalar_reference() {
+    check_sum_store();
+    kernels::tests_force_baseline::with(check_sum_store);
+}
+
+fn check_sum_store() {
+    // Up to four contributions (what a slot stages), shifts in and beyond the 16-bit
+    // lanes' exact range (the kernel wraps, as the lanes do), every store shift, and
+    // payloads at offsets that are not aligned.
+    let shls: [&[u32]; 6] = [
+        &[0],
+        &[0, 0],
+        &[3, 0, 5],
+        &[0, 1, 2, 3],
+        &[6, 6, 6, 6],
+        &[15, 9, 0, 12],
+    ];
+    for (c, shl) in shls.iter().enumerate() {
+        for &n in &LENGTHS {
+            let bufs: Vec<Vec<u8>> = (0..shl.len())
+                .map(|k| {
+                    (0..n + 3)
+                        .map(|i| match (i + k) % 7 {
+                            0 => i8::MIN as u8,
+                            1 => i8::MAX as u8,
+                            _ => (uniform((c * 16 + k) as u64, i) * 256.0) as u8,
+                        })
+                        .collect()
+                })
+                .collect();
+            let srcs: Vec<&[u8]> = bufs
+                .iter()
+                .enumerate()
+                .map(|(k, b)| &b[k % 3..k % 3 + n])
+                .collect();
+            for shift in [0, 1, 2, 7, 8, 15] {
+                let want = sum_store_reference(&srcs, shl, shift, 127);
+                let mut out = vec![0xa5u8; n + 1];
+                kernels::sum_store_i8(&srcs, shl, shift, 127, &mut out[..n]);
+                assert_eq!(&out[..n], &want[..], "shl {shl:?} n={n} shift {shift}");
+                assert_eq!(out[n], 0xa5, "wrote past the end");
+            }
+        }
+    }
+}

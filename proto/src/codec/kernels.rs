@@ -442,6 +442,82 @@ multiversion! {
     }
 }
 
+/// Elements [`sum_store_i8`] sums at a time: its 16-bit sums (512 bytes, on the
+/// stack) stay in L1 while every contribution is added.
+const SUM_BLOCK: usize = 256;
+
+/// Asks the CPU to fetch into L1 the `len` bytes at `at + AHEAD` of `src`, one
+/// line at a time: a hint, like [`prefetch_block`], for a narrow side.
+#[inline(always)]
+fn prefetch_bytes(src: &[u8], at: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let first = src.as_ptr().wrapping_add(at + AHEAD);
+        for line in 0..len.div_ceil(64) {
+            // SAFETY: a prefetch never faults, whatever the address (formed with
+            // wrapping arithmetic, never dereferenced).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    first.wrapping_add(line * 64).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, at, len);
+}
+
+/// Several contributions of i8 integers, the `k`-th times `2^shl[k]` (below 16),
+/// summed in 16-bit lanes (wrapping) and written as [`store_i16_i8`] writes lanes:
+/// divided by `2^shift` (at most 15), rounded half up, clamped to `±lim` (at most
+/// 127). One pass, where [`add_i8_i16_shl`] reads and writes a slot's lanes once per
+/// contribution. Writes the first `n` elements of `out`, `n` the shortest of `out`
+/// and `srcs` (at most [`super::MAX_AT_ONCE`] of them are summed).
+///
+/// With AVX2, all of the contributions' sums for 32 elements stay in registers
+/// ([`x86::sum_store_i8`]): LLVM kept the portable loop's 16-bit sums on the stack
+/// and clamped with blends, and the aggregator spent as long in it as in the lanes'
+/// loops it replaced.
+pub(crate) fn sum_store_i8(srcs: &[&[u8]], shl: &[u32], shift: u32, lim: i32, out: &mut [u8]) {
+    let m = srcs.len().min(shl.len()).min(super::MAX_AT_ONCE);
+    #[cfg(target_arch = "x86_64")]
+    if has_v3() {
+        // SAFETY: the CPU supports every feature `x86::sum_store_i8` was compiled for.
+        return unsafe { x86::sum_store_i8(&srcs[..m], &shl[..m], shift, lim, out) };
+    }
+    sum_store_i8_loop(&srcs[..m], &shl[..m], shift, lim, out)
+}
+
+multiversion! {
+    /// [`sum_store_i8`] in portable loops: the sums of [`SUM_BLOCK`] elements stay in
+    /// L1 while every contribution is added.
+    fn sum_store_i8_loop(srcs: &[&[u8]], shl: &[u32], shift: u32, lim: i32, out: &mut [u8]) {
+        let n = srcs.iter().fold(out.len(), |n, s| n.min(s.len()));
+        let shift = shift.min(15);
+        // Rounding half up in 16 bits: `(a + 2^(shift-1)) >> shift` is `a >> shift`
+        // plus bit `shift - 1` of `a`, without the sum that could leave 16 bits.
+        let (down, bit) = (shift.saturating_sub(1), i16::from(shift > 0));
+        let lim = lim.clamp(0, 127) as i16;
+        let mut sums = [0i16; SUM_BLOCK];
+        for (b, o) in out[..n].chunks_mut(SUM_BLOCK).enumerate() {
+            let at = b * SUM_BLOCK;
+            let sums = &mut sums[..o.len()];
+            sums.fill(0);
+            for (src, &k) in srcs.iter().zip(shl) {
+                prefetch_bytes(src, at, SUM_BLOCK);
+                let k = k.min(15);
+                for (a, c) in sums.iter_mut().zip(&src[at..at + o.len()]) {
+                    *a = a.wrapping_add(i16::from(*c as i8) << k);
+                }
+            }
+            for (a, o) in sums.iter().zip(o.iter_mut()) {
+                let r = (*a >> shift) + ((*a >> down) & bit);
+                *o = r.clamp(-lim, lim) as i8 as u8;
+            }
+        }
+    }
+}
+
 /// Quantizes one value: scaled, rounded by `round`, clamped to `±lim` (`lim` an
 /// integer below 2^31; a NaN becomes `-lim`).
 ///
@@ -689,7 +765,82 @@ mod x86 {
         _mm256_set1_ps, _mm256_setr_epi32, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
     };
 
-    use super::{prefetch_block, quantize_loop, BLOCK, F16_STEP};
+    use super::{prefetch_block, prefetch_bytes, quantize_loop, BLOCK, F16_STEP, SUM_BLOCK};
+
+    /// [`super::sum_store_i8`] with AVX2, 32 elements a step: each contribution's bytes
+    /// widened to 16 bits and shifted (`vpmovsxbw`, `vpsllw`), added in registers,
+    /// rounded with two arithmetic shifts, clamped, and packed back to bytes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn sum_store_i8(
+        srcs: &[&[u8]],
+        shl: &[u32],
+        shift: u32,
+        lim: i32,
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::{
+            _mm256_add_epi16, _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_max_epi16,
+            _mm256_min_epi16, _mm256_set1_epi16, _mm256_setzero_si256, _mm256_sll_epi16,
+            _mm256_sra_epi16, _mm_cvtsi32_si128, _mm_loadu_si128,
+        };
+        const STEP: usize = 32;
+        let n = srcs.iter().fold(out.len(), |n, s| n.min(s.len()));
+        let shift = shift.min(15);
+        let down = _mm_cvtsi32_si128(shift.saturating_sub(1) as i32);
+        let bit = _mm256_set1_epi16(i16::from(shift > 0));
+        let sra = _mm_cvtsi32_si128(shift as i32);
+        let lim = lim.clamp(0, 127) as i16;
+        let (lo, hi) = (_mm256_set1_epi16(-lim), _mm256_set1_epi16(lim));
+        let counts: [__m128i; super::super::MAX_AT_ONCE] =
+            std::array::from_fn(|k| _mm_cvtsi32_si128(shl.get(k).map_or(0, |&s| s.min(15)) as i32));
+        let steps = n / STEP;
+        let o = out.as_mut_ptr();
+        for i in 0..steps {
+            let at = i * STEP;
+            if at % SUM_BLOCK == 0 {
+                for src in srcs {
+                    prefetch_bytes(src, at, SUM_BLOCK);
+                }
+            }
+            let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for (src, count) in srcs.iter().zip(&counts) {
+                // SAFETY: `at + STEP <= n`, and every source holds at least `n` bytes.
+                let (x, y) = unsafe {
+                    let p = src.as_ptr().add(at);
+                    (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(16).cast()))
+                };
+                a = _mm256_add_epi16(a, _mm256_sll_epi16(_mm256_cvtepi8_epi16(x), *count));
+                b = _mm256_add_epi16(b, _mm256_sll_epi16(_mm256_cvtepi8_epi16(y), *count));
+            }
+            let round = |v| {
+                let r = _mm256_add_epi16(
+                    _mm256_sra_epi16(v, sra),
+                    _mm256_and_si256(_mm256_sra_epi16(v, down), bit),
+                );
+                _mm256_min_epi16(_mm256_max_epi16(r, lo), hi)
+            };
+            // The pack interleaves the halves' 128-bit lanes: a's low, b's low, a's
+            // high, b's high; the permutation puts them back in order.
+            let bytes =
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(round(a), round(b)));
+            // SAFETY: `out` holds at least `n >= at + STEP` bytes.
+            unsafe { o.add(at).cast::<__m256i>().write_unaligned(bytes) };
+        }
+        // The tail (fewer than 32 elements) through the portable loop.
+        let at = steps * STEP;
+        let tails: [&[u8]; super::super::MAX_AT_ONCE] =
+            std::array::from_fn(|k| srcs.get(k).map_or(&[][..], |s| &s[at..n]));
+        super::sum_store_i8_loop(
+            &tails[..srcs.len()],
+            shl,
+            shift,
+            i32::from(lim),
+            &mut out[at..n],
+        );
+    }
 
     /// Elements quantized per step by [`quantize_packed`]: four registers of eight.
     const QUANT_STEP: usize = 32;

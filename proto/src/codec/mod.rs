@@ -178,7 +178,37 @@ pub trait Codec: Send + Sync + fmt::Debug {
         let _ = at;
         self.sum_store(acc, world, out)
     }
+    /// Aggregator: whether [`Codec::sum_store_all`] may sum a world of `world` ranks'
+    /// contributions (up to [`MAX_AT_ONCE`]): a slot then holds them as they come,
+    /// and sums them when the last does.
+    fn sums_all_at_once(&self, world: u16) -> bool {
+        let _ = world;
+        false
+    }
+    /// Aggregator: one exponent block of every contribution to a chunk at once
+    /// (`payloads[k]` quantized at block exponent `exps[k]`), summed and written as
+    /// [`Codec::store_at`] writes the lanes that [`Codec::sum_at`] leaves after the
+    /// same contributions, in any order; returns the alignment it leaves. One pass,
+    /// where summing in turn reads and writes a slot's lanes once per contribution.
+    /// `None` where the codec cannot ([`Codec::sums_all_at_once`]), or where the
+    /// exponents spread so far that the sum in turn would leave its narrow lanes and
+    /// depend on the order: `out` must then be written by summing in turn.
+    fn sum_store_all(
+        &self,
+        world: u16,
+        exps: &[i8],
+        payloads: &[&[u8]],
+        out: &mut [u8],
+    ) -> Option<Alignment> {
+        let _ = (world, exps, payloads, out);
+        None
+    }
 }
+
+/// The most contributions [`Codec::sum_store_all`] sums at once: what a slot's lanes
+/// hold of a chunk's payloads, as they came, before the last (three of 32 KiB i8
+/// chunks, with their exponents, in a version's 128 KiB of lanes; four do not fit).
+pub const MAX_AT_ONCE: usize = 4;
 
 /// [`Codec::sum_at`] without aligning: the first contribution sets the lanes
 /// ([`Codec::sum_first`]), the others add ([`Codec::sum_add`]).
