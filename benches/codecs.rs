@@ -12,9 +12,9 @@
 //! buffer into the tensor; the aggregator adds a packet's payload into a slot's lanes.
 //! Two sizes, chosen so that a kernel and its memcpy work at the same level of the
 //! memory hierarchy (a ratio across levels measures the caches, not the kernel):
-//! - `packet`: 8 Ki elements, the default chunk of f32 and the block-scaled codecs
-//!   toward a loopback aggregator (f16 and bf16 take 16 Ki there; every codec takes
-//!   8 KiB of payload toward any other): everything in L1/L2. The sum takes a
+//! - `packet`: 8 Ki elements, the default chunk of i32 and i16 toward a loopback
+//!   aggregator (f32 takes 16,256 there, f16 and bf16 32,512, i8 57,344; every codec
+//!   takes 8 KiB of payload toward any other): everything in L1/L2. The sum takes a
 //!   window's worth: 32 such payloads (a receive batch) into 32 slots' lanes, one
 //!   call per packet, and its memcpy copies those payloads into 32 buffers; one
 //!   payload into one slot would compare a sum that leaves L1 with a memcpy in it.
@@ -37,11 +37,11 @@ use inagg_proto::codec::{self, Codec};
 /// Elements per call, by name: one packet's chunk and one large gradient tensor.
 const SIZES: [(&str, usize); 2] = [("packet", CHUNK), ("tensor", 64 << 20)];
 
-/// Elements per chunk: 32 KiB of f32, the default chunk of f32, i32, i16 and i8
-/// toward a loopback aggregator.
+/// Elements per chunk: 8 Ki, the default chunk of i32 and i16 toward a loopback
+/// aggregator (module docs).
 const CHUNK: usize = 8 << 10;
 
-/// Slots the aggregator cycles through: the loopback default window.
+/// Slots the aggregator cycles through: the loopback default window of i32 and i16.
 const WINDOW: usize = 32;
 
 /// The world size the chunks are scaled and summed for (codecs may pick their sum's

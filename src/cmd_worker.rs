@@ -126,15 +126,18 @@ impl From<QuicMode> for inagg_quic::Mode {
 /// Protocol knobs shared by `worker` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
-    /// Elements per chunk (per datagram). Default: 32 KiB of payload to a loopback
-    /// aggregator, 8 KiB to any other (2048 f32 elements, 4096 f16, 8192 i8), and at
-    /// most 8192 elements for i32 and i16, whose chunks share one exponent (i8 has one
-    /// per 8192 elements of a chunk).
+    /// Elements per chunk (per datagram). Default: 65,024 bytes of payload to a
+    /// loopback aggregator (16,256 f32 elements, 32,512 f16), 8 KiB to any other (2048
+    /// f32, 4096 f16); at most 8192 elements for i32 and i16, whose chunks share one
+    /// exponent; whole 8192-element exponent blocks for i8 (57,344 elements on
+    /// loopback, 8192 otherwise).
     #[arg(long)]
     pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight). Default: 32 on loopback, 64 otherwise;
-    /// a codec without exponent lookahead (i8) in smaller chunks than the path's
-    /// payload gets as many slots as keep the same bytes in flight, up to 4x.
+    /// Slots to ask for (datagrams in flight). Default: as many as keep 1 MiB in
+    /// flight on loopback (16 of the default chunks) and 512 KiB otherwise (64), from
+    /// 16 to 128 slots on loopback and 32 to 256 otherwise; i32, i16 and any codec with
+    /// --skip-zeros, whose window is also their exponent lookahead: 32 on loopback, 64
+    /// otherwise.
     #[arg(long)]
     pub window: Option<u32>,
     /// The job's secret.
