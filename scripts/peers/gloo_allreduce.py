@@ -1,6 +1,8 @@
 """One rank of an f32 SUM allreduce with PyTorch's Gloo backend, timed like
-`inagg bench`: warm-ups, then timed calls; rank 0 prints one JSON line with the
-median over iterations of the slowest rank's time."""
+`inagg bench`: warm-ups, then timed calls, each on the input copied afresh into the
+tensor (untimed, before the barrier), as `inagg bench` restores its input before every
+call and a training step reduces a gradient its backward pass has just written; rank 0
+prints one JSON line with the median over iterations of the slowest rank's time."""
 import argparse
 import json
 import statistics
@@ -20,9 +22,11 @@ a = p.parse_args()
 torch.set_num_threads(1)
 host, port = a.master.rsplit(":", 1)
 dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=a.rank, world_size=a.world)
-t = torch.full((a.elements,), float(a.rank + 1), dtype=torch.float32)
+x = torch.full((a.elements,), float(a.rank + 1), dtype=torch.float32)
+t = torch.empty_like(x)
 times = []
 for i in range(a.warmup + a.iters):
+    t.copy_(x)
     dist.barrier()
     s = time.perf_counter()
     dist.all_reduce(t)

@@ -1,5 +1,6 @@
 """An f32 SUM allreduce with MPI (mpi4py, run under mpirun), timed like
-`inagg bench`; rank 0 prints one JSON line."""
+`inagg bench`: each timed call on the input copied afresh into the send buffer
+(untimed, before the barrier); rank 0 prints one JSON line."""
 import argparse
 import json
 import statistics
@@ -14,10 +15,12 @@ p.add_argument("--warmup", type=int, default=1)
 a = p.parse_args()
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
-send = np.full(a.elements, rank + 1, dtype=np.float32)
+x = np.full(a.elements, rank + 1, dtype=np.float32)
+send = np.empty_like(x)
 recv = np.empty_like(send)
 times = []
 for i in range(a.warmup + a.iters):
+    np.copyto(send, x)
     comm.Barrier()
     s = MPI.Wtime()
     comm.Allreduce(send, recv, op=MPI.SUM)
