@@ -13,6 +13,15 @@ use inagg_quic::QuicLink;
 
 use crate::{Error, Options, Transport};
 
+/// Where a queued datagram's payload lies.
+#[derive(Debug, Clone, Copy)]
+enum Body {
+    /// Elements `.0..1` of the tensor, as their bytes (f32, [`Tail::Data`]).
+    Tensor(usize, usize),
+    /// Bytes `.0..1` of the worker's payloads ([`Tail::Encoded`]).
+    Encoded(usize, usize),
+}
+
 /// How messages reach the aggregator. One per session, made once and never moved in
 /// a loop: the size difference between the variants costs nothing.
 #[derive(Debug)]
@@ -20,9 +29,9 @@ use crate::{Error, Options, Transport};
 enum Link {
     Udp {
         endpoint: UdpEndpoint,
-        /// An f32 contribution's payload goes to the kernel from the tensor: the body
-        /// is its range of elements.
-        batch: SendBatch<(usize, usize)>,
+        /// A contribution's payload goes to the kernel from where it lies: the body
+        /// says where.
+        batch: SendBatch<Body>,
         aggregator: SocketAddr,
     },
     Quic {
@@ -50,7 +59,10 @@ impl Link {
                                 Tail::InBuf => (agg, None),
                                 Tail::Data(r) => {
                                     let bytes = r.len() * std::mem::size_of::<f32>();
-                                    (agg, Some(((r.start, r.end), bytes)))
+                                    (agg, Some((Body::Tensor(r.start, r.end), bytes)))
+                                }
+                                Tail::Encoded(r) => {
+                                    (agg, Some((Body::Encoded(r.start, r.end), r.len())))
                                 }
                             })
                     })
@@ -58,9 +70,11 @@ impl Link {
                 if batch.is_empty() {
                     return Ok(());
                 }
-                // The little-endian bytes of the elements: the f32 codec's wire form.
-                batch.flush_with(endpoint, |(a, b)| {
-                    data.get(a..b).map_or(&[][..], bytemuck::cast_slice)
+                let w = &*worker;
+                batch.flush_with(endpoint, |body| match body {
+                    // The little-endian bytes of the elements: the f32 codec's wire form.
+                    Body::Tensor(a, b) => data.get(a..b).map_or(&[][..], bytemuck::cast_slice),
+                    Body::Encoded(a, b) => w.payload(a..b),
                 })?;
             },
             Link::Quic { link, buf } => loop {

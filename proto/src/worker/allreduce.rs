@@ -102,6 +102,12 @@ pub enum Tail {
     /// bytes: the payload of an f32 contribution, left where it is so that the driver
     /// can send it without a copy.
     Data(std::ops::Range<usize>),
+    /// The datagram goes on with bytes `.0` of the worker's payload buffer
+    /// ([`crate::worker::Worker::payload`]): an encoded payload, written where it
+    /// stays until it is sent, so that the driver sends it from there. Encoding after
+    /// the head instead zeroed the payload's bytes first (the buffer grew for each
+    /// datagram), 1.4 ms of CPU per 16 Mi-element i8 allreduce of four ranks.
+    Encoded(std::ops::Range<usize>),
 }
 
 /// What became of a result handed to [`Allreduce::handle_result`].
@@ -435,7 +441,11 @@ impl Allreduce {
     /// `window`) to `buf`, header then payload; `None` when nothing is due. With
     /// `by_ref`, a payload that is a byte copy of `data` (see
     /// [`crate::codec::Codec::wire_is_native_f32`]) is left there:
-    /// [`Tail::Data`] says which elements follow the header.
+    /// [`Tail::Data`] says which elements follow the header; and any other payload
+    /// goes into `payloads`, at a place of its own per slot, which it only grows:
+    /// [`Tail::Encoded`] says where. (A slot's place is free again by the time its
+    /// next packet is encoded: that packet waits for this one's result.)
+    #[allow(clippy::too_many_arguments)]
     pub fn poll_transmit(
         &mut self,
         now: Instant,
@@ -444,6 +454,7 @@ impl Allreduce {
         data: &[f32],
         buf: &mut Vec<u8>,
         by_ref: bool,
+        payloads: &mut Vec<u8>,
     ) -> Option<Tail> {
         let q = loop {
             match self.due.pop() {
@@ -511,6 +522,22 @@ impl Allreduce {
         let tail = if by_ref && self.codec.wire_is_native_f32() && self.residual.is_none() {
             // The payload is the tensor's bytes: the driver sends them from there.
             Tail::Data(range.clone())
+        } else if by_ref {
+            let stride = codec::payload_bytes(self.codec, self.chunk);
+            let at = (q % self.slots) as usize * stride;
+            if payloads.len() < at + stride {
+                payloads.resize(at + stride, 0);
+            }
+            let back = feedback.then(|| &mut scratch[..range.len()]);
+            let src = &data[range.clone()];
+            self.encode_payload(
+                (q, seq),
+                scale_exp,
+                src,
+                &mut payloads[at..at + payload],
+                back,
+            );
+            Tail::Encoded(at..at + payload)
         } else {
             buf.resize(body + payload, 0);
             let back = feedback.then(|| &mut scratch[..range.len()]);

@@ -295,6 +295,9 @@ pub struct Worker {
     cwnd: Cwnd,
     /// Tokens of earlier grants (see [`OLD_TOKENS`]).
     old_tokens: VecDeque<u64>,
+    /// Encoded payloads that [`Worker::poll_transmit_head`] left for the driver
+    /// ([`Tail::Encoded`]), one place per slot, kept across allreduces.
+    payloads: Vec<u8>,
 }
 
 impl Worker {
@@ -325,8 +328,15 @@ impl Worker {
             residuals: HashMap::new(),
             feedback_key: None,
             old_tokens: VecDeque::new(),
+            payloads: Vec::new(),
             config,
         })
+    }
+
+    /// Bytes `r` of the payloads that [`Worker::poll_transmit_head`] encoded and left
+    /// in place ([`Tail::Encoded`]); empty if out of range.
+    pub fn payload(&self, r: std::ops::Range<usize>) -> &[u8] {
+        self.payloads.get(r).unwrap_or(&[])
     }
 
     /// The settings.
@@ -684,10 +694,14 @@ impl Worker {
         self.poll_transmit_parts(now, data, buf, false).is_some()
     }
 
-    /// Like [`Worker::poll_transmit_append`], but an f32 contribution's payload is not
-    /// copied: only its header is appended, and [`Tail::Data`] names the elements of
-    /// `data` whose bytes follow it, for a driver that sends them from the tensor
-    /// (scatter-gather). Encoding f32 was a plain copy of every element.
+    /// Like [`Worker::poll_transmit_append`], but a contribution's payload does not
+    /// follow its header in `buf`: only the header is appended, and either
+    /// [`Tail::Data`] names the elements of `data` whose bytes follow it (f32, whose
+    /// encoding was a plain copy of every element), or [`Tail::Encoded`] the bytes of
+    /// [`Worker::payload`] that do, for a driver that sends them from there
+    /// (scatter-gather). Those bytes stay until a later packet of the same slot is
+    /// encoded, which waits for this one's result: a driver that sends what it queued
+    /// before it hands the worker any message never sends overwritten bytes.
     pub fn poll_transmit_head(
         &mut self,
         now: Instant,
@@ -718,7 +732,15 @@ impl Worker {
             }
             State::Running(op) => {
                 let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
-                if let Some(tail) = op.poll_transmit(now, window, &self.rtt, data, buf, by_ref) {
+                if let Some(tail) = op.poll_transmit(
+                    now,
+                    window,
+                    &self.rtt,
+                    data,
+                    buf,
+                    by_ref,
+                    &mut self.payloads,
+                ) {
                     self.last_sent = now;
                     return Some(tail);
                 } else if self.heartbeat_due {

@@ -425,7 +425,7 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
     for codec in [CodecId::F32, CodecId::I32, CodecId::F16] {
         let (mut whole, mut parts) = (started(codec), started(codec));
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        let mut n = 0;
+        let (mut n, mut encoded) = (0, 0);
         while whole.poll_transmit(t0, &data, &mut a) {
             b.clear();
             let tail = parts
@@ -438,6 +438,12 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
                     b.extend(data[r].iter().flat_map(|x| x.to_le_bytes()));
                     n += 1;
                 }
+                Tail::Encoded(r) => {
+                    assert_ne!(codec, CodecId::F32, "f32 is sent from the tensor");
+                    assert_eq!(b.len(), crate::wire::DATA_HEADER_LEN);
+                    b.extend_from_slice(parts.payload(r));
+                    encoded += 1;
+                }
                 Tail::InBuf => {}
             }
             assert_eq!(a, b, "{codec:?}");
@@ -445,6 +451,11 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
         assert!(parts.poll_transmit_head(t0, &data, &mut b).is_none());
         if codec == CodecId::F32 {
             assert_eq!(n, 3, "every chunk of 10 elements in chunks of 4");
+        } else {
+            assert_eq!(
+                encoded, 3,
+                "every chunk's payload left in the worker's payloads"
+            );
         }
     }
 }
