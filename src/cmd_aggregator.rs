@@ -65,7 +65,7 @@ pub struct Args {
     /// The most slot memory one job may hold: its window is capped at as many slots as
     /// fit. Without --slot-memory it defaults to 16 MiB per shard (the default budget
     /// over 64 jobs, so that the default budget holds 64 jobs at their caps and no job
-    /// waits for another's memory; jobs at the default windows hold 2-6 MiB); with
+    /// waits for another's memory; jobs at the default windows hold 2-10 MiB); with
     /// --slot-memory, to no cap (max-min fair shares of that budget).
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_job_memory: Option<u64>,

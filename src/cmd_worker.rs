@@ -134,7 +134,8 @@ pub struct Tuning {
     #[arg(long)]
     pub chunk_elements: Option<u16>,
     /// Slots to ask for (datagrams in flight). Default: as many as keep 1 MiB in
-    /// flight on loopback (16 of the default chunks) and 512 KiB otherwise (64), from
+    /// flight on loopback (16 of the default chunks, 18 of i8's) and 512 KiB otherwise
+    /// (64), from
     /// 16 to 128 slots on loopback and 32 to 256 otherwise; i32, i16 and any codec with
     /// --skip-zeros, whose window is also their exponent lookahead: 32 on loopback, 64
     /// otherwise.

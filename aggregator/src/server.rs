@@ -37,9 +37,10 @@ pub const DEFAULT_SLOT_MEMORY: usize = 1 << 30;
 /// MiB. So the default budget holds every job the default job limit admits, each at
 /// its cap, and no job waits for another's memory (with the budget alone, two joins
 /// asking for 1024 slots of the widest chunks took it all, and every later job waited
-/// for them to leave). Above what jobs ask for at the default windows (2 MiB for 32
-/// slots of 32 KiB f32 chunks, 6 MiB for f16's 16 Ki-element chunks); a window of
-/// 1024 slots of f32's is capped at 255.
+/// for them to leave). Above what jobs ask for at the default windows on loopback (2
+/// MiB for 16 slots of f32's 16,256-element chunks, 6 MiB for f16's 32,512, 9.8 MiB
+/// for i8's 18 of 57,344); a window of 1024 slots of 8192-element f32 chunks is capped
+/// at 255.
 pub const DEFAULT_MAX_JOB_MEMORY: usize = DEFAULT_SLOT_MEMORY / 64;
 
 /// Yields before a UDP server loop sleeps in `poll(2)` when no datagram is waiting,

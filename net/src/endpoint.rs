@@ -24,8 +24,8 @@ const RECV_BUF: usize = 64 * 1024;
 /// taking them three at a time made f16 allreduces on loopback 15% faster and f32 10%
 /// (`inagg bench --workers 4 --elements 16777216`, README "Performance"; 64 KiB and
 /// 256-512 KiB were no better). The count of buffers follows the mean size of what
-/// the last call took: 32 for datagrams of 4 KiB and less, 3 for loopback's 32 KiB
-/// ones, 2 for 64 KiB GRO batches. A target, not a limit: the first call, and one
+/// the last call took: 32 for datagrams of 4 KiB and less, 3 for 32 KiB ones, 2 for
+/// loopback's 63.5 KiB ones and for 64 KiB GRO batches. A target, not a limit: the first call, and one
 /// after small datagrams, offers all 32 buffers whatever comes.
 const RECV_BYTES_PER_CALL: usize = 128 * 1024;
 

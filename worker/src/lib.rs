@@ -142,8 +142,8 @@ impl Options {
 /// (65,507 bytes) with the header and i8's exponent bytes, and 16 slots to keep the
 /// same 1 MiB in flight ([`default_in_flight`]), took per allreduce 13% less time than
 /// 32 KiB x 32 for f32, 8% for f16 and bf16, 4% for i8 (three rounds of `inagg bench
-/// --workers 4 --elements 16777216` each, alternating): the kernel's work per
-/// datagram halved (35.5 against 29.3 ms of CPU per i8 allreduce, `perf record`).
+/// --workers 4 --elements 16777216` each, alternating): half the datagrams, and the
+/// kernel's CPU per i8 allreduce 29.3 ms against 35.5 (`perf record`).
 /// Every rank of a job uses the same aggregator address, so every rank picks the same
 /// chunk.
 pub fn default_chunk_bytes(aggregator: &SocketAddr) -> usize {
@@ -201,9 +201,8 @@ pub fn default_in_flight(aggregator: &SocketAddr) -> usize {
 
 /// Slots to ask for by default for codecs whose window is also their exponent
 /// lookahead (i32, i16, and any codec with `--skip-zeros`): 64 on a network (512 KiB
-/// of 8 KiB chunks in flight per rank), 32 on loopback (1 MiB of their 32 KiB
-/// chunks); the others keep [`default_in_flight`] bytes in flight
-/// ([`default_window_for`]).
+/// of 8 KiB chunks in flight per rank), 32 on loopback; the others keep
+/// [`default_in_flight`] bytes in flight ([`default_window_for`]).
 pub fn default_window(aggregator: &SocketAddr) -> u32 {
     if aggregator.ip().is_loopback() {
         32

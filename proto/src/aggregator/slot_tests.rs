@@ -41,9 +41,14 @@ fn contribution(seq: u64, r: u16, count: u16, exps: &[i8], data: &[u8]) -> (Data
     (h, payload)
 }
 
-/// A block exponent: missing one time in eight, else within `spread` of 0.
+/// A block exponent: missing one time in eight, at the ends of the range (where the
+/// scale clamps the smallest together) one in eight, else within `spread` of 0.
 fn exponent(spread: i8) -> impl Strategy<Value = i8> {
-    prop_oneof![1 => Just(NO_EXPONENT), 7 => -spread..=spread]
+    prop_oneof![
+        1 => Just(NO_EXPONENT),
+        1 => prop_oneof![codec::MIN_EXPONENT..=-118, Just(codec::MAX_EXPONENT)],
+        6 => -spread..=spread,
+    ]
 }
 
 /// World, chunk length, each rank's block exponents and data, and an arrival order

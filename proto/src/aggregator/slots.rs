@@ -28,8 +28,8 @@
 //! rounds against the build before). Where an exponent block's
 //! exponents spread too far for that (`sum_store_all` says `None`), the block is summed
 //! in turn as before, from the held contributions in the order they came, so the
-//! result is the same bit for bit. A switch cannot hold packets; the memory is the
-//! same.
+//! result is the same bit for bit. A switch cannot hold packets; the slot memory is
+//! the same (plus one block's lanes per pool for such a block).
 
 use crate::codec::{self, Alignment, Codec, MAX_AT_ONCE, MAX_BLOCKS};
 use crate::wire::{DataHeader, NO_EXPONENT};
@@ -52,7 +52,8 @@ pub(crate) struct SlotMeta {
     /// exponent block's (the header's), set when the chunk completes.
     pub scale_exp: i8,
     /// The exponents of the lanes, one per exponent block, for codecs that align
-    /// exponents ([`codec::EXPONENT_BLOCK`]).
+    /// exponents ([`codec::EXPONENT_BLOCK`]); where the version holds its
+    /// contributions until the last ([`SlotPool::held`]), empty until it completes.
     pub align: [Alignment; MAX_BLOCKS],
     /// The packet ends its allreduce (`FLAG_LAST`; all ranks must agree).
     pub last: bool,
@@ -136,7 +137,8 @@ pub(crate) struct SlotPool {
     /// its lanes, a payload and then the header's exponent (module docs); `None` where
     /// it sums them in turn.
     held: Option<usize>,
-    /// Lanes for an exponent block summed in turn after all ([`SlotPool::finish_held`]).
+    /// Lanes for an exponent block summed in turn after all ([`SlotPool::finish_held`]):
+    /// one block's, 32 KiB, beside the slot memory.
     spill: Vec<u32>,
 }
 
@@ -179,8 +181,15 @@ impl SlotPool {
             bitmaps: vec![0; versions * words],
             acc: vec![0; versions * chunk],
             results: vec![0; versions * kept],
+            spill: vec![
+                0;
+                if held.is_some() {
+                    chunk.min(codec::EXPONENT_BLOCK)
+                } else {
+                    0
+                }
+            ],
             held,
-            spill: Vec::new(),
         }
     }
 
@@ -241,6 +250,9 @@ impl SlotPool {
         let n = usize::from(h.count);
         let w = codec.wire_bytes();
         let len = codec::payload_bytes(codec, n);
+        // The caller checked every payload's length against its count (`wire::decode`):
+        // a shorter one would leave part of the result unwritten.
+        debug_assert_eq!(payload.len(), len, "payload of {n} elements");
         let world = usize::from(self.world).clamp(1, MAX_AT_ONCE);
         let bytes: &[u8] = bytemuck::cast_slice(&self.acc[i * self.chunk..(i + 1) * self.chunk]);
         let mut payloads: [&[u8]; MAX_AT_ONCE] = [&[]; MAX_AT_ONCE];
@@ -267,6 +279,7 @@ impl SlotPool {
             *a = match codec.sum_store_all(self.world, &e[..world], &p[..world], o) {
                 Some(a) => a,
                 None => {
+                    // At most one block (a one-block chunk is at most 8192 elements).
                     self.spill.clear();
                     self.spill.resize(r.len(), 0);
                     let mut at = Alignment::EMPTY;

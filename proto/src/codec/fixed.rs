@@ -415,17 +415,17 @@ impl Codec for Fixed {
             return None;
         }
         let mut srcs: [&[u8]; super::MAX_AT_ONCE] = [&[]; super::MAX_AT_ONCE];
-        let mut at = [0i32; super::MAX_AT_ONCE];
+        let mut scaled = [0i32; super::MAX_AT_ONCE];
         let mut k = 0;
         // Blocks without an exponent add nothing (see `sum_at`).
         for (&e, &p) in exps.iter().zip(payloads) {
             if e != NO_EXPONENT {
                 srcs[k] = p;
-                at[k] = i32::from(self.scale_exponent(world, e));
+                scaled[k] = i32::from(self.scale_exponent(world, e));
                 k += 1;
             }
         }
-        let (Some(&low), Some(&top)) = (at[..k].iter().min(), at[..k].iter().max()) else {
+        let (Some(&low), Some(&top)) = (scaled[..k].iter().min(), scaled[..k].iter().max()) else {
             out.fill(0);
             return Some(Alignment {
                 first: false,
@@ -437,7 +437,7 @@ impl Codec for Fixed {
         if top - low > self.narrow_span(world) {
             return None;
         }
-        let shl = at.map(|e| (e - low).max(0) as u32);
+        let shl = scaled.map(|e| (e - low).max(0) as u32);
         let at = Alignment {
             first: false,
             unit: low as i8,

@@ -575,6 +575,12 @@ pub(crate) fn quantize(
     out: &mut [u8],
     width: usize,
 ) {
+    // The quantizers clamp before they round (`x86::q8`), the same as after only for
+    // a bound that is an integer, as every codec's is (`Fixed::limit`).
+    debug_assert!(
+        lim.is_nan() || lim.fract() == 0.0,
+        "quantizing to a bound of {lim}"
+    );
     // The largest f32 below 2^31: what keeps the conversion to i32 in range (a NaN
     // `lim`, which `clamp` would pass through, becomes 0).
     let lim = if lim >= 0.0 {
@@ -793,6 +799,8 @@ mod x86 {
     /// widened to 16 bits and shifted (`vpmovsxbw`, `vpsllw`), added in registers,
     /// rounded with two arithmetic shifts, clamped, and packed back to bytes.
     ///
+    /// Sums at most [`super::super::MAX_AT_ONCE`] sources (the first of `srcs`).
+    ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -803,6 +811,7 @@ mod x86 {
         lim: i32,
         out: &mut [u8],
     ) {
+        let srcs = &srcs[..srcs.len().min(shl.len()).min(super::super::MAX_AT_ONCE)];
         use std::arch::x86_64::{
             _mm256_add_epi16, _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_max_epi16,
             _mm256_min_epi16, _mm256_set1_epi16, _mm256_setzero_si256, _mm256_sll_epi16,

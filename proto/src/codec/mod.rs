@@ -206,8 +206,9 @@ pub trait Codec: Send + Sync + fmt::Debug {
 }
 
 /// The most contributions [`Codec::sum_store_all`] sums at once: what a slot's lanes
-/// hold of a chunk's payloads, as they came, before the last (three of 32 KiB i8
-/// chunks, with their exponents, in a version's 128 KiB of lanes; four do not fit).
+/// hold of a chunk's payloads, as they came, before the last (a version's 4-byte lanes
+/// hold three i8 payloads of one byte per element and their exponents; four do not
+/// fit).
 pub const MAX_AT_ONCE: usize = 4;
 
 /// [`Codec::sum_at`] without aligning: the first contribution sets the lanes
@@ -258,10 +259,11 @@ impl Alignment {
 /// its own exponent. The header's `scale_exp` is the first block's; the others follow
 /// the payload's data, one byte each ([`payload_bytes`]). A chunk's precision so stays
 /// that of 8 Ki-element chunks (i8 at N = 4: relative L2 error 1.5e-2, against 2.3e-2
-/// with one exponent for 32 Ki elements), while a loopback chunk may be 32 KiB like the
-/// other codecs': four ranks of 16 Mi elements took 7-10% less time per allreduce with
-/// 32-56 Ki-element chunks than with 8 Ki, mostly per-datagram work (header decoding,
-/// and the decoders' ends of each chunk).
+/// with one exponent for 32 Ki elements), while a loopback chunk may take a whole
+/// datagram like the other codecs' (57,344 elements, seven blocks): four ranks of 16 Mi
+/// elements took 7-10% less time per allreduce with 32-56 Ki-element chunks than with 8
+/// Ki, mostly per-datagram work (header decoding, and the decoders' ends of each
+/// chunk).
 pub const EXPONENT_BLOCK: usize = 8192;
 
 /// The most exponent blocks one chunk (at most `u16::MAX` elements) holds.

@@ -522,28 +522,25 @@ impl Allreduce {
         let tail = if by_ref && self.codec.wire_is_native_f32() && self.residual.is_none() {
             // The payload is the tensor's bytes: the driver sends them from there.
             Tail::Data(range.clone())
-        } else if by_ref {
-            let stride = codec::payload_bytes(self.codec, self.chunk);
-            let at = (q % self.slots) as usize * stride;
-            if payloads.len() < at + stride {
-                payloads.resize(at + stride, 0);
-            }
-            let back = feedback.then(|| &mut scratch[..range.len()]);
-            let src = &data[range.clone()];
-            self.encode_payload(
-                (q, seq),
-                scale_exp,
-                src,
-                &mut payloads[at..at + payload],
-                back,
-            );
-            Tail::Encoded(at..at + payload)
         } else {
-            buf.resize(body + payload, 0);
+            let (out, tail) = if by_ref {
+                let stride = codec::payload_bytes(self.codec, self.chunk);
+                let at = (q % self.slots) as usize * stride;
+                if payloads.len() < at + stride {
+                    // Once for the first allreduce: the places are kept across them.
+                    payloads.resize((self.slots as usize * stride).max(at + stride), 0);
+                }
+                (
+                    &mut payloads[at..at + payload],
+                    Tail::Encoded(at..at + payload),
+                )
+            } else {
+                buf.resize(body + payload, 0);
+                (&mut buf[body..], Tail::InBuf)
+            };
             let back = feedback.then(|| &mut scratch[..range.len()]);
-            let src = &data[range.clone()];
-            self.encode_payload((q, seq), scale_exp, src, &mut buf[body..], back);
-            Tail::InBuf
+            self.encode_payload((q, seq), scale_exp, &data[range.clone()], out, back);
+            tail
         };
         if let (true, Some(res)) = (feedback, self.residual.as_mut()) {
             let t = &scratch[..range.len()];
