@@ -588,9 +588,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     flags: h.flags | FLAG_MARK,
                     ..*h
                 };
-                pool.contribute(job.codec, h.rank, &marked, payload)
+                pool.contribute(h.rank, &marked, payload)
             } else {
-                pool.contribute(job.codec, h.rank, h, payload)
+                pool.contribute(h.rank, h, payload)
             };
             match outcome {
                 Outcome::Added | Outcome::Completed => {

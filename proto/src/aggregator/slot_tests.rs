@@ -101,8 +101,8 @@ proptest! {
         for seq in [3, 3 + 2 * u64::from(SLOTS)] {
             for &r in &order {
                 let (h, p) = contribution(seq, r as u16, count, &exps[r], &data[r]);
-                let a = held.contribute(i8_codec(), r as u16, &h, &p);
-                let b = in_turn.contribute(i8_codec(), r as u16, &h, &p);
+                let a = held.contribute(r as u16, &h, &p);
+                let b = in_turn.contribute(r as u16, &h, &p);
                 prop_assert_eq!(a, b, "rank {} of packet {}", r, seq);
             }
             let (ma, ra) = held.result(seq).expect("complete");
@@ -111,7 +111,7 @@ proptest! {
             prop_assert_eq!(ra, rb);
             // Answers from the copy after completion.
             let (h, p) = contribution(seq, 0, count, &exps[0], &data[0]);
-            prop_assert_eq!(held.contribute(i8_codec(), 0, &h, &p), Outcome::AnswerCopy);
+            prop_assert_eq!(held.contribute(0, &h, &p), Outcome::AnswerCopy);
         }
     }
 }

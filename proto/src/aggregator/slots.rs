@@ -253,50 +253,38 @@ impl SlotPool {
         // The caller checked every payload's length against its count (`wire::decode`):
         // a shorter one would leave part of the result unwritten.
         debug_assert_eq!(payload.len(), len, "payload of {n} elements");
-        let world = usize::from(self.world).clamp(1, MAX_AT_ONCE);
+        let ranks = usize::from(self.world).clamp(1, MAX_AT_ONCE);
         let bytes: &[u8] = bytemuck::cast_slice(&self.acc[i * self.chunk..(i + 1) * self.chunk]);
         let mut payloads: [&[u8]; MAX_AT_ONCE] = [&[]; MAX_AT_ONCE];
         let mut exps = [codec::block_exponents(codec, n, h.scale_exp, payload); MAX_AT_ONCE];
-        for k in 0..world - 1 {
+        for k in 0..ranks - 1 {
             let held = &bytes[k * stride..(k + 1) * stride];
             payloads[k] = &held[..len.min(stride - 1)];
             exps[k] = codec::block_exponents(codec, n, held[stride - 1] as i8, payloads[k]);
         }
-        payloads[world - 1] = payload;
+        payloads[ranks - 1] = payload;
         let base = i * self.kept;
         let out = &mut self.results[base..base + len.min(self.kept)];
-        let (data, trailer) = out.split_at_mut((n * w).min(out.len()));
-        let blocks = codec::exponent_blocks(codec, n);
-        let mut align = [Alignment::EMPTY; MAX_BLOCKS];
-        for (b, a) in align.iter_mut().enumerate().take(blocks) {
-            let r = codec::block_range(b, n, blocks);
+        let spill = &mut self.spill;
+        let world = self.world;
+        codec::store_each_block(codec, n, out, |b, r, o| {
             let e: [i8; MAX_AT_ONCE] = std::array::from_fn(|k| exps[k].as_slice()[b]);
             let p: [&[u8]; MAX_AT_ONCE] =
                 std::array::from_fn(|k| payloads[k].get(r.start * w..r.end * w).unwrap_or(&[]));
-            let Some(o) = data.get_mut(r.start * w..r.end * w) else {
-                continue;
-            };
-            *a = match codec.sum_store_all(self.world, &e[..world], &p[..world], o) {
-                Some(a) => a,
-                None => {
+            codec
+                .sum_store_all(world, &e[..ranks], &p[..ranks], o)
+                .unwrap_or_else(|| {
                     // At most one block (a one-block chunk is at most 8192 elements).
-                    self.spill.clear();
-                    self.spill.resize(r.len(), 0);
+                    spill.clear();
+                    spill.resize(r.len(), 0);
                     let mut at = Alignment::EMPTY;
-                    for k in 0..world {
-                        codec.sum_at(&mut self.spill, self.world, &mut at, e[k], p[k]);
+                    for k in 0..ranks {
+                        codec.sum_at(spill, world, &mut at, e[k], p[k]);
                     }
-                    codec.store_at(&self.spill, self.world, at, o);
+                    codec.store_at(spill, world, at, o);
                     at
-                }
-            };
-            if b > 0 {
-                if let Some(t) = trailer.get_mut(b - 1) {
-                    *t = a.top as u8;
-                }
-            }
-        }
-        align
+                })
+        })
     }
 
     pub fn slots(&self) -> u32 {
@@ -315,13 +303,8 @@ impl SlotPool {
     /// Adds a contribution whose header the caller has validated (rank below world,
     /// slot and version matching `seq`, count at most the chunk size, payload length
     /// matching count).
-    pub fn contribute(
-        &mut self,
-        codec: &dyn Codec,
-        rank: u16,
-        h: &DataHeader,
-        payload: &[u8],
-    ) -> Outcome {
+    pub fn contribute(&mut self, rank: u16, h: &DataHeader, payload: &[u8]) -> Outcome {
+        let codec = self.codec;
         let i = self.index(h.slot, h.version);
         let meta = self.meta[i];
         let bits = &mut self.bitmaps[i * self.words..(i + 1) * self.words];

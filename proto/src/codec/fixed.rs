@@ -173,10 +173,22 @@ impl Fixed {
         i32::from(e).max(self.precision(world) - 127) as i8
     }
 
+    /// The largest magnitude of a stored sum: the width's `2^(bits-1) - 1`.
+    fn store_limit(&self) -> i32 {
+        (1i32 << (self.bits - 1)) - 1
+    }
+
+    /// How far an aligned sum's lanes, counting units of `at.unit`, are shifted down to
+    /// the result's scale: that of `at.top` widened by `ceil(log2 N)` bits.
+    fn result_shift(world: u16, at: Alignment) -> u32 {
+        let spread = (i32::from(at.top) - i32::from(at.unit)).clamp(0, 31) as u32;
+        (spread + ceil_log2(world)).min(31)
+    }
+
     /// Writes lanes (32-bit if `wide`, else `i8`'s 16-bit ones) at the wire width, each
     /// divided by `2^shift`, rounded half up, clamped to the width's `±(2^(bits-1) - 1)`.
     fn store_shifted(&self, acc: &[u32], wide: bool, shift: u32, out: &mut [u8]) {
-        let lim = (1i32 << (self.bits - 1)) - 1;
+        let lim = self.store_limit();
         if wide {
             kernels::store_int(acc, shift, lim, out, self.wire_bytes())
         } else {
@@ -444,9 +456,8 @@ impl Codec for Fixed {
             top: top as i8,
             wide: false,
         };
-        let shift = (top - low) as u32 + ceil_log2(world);
-        let lim = (1i32 << (self.bits - 1)) - 1;
-        kernels::sum_store_i8(&srcs[..k], &shl[..k], shift.min(31), lim, out);
+        let shift = Self::result_shift(world, at);
+        kernels::sum_store_i8(&srcs[..k], &shl[..k], shift, self.store_limit(), out);
         Some(at)
     }
     /// Aligned: the lanes divided down to the result's scale, that of exponent `top`
@@ -455,7 +466,6 @@ impl Codec for Fixed {
         if !self.aligned {
             return self.sum_store(acc, world, out);
         }
-        let shift = (i32::from(at.top) - i32::from(at.unit)).clamp(0, 31) as u32 + ceil_log2(world);
-        self.store_shifted(acc, at.wide, shift.min(31), out)
+        self.store_shifted(acc, at.wide, Self::result_shift(world, at), out)
     }
 }

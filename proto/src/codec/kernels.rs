@@ -89,25 +89,30 @@ const AHEAD: usize = 2048;
 /// 31-54 ms; asking 2 KiB ahead, 35-44 and 30-34 (one process, four rounds).
 #[inline(always)]
 fn prefetch_block<T>(base: *const T, k: usize) {
+    let first = base
+        .wrapping_add(k * BLOCK)
+        .cast::<i8>()
+        .wrapping_add(AHEAD);
+    prefetch_lines(first, BLOCK * std::mem::size_of::<T>());
+}
+
+/// Asks the CPU to fetch into L1 the lines of the `bytes` bytes from `first`, the one
+/// loop behind every prefetch of the kernels.
+#[inline(always)]
+fn prefetch_lines(first: *const i8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let first = base
-            .wrapping_add(k * BLOCK)
-            .cast::<i8>()
-            .wrapping_add(AHEAD);
-        for line in 0..BLOCK * std::mem::size_of::<T>() / 64 {
-            // SAFETY: a prefetch is a hint: it never faults, whatever the address
-            // (past the end of the side it may fetch a neighbour's lines or nothing),
-            // and the address is formed with wrapping arithmetic, never dereferenced.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    first.wrapping_add(line * 64),
-                )
-            };
-        }
+    for line in 0..bytes.div_ceil(64) {
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address (past
+        // the end of the side it may fetch a neighbour's lines or nothing), and the
+        // address is formed with wrapping arithmetic, never dereferenced.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                first.wrapping_add(line * 64),
+            )
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (base, k, AHEAD);
+    let _ = (first, bytes);
 }
 
 /// Asks for the first [`AHEAD`] bytes of a pass's wide side at `base` (at most
@@ -115,17 +120,7 @@ fn prefetch_block<T>(base: *const T, k: usize) {
 /// at hand, that is never for the first blocks: a pass starts with them in flight.
 #[inline(always)]
 fn prefetch_head<T>(base: *const T, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for line in 0..bytes.min(AHEAD).div_ceil(64) {
-        // SAFETY: a prefetch never faults (see `prefetch_block`).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                base.cast::<i8>().wrapping_add(line * 64),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (base, bytes);
+    prefetch_lines(base.cast(), bytes.min(AHEAD));
 }
 
 /// Runs `$body` over a pass that reads `$src`, the wide side (f32 or lanes), and
@@ -470,21 +465,7 @@ const SUM_BLOCK: usize = 256;
 /// line at a time: a hint, like [`prefetch_block`], for a narrow side.
 #[inline(always)]
 fn prefetch_bytes(src: &[u8], at: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let first = src.as_ptr().wrapping_add(at + AHEAD);
-        for line in 0..len.div_ceil(64) {
-            // SAFETY: a prefetch never faults, whatever the address (formed with
-            // wrapping arithmetic, never dereferenced).
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    first.wrapping_add(line * 64).cast(),
-                )
-            };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (src, at, len);
+    prefetch_lines(src.as_ptr().wrapping_add(at + AHEAD).cast(), len);
 }
 
 /// Several contributions of i8 integers, the `k`-th times `2^shl[k]` (below 16),

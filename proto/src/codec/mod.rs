@@ -351,8 +351,8 @@ pub fn sum_blocks(
 }
 
 /// Aggregator: writes finished lanes summed by [`sum_blocks`] as a result payload
-/// ([`payload_bytes`] of `out`): each block's data at its scale, then the exponents of
-/// blocks after the first. Returns the first block's exponent, the result header's.
+/// ([`payload_bytes`] of `out`, [`store_each_block`]). Returns the first block's
+/// exponent, the result header's.
 pub fn store_blocks(
     codec: &dyn Codec,
     lanes: &[u32],
@@ -360,22 +360,38 @@ pub fn store_blocks(
     at: &[Alignment; MAX_BLOCKS],
     out: &mut [u8],
 ) -> i8 {
-    let count = lanes.len();
+    let stored = store_each_block(codec, lanes.len(), out, |b, r, o| {
+        codec.store_at(&lanes[r], world, at[b], o);
+        at[b]
+    });
+    stored[0].top
+}
+
+/// Aggregator: writes a result payload of `count` elements ([`payload_bytes`] of
+/// `out`) block by block: `store(b, elements, bytes)` writes block `b`'s data into
+/// `bytes` and returns its alignment, whose `top` is the block's exponent; those of the
+/// blocks after the first follow the data. Returns the blocks' alignments.
+pub(crate) fn store_each_block(
+    codec: &dyn Codec,
+    count: usize,
+    out: &mut [u8],
+    mut store: impl FnMut(usize, std::ops::Range<usize>, &mut [u8]) -> Alignment,
+) -> [Alignment; MAX_BLOCKS] {
     let k = exponent_blocks(codec, count);
     let w = codec.wire_bytes();
     let (data, trailer) = out.split_at_mut((count * w).min(out.len()));
-    for (b, a) in at.iter().enumerate().take(k) {
+    let mut stored = [Alignment::EMPTY; MAX_BLOCKS];
+    for (b, a) in stored.iter_mut().enumerate().take(k) {
         let r = block_range(b, count, k);
-        if let Some(o) = data.get_mut(r.start * w..r.end * w) {
-            codec.store_at(&lanes[r], world, *a, o);
-        }
-        if b > 0 {
-            if let Some(t) = trailer.get_mut(b - 1) {
-                *t = a.top as u8;
-            }
+        let Some(o) = data.get_mut(r.start * w..r.end * w) else {
+            continue;
+        };
+        *a = store(b, r, o);
+        if let Some(t) = b.checked_sub(1).and_then(|t| trailer.get_mut(t)) {
+            *t = a.top as u8;
         }
     }
-    at[0].top
+    stored
 }
 
 /// Every codec this build knows.

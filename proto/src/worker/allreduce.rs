@@ -439,13 +439,12 @@ impl Allreduce {
 
     /// Appends the next packet to send (a retransmission first, then a new one within
     /// `window`) to `buf`, header then payload; `None` when nothing is due. With
-    /// `by_ref`, a payload that is a byte copy of `data` (see
-    /// [`crate::codec::Codec::wire_is_native_f32`]) is left there:
-    /// [`Tail::Data`] says which elements follow the header; and any other payload
-    /// goes into `payloads`, at a place of its own per slot, which it only grows:
+    /// `payloads`, the payload does not follow the header in `buf`: one that is a byte
+    /// copy of `data` (see [`crate::codec::Codec::wire_is_native_f32`]) is left there,
+    /// and [`Tail::Data`] says which elements follow the header; any other goes into
+    /// `payloads`, at a place of its own per slot, which it only grows, and
     /// [`Tail::Encoded`] says where. (A slot's place is free again by the time its
     /// next packet is encoded: that packet waits for this one's result.)
-    #[allow(clippy::too_many_arguments)]
     pub fn poll_transmit(
         &mut self,
         now: Instant,
@@ -453,8 +452,7 @@ impl Allreduce {
         rtt: &RttEstimator,
         data: &[f32],
         buf: &mut Vec<u8>,
-        by_ref: bool,
-        payloads: &mut Vec<u8>,
+        payloads: Option<&mut Vec<u8>>,
     ) -> Option<Tail> {
         let q = loop {
             match self.due.pop() {
@@ -519,29 +517,30 @@ impl Allreduce {
         // this rank's contribution lost to quantization (a skipped chunk loses nothing).
         let feedback = first && has_data && self.residual.is_some();
         let mut scratch = std::mem::take(&mut self.scratch);
-        let tail = if by_ref && self.codec.wire_is_native_f32() && self.residual.is_none() {
-            // The payload is the tensor's bytes: the driver sends them from there.
-            Tail::Data(range.clone())
-        } else {
-            let (out, tail) = if by_ref {
-                let stride = codec::payload_bytes(self.codec, self.chunk);
-                let at = (q % self.slots) as usize * stride;
-                if payloads.len() < at + stride {
-                    // Once for the first allreduce: the places are kept across them.
-                    payloads.resize((self.slots as usize * stride).max(at + stride), 0);
-                }
-                (
-                    &mut payloads[at..at + payload],
-                    Tail::Encoded(at..at + payload),
-                )
+        let tail =
+            if payloads.is_some() && self.codec.wire_is_native_f32() && self.residual.is_none() {
+                // The payload is the tensor's bytes: the driver sends them from there.
+                Tail::Data(range.clone())
             } else {
-                buf.resize(body + payload, 0);
-                (&mut buf[body..], Tail::InBuf)
+                let (out, tail) = if let Some(payloads) = payloads {
+                    let stride = codec::payload_bytes(self.codec, self.chunk);
+                    let at = (q % self.slots) as usize * stride;
+                    if payloads.len() < at + stride {
+                        // Once for the first allreduce: the places are kept across them.
+                        payloads.resize((self.slots as usize * stride).max(at + stride), 0);
+                    }
+                    (
+                        &mut payloads[at..at + payload],
+                        Tail::Encoded(at..at + payload),
+                    )
+                } else {
+                    buf.resize(body + payload, 0);
+                    (&mut buf[body..], Tail::InBuf)
+                };
+                let back = feedback.then(|| &mut scratch[..range.len()]);
+                self.encode_payload((q, seq), scale_exp, &data[range.clone()], out, back);
+                tail
             };
-            let back = feedback.then(|| &mut scratch[..range.len()]);
-            self.encode_payload((q, seq), scale_exp, &data[range.clone()], out, back);
-            tail
-        };
         if let (true, Some(res)) = (feedback, self.residual.as_mut()) {
             let t = &scratch[..range.len()];
             for ((r, x), y) in res[range.clone()]

@@ -738,8 +738,7 @@ impl Worker {
                     &self.rtt,
                     data,
                     buf,
-                    by_ref,
-                    &mut self.payloads,
+                    by_ref.then_some(&mut self.payloads),
                 ) {
                     self.last_sent = now;
                     return Some(tail);
