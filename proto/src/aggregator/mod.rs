@@ -38,7 +38,19 @@ use crate::wire::{
     MAX_DATAGRAM,
 };
 use job::Job;
-use slots::Outcome;
+use slots::{Outcome, Sent};
+
+/// What a rank sent for a packet, in words, for an abort that names both sides.
+fn describe(s: &Sent, aligned: bool) -> String {
+    let mut t = format!("rank {} sent {} elements", s.rank, s.count);
+    if !aligned && s.scale_exp != wire::NO_EXPONENT {
+        t += &format!(" at exponent {}", s.scale_exp);
+    }
+    if s.last {
+        t += ", the last of its tensor";
+    }
+    t
+}
 
 /// Settings of an aggregator.
 #[derive(Debug, Clone)]
@@ -646,24 +658,29 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 Outcome::Missing => DropReason::ProbeMissing,
                 Outcome::Stale => DropReason::Stale,
                 Outcome::Ahead => DropReason::Ahead,
-                Outcome::Inconsistent => {
+                Outcome::Inconsistent(earlier) => {
                     // Honest ranks agree on every packet's length, scale and end unless
-                    // their tensors differ: no allreduce of this job can be right.
+                    // their tensors differ: no allreduce of this job can be right. Both
+                    // sides are named; neither is blamed, as either may be the odd one.
+                    let aligned = job.codec.aligns_exponents();
+                    let this = Sent {
+                        rank: h.rank,
+                        count: h.count,
+                        scale_exp: h.scale_exp,
+                        last: h.flags & FLAG_LAST != 0,
+                    };
                     let text = format!(
-                        "rank {} sent packet {} of job {} with {} elements{} where another \
-                         rank's differs: do all ranks reduce tensors of the same length?",
+                        "ranks {} and {} disagree on packet {} of job {}: {}, {}; do all \
+                         ranks reduce tensors of the same length?",
+                        earlier.rank,
                         h.rank,
                         h.seq,
                         h.job,
-                        h.count,
-                        if h.flags & FLAG_LAST != 0 {
-                            ", the last of its tensor,"
-                        } else {
-                            ""
-                        },
+                        describe(&earlier, aligned),
+                        describe(&this, aligned),
                     );
                     self.drop_packet(Some(h.job), DropReason::Inconsistent);
-                    self.abort(now, h.job, ErrorCode::Inconsistent, h.rank, text);
+                    self.abort(now, h.job, ErrorCode::Inconsistent, u16::MAX, text);
                     return;
                 }
             }

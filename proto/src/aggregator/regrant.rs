@@ -144,6 +144,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             usize::from(job.chunk_elems),
             job.codec,
             job.world,
+            0,
         ));
         self.events.push_back(Event::JobStarted {
             job: id,
@@ -291,11 +292,14 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             old.regrant = false;
             old.regrant_announced = false;
         } else {
+            // The stream runs on from the first packet of the next allreduce.
+            let start = old.next_open();
             job.pool = Some(SlotPool::new(
                 window,
                 usize::from(job.chunk_elems),
                 job.codec,
                 job.world,
+                start,
             ));
         }
         self.events.push_back(Event::Regranted { job: id, window });

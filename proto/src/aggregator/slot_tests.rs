@@ -95,8 +95,8 @@ proptest! {
         (world, count, exps, data, order) in case()
     ) {
         let chunk = 20_000;
-        let mut held = SlotPool::new(SLOTS, chunk, i8_codec(), world);
-        let mut in_turn = SlotPool::new(SLOTS, chunk, i8_codec(), world).sum_in_turn();
+        let mut held = SlotPool::new(SLOTS, chunk, i8_codec(), world, 3);
+        let mut in_turn = SlotPool::new(SLOTS, chunk, i8_codec(), world, 3).sum_in_turn();
         // Two rounds through the same version: the second restarts what the first held.
         for seq in [3, 3 + 2 * u64::from(SLOTS)] {
             for &r in &order {
@@ -120,16 +120,20 @@ proptest! {
 fn i8_pools_of_up_to_four_ranks_hold_and_wider_ones_sum_in_turn() {
     // What the property above compares: held for 1-4 ranks, in turn for 5.
     for world in 1..=5u16 {
-        let pool = SlotPool::new(SLOTS, 32_768, i8_codec(), world);
+        let pool = SlotPool::new(SLOTS, 32_768, i8_codec(), world, 0);
         assert_eq!(pool.holds(), world <= 4, "world {world}");
     }
     // The largest chunk holds; below three elements, three contributions and their
     // exponents do not fit the lanes.
-    assert!(SlotPool::new(SLOTS, 65_460, i8_codec(), 4).holds());
-    assert!(SlotPool::new(SLOTS, 3, i8_codec(), 4).holds());
-    assert!(!SlotPool::new(SLOTS, 2, i8_codec(), 4).holds());
+    assert!(SlotPool::new(SLOTS, 65_460, i8_codec(), 4, 0).holds());
+    assert!(SlotPool::new(SLOTS, 3, i8_codec(), 4, 0).holds());
+    assert!(!SlotPool::new(SLOTS, 2, i8_codec(), 4, 0).holds());
     // Codecs that do not sum all at once never hold.
     for c in codec::ALL.iter().filter(|c| c.id() != i8_codec().id()) {
-        assert!(!SlotPool::new(SLOTS, 4096, *c, 4).holds(), "{}", c.name());
+        assert!(
+            !SlotPool::new(SLOTS, 4096, *c, 4, 0).holds(),
+            "{}",
+            c.name()
+        );
     }
 }

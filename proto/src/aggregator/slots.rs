@@ -86,12 +86,26 @@ pub(crate) enum Outcome {
     /// A chunk two generations ahead of one still open: no honest rank sends it.
     Ahead,
     /// Element count, scale or end of allreduce (`FLAG_LAST`) differ from the other
-    /// ranks' for the same packet: their tensors differ.
-    Inconsistent,
+    /// ranks' for the same packet: their tensors differ. Says what the ranks already
+    /// in sent.
+    Inconsistent(Sent),
     /// A probe: this rank's contribution is in, the chunk waits for other ranks.
     Held,
     /// A probe for a contribution this pool does not hold.
     Missing,
+}
+
+/// What a rank sent for one packet, as far as all ranks must agree on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// The rank (for a chunk's first contributions: the lowest that is in).
+    pub rank: u16,
+    /// Elements.
+    pub count: u16,
+    /// Its block exponent, for codecs that share one.
+    pub scale_exp: i8,
+    /// The last packet of its allreduce (`FLAG_LAST`).
+    pub last: bool,
 }
 
 /// Bytes one slot holds for chunks of `chunk` elements whose kept result takes `kept`
@@ -116,6 +130,12 @@ pub fn kept_bytes(codec: &dyn Codec, chunk: usize) -> usize {
 /// The slot memory of one job.
 #[derive(Debug)]
 pub(crate) struct SlotPool {
+    /// The lowest sequence number whose chunk has not completed. An honest rank sends
+    /// packet `q` only once it has the results of every packet below `q - S + 1`, all
+    /// of which completed, so no honest packet reaches `next + S`; one at `next + 2S`
+    /// or beyond is refused as [`Outcome::Ahead`], whatever its value, so that no
+    /// single datagram can claim a version that honest chunks still need.
+    next: u64,
     /// Chunks that complete from now on carry [`SlotMeta::regrant`].
     pub regrant: bool,
     /// Some chunk completed with `regrant` set: the ranks know of the re-grant.
@@ -143,7 +163,15 @@ pub(crate) struct SlotPool {
 }
 
 impl SlotPool {
-    pub fn new(slots: u32, chunk: usize, codec: &'static dyn Codec, world: u16) -> Self {
+    /// A pool of `slots` slots whose stream continues at sequence number `start` (0 for
+    /// a new job; after a re-grant, the first packet of the next allreduce).
+    pub fn new(
+        slots: u32,
+        chunk: usize,
+        codec: &'static dyn Codec,
+        world: u16,
+        start: u64,
+    ) -> Self {
         let versions = 2 * slots as usize;
         let kept = kept_bytes(codec, chunk);
         let words = usize::from(world).div_ceil(64);
@@ -168,6 +196,7 @@ impl SlotPool {
             regrant: false,
         };
         Self {
+            next: start,
             regrant: false,
             regrant_announced: false,
             slots,
@@ -300,10 +329,42 @@ impl SlotPool {
         slot as usize * 2 + usize::from(version)
     }
 
+    /// The index of the version that packet `seq` uses.
+    fn index_of(&self, seq: u64) -> usize {
+        let s = u64::from(self.slots);
+        self.index((seq % s) as u32, ((seq / s) % 2) as u8)
+    }
+
+    /// The lowest sequence number whose chunk has not completed.
+    pub fn next_open(&self) -> u64 {
+        self.next
+    }
+
+    /// Whether `seq` lies two generations or more beyond the oldest open chunk, where
+    /// no honest rank sends (see [`SlotPool::next`]). No arithmetic wraps.
+    fn too_far_ahead(&self, seq: u64) -> bool {
+        seq >= self.next && seq - self.next >= 2 * u64::from(self.slots)
+    }
+
+    /// Moves `next` past every completed chunk; at most `2S` steps, as a version is
+    /// only reused two generations later.
+    fn advance(&mut self) {
+        for _ in 0..2 * self.slots {
+            let m = &self.meta[self.index_of(self.next)];
+            if m.seq != self.next || !m.complete {
+                break;
+            }
+            self.next += 1;
+        }
+    }
+
     /// Adds a contribution whose header the caller has validated (rank below world,
     /// slot and version matching `seq`, count at most the chunk size, payload length
     /// matching count).
     pub fn contribute(&mut self, rank: u16, h: &DataHeader, payload: &[u8]) -> Outcome {
+        if self.too_far_ahead(h.seq) {
+            return Outcome::Ahead;
+        }
         let codec = self.codec;
         let i = self.index(h.slot, h.version);
         let meta = self.meta[i];
@@ -325,7 +386,18 @@ impl SlotPool {
                 || (!aligned && meta.scale_exp != h.scale_exp)
                 || meta.last != last
             {
-                return Outcome::Inconsistent;
+                let first = bits
+                    .iter()
+                    .enumerate()
+                    .find(|(_, w)| **w != 0)
+                    .map_or(0, |(k, w)| k * 64 + w.trailing_zeros() as usize);
+                return Outcome::Inconsistent(Sent {
+                    // Cannot truncate: a bit is set only for ranks below the world size.
+                    rank: first as u16,
+                    count: meta.count,
+                    scale_exp: meta.scale_exp,
+                    last: meta.last,
+                });
             }
             bits[word] |= bit;
             let mut align = meta.align;
@@ -384,6 +456,7 @@ impl SlotPool {
             self.meta[i].complete = true;
             self.meta[i].regrant = self.regrant;
             self.regrant_announced |= self.regrant;
+            self.advance();
             Outcome::Completed
         } else {
             Outcome::Added
@@ -394,6 +467,9 @@ impl SlotPool {
     /// [`Outcome::AnswerCopy`] if complete, [`Outcome::Held`] if the rank's
     /// contribution waits for others, [`Outcome::Missing`] otherwise. Changes nothing.
     pub fn probe(&self, rank: u16, h: &DataHeader) -> Outcome {
+        if self.too_far_ahead(h.seq) {
+            return Outcome::Ahead;
+        }
         let i = self.index(h.slot, h.version);
         let meta = self.meta[i];
         if meta.seq != h.seq {

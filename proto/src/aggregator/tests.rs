@@ -332,7 +332,16 @@ fn ranks_that_disagree_on_a_packet_abort_their_job_with_a_clear_error() {
             let Message::Error(e) = m else {
                 panic!("case {i}: {m:?}")
             };
-            assert_eq!((e.code, e.rank), (ErrorCode::Inconsistent, 1), "case {i}");
+            assert_eq!(
+                (e.code, e.rank),
+                (ErrorCode::Inconsistent, u16::MAX),
+                "case {i}"
+            );
+            assert!(
+                e.text.contains("ranks 0 and 1 disagree"),
+                "case {i}: {}",
+                e.text
+            );
             assert!(e.text.contains("same length"), "case {i}: {}", e.text);
         }
         assert!(h.agg.jobs().is_empty(), "case {i}");
@@ -798,7 +807,8 @@ fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_bou
     }
     h.drain();
     assert!(!h.agg.jobs().contains(&6));
-    let seq = 100u64;
+    // The first packet after the boundary: the new pool takes the stream from there.
+    let seq = 1u64;
     let hd = |rank: u16| DataHeader {
         job: 5,
         token: h.token,
@@ -1026,4 +1036,45 @@ fn an_ended_jobs_group_comes_back_only_after_the_others() {
         end_job(&mut agg, now, job, grants[0].1.token);
     }
     assert_eq!(got, [0, 1, 2, 0, 1].map(Some));
+}
+
+/// Issue 25, finding 1: a member's packet two generations or more beyond the oldest
+/// open chunk (`next + 2S`), whatever its value, is dropped as `ahead` and changes
+/// nothing: the honest chunks of that slot version still complete.
+#[test]
+fn far_ahead_sequence_numbers_from_a_member_are_dropped_as_ahead() {
+    let mut h = Harness::new(2);
+    // Packets 0 and 1 complete, so the oldest open chunk is 2, and 2 + 2S = 6.
+    for seq in 0..2 {
+        for r in 0..2 {
+            h.contribute(r, seq, &[1.0; 4]);
+        }
+    }
+    h.drain();
+    let before = h.agg.stats().contributions;
+    for seq in [6, 7, 1 << 40, u64::MAX - 1, u64::MAX] {
+        h.contribute(1, seq, &[9.0; 4]);
+        let probe = DataHeader {
+            flags: wire::FLAG_PROBE,
+            ..h.header(1, seq, 4)
+        };
+        h.contribute_as(101, &probe, &[]);
+    }
+    assert_eq!(h.agg.stats().dropped(DropReason::Ahead), 10);
+    assert_eq!(h.agg.stats().contributions, before);
+    assert!(h.drain().is_empty(), "nothing answers a far-ahead packet");
+    // The honest packets of those slot versions complete: 2 to 5, the last S below
+    // the limit, and then 6, once 2 has completed.
+    for seq in 2..7 {
+        for r in 0..2 {
+            h.contribute(r, seq, &[1.0; 4]);
+        }
+        let results = h
+            .drain()
+            .into_iter()
+            .filter(|(_, m)| matches!(m, Message::Result(r, _) if r.seq == seq))
+            .count();
+        assert_eq!(results, 2, "packet {seq} completes for both ranks");
+    }
+    assert_eq!(h.agg.jobs(), vec![5]);
 }
