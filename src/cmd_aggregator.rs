@@ -32,11 +32,11 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 pub struct Args {
     /// UDP address to listen on (port 0: any free port; the address is printed as
     /// `listening on ADDR`). Default 0.0.0.0:7070 unless `--quic` is given alone.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::admission::address)]
     pub listen: Option<SocketAddr>,
     /// QUIC address to listen on, beside or instead of `--listen` (printed as
     /// `quic on ADDR sha256 FINGERPRINT certificate FILE`).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::admission::address)]
     pub quic: Option<SocketAddr>,
     /// The QUIC certificate (PEM). Generated, self-signed, on first start if neither it
     /// nor the key exists; workers trust it with `--ca FILE` or `--fingerprint`.
@@ -95,6 +95,13 @@ pub struct Args {
     /// picks one; the address is printed on stderr).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Admit only joins that prove this key (a file of at least 16 bytes, for example
+    /// `head -c 32 /dev/urandom | base64 > inagg.key`; a final newline is ignored):
+    /// without it nothing is created, so strangers can neither start jobs nor squat a
+    /// job id. Every worker is given the same file (`--admission-key`). See
+    /// docs/security.md for what it protects against.
+    #[arg(long, value_name = "FILE", value_parser = crate::admission::key_file)]
+    pub admission_key: Option<crate::admission::Key>,
 }
 
 /// The configuration of shard `shard` of `shards` (1 for QUIC), listening on `listen`.
@@ -118,6 +125,7 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
     cfg.yields_before_sleep = a.yields_before_sleep;
     cfg.multicast = !a.no_multicast;
+    cfg.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
     cfg
 }
 

@@ -17,12 +17,12 @@ use crate::tensor::{self, Check};
 /// Flags of `inagg worker`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The aggregator's address.
-    #[arg(long, required_unless_present = "aggregators")]
+    /// The aggregator's address, `HOST:PORT` (a name or an address).
+    #[arg(long, required_unless_present = "aggregators", value_parser = crate::admission::address)]
     pub aggregator: Option<SocketAddr>,
     /// Stripe the job over these aggregators instead (every rank lists them in the
     /// same order).
-    #[arg(long, value_delimiter = ',', conflicts_with = "aggregator")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "aggregator", value_parser = crate::admission::address)]
     pub aggregators: Vec<SocketAddr>,
     /// Job id, shared by all ranks.
     #[arg(long)]
@@ -65,6 +65,10 @@ pub struct Args {
     /// Transport to the aggregator(s).
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     pub transport: Transport,
+    /// The aggregator's admission key file (`inagg aggregator --admission-key`):
+    /// every join proves it.
+    #[arg(long, value_name = "FILE", value_parser = crate::admission::key_file)]
+    pub admission_key: Option<crate::admission::Key>,
     #[command(flatten)]
     pub trust: TrustArgs,
 }
@@ -225,6 +229,10 @@ pub struct Report {
     /// Elements per chunk, as granted (QUIC datagrams shrink it to fit).
     #[serde(default)]
     pub chunk_elements: u16,
+    /// FNV-1a (64 bits, hex) of the last result's bytes: ranks, and runs of the same
+    /// job, that got the same sum print the same value.
+    #[serde(default)]
+    pub result_checksum: String,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -256,6 +264,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.yields_before_sleep = a.tuning.yields_before_sleep;
     o.multicast = !a.tuning.no_multicast;
+    o.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
     if a.transport == Transport::Quic {
         o.transport = inagg_worker::Transport::Quic(a.trust.quic(a.tuning.quic_mode)?);
     }
@@ -295,6 +304,7 @@ pub fn run(a: &Args) -> Result<()> {
         allreduces: 0,
         mismatches: 0,
         chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
+        result_checksum: String::new(),
         check: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
@@ -352,6 +362,7 @@ pub fn run(a: &Args) -> Result<()> {
         }
     }
     buf.truncate(n);
+    report.result_checksum = format!("{:016x}", fnv1a(bytemuck_bytes(&buf)));
     worker.close();
     if report.mismatches > 0 {
         bail!(
@@ -381,7 +392,7 @@ pub fn run(a: &Args) -> Result<()> {
             "rank {} job {}: {} allreduces of {} elements ({}), median {:.3} ms, {} bytes sent each, check: {}",
             a.rank,
             a.job,
-            a.iters,
+            report.allreduces,
             a.elements,
             codec.name(),
             med * 1e3,
@@ -403,4 +414,16 @@ pub fn run(a: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The bytes of `v` (little-endian on every machine inagg runs on).
+fn bytemuck_bytes(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
+    v.iter().flat_map(|x| x.to_le_bytes())
+}
+
+/// FNV-1a, 64 bits.
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

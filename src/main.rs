@@ -1,5 +1,6 @@
 //! The `inagg` command line: thin glue over the libraries.
 
+mod admission;
 mod bench;
 mod cmd_aggregator;
 mod cmd_worker;

@@ -70,6 +70,9 @@ fn counters(prefix: &str, s: &Stats, shard: Option<u16>, job: Option<u32>) {
     set("retransmissions_answered", s.copies_answered);
     set("held_answered", s.probes_held);
     set("marks", s.marks);
+    if job.is_none() {
+        set("pending_evicted", s.pending_evicted);
+    }
     for r in DropReason::ALL {
         let n = s.dropped(r);
         if n > 0 || job.is_none() {

@@ -417,6 +417,9 @@ mod tests {
                     window: 8,
                     secret: b"s".to_vec(),
                     groups,
+                    nonce: 1,
+                    completed: 0,
+                    proof: None,
                 },
                 &mut b,
             );

@@ -176,6 +176,9 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
         window: 8,
         secret: Vec::new(),
         groups: false,
+        nonce: 1,
+        completed: 0,
+        proof: None,
     };
     let mut payload = Vec::new();
     inagg_proto::wire::encode_join(&join, &mut payload);
@@ -239,6 +242,9 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
                 window: 1024,
                 secret: Vec::new(),
                 groups: false,
+                nonce: 1,
+                completed: 0,
+                proof: None,
             };
             let mut d = Vec::new();
             encode_join(&join, &mut d);

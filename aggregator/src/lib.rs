@@ -13,7 +13,10 @@
 //! println!("{} datagrams", stats.packets_received);
 //! ```
 
+mod memory;
 mod server;
+
+pub use memory::return_freed_pools;
 
 pub use inagg_proto::aggregator::{AggregatorConfig, DropReason, Stats};
 pub use inagg_quic::Identity;

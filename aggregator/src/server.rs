@@ -318,6 +318,7 @@ impl Server<QuicFront> {
                 addr: config.listen,
                 source,
             })?;
+        crate::memory::return_freed_pools();
         let agg = Aggregator::new(config.protocol.clone());
         Ok(Self {
             config,
@@ -351,6 +352,7 @@ impl Server<UdpFront> {
             }
         }
         endpoint.set_yields_before_sleep(config.yields_before_sleep);
+        crate::memory::return_freed_pools();
         let mut agg = Aggregator::new(config.protocol.clone());
         if config.multicast {
             offer_groups(&endpoint, &mut agg)?;

@@ -58,6 +58,10 @@ pub struct UdpEndpoint {
     /// The group socket that results sent to a multicast group arrive on
     /// ([`UdpEndpoint::join_group`]), received and waited on with the main one.
     group: Option<GroupSocket>,
+    /// Connected to one peer ([`UdpEndpoint::connect`]): a refusal (ICMP port
+    /// unreachable) is reported as [`io::ErrorKind::ConnectionRefused`] instead of
+    /// being ignored.
+    connected: bool,
 }
 
 /// A socket bound to a multicast group's address and port, a member of the group.
@@ -133,7 +137,28 @@ impl UdpEndpoint {
             from_port_zero: 0,
             buffer,
             group: None,
+            connected: false,
         })
+    }
+
+    /// Connects the socket to `peer`, its only peer from now on: datagrams from
+    /// elsewhere are no longer received, and when nothing listens at `peer` (ICMP port
+    /// unreachable) the next send or receive fails with
+    /// [`io::ErrorKind::ConnectionRefused`], where an unconnected socket would wait in
+    /// silence. Sends may still name `peer` as their destination.
+    pub fn connect(&mut self, peer: SocketAddr) -> io::Result<()> {
+        let peer = match (self.v6, peer) {
+            (true, SocketAddr::V4(a)) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+            _ => peer,
+        };
+        self.socket.connect(peer)?;
+        self.connected = true;
+        Ok(())
+    }
+
+    /// Whether [`UdpEndpoint::connect`] was called: refusals are errors.
+    pub(crate) fn reports_refused(&self) -> bool {
+        self.connected
     }
 
     /// Joins the multicast group `group` on the interface of `iface` (the loopback
@@ -329,8 +354,9 @@ impl UdpEndpoint {
         let got = match self.recv_call(group, want) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            // A previous send to an unreachable port (ICMP): nothing to read.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => 0,
+            // A previous send to an unreachable port (ICMP): nothing to read, unless
+            // the socket has one peer, which is then gone.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !self.connected => 0,
             Err(e) => return Err(e),
         };
         let mut count = 0;
@@ -432,8 +458,11 @@ impl UdpEndpoint {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.wait(libc::POLLOUT, Duration::from_millis(10))?;
                 }
-                // A peer that went away: UDP carries on; the protocol notices silence.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(()),
+                // A peer that went away: UDP carries on; the protocol notices silence
+                // (a connected socket says so: its only peer is gone).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !self.connected => {
+                    return Ok(())
+                }
                 Err(e) => return Err(e),
             }
         }

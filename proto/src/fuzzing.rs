@@ -118,6 +118,9 @@ pub fn aggregator(data: &[u8]) -> u64 {
         window: 4,
         secret: SECRET.to_vec(),
         groups,
+        nonce: u64::from(rank) + 1,
+        completed: 0,
+        proof: None,
     };
     let mut token = 0u64;
     // Every rank joins from its own address.

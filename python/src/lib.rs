@@ -12,7 +12,7 @@
 //!
 //! Library errors become exceptions derived from `inagg.InaggError`, one per cause.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use inagg_worker::{
     WorkerError,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyConnectionRefusedError, PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -88,7 +88,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn to_py(e: Error) -> PyErr {
     let msg = chain(&e);
     match e {
-        Error::Config(_) => PyValueError::new_err(msg),
+        Error::Config(_) | Error::AdmissionKey { .. } => PyValueError::new_err(msg),
+        Error::Refused(_) => PyConnectionRefusedError::new_err(msg),
         Error::Quic(_) | Error::ShardMismatch { .. } => ConnectError::new_err(msg),
         Error::Protocol(p) => match p {
             WorkerError::Refused { .. } => RefusedError::new_err(msg),
@@ -177,6 +178,20 @@ fn raw_f32(obj: &Bound<'_, PyAny>) -> PyResult<Raw> {
     Ok(Raw { addr, len })
 }
 
+/// Refuses a buffer whose start is not aligned for `f32` (a numpy view at an odd byte
+/// offset, `np.frombuffer(b, dtype='<f4', offset=1)`): a slice of `f32` there is
+/// undefined behaviour, and the kernels read it with aligned vector loads.
+fn aligned(raw: Raw) -> PyResult<Raw> {
+    if raw.len > 0 && raw.addr % std::mem::align_of::<f32>() != 0 {
+        return Err(PyValueError::new_err(format!(
+            "allreduce needs a float32 buffer aligned to 4 bytes; this one starts at an \
+             address {} bytes past that (copy it: numpy.array(a) or tensor.clone())",
+            raw.addr % std::mem::align_of::<f32>()
+        )));
+    }
+    Ok(raw)
+}
+
 fn report(py: Python<'_>, r: &AllreduceReport) -> PyResult<Py<PyDict>> {
     let d = PyDict::new(py);
     d.set_item("elapsed_s", r.elapsed.as_secs_f64())?;
@@ -194,10 +209,8 @@ fn report(py: Python<'_>, r: &AllreduceReport) -> PyResult<Py<PyDict>> {
 }
 
 fn resolve(what: &str, s: &str) -> PyResult<SocketAddr> {
-    s.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| PyValueError::new_err(format!("{what} {s:?} is not a HOST:PORT address")))
+    inagg_worker::resolve(s)
+        .map_err(|e| PyValueError::new_err(format!("{what} {s:?} is not a HOST:PORT address: {e}")))
 }
 
 /// One rank of one job. Joins on construction (returns once every rank has joined);
@@ -337,6 +350,10 @@ impl Worker {
     /// other rank's buffer of the same length, in place. With `key`, error feedback:
     /// the quantization residual of the last call with the same key is added first.
     /// Returns the call's statistics.
+    ///
+    /// The buffer must be aligned to 4 bytes (a `ValueError` otherwise), and must not
+    /// be resized, freed or written by another thread during the call: the sum is
+    /// written into its memory while the GIL is released.
     #[pyo3(signature = (buf, key = None))]
     fn allreduce(
         &self,
@@ -348,15 +365,17 @@ impl Worker {
             .inner
             .clone()
             .ok_or_else(|| ClosedError::new_err("the worker is closed"))?;
-        let Raw { addr, len } = raw_f32(buf)?;
+        let Raw { addr, len } = aligned(raw_f32(buf)?)?;
         let r = py
             .allow_threads(move || {
                 let data: &mut [f32] = if len == 0 {
                     &mut []
                 } else {
-                    // SAFETY: `addr` is the start of `len` contiguous, writable, aligned
-                    // float32 values owned by `buf` (checked by `raw_f32`), which the
-                    // caller's frame keeps alive until this call returns.
+                    // SAFETY: `addr` is the start of `len` contiguous, writable float32
+                    // values owned by `buf` (checked by `raw_f32`), aligned (checked by
+                    // `aligned`), which the caller's frame keeps alive until this call
+                    // returns; the docstring tells callers not to resize or free it from
+                    // another thread meanwhile.
                     unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) }
                 };
                 match key {

@@ -136,9 +136,9 @@ def test_a_sharded_aggregator_is_striped_over_from_its_first_address():
 def test_a_bad_address_raises(aggregator):
     with pytest.raises(ValueError, match="HOST:PORT"):
         inagg.Worker("not an address", 1, 0, 1)
-    # Nobody listens there: no grant within the join timeout.
-    with pytest.raises(inagg.JoinTimeoutError, match="no grant"):
-        inagg.Worker("127.0.0.1:9", 1, 0, 1, join_timeout=1.0)
+    # Nobody listens there: refused at once, not after the join timeout.
+    with pytest.raises(ConnectionRefusedError, match="connection refused"):
+        inagg.Worker("127.0.0.1:9", 1, 0, 1, join_timeout=20.0)
     with pytest.raises(ValueError, match="codec"):
         inagg.Worker(aggregator.addr, 1, 0, 1, "f64")
     with pytest.raises(ValueError, match="quic"):
@@ -242,3 +242,29 @@ def test_quic_transport_with_fingerprint_and_ca(tmp_path):
     finally:
         p.terminate()
         p.wait(timeout=10)
+
+
+def test_an_unaligned_buffer_is_refused(aggregator):
+    w = inagg.Worker(aggregator.addr, 61, 0, 1)
+    try:
+        raw = bytearray(4 * 1000 + 1)
+        odd = np.frombuffer(raw, dtype="<f4", offset=1)
+        with pytest.raises(ValueError, match="aligned"):
+            w.allreduce(odd)
+        ok = np.frombuffer(raw, dtype="<f4", count=1000)
+        ok[:] = 1.5
+        w.allreduce(ok)
+        assert np.all(ok == 1.5)
+    finally:
+        w.close()
+
+
+def test_addresses_take_host_names(aggregator):
+    port = aggregator.addr.rsplit(":", 1)[1]
+    w = inagg.Worker(f"localhost:{port}", 62, 0, 1)
+    try:
+        a = np.arange(10, dtype=np.float32)
+        w.allreduce(a)
+        assert np.array_equal(a, np.arange(10, dtype=np.float32))
+    finally:
+        w.close()

@@ -71,11 +71,14 @@ impl Link {
                     return Ok(());
                 }
                 let w = &*worker;
-                batch.flush_with(endpoint, |body| match body {
-                    // The little-endian bytes of the elements: the f32 codec's wire form.
-                    Body::Tensor(a, b) => data.get(a..b).map_or(&[][..], bytemuck::cast_slice),
-                    Body::Encoded(a, b) => w.payload(a..b),
-                })?;
+                batch
+                    .flush_with(endpoint, |body| match body {
+                        // The little-endian bytes of the elements: the f32 codec's wire
+                        // form.
+                        Body::Tensor(a, b) => data.get(a..b).map_or(&[][..], bytemuck::cast_slice),
+                        Body::Encoded(a, b) => w.payload(a..b),
+                    })
+                    .map_err(|e| link_error(e, agg))?;
             },
             Link::Quic { link, buf } => loop {
                 buf.clear();
@@ -96,11 +99,13 @@ impl Link {
                 ..
             } => {
                 let agg = *aggregator;
-                Ok(endpoint.recv(wait, |from, d| {
-                    if from == agg {
-                        f(d);
-                    }
-                })?)
+                endpoint
+                    .recv(wait, |from, d| {
+                        if from == agg {
+                            f(d);
+                        }
+                    })
+                    .map_err(|e| link_error(e, agg))
             }
             Link::Quic { link, .. } => Ok(link.recv(wait, f)?),
         }
@@ -110,6 +115,16 @@ impl Link {
         if let Link::Quic { link, .. } = self {
             link.close();
         }
+    }
+}
+
+/// A socket error as the worker reports it: a refusal (ICMP port unreachable on the
+/// connected socket) names the aggregator that is not there.
+fn link_error(e: std::io::Error, aggregator: SocketAddr) -> Error {
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        Error::Refused(aggregator)
+    } else {
+        Error::Io(e)
     }
 }
 
@@ -183,6 +198,13 @@ impl Session {
         // Check the settings before touching the network.
         let mut config = opts.protocol.clone();
         config.validate()?;
+        // A fresh nonce per session, which the aggregator's grants and errors echo: one
+        // that could be guessed would let a forged error from the aggregator's address
+        // fail this rank.
+        config.nonce = {
+            use rand::{Rng, SeedableRng};
+            rand::rngs::StdRng::from_os_rng().random()
+        };
         config.groups = opts.multicast
             && matches!(opts.transport, Transport::Udp)
             && inagg_net::group::groups_reach(&aggregator)
@@ -195,6 +217,9 @@ impl Session {
             Transport::Udp => {
                 let mut endpoint = UdpEndpoint::bind(bind, opts.socket_buffer)?;
                 endpoint.set_yields_before_sleep(opts.yields_before_sleep);
+                // Its one peer: a closed port fails the rank at once ("connection
+                // refused") instead of after the join timeout.
+                endpoint.connect(aggregator)?;
                 Link::Udp {
                     endpoint,
                     batch: SendBatch::new(),
@@ -249,6 +274,7 @@ impl Session {
             chunk_elems: 0,
             window: 0,
             token: 0,
+            nonce: 0,
             shard: 0,
             shards: 1,
             group: None,

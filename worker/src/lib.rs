@@ -242,9 +242,61 @@ pub fn default_window_for(
     u32::try_from(slots).unwrap_or(base)
 }
 
+/// Resolves an aggregator's address as users write it, `host:port` with a name or an
+/// address (`aggregator.local:7070`, `127.0.0.1:7070`, `[::1]:7070`), as
+/// `MASTER_ADDR` is. Where a name has both, an IPv4 address is taken first: an
+/// aggregator listens on one family, IPv4 by default (`0.0.0.0:7070`), and the worker
+/// sends to one address.
+pub fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let all: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| all.first())
+        .copied()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{addr} resolves to no address"),
+            )
+        })
+}
+
+/// The fewest bytes an admission key file may hold.
+pub const MIN_ADMISSION_KEY: usize = 16;
+
+/// Reads an admission key (`inagg aggregator --admission-key FILE`): the file's bytes,
+/// less trailing whitespace (a final newline), at least [`MIN_ADMISSION_KEY`] of them.
+/// The aggregator and every worker read the same file.
+pub fn read_admission_key(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    let bad = |reason: String| Error::AdmissionKey {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut key = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        key.pop();
+    }
+    if key.len() < MIN_ADMISSION_KEY {
+        return Err(bad(format!(
+            "{} bytes; a key has at least {MIN_ADMISSION_KEY}",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
 /// Why a worker call failed.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// The admission key file cannot be used.
+    #[error("admission key {}: {reason}", path.display())]
+    AdmissionKey {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The settings cannot work.
     #[error("invalid worker settings")]
     Config(#[from] ConfigError),
@@ -259,6 +311,9 @@ pub enum Error {
         /// What this one granted.
         got: String,
     },
+    /// Nothing listens at the aggregator's address: its port answered "unreachable".
+    #[error("connection refused by {0}: no aggregator listens there")]
+    Refused(SocketAddr),
     /// The socket failed.
     #[error("socket error")]
     Io(#[from] std::io::Error),
@@ -564,6 +619,7 @@ mod tests {
             chunk_elems: 1024,
             window: 8,
             token: 1,
+            nonce: 0,
             shard,
             shards,
             group: None,

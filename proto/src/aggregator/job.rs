@@ -24,6 +24,10 @@ pub(crate) struct Member<A> {
     pub left: bool,
     /// It can take results sent to a group ([`Join::groups`]).
     pub groups: bool,
+    /// The nonce of its join, which its grants and errors carry ([`Join::nonce`]).
+    pub nonce: u64,
+    /// Allreduces it completed before this join ([`Join::completed`]).
+    pub completed: u64,
 }
 
 /// A job: created by its first join, running once all ranks have joined.
@@ -56,6 +60,9 @@ pub(crate) struct Job<A> {
     /// The group its results go to, once each, instead of to every rank: chosen when
     /// it starts, if the driver offers groups and every rank asked for them.
     pub group: Option<u32>,
+    /// The order of creation among the aggregator's jobs (oldest forming job first
+    /// to go when the job table is full).
+    pub born: u64,
     pub stats: Stats,
 }
 
@@ -81,6 +88,7 @@ impl<A: Clone + Eq> Job<A> {
             next: None,
             regrant_ready: vec![false; usize::from(join.world)],
             group: None,
+            born: 0,
             stats: Stats::default(),
         }
     }
@@ -150,6 +158,8 @@ impl<A: Clone + Eq> Job<A> {
             window: join.window,
             left: false,
             groups: join.groups,
+            nonce: join.nonce,
+            completed: join.completed,
         });
         !was_full && self.joined() == usize::from(self.world)
     }
@@ -194,12 +204,34 @@ impl<A: Clone + Eq> Job<A> {
             .map(|r| r as u16)
     }
 
-    /// Addresses of ranks that joined and have not left.
-    pub fn live_addrs(&self) -> impl Iterator<Item = &A> {
+    /// Addresses and join nonces of ranks that joined and have not left.
+    pub fn live_members(&self) -> impl Iterator<Item = (&A, u64)> {
         self.members
             .iter()
             .flatten()
             .filter(|m| !m.left)
-            .map(|m| &m.addr)
+            .map(|m| (&m.addr, m.nonce))
+    }
+
+    /// The nonce of rank `rank`'s join (0 if it has not joined).
+    pub fn nonce(&self, rank: u16) -> u64 {
+        self.members
+            .get(usize::from(rank))
+            .and_then(|m| m.as_ref())
+            .map_or(0, |m| m.nonce)
+    }
+
+    /// Two ranks that reported different counts of completed allreduces when they
+    /// joined, with their counts: (rank, completed) of the lowest count and of the
+    /// highest, if they differ.
+    pub fn diverged(&self) -> Option<((u16, u64), (u16, u64))> {
+        let counts = self
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(r, m)| Some((r as u16, m.as_ref()?.completed)));
+        let low = counts.clone().min_by_key(|c| c.1)?;
+        let high = counts.max_by_key(|c| c.1)?;
+        (low.1 != high.1).then_some((low, high))
     }
 }

@@ -88,6 +88,11 @@ pub struct AggregatorConfig {
     pub shard: u16,
     /// See `shard`.
     pub shards: u16,
+    /// The aggregator-wide admission key: with it, a join that does not prove the key
+    /// ([`Join::proves`]) creates nothing and is answered with
+    /// [`ErrorCode::NotAdmitted`]. `None`: anyone who can reach the aggregator may
+    /// create a job (job secrets still guard jobs that exist).
+    pub admission_key: Option<Vec<u8>>,
 }
 
 impl Default for AggregatorConfig {
@@ -104,6 +109,7 @@ impl Default for AggregatorConfig {
             max_job_memory: None,
             shard: 0,
             shards: 1,
+            admission_key: None,
         }
     }
 }
@@ -191,7 +197,8 @@ impl Body {
 #[derive(Debug)]
 struct Tombstone<A> {
     error: ErrorMsg,
-    members: Vec<A>,
+    /// Its ranks' addresses and join nonces: the answer to each carries its own.
+    members: Vec<(A, u64)>,
     expires: Instant,
 }
 
@@ -232,6 +239,8 @@ pub struct Aggregator<A> {
     arrivals: u64,
     /// Where results can go once for all ranks, if the driver offers groups.
     groups: Option<Groups<A>>,
+    /// Jobs created so far: orders forming jobs for eviction, oldest first.
+    born: u64,
 }
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
@@ -253,6 +262,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             backlogged: false,
             arrivals: 0,
             groups: None,
+            born: 0,
         }
     }
 
@@ -353,6 +363,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             job: join.job,
             rank: join.rank,
             code,
+            nonce: join.nonce,
             text,
         });
         self.send(to, msg);
@@ -399,6 +410,20 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     }
 
     fn handle_join(&mut self, now: Instant, from: A, join: Join) {
+        if let Some(key) = &self.config.admission_key {
+            if !join.proves(key) {
+                let text = "this aggregator admits only joins that prove its admission key \
+                            (--admission-key)"
+                    .to_string();
+                return self.refuse(
+                    from,
+                    &join,
+                    ErrorCode::NotAdmitted,
+                    DropReason::NotAdmitted,
+                    text,
+                );
+            }
+        }
         let Some(codec) = codec::lookup(join.codec) else {
             // decode() only admits known codecs.
             return self.drop_packet(None, DropReason::Malformed);
@@ -432,8 +457,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 text,
             );
         }
+        // An address is a member of at most one forming job: its join for another
+        // forgets it there, so one source holds one forming job at most.
+        self.forget_forming_member(&from, join.job);
         if !self.jobs.contains_key(&join.job) {
-            if self.jobs.len() >= self.config.max_jobs {
+            if self.jobs.len() >= self.config.max_jobs && !self.evict_forming() {
                 let text = format!("the aggregator holds {} jobs already", self.jobs.len());
                 return self.refuse(
                     from,
@@ -446,7 +474,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             // A new job with the id of an aborted one starts afresh.
             self.tombstones.remove(&join.job);
             let token = self.rng.random::<u64>();
-            self.jobs.insert(join.job, Job::new(&join, codec, token));
+            let mut job = Job::new(&join, codec, token);
+            job.born = self.born;
+            self.born += 1;
+            self.jobs.insert(join.job, job);
         }
         let Some(job) = self.jobs.get_mut(&join.job) else {
             return;
@@ -484,6 +515,47 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             let g = grant(&self.config, job, join.rank, pool.slots());
             self.send(from, Message::Grant(g));
         }
+    }
+
+    /// Forgets `from` in every forming job (not all ranks joined) but `except`, and
+    /// forming jobs left with no rank.
+    fn forget_forming_member(&mut self, from: &A, except: u32) {
+        let mut emptied = Vec::new();
+        for job in self.jobs.values_mut() {
+            if job.id == except || job.complete() {
+                continue;
+            }
+            for m in job.members.iter_mut() {
+                if m.as_ref().is_some_and(|m| m.addr == *from) {
+                    *m = None;
+                }
+            }
+            if job.joined() == 0 {
+                emptied.push(job.id);
+            }
+        }
+        for id in emptied {
+            self.jobs.remove(&id);
+        }
+    }
+
+    /// Makes room for a new job by forgetting the oldest forming one (its ranks,
+    /// still joining, create it again with their next join); false if every job
+    /// present has all its ranks. Forming jobs cost a join each and can be made by
+    /// anyone, so they never keep out a job that can run.
+    fn evict_forming(&mut self) -> bool {
+        let oldest = self
+            .jobs
+            .values()
+            .filter(|j| !j.complete())
+            .min_by_key(|j| j.born)
+            .map(|j| j.id);
+        let Some(id) = oldest else {
+            return false;
+        };
+        self.jobs.remove(&id);
+        self.stats.pending_evicted += 1;
+        true
     }
 
     /// Validates a control message from a member; refreshes its liveness.
@@ -541,8 +613,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// if the sender was one of its ranks.
     fn answer_tombstone(&mut self, job: u32, from: &A) {
         if let Some(t) = self.tombstones.get(&job) {
-            if t.members.contains(from) {
-                let msg = Message::Error(t.error.clone());
+            if let Some(&(_, nonce)) = t.members.iter().find(|(a, _)| a == from) {
+                let msg = Message::Error(ErrorMsg {
+                    nonce,
+                    ..t.error.clone()
+                });
                 self.send(from.clone(), msg);
             }
         }
@@ -703,11 +778,16 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             job: id,
             rank,
             code,
+            nonce: 0,
             text: text.clone(),
         };
-        let members: Vec<A> = job.live_addrs().cloned().collect();
-        for to in &members {
-            self.send(to.clone(), Message::Error(error.clone()));
+        let members: Vec<(A, u64)> = job.live_members().map(|(a, n)| (a.clone(), n)).collect();
+        for (to, nonce) in &members {
+            let e = ErrorMsg {
+                nonce: *nonce,
+                ..error.clone()
+            };
+            self.send(to.clone(), Message::Error(e));
         }
         self.tombstones.remove(&id);
         if self.tombstones.len() >= self.config.max_tombstones.max(1) {
@@ -955,7 +1035,7 @@ fn encode_result_head<A>(
     Some(body)
 }
 
-fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> Grant {
+fn grant<A: Clone + Eq>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> Grant {
     Grant {
         job: job.id,
         rank,
@@ -964,6 +1044,7 @@ fn grant<A>(config: &AggregatorConfig, job: &Job<A>, rank: u16, window: u32) -> 
         chunk_elems: job.chunk_elems,
         window,
         token: job.token,
+        nonce: job.nonce(rank),
         shard: config.shard,
         shards: config.shards,
         group: job.group,

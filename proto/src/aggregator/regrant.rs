@@ -61,6 +61,14 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        if let Some(((low, lc), (high, hc))) = job.diverged() {
+            let text = format!(
+                "ranks re-joined job {id} from different points after their aggregator \
+                 failed: rank {low} had completed {lc} allreduces, rank {high} {hc}; \
+                 resuming would mix two allreduces"
+            );
+            return self.refuse_job(id, ErrorCode::Diverged, DropReason::Diverged, text);
+        }
         let memory_cap = self.config.max_job_memory.map_or(u32::MAX, |m| {
             (m / job.slot_bytes().max(1)).min(u32::MAX as usize) as u32
         });
@@ -100,25 +108,26 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     others.iter().sum::<usize>()
                 )
             };
-            return self.refuse_job(id, text);
+            return self.refuse_job(id, ErrorCode::NoCapacity, DropReason::NoCapacity, text);
         }
         self.rebalance();
     }
 
     /// Refuses a job whose ranks have all joined: each is told why; the job is forgotten
     /// (a later join starts it afresh).
-    fn refuse_job(&mut self, id: u32, text: String) {
+    fn refuse_job(&mut self, id: u32, code: ErrorCode, reason: DropReason, text: String) {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
         for (rank, m) in job.members.iter().enumerate() {
             if let Some(m) = m {
-                self.stats.drop(DropReason::NoCapacity);
+                self.stats.drop(reason);
                 let msg = Message::Error(ErrorMsg {
                     job: id,
                     // Cannot truncate: ranks are below the world size, a u16.
                     rank: rank as u16,
-                    code: ErrorCode::NoCapacity,
+                    code,
+                    nonce: m.nonce,
                     text: text.clone(),
                 });
                 self.send(m.addr.clone(), msg);
@@ -126,7 +135,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
         self.events.push_back(Event::JobAborted {
             job: id,
-            code: ErrorCode::NoCapacity,
+            code,
             text,
         });
     }

@@ -45,11 +45,15 @@ pub enum DropReason {
     /// A probe for a contribution the aggregator does not hold (the rank then resends
     /// its payload).
     ProbeMissing,
+    /// A join without a valid proof of the aggregator's admission key.
+    NotAdmitted,
+    /// A job whose ranks re-joined after a failover from different points.
+    Diverged,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order (the index of [`Stats::dropped`]).
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::WrongDirection,
         DropReason::UnknownJob,
@@ -69,6 +73,8 @@ impl DropReason {
         DropReason::RankTaken,
         DropReason::NotRunning,
         DropReason::ProbeMissing,
+        DropReason::NotAdmitted,
+        DropReason::Diverged,
     ];
 
     /// A short snake_case name, for logs and metrics labels.
@@ -94,6 +100,8 @@ impl DropReason {
             RankTaken => "rank_taken",
             NotRunning => "not_running",
             ProbeMissing => "probe_missing",
+            NotAdmitted => "not_admitted",
+            Diverged => "diverged",
         }
     }
 
@@ -131,6 +139,9 @@ pub struct Stats {
     pub probes_held: u64,
     /// Results sent with a congestion mark.
     pub marks: u64,
+    /// Jobs still forming (not every rank joined) forgotten to make room for a new
+    /// one when the aggregator held `max_jobs`.
+    pub pending_evicted: u64,
     /// Dropped packets, indexed like [`DropReason::ALL`].
     pub dropped: [u64; DropReason::ALL.len()],
 }

@@ -35,6 +35,9 @@ fn join_with_groups(
             window: 2,
             secret: secret.to_vec(),
             groups,
+            nonce: 1000 + u64::from(rank),
+            completed: 0,
+            proof: None,
         },
         &mut b,
     );
@@ -654,6 +657,9 @@ fn join_window(job: u32, rank: u16, world: u16, window: u32) -> Vec<u8> {
             window,
             secret: b"k".to_vec(),
             groups: false,
+            nonce: 1000 + u64::from(rank),
+            completed: 0,
+            proof: None,
         },
         &mut b,
     );
@@ -1077,4 +1083,134 @@ fn far_ahead_sequence_numbers_from_a_member_are_dropped_as_ahead() {
         assert_eq!(results, 2, "packet {seq} completes for both ranks");
     }
     assert_eq!(h.agg.jobs(), vec![5]);
+}
+
+/// Issue 25, finding 4: with an admission key, a join that does not prove it creates
+/// no job (the id cannot be squatted) and is told why; a proven join is admitted.
+#[test]
+fn with_an_admission_key_unproven_joins_create_nothing() {
+    let key = b"sixteen byte key".to_vec();
+    let mut agg = Aggregator::<u32>::new(AggregatorConfig {
+        admission_key: Some(key.clone()),
+        ..AggregatorConfig::default()
+    });
+    let now = Instant::now();
+    let join = |rank: u16, proven: Option<&[u8]>| {
+        let mut j = Join {
+            job: 5,
+            rank,
+            world: 2,
+            codec: CodecId::F32,
+            chunk_elems: 4,
+            window: 2,
+            secret: Vec::new(),
+            groups: false,
+            nonce: 9,
+            completed: 0,
+            proof: None,
+        };
+        if let Some(k) = proven {
+            j.prove(k);
+        }
+        let mut b = Vec::new();
+        wire::encode_join(&j, &mut b);
+        b
+    };
+    agg.handle_datagram(now, 100, &join(0, None));
+    agg.handle_datagram(now, 100, &join(0, Some(b"another key here")));
+    assert!(agg.jobs().is_empty());
+    assert_eq!(agg.stats().dropped(DropReason::NotAdmitted), 2);
+    let mut buf = Vec::new();
+    while agg.poll_transmit(&mut buf).is_some() {
+        let Ok(Message::Error(e)) = wire::decode(&buf) else {
+            panic!("expected a refusal")
+        };
+        assert_eq!((e.code, e.nonce), (ErrorCode::NotAdmitted, 9));
+    }
+    agg.handle_datagram(now, 100, &join(0, Some(&key)));
+    agg.handle_datagram(now, 101, &join(1, Some(&key)));
+    assert_eq!(agg.job_slots(5), Some(2));
+}
+
+/// Issue 25, finding 4: jobs that never get all their ranks cannot keep out one that
+/// can run. One address holds one forming job; when the table is full, the oldest
+/// forming job makes room.
+#[test]
+fn forming_jobs_never_keep_out_a_job_that_can_run() {
+    let mut agg = Aggregator::<u32>::new(AggregatorConfig {
+        max_jobs: 4,
+        ..AggregatorConfig::default()
+    });
+    let now = Instant::now();
+    // One address cycling through job ids holds one forming job at most.
+    for job in 10..20 {
+        agg.handle_datagram(now, 7, &join_window(job, 0, 2, 2));
+    }
+    assert_eq!(agg.jobs(), vec![19]);
+    // Many addresses fill the table with forming jobs.
+    for job in 20..30 {
+        agg.handle_datagram(now, 1000 + job, &join_window(job, 0, 2, 2));
+    }
+    assert_eq!(agg.jobs().len(), 4);
+    // A real job still starts, and keeps running while strangers keep joining.
+    agg.handle_datagram(now, 100, &join_window(5, 0, 2, 2));
+    agg.handle_datagram(now, 101, &join_window(5, 1, 2, 2));
+    assert_eq!(agg.job_slots(5), Some(2));
+    for job in 30..40 {
+        agg.handle_datagram(now, 1000 + job, &join_window(job, 0, 2, 2));
+    }
+    assert_eq!(agg.job_slots(5), Some(2));
+    assert!(agg.stats().pending_evicted >= 16);
+    // A table full of jobs that can run refuses.
+    for job in 40..43 {
+        for r in 0..2 {
+            agg.handle_datagram(
+                now,
+                2000 + 2 * job + u32::from(r),
+                &join_window(job, r, 2, 2),
+            );
+        }
+    }
+    agg.handle_datagram(now, 3000, &join_window(50, 0, 2, 2));
+    assert_eq!(agg.stats().dropped(DropReason::NoCapacity), 1);
+}
+
+/// Issue 25, finding 9: ranks that re-join after a failover from different points
+/// (one completed an allreduce the others did not) are refused, all of them, with a
+/// message naming both counts: never a silent mix of two allreduces.
+#[test]
+fn ranks_that_rejoin_from_different_points_are_refused() {
+    let mut agg = Aggregator::<u32>::new(AggregatorConfig::default());
+    let now = Instant::now();
+    for (rank, completed) in [(0u16, 6u64), (1, 7)] {
+        let j = Join {
+            job: 5,
+            rank,
+            world: 2,
+            codec: CodecId::I32,
+            chunk_elems: 4,
+            window: 2,
+            secret: Vec::new(),
+            groups: false,
+            nonce: u64::from(rank),
+            completed,
+            proof: None,
+        };
+        let mut b = Vec::new();
+        wire::encode_join(&j, &mut b);
+        agg.handle_datagram(now, 100 + u32::from(rank), &b);
+    }
+    assert!(agg.jobs().is_empty());
+    let mut buf = Vec::new();
+    let mut told = 0;
+    while let Some(to) = agg.poll_transmit(&mut buf) {
+        let Ok(Message::Error(e)) = wire::decode(&buf) else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(e.code, ErrorCode::Diverged);
+        assert_eq!(e.nonce, u64::from(to - 100));
+        assert!(e.text.contains("rank 0 had completed 6") && e.text.contains("rank 1 7"));
+        told += 1;
+    }
+    assert_eq!(told, 2);
 }

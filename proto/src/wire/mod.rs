@@ -6,17 +6,23 @@
 //!
 //! | kind | message | body after the preamble |
 //! |---|---|---|
-//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8 ([`JOIN_GROUPS`]), chunk_elems u16, window u32, secret_len u8, secret |
-//! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8 ([`GRANT_GROUP`]), chunk_elems u16, window u32, token u64, shard u16, shards u16, then group u32 if flagged |
+//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8 ([`JOIN_GROUPS`], [`JOIN_PROVEN`]), chunk_elems u16, window u32, nonce u64, completed u64, secret_len u8, secret, then the 16-byte admission proof if flagged |
+//! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8 ([`GRANT_GROUP`]), chunk_elems u16, window u32, token u64, nonce u64, shard u16, shards u16, then group u32 if flagged |
 //! | 3 | contribution | [`DataHeader`] (36 bytes), then `count` elements in the codec's wire form, then one exponent byte per exponent block after the first (`codec::payload_bytes`: i8 chunks of more than 8,192 elements) |
 //! | 4 | result | [`DataHeader`] (36 bytes), then the same layout as a contribution's |
 //! | 5 | [`Control`] leave | job u32, rank u16, token u64 |
 //! | 6 | [`Control`] heartbeat | job u32, rank u16, token u64 |
-//! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, msg_len u16, UTF-8 message |
+//! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, nonce u64, msg_len u16, UTF-8 message |
 //! | 8 | [`Control`] regrant | job u32, rank u16, token u64 |
 //!
 //! Data packets have a 40-byte header, a multiple of 4 so that payload lanes stay
 //! aligned in the caller's buffers.
+//!
+//! Every message that changes a rank's state is bound to that rank's session: results,
+//! heartbeat and leave echoes carry the job's session token (from the grant), and the
+//! grant and errors, which may come before any token, carry the `nonce` the rank chose
+//! at random for its join. A worker drops either with another value, so a datagram
+//! forged from the aggregator's address without those values changes nothing.
 //!
 //! [`decode`] validates everything: magic, version, kind, exact lengths, enum values,
 //! reserved bits and ranges. It never panics, whatever the input; it borrows the payload
@@ -29,13 +35,15 @@ use crate::codec::{self, CodecId};
 
 /// The two bytes every inagg datagram starts with.
 pub const MAGIC: [u8; 2] = *b"IA";
-/// The protocol version this crate speaks. Version 3: an `i8` chunk of more than
+/// The protocol version this crate speaks. Version 4: joins carry a nonce that grants
+/// and errors echo, the count of allreduces the rank completed (failover re-joins),
+/// and an optional admission proof. Version 3: an `i8` chunk of more than
 /// 8,192 elements has an exponent per 8 Ki-element block, its first block's in
 /// `scale_exp` and the others' after the data (`codec::EXPONENT_BLOCK`). Version 2: an
 /// `i8` contribution's `scale_exp` is the rank's own block exponent, which the
 /// aggregator aligns, and an `i8` result's is the sum's (version 1 shared one
 /// exponent through the lookahead).
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Bytes before the payload of a contribution or a result.
 pub const DATA_HEADER_LEN: usize = 40;
 /// The longest job secret a join may carry.
@@ -88,6 +96,10 @@ pub const FLAG_LAST: u8 = 0x40;
 /// Flag bit on a join: the rank can take its job's results from a group address
 /// (multicast), which its grant would name ([`Join::groups`]).
 pub const JOIN_GROUPS: u8 = 0x01;
+/// Flag bit on a join: an admission proof ([`Join::proof`]) follows the secret.
+pub const JOIN_PROVEN: u8 = 0x02;
+/// Bytes of a join's admission proof: HMAC-SHA256, truncated.
+pub const ADMISSION_PROOF_LEN: usize = 16;
 /// Flag bit on a grant: the job's results go to a group, whose number follows the
 /// grant's other fields ([`Grant::group`]).
 pub const GRANT_GROUP: u8 = 0x01;
@@ -154,6 +166,51 @@ pub struct Join {
     /// once per rank, as a switch multicasts. A job's results go to a group only when
     /// every rank asked.
     pub groups: bool,
+    /// A number the rank drew at random for this session: the aggregator echoes it in
+    /// the rank's grants and errors ([`Grant::nonce`], [`ErrorMsg::nonce`]), and the
+    /// rank takes none without it.
+    pub nonce: u64,
+    /// Allreduces this rank completed in this job before this join: 0 for a job's
+    /// first session; on a re-join after its aggregator failed (failover), how far the
+    /// rank got. The aggregator starts the job only if every rank says the same.
+    pub completed: u64,
+    /// HMAC-SHA256 of the join's bytes before it (with [`JOIN_PROVEN`] set and
+    /// [`JOIN_GROUPS`] clear: a relay may drop the ask for groups, `inagg relay` does)
+    /// under the aggregator's admission key, truncated to [`ADMISSION_PROOF_LEN`]
+    /// bytes ([`Join::prove`]): an aggregator with a key takes no join without it.
+    pub proof: Option<[u8; ADMISSION_PROOF_LEN]>,
+}
+
+impl Join {
+    /// The admission proof of this join under `key`.
+    fn proof_under(&self, key: &[u8]) -> [u8; ADMISSION_PROOF_LEN] {
+        let mut bytes = Vec::with_capacity(64);
+        let unsigned = Join {
+            proof: Some([0; ADMISSION_PROOF_LEN]),
+            groups: false,
+            ..self.clone()
+        };
+        encode_join(&unsigned, &mut bytes);
+        bytes.truncate(bytes.len() - ADMISSION_PROOF_LEN);
+        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &bytes);
+        let mut out = [0; ADMISSION_PROOF_LEN];
+        out.copy_from_slice(&tag.as_ref()[..ADMISSION_PROOF_LEN]);
+        out
+    }
+
+    /// Adds the proof that the sender holds the admission `key`.
+    pub fn prove(&mut self, key: &[u8]) {
+        self.proof = Some(self.proof_under(key));
+    }
+
+    /// Whether the join carries a valid proof under `key` (compared in constant time).
+    pub fn proves(&self, key: &[u8]) -> bool {
+        let Some(got) = self.proof else {
+            return false;
+        };
+        let want = self.proof_under(key);
+        got.iter().zip(&want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
 }
 
 /// The aggregator admits a rank to a job whose ranks have all joined.
@@ -173,6 +230,8 @@ pub struct Grant {
     pub window: u32,
     /// Carried by every later packet of this job; packets with another token are dropped.
     pub token: u64,
+    /// The nonce of the rank's join ([`Join::nonce`]): a rank takes no grant without it.
+    pub nonce: u64,
     /// Which shard of its aggregator answered (0-based). An aggregator of several
     /// cores runs one shard per core, shard `k` on UDP port `base + k`: independent
     /// aggregators whose joins the worker makes in turn, striping every tensor over
@@ -255,6 +314,11 @@ pub enum ErrorCode {
     NoCapacity = 9,
     /// The job's ranks disagree on a tensor (length or scale): the job was aborted.
     Inconsistent = 10,
+    /// The join does not prove the aggregator's admission key ([`Join::proof`]).
+    NotAdmitted = 11,
+    /// Ranks re-joining after a failover disagree on how many allreduces they
+    /// completed ([`Join::completed`]): the job cannot resume consistently.
+    Diverged = 12,
 }
 
 impl ErrorCode {
@@ -271,6 +335,8 @@ impl ErrorCode {
             8 => Shutdown,
             9 => NoCapacity,
             10 => Inconsistent,
+            11 => NotAdmitted,
+            12 => Diverged,
             _ => return None,
         })
     }
@@ -285,6 +351,9 @@ pub struct ErrorMsg {
     pub rank: u16,
     /// What went wrong.
     pub code: ErrorCode,
+    /// The nonce of the addressed rank's join ([`Join::nonce`]): a rank takes no error
+    /// without it.
+    pub nonce: u64,
     /// Words for people, at most [`MAX_ERROR_TEXT`] bytes.
     pub text: String,
 }
@@ -332,12 +401,19 @@ pub fn encode_join(j: &Join, out: &mut impl BufMut) {
     out.put_u16_le(j.rank);
     out.put_u16_le(j.world);
     out.put_u8(j.codec.0);
-    out.put_u8(if j.groups { JOIN_GROUPS } else { 0 });
+    let flags =
+        if j.groups { JOIN_GROUPS } else { 0 } | if j.proof.is_some() { JOIN_PROVEN } else { 0 };
+    out.put_u8(flags);
     out.put_u16_le(j.chunk_elems);
     out.put_u32_le(j.window);
+    out.put_u64_le(j.nonce);
+    out.put_u64_le(j.completed);
     // Cannot truncate: the length is capped at MAX_SECRET_LEN above.
     out.put_u8(secret.len() as u8);
     out.put_slice(secret);
+    if let Some(p) = &j.proof {
+        out.put_slice(p);
+    }
 }
 
 /// Appends a grant to `out`.
@@ -351,6 +427,7 @@ pub fn encode_grant(g: &Grant, out: &mut impl BufMut) {
     out.put_u16_le(g.chunk_elems);
     out.put_u32_le(g.window);
     out.put_u64_le(g.token);
+    out.put_u64_le(g.nonce);
     out.put_u16_le(g.shard);
     out.put_u16_le(g.shards);
     if let Some(group) = g.group {
@@ -446,6 +523,7 @@ pub fn encode_error(e: &ErrorMsg, out: &mut impl BufMut) {
     out.put_u32_le(e.job);
     out.put_u16_le(e.rank);
     out.put_u8(e.code as u8);
+    out.put_u64_le(e.nonce);
     // Cannot truncate: end <= MAX_ERROR_TEXT < u16::MAX.
     out.put_u16_le(end as u16);
     out.put_slice(&e.text.as_bytes()[..end]);
@@ -608,16 +686,25 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
             let world = r.u16()?;
             let codec = r.codec()?;
             let flags = r.u8()?;
-            if flags & !JOIN_GROUPS != 0 {
+            if flags & !(JOIN_GROUPS | JOIN_PROVEN) != 0 {
                 return Err(DecodeError::Field("flags"));
             }
             let chunk_elems = r.u16()?;
             let window = r.u32()?;
+            let nonce = r.u64()?;
+            let completed = r.u64()?;
             let len = usize::from(r.u8()?);
             if len > MAX_SECRET_LEN {
                 return Err(DecodeError::Field("secret_len"));
             }
             let secret = r.bytes(len)?.to_vec();
+            let proof = if flags & JOIN_PROVEN != 0 {
+                let mut p = [0; ADMISSION_PROOF_LEN];
+                p.copy_from_slice(r.bytes(ADMISSION_PROOF_LEN)?);
+                Some(p)
+            } else {
+                None
+            };
             if world == 0 || rank >= world {
                 return Err(DecodeError::Field("rank"));
             }
@@ -633,6 +720,9 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 window,
                 secret,
                 groups: flags & JOIN_GROUPS != 0,
+                nonce,
+                completed,
+                proof,
             })
         }
         kind::GRANT => {
@@ -649,6 +739,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 chunk_elems: r.u16()?,
                 window: r.u32()?,
                 token: r.u64()?,
+                nonce: r.u64()?,
                 shard: r.u16()?,
                 shards: r.u16()?,
                 group: if flags & GRANT_GROUP != 0 {
@@ -681,6 +772,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
             let rank = r.u16()?;
             let code = r.u8()?;
             let code = ErrorCode::from_u8(code).ok_or(DecodeError::Field("code"))?;
+            let nonce = r.u64()?;
             let len = usize::from(r.u16()?);
             if len > MAX_ERROR_TEXT {
                 return Err(DecodeError::Field("text_len"));
@@ -692,6 +784,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 job,
                 rank,
                 code,
+                nonce,
                 text,
             })
         }

@@ -36,6 +36,9 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
         window: 128,
         secret: b"s3".to_vec(),
         groups: false,
+        nonce: 0x0807_0605_0403_0201,
+        completed: 3,
+        proof: None,
     };
     let grant = Grant {
         job: 7,
@@ -45,6 +48,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
         chunk_elems: 256,
         window: 64,
         token: 0xdead_beef,
+        nonce: 0x0807_0605_0403_0201,
         shard: 1,
         shards: 2,
         group: None,
@@ -52,34 +56,34 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
     vec![
         (
             Message::Join(join.clone()),
-            "49410301 07000000 0100 0400 01 00 0001 80000000 02 7333",
+            "49410401 07000000 0100 0400 01 00 0001 80000000 0102030405060708 0300000000000000 02 7333",
         ),
         (
             Message::Join(Join {
                 groups: true,
                 ..join
             }),
-            "49410301 07000000 0100 0400 01 01 0001 80000000 02 7333",
+            "49410401 07000000 0100 0400 01 01 0001 80000000 0102030405060708 0300000000000000 02 7333",
         ),
         (
             Message::Grant(grant),
-            "49410302 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0100 0200",
+            "49410402 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0102030405060708 0100 0200",
         ),
         (
             Message::Grant(Grant {
                 group: Some(0x0102),
                 ..grant
             }),
-            "49410302 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0100 0200 02010000",
+            "49410402 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0102030405060708 0100 0200 02010000",
         ),
         (
             Message::Contribution(header(), &PAYLOAD),
-            "49410303 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410403 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
             Message::Result(header(), &PAYLOAD),
-            "49410304 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410404 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
@@ -88,7 +92,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410305 09000000 0200 0500000000000000",
+            "49410405 09000000 0200 0500000000000000",
         ),
         (
             Message::Heartbeat(Control {
@@ -96,16 +100,17 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410306 09000000 0200 0500000000000000",
+            "49410406 09000000 0200 0500000000000000",
         ),
         (
             Message::Error(ErrorMsg {
                 job: 9,
                 rank: 1,
                 code: ErrorCode::PeerSilent,
+                nonce: 0x11,
                 text: "gone".into(),
             }),
-            "49410307 09000000 0100 06 0400 676f6e65",
+            "49410407 09000000 0100 06 1100000000000000 0400 676f6e65",
         ),
         (
             Message::Regrant(Control {
@@ -113,7 +118,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410308 09000000 0200 0500000000000000",
+            "49410408 09000000 0200 0500000000000000",
         ),
     ]
 }
@@ -224,6 +229,7 @@ fn rejects_what_it_must() {
         chunk_elems: 8,
         window: 4,
         token: 9,
+        nonce: 0,
         shard: 0,
         shards: 1,
         group: None,
@@ -253,6 +259,9 @@ fn rejects_what_it_must() {
             window: 4,
             secret: Vec::new(),
             groups: true,
+            nonce: 1,
+            completed: 0,
+            proof: None,
         },
         &mut join,
     );
@@ -264,14 +273,19 @@ fn rejects_what_it_must() {
         },
         &mut grant,
     );
-    for b in [&join, &grant] {
+    // Joins use bits 0 (groups) and 1 (proven), grants bit 0.
+    for (b, first) in [(&join, 2), (&grant, 1)] {
         assert!(decode(b).is_ok());
-        for bit in 1..8 {
+        for bit in first..8 {
             let mut b = b.clone();
             b[13] |= 1 << bit;
             assert_eq!(decode(&b), Err(DecodeError::Field("flags")), "bit {bit}");
         }
     }
+    // A join flagged as proven must carry its proof.
+    let mut b = join.clone();
+    b[13] |= JOIN_PROVEN;
+    assert_eq!(decode(&b), Err(DecodeError::Truncated));
     // A grant flagged for a group must carry it.
     let mut b = grant.clone();
     b.truncate(b.len() - 4);
@@ -330,4 +344,67 @@ fn marking_sets_the_flag_of_contributions_only() {
     assert!(!mark_contribution(&mut r));
     assert_eq!(r, before);
     assert!(!mark_contribution(&mut [0x49, 0x41, 1]));
+}
+
+/// The admission proof covers every field of the join: a join proven under one key
+/// proves nothing under another, nor once any field changed.
+#[test]
+fn admission_proofs_bind_the_key_and_every_field() {
+    let mut j = Join {
+        job: 3,
+        rank: 1,
+        world: 2,
+        codec: CodecId::I32,
+        chunk_elems: 64,
+        window: 8,
+        secret: b"s".to_vec(),
+        groups: false,
+        nonce: 77,
+        completed: 0,
+        proof: None,
+    };
+    assert!(!j.proves(b"key one, sixteen"));
+    j.prove(b"key one, sixteen");
+    assert!(j.proves(b"key one, sixteen"));
+    assert!(!j.proves(b"key two, sixteen"));
+    let mut b = Vec::new();
+    encode_join(&j, &mut b);
+    let Ok(Message::Join(back)) = decode(&b) else {
+        panic!("a proven join decodes")
+    };
+    assert!(back.proves(b"key one, sixteen"));
+    // A relay may drop the ask for groups.
+    assert!(Join {
+        groups: true,
+        ..j.clone()
+    }
+    .proves(b"key one, sixteen"));
+    for changed in [
+        Join {
+            job: 4,
+            ..j.clone()
+        },
+        Join {
+            rank: 0,
+            ..j.clone()
+        },
+        Join {
+            nonce: 78,
+            ..j.clone()
+        },
+        Join {
+            completed: 1,
+            ..j.clone()
+        },
+        Join {
+            secret: b"t".to_vec(),
+            ..j.clone()
+        },
+        Join {
+            window: 9,
+            ..j.clone()
+        },
+    ] {
+        assert!(!changed.proves(b"key one, sixteen"), "{changed:?}");
+    }
 }

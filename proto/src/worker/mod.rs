@@ -19,6 +19,7 @@
 
 mod allreduce;
 mod cwnd;
+mod dropped;
 mod rtt;
 
 use std::collections::{HashMap, VecDeque};
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use allreduce::{AllreduceStats, Tail};
+pub use dropped::{DropReason, Dropped};
 pub use rtt::RttEstimator;
 
 use crate::codec::{self, Codec, CodecId};
@@ -88,6 +90,16 @@ pub struct WorkerConfig {
     /// group a grant names ([`Grant::group`]) before the first allreduce. Off by
     /// default; the UDP driver turns it on toward a loopback aggregator.
     pub groups: bool,
+    /// This session's join nonce ([`Join::nonce`]): grants and errors without it are
+    /// dropped. Drivers draw it from the operating system's randomness; a guessable
+    /// nonce lets anyone who can send from the aggregator's address fail the rank.
+    pub nonce: u64,
+    /// Allreduces this rank completed in the job before this session ([`Join::completed`]):
+    /// 0, or after a failover the count from the session before.
+    pub completed: u64,
+    /// The aggregator's admission key, if it has one: every join proves it
+    /// ([`Join::prove`]).
+    pub admission_key: Option<Vec<u8>>,
 }
 
 impl WorkerConfig {
@@ -145,6 +157,9 @@ impl WorkerConfig {
             stochastic_rounding: None,
             skip_zeros: false,
             groups: false,
+            nonce: 0,
+            completed: 0,
+            admission_key: None,
         }
     }
 }
@@ -298,6 +313,8 @@ pub struct Worker {
     /// Encoded payloads that [`Worker::poll_transmit_head`] left for the driver
     /// ([`Tail::Encoded`]), one place per slot, kept across allreduces.
     payloads: Vec<u8>,
+    /// Datagrams dropped, by reason.
+    dropped: Dropped,
 }
 
 impl Worker {
@@ -329,8 +346,14 @@ impl Worker {
             feedback_key: None,
             old_tokens: VecDeque::new(),
             payloads: Vec::new(),
+            dropped: Dropped::default(),
             config,
         })
+    }
+
+    /// Datagrams this worker dropped, by reason.
+    pub fn dropped(&self) -> &Dropped {
+        &self.dropped
     }
 
     /// Bytes `r` of the payloads that [`Worker::poll_transmit_head`] encoded and left
@@ -559,17 +582,41 @@ impl Worker {
     /// Takes one datagram from the aggregator. `data` is the running allreduce's buffer
     /// (any slice when none runs).
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8], data: &mut [f32]) {
-        let Ok(msg) = wire::decode(datagram) else {
-            return;
-        };
+        if let Err(reason) = self.take_datagram(now, datagram, data) {
+            self.dropped.add(reason);
+        }
+    }
+
+    /// [`Worker::handle_datagram`]: why the datagram changed nothing, if it did not.
+    fn take_datagram(
+        &mut self,
+        now: Instant,
+        datagram: &[u8],
+        data: &mut [f32],
+    ) -> Result<(), DropReason> {
+        let msg = wire::decode(datagram).map_err(|_| DropReason::Malformed)?;
         let len = datagram.len() as u64;
+        let job = match &msg {
+            Message::Grant(g) => g.job,
+            Message::Result(h, _) => h.job,
+            Message::Heartbeat(c) | Message::Leave(c) => c.job,
+            Message::Error(e) => e.job,
+            Message::Join(_) | Message::Contribution(..) | Message::Regrant(_) => {
+                return Err(DropReason::WrongDirection)
+            }
+        };
+        if job != self.config.job {
+            return Err(DropReason::OtherJob);
+        }
         match msg {
             Message::Grant(g) => {
+                if g.nonce != self.config.nonce {
+                    return Err(DropReason::BadNonce);
+                }
                 // The aggregator grants the chunk every rank asked for and at most the
-                // smallest window asked: anything else is forged or broken, and a
-                // window beyond ours would size this rank's ring by it.
-                if g.job != self.config.job
-                    || g.rank != self.config.rank
+                // smallest window asked: anything else is broken, and a window beyond
+                // ours would size this rank's ring by it.
+                if g.rank != self.config.rank
                     || g.world != self.config.world
                     || g.codec != self.config.codec
                     || g.chunk_elems != self.config.chunk_elems
@@ -579,7 +626,7 @@ impl Worker {
                     || (g.group.is_some() && !self.config.groups)
                     || self.grant.is_some_and(|old| old.group != g.group)
                 {
-                    return;
+                    return Err(DropReason::GrantMismatch);
                 }
                 self.last_heard = now;
                 match &mut self.state {
@@ -607,50 +654,66 @@ impl Worker {
                             None => self.state = State::Ready,
                         }
                     }
-                    _ => {}
+                    // A retransmitted grant: the aggregator is alive, nothing changes.
+                    _ => return Err(DropReason::Unexpected),
                 }
             }
             Message::Result(h, payload) => {
-                let Some(g) = self.grant else { return };
-                if h.job != self.config.job || h.token != g.token || h.codec != self.codec.id() {
-                    return;
+                let Some(g) = self.grant else {
+                    return Err(DropReason::BadToken);
+                };
+                if h.token != g.token {
+                    return Err(DropReason::BadToken);
+                }
+                if h.codec != self.codec.id() {
+                    return Err(DropReason::Unexpected);
+                }
+                self.last_heard = now;
+                let State::Running(op) = &mut self.state else {
+                    return Err(DropReason::Unexpected);
+                };
+                op.stats.packets_received += 1;
+                op.stats.bytes_received += len;
+                let outcome = op.handle_result(now, &h, payload, data, &self.rtt);
+                if let ResultOutcome::Accepted(sample) = outcome {
+                    if let Some(rtt) = sample {
+                        self.rtt.sample(rtt);
+                    }
+                    if self.config.congestion_control {
+                        let marked = h.flags & wire::FLAG_MARK != 0;
+                        self.cwnd.on_result(h.seq, marked, op.next_seq());
+                    }
+                    op.regrant |= h.flags & wire::FLAG_REGRANT != 0;
+                }
+                if let Some(lost) = op.take_loss() {
+                    if self.config.congestion_control {
+                        self.cwnd.on_loss(lost, op.next_seq());
+                    }
+                }
+                self.finish_if_done(now);
+                if matches!(outcome, ResultOutcome::Ignored | ResultOutcome::Duplicate) {
+                    return Err(DropReason::Unexpected);
+                }
+            }
+            Message::Heartbeat(c) => {
+                if Some(c) != self.control() {
+                    return Err(DropReason::BadToken);
                 }
                 self.last_heard = now;
                 if let State::Running(op) = &mut self.state {
                     op.stats.packets_received += 1;
                     op.stats.bytes_received += len;
-                    if let ResultOutcome::Accepted(sample) =
-                        op.handle_result(now, &h, payload, data, &self.rtt)
-                    {
-                        if let Some(rtt) = sample {
-                            self.rtt.sample(rtt);
-                        }
-                        if self.config.congestion_control {
-                            let marked = h.flags & wire::FLAG_MARK != 0;
-                            self.cwnd.on_result(h.seq, marked, op.next_seq());
-                        }
-                        op.regrant |= h.flags & wire::FLAG_REGRANT != 0;
-                    }
-                    if let Some(lost) = op.take_loss() {
-                        if self.config.congestion_control {
-                            self.cwnd.on_loss(lost, op.next_seq());
-                        }
-                    }
-                    self.finish_if_done(now);
-                }
-            }
-            Message::Heartbeat(c) => {
-                if Some(c) == self.control() {
-                    self.last_heard = now;
-                    if let State::Running(op) = &mut self.state {
-                        op.stats.packets_received += 1;
-                        op.stats.bytes_received += len;
-                    }
                 }
             }
             Message::Error(e) => {
-                if e.job != self.config.job {
-                    return;
+                if e.nonce != self.config.nonce {
+                    return Err(DropReason::BadNonce);
+                }
+                if matches!(e.code, ErrorCode::RankOutOfRange | ErrorCode::UnknownJob)
+                    && !matches!(self.state, State::Joining { .. })
+                {
+                    // Not about this rank's membership: ignore rather than trust it.
+                    return Err(DropReason::Unexpected);
                 }
                 let err = match self.state {
                     State::Joining { .. } => WorkerError::Refused {
@@ -663,22 +726,23 @@ impl Worker {
                         text: e.text,
                     },
                 };
-                if matches!(e.code, ErrorCode::RankOutOfRange | ErrorCode::UnknownJob)
-                    && !matches!(self.state, State::Joining { .. })
-                {
-                    // Not about this rank's membership: ignore rather than trust it.
-                    return;
-                }
                 self.fail(err);
             }
             Message::Leave(c) => {
-                // The aggregator's echo: the leave arrived.
-                if matches!(self.state, State::Closing { .. }) && Some(c) == self.control() {
-                    self.state = State::Closed;
+                if Some(c) != self.control() {
+                    return Err(DropReason::BadToken);
                 }
+                // The aggregator's echo: the leave arrived.
+                if !matches!(self.state, State::Closing { .. }) {
+                    return Err(DropReason::Unexpected);
+                }
+                self.state = State::Closed;
             }
-            Message::Join(_) | Message::Contribution(..) | Message::Regrant(_) => {}
+            Message::Join(_) | Message::Contribution(..) | Message::Regrant(_) => {
+                return Err(DropReason::WrongDirection)
+            }
         }
+        Ok(())
     }
 
     /// Writes the next datagram to send into `buf` (cleared first); false when nothing
@@ -788,7 +852,7 @@ impl Worker {
     }
 
     fn join_msg(&self) -> Join {
-        Join {
+        let mut join = Join {
             job: self.config.job,
             rank: self.config.rank,
             world: self.config.world,
@@ -797,7 +861,14 @@ impl Worker {
             window: self.config.window,
             secret: self.config.secret.clone(),
             groups: self.config.groups,
+            nonce: self.config.nonce,
+            completed: self.config.completed,
+            proof: None,
+        };
+        if let Some(key) = &self.config.admission_key {
+            join.prove(key);
         }
+        join
     }
 
     /// When [`Worker::handle_timeout`] should be called next.

@@ -7,7 +7,7 @@ use crate::aggregator::AggregatorConfig;
 use crate::codec::CodecId;
 use crate::sim::{Sim, SimConfig, SimError};
 use crate::wire::ErrorCode;
-use crate::worker::{ConfigError, Tail, Worker, WorkerConfig, WorkerError};
+use crate::worker::{ConfigError, DropReason, Tail, Worker, WorkerConfig, WorkerError};
 
 fn configs(world: u16) -> Vec<WorkerConfig> {
     (0..world)
@@ -189,6 +189,7 @@ fn a_grant_beyond_what_the_rank_asked_for_is_ignored() {
         chunk_elems: 256,
         window: 16,
         token: 42,
+        nonce: 0,
         shard: 0,
         shards: 1,
         group: None,
@@ -257,6 +258,7 @@ fn a_rank_that_asks_for_groups_says_so_and_takes_its_group() {
         chunk_elems: cfg.chunk_elems,
         window: cfg.window,
         token: 42,
+        nonce: 0,
         shard: 0,
         shards: 1,
         group: Some(7),
@@ -279,6 +281,7 @@ fn a_leave_is_resent_until_echoed_and_given_up_after_three_tries() {
         chunk_elems: 256,
         window: 8,
         token: 42,
+        nonce: 0,
         shard: 0,
         shards: 1,
         group: None,
@@ -408,6 +411,7 @@ fn an_f32_payload_can_stay_in_the_tensor_and_other_codecs_are_encoded() {
             chunk_elems: 4,
             window: 8,
             token: 42,
+            nonce: 0,
             shard: 0,
             shards: 1,
             group: None,
@@ -473,6 +477,7 @@ fn an_i8_result_is_refused_where_any_blocks_exponent_is_below_the_ranks_own() {
         chunk_elems: chunk as u16,
         window: 4,
         token: 42,
+        nonce: 0,
         shard: 0,
         shards: 1,
         group: None,
@@ -546,4 +551,73 @@ fn an_i8_result_is_refused_where_any_blocks_exponent_is_below_the_ranks_own() {
         };
         assert!((x - y).abs() <= step, "element {i}: {x} against {y}");
     }
+}
+
+/// Issue 25, finding 2: a grant or an error without this session's join nonce changes
+/// nothing (a datagram forged from the aggregator's address cannot fail or re-key the
+/// rank), and is counted; with it, an error fails the rank.
+#[test]
+fn grants_and_errors_without_the_join_nonce_are_dropped_and_counted() {
+    use crate::wire::{self, ErrorCode, ErrorMsg, Grant, Message};
+    let now = std::time::Instant::now();
+    let mut cfg = WorkerConfig::new(1, 0, 2, CodecId::I32);
+    cfg.nonce = 0x5eed;
+    let mut w = Worker::new(cfg.clone(), now).expect("worker");
+    let mut b = Vec::new();
+    w.poll_transmit(now, &[], &mut b);
+    let Ok(Message::Join(j)) = wire::decode(&b) else {
+        panic!("expected a join")
+    };
+    assert_eq!(j.nonce, 0x5eed);
+    let grant = Grant {
+        job: 1,
+        rank: 0,
+        world: 2,
+        codec: CodecId::I32,
+        chunk_elems: cfg.chunk_elems,
+        window: cfg.window,
+        token: 42,
+        nonce: 0x5eee,
+        shard: 0,
+        shards: 1,
+        group: None,
+    };
+    let error = |nonce| ErrorMsg {
+        job: 1,
+        rank: 1,
+        code: ErrorCode::PeerSilent,
+        nonce,
+        text: "forged".into(),
+    };
+    for m in [
+        Message::Grant(grant),
+        Message::Error(error(0)),
+        Message::Error(error(7)),
+    ] {
+        b.clear();
+        m.encode(&mut b);
+        w.handle_datagram(now, &b, &mut []);
+    }
+    assert!(w.grant().is_none() && w.error().is_none());
+    assert_eq!(w.dropped().get(DropReason::BadNonce), 3);
+    b.clear();
+    wire::encode_grant(
+        &Grant {
+            nonce: 0x5eed,
+            ..grant
+        },
+        &mut b,
+    );
+    w.handle_datagram(now, &b, &mut []);
+    assert_eq!(w.grant().map(|g| g.token), Some(42));
+    b.clear();
+    wire::encode_error(&error(0x5eee), &mut b);
+    w.handle_datagram(now, &b, &mut []);
+    assert!(w.error().is_none(), "a forged abort of a joined rank");
+    b.clear();
+    wire::encode_error(&error(0x5eed), &mut b);
+    w.handle_datagram(now, &b, &mut []);
+    assert!(matches!(w.error(), Some(WorkerError::Aborted { .. })));
+    assert_eq!(w.dropped().get(DropReason::BadNonce), 4);
+    assert_eq!(w.dropped().total(), 4);
 }
