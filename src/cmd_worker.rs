@@ -65,6 +65,11 @@ pub struct Args {
     /// Transport to the aggregator(s).
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     pub transport: Transport,
+    /// Aggregators to move the job to, in order, when its aggregator fails (refuses,
+    /// goes silent, shuts down), redoing the interrupted allreduce there: every rank
+    /// lists the same ones. Costs a copy of the tensor per allreduce.
+    #[arg(long, value_delimiter = ',', value_name = "ADDR[,ADDR...]", value_parser = crate::admission::address)]
+    pub failover: Vec<SocketAddr>,
     /// The aggregator's admission key file (`inagg aggregator --admission-key`):
     /// every join proves it.
     #[arg(long, value_name = "FILE", value_parser = crate::admission::key_file)]
@@ -233,8 +238,20 @@ pub struct Report {
     /// job, that got the same sum print the same value.
     #[serde(default)]
     pub result_checksum: String,
+    /// Every failover (`--failover`): the aggregator the job moved to and the seconds
+    /// from the failure to the grant there.
+    #[serde(default)]
+    pub failovers: Vec<FailoverRow>,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
+}
+
+/// One failover in a [`Report`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverRow {
+    pub to: String,
+    pub resume_s: f64,
+    pub cause: String,
 }
 
 pub fn options(a: &Args) -> Result<Options> {
@@ -265,6 +282,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.yields_before_sleep = a.tuning.yields_before_sleep;
     o.multicast = !a.tuning.no_multicast;
     o.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
+    o.failover = a.failover.clone();
     if a.transport == Transport::Quic {
         o.transport = inagg_worker::Transport::Quic(a.trust.quic(a.tuning.quic_mode)?);
     }
@@ -305,6 +323,7 @@ pub fn run(a: &Args) -> Result<()> {
         mismatches: 0,
         chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
         result_checksum: String::new(),
+        failovers: Vec::new(),
         check: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
@@ -363,6 +382,15 @@ pub fn run(a: &Args) -> Result<()> {
     }
     buf.truncate(n);
     report.result_checksum = format!("{:016x}", fnv1a(bytemuck_bytes(&buf)));
+    report.failovers = worker
+        .failovers()
+        .into_iter()
+        .map(|f| FailoverRow {
+            to: f.to.to_string(),
+            resume_s: f.resumed_after.as_secs_f64(),
+            cause: f.cause,
+        })
+        .collect();
     worker.close();
     if report.mismatches > 0 {
         bail!(

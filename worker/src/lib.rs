@@ -32,6 +32,7 @@
 //! blocking call takes a plain `&mut [f32]`.
 
 mod driver;
+pub mod failover;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +41,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use driver::AllreduceReport;
+pub use failover::Failover;
 pub use inagg_proto::codec::CodecId;
 pub use inagg_proto::wire::Grant;
 pub use inagg_proto::worker::{ConfigError, WorkerConfig, WorkerError};
@@ -84,6 +86,10 @@ pub struct Options {
     /// for all ranks instead of once per rank, where every rank of the job asked and
     /// it offers groups ([`inagg_net::group`]). Elsewhere it changes nothing.
     pub multicast: bool,
+    /// Aggregators to move the job to, in order, when its aggregator fails (refuses
+    /// the connection, goes silent, shuts down): every rank lists the same ones.
+    /// Empty (the default): a failed aggregator fails the rank. See [`failover`].
+    pub failover: Vec<SocketAddr>,
 }
 
 /// Yields before a worker sleeps waiting for results, by default.
@@ -121,6 +127,7 @@ impl Options {
             protocol,
             yields_before_sleep: DEFAULT_YIELDS_BEFORE_SLEEP,
             multicast: true,
+            failover: Vec::new(),
         }
     }
 }
@@ -350,13 +357,13 @@ struct Shared {
 
 /// One session with one aggregator, and the thread that keeps it alive between calls.
 #[derive(Debug)]
-struct Stripe {
+pub(crate) struct Stripe {
     shared: Arc<Shared>,
     heartbeats: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Stripe {
-    fn connect(opts: &Options, aggregator: SocketAddr) -> Result<Self, Error> {
+    pub(crate) fn connect(opts: &Options, aggregator: SocketAddr) -> Result<Self, Error> {
         let mut session = Session::new(opts, aggregator)?;
         session.join()?;
         let shared = Arc::new(Shared {
@@ -382,11 +389,11 @@ impl Stripe {
         })
     }
 
-    fn session(&self) -> Result<MutexGuard<'_, Session>, Error> {
+    pub(crate) fn session(&self) -> Result<MutexGuard<'_, Session>, Error> {
         self.shared.session.lock().map_err(|_| Error::Poisoned)
     }
 
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Ok(mut h) = self.heartbeats.lock() {
             if let Some(h) = h.take() {
@@ -422,7 +429,7 @@ fn sibling_shards(addr: SocketAddr, grant: &Grant) -> Vec<(u16, SocketAddr)> {
 /// One rank of one job, over UDP. Cheap to clone: clones share the sessions.
 #[derive(Debug, Clone)]
 pub struct UdpWorker {
-    stripes: Arc<Vec<Stripe>>,
+    rank: Arc<Mutex<failover::Rank>>,
 }
 
 impl UdpWorker {
@@ -436,24 +443,24 @@ impl UdpWorker {
     /// addresses in the same order (joins wait for every rank, so ranks that named
     /// different shards time out rather than sum mismatched runs). If any join fails,
     /// the ones made already are left.
+    ///
+    /// With [`Options::failover`], an aggregator that refuses the connection, goes
+    /// silent or shuts down, while joining or in an allreduce, is replaced by the next
+    /// address of the list (see [`failover`]).
     pub fn connect(opts: Options) -> Result<Self, Error> {
-        let mut stripes = Vec::new();
-        match Self::join_all(&opts, &mut stripes) {
-            Ok(()) => Ok(Self {
-                stripes: Arc::new(stripes),
-            }),
-            Err(e) => {
-                for s in &stripes {
-                    s.shutdown();
-                }
-                Err(e)
-            }
-        }
+        let rank = failover::Rank::connect(opts)?;
+        Ok(Self {
+            rank: Arc::new(Mutex::new(rank)),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, failover::Rank>, Error> {
+        self.rank.lock().map_err(|_| Error::Poisoned)
     }
 
     /// Joins every listed aggregator and every shard their grants announce, in order,
     /// pushing each session onto `stripes` as it is made.
-    fn join_all(opts: &Options, stripes: &mut Vec<Stripe>) -> Result<(), Error> {
+    pub(crate) fn join_all(opts: &Options, stripes: &mut Vec<Stripe>) -> Result<(), Error> {
         // Each address to join, with what its grant must say when it is a shard that
         // another aggregator's grant announced.
         let mut todo: Vec<(SocketAddr, Option<ShardGrant>)> = std::iter::once(opts.aggregator)
@@ -496,18 +503,28 @@ impl UdpWorker {
 
     /// The grant of the first aggregator: world size, codec, chunk size, slots.
     pub fn grant(&self) -> Result<Grant, Error> {
-        Ok(self.stripes[0].session()?.grant())
+        let rank = self.lock()?;
+        let first = rank.stripes.first().ok_or(Error::Poisoned)?;
+        let g = first.session()?.grant();
+        Ok(g)
     }
 
     /// The number of aggregators the job is striped over.
     pub fn stripes(&self) -> usize {
-        self.stripes.len()
+        self.lock().map_or(0, |r| r.stripes.len())
+    }
+
+    /// The failovers so far: where to, and how long each took from the failure to the
+    /// new aggregator's grant.
+    pub fn failovers(&self) -> Vec<Failover> {
+        self.lock()
+            .map_or_else(|_| Vec::new(), |r| r.failovers.clone())
     }
 
     /// Sums `data` with every other rank's buffer of the same length, in place.
     /// Every rank must call it the same number of times with the same lengths.
     pub fn allreduce(&self, data: &mut [f32]) -> Result<AllreduceReport, Error> {
-        self.striped(data, None)
+        self.lock()?.allreduce(data, None)
     }
 
     /// [`UdpWorker::allreduce`] with error feedback: the quantization residual this
@@ -518,13 +535,17 @@ impl UdpWorker {
         data: &mut [f32],
         key: u64,
     ) -> Result<AllreduceReport, Error> {
-        self.striped(data, Some(key))
+        self.lock()?.allreduce(data, Some(key))
     }
 
-    /// Cuts `data` into one run of whole chunks per aggregator and sums the runs in
-    /// parallel, the first on the calling thread.
-    fn striped(&self, data: &mut [f32], key: Option<u64>) -> Result<AllreduceReport, Error> {
-        let [first, rest @ ..] = &self.stripes[..] else {
+    /// Cuts `data` into one run of whole chunks per aggregator of `stripes` and sums
+    /// the runs in parallel, the first on the calling thread.
+    pub(crate) fn striped(
+        stripes: &[Stripe],
+        data: &mut [f32],
+        key: Option<u64>,
+    ) -> Result<AllreduceReport, Error> {
+        let [first, rest @ ..] = stripes else {
             return Err(Error::Poisoned);
         };
         if rest.is_empty() {
@@ -532,7 +553,7 @@ impl UdpWorker {
         }
         let chunk = usize::from(first.session()?.grant().chunk_elems).max(1);
         let chunks = data.len().div_ceil(chunk);
-        let n = self.stripes.len();
+        let n = stripes.len();
         // Stripe i takes chunks [i * chunks / n, (i + 1) * chunks / n).
         let bounds: Vec<usize> = (0..=n)
             .map(|i| (i * chunks / n * chunk).min(data.len()))
@@ -591,8 +612,8 @@ impl UdpWorker {
     }
 
     fn shutdown(&self) {
-        for s in self.stripes.iter() {
-            s.shutdown();
+        if let Ok(mut r) = self.lock() {
+            r.shutdown();
         }
     }
 }
@@ -600,7 +621,7 @@ impl UdpWorker {
 impl Drop for UdpWorker {
     fn drop(&mut self) {
         // The last handle leaves the job.
-        if Arc::strong_count(&self.stripes) == 1 {
+        if Arc::strong_count(&self.rank) == 1 {
             self.shutdown();
         }
     }
