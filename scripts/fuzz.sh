@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the packet decoder and the aggregator state machine with cargo-fuzz
+# Fuzzes the packet decoder and the aggregator and worker state machines with cargo-fuzz
 # (libFuzzer) for DURATION seconds each (default 60), on the stable toolchain.
 #   scripts/fuzz.sh 600
 # The corpus grows in fuzz/corpus/<target>/ (not committed), starting from
@@ -13,7 +13,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 total=0
-for target in decode aggregator; do
+for target in decode aggregator worker; do
     mkdir -p "corpus/$target"
     cp -n seeds/"$target"/* "corpus/$target/" 2>/dev/null || true
     log="$(mktemp)"

@@ -104,8 +104,10 @@ def train(args, rank, world, codec, job):
         acc = (net(test_x).argmax(dim=1) == test_y).float().mean().item()
     params = torch.cat([p.detach().flatten() for p in net.module.parameters()])
     nparams = params.numel()
+    failovers = 0
     if state is not None:
         bytes_per_step = state.bytes_sent / max(1, args.steps)
+        failovers = state.worker.failovers
         state.close()
     else:
         bytes_per_step = 2 * (world - 1) / world * 4 * nparams
@@ -123,6 +125,7 @@ def train(args, rank, world, codec, job):
         "bytes_per_step": bytes_per_step,
         "parameters": nparams,
         "replicas_identical": len(set(digests)) == 1,
+        "failovers": failovers,
     }, params
 
 

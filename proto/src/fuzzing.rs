@@ -1,5 +1,5 @@
-//! Harnesses that turn arbitrary bytes into inputs for the decoder and the aggregator,
-//! shared by the cargo-fuzz targets (`fuzz/`) and the property tests that run in CI.
+//! Harnesses that turn arbitrary bytes into inputs for the decoder, the aggregator
+//! and the worker, shared by the cargo-fuzz targets (`fuzz/`) and the property tests that run in CI.
 //!
 //! Each harness panics only when an invariant breaks; a fuzzer reports that panic as
 //! a crash, and the input that caused it becomes a regression test.
@@ -251,4 +251,216 @@ pub fn aggregator(data: &[u8]) -> u64 {
         );
     }
     sent
+}
+
+/// The nonce of the worker that [`worker`] drives.
+const NONCE: u64 = 0x5eed_0001;
+
+/// Drives a worker (rank 1 of 3 of job 77) through the operations that `data`
+/// encodes: raw datagrams, grants, results, errors and echoes with fuzzed fields
+/// (right or wrong nonce and token, sequence numbers near and far, counts, exponents,
+/// flags), allreduces started, a close, and the passing of time. Checks after every
+/// step that everything the worker sends decodes, that it sends a bounded number of
+/// datagrams, and that it never takes a grant beyond the window it asked for; its
+/// own counters of dropped datagrams must add up. Returns the datagrams it sent.
+pub fn worker(data: &[u8]) -> u64 {
+    use crate::worker::{Event, Worker, WorkerConfig};
+    let mut input = Bytes(data);
+    let codecs = [CodecId::I32, CodecId::F32, CodecId::I8, CodecId::F16];
+    let codec = codecs[usize::from(input.u8()) % codecs.len()];
+    let chunk = 16u16;
+    let mut cfg = WorkerConfig::new(JOB, 1, WORLD, codec);
+    cfg.chunk_elems = chunk;
+    cfg.window = 4;
+    cfg.nonce = NONCE;
+    cfg.join_timeout = Duration::from_secs(5);
+    cfg.aggregator_timeout = Duration::from_secs(5);
+    cfg.progress_timeout = Duration::from_secs(10);
+    let Some(known) = codec::lookup(codec) else {
+        return 0;
+    };
+    let mut now = Instant::now();
+    let Ok(mut w) = Worker::new(cfg.clone(), now) else {
+        return 0;
+    };
+    let mut tensor: Vec<f32> = Vec::new();
+    let mut buf = Vec::new();
+    let mut sent = 0u64;
+    let mut handled = 0u64;
+    // Bounded by the input: every step consumes at least one byte.
+    while !input.is_empty() {
+        let op = input.u8();
+        let token = w.grant().map_or(0, |g| g.token);
+        let datagram: Option<Vec<u8>> = match op % 8 {
+            0 => {
+                let n = usize::from(input.u8());
+                Some(input.take(n))
+            }
+            1 => {
+                let f = input.u8();
+                let g = wire::Grant {
+                    job: if f & 1 != 0 { JOB + 1 } else { JOB },
+                    rank: 1,
+                    world: WORLD,
+                    codec,
+                    chunk_elems: if f & 2 != 0 { chunk * 2 } else { chunk },
+                    window: u32::from(input.u8() % 8).max(1),
+                    token: if f & 4 != 0 {
+                        u64::from(input.u8())
+                    } else {
+                        42 + u64::from(f >> 6)
+                    },
+                    nonce: if f & 8 != 0 { NONCE ^ 1 } else { NONCE },
+                    shard: 0,
+                    shards: 1,
+                    group: (f & 16 != 0).then_some(3),
+                };
+                let mut b = Vec::new();
+                wire::encode_grant(&g, &mut b);
+                Some(b)
+            }
+            2 => {
+                let f = input.u8();
+                let s = u64::from(w.grant().map_or(4, |g| g.window).max(1));
+                let seq = match f & 3 {
+                    0 => u64::from(input.u8() % 16),
+                    1 => u64::from(input.u16()),
+                    2 => u64::MAX - u64::from(input.u8()),
+                    _ => u64::from(input.u8()) * s,
+                };
+                let count = input.u16() % (chunk + 2);
+                let h = DataHeader {
+                    job: JOB,
+                    rank: WORLD,
+                    codec,
+                    flags: input.u8() & 0x7f,
+                    token: if f & 4 != 0 { token ^ 1 } else { token },
+                    seq,
+                    slot: (seq % s) as u32,
+                    version: ((seq / s) % 2) as u8,
+                    scale_exp: if known.block_scaled() {
+                        (input.u8() % 40) as i8 - 20
+                    } else {
+                        wire::NO_EXPONENT
+                    },
+                    next_exp: if f & 8 != 0 {
+                        (input.u8() % 40) as i8 - 20
+                    } else {
+                        wire::NO_EXPONENT
+                    },
+                    count,
+                };
+                let len = if h.flags & wire::FLAG_PROBE != 0 {
+                    0
+                } else {
+                    codec::payload_bytes(known, usize::from(count))
+                };
+                let payload = input.take(len);
+                let mut payload = payload;
+                payload.resize(len, 0);
+                let mut b = Vec::new();
+                wire::encode_result(&h, &payload, &mut b);
+                Some(b)
+            }
+            3 => {
+                let f = input.u8();
+                let e = wire::ErrorMsg {
+                    job: JOB,
+                    rank: u16::from(f >> 4) % (WORLD + 1),
+                    code: if f & 1 != 0 {
+                        wire::ErrorCode::PeerSilent
+                    } else {
+                        wire::ErrorCode::UnknownJob
+                    },
+                    nonce: if f & 2 != 0 { NONCE } else { u64::from(f) },
+                    text: "fuzz".into(),
+                };
+                let mut b = Vec::new();
+                wire::encode_error(&e, &mut b);
+                Some(b)
+            }
+            4 => {
+                let f = input.u8();
+                let c = Control {
+                    job: JOB,
+                    rank: 1,
+                    token: if f & 1 != 0 { token } else { u64::from(f) },
+                };
+                let mut b = Vec::new();
+                if f & 2 != 0 {
+                    wire::encode_heartbeat(&c, &mut b);
+                } else {
+                    wire::encode_leave(&c, &mut b);
+                }
+                Some(b)
+            }
+            5 => {
+                now += Duration::from_millis(u64::from(input.u16()));
+                if w.poll_timeout().is_some_and(|t| t <= now) {
+                    w.handle_timeout(now);
+                }
+                None
+            }
+            6 => {
+                if w.is_ready() {
+                    let n = usize::from(input.u8() % 64);
+                    tensor = (0..n)
+                        .map(|i| f32::from(input.u8()) - 128.0 + i as f32)
+                        .collect();
+                    let _ = w.start_allreduce(now, &mut tensor, None);
+                }
+                None
+            }
+            _ => {
+                if op & 0x80 != 0 {
+                    w.close();
+                }
+                None
+            }
+        };
+        if let Some(d) = datagram {
+            w.handle_datagram(now, &d, &mut tensor);
+            handled += 1;
+        }
+        let dropped = w.dropped().total();
+        assert!(dropped <= handled, "{dropped} drops of {handled} datagrams");
+        if let Some(g) = w.grant() {
+            assert!(
+                g.window <= cfg.window,
+                "took a grant beyond its window: {g:?}"
+            );
+            assert_eq!(g.nonce, NONCE, "took a grant without its nonce");
+        }
+        let mut step = 0;
+        while w.poll_transmit(now, &tensor, &mut buf) {
+            assert!(buf.len() <= wire::MAX_DATAGRAM);
+            if let Err(e) = wire::decode(&buf) {
+                panic!("the worker sent an undecodable datagram ({e}): {buf:?}");
+            }
+            sent += 1;
+            step += 1;
+            assert!(step <= MAX_OUT, "the worker keeps sending");
+        }
+        while let Some(ev) = w.poll_event() {
+            if let Event::Failed(_) = ev {
+                assert!(w.is_finished(), "failed but not finished");
+            }
+        }
+    }
+    sent
+}
+
+#[cfg(test)]
+mod tests {
+    /// The worker harness reaches a running allreduce: a valid grant, an allreduce of
+    /// 40 elements (three chunks of 16), its contributions sent.
+    #[test]
+    fn the_worker_harness_reaches_an_allreduce() {
+        let mut flow = vec![1u8, 1, 0, 4, 6, 40];
+        flow.extend([128; 40]);
+        flow.extend([5, 10, 0]);
+        // The grant comes before the first join goes out; then three contributions
+        // (f32: no lookahead).
+        assert_eq!(super::worker(&flow), 3);
+    }
 }

@@ -27,11 +27,12 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn the_fixed_corpus_and_every_regression_pass() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut n = 0;
-    for target in ["decode", "aggregator"] {
+    for target in ["decode", "aggregator", "worker"] {
         for sub in ["seeds", "regressions"] {
             for (name, data) in files(&root.join(sub).join(target)) {
                 let r = std::panic::catch_unwind(|| match target {
                     "decode" => u64::from(fuzzing::decode(&data)),
+                    "worker" => fuzzing::worker(&data),
                     _ => fuzzing::aggregator(&data),
                 });
                 assert!(r.is_ok(), "{name} crashes the {target} harness");
@@ -48,6 +49,11 @@ proptest! {
     #[test]
     fn arbitrary_datagrams_decode_or_fail_cleanly(data in proptest::collection::vec(any::<u8>(), 0..200)) {
         fuzzing::decode(&data);
+    }
+
+    #[test]
+    fn arbitrary_datagrams_and_clock_steps_never_break_a_worker(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        fuzzing::worker(&data);
     }
 
     #[test]

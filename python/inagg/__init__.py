@@ -14,7 +14,8 @@ A :class:`Worker` is one rank of one job on an inagg aggregator::
 without copying it, and releases the GIL while it runs. ``inagg.torch`` has a DDP
 communication hook. Errors are exceptions derived from :class:`InaggError` that name
 their cause: :class:`RefusedError` (a wrong secret, a job with other settings),
-:class:`JoinTimeoutError` (no aggregator, or not every rank came),
+:class:`JoinTimeoutError` (no aggregator answers, or not every rank came),
+``ConnectionRefusedError`` (nothing listens at the address),
 :class:`AbortedError` (a peer died), :class:`StalledError`,
 :class:`AggregatorSilentError`, :class:`ConnectError` (QUIC handshake or
 certificate), :class:`ClosedError`; bad arguments raise ``ValueError`` or

@@ -3,7 +3,9 @@
 Launch as with torchrun: ``RANK``, ``WORLD_SIZE`` (and ``LOCAL_RANK``) come from
 the environment, the aggregator's address from ``INAGG_AGGREGATOR`` (default
 ``127.0.0.1:7070``), the job id from ``INAGG_JOB``, else from torchrun's run id
-(``TORCHELASTIC_RUN_ID``, hashed), else 1::
+(``TORCHELASTIC_RUN_ID``, hashed), else 1; failover aggregators from
+``INAGG_FAILOVER`` (``HOST:PORT[,HOST:PORT...]``) and the aggregator's admission key
+file from ``INAGG_ADMISSION_KEY_FILE``, where set (arguments win)::
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -72,6 +74,12 @@ class InaggState:
         self.error_feedback = (
             codec in _BLOCK_SCALED if error_feedback is None else error_feedback
         )
+        failover = os.environ.get("INAGG_FAILOVER")
+        if failover and "failover" not in worker_kwargs:
+            worker_kwargs["failover"] = [a for a in failover.split(",") if a]
+        key_file = os.environ.get("INAGG_ADMISSION_KEY_FILE")
+        if key_file and "admission_key" not in worker_kwargs:
+            worker_kwargs["admission_key"] = key_file
         self.worker = Worker(
             self.aggregator, self.job, self.rank, self.world_size, codec, **worker_kwargs
         )

@@ -234,7 +234,8 @@ impl Worker {
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
         skip_zeros = false, congestion_control = true, join_timeout = 30.0,
-        aggregator_timeout = 10.0, yields_before_sleep = None, multicast = true
+        aggregator_timeout = 10.0, yields_before_sleep = None, multicast = true,
+        failover = None, admission_key = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -260,6 +261,8 @@ impl Worker {
         aggregator_timeout: f64,
         yields_before_sleep: Option<u32>,
         multicast: bool,
+        failover: Option<Vec<String>>,
+        admission_key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let c = codec::by_name(codec).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -288,6 +291,22 @@ impl Worker {
             o.yields_before_sleep = y;
         }
         o.multicast = multicast;
+        o.failover = failover
+            .unwrap_or_default()
+            .iter()
+            .map(|s| resolve("failover", s))
+            .collect::<PyResult<_>>()?;
+        o.protocol.admission_key = match admission_key {
+            None => None,
+            // The key itself, or the path of its file.
+            Some(k) => Some(match k.extract::<Vec<u8>>() {
+                Ok(bytes) if k.is_instance_of::<pyo3::types::PyBytes>() => bytes,
+                _ => {
+                    let path: PathBuf = k.extract()?;
+                    inagg_worker::read_admission_key(&path).map_err(to_py)?
+                }
+            }),
+        };
         let secs = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
                 .ok()
@@ -408,6 +427,12 @@ impl Worker {
     #[getter]
     fn rank(&self) -> u16 {
         self.rank
+    }
+
+    /// How many times the job moved to a failover aggregator (`failover=[...]`).
+    #[getter]
+    fn failovers(&self) -> usize {
+        self.inner.as_ref().map_or(0, |w| w.failovers().len())
     }
 
     /// Ranks in the job.
