@@ -539,3 +539,32 @@ fn host_names_resolve_and_a_closed_port_is_refused_at_once() {
     );
     assert!(agg.running());
 }
+
+/// Finding 5: `inagg worker --duration-s` reports the allreduces it ran, not `--iters`.
+#[test]
+fn a_timed_run_reports_the_allreduces_it_ran() {
+    let (_agg, addr) = aggregator(&[]);
+    let args = [
+        "--elements",
+        "1000",
+        "--iters",
+        "1000000",
+        "--duration-s",
+        "0.5",
+    ];
+    let mut ws: Vec<_> = (0..2).map(|r| worker(addr, 38, r, 2, &args)).collect();
+    for w in &mut ws {
+        let st = w
+            .wait_for(Duration::from_secs(30))
+            .expect("stops after its time");
+        assert!(st.success(), "{}", w.stderr());
+        let out = w.stdout();
+        let n: u64 = out
+            .split("job 38: ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {out:?}"));
+        assert!(n > 0 && n < 1_000_000, "{out}");
+    }
+}

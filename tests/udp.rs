@@ -320,6 +320,15 @@ fn ranks_with_tensors_of_different_lengths_fail_at_once_with_a_clear_error() {
         for w in &mut ws {
             let err = expect_failure(w, Duration::from_secs(20), "a rank of unequal length");
             assert!(err.contains("same length"), "job {job}: {err}");
+            // Both sides named, neither blamed (issue 25, finding 5).
+            assert!(
+                err.contains("ranks 0 and 1 disagree") || err.contains("ranks 1 and 0 disagree"),
+                "job {job}: {err}"
+            );
+            assert!(
+                err.contains("rank 0 sent") && err.contains("rank 1 sent"),
+                "job {job}: {err}"
+            );
         }
     }
     assert_new_job_runs(addr, 23, &[]);
