@@ -91,6 +91,14 @@ pub struct Args {
     /// workers are told to trust (set by `run`).
     #[arg(skip)]
     pub ca: Option<PathBuf>,
+    /// Start one more aggregator, which stays idle, and give every worker
+    /// `--failover` to it: each rank then keeps a copy of every allreduce's input to
+    /// redo it elsewhere, and the row (`failover: true`) shows what that costs.
+    #[arg(long)]
+    pub failover_standby: bool,
+    /// The standby aggregator's address (set by `run`).
+    #[arg(skip)]
+    pub standby: Option<SocketAddr>,
 }
 
 /// A certificate and key generated for one run's QUIC aggregators, in a directory
@@ -190,6 +198,9 @@ pub struct Row {
     /// Whether the ranks asked for their results by multicast (not `--no-multicast`);
     /// only a loopback aggregator reached without a relay sends them so.
     pub multicast: bool,
+    /// Whether the ranks had a failover aggregator (`--failover-standby`), and so
+    /// kept a copy of each allreduce's input.
+    pub failover: bool,
     /// ATE/s of each job (from its median); `ate_per_s` is their sum.
     pub per_job_ate_per_s: Vec<f64>,
     /// Jain's fairness index over `per_job_ate_per_s` (1: perfectly fair).
@@ -440,6 +451,11 @@ fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) 
         t.yields_before_sleep.to_string(),
     ])
     .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
+    .chain(
+        a.standby
+            .iter()
+            .flat_map(|s| ["--failover".to_string(), s.to_string()]),
+    )
     .chain(match (a.transport, &a.ca) {
         (Transport::Quic, Some(ca)) => vec![
             "--transport".to_string(),
@@ -646,6 +662,7 @@ pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
         aggregator_threads: a.aggregator_threads,
         aggregator_yields: a.aggregator_yields,
         multicast: !a.tuning.no_multicast,
+        failover: a.standby.is_some(),
         jain: jain(&per_job),
         per_job_ate_per_s: per_job,
         median_s: med,
@@ -735,6 +752,20 @@ pub fn run(a: &Args) -> Result<()> {
             addrs.push(addr);
         }
     }
+    let with_standby;
+    let a = if a.failover_standby {
+        let (standby, addr) = match &quic {
+            Some(id) => start_quic_aggregator_in(&a.netlab, id, &agg_flags)?,
+            None => start_aggregator_in(&a.netlab, &agg_flags)?,
+        };
+        servers.push(standby);
+        let mut b = a.clone();
+        b.standby = Some(addr);
+        with_standby = b;
+        &with_standby
+    } else {
+        a
+    };
     if !a.json {
         println!(
             "inagg bench: {} job(s) of {} workers, {} elements, window {}, {} warm-up + {} timed allreduces, aggregator(s) {:?}",

@@ -242,6 +242,10 @@ pub struct Report {
     /// from the failure to the grant there.
     #[serde(default)]
     pub failovers: Vec<FailoverRow>,
+    /// Datagrams from the aggregator that this rank dropped, by reason (forged grants
+    /// and errors carry the wrong nonce: `bad_nonce`), over its last session.
+    #[serde(default)]
+    pub dropped: std::collections::BTreeMap<String, u64>,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -324,6 +328,7 @@ pub fn run(a: &Args) -> Result<()> {
         chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
         result_checksum: String::new(),
         failovers: Vec::new(),
+        dropped: Default::default(),
         check: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
@@ -390,6 +395,11 @@ pub fn run(a: &Args) -> Result<()> {
             resume_s: f.resumed_after.as_secs_f64(),
             cause: f.cause,
         })
+        .collect();
+    report.dropped = worker
+        .dropped()
+        .into_iter()
+        .map(|(r, n)| (r.name().to_string(), n))
         .collect();
     worker.close();
     if report.mismatches > 0 {

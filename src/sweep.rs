@@ -94,6 +94,8 @@ pub fn run(a: &Args) -> Result<()> {
                     netlab: bench::Netlab::default(),
                     timeout_s: 600,
                     ca: None,
+                    failover_standby: false,
+                    standby: None,
                 };
                 let reports = bench::run_job(&b, &[addr], job, c)?;
                 job += 1;

@@ -224,10 +224,13 @@ fn a_forged_error_from_the_aggregators_address_does_not_stop_a_rank() {
         "--elements",
         "20000",
         "--iters",
-        "400",
+        "1000000",
+        "--duration-s",
+        "3",
         "--no-check",
         "--aggregator-timeout-ms",
         "5000",
+        "--json",
     ];
     let mut ws: Vec<_> = (0..2).map(|r| worker(addr, 32, r, 2, &args)).collect();
     // Both ranks are running once their sockets exist and a moment has passed.
@@ -271,6 +274,10 @@ fn a_forged_error_from_the_aggregators_address_does_not_stop_a_rank() {
         let st = w.wait_for(Duration::from_secs(120)).expect("rank finishes");
         assert!(st.success(), "rank {r} stopped: {}", w.stderr());
     }
+    // Rank 0 counted what it dropped: every forged error that reached its socket.
+    let report = json_lines(&ws[0].stdout()).pop().expect("a report");
+    let bad = report["dropped"]["bad_nonce"].as_u64().unwrap_or(0);
+    assert!(bad >= 8, "forged errors counted: {report}");
     assert!(agg.running());
 }
 

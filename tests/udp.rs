@@ -103,7 +103,7 @@ fn garbage_datagrams_change_nothing() {
     let end = Instant::now() + Duration::from_secs(60);
     let mut valid = Vec::new();
     // A well-formed contribution, to cut and corrupt.
-    valid.extend_from_slice(b"IA\x03\x03"); // version 3, a contribution
+    valid.extend_from_slice(b"IA\x04\x03"); // version 4, a contribution
     valid.extend_from_slice(&3u32.to_le_bytes());
     valid.extend_from_slice(&[0, 0, 2, 0]);
     valid.extend_from_slice(&[0xab; 8]); // guessed token
@@ -563,7 +563,8 @@ fn bad_input_gets_a_clear_error() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no grant"));
+    // Nothing listens there: refused at once (issue 25), not after the join timeout.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connection refused"));
     assert!(t.elapsed() < Duration::from_secs(10));
 }
 

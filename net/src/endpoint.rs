@@ -62,6 +62,11 @@ pub struct UdpEndpoint {
     /// unreachable) is reported as [`io::ErrorKind::ConnectionRefused`] instead of
     /// being ignored.
     connected: bool,
+    /// A refusal seen on the connected socket (by a send or a receive), reported by
+    /// the next receive that finds nothing queued: the kernel reports the pending
+    /// error before the datagrams that arrived before it (the peer's last words, such
+    /// as a shutdown notice), so those are read first.
+    refused: AtomicBool,
 }
 
 /// A socket bound to a multicast group's address and port, a member of the group.
@@ -138,6 +143,7 @@ impl UdpEndpoint {
             buffer,
             group: None,
             connected: false,
+            refused: AtomicBool::new(false),
         })
     }
 
@@ -156,8 +162,12 @@ impl UdpEndpoint {
         Ok(())
     }
 
-    /// Whether [`UdpEndpoint::connect`] was called: refusals are errors.
-    pub(crate) fn reports_refused(&self) -> bool {
+    /// Notes a refusal that a send met, on a connected socket, for the next receive
+    /// to report; false on an unconnected one, where refusals mean nothing.
+    pub(crate) fn note_refused(&self) -> bool {
+        if self.connected {
+            self.refused.store(true, Ordering::Relaxed);
+        }
         self.connected
     }
 
@@ -336,11 +346,14 @@ impl UdpEndpoint {
     /// One `recvmmsg` call of `per_call` buffers on each socket (the group's after
     /// the main one's); hands every datagram to `f`.
     fn try_recv(&mut self, f: &mut impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        let n = self.try_recv_on(false, f)?;
-        if self.group.is_none() {
-            return Ok(n);
+        let mut n = self.try_recv_on(false, f)?;
+        if self.group.is_some() {
+            n += self.try_recv_on(true, f)?;
         }
-        Ok(n + self.try_recv_on(true, f)?)
+        if n == 0 && self.refused.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::ConnectionRefused.into());
+        }
+        Ok(n)
     }
 
     /// One `recvmmsg` call of `per_call` buffers on the main socket or the group's;
@@ -354,9 +367,26 @@ impl UdpEndpoint {
         let got = match self.recv_call(group, want) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            // A previous send to an unreachable port (ICMP): nothing to read, unless
-            // the socket has one peer, which is then gone.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !self.connected => 0,
+            // A previous send to an unreachable port (ICMP), reported (and cleared)
+            // now: nothing to read on an unconnected socket; on a connected one its
+            // peer is gone, which `try_recv` says once what is queued has been read.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                if !self.note_refused() {
+                    return Ok(0);
+                }
+                match self.recv_call(group, want) {
+                    Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        0
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             Err(e) => return Err(e),
         };
         let mut count = 0;
@@ -458,10 +488,12 @@ impl UdpEndpoint {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.wait(libc::POLLOUT, Duration::from_millis(10))?;
                 }
-                // A peer that went away: UDP carries on; the protocol notices silence
-                // (a connected socket says so: its only peer is gone).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !self.connected => {
-                    return Ok(())
+                // A peer that went away: UDP carries on; the protocol notices silence.
+                // A connected socket's only peer is gone: the next receive says so.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    if !self.note_refused() {
+                        return Ok(());
+                    }
                 }
                 Err(e) => return Err(e),
             }

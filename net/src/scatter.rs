@@ -117,7 +117,11 @@ pub(crate) fn send_mmsg(
             }
             // An ICMP error from an earlier send to a peer that went away, reported
             // (and cleared) now: nothing of this call was sent; try again.
-            (io::ErrorKind::ConnectionRefused, _) if !ep.reports_refused() => continue,
+            // On a connected socket, its peer is gone: the next receive says so.
+            (io::ErrorKind::ConnectionRefused, _) => {
+                ep.note_refused();
+                continue;
+            }
             // Also what a GSO run to port 0 gets: receivers drop datagrams from port 0
             // (`UdpEndpoint::from_port_zero`), so no reply goes there.
             (_, Some(libc::EIO | libc::EINVAL)) if msgs[0].segment.is_some() => {

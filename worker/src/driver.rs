@@ -264,6 +264,12 @@ impl Session {
         })
     }
 
+    /// Datagrams from the aggregator's address that the state machine dropped, by
+    /// reason.
+    pub fn dropped(&self) -> inagg_proto::worker::Dropped {
+        self.worker.dropped().clone()
+    }
+
     pub fn grant(&self) -> Grant {
         // `connect` returns only after the grant arrived.
         self.worker.grant().copied().unwrap_or(Grant {

@@ -521,6 +521,21 @@ impl UdpWorker {
             .map_or_else(|_| Vec::new(), |r| r.failovers.clone())
     }
 
+    /// Datagrams from the aggregator(s) that this rank dropped, by reason (forged
+    /// grants and errors, other sessions' results, garbage), over every session it
+    /// has now: the reasons with a count.
+    pub fn dropped(&self) -> Vec<(inagg_proto::worker::DropReason, u64)> {
+        let mut total = inagg_proto::worker::Dropped::default();
+        if let Ok(rank) = self.lock() {
+            for s in &rank.stripes {
+                if let Ok(session) = s.session() {
+                    total.absorb(&session.dropped());
+                }
+            }
+        }
+        total.iter().filter(|(_, n)| *n > 0).collect()
+    }
+
     /// Sums `data` with every other rank's buffer of the same length, in place.
     /// Every rank must call it the same number of times with the same lengths.
     pub fn allreduce(&self, data: &mut [f32]) -> Result<AllreduceReport, Error> {

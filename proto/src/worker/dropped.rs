@@ -76,6 +76,13 @@ impl Dropped {
         self.0[reason.index()] += 1;
     }
 
+    /// Adds another worker's counts (the sessions of one striped rank).
+    pub fn absorb(&mut self, other: &Dropped) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+
     /// Datagrams dropped for `reason`.
     pub fn get(&self, reason: DropReason) -> u64 {
         self.0[reason.index()]
