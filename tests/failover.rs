@@ -18,7 +18,7 @@ fn args(job: u32) -> Vec<String> {
         "--elements",
         "300000",
         "--iters",
-        "40",
+        "150",
         "--json",
         "--seed",
         "7",
@@ -89,7 +89,9 @@ fn ranks_move_to_the_failover_aggregator_and_get_the_same_bits() {
     // While joining, then at seeded points of the run; the last one a clean shutdown.
     let mut cases = vec![(libc::SIGKILL, Duration::ZERO)];
     for sig in [libc::SIGKILL, libc::SIGKILL, libc::SIGTERM] {
-        cases.push((sig, took.mul_f64(0.1 + 0.5 * rng.next())));
+        // Early enough in the run that it is always mid-run on a slower machine or a
+        // quicker second start.
+        cases.push((sig, took.mul_f64(0.05 + 0.3 * rng.next())));
     }
     for (i, &(sig, at)) in cases.iter().enumerate() {
         let what = format!("case {i}: signal {sig} after {at:?}");
@@ -106,7 +108,7 @@ fn ranks_move_to_the_failover_aggregator_and_get_the_same_bits() {
                 Some(sum.as_str()),
                 "{what}: rank {r}: {report}"
             );
-            assert_eq!(report["allreduces"], 40, "{what}: rank {r}");
+            assert_eq!(report["allreduces"], 150, "{what}: rank {r}");
             let moved = report["failovers"].as_array().expect("failovers");
             assert_eq!(moved.len(), 1, "{what}: rank {r}: {report}");
             assert_eq!(moved[0]["to"], b.to_string().as_str(), "{what}");
