@@ -54,7 +54,7 @@ def test_ddp_survives_a_killed_aggregator_through_its_failover_address():
         env.pop("WORLD_SIZE", None)
         p = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts/torch_ddp.py"), "--workers", "2",
-             "--steps", "400", "--codecs", "i32", "--json", "--job", "510"],
+             "--steps", "200", "--codecs", "i32", "--json", "--job", "510"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         # Kill A once the i32 job runs on it (Gloo trains first).
