@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[cfg(not(target_os = "linux"))]
-use quinn::udp::Transmit;
-use quinn::udp::{RecvMeta, UdpSockRef, UdpSocketState, BATCH_SIZE};
+use quinn_udp::Transmit;
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState, BATCH_SIZE};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Socket buffer size to ask for: the kernel caps it at `net.core.rmem_max`

@@ -1,5 +1,5 @@
 //! inagg-net: the platform details of UDP, kept out of the protocol and the drivers,
-//! as quinn keeps them in quinn-udp (which this crate uses, through `quinn::udp`).
+//! as quinn keeps them in quinn-udp (which this crate uses directly, at the version quinn uses).
 //!
 //! - [`UdpEndpoint::bind`] opens a non-blocking socket with large buffers (a fast
 //!   sender otherwise loses thousands of datagrams to the 208 KB default).
