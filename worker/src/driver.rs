@@ -270,21 +270,12 @@ impl Session {
         self.worker.dropped().clone()
     }
 
-    pub fn grant(&self) -> Grant {
-        // `connect` returns only after the grant arrived.
-        self.worker.grant().copied().unwrap_or(Grant {
-            job: 0,
-            rank: 0,
-            world: 0,
-            codec: self.worker.codec().id(),
-            chunk_elems: 0,
-            window: 0,
-            token: 0,
-            nonce: 0,
-            shard: 0,
-            shards: 1,
-            group: None,
-        })
+    /// The job's grant: there is one once `join` has returned.
+    pub fn grant(&self) -> Result<Grant, Error> {
+        self.worker
+            .grant()
+            .copied()
+            .ok_or(Error::Protocol(WorkerError::NotReady("no grant")))
     }
 
     /// Joins the job; then, if the grant names a result group, the group, before
@@ -321,7 +312,7 @@ impl Session {
         data: &mut [f32],
         feedback: Option<u64>,
     ) -> Result<AllreduceReport, Error> {
-        let g = self.grant();
+        let g = self.grant()?;
         let _span = tracing::debug_span!(
             "allreduce",
             job = g.job,

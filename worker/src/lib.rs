@@ -346,6 +346,10 @@ pub enum Error {
     /// The background thread panicked while holding the session.
     #[error("the worker's session is poisoned by an earlier panic")]
     Poisoned,
+    /// The worker holds no session with an aggregator: a failover found none that
+    /// granted the job, and the rank failed with that error before.
+    #[error("the worker has no session with an aggregator (its last failover failed)")]
+    NoSession,
 }
 
 /// The state shared with the heartbeat thread.
@@ -473,7 +477,7 @@ impl UdpWorker {
         while let Some(&(addr, expected)) = todo.get(i) {
             i += 1;
             let stripe = Stripe::connect(opts, addr)?;
-            let g = stripe.session()?.grant();
+            let g = stripe.session()?.grant()?;
             stripes.push(stripe);
             let got = (g.shard, g.shards, g.chunk_elems);
             match expected {
@@ -504,8 +508,8 @@ impl UdpWorker {
     /// The grant of the first aggregator: world size, codec, chunk size, slots.
     pub fn grant(&self) -> Result<Grant, Error> {
         let rank = self.lock()?;
-        let first = rank.stripes.first().ok_or(Error::Poisoned)?;
-        let g = first.session()?.grant();
+        let first = rank.stripes.first().ok_or(Error::NoSession)?;
+        let g = first.session()?.grant()?;
         Ok(g)
     }
 
@@ -561,12 +565,12 @@ impl UdpWorker {
         key: Option<u64>,
     ) -> Result<AllreduceReport, Error> {
         let [first, rest @ ..] = stripes else {
-            return Err(Error::Poisoned);
+            return Err(Error::NoSession);
         };
         if rest.is_empty() {
             return first.session()?.allreduce(data, key);
         }
-        let chunk = usize::from(first.session()?.grant().chunk_elems).max(1);
+        let chunk = usize::from(first.session()?.grant()?.chunk_elems).max(1);
         let chunks = data.len().div_ceil(chunk);
         let n = stripes.len();
         // Stripe i takes chunks [i * chunks / n, (i + 1) * chunks / n).
