@@ -62,6 +62,11 @@ pub const DEFAULT_MAX_JOB_MEMORY: usize = DEFAULT_SLOT_MEMORY / 64;
 /// yields.
 pub const DEFAULT_YIELDS_BEFORE_SLEEP: u32 = 64;
 
+/// How long a stopping server keeps answering retransmissions of completed chunks
+/// before it tells every rank it shuts down ([`Aggregator::drain`]): a few of the
+/// workers' retransmission timeouts (100 ms before a sample, 20 ms at least).
+pub const DRAIN: Duration = Duration::from_millis(300);
+
 /// Settings of the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -447,6 +452,20 @@ impl<F: Front> Server<F> {
             }
         }
         info!("shutting down");
+        // Serve retransmissions of completed chunks for a while, completing none:
+        // every rank then holds the same results when it is told.
+        self.agg.drain();
+        let end = Instant::now() + DRAIN;
+        while Instant::now() < end {
+            let now = Instant::now();
+            let agg = &mut self.agg;
+            self.front.recv(
+                end.saturating_duration_since(now)
+                    .min(self.config.poll_interval),
+                |from, d| agg.handle_datagram(now, from, d),
+            )?;
+            self.front.flush(&mut self.agg)?;
+        }
         self.agg.shutdown(Instant::now());
         self.front.flush(&mut self.agg)?;
         self.log_events();

@@ -241,6 +241,9 @@ pub struct Aggregator<A> {
     groups: Option<Groups<A>>,
     /// Jobs created so far: orders forming jobs for eviction, oldest first.
     born: u64,
+    /// Shutting down ([`Aggregator::drain`]): completed chunks are still answered,
+    /// no chunk completes any more.
+    draining: bool,
 }
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
@@ -263,6 +266,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             arrivals: 0,
             groups: None,
             born: 0,
+            draining: false,
         }
     }
 
@@ -670,6 +674,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             }
             let outcome = if h.flags & FLAG_PROBE != 0 {
                 pool.probe(h.rank, h)
+            } else if self.draining {
+                if pool.result(h.seq).is_none() {
+                    break 'check DropReason::Draining;
+                }
+                Outcome::AnswerCopy
             } else if self.backlogged {
                 let marked = DataHeader {
                     flags: h.flags | FLAG_MARK,
@@ -811,6 +820,16 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             text,
         });
         self.rebalance();
+    }
+
+    /// Starts a graceful shutdown: from now on no chunk completes (contributions to
+    /// open chunks are dropped as `draining`), while every completed chunk is still
+    /// answered to a rank that missed its result. A driver that keeps serving for a
+    /// few retransmission timeouts before [`Aggregator::shutdown`] thus leaves every
+    /// rank with the same results, so ranks that move to a failover aggregator agree
+    /// on how many allreduces they completed.
+    pub fn drain(&mut self) {
+        self.draining = true;
     }
 
     /// Aborts every job with [`ErrorCode::Shutdown`], telling every rank.

@@ -49,11 +49,13 @@ pub enum DropReason {
     NotAdmitted,
     /// A job whose ranks re-joined after a failover from different points.
     Diverged,
+    /// A contribution to an open chunk while the aggregator shuts down.
+    Draining,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order (the index of [`Stats::dropped`]).
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Malformed,
         DropReason::WrongDirection,
         DropReason::UnknownJob,
@@ -75,6 +77,7 @@ impl DropReason {
         DropReason::ProbeMissing,
         DropReason::NotAdmitted,
         DropReason::Diverged,
+        DropReason::Draining,
     ];
 
     /// A short snake_case name, for logs and metrics labels.
@@ -102,6 +105,7 @@ impl DropReason {
             ProbeMissing => "probe_missing",
             NotAdmitted => "not_admitted",
             Diverged => "diverged",
+            Draining => "draining",
         }
     }
 
