@@ -64,7 +64,7 @@ pub const DEFAULT_YIELDS_BEFORE_SLEEP: u32 = 64;
 
 /// How long a stopping server keeps answering retransmissions of completed chunks
 /// before it tells every rank it shuts down ([`Aggregator::drain`]): a few of the
-/// workers' retransmission timeouts (100 ms before a sample, 20 ms at least).
+/// workers' retransmission timeouts (their initial and their least one).
 pub const DRAIN: Duration = Duration::from_millis(300);
 
 /// Settings of the server.
