@@ -1,6 +1,6 @@
 //! `scripts/netlab.sh`: the emulated cluster comes up, a tiny `inagg bench` runs
-//! inside it on rate-limited links, and every namespace is gone afterwards. Skipped,
-//! with a message, where this machine cannot create network namespaces.
+//! inside it on rate-limited links, and every namespace is gone afterwards. Ignored
+//! where the build found no CAP_NET_ADMIN or no `ip`/`tc` (`build.rs`).
 
 mod common;
 
@@ -31,11 +31,15 @@ fn namespaces() -> String {
 }
 
 #[test]
+#[cfg_attr(
+    inagg_no_netns,
+    ignore = "needs CAP_NET_ADMIN and iproute2 (ip, tc) to create network namespaces"
+)]
 fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
-    if !namespaces_work() {
-        eprintln!("SKIPPED: cannot create network namespaces here (needs root or CAP_NET_ADMIN)");
-        return;
-    }
+    assert!(
+        namespaces_work(),
+        "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN) and iproute2"
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
     let mut cmd = Command::new(script);
     // A small token bucket: tbf lets a full bucket through at once, so a transfer of

@@ -155,16 +155,12 @@ fn garbage_datagrams_change_nothing() {
 /// aggregator: the kernel refuses to send the grant there (EINVAL), and that send
 /// error ended the serving loop.
 #[test]
+#[cfg_attr(inagg_no_raw, ignore = "needs CAP_NET_RAW to send from port 0")]
 fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
     use socket2::{Domain, Protocol, Socket, Type};
     // Only a raw socket sends from port 0, and only with CAP_NET_RAW.
-    let raw = match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("skipped: no raw socket to send from port 0 ({e})");
-            return;
-        }
-    };
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .expect("a raw socket (CAP_NET_RAW) to send from port 0");
     let (mut agg, addr) = aggregator(&[]);
     // A one-rank job, which the aggregator would grant at once: a reply to port 0.
     let join = inagg_proto::wire::Join {
@@ -397,30 +393,35 @@ fn stop_counts(stderr: &str) -> (u64, u64, u64) {
 }
 
 /// On loopback a job's results go out once, to a multicast group its ranks joined,
-/// when every rank asks (the default); one rank with `--no-multicast`, an aggregator
-/// with it, or one bound to the wildcard, and each rank gets its own. The sums are
-/// right either way (each worker checks its result and fails otherwise).
+/// when every rank asks (the default). The sums are right (each worker checks its
+/// result and fails otherwise).
 #[test]
-fn results_go_once_to_a_multicast_group_unless_a_rank_or_the_aggregator_opts_out() {
+#[cfg_attr(
+    inagg_no_multicast,
+    ignore = "needs a host that lets sockets join a multicast group on loopback"
+)]
+fn results_go_once_to_a_multicast_group_its_ranks_joined() {
+    results_go_out(&[("127.0.0.1:0", &[], None, 1)]);
+}
+
+/// One rank with `--no-multicast`, an aggregator with it, or one bound to the
+/// wildcard (its ranks' group sockets could not bind its port), and each rank gets its
+/// own result.
+#[test]
+fn results_go_to_each_rank_when_a_rank_or_the_aggregator_opts_out_of_multicast() {
+    results_go_out(&[
+        ("127.0.0.1:0", &[], Some(1u16), 3),
+        ("127.0.0.1:0", &["--no-multicast"], None, 3),
+        ("0.0.0.0:0", &[], None, 3),
+    ]);
+}
+
+/// Runs a job of three ranks for each case (listen address, aggregator flags, the
+/// rank that passes `--no-multicast`, results sent per chunk) and checks the
+/// aggregator's count of datagrams out against its chunks.
+fn results_go_out(cases: &[(&str, &[&str], Option<u16>, u64)]) {
     let world = 3u16;
-    // Where this host lets no socket join a group on loopback, workers do not ask,
-    // and every result goes to each rank.
-    let probe = UdpSocket::bind("0.0.0.0:0").expect("bind");
-    let groups = probe
-        .join_multicast_v4(&[239, 255, 255, 255].into(), &[127, 0, 0, 1].into())
-        .is_ok();
-    if !groups {
-        eprintln!("this host joins no multicast group on loopback: unicast expected");
-    }
-    let once = if groups { 1u64 } else { 3 };
-    // With the IPv4 wildcard the aggregator offers no groups: its ranks' group sockets
-    // could not bind its port.
-    for (listen, agg_flags, opt_out, per_chunk) in [
-        ("127.0.0.1:0", &[][..], None, once),
-        ("127.0.0.1:0", &[][..], Some(1u16), 3),
-        ("127.0.0.1:0", &["--no-multicast"][..], None, 3),
-        ("0.0.0.0:0", &[][..], None, 3),
-    ] {
+    for &(listen, agg_flags, opt_out, per_chunk) in cases {
         let (mut agg, addr) = aggregator_on(listen, agg_flags);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()));
         let mut ws: Vec<_> = (0..world)
@@ -693,11 +694,8 @@ fn bench_with_stochastic_rounding_and_zero_skipping() {
 }
 
 #[test]
+#[cfg_attr(inagg_no_ipv6, ignore = "needs an IPv6 loopback (::1)")]
 fn ipv6_loopback_carries_every_codec() {
-    if UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("SKIPPED: no IPv6 loopback on this machine");
-        return;
-    }
     // Sends are built by hand (sendmmsg with GSO): IPv6 addresses must come out
     // right, at GSO-sized runs (8 KiB chunks) and single datagrams alike.
     let (_agg, addr) = aggregator_on("[::1]:0", &[]);
