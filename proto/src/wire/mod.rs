@@ -322,7 +322,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    fn from_u8(v: u8) -> Option<Self> {
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
         use ErrorCode::*;
         Some(match v {
             1 => UnknownJob,
