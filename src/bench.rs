@@ -4,13 +4,14 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use inagg_proto::codec;
 use serde::Serialize;
 
+pub use crate::children::Proc;
 use crate::cmd_worker::{Report, Tuning};
 use crate::relay::FaultArgs;
 
@@ -118,6 +119,7 @@ impl QuicIdentity {
             .map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!("inagg-quic-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::children::remove_on_signal(dir.clone());
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         inagg_quic::Identity::load_or_generate(&cert, &key)?;
         Ok(Self { dir, cert, key })
@@ -283,38 +285,6 @@ fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("locating the inagg binary")
 }
 
-/// A child process that is stopped when dropped.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn terminate(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SIGTERM first, for a clean exit; SIGKILL if it does not stop.
-            let pid = self.child.id() as libc::pid_t;
-            // SAFETY: kill(2) on our own child's pid has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
 /// Starts `inagg aggregator` on 127.0.0.1 and learns its port from its first line.
 pub fn start_aggregator(extra: &[String]) -> Result<(Proc, SocketAddr)> {
     start_aggregator_in(&Netlab::default(), extra)
@@ -361,13 +331,14 @@ pub fn start_relay(
 /// Spawns a server process whose first line of output is `prefix` and its address;
 /// returns it and that address.
 fn start_server(mut cmd: Command, name: &str, prefix: &str) -> Result<(Proc, SocketAddr)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting the {name}"))?;
-    let out = child
+    let mut proc = Proc::spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+        name,
+    )?;
+    let out = proc
+        .child
         .stdout
         .take()
         .with_context(|| format!("{name} stdout"))?;
@@ -382,13 +353,7 @@ fn start_server(mut cmd: Command, name: &str, prefix: &str) -> Result<(Proc, Soc
         .ok_or_else(|| anyhow!("the {name} did not start (it said {line:?})"))?
         .parse()
         .with_context(|| format!("parsing the {name}'s address"))?;
-    Ok((
-        Proc {
-            child,
-            name: name.into(),
-        },
-        addr,
-    ))
+    Ok((proc, addr))
 }
 
 fn worker_args(a: &Args, aggs: &[SocketAddr], job: u32, rank: u16, codec: &str) -> Vec<String> {
@@ -493,17 +458,14 @@ pub fn spawn_job(a: &Args, aggs: &[SocketAddr], job: u32, codec: &str) -> Result
     let mut procs = Vec::new();
     for rank in 0..a.workers {
         let ns = a.netlab.worker_netns.as_ref().map(|p| format!("{p}{rank}"));
-        let child = Netlab::command(ns.as_deref())?
-            .args(worker_args(a, aggs, job, rank, codec))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting worker {rank}"))?;
-        procs.push(Proc {
-            child,
-            name: format!("worker {rank}"),
-        });
+        procs.push(Proc::spawn(
+            Netlab::command(ns.as_deref())?
+                .args(worker_args(a, aggs, job, rank, codec))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            format!("worker {rank}"),
+        )?);
     }
     // Drain every pipe on its own thread so that no child blocks on a full pipe.
     let readers: Vec<_> = procs

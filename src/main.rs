@@ -2,6 +2,7 @@
 
 mod admission;
 mod bench;
+mod children;
 mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
@@ -137,6 +138,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The commands that start processes stop them when a signal ends this one.
+    if matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::Sweep(_)
+    ) {
+        if let Err(e) = children::stop_on_signals() {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match &cli.command {
         Command::Demo(a) => demo::run(a),
         Command::DemoWorker(a) => demo::worker::run(a),
@@ -148,6 +159,7 @@ fn main() -> ExitCode {
         Command::PeersReport(a) => peers::run(a),
         Command::Simulate(a) => simulate(a),
     };
+    children::await_signal_exit();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,7 +18,8 @@ use inagg_proto::codec;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench::{self, Proc};
+use crate::bench;
+use crate::children::Proc;
 use crate::plot::{self, Series, Style};
 use worker::{Line, Training};
 
@@ -126,14 +127,14 @@ fn run_codec(
         if t.per_layer {
             cmd.arg("--per-layer");
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting demo worker {rank}"))?;
-        let out = child.stdout.take().context("stdout")?;
-        let err = child.stderr.take().context("stderr")?;
+        let mut proc = Proc::spawn(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            format!("demo worker {rank}"),
+        )?;
+        let out = proc.child.stdout.take().context("stdout")?;
+        let err = proc.child.stderr.take().context("stderr")?;
         let r = usize::from(rank);
         let txo = tx.clone();
         readers.push(std::thread::spawn(move || {
@@ -151,10 +152,7 @@ fn run_codec(
             }
             let _ = txe.send(Msg::Stderr(r, s));
         }));
-        procs.push(Proc {
-            child,
-            name: format!("demo worker {rank}"),
-        });
+        procs.push(proc);
     }
     drop(tx);
     let n = usize::from(a.workers);
