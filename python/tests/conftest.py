@@ -1,8 +1,12 @@
 """Fixtures: the inagg binary and a running aggregator on 127.0.0.1."""
 
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,14 +25,48 @@ def inagg_bin():
 
 
 class Aggregator:
-    def __init__(self, *extra):
+    """`inagg aggregator` on an ephemeral port; with `metrics=True` it serves its
+    counters too (`metric`)."""
+
+    def __init__(self, *extra, metrics=False):
+        args = [inagg_bin(), "aggregator", "--listen", "127.0.0.1:0", *extra]
+        if metrics:
+            args += ["--metrics", "127.0.0.1:0"]
         self.proc = subprocess.Popen(
-            [inagg_bin(), "aggregator", "--listen", "127.0.0.1:0", *extra],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            stderr=subprocess.PIPE if metrics else None,
         )
         line = self.proc.stdout.readline().strip()
         assert line.startswith("listening on "), f"aggregator said {line!r}"
         self.addr = line.split()[2]
+        self.metrics = None
+        if metrics:
+            m = self.proc.stderr.readline().strip()
+            assert m.startswith("metrics on http://"), f"aggregator said {m!r}"
+            self.metrics = m[len("metrics on http://"):].removesuffix("/metrics")
+            # Keep draining its log, so that a full pipe never blocks it.
+            threading.Thread(
+                target=shutil.copyfileobj, args=(self.proc.stderr, sys.stderr), daemon=True
+            ).start()
+
+    def metric(self, name, job=None):
+        """The value of the series `name` (of `job`, for per-job series), or None
+        while the aggregator does not publish it."""
+        body = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5).read()
+        want = name if job is None else f'{name}{{job="{job}"}}'
+        for line in body.decode().splitlines():
+            if line.split(" ")[0] == want:
+                return float(line.split()[-1])
+        return None
+
+    def wait_for(self, what, cond, timeout=30.0):
+        """Polls `cond()` until it is true; fails after `timeout` seconds (a hang guard,
+        not a speed requirement)."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert self.proc.poll() is None, "the aggregator died"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            time.sleep(0.05)
 
     def stop(self):
         self.proc.terminate()
