@@ -72,7 +72,8 @@ pub struct Args {
     /// UDP shards to run, one per thread (and core): shard k listens on the
     /// `--listen` port + k (with port 0, on a run of free ports), and workers stripe
     /// every job over all of them on their own. Each gets 1/T of `--slot-memory` and
-    /// of `--max-job-memory` where they are given.
+    /// of `--max-job-memory` where they are given. QUIC runs one loop: with `--quic`
+    /// alone, more than one thread is an error.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
     /// A rank silent this long (milliseconds) aborts its job.
@@ -220,6 +221,13 @@ pub fn run(a: &Args) -> Result<()> {
         (None, None) => Some(DEFAULT_LISTEN.parse()?),
         (l, _) => l,
     };
+    if listen.is_none() && a.threads > 1 {
+        bail!(
+            "--threads {} shards the UDP side, and --quic alone serves no UDP (QUIC runs one \
+             loop): give --listen too, or drop --threads",
+            a.threads
+        );
+    }
     let udp = listen.map(|l| bind_shards(a, l)).transpose()?;
     let quic = match a.quic {
         Some(q) => {

@@ -246,6 +246,11 @@ pub struct Report {
     /// and errors carry the wrong nonce: `bad_nonce`), over its last session.
     #[serde(default)]
     pub dropped: std::collections::BTreeMap<String, u64>,
+    /// The smallest congestion window (packets in flight) at the end of a timed
+    /// allreduce: the granted window, unless congestion control (marks, losses)
+    /// shrank it; `--no-congestion-control` keeps it at the grant.
+    #[serde(default)]
+    pub congestion_window_min: Option<u64>,
     /// The check of the last result (absent with --no-check).
     pub check: Option<Check>,
 }
@@ -329,6 +334,7 @@ pub fn run(a: &Args) -> Result<()> {
         result_checksum: String::new(),
         failovers: Vec::new(),
         dropped: Default::default(),
+        congestion_window_min: None,
         check: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
@@ -371,6 +377,11 @@ pub fn run(a: &Args) -> Result<()> {
             report.retransmitted_bytes += r.retransmitted_bytes;
             report.probes += r.probes;
             report.allreduces += 1;
+            report.congestion_window_min = Some(
+                report
+                    .congestion_window_min
+                    .map_or(r.congestion_window, |w| w.min(r.congestion_window)),
+            );
             // Fixed-point sums repeat bit for bit. (For i8, while the ranks' block
             // exponents of a chunk lie within the aggregator's span, `codec::Fixed`: the
             // seeded tensors here share one magnitude, so they always do.)

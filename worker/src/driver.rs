@@ -161,6 +161,9 @@ pub struct AllreduceReport {
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
     pub marks: u64,
+    /// The congestion window (packets in flight) as the allreduce ended: the grant's
+    /// window unless congestion control shrank it (the smallest over stripes).
+    pub congestion_window: u64,
 }
 
 impl AllreduceReport {
@@ -178,6 +181,7 @@ impl AllreduceReport {
         self.probes += o.probes;
         self.duplicate_results += o.duplicate_results;
         self.marks += o.marks;
+        self.congestion_window = self.congestion_window.min(o.congestion_window);
     }
 }
 
@@ -350,6 +354,7 @@ impl Session {
                     probes: stats.probes,
                     duplicate_results: stats.duplicate_results,
                     marks: stats.marks,
+                    congestion_window: self.worker.congestion_window(),
                 })
             }
             // `drive` returns only the event asked for, or an error.
