@@ -404,11 +404,11 @@ def test_stochastic_rounding_removes_the_rounding_bias(aggregator, codec, world)
     # To nearest: every call rounds the same way, 0.3 step down on every rank.
     bias = nearest[:, 1::2].astype(np.float64).mean() - exact
     assert abs(bias + 0.3 * world * step) < 0.01 * step, bias / step
-    # Stochastically: each result is off by up to a step per rank (repeated_sums checks
-    # every call's), and the mean over 65,536 of them (standard deviation below 0.003
-    # step) is the exact sum. (The ones are not checked to stay exact: the dithered
-    # quantizer adds its noise to the scaled value in f32, which rounds 2^14 + u up to
-    # 2^14 + 1 where u > 1 - 2^-10; i16 returned 1 + 2^-14 for 65 of 65,536 ones.)
+    # Stochastically: a value on the grid stays exact (a quantizer that added its noise
+    # in f32 rounded 2^14 + u up to 2^14 + 1 where u > 1 - 2^-10), each other result is
+    # off by up to a step per rank (repeated_sums checks every call's), and the mean
+    # over 65,536 of them (standard deviation below 0.003 step) is the exact sum.
+    assert np.all(dithered[:, ::2] == world), "1.0 is carried exactly, dithered too"
     small = dithered[:, 1::2].astype(np.float64)
     mean = small.mean() - exact
     assert abs(mean) < 0.02 * world * step, mean / step

@@ -276,7 +276,8 @@ fn quantize_inputs(key: u64, lim: f32, n: usize) -> Vec<f32> {
 }
 
 /// What `quantize` must give for one value: `x * s` rounded (to nearest, ties to even,
-/// or down after adding the element's noise), then clamped to `±lim`; NaN to `-lim`.
+/// or up where the element's noise lies below the fraction), then clamped to `±lim`;
+/// NaN to `-lim`.
 fn quantize_reference(x: f32, s: f32, lim: f32, dither: Option<(u64, usize)>) -> i64 {
     let y = x * s;
     if y.is_nan() {
@@ -284,9 +285,46 @@ fn quantize_reference(x: f32, s: f32, lim: f32, dither: Option<(u64, usize)>) ->
     }
     let r = match dither {
         None => f64::from(y).round_ties_even(),
-        Some((key, i)) => f64::from(y + uniform(key, i)).floor(),
+        Some((key, i)) => {
+            let (y, u) = (f64::from(y), f64::from(uniform(key, i)));
+            y.floor() + if y - y.floor() > u { 1.0 } else { 0.0 }
+        }
     };
     r.clamp(-f64::from(lim), f64::from(lim)) as i64
+}
+
+/// Stochastic rounding is unbiased wherever the fraction is representable: rounding
+/// `y + u` in f32 first rounded values near 2^21 up half again as often as their
+/// fraction says, and exact integers near 2^24 up at times.
+#[test]
+fn stochastic_rounding_rounds_up_as_often_as_the_fraction_says() {
+    let n = 200_000;
+    // 2^21 + 1/4 and -(2^20 + 3/4): exact in f32, each a quarter above its floor.
+    let (near_2_21, near_2_20) = ((1u32 << 21) as f32 + 0.25, -((1u32 << 20) as f32 + 0.75));
+    for (y, frac) in [
+        (0.3f32, 0.3f64),
+        (near_2_21, 0.25),
+        (near_2_20, 0.25),
+        (16_777_000.0, 0.0),
+    ] {
+        let src = vec![y; n];
+        let mut out = vec![0u8; 4 * n];
+        kernels::quantize(&src, 1.0, 2_147_483_520.0, Some(0xabcd), &mut out, 4);
+        let floor = f64::from(y).floor();
+        let ups = out
+            .chunks_exact(4)
+            .map(|o| f64::from(i32::from_le_bytes([o[0], o[1], o[2], o[3]])))
+            .inspect(|&v| assert!(v == floor || v == floor + 1.0, "{y}: {v}"))
+            .filter(|&v| v > floor)
+            .count();
+        let p = ups as f64 / n as f64;
+        // Five standard deviations of a binomial proportion.
+        let sd = (frac * (1.0 - frac) / n as f64).sqrt();
+        assert!(
+            (p - frac).abs() <= 5.0 * sd + 1e-9,
+            "{y}: rounded up {p}, want {frac}"
+        );
+    }
 }
 
 #[test]

@@ -541,8 +541,21 @@ fn q(x: f32, s: f32, lim: f32, round: impl Fn(f32) -> f32) -> i32 {
     unsafe { r.to_int_unchecked::<i32>() }
 }
 
-/// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or down after
-/// adding uniform noise from `dither`), clamped to `±lim`, which must fit `width`.
+/// `y` rounded up with probability `y - floor(y)` (`u` uniform in `[0, 1)`), down
+/// otherwise: unbiased. Computed in f64, where `y - floor(y)` is exact: `(y + u)
+/// .floor()` in f32 rounds the sum first, which near 2^21 and above rounds up far more
+/// often than the fraction says.
+#[inline(always)]
+fn round_stochastically(y: f32, u: f32) -> f32 {
+    let y = f64::from(y);
+    let down = y.floor();
+    let up = y - down > f64::from(u);
+    (down + f64::from(u8::from(up))) as f32
+}
+
+/// Quantizes `src * s` to integers of `width` bytes, rounded to nearest (or up with
+/// the probability of the fraction, by uniform noise from `dither`), clamped to
+/// `±lim`, which must fit `width`.
 ///
 /// The 8- and 16-bit roundings to nearest, the codecs' usual case, go through
 /// [`x86::quantize_packed`] with AVX2: LLVM narrowed the vectorized loop's 32-bit
@@ -608,7 +621,7 @@ multiversion! {
             (Some(key), _) => {
                 let items = src.iter().zip(out.chunks_exact_mut(w));
                 for (i, (x, o)) in (k * BLOCK..).zip(items) {
-                    let v = q(*x, s, lim, |y| (y + uniform(key, i)).floor());
+                    let v = q(*x, s, lim, |y| round_stochastically(y, uniform(key, i)));
                     o.copy_from_slice(&v.to_le_bytes()[..w]);
                 }
             }
