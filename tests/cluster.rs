@@ -8,7 +8,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, bench_json, metrics_address, worker};
+use common::{aggregator, bench_json, metrics_address, scrape, value, worker};
 use serde_json::Value;
 
 fn bench(extra: &[&str]) -> Vec<Value> {
@@ -20,7 +20,9 @@ fn bench(extra: &[&str]) -> Vec<Value> {
         "--codec",
         "i32,f32",
     ];
-    args.extend(["--iters", "2", "--warmup", "1", "--json"]);
+    // No untimed allreduce: each rank of an i32 job compares every result with its
+    // first, bit for bit, and the last with the exact sum.
+    args.extend(["--iters", "2", "--warmup", "0", "--json"]);
     args.extend_from_slice(extra);
     bench_json(&args)
 }
@@ -36,11 +38,34 @@ fn concurrent_jobs_and_striped_jobs_are_correct() {
             assert_eq!(r["ranks_identical"], true, "{r}");
         }
     }
-    let per_job = three[0]["per_job_ate_per_s"].as_array().expect("per job");
-    assert_eq!(per_job.len(), 3);
-    assert!(per_job.iter().all(|x| x.as_f64().is_some_and(|v| v > 0.0)));
-    let jain = three[0]["jain"].as_f64().expect("jain");
-    assert!((1.0 / 3.0..=1.0 + 1e-9).contains(&jain), "{jain}");
+    for r in &three {
+        let per_job: Vec<f64> = r["per_job_ate_per_s"]
+            .as_array()
+            .expect("per job")
+            .iter()
+            .map(|x| x.as_f64().expect("ATE/s"))
+            .collect();
+        assert_eq!(per_job.len(), 3, "{r}");
+        assert!(per_job.iter().all(|v| *v > 0.0), "{r}");
+        // The row's index is Jain's of the rates it reports (a third where one job
+        // takes all, 1 where all are equal) ...
+        let (sum, squares) = per_job
+            .iter()
+            .fold((0.0, 0.0), |(s, q), v| (s + v, q + v * v));
+        let jain = r["jain"].as_f64().expect("jain");
+        assert!(
+            (jain - sum * sum / (3.0 * squares)).abs() < 1e-9,
+            "jain {jain} of {per_job:?}"
+        );
+        // ... and no job ran at a small fraction of the others' rate: two jobs held to
+        // a seventh of the third's give less than a half. (Closer to 1 is not asserted:
+        // the rates are wall-clock times of nine processes sharing the test machine's
+        // cores, whose scheduling alone spreads them several-fold. The aggregator's
+        // fair shares are asserted in slots, in
+        // `the_metrics_endpoint_shows_fair_shares_of_the_slot_memory`, and in the
+        // simulator's deterministic time in `proto/tests/sim.rs`.)
+        assert!(jain > 0.5, "jain {jain} of {per_job:?}");
+    }
     // Fixed point: the same bits from one job, three jobs, and two aggregators.
     assert_eq!(three[0]["result_checksum"], one[0]["result_checksum"]);
     assert_eq!(striped[0]["result_checksum"], one[0]["result_checksum"]);
@@ -58,6 +83,8 @@ fn report(w: &mut common::Proc) -> Value {
 #[test]
 fn a_rogue_sender_with_guessed_tokens_changes_nothing() {
     let (_agg, addr) = aggregator(&[]);
+    // No untimed allreduce: every one of the 40 is compared with the first, bit for
+    // bit (`mismatches`), and the last with the exact sum.
     let args = [
         "--elements",
         "100000",
@@ -65,6 +92,8 @@ fn a_rogue_sender_with_guessed_tokens_changes_nothing() {
         "i32",
         "--iters",
         "40",
+        "--warmup",
+        "0",
         "--json",
     ];
     let mut clean: Vec<_> = (0..2).map(|r| worker(addr, 20, r, 2, &args)).collect();
@@ -100,27 +129,10 @@ fn a_rogue_sender_with_guessed_tokens_changes_nothing() {
     for w in &mut ws {
         let r = report(w);
         assert_eq!(r["check"]["checksum"], want, "{r}");
+        assert_eq!(r["check"]["within_bound"], true, "{r}");
         assert_eq!(r["mismatches"], 0, "{r}");
+        assert_eq!(r["allreduces"], 40, "{r}");
     }
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("response");
-    body
-}
-
-fn value(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[test]
@@ -197,7 +209,7 @@ fn three_jobs_under_a_small_slot_memory_budget_are_correct() {
         "--iters",
         "2",
         "--warmup",
-        "1",
+        "0",
         "--json",
         "--jobs",
         "3",
@@ -229,20 +241,42 @@ fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
         &budget.to_string(),
     ]);
     let metrics = metrics_address(&mut agg);
-    let args = LONG_RUN;
-    let _ws: Vec<_> = (40..43)
+    // Each job's pool is re-granted as the others arrive (48, 24, 16 slots): the ranks
+    // check every result across those boundaries. i32's results repeat bit for bit, so
+    // each rank compares every allreduce with the first (`mismatches`) and the last
+    // with the exact sum. The ranks of a job stop together once the duration, counted
+    // from their grant, is up: long enough for the shares and the progress below.
+    let args = [
+        "--elements",
+        "100000",
+        "--codec",
+        "i32",
+        "--iters",
+        "1000000",
+        "--warmup",
+        "0",
+        "--duration-s",
+        "5",
+        "--window",
+        "64",
+        "--chunk-elements",
+        "1024",
+        "--json",
+    ];
+    let mut ws: Vec<_> = (40..43)
         .flat_map(|job| (0..2).map(move |r| (job, r)))
         .map(|(job, r)| worker(addr, job, r, 2, &args))
         .collect();
     let series = |job: u32| format!("inagg_job_slots{{job=\"{job}\"}}");
+    // A hang guard: the shares come within a few allreduces of the last grant.
     let end = Instant::now() + Duration::from_secs(60);
     let mut body = String::new();
-    while Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(300));
+    while Instant::now() < end && ws.iter_mut().all(|w| w.running()) {
         body = scrape(&metrics);
         if (40..43).all(|j| value(&body, &series(j)) == Some(16.0)) {
             break;
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
     for j in 40..43 {
         assert_eq!(value(&body, &series(j)), Some(16.0), "job {j}: {body}");
@@ -257,7 +291,9 @@ fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
         Some(budget as f64),
         "{body}"
     );
-    // Every job makes progress at its share.
+    // Every job makes progress at its share: of the next chunks the three complete
+    // together, none takes less than a tenth (a third each is fair; a job starved of
+    // its slots or of service completes next to none). Counted in chunks, not time.
     let chunks = |b: &str, j: u32| {
         value(
             b,
@@ -266,10 +302,35 @@ fn the_metrics_endpoint_shows_fair_shares_of_the_slot_memory() {
         .unwrap_or(0.0)
     };
     let before: Vec<f64> = (40..43).map(|j| chunks(&body, j)).collect();
-    std::thread::sleep(Duration::from_millis(500));
-    let after = scrape(&metrics);
-    for (i, j) in (40..43).enumerate() {
-        assert!(chunks(&after, j) > before[i], "job {j} stalled: {after}");
+    let window = 3000.0;
+    let mut done = vec![0.0; 3];
+    while Instant::now() < end && done.iter().sum::<f64>() < window {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = scrape(&metrics);
+        done = (40..43)
+            .zip(&before)
+            .map(|(j, b)| chunks(&now, j) - b)
+            .collect();
+    }
+    let total: f64 = done.iter().sum();
+    assert!(total >= window, "{total} chunks completed in all: {done:?}");
+    for (j, d) in (40..43).zip(&done) {
+        assert!(*d >= total / 10.0, "job {j} starved: {done:?}");
+    }
+    // Every rank ends on its own, each result checked.
+    for job in 0..3 {
+        let reports: Vec<Value> = ws[2 * job..2 * job + 2].iter_mut().map(report).collect();
+        for r in &reports {
+            assert_eq!(r["mismatches"], 0, "job {}: {r}", 40 + job);
+            assert_eq!(r["check"]["within_bound"], true, "job {}: {r}", 40 + job);
+            assert!(
+                r["allreduces"].as_u64().is_some_and(|n| n > 1),
+                "job {}: {r}",
+                40 + job
+            );
+        }
+        assert_eq!(reports[0]["allreduces"], reports[1]["allreduces"]);
+        assert_eq!(reports[0]["result_checksum"], reports[1]["result_checksum"]);
     }
 }
 
@@ -285,6 +346,8 @@ fn an_aggregator_of_three_shards_spreads_each_job_over_all_of_them_with_the_same
         "300000",
         "--iters",
         "2",
+        "--warmup",
+        "0",
         "--json",
     ];
     // The workers are told only the first shard's address.
@@ -298,6 +361,8 @@ fn an_aggregator_of_three_shards_spreads_each_job_over_all_of_them_with_the_same
         let r = report(w);
         assert_eq!(r["check"]["checksum"], want, "{r}");
         assert_eq!(r["check"]["within_bound"], true, "{r}");
+        assert_eq!(r["mismatches"], 0, "{r}");
+        assert_eq!(r["allreduces"], 2, "{r}");
     }
     // Every shard summed part of the job (the metrics carry a shard label).
     let end = Instant::now() + Duration::from_secs(20);

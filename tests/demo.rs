@@ -18,21 +18,74 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// `inagg demo` with small defaults that `extra` may override.
+/// `inagg demo` with small defaults that `extra` may override: few enough steps to
+/// run in seconds, at a learning rate that makes them learn the synthetic task
+/// ([`assert_learned`]).
 fn short_demo(out: &Path, extra: &[&str]) -> std::process::Command {
     let mut c = inagg();
     c.arg("demo").arg("--out").arg(out).args(extra);
     for (flag, value) in [
         ("--workers", "3"),
-        ("--steps", "12"),
+        ("--steps", "30"),
         ("--batch", "16"),
         ("--hidden", "24"),
+        ("--lr", "0.03"),
     ] {
         if !extra.contains(&flag) {
             c.args([flag, value]);
         }
     }
     c
+}
+
+/// The synthetic task's labels (seed 1) come from a random teacher: its most frequent
+/// class is under a fifth of the held-out rows, and the labels' entropy is above 2.2
+/// nats, the least loss of a model that ignores its inputs. A model that learned from
+/// the summed gradients beats both by far; one whose gradients summed to zeros (or to
+/// noise) stays at its random start, below a fifth and above 2.2, and replicas of it
+/// are identical all the same.
+const CHANCE_ACCURACY: f64 = 0.2;
+const BLIND_LOSS: f64 = 2.2;
+
+/// One codec's result, `(codec, final loss, accuracy)`, learned the task: its loss fell
+/// well below what ignoring the inputs gives, its accuracy well above the most
+/// frequent class's share, and both track f32's (`f32`, the exact sums), which every
+/// codec's sums approximate.
+fn assert_learned(rows: &[(String, f64, f64)]) {
+    let f32_loss = rows
+        .iter()
+        .find(|r| r.0 == "f32")
+        .map(|r| r.1)
+        .expect("an f32 row");
+    for (codec, loss, accuracy) in rows {
+        assert!(
+            loss.is_finite() && *loss < 0.8 * BLIND_LOSS,
+            "{codec}: final loss {loss} did not fall"
+        );
+        assert!(
+            *accuracy > 1.75 * CHANCE_ACCURACY && *accuracy <= 1.0,
+            "{codec}: accuracy {accuracy} is no better than chance"
+        );
+        assert!(
+            (loss - f32_loss).abs() <= 0.02 * f32_loss,
+            "{codec}: final loss {loss} against f32's {f32_loss}"
+        );
+    }
+}
+
+/// `(codec, final_loss, accuracy)` of `--json` rows, which must all say their
+/// replicas ended identical.
+fn learned(rows: &[Value]) -> Vec<(String, f64, f64)> {
+    rows.iter()
+        .map(|r| {
+            assert_eq!(r["replicas_identical"], true, "{r}");
+            (
+                r["codec"].as_str().expect("codec").to_string(),
+                r["final_loss"].as_f64().expect("final_loss"),
+                r["accuracy"].as_f64().expect("accuracy"),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -58,7 +111,32 @@ fn short_demo_prints_the_table_and_writes_csv_and_png() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 4, "{csv}");
     assert!(lines[0].starts_with("codec,"), "{csv}");
-    assert!(lines[1..].iter().all(|l| l.contains(",true")), "{csv}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} in {csv}"))
+    };
+    let (loss, accuracy, identical) = (
+        column("final_loss"),
+        column("accuracy"),
+        column("replicas_identical"),
+    );
+    let results: Vec<(String, f64, f64)> = lines[1..]
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(f[identical], "true", "{l}");
+            let num = |i: usize| f[i].parse::<f64>().unwrap_or_else(|e| panic!("{e}: {l}"));
+            (f[0].to_string(), num(loss), num(accuracy))
+        })
+        .collect();
+    assert_eq!(
+        results.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["f32", "bf16", "i8"]
+    );
+    assert_learned(&results);
     let png = std::fs::read(dir.join("loss.png")).expect("loss.png");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5000);
     assert!(out.contains(&dir.join("demo.csv").display().to_string()));
@@ -91,9 +169,9 @@ fn demo_json_has_the_contract_fields_and_sizes_follow_the_codec() {
                 "{f}: {r}"
             );
         }
-        assert_eq!(r["replicas_identical"], true, "{r}");
         assert_eq!(r["error_feedback"], false, "{r}");
     }
+    assert_learned(&learned(&rows));
     assert_eq!(rows[0]["codec"], "f32");
     assert_eq!(rows[1]["codec"], "i8");
     // 32*24+24 + 24*10+10 parameters; i8 puts a quarter of f32's payload on the wire.
@@ -154,7 +232,15 @@ fn demo_trains_on_mnist_idx_files() {
     assert!(st.success(), "demo failed: {stdout}\n{err}");
     let row: Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(row["parameters"], 36 * 24 + 24 + 24 * 10 + 10);
+    assert_eq!(row["replicas_identical"], true, "{row}");
+    // Ten classes in equal numbers: a tenth by chance, ln 10 nats of loss blind.
     assert!(row["accuracy"].as_f64().expect("accuracy") > 0.9, "{row}");
+    assert!(
+        row["final_loss"]
+            .as_f64()
+            .is_some_and(|l| l < 0.5 * 10f64.ln()),
+        "{row}"
+    );
     // A truncated label file is refused before anything starts.
     write_idx(&data.join("t10k-labels-idx1-ubyte"), 0x801, &[49], &[1; 49]);
     let mut cmd = short_demo(&out, &["--codecs", "f16"]);
@@ -205,9 +291,6 @@ fn demo_over_quic_trains_with_every_codec() {
     assert!(st.success(), "demo failed: {out}\n{err}");
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 6);
-    for r in &rows {
-        assert_eq!(r["replicas_identical"], true, "{r}");
-        assert!(r["final_loss"].as_f64().is_some_and(f64::is_finite), "{r}");
-    }
+    assert_learned(&learned(&rows));
     let _ = std::fs::remove_dir_all(&dir);
 }

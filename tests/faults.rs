@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    aggregator, assert_new_job_runs, bench_json, expect_failure, inagg, run_bounded, worker,
+    aggregator, aggregator_on, assert_new_job_runs, bench_json, expect_failure, inagg,
+    metrics_address, run_bounded, wait_for_chunks, worker,
 };
 use serde_json::Value;
 
@@ -20,15 +21,22 @@ fn bench(extra: &[&str]) -> Vec<Value> {
         "--codec",
         "i32,f32",
     ];
-    args.extend(["--iters", "2", "--warmup", "1", "--json"]);
+    // No untimed allreduce: each rank of an i32 job compares every result with its
+    // first, bit for bit, and the last with the exact sum.
+    args.extend(["--iters", "2", "--warmup", "0", "--json"]);
     args.extend_from_slice(extra);
     bench_json(&args)
 }
 
 #[test]
 fn lossy_duplicating_reordering_paths_give_the_lossless_bits() {
+    // Retransmissions happen on a clean path too when a busy machine delays a rank
+    // past its timeout: the lossless run is judged by its results, like the others.
     let clean = bench(&[]);
-    assert_eq!(clean[0]["retransmissions"], 0, "{}", clean[0]);
+    for r in &clean {
+        assert_eq!(r["within_bound"], true, "clean: {r}");
+        assert_eq!(r["ranks_identical"], true, "clean: {r}");
+    }
     for faults in [
         &["--loss", "0.01"][..],
         &["--loss", "0.05", "--dup", "0.02", "--reorder", "0.05"][..],
@@ -80,7 +88,8 @@ fn relay_rejects_bad_flags() {
 
 #[test]
 fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
-    let (agg, addr) = aggregator(&[]);
+    let (mut agg, addr) = aggregator(&["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_address(&mut agg);
     let long = [
         "--elements",
         "100000",
@@ -91,55 +100,69 @@ fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
         "2000",
     ];
     let mut ws: Vec<_> = (0..3).map(|r| worker(addr, 1, r, 3, &long)).collect();
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_for_chunks(&metrics, 1, 100.0, Duration::from_secs(60));
     assert!(ws.iter_mut().all(|w| w.running()), "workers mid-run");
     agg.signal(libc::SIGKILL);
-    let killed = Instant::now();
+    // Each wait is a hang guard; what is asserted is how the ranks fail.
     for (r, w) in ws.iter_mut().enumerate() {
-        let err = expect_failure(w, Duration::from_secs(15), &format!("rank {r}"));
+        let err = expect_failure(w, Duration::from_secs(60), &format!("rank {r}"));
         assert!(
             err.contains("nothing heard from the aggregator") || err.contains("connection refused"),
             "rank {r}: {err}"
         );
     }
-    assert!(killed.elapsed() < Duration::from_secs(15));
-    // A new aggregator on the same address serves a new job (and the old job's id).
-    let mut cmd = inagg();
-    cmd.args(["aggregator", "--listen", &addr.to_string()]);
-    let mut again = common::Proc::spawn(cmd);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(again.running(), "restart failed: {}", again.stderr());
+    // A new aggregator on the same address (it says so once bound) serves a new job
+    // (and the old job's id).
+    let (mut again, again_addr) = aggregator_on(&addr.to_string(), &[]);
+    assert_eq!(again_addr, addr);
     assert_new_job_runs(addr, 1, &["--codec", "i32"]);
+    assert!(
+        again.running(),
+        "restarted aggregator stopped: {}",
+        again.stderr()
+    );
 }
 
 #[test]
 fn a_stalled_worker_aborts_its_job_only() {
-    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "2000"]);
+    let (mut agg, addr) = aggregator(&["--silence-timeout-ms", "2000", "--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_address(&mut agg);
     let long = ["--elements", "100000", "--iters", "100000", "--no-check"];
     let mut stalled_job: Vec<_> = (0..3).map(|r| worker(addr, 10, r, 3, &long)).collect();
-    let other = ["--elements", "100000", "--iters", "150", "--codec", "i32"];
+    // The other job checks every result: no untimed allreduce, each compared with the
+    // first bit for bit (i32), the last with the exact sum.
+    let other = [
+        "--elements",
+        "100000",
+        "--iters",
+        "150",
+        "--warmup",
+        "0",
+        "--codec",
+        "i32",
+        "--json",
+    ];
     let mut other_job: Vec<_> = (0..2).map(|r| worker(addr, 11, r, 2, &other)).collect();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_for_chunks(&metrics, 10, 100.0, Duration::from_secs(60));
     assert!(
         stalled_job.iter_mut().all(|w| w.running()),
         "job 10 mid-run"
     );
     stalled_job[1].signal(libc::SIGSTOP);
-    let stopped = Instant::now();
+    // Each wait is a hang guard; what is asserted is how the ranks fail.
     for r in [0, 2] {
         let what = format!("rank {r} behind a stopped rank");
-        let err = expect_failure(&mut stalled_job[r], Duration::from_secs(15), &what);
+        let err = expect_failure(&mut stalled_job[r], Duration::from_secs(60), &what);
         assert!(
             err.contains("rank 1") && err.contains("sent nothing"),
             "rank {r}: {err}"
         );
     }
-    assert!(stopped.elapsed() < Duration::from_secs(15));
     // The stopped rank, resumed, learns its job is gone instead of hanging.
     stalled_job[1].signal(libc::SIGCONT);
     expect_failure(
         &mut stalled_job[1],
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the resumed rank",
     );
     // The other job was not touched.
@@ -148,6 +171,10 @@ fn a_stalled_worker_aborts_its_job_only() {
             .wait_for(Duration::from_secs(60))
             .expect("job 11 finishes");
         assert!(st.success(), "job 11: {}", w.stderr());
+        let r: Value = serde_json::from_str(w.stdout().trim()).expect("json report");
+        assert_eq!(r["allreduces"], 150, "job 11: {r}");
+        assert_eq!(r["mismatches"], 0, "job 11: {r}");
+        assert_eq!(r["check"]["within_bound"], true, "job 11: {r}");
     }
     assert!(agg.running());
     assert_new_job_runs(addr, 10, &[]);
@@ -209,12 +236,17 @@ fn workers_killed_at_random_points_abort_their_jobs_and_nothing_hangs() {
         let mut ws: Vec<_> = (0..3).map(|r| worker(addr, job, r, 3, &long)).collect();
         std::thread::sleep(delay);
         ws[victim].signal(libc::SIGKILL);
-        let killed = Instant::now();
+        // The others fail, none hangs (the wait is a hang guard): aborted by the
+        // aggregator, which names the dead rank, or, where it died before every rank
+        // joined, giving up their join.
         for (r, w) in ws.iter_mut().enumerate().filter(|(r, _)| *r != victim) {
             let what = format!("round {round}: rank {r} after rank {victim} died at {delay:?}");
-            expect_failure(w, Duration::from_secs(20), &what);
+            let err = expect_failure(w, Duration::from_secs(60), &what);
+            assert!(
+                err.contains(&format!("rank {victim}")) || err.contains("no grant within"),
+                "{what}: {err}"
+            );
         }
-        assert!(killed.elapsed() < Duration::from_secs(20));
         assert!(agg.running(), "round {round}: the aggregator died");
     }
     assert_new_job_runs(addr, 50, &["--codec", "i32"]);

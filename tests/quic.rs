@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    bench_json, expect_failure, kill_rank_and_expect_aborts, quic_aggregator, worker,
-    QuicAggregator, TempDir,
+    bench_json, expect_failure, kill_rank_and_expect_aborts, metrics_address, quic_aggregator,
+    wait_for_chunks, wait_for_series, worker, QuicAggregator, TempDir,
 };
 use inagg_quic::{ClientOptions, Mode, QuicLink, Trust};
 
@@ -52,6 +52,8 @@ fn bench_over_quic_four_workers_correct_and_i32_identical_to_udp() {
         "f32,i32",
         "--iters",
         "2",
+        "--warmup",
+        "0",
         "--json",
         "--seed",
         "11",
@@ -83,6 +85,8 @@ fn bench_over_quic_four_workers_correct_and_i32_identical_to_udp() {
         "i32",
         "--iters",
         "2",
+        "--warmup",
+        "0",
         "--json",
         "--seed",
         "11",
@@ -167,29 +171,66 @@ fn a_wrong_fingerprint_or_ca_fails_clearly_and_the_aggregator_serves_on() {
 #[test]
 fn a_wrong_secret_is_refused_and_never_touches_the_job() {
     let dir = TempDir::new("quic-secret");
-    let mut agg = quic_aggregator(&dir.0, &[]);
+    let mut agg = quic_aggregator(&dir.0, &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_address(&mut agg.proc);
+    // Each rank checks every result: no untimed allreduce, i32 sums compared with the
+    // first bit for bit, the last against the exact sum.
     let mut args = via_ca(&agg);
-    args.extend(["--secret", "right", "--elements", "200000", "--iters", "20"].map(String::from));
-    let mut ws: Vec<_> = (0..2)
-        .map(|r| worker(agg.addr, 9, r, 2, &strs(&args)))
-        .collect();
-    // An intruder claims rank 1 of the same job with a wrong secret.
+    args.extend(
+        [
+            "--secret",
+            "right",
+            "--elements",
+            "200000",
+            "--codec",
+            "i32",
+            "--iters",
+            "20",
+            "--warmup",
+            "0",
+            "--json",
+        ]
+        .map(String::from),
+    );
+    // Rank 0 first: once the aggregator holds the forming job (rank 1's seat open), an
+    // intruder claims rank 1 with a wrong secret, and only after its refusal does the
+    // real rank 1 come. The order is what the test says, not a race.
+    let mut ws = vec![worker(agg.addr, 9, 0, 2, &strs(&args))];
+    wait_for_series(
+        &metrics,
+        "inagg_job_packets_received_total{job=\"9\"}",
+        1.0,
+        Duration::from_secs(60),
+    );
     let mut bad = via_ca(&agg);
     bad.extend(["--secret", "wrong", "--join-timeout-ms", "5000"].map(String::from));
     let mut intruder = worker(agg.addr, 9, 1, 2, &strs(&bad));
-    let err = expect_failure(&mut intruder, Duration::from_secs(15), "wrong secret");
+    let err = expect_failure(&mut intruder, Duration::from_secs(60), "wrong secret");
     assert!(err.contains("secret"), "said: {err}");
+    assert!(ws[0].running(), "rank 0 gave up: {}", ws[0].stderr());
+    ws.push(worker(agg.addr, 9, 1, 2, &strs(&args)));
+    let mut reports = Vec::new();
     for w in &mut ws {
         let st = w.wait_for(Duration::from_secs(60)).expect("job finishes");
         assert!(st.success(), "{}", w.stderr());
+        let r: serde_json::Value = serde_json::from_str(w.stdout().trim()).expect("json report");
+        assert_eq!(r["allreduces"], 20, "{r}");
+        assert_eq!(r["mismatches"], 0, "{r}");
+        assert_eq!(r["check"]["within_bound"], true, "{r}");
+        reports.push(r);
     }
+    assert_eq!(reports[0]["result_checksum"], reports[1]["result_checksum"]);
     assert!(agg.proc.running());
 }
 
 #[test]
 fn garbage_from_a_quic_client_and_a_vanished_rank_leave_the_aggregator_serving() {
     let dir = TempDir::new("quic-garbage");
-    let mut agg = quic_aggregator(&dir.0, &["--silence-timeout-ms", "2000"]);
+    let mut agg = quic_aggregator(
+        &dir.0,
+        &["--silence-timeout-ms", "2000", "--metrics", "127.0.0.1:0"],
+    );
+    let metrics = metrics_address(&mut agg.proc);
     let trust = Trust::fingerprint(&agg.fingerprint).expect("fingerprint");
     // Authenticated clients that send garbage, on a stream and as datagrams.
     for mode in [Mode::Stream, Mode::Datagram] {
@@ -231,8 +272,8 @@ fn garbage_from_a_quic_client_and_a_vanished_rank_leave_the_aggregator_serving()
     let mut ws: Vec<_> = (0..3)
         .map(|r| worker(agg.addr, 21, r, 3, &strs(&args)))
         .collect();
-    std::thread::sleep(Duration::from_millis(2000));
-    kill_rank_and_expect_aborts(&mut ws, 1, Duration::from_secs(15));
+    wait_for_chunks(&metrics, 21, 100.0, Duration::from_secs(60));
+    kill_rank_and_expect_aborts(&mut ws, 1, Duration::from_secs(60));
     assert!(agg.proc.running(), "the aggregator must survive");
     assert_new_quic_job_runs(&agg, 22);
 }

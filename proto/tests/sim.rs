@@ -55,9 +55,51 @@ fn exact(inputs: &[Vec<f32>]) -> Vec<f64> {
     sum
 }
 
-/// Every element within the codec's bound (`codec::error_bound`), chunk by chunk.
+/// Results as their bits, for comparisons bit for bit: `==` on f32 takes -0.0 for 0.0
+/// and never takes a NaN for itself.
+trait Bits {
+    type Out: PartialEq + std::fmt::Debug;
+    fn bits(&self) -> Self::Out;
+}
+
+impl Bits for f32 {
+    type Out = u32;
+    fn bits(&self) -> u32 {
+        self.to_bits()
+    }
+}
+
+impl<T: Bits> Bits for [T] {
+    type Out = Vec<T::Out>;
+    fn bits(&self) -> Self::Out {
+        self.iter().map(Bits::bits).collect()
+    }
+}
+
+impl<T: Bits> Bits for Vec<T> {
+    type Out = Vec<T::Out>;
+    fn bits(&self) -> Self::Out {
+        self.as_slice().bits()
+    }
+}
+
+/// Every element within the codec's bound (`codec::error_bound`, itself held to one
+/// derived from first principles in the codec's tests), chunk by chunk.
 fn check_bound(codec: CodecId, inputs: &[Vec<f32>], out: &[f32], chunk: usize, world: u16) {
+    check_bound_sr(codec, false, inputs, out, chunk, world)
+}
+
+/// [`check_bound`], with stochastic rounding or not.
+fn check_bound_sr(
+    codec: CodecId,
+    stochastic: bool,
+    inputs: &[Vec<f32>],
+    out: &[f32],
+    chunk: usize,
+    world: u16,
+) {
     let codec = codec::lookup(codec).expect("codec");
+    assert_eq!(out.len(), inputs[0].len(), "{}", codec.name());
     for start in (0..out.len()).step_by(chunk) {
         let range = start..(start + chunk).min(out.len());
         let e_max = if codec.block_scaled() {
@@ -72,7 +114,7 @@ fn check_bound(codec: CodecId, inputs: &[Vec<f32>], out: &[f32], chunk: usize, w
         for i in range {
             let exact: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
             let abs: f64 = inputs.iter().map(|v| f64::from(v[i]).abs()).sum();
-            let bound = codec::error_bound(codec, world, e_max, false, exact, abs);
+            let bound = codec::error_bound(codec, world, e_max, stochastic, exact, abs);
             let err = (f64::from(out[i]) - exact).abs();
             assert!(
                 err <= bound,
@@ -110,24 +152,29 @@ fn run(
         c.skip_zeros = v.skip_zeros;
     }
     let mut sim = Sim::new(sim_cfg, Default::default(), cfgs);
-    let integers = !codec::lookup(v.codec).expect("codec").block_scaled();
     (0..rounds)
         .map(|round| {
-            let mut ins = inputs(seed * 31 + round as u64, world, len + round * 7, integers);
-            if v.skip_zeros {
-                // Every third chunk zero on every rank.
-                for r in &mut ins {
-                    for (c, chunk) in r.chunks_mut(64).enumerate() {
-                        if c % 3 == 1 {
-                            chunk.fill(0.0);
-                        }
-                    }
-                }
-            }
-            sim.allreduce(ins)
+            sim.allreduce(round_inputs(world, v, len, seed, round))
                 .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"))
         })
         .collect()
+}
+
+/// The inputs of round `round` of [`run`].
+fn round_inputs(world: u16, v: Variant, len: usize, seed: u64, round: usize) -> Vec<Vec<f32>> {
+    let integers = !codec::lookup(v.codec).expect("codec").block_scaled();
+    let mut ins = inputs(seed * 31 + round as u64, world, len + round * 7, integers);
+    if v.skip_zeros {
+        // Every third chunk zero on every rank.
+        for r in &mut ins {
+            for (c, chunk) in r.chunks_mut(64).enumerate() {
+                if c % 3 == 1 {
+                    chunk.fill(0.0);
+                }
+            }
+        }
+    }
+    ins
 }
 
 #[test]
@@ -165,15 +212,23 @@ fn lossy_runs_match_lossless_bit_for_bit() {
             // Lengths that are not multiples of the chunk (64) nor of the window.
             let len = 1000 + 37 * wi;
             let reference = run(SimConfig::lossless(0), world, v, len, wi as u64, 2);
-            for round in &reference {
+            for (r, round) in reference.iter().enumerate() {
                 assert!(
-                    round.iter().all(|out| out == &round[0]),
+                    round.iter().all(|out| out.bits() == round[0].bits()),
                     "ranks disagree without loss"
                 );
+                // The bits every lossy run must give are the sums (a run that lost
+                // every result the same way would agree with it too).
+                let ins = round_inputs(world, v, len, wi as u64, r);
+                check_bound_sr(v.codec, v.stochastic, &ins, &round[0], 64, world);
             }
             for s in 0..seeds {
                 let lossy = run(SimConfig::lossy(1000 + s), world, v, len, wi as u64, 2);
-                assert_eq!(lossy, reference, "{v:?} world {world} seed {s}");
+                assert_eq!(
+                    lossy.bits(),
+                    reference.bits(),
+                    "{v:?} world {world} seed {s}"
+                );
                 runs += 1;
             }
         }
@@ -200,13 +255,13 @@ fn i8_runs_agree_under_loss(
     };
     let reference = once(SimConfig::lossless(0));
     assert!(
-        reference.iter().all(|o| o == &reference[0]),
+        reference.iter().all(|o| o.bits() == reference[0].bits()),
         "ranks disagree"
     );
     for s in 0..10 {
         assert_eq!(
-            once(SimConfig::lossy(seed + s)),
-            reference,
+            once(SimConfig::lossy(seed + s)).bits(),
+            reference.bits(),
             "world {world} seed {s}"
         );
     }
@@ -282,7 +337,7 @@ fn zero_skipping_sees_every_exponent_block_of_an_i8_chunk() {
     };
     let plain = run(false);
     let skipping = run(true);
-    assert!(skipping == plain, "skipping changed the sums");
+    assert!(skipping.bits() == plain.bits(), "skipping changed the sums");
     assert!(plain[0][block..chunk].iter().any(|&x| x != 0.0));
 }
 
@@ -349,7 +404,11 @@ fn zero_skipping_saves_the_bytes_of_zero_chunks() {
             outs.push(sim.allreduce(ins.clone()).expect("allreduce"));
             sent.push(sim.last_stats(0).expect("stats").bytes_sent as f64);
         }
-        assert_eq!(outs[0], outs[1], "{codec:?}: results change with skipping");
+        assert_eq!(
+            outs[0].bits(),
+            outs[1].bits(),
+            "{codec:?}: results change with skipping"
+        );
         let c = codec::lookup(codec).expect("codec");
         let payload = 64.0 * 60.0 * c.wire_bytes() as f64;
         // Half the payload is gone; headers (and the priming window) remain. A codec
@@ -380,7 +439,7 @@ fn f32_sums_of_integers_are_exact() {
         let want: Vec<f32> = exact(&ins).iter().map(|x| *x as f32).collect();
         let out = sim.allreduce(ins).expect("allreduce");
         for o in &out {
-            assert_eq!(o, &want);
+            assert_eq!(o.bits(), want.bits());
         }
     }
 }
@@ -418,7 +477,7 @@ fn many_allreduces_in_a_row_with_loss() {
         let ins = inputs(round, 4, 10 + (round as usize * 13) % 100, false);
         let a = sim.allreduce(ins.clone()).expect("lossy");
         let b = lossless.allreduce(ins).expect("lossless");
-        assert_eq!(a, b, "round {round}");
+        assert_eq!(a.bits(), b.bits(), "round {round}");
     }
 }
 
@@ -437,9 +496,9 @@ fn empty_and_tiny_tensors() {
         let out = sim
             .allreduce(vec![vec![1.0], vec![2.0], vec![4.0]])
             .expect("one element");
-        assert_eq!(out, vec![vec![7.0]; 3]);
+        assert_eq!(out.bits(), vec![vec![7.0f32]; 3].bits());
         let out = sim.allreduce(vec![vec![0.0; 200]; 3]).expect("zeros");
-        assert_eq!(out, vec![vec![0.0; 200]; 3]);
+        assert_eq!(out.bits(), vec![vec![0.0f32; 200]; 3].bits());
     }
 }
 
@@ -453,7 +512,7 @@ fn heavy_loss_still_finishes() {
         .allreduce(ins.clone())
         .expect("allreduce under 30% loss");
     check_i32_bound(&ins, &out[0], 32, 4);
-    assert!(out.iter().all(|o| o == &out[0]));
+    assert!(out.iter().all(|o| o.bits() == out[0].bits()));
 }
 
 #[test]
@@ -488,7 +547,11 @@ fn a_rank_that_starts_late_costs_the_others_probes_not_payload() {
         let mut starts = vec![Duration::ZERO; usize::from(world)];
         starts[3] = Duration::from_millis(1500);
         let got = sim.allreduce_staggered(ins, &starts).expect("allreduce");
-        assert_eq!(got, want, "{codec:?}: a late rank changed the result");
+        assert_eq!(
+            got.bits(),
+            want.bits(),
+            "{codec:?}: a late rank changed the result"
+        );
         let width = codec::lookup(codec).expect("codec").wire_bytes() as u64;
         let window_bytes = u64::from(window) * (u64::from(chunk) * width + 40);
         for r in 0..3 {
@@ -531,7 +594,7 @@ fn congestion_marks_move_every_ranks_window_together() {
     // The aggregator falls behind: every result is marked, every rank halves alike.
     sim.aggregator_mut().set_backlogged(true);
     let got = sim.allreduce(ins.clone()).expect("allreduce");
-    assert_eq!(got, want, "marks change no result");
+    assert_eq!(got.bits(), want.bits(), "marks change no result");
     let low = windows(&sim);
     assert!(low.iter().all(|w| *w == low[0]), "{low:?}");
     assert!(low[0] <= u64::from(window) / 8, "{low:?}");
@@ -540,7 +603,10 @@ fn congestion_marks_move_every_ranks_window_together() {
     // It catches up: unmarked results grow the windows back, still together.
     sim.aggregator_mut().set_backlogged(false);
     for _ in 0..5 {
-        assert_eq!(sim.allreduce(ins.clone()).expect("allreduce"), want);
+        assert_eq!(
+            sim.allreduce(ins.clone()).expect("allreduce").bits(),
+            want.bits()
+        );
     }
     let high = windows(&sim);
     assert!(high.iter().all(|w| *w == high[0]), "{high:?}");
@@ -699,8 +765,12 @@ fn a_job_joining_and_one_leaving_mid_run_change_no_results() {
         .allreduce_staggered(ins, &[Duration::ZERO, Duration::ZERO, ms, ms])
         .expect("both jobs");
     assert!(sim.elapsed() > ms, "job 1 was over before job 2 came");
-    assert_eq!(&out[..2], &a_want[0][..], "job 1 changed by a job joining");
-    assert_eq!(&out[2..], &b_want[0][..], "job 2 wrong");
+    assert_eq!(
+        out[..2].bits(),
+        a_want[0].bits(),
+        "job 1 changed by a job joining"
+    );
+    assert_eq!(out[2..].bits(), b_want[0].bits(), "job 2 wrong");
     // Job 2 leaves as job 1 starts its next allreduce.
     sim.leave(2);
     sim.leave(3);
@@ -713,7 +783,11 @@ fn a_job_joining_and_one_leaving_mid_run_change_no_results() {
         ])
         .expect("job 1 after job 2 left");
     let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
-    assert_eq!(out, a_want[1], "job 1 changed by a job leaving");
+    assert_eq!(
+        out.bits(),
+        a_want[1].bits(),
+        "job 1 changed by a job leaving"
+    );
     assert!(!sim.aggregator().jobs().contains(&2), "job 2 still held");
 }
 
@@ -821,7 +895,11 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
                 .allreduce_some(job1(&a_in))
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
-            assert_eq!(out, a_want, "seed {seed}: job 1 changed by a job joining");
+            assert_eq!(
+                out.bits(),
+                a_want.bits(),
+                "seed {seed}: job 1 changed by a job joining"
+            );
             rounds += 1;
             if rounds == 1 {
                 assert!(sim.elapsed() > t0 + ms, "job 1 was over before job 2 came");
@@ -846,8 +924,12 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
         let out = sim
             .allreduce_staggered(ins, &[Duration::ZERO; 4])
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        assert_eq!(&out[..2], &a_want[..], "seed {seed}: job 1 beside job 2");
-        assert_eq!(&out[2..], &b_want[..], "seed {seed}: job 2 wrong");
+        assert_eq!(
+            out[..2].bits(),
+            a_want.bits(),
+            "seed {seed}: job 1 beside job 2"
+        );
+        assert_eq!(out[2..].bits(), b_want.bits(), "seed {seed}: job 2 wrong");
         // Job 2 leaves as job 1 starts its next allreduce; job 1 grows back at the end
         // of that one.
         sim.leave(2);
@@ -857,7 +939,11 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
                 .allreduce_some(job1(&a_in))
                 .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"));
             let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
-            assert_eq!(out, a_want, "seed {seed}: job 1 changed by a job leaving");
+            assert_eq!(
+                out.bits(),
+                a_want.bits(),
+                "seed {seed}: job 1 changed by a job leaving"
+            );
         }
         assert!(!sim.aggregator().jobs().contains(&2), "job 2 still held");
         assert_eq!(

@@ -20,8 +20,9 @@ fn any() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
-/// Echoes every message the listener receives back to its sender, within `limit`.
-fn echo(listener: &mut QuicListener, want: usize, limit: Duration) -> usize {
+/// Echoes every message the listener receives back to its sender, within `limit`
+/// (a bound on waiting, not a speed asked for); returns the messages, sorted.
+fn echo(listener: &mut QuicListener, want: usize, limit: Duration) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + limit;
     let mut got = Vec::new();
     while got.len() < want && Instant::now() < deadline {
@@ -32,7 +33,21 @@ fn echo(listener: &mut QuicListener, want: usize, limit: Duration) -> usize {
     for (from, m) in &got {
         listener.send(*from, m);
     }
-    got.len()
+    let mut messages: Vec<Vec<u8>> = got.into_iter().map(|(_, m)| m).collect();
+    messages.sort_unstable();
+    messages
+}
+
+/// Receives `want` messages on `link` within `limit`; returns them, sorted.
+fn receive(link: &mut QuicLink, want: usize, limit: Duration) -> Vec<Vec<u8>> {
+    let mut back = Vec::new();
+    let deadline = Instant::now() + limit;
+    while back.len() < want && Instant::now() < deadline {
+        link.recv(Duration::from_millis(20), |m| back.push(m.to_vec()))
+            .expect("recv");
+    }
+    back.sort_unstable();
+    back
 }
 
 #[test]
@@ -56,30 +71,44 @@ fn messages_travel_both_ways_in_both_modes() {
             "{mode:?}: {}",
             link.max_message()
         );
+        // Messages whose every byte differs from its neighbours' and from the other
+        // messages' bytes at the same place: a byte lost, moved or mixed shows.
+        let message = |i: usize, n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|k| (k.wrapping_mul(31) ^ (i * 97 + 13)) as u8)
+                .collect()
+        };
         let sizes = [1usize, 40, 1000, MIN_DATAGRAM];
-        for (i, n) in sizes.iter().enumerate() {
-            link.send(&vec![i as u8; *n]).expect("send");
+        let mut sent: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| message(i, *n))
+            .collect();
+        for m in &sent {
+            link.send(m).expect("send");
         }
+        sent.sort_unstable();
         // Datagrams may be lost in principle; on loopback with room in every buffer
         // they are not.
+        let limit = Duration::from_secs(30);
         assert_eq!(
-            echo(&mut listener, sizes.len(), Duration::from_secs(5)),
-            sizes.len()
+            echo(&mut listener, sizes.len(), limit),
+            sent,
+            "{mode:?}: at the listener"
         );
-        let mut back = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while back.len() < sizes.len() && Instant::now() < deadline {
-            link.recv(Duration::from_millis(20), |m| back.push(m.len()))
-                .expect("recv");
-        }
-        back.sort_unstable();
-        assert_eq!(back, sizes.to_vec(), "{mode:?}");
+        assert_eq!(
+            receive(&mut link, sizes.len(), limit),
+            sent,
+            "{mode:?}: echoed"
+        );
         if mode == Mode::Stream {
             // A stream takes messages larger than any datagram, up to the largest inagg
             // message (65,507 bytes, as over UDP).
             assert_eq!(link.max_message(), inagg_proto::wire::MAX_DATAGRAM);
-            link.send(&vec![7u8; 60_000]).expect("send");
-            assert_eq!(echo(&mut listener, 1, Duration::from_secs(5)), 1);
+            let large = vec![message(9, 60_000)];
+            link.send(&large[0]).expect("send");
+            assert_eq!(echo(&mut listener, 1, limit), large, "at the listener");
+            assert_eq!(receive(&mut link, 1, limit), large, "echoed");
         } else {
             let err = link.send(&vec![7u8; 20_000]).expect_err("too large");
             assert!(err.to_string().contains("does not fit"), "{err}");

@@ -284,29 +284,37 @@ impl Drop for TempDir {
 }
 
 /// The `host:port` of the metrics endpoint an aggregator started with `--metrics`
-/// printed first on stderr.
+/// printed on stderr (after its certificate's, where it generated one).
 pub fn metrics_address(agg: &mut Proc) -> String {
     let err = agg.child.stderr.take().expect("stderr");
     let mut reader = BufReader::new(err);
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("metrics line");
-    drain(reader);
-    line.trim()
-        .strip_prefix("metrics on http://")
-        .and_then(|s| s.strip_suffix("/metrics"))
-        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
-        .to_string()
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("metrics line");
+        assert!(n > 0, "no metrics address; aggregator said {said:?}");
+        if let Some(addr) = line
+            .trim()
+            .strip_prefix("metrics on http://")
+            .and_then(|s| s.strip_suffix("/metrics"))
+        {
+            drain(reader);
+            return addr.to_string();
+        }
+        said.push_str(&line);
+    }
 }
 
 /// SIGKILLs rank `victim` of the running workers `ws` and asserts that every other
-/// rank fails within `limit`, naming the victim and the abort.
+/// rank fails, naming the victim and the abort (what the aggregator tells them; a
+/// rank that gave up on its own would say otherwise). `limit` bounds each wait, a
+/// guard against hanging, not a speed asked for.
 pub fn kill_rank_and_expect_aborts(ws: &mut [Proc], victim: usize, limit: Duration) {
     assert!(
         ws.iter_mut().all(|w| w.running()),
         "workers should be mid-run"
     );
     ws[victim].signal(libc::SIGKILL);
-    let killed = Instant::now();
     for (r, w) in ws.iter_mut().enumerate().filter(|(r, _)| *r != victim) {
         let what = format!("rank {r} after rank {victim} died");
         let err = expect_failure(w, limit, &what);
@@ -315,5 +323,50 @@ pub fn kill_rank_and_expect_aborts(ws: &mut [Proc], victim: usize, limit: Durati
             "rank {r} said: {err}"
         );
     }
-    assert!(killed.elapsed() < limit);
+}
+
+/// The response to `GET /metrics` from the endpoint at `addr` (`host:port`).
+pub fn scrape(addr: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
+}
+
+/// The value of the series `series` (name and labels, as printed) in a scrape.
+pub fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits until job `job` has completed `chunks` chunks on the aggregator whose
+/// metrics are at `metrics`: its ranks have joined and are mid-run, an order a sleep
+/// would only guess. Fails after `limit`, a guard against hanging.
+pub fn wait_for_chunks(metrics: &str, job: u32, chunks: f64, limit: Duration) {
+    let series = format!("inagg_job_chunks_completed_total{{job=\"{job}\"}}");
+    wait_for_series(metrics, &series, chunks, limit);
+}
+
+/// Waits until `series` reaches `at_least` on the metrics endpoint at `metrics`
+/// (published a few times a second). Fails after `limit`, a guard against hanging.
+pub fn wait_for_series(metrics: &str, series: &str, at_least: f64, limit: Duration) {
+    let end = Instant::now() + limit;
+    loop {
+        let body = scrape(metrics);
+        if value(&body, series).is_some_and(|v| v >= at_least) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{series} did not reach {at_least}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

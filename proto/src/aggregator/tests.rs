@@ -826,9 +826,12 @@ fn slot_memory_is_shared_fairly_refused_below_the_minimum_and_regranted_at_a_bou
     h.contribute_as(100, &a, &[1.0; 4]);
     h.contribute_as(101, &b, &[1.0; 4]);
     let out = h.drain();
-    assert!(out
-        .iter()
-        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT != 0)));
+    // One result to each rank, both flagged, both the sum.
+    let mut to: Vec<u32> = out.iter().map(|(to, _)| *to).collect();
+    to.sort_unstable();
+    assert_eq!(to, [100, 101], "{out:?}");
+    assert!(out.iter().all(|(_, m)| matches!(m,
+        Message::Result(hd, p) if hd.flags & FLAG_REGRANT != 0 && values(p) == [2.0; 4])));
     let t = h.token;
     regrant(&mut h, 0, t);
     let t = h.token;
@@ -847,9 +850,9 @@ fn without_a_budget_no_result_is_flagged_and_nothing_waits() {
     h.contribute(0, 0, &[1.0; 4]);
     h.contribute(1, 0, &[1.0; 4]);
     let out = h.drain();
-    assert!(out
-        .iter()
-        .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT == 0)));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out.iter().all(|(_, m)| matches!(m,
+        Message::Result(hd, p) if hd.flags & FLAG_REGRANT == 0 && values(p) == [2.0; 4])));
 }
 
 /// Every rank must see the same flagged results, or some would switch pools at one
@@ -880,6 +883,7 @@ fn a_result_keeps_the_regrant_flag_it_completed_with() {
     h.contribute_as(100, &a, &[1.0; 4]);
     h.contribute_as(101, &b, &[1.0; 4]);
     let out = h.drain();
+    assert_eq!(out.len(), 2, "{out:?}");
     assert!(out
         .iter()
         .all(|(_, m)| matches!(m, Message::Result(hd, _) if hd.flags & FLAG_REGRANT == 0)));
@@ -995,11 +999,13 @@ fn a_job_gets_no_group_unless_offered_and_asked_by_every_rank() {
     // Not offered: ranks that ask get none.
     let mut agg = Aggregator::new(AggregatorConfig::default());
     let grants = groups_harness(&mut agg, now, 5, [true, true]);
+    assert_eq!(grants.len(), 2, "{grants:?}");
     assert!(grants.iter().all(|(_, g)| g.group.is_none()), "{grants:?}");
     // Offered, but one rank did not ask: every rank gets its own results.
     let mut agg = Aggregator::new(AggregatorConfig::default());
     agg.offer_groups(4, |g| 1000 + g);
     let grants = groups_harness(&mut agg, now, 5, [true, false]);
+    assert_eq!(grants.len(), 2, "{grants:?}");
     assert!(grants.iter().all(|(_, g)| g.group.is_none()), "{grants:?}");
     let token = grants[0].1.token;
     contribute_both(&mut agg, now, 5, token);

@@ -162,7 +162,12 @@ fn zeros_stay_exactly_zero() {
         for world in [1u16, 3, 8] {
             let ins = vec![vec![0.0f32; 300]; usize::from(world)];
             let out = sum_through(codec, world, &ins, sr.then_some(5));
-            assert!(out.iter().all(|x| *x == 0.0), "{} sr={sr}", codec.name());
+            // +0.0 itself, bit for bit (`==` would take -0.0 too).
+            assert!(
+                out.iter().all(|x| x.to_bits() == 0),
+                "{} sr={sr}",
+                codec.name()
+            );
         }
     }
 }
@@ -394,7 +399,9 @@ fn an_all_zero_block_aligns_nothing() {
     );
     // Zero blocks alone keep no exponent, and sum to zero.
     let zeros = vec![vec![0.0f32; 8]; 2];
-    assert!(sum_through(&I8, 2, &zeros, None).iter().all(|x| *x == 0.0));
+    assert!(sum_through(&I8, 2, &zeros, None)
+        .iter()
+        .all(|x| x.to_bits() == 0));
 }
 
 #[test]
@@ -504,4 +511,279 @@ fn uniform_is_uniform_enough() {
     let mean: f64 = (0..n).map(|i| f64::from(uniform(42, i))).sum::<f64>() / n as f64;
     assert!((mean - 0.5).abs() < 0.01);
     assert!((0..n).all(|i| (0.0..1.0).contains(&uniform(7, i))));
+}
+
+/// What the independent bound knows of a codec: its wire format as the module
+/// documentation describes it, not anything its code computes.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    /// f32 on the wire, summed in f32 lanes in the order of arrival.
+    F32,
+    /// A float of `sig` significant bits whose subnormals lie `tiny` apart; summed in
+    /// f32 lanes, the sum rounded back to nearest.
+    Half { sig: i32, tiny: f64 },
+    /// `bits`-bit fixed point at a block's scale, where every value lies below the
+    /// power of two above the block's largest magnitude. With `headroom` a contribution
+    /// gives up `ceil(log2 N)` bits so that the sum of `N` fits; without, it keeps
+    /// every bit and the sum is rounded once to a scale `ceil(log2 N)` bits coarser
+    /// and clamped to the width. With `own`, each rank scales at its own block's
+    /// largest magnitude (the sum at the largest of all), else all at the largest.
+    Fixed {
+        bits: i32,
+        headroom: bool,
+        own: bool,
+    },
+}
+
+fn format(codec: &dyn Codec) -> Format {
+    match codec.id() {
+        CodecId::F32 => Format::F32,
+        CodecId::F16 => Format::Half {
+            sig: 11,
+            tiny: 2f64.powi(-24),
+        },
+        CodecId::BF16 => Format::Half {
+            sig: 8,
+            tiny: 2f64.powi(-133),
+        },
+        CodecId::I32 => Format::Fixed {
+            bits: 32,
+            headroom: true,
+            own: false,
+        },
+        CodecId::I16 => Format::Fixed {
+            bits: 16,
+            headroom: false,
+            own: false,
+        },
+        CodecId::I8 => Format::Fixed {
+            bits: 8,
+            headroom: false,
+            own: true,
+        },
+        id => panic!("no format known for {id:?}"),
+    }
+}
+
+/// The smallest power of two above every `|x|` of `v` (0 for an all-zero `v`),
+/// found by doubling and halving in f64.
+fn power_above(v: &[f32]) -> f64 {
+    let m = v.iter().map(|x| f64::from(*x).abs()).fold(0.0, f64::max);
+    if m == 0.0 {
+        return 0.0;
+    }
+    let mut t = 1.0f64;
+    while t <= m {
+        t *= 2.0;
+    }
+    while t / 2.0 > m {
+        t /= 2.0;
+    }
+    t
+}
+
+/// Each element's error bound for `ins` (one chunk per rank, in one exponent block)
+/// summed through a codec of format `f` by `world` ranks, derived from the format and
+/// the f64 sums alone (none of `error_bound`, `sum_error`, `scale` or `precision`):
+/// - f32: the sum's `N - 1` f32 additions, `gamma(N - 1)` of the magnitudes' sum;
+/// - half floats: each contribution off by half a unit in its last place (a whole
+///   one, stochastically), at most `2^-sig` of its magnitude plus half the subnormal
+///   spacing; the f32 sum of those; the sum rounded to nearest;
+/// - fixed point: each contribution off by half a step of its scale (a whole step
+///   stochastically, or where the value lies within a step of the top and is
+///   clamped); the integer sum exact; without headroom, its rounding to the result's
+///   scale, half a step of it or a whole one where the clamp to the width may cut;
+///   the result's conversion to f32.
+///
+/// Returns the bounds and, for fixed point, the bound of an element that is not zero
+/// nor clamped, which any element of the chunk may meet (a zero's bound is zero here,
+/// where a bound of the scale alone cannot tell it from its neighbours).
+fn independent_bounds(f: Format, world: u16, sr: bool, ins: &[Vec<f32>]) -> (Vec<f64>, f64) {
+    let n = f64::from(world);
+    let h = n.log2().ceil() as i32;
+    let u32_ = 2f64.powi(-24);
+    let gamma = |k: f64| k * u32_ / (1.0 - k * u32_);
+    let len = ins[0].len();
+    let exact = |i: usize| ins.iter().map(|v| f64::from(v[i])).sum::<f64>();
+    let abs = |i: usize| ins.iter().map(|v| f64::from(v[i]).abs()).sum::<f64>();
+    match f {
+        Format::F32 => ((0..len).map(|i| gamma(n - 1.0) * abs(i)).collect(), 0.0),
+        Format::Half { sig, tiny } => {
+            let u = 2f64.powi(-sig);
+            let k = if sr { 2.0 } else { 1.0 };
+            let each = (0..len)
+                .map(|i| {
+                    let c: f64 = ins
+                        .iter()
+                        .map(|v| k * (u * f64::from(v[i]).abs() + tiny / 2.0))
+                        .sum();
+                    let acc = gamma(n - 1.0) * (abs(i) + c);
+                    let s = exact(i).abs() + c + acc;
+                    c + acc + u * s + tiny / 2.0
+                })
+                .collect();
+            (each, 0.0)
+        }
+        Format::Fixed {
+            bits,
+            headroom,
+            own,
+        } => {
+            let p = if headroom { bits - 1 - h } else { bits - 1 };
+            let all: Vec<f32> = ins.iter().flatten().copied().collect();
+            let top = power_above(&all);
+            let tops: Vec<f64> = ins
+                .iter()
+                .map(|v| if own { power_above(v) } else { top })
+                .collect();
+            let result_step = top * 2f64.powi(if headroom { -p } else { h - p });
+            let widest = 2f64.powi(bits - 1) - 1.0;
+            let k = if sr { 1.0 } else { 0.5 };
+            let floor = tops.iter().map(|t| k * t * 2f64.powi(-p)).sum::<f64>()
+                + if headroom { 0.0 } else { result_step / 2.0 };
+            let each = (0..len)
+                .map(|i| {
+                    let c: f64 = ins
+                        .iter()
+                        .zip(&tops)
+                        .map(|(v, t)| {
+                            let x = f64::from(v[i]).abs();
+                            let q = t * 2f64.powi(-p);
+                            if x == 0.0 {
+                                0.0
+                            } else if sr || x > t - q {
+                                q
+                            } else {
+                                q / 2.0
+                            }
+                        })
+                        .sum();
+                    let reach = exact(i).abs() + c;
+                    let last = if headroom {
+                        0.0
+                    } else if reach >= (widest - 1.0) * result_step {
+                        result_step
+                    } else {
+                        result_step / 2.0
+                    };
+                    c + last + u32_ * (reach + last)
+                })
+                .collect();
+            (each, floor)
+        }
+    }
+}
+
+/// A case of the independent-bound tests: `world` ranks' chunks of `n` elements from
+/// `seed`, each rank at its own scale (up to 2^8 apart either way, within every
+/// aligned sum's span), elements spread over ten binades below it, with zeros and
+/// values just below the rank's power of two (which round up into the clamp).
+fn bound_case(world: u16, n: usize, seed: u64) -> Vec<Vec<f32>> {
+    (0..u64::from(world))
+        .map(|r| {
+            let key = seed ^ r.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let scale = (uniform(key, usize::MAX) * 17.0).floor() as i32 - 8;
+            (0..n)
+                .map(|i| {
+                    let kind = (uniform(key ^ 1, i) * 16.0) as u32;
+                    let sign = if uniform(key ^ 2, i) < 0.5 { -1.0 } else { 1.0 };
+                    let binade = -((uniform(key ^ 3, i) * 11.0) as i32);
+                    match kind {
+                        0 => 0.0,
+                        1 => sign * (1.0 - f32::EPSILON / 2.0) * 2f32.powi(scale),
+                        _ => {
+                            let m = 0.5 + 0.5 * uniform(key ^ 4, i);
+                            sign * m * 2f32.powi(scale + binade)
+                        }
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `0..world` in an order drawn from `seed`: rotated, and reversed half the time.
+fn arrival(world: u16, seed: u64) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..usize::from(world)).collect();
+    o.rotate_left((seed % u64::from(world)) as usize);
+    if seed & 1 == 1 {
+        o.reverse();
+    }
+    o
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Every codec's sums, with either rounding, over many seeds, world sizes and
+    /// orders of arrival, lie within the bound derived from first principles; and the
+    /// code's own `error_bound`, which every end-to-end check uses, is no looser than
+    /// four times it plus `N + 2` f32 roundings of the magnitudes' sum (which
+    /// `error_bound` charges every codec, integer sums included) and the step of an
+    /// all-zero block's scale, so that a bound grown loose would not let wrong sums
+    /// pass those checks.
+    #[test]
+    fn sums_lie_within_an_independent_bound_and_error_bound_stays_near_it(
+        c in 0..ALL.len(),
+        sr in proptest::bool::ANY,
+        world in proptest::sample::select(vec![1u16, 2, 3, 4, 5, 8, 13, 33, 64]),
+        n in 1usize..200,
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        let codec = ALL[c];
+        let sr = sr && codec.id() != CodecId::F32;
+        let ins = bound_case(world, n, seed);
+        let order = arrival(world, seed >> 8);
+        let out = sum_in_order(codec, world, &ins, sr.then_some(seed), &order);
+        let (bounds, floor) = independent_bounds(format(codec), world, sr, &ins);
+        let e = e_max(codec, &ins);
+        for (i, (o, b)) in out.iter().zip(&bounds).enumerate() {
+            let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
+            let abs: f64 = ins.iter().map(|v| f64::from(v[i]).abs()).sum();
+            let err = (f64::from(*o) - exact).abs();
+            proptest::prop_assert!(
+                err <= *b,
+                "{} sr={} world {} element {}: {} vs {} (error {:e} > bound {:e})",
+                codec.name(), sr, world, i, o, exact, err, b
+            );
+            let theirs = error_bound(codec, world, e, sr, exact, abs);
+            // A step of the scale that blocks of no magnitude get per rank, and N + 2
+            // f32 roundings of the magnitudes' sum.
+            let n = f64::from(world);
+            let slack = (n + 1.0) * 2f64.powi(-126) + (n + 2.0) * 2f64.powi(-24) * abs;
+            proptest::prop_assert!(
+                theirs <= 4.0 * b.max(floor) + slack,
+                "{} sr={} world {} element {}: error_bound {:e} against {:e}",
+                codec.name(), sr, world, i, theirs, b
+            );
+        }
+    }
+}
+
+/// The independent bound is tight enough to matter: on gradient-like sums of a few
+/// thousand elements, each codec's worst error reaches at least half of it, so that a
+/// codec off by one bit of scale (twice the error) would exceed it.
+#[test]
+fn the_independent_bound_is_reached_within_a_small_factor() {
+    for codec in ALL.iter().filter(|c| c.id() != CodecId::F32) {
+        for world in [2u16, 4, 8] {
+            let ins = inputs(world, 4000, u64::from(world));
+            let out = sum_through(*codec, world, &ins, None);
+            let (bounds, _) = independent_bounds(format(*codec), world, false, &ins);
+            let worst = out
+                .iter()
+                .zip(&bounds)
+                .enumerate()
+                .map(|(i, (o, b))| {
+                    let exact: f64 = ins.iter().map(|v| f64::from(v[i])).sum();
+                    (f64::from(*o) - exact).abs() / b
+                })
+                .fold(0.0, f64::max);
+            assert!(
+                (0.5..=1.0).contains(&worst),
+                "{} world {world}: worst error {worst} of the bound",
+                codec.name()
+            );
+        }
+    }
 }
