@@ -56,6 +56,11 @@ pub struct Args {
     /// Skip the check against the exact sum (it regenerates every rank's tensor).
     #[arg(long)]
     pub no_check: bool,
+    /// Check every allreduce's result, warm-up included, against the exact sum, not
+    /// only the last (one pass over every rank's tensor after each call, outside its
+    /// timing): `check` reports the worst, `checked` how many were checked.
+    #[arg(long, conflicts_with = "no_check")]
+    pub check_every: bool,
     /// Fraction of chunks that are zero on every rank (sparse gradients).
     #[arg(long, default_value_t = 0.0)]
     pub zero_fraction: f64,
@@ -251,7 +256,12 @@ pub struct Report {
     /// shrank it; `--no-congestion-control` keeps it at the grant.
     #[serde(default)]
     pub congestion_window_min: Option<u64>,
-    /// The check of the last result (absent with --no-check).
+    /// Results checked against the exact sum: 1 (the last), every allreduce's with
+    /// `--check-every`, 0 with `--no-check`.
+    #[serde(default)]
+    pub checked: u64,
+    /// The check of the last result, or with `--check-every` the worst of all
+    /// (absent with --no-check).
     pub check: Option<Check>,
 }
 
@@ -335,6 +345,7 @@ pub fn run(a: &Args) -> Result<()> {
         failovers: Vec::new(),
         dropped: Default::default(),
         congestion_window_min: None,
+        checked: 0,
         check: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
@@ -351,6 +362,15 @@ pub fn run(a: &Args) -> Result<()> {
     // equal bit for bit (compared in one vectorized pass: a per-element hash here
     // took 90 ms per 16 Mi elements, and its CPU time slowed the other ranks).
     let mut first: Option<Vec<f32>> = None;
+    // Every rank's tensor, for the check against the exact sum.
+    let inputs = || -> Vec<Vec<f32>> {
+        (0..a.world)
+            .map(|r| if r == a.rank { input.clone() } else { make(r) })
+            .collect()
+    };
+    let every = a.check_every.then(inputs);
+    let sr = a.tuning.stochastic;
+    let mut worst: Option<tensor::Check> = None;
     for i in 0..a.warmup + a.iters {
         buf[..n].copy_from_slice(&input);
         if let Some(d) = a.duration_s {
@@ -392,6 +412,14 @@ pub fn run(a: &Args) -> Result<()> {
                 }
             }
         }
+        if let Some(inputs) = &every {
+            let c = tensor::check(codec, a.world, chunk, sr, inputs, &buf[..n]);
+            report.checked += 1;
+            worst = Some(match worst {
+                Some(w) if w.worse_than(&c) => w,
+                _ => c,
+            });
+        }
         if a.duration_s.is_some() && buf[vote] > 0.5 {
             break;
         }
@@ -426,12 +454,11 @@ pub fn run(a: &Args) -> Result<()> {
     report.bytes_sent /= timed;
     report.bytes_recv /= timed;
     report.retransmitted_bytes /= timed;
-    if !a.no_check && a.warmup + a.iters > 0 {
-        let inputs: Vec<Vec<f32>> = (0..a.world)
-            .map(|r| if r == a.rank { input.clone() } else { make(r) })
-            .collect();
-        let sr = a.tuning.stochastic;
-        report.check = Some(tensor::check(codec, a.world, chunk, sr, &inputs, &buf));
+    if worst.is_some() {
+        report.check = worst;
+    } else if !a.no_check && a.warmup + a.iters > 0 {
+        report.check = Some(tensor::check(codec, a.world, chunk, sr, &inputs(), &buf));
+        report.checked = 1;
     }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -132,6 +132,15 @@ pub fn run(a: &Args) -> Result<()> {
         csv_path.display(),
         a.out.display()
     );
+    // As `inagg bench`: the table and files are written, and wrong results fail.
+    let wrong: Vec<String> = rows
+        .iter()
+        .filter(|r| !(r.within_bound && r.ranks_identical))
+        .map(|r| format!("{} (N={}, chunk {})", r.codec, r.workers, r.chunk_elements))
+        .collect();
+    if !wrong.is_empty() {
+        bail!("wrong results for {}", wrong.join(", "));
+    }
     Ok(())
 }
 

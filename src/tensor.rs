@@ -60,6 +60,14 @@ pub struct Check {
     pub checksum: u64,
 }
 
+impl Check {
+    /// Whether this check found worse than `other`: more elements outside the bound,
+    /// or as many and a larger error.
+    pub fn worse_than(&self, other: &Check) -> bool {
+        (self.violations, self.max_abs_err) > (other.violations, other.max_abs_err)
+    }
+}
+
 /// Whether `a` and `b` hold the same bits (NaNs included), in one pass that
 /// vectorizes.
 pub fn same_bits(a: &[f32], b: &[f32]) -> bool {

@@ -251,3 +251,56 @@ fn workers_killed_at_random_points_abort_their_jobs_and_nothing_hangs() {
     }
     assert_new_job_runs(addr, 50, &["--codec", "i32"]);
 }
+
+/// `--check-every`: every allreduce's result, warm-up included, is checked against the
+/// exact sum, for float codecs too (whose results may differ in their last bits from
+/// call to call, so that comparing with the first proves nothing), through a relay
+/// that loses, duplicates and reorders.
+#[test]
+fn every_result_of_a_lossy_float_job_is_checked() {
+    let (_agg, upstream) = common::aggregator(&[]);
+    let faults = [
+        "--loss",
+        "0.02",
+        "--dup",
+        "0.01",
+        "--reorder",
+        "0.01",
+        "--seed",
+        "9",
+    ];
+    let (_relay, addr) = common::relay(upstream, &faults);
+    for (job, codec) in (80u32..).zip(["f16", "bf16", "f32"]) {
+        let mut ws: Vec<_> = (0..3)
+            .map(|r| {
+                common::worker(
+                    addr,
+                    job,
+                    r,
+                    3,
+                    &[
+                        "--codec",
+                        codec,
+                        "--elements",
+                        "50000",
+                        "--warmup",
+                        "2",
+                        "--iters",
+                        "5",
+                        "--check-every",
+                        "--json",
+                    ],
+                )
+            })
+            .collect();
+        for w in &mut ws {
+            let st = w.wait_for(Duration::from_secs(120)).expect("worker ends");
+            let out = w.stdout();
+            assert!(st.success(), "{codec}: {out}\n{}", w.stderr());
+            let r = &common::json_lines(&out)[0];
+            assert_eq!(r["checked"], 7, "{codec}: {r}");
+            assert_eq!(r["check"]["within_bound"], true, "{codec}: {r}");
+            assert_eq!(r["check"]["violations"], 0, "{codec}: {r}");
+        }
+    }
+}

@@ -135,33 +135,10 @@ fn max_window_caps_the_slots_a_job_is_granted() {
     }
 }
 
-/// Starts `inagg relay` in front of `upstream` with `faults`; returns it and the
-/// address workers use.
-fn relay(upstream: SocketAddr, faults: &[&str]) -> (Proc, SocketAddr) {
-    let mut cmd = inagg();
-    cmd.args(["relay", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string())
-        .args(faults);
-    let mut p = Proc::spawn(cmd);
-    let out = p.child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("relay's address");
-    // "relaying on ADDR to UPSTREAM"
-    let addr = line
-        .strip_prefix("relaying on ")
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("relay said {line:?}"))
-        .parse()
-        .expect("address");
-    (p, addr)
-}
-
 #[test]
 fn congestion_control_shrinks_the_window_on_loss_unless_turned_off() {
     let (_agg, upstream) = aggregator(&[]);
-    let (_relay, addr) = relay(upstream, &["--loss", "0.05", "--seed", "3"]);
+    let (_relay, addr) = common::relay(upstream, &["--loss", "0.05", "--seed", "3"]);
     for (job, flags) in [(21u32, &[][..]), (22, &["--no-congestion-control"][..])] {
         let mut ws: Vec<_> = (0..2)
             .map(|r| {
@@ -446,7 +423,7 @@ fn sigterm_stops_every_shard_and_tells_the_ranks() {
 #[test]
 fn sigterm_stops_the_relay() {
     let (_agg, upstream) = aggregator(&[]);
-    let (mut relay, addr) = relay(upstream, &["--loss", "0.01"]);
+    let (mut relay, addr) = common::relay(upstream, &["--loss", "0.01"]);
     // Traffic through it first.
     let reports = run_job(
         &[

@@ -157,6 +157,29 @@ pub fn aggregator_on(listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
+/// Starts `inagg relay` in front of `upstream` with `faults`; returns it and the
+/// address workers use.
+pub fn relay(upstream: SocketAddr, faults: &[&str]) -> (Proc, SocketAddr) {
+    let mut cmd = inagg();
+    cmd.args(["relay", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string())
+        .args(faults);
+    let mut p = Proc::spawn(cmd);
+    let out = p.child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("relay's address");
+    // "relaying on ADDR to UPSTREAM"
+    let addr = line
+        .strip_prefix("relaying on ")
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("relay said {line:?}"))
+        .parse()
+        .expect("address");
+    (p, addr)
+}
+
 /// `inagg worker` flags for rank `rank` of `job`.
 pub fn worker(addr: SocketAddr, job: u32, rank: u16, world: u16, extra: &[&str]) -> Proc {
     let mut cmd = inagg();
