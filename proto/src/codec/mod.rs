@@ -454,7 +454,8 @@ fn exponent_of(max_bits: u32) -> Result<i8, NonFinite> {
 /// The error bound of one element of a sum through `codec`: `exact` is the exact sum,
 /// `sum_abs` the sum of the ranks' magnitudes, `e_max` the chunk's block exponent.
 /// Covers the codec's quantization (and its rounding of the result), the aggregator's
-/// f32 accumulation, and the final conversion to f32.
+/// f32 accumulation (float codecs; fixed-point lanes sum integers exactly), and the
+/// final conversion to f32.
 pub fn error_bound(
     codec: &dyn Codec,
     world: u16,
@@ -466,8 +467,13 @@ pub fn error_bound(
     let n = f64::from(world);
     let f32_eps = 2f64.powi(-24);
     let u = codec.unit_roundoff() * if stochastic { 2.0 } else { 1.0 };
+    let accumulation = if codec.block_scaled() {
+        0.0
+    } else {
+        (n + 1.0) * f32_eps
+    };
     codec.sum_error(world, e_max, stochastic)
-        + sum_abs * (u * (1.0 + u) + (n + 1.0) * f32_eps)
+        + sum_abs * (u * (1.0 + u) + accumulation)
         + exact.abs() * codec.unit_roundoff().max(f32_eps)
         + (n + 1.0) * codec.underflow() * if stochastic { 2.0 } else { 1.0 }
 }
