@@ -3,13 +3,14 @@
 //! This crate never opens a socket and never reads a clock: every entry point takes
 //! the current time as an argument, and every datagram goes in and out through
 //! buffers the caller owns. The same state machines run behind UDP, QUIC and the
-//! deterministic simulator in [`sim`].
+//! deterministic simulator in [`sim`]. It holds no `unsafe` code: the SIMD kernels
+//! live in `inagg-codec`, re-exported here as [`codec`].
 //!
 //! # Layout
 //!
 //! - [`wire`]: every message, encoded and decoded (validating, never panicking).
-//! - [`codec`]: how `f32` gradients become wire bytes and how the aggregator sums them
-//!   (`f32`, block-scaled fixed point `i32`, ...).
+//! - [`codec`] (the `inagg-codec` crate): how `f32` gradients become wire bytes and
+//!   how the aggregator sums them (`f32`, block-scaled fixed point `i32`, ...).
 //! - [`aggregator`]: the aggregator: jobs, slot pools of two versions per slot, the
 //!   control plane (join, grant, heartbeat, leave, abort), and slot memory as a budget
 //!   shared in max-min fair shares, pools re-granted at allreduce boundaries.
@@ -36,8 +37,10 @@
 //! assert_eq!(out[0], out[1]);
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod aggregator;
-pub mod codec;
+pub use inagg_codec as codec;
 pub mod fuzzing;
 pub mod sim;
 pub mod wire;

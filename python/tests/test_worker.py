@@ -15,7 +15,7 @@ from conftest import Aggregator
 
 CODECS = ["f32", "f16", "bf16", "i32", "i16", "i8"]
 
-# What each codec does to a sum, from proto/src/codec (the table in mod.rs, fixed.rs,
+# What each codec does to a sum, from codec/src (the table in lib.rs, fixed.rs,
 # half16.rs), for bounds computed here, independently of the library's own:
 #
 # Float codecs: each rank's value is rounded once to the wire format (to nearest: half

@@ -56,7 +56,7 @@ pub const MAX_SHARDS: u16 = 256;
 pub const MAX_ERROR_TEXT: usize = 512;
 /// The exponent value that means "no exponent": an all-zero block, or a packet that
 /// carries no lookahead.
-pub const NO_EXPONENT: i8 = i8::MIN;
+pub use crate::codec::NO_EXPONENT;
 /// The largest datagram inagg ever sends or accepts (the IPv4 UDP limit).
 pub const MAX_DATAGRAM: usize = 65_507;
 

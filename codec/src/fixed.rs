@@ -50,8 +50,8 @@
 //! plus `2^(ceil(log2 N) - shift) / 2` for the final rounding when widening.
 
 use super::stream::{self, Wire};
+use super::NO_EXPONENT;
 use super::{kernels, Alignment, Codec, CodecId, Scale};
-use crate::wire::NO_EXPONENT;
 
 /// How a fixed-point codec makes room for the sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

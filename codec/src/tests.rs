@@ -2,7 +2,7 @@
 //! the same tests: round trips, sums of N ranks within the bound, extremes.
 
 use super::*;
-use crate::codec::fixed::{I16, I8};
+use crate::fixed::{I16, I8};
 
 const WORLDS: [u16; 6] = [1, 2, 3, 4, 8, 64];
 

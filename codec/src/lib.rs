@@ -1,5 +1,7 @@
 //! Codecs: how a chunk of `f32` gradients becomes wire bytes, how the aggregator sums
-//! those bytes, and how a worker turns the sum back into `f32`.
+//! those bytes, and how a worker turns the sum back into `f32`. The SIMD kernels and
+//! streaming stores that do it live here, so that the protocol crate (`inagg-proto`,
+//! which re-exports this crate as `inagg_proto::codec`) holds no `unsafe` code.
 //!
 //! The protocol only ever sees `&'static dyn Codec` from [`lookup`]: adding a codec
 //! means one new implementation and one line in [`ALL`], nothing in the protocol.
@@ -42,7 +44,9 @@ pub use fixed::{Fixed, Room};
 pub use float::F32;
 pub use half16::{Bf16, F16};
 
-use crate::wire::NO_EXPONENT;
+/// The exponent value that means "no exponent": an all-zero block, or a packet that
+/// carries no lookahead (the wire carries it as is).
+pub const NO_EXPONENT: i8 = i8::MIN;
 
 /// A codec's number on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -371,7 +375,7 @@ pub fn store_blocks(
 /// `out`) block by block: `store(b, elements, bytes)` writes block `b`'s data into
 /// `bytes` and returns its alignment, whose `top` is the block's exponent; those of the
 /// blocks after the first follow the data. Returns the blocks' alignments.
-pub(crate) fn store_each_block(
+pub fn store_each_block(
     codec: &dyn Codec,
     count: usize,
     out: &mut [u8],

@@ -198,7 +198,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::kernels::tests_force_baseline;
+    use crate::kernels::tests_force_baseline;
 
     fn payload(bytes: usize, seed: u32) -> Vec<u8> {
         (0..bytes as u32)
