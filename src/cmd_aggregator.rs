@@ -4,14 +4,8 @@
 //! With both, each transport runs its own server loop on its own thread, with its own
 //! state machine: a job lives on one transport (its ranks all use the same one), so
 //! nothing needs sharing between them, and the UDP path keeps its lock-free loop.
-//!
-//! `--threads T` runs the UDP side as `T` shards on consecutive ports, one loop, socket
-//! and state machine per core, each with `1/T` of the slot memory. Nothing is shared
-//! between them: every grant names its shard and the count, and workers join the
-//! same job on every shard and stripe each tensor over them (as over several
-//! aggregators). Sharding by port rather than by `SO_REUSEPORT` on one port keeps all
-//! the ranks' packets for a slot on one core: the kernel spreads a reuseport group by
-//! sender, and a slot needs every sender.
+//! `--threads T` runs the UDP side as the library's sharded server
+//! ([`inagg_aggregator::ShardedServer`]). This module parses flags, binds, and prints.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,8 +14,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use inagg_aggregator::{DropReason, Front, Identity, Server, ServerConfig, Stats};
+use anyhow::{bail, Context, Result};
+use inagg_aggregator::{
+    run_together, DropReason, Front, Identity, Loop, Server, ServerConfig, ShardedServer, Stats,
+};
 use inagg_proto::aggregator::Aggregator;
 
 /// The UDP address served when neither `--listen` nor `--quic` is given.
@@ -105,8 +101,8 @@ pub struct Args {
     pub admission_key: Option<crate::admission::Key>,
 }
 
-/// The configuration of shard `shard` of `shards` (1 for QUIC), listening on `listen`.
-fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig {
+/// The configuration of each of `shards` servers (1 for QUIC), listening on `listen`.
+fn config(a: &Args, listen: SocketAddr, shards: u16) -> ServerConfig {
     let mut cfg = ServerConfig::new(listen);
     cfg.protocol.max_window = a.max_window;
     cfg.protocol.max_jobs = a.max_jobs;
@@ -121,23 +117,11 @@ fn config(a: &Args, listen: SocketAddr, shard: u16, shards: u16) -> ServerConfig
     if let Some(m) = a.max_job_memory {
         cfg.protocol.max_job_memory = Some(per_shard(m));
     }
-    cfg.protocol.shard = shard;
-    cfg.protocol.shards = shards;
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
     cfg.yields_before_sleep = a.yields_before_sleep;
     cfg.multicast = !a.no_multicast;
     cfg.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
     cfg
-}
-
-/// Sets the stop flag when dropped: a server loop that returns, fails or panics stops
-/// the other loops of the process (their jobs could not all finish anyway).
-struct StopOthers<'a>(&'a AtomicBool);
-
-impl Drop for StopOthers<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// Writes one line to stdout or stderr and ignores failure: whoever started the
@@ -163,57 +147,21 @@ enum Publish {
 
 /// Runs a bound server until `stop`, publishing metrics as told. With two transports,
 /// only the UDP side publishes (`publish` sets process-wide values).
-fn serve<F: Front>(server: Server<F>, stop: &AtomicBool, publish: Publish) -> Result<Stats> {
+fn serve<F: Front>(
+    server: Server<F>,
+    stop: &AtomicBool,
+    publish: Publish,
+) -> Result<Stats, inagg_aggregator::ServerError> {
     let shard = match publish {
-        Publish::No => return Ok(server.run(stop)?),
+        Publish::No => return server.run(stop),
         Publish::Alone => None,
         Publish::Shard(k) => Some(k),
     };
-    Ok(server.run_observed(
+    server.run_observed(
         stop,
         Duration::from_millis(250),
         |agg: &Aggregator<SocketAddr>| crate::metrics::publish(agg, shard),
-    )?)
-}
-
-/// Binds the UDP shards on consecutive ports from `listen`'s. With port 0, the first
-/// gets a free port and the others the ports after it; if one of those is taken, the
-/// whole run is tried again elsewhere (a bounded number of times).
-fn bind_shards(a: &Args, listen: SocketAddr) -> Result<Vec<Server>> {
-    let shards = a.threads.max(1);
-    const ATTEMPTS: usize = 32;
-    for _ in 0..ATTEMPTS {
-        let first = Server::bind(config(a, listen, 0, shards))?;
-        let base = first.local_addr()?;
-        let mut all = vec![first];
-        for k in 1..shards {
-            let Some(port) = base.port().checked_add(k) else {
-                if listen.port() == 0 {
-                    break; // Too near the top: another run.
-                }
-                bail!("--threads {shards}: no room above port {}", base.port());
-            };
-            // A copy keeps an IPv6 scope id.
-            let mut addr = base;
-            addr.set_port(port);
-            match Server::bind(config(a, addr, k, shards)) {
-                Ok(s) => all.push(s),
-                Err(e) if listen.port() == 0 => {
-                    tracing::debug!(%addr, error = %e, "shard port taken, trying another run");
-                    break;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("--threads {shards}: shard {k} needs UDP port {port}")
-                    })
-                }
-            }
-        }
-        if all.len() == usize::from(shards) {
-            return Ok(all);
-        }
-    }
-    bail!("--threads {shards}: found no run of {shards} free UDP ports in {ATTEMPTS} tries")
+    )
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -228,7 +176,10 @@ pub fn run(a: &Args) -> Result<()> {
             a.threads
         );
     }
-    let udp = listen.map(|l| bind_shards(a, l)).transpose()?;
+    let udp = listen
+        .map(|l| ShardedServer::bind(&config(a, l, a.threads), a.threads))
+        .transpose()?
+        .map(ShardedServer::into_shards);
     let quic = match a.quic {
         Some(q) => {
             let id = Identity::load_or_generate(&a.cert, &a.key)
@@ -243,7 +194,7 @@ pub fn run(a: &Args) -> Result<()> {
                     ),
                 );
             }
-            Some((Server::bind_quic(config(a, q, 0, 1), &id)?, id))
+            Some((Server::bind_quic(config(a, q, 1), &id)?, id))
         }
         None => None,
     };
@@ -291,52 +242,39 @@ pub fn run(a: &Args) -> Result<()> {
     let metrics = a.metrics.is_some();
     // One thread per loop: every UDP shard, and QUIC. Each loop's stop report is
     // labeled when the process runs more than one.
-    let stats = std::thread::scope(|scope| -> Result<Vec<(String, Stats)>> {
-        let stop = &stop;
-        let udp = udp.unwrap_or_default();
-        let sharded = udp.len() > 1;
-        let both = !udp.is_empty() && quic.is_some();
-        let mut loops = Vec::new();
-        for (k, s) in (0u16..).zip(udp) {
-            let (label, publish) = match (sharded, both) {
-                (true, _) => (format!(" (UDP shard {k})"), Publish::Shard(k)),
-                (false, true) => (" (UDP)".to_string(), Publish::Alone),
-                (false, false) => (String::new(), Publish::Alone),
-            };
-            let publish = if metrics { publish } else { Publish::No };
-            loops.push((
-                label,
-                scope.spawn(move || {
-                    let _stop = StopOthers(stop);
-                    serve(s, stop, publish)
-                }),
-            ));
-        }
-        if let Some((s, _)) = quic {
-            // With UDP beside it, only the UDP side publishes metrics.
-            let (label, publish) = match (both, metrics) {
-                (true, _) => (" (QUIC)".to_string(), Publish::No),
-                (false, true) => (String::new(), Publish::Alone),
-                (false, false) => (String::new(), Publish::No),
-            };
-            loops.push((
-                label,
-                scope.spawn(move || {
-                    let _stop = StopOthers(stop);
-                    serve(s, stop, publish)
-                }),
-            ));
-        }
-        loops
-            .into_iter()
-            .map(|(label, h)| {
-                let stats = h
-                    .join()
-                    .map_err(|_| anyhow!("the server loop{label} panicked"))??;
-                Ok((label, stats))
-            })
-            .collect()
-    })?;
+    let udp = udp.unwrap_or_default();
+    let sharded = udp.len() > 1;
+    let both = !udp.is_empty() && quic.is_some();
+    let mut labels = Vec::new();
+    let mut loops: Vec<Loop<'_, Stats>> = Vec::new();
+    for (k, s) in (0u16..).zip(udp) {
+        let (label, publish) = match (sharded, both) {
+            (true, _) => (format!(" (UDP shard {k})"), Publish::Shard(k)),
+            (false, true) => (" (UDP)".to_string(), Publish::Alone),
+            (false, false) => (String::new(), Publish::Alone),
+        };
+        let publish = if metrics { publish } else { Publish::No };
+        labels.push(label);
+        loops.push(Box::new(move |stop| serve(s, stop, publish)));
+    }
+    if let Some((s, _)) = quic {
+        // With UDP beside it, only the UDP side publishes metrics.
+        let (label, publish) = match (both, metrics) {
+            (true, _) => (" (QUIC)".to_string(), Publish::No),
+            (false, true) => (String::new(), Publish::Alone),
+            (false, false) => (String::new(), Publish::No),
+        };
+        labels.push(label);
+        loops.push(Box::new(move |stop| serve(s, stop, publish)));
+    }
+    let stats = labels
+        .into_iter()
+        .zip(run_together(&stop, loops))
+        .map(|(label, r)| {
+            let stats = r.with_context(|| format!("the server loop{label}"))?;
+            Ok((label, stats))
+        })
+        .collect::<Result<Vec<_>>>()?;
     for (label, stats) in &stats {
         report(label, stats);
     }
@@ -384,7 +322,7 @@ mod tests {
     fn shard_config(flags: &[&str]) -> ServerConfig {
         let cli = Cli::try_parse_from(std::iter::once("aggregator").chain(flags.iter().copied()))
             .expect("flags parse");
-        config(&cli.args, SocketAddr::from(([127, 0, 0, 1], 0)), 0, 1)
+        config(&cli.args, SocketAddr::from(([127, 0, 0, 1], 0)), 1)
     }
 
     #[test]

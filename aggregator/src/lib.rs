@@ -1,6 +1,9 @@
 //! inagg-aggregator: the aggregator server. It drives the protocol state machine of
 //! `inagg_proto::aggregator` from a UDP socket (batched receive, batched send) or a
-//! QUIC endpoint, with timers and a clean shutdown that tells every rank.
+//! QUIC endpoint, with timers and a clean shutdown that tells every rank;
+//! [`ShardedServer`] runs several UDP servers as shards of one aggregator, one per
+//! core, and [`run_together`] runs loops side by side (shards and QUIC) so that they
+//! stop together.
 //!
 //! ```no_run
 //! use std::sync::{atomic::AtomicBool, Arc};
@@ -15,6 +18,7 @@
 
 mod memory;
 mod server;
+mod shards;
 
 pub use memory::return_freed_pools;
 
@@ -24,3 +28,4 @@ pub use server::{
     Front, QuicFront, Server, ServerConfig, ServerError, UdpFront, DEFAULT_MAX_JOB_MEMORY,
     DEFAULT_SLOT_MEMORY, DEFAULT_YIELDS_BEFORE_SLEEP,
 };
+pub use shards::{run_together, Loop, ShardedServer};

@@ -130,6 +130,38 @@ pub enum ServerError {
     /// The socket failed while serving.
     #[error("socket error")]
     Io(#[from] io::Error),
+    /// A sharded server's shard could not have its port ([`crate::ShardedServer`]).
+    #[error("{shards} shards: shard {shard} needs UDP port {port}")]
+    ShardPort {
+        /// Shards asked for.
+        shards: u16,
+        /// The shard.
+        shard: u16,
+        /// Its port.
+        port: u16,
+        /// Why binding it failed.
+        #[source]
+        source: Box<ServerError>,
+    },
+    /// A sharded server on a given port found no room for its shards above it.
+    #[error("{shards} shards: no room above port {port}")]
+    NoRoomAbove {
+        /// Shards asked for.
+        shards: u16,
+        /// The first shard's port.
+        port: u16,
+    },
+    /// A sharded server on port 0 found no run of free ports.
+    #[error("{shards} shards: found no run of {shards} free UDP ports in {attempts} tries")]
+    NoPortRun {
+        /// Shards asked for.
+        shards: u16,
+        /// Runs tried.
+        attempts: usize,
+    },
+    /// A server loop panicked ([`crate::run_together`]).
+    #[error("a server loop panicked")]
+    Panicked,
     /// The QUIC endpoint could not start.
     #[error("cannot serve QUIC on {addr}")]
     Quic {
