@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use inagg_proto::codec;
-use inagg_worker::{Options, QuicOptions, Trust, UdpWorker};
+use inagg_worker::{Options, QuicOptions, Trust, Worker};
 use serde::{Deserialize, Serialize};
 
 pub use crate::bench::Transport;
@@ -318,7 +318,7 @@ pub fn run(a: &Args) -> Result<()> {
     let make = |rank| tensor::input_with_zeros(a.seed, rank, a.elements, a.zero_fraction, chunk0);
     let input = make(a.rank);
     let mut buf = input.clone();
-    let worker = UdpWorker::connect(opts).with_context(|| {
+    let worker = Worker::connect(opts).with_context(|| {
         format!(
             "rank {} could not join job {} at {}",
             a.rank,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use inagg_proto::codec;
 use inagg_worker::{
-    AllreduceReport, Error, Options, QuicMode, QuicOptions, Transport, Trust, UdpWorker,
+    AllreduceReport, Error, Options, QuicMode, QuicOptions, Transport, Trust, Worker as RustWorker,
     WorkerError,
 };
 use pyo3::create_exception;
@@ -217,7 +217,7 @@ fn resolve(what: &str, s: &str) -> PyResult<SocketAddr> {
 /// use as a context manager or call `close()`.
 #[pyclass(module = "inagg._inagg")]
 struct Worker {
-    inner: Option<UdpWorker>,
+    inner: Option<RustWorker>,
     rank: u16,
     world: u16,
     codec: &'static str,
@@ -350,7 +350,7 @@ impl Worker {
                 }
             };
         let w = py
-            .allow_threads(move || UdpWorker::connect(o))
+            .allow_threads(move || RustWorker::connect(o))
             .map_err(to_py)?;
         let g = w.grant().map_err(to_py)?;
         let stripes = w.stripes();

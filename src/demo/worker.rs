@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use inagg_proto::codec;
-use inagg_worker::{Options, UdpWorker};
+use inagg_worker::{Options, Worker};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -146,7 +146,7 @@ pub fn run(a: &Args) -> Result<()> {
     if a.transport == crate::bench::Transport::Quic {
         opts.transport = inagg_worker::Transport::Quic(a.trust.quic(Default::default())?);
     }
-    let worker = UdpWorker::connect(opts)
+    let worker = Worker::connect(opts)
         .with_context(|| format!("rank {} could not join job {}", a.rank, a.job))?;
     let feedback = codec.block_scaled() && !t.no_error_feedback;
 

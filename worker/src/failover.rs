@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use inagg_proto::wire::ErrorCode;
 use inagg_proto::worker::WorkerError;
 
-use crate::{AllreduceReport, Error, Options, Stripe, UdpWorker};
+use crate::{AllreduceReport, Error, Options, Stripe, Worker};
 
 /// One failover: where the job went, and how long the rank took from noticing the
 /// failure to its grant there.
@@ -103,7 +103,7 @@ impl Rank {
     fn join(&mut self) -> Result<(), Error> {
         self.opts.protocol.completed = self.completed;
         let mut stripes = Vec::new();
-        let joined = UdpWorker::join_all(&self.opts, &mut stripes);
+        let joined = Worker::join_all(&self.opts, &mut stripes);
         if joined.is_err() {
             for s in &stripes {
                 s.shutdown();
@@ -166,7 +166,7 @@ impl Rank {
         }
         // Bounded: each failed pass moves to the next address or returns.
         loop {
-            match UdpWorker::striped(&self.stripes, data, key) {
+            match Worker::striped(&self.stripes, data, key) {
                 Ok(r) => {
                     self.completed += 1;
                     return Ok(r);

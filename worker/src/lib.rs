@@ -1,12 +1,12 @@
-//! inagg-worker: the client library. A [`UdpWorker`] joins one job on an aggregator
+//! inagg-worker: the client library. A [`Worker`] joins one job on an aggregator
 //! and then sums tensors with every other rank of the job, as often as it likes.
 //!
 //! ```no_run
-//! use inagg_worker::{Options, UdpWorker};
+//! use inagg_worker::{Options, Worker};
 //! use inagg_proto::codec::CodecId;
 //!
 //! let opts = Options::new("127.0.0.1:7070".parse().unwrap(), 1, 0, 2, CodecId::I32);
-//! let worker = UdpWorker::connect(opts).unwrap(); // waits for every rank to join
+//! let worker = Worker::connect(opts).unwrap(); // waits for every rank to join
 //! let mut grad = vec![0.5f32; 1 << 20];
 //! let report = worker.allreduce(&mut grad).unwrap(); // grad now holds the sum
 //! println!("{:?} for {} bytes sent", report.elapsed, report.bytes_sent);
@@ -430,13 +430,22 @@ fn sibling_shards(addr: SocketAddr, grant: &Grant) -> Vec<(u16, SocketAddr)> {
         .collect()
 }
 
-/// One rank of one job, over UDP. Cheap to clone: clones share the sessions.
+/// The name [`Worker`] had before it also spoke QUIC.
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed to `Worker`: it speaks QUIC as well as UDP"
+)]
+pub type UdpWorker = Worker;
+
+/// One rank of one job, over UDP or QUIC ([`Options`] says which), striped over one
+/// or more aggregators, with failover where asked. Cheap to clone: clones share the
+/// sessions.
 #[derive(Debug, Clone)]
-pub struct UdpWorker {
+pub struct Worker {
     rank: Arc<Mutex<failover::Rank>>,
 }
 
-impl UdpWorker {
+impl Worker {
     /// Binds a socket and joins the job (on every aggregator, in order); returns once
     /// every rank has joined (or with the error that stopped it: refused, or no grant
     /// within `join_timeout`).
@@ -546,7 +555,7 @@ impl UdpWorker {
         self.lock()?.allreduce(data, None)
     }
 
-    /// [`UdpWorker::allreduce`] with error feedback: the quantization residual this
+    /// [`Worker::allreduce`] with error feedback: the quantization residual this
     /// rank's contribution lost in the previous call with the same `key` (a tensor or
     /// gradient bucket id) is added to `data` before it is sent.
     pub fn allreduce_with_feedback(
@@ -585,7 +594,7 @@ impl UdpWorker {
             left = tail;
         }
         let Some((p0, others)) = parts.split_first_mut() else {
-            return Err(Error::Poisoned);
+            return Err(Error::NoSession);
         };
         std::thread::scope(|scope| {
             let handles: Vec<_> = others
@@ -637,7 +646,7 @@ impl UdpWorker {
     }
 }
 
-impl Drop for UdpWorker {
+impl Drop for Worker {
     fn drop(&mut self) {
         // The last handle leaves the job.
         if Arc::strong_count(&self.rank) == 1 {

@@ -16,7 +16,7 @@ use inagg_aggregator::{Identity, Server, ServerConfig};
 use inagg_proto::aggregator::AggregatorConfig;
 use inagg_proto::codec::{Codec, CodecId, ALL};
 use inagg_proto::sim::{Sim, SimConfig};
-use inagg_worker::{Options, QuicMode, QuicOptions, Transport, Trust, UdpWorker, WorkerConfig};
+use inagg_worker::{Options, QuicMode, QuicOptions, Transport, Trust, Worker, WorkerConfig};
 
 const WORLD: u16 = 3;
 /// Elements: several chunks of every codec, the last one partial.
@@ -119,7 +119,7 @@ fn over(addr: SocketAddr, transport: &Transport, codec: CodecId, v: Variant, job
             o.protocol = config(codec, v, job, r);
             o.transport = transport.clone();
             std::thread::spawn(move || {
-                let w = UdpWorker::connect(o).expect("connect");
+                let w = Worker::connect(o).expect("connect");
                 let out = (0..v.rounds())
                     .map(|round| {
                         let mut buf = input(codec, r, round);
