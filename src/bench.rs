@@ -8,22 +8,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use inagg_proto::codec;
 use serde::Serialize;
 
+pub use crate::args::Transport;
+use crate::args::Tuning;
 pub use crate::children::Proc;
-use crate::cmd_worker::{Report, Tuning};
 use crate::relay::FaultArgs;
-
-/// Transports `inagg bench` can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// Plain UDP datagrams.
-    Udp,
-    /// QUIC (quinn, TLS 1.3): encrypted, the aggregator authenticated.
-    Quic,
-}
+use crate::report::Report;
+use crate::stats::{jain, median};
 
 /// Flags of `inagg bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,8 +27,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1 << 20)]
     pub elements: usize,
     /// Codecs to run, one job each, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "f32")]
-    pub codec: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = crate::args::codec)]
+    pub codec: Vec<crate::args::CodecArg>,
     /// Transport between workers and aggregator.
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     pub transport: Transport,
@@ -268,17 +260,6 @@ pub fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
     }
     w.flush()?;
     Ok(())
-}
-
-/// The median of `v` (0 for an empty slice).
-pub fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
 }
 
 fn exe() -> Result<PathBuf> {
@@ -546,17 +527,6 @@ fn job_times(reports: &[Report]) -> (f64, f64) {
     )
 }
 
-/// Jain's fairness index of `x`: 1 when all are equal, 1/n when one takes all.
-pub fn jain(x: &[f64]) -> f64 {
-    let sum: f64 = x.iter().sum();
-    let squares: f64 = x.iter().map(|v| v * v).sum();
-    if squares > 0.0 {
-        sum * sum / (x.len() as f64 * squares)
-    } else {
-        1.0
-    }
-}
-
 /// The JSON row of one codec from the reports of each of its concurrent jobs.
 pub fn row(a: &Args, codec: &str, jobs: &[Vec<Report>]) -> Row {
     // The path the defaults were chosen for: loopback unless netlab placed the
@@ -660,11 +630,6 @@ pub fn run(a: &Args) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    for c in &a.codec {
-        if codec::by_name(c).is_none() {
-            bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
-        }
-    }
     let faults = a.faults;
     faults.validate()?;
     if !faults.is_clean() && a.netlab.agg_netns.is_some() {
@@ -756,7 +721,7 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     let mut wrong = Vec::new();
-    for (i, codec) in a.codec.iter().enumerate() {
+    for (i, codec) in a.codec.iter().map(|c| c.name()).enumerate() {
         let first = 1 + (i * usize::from(a.jobs)) as u32;
         let running = (0..u32::from(a.jobs))
             .map(|j| spawn_job(a, &addrs, first + j, codec))
@@ -785,7 +750,7 @@ pub fn run(a: &Args) -> Result<()> {
             );
         }
         if !(r.within_bound && r.ranks_identical) {
-            wrong.push(codec.clone());
+            wrong.push(codec);
         }
     }
     // Relays first (each follows its aggregator in the list).

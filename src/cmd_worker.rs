@@ -2,17 +2,16 @@
 //! checks the last result against the exact sum, and reports.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use inagg_proto::codec;
-use inagg_worker::{Options, QuicOptions, Trust, Worker};
-use serde::{Deserialize, Serialize};
+use inagg_worker::{Options, Worker};
 
-pub use crate::bench::Transport;
+use crate::args::{Transport, TrustArgs, Tuning};
+use crate::report::{FailoverRow, Report};
 
-use crate::tensor::{self, Check};
+use crate::tensor;
 
 /// Flags of `inagg worker`.
 #[derive(Debug, Clone, clap::Args)]
@@ -34,8 +33,8 @@ pub struct Args {
     #[arg(long)]
     pub world: u16,
     /// Codec.
-    #[arg(long, default_value = "f32")]
-    pub codec: String,
+    #[arg(long, default_value = "f32", value_parser = crate::args::codec)]
+    pub codec: crate::args::CodecArg,
     /// Elements of the tensor.
     #[arg(long, default_value_t = 1 << 20)]
     pub elements: usize,
@@ -83,204 +82,8 @@ pub struct Args {
     pub trust: TrustArgs,
 }
 
-/// How a QUIC worker trusts its aggregator: one of the two is required with
-/// `--transport quic` (there is no mode that skips verification).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct TrustArgs {
-    /// Trust the aggregator whose certificate chains to this PEM file (the file the
-    /// aggregator printed).
-    #[arg(long, conflicts_with = "fingerprint")]
-    pub ca: Option<PathBuf>,
-    /// Trust the aggregator whose certificate has this SHA-256 fingerprint (hex, as the
-    /// aggregator printed it).
-    #[arg(long)]
-    pub fingerprint: Option<String>,
-    /// The name the certificate must carry with `--ca`.
-    #[arg(long, default_value = inagg_quic::DEFAULT_SERVER_NAME)]
-    pub server_name: String,
-}
-
-impl TrustArgs {
-    /// The QUIC options these flags ask for.
-    pub fn quic(&self, mode: QuicMode) -> Result<QuicOptions> {
-        let trust = match (&self.ca, &self.fingerprint) {
-            (Some(ca), _) => Trust::Ca(ca.clone()),
-            (None, Some(fp)) => Trust::fingerprint(fp)?,
-            (None, None) => bail!(
-                "--transport quic needs --ca FILE or --fingerprint HEX to check the aggregator"
-            ),
-        };
-        let mut q = QuicOptions::new(trust);
-        q.server_name = self.server_name.clone();
-        q.mode = mode.into();
-        Ok(q)
-    }
-}
-
-/// How protocol messages travel in a QUIC connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QuicMode {
-    /// One reliable stream, any chunk size (the faster here; see the README).
-    #[default]
-    Stream,
-    /// One QUIC datagram per message; chunks shrink to fit the path's datagrams.
-    Datagram,
-}
-
-impl From<QuicMode> for inagg_quic::Mode {
-    fn from(m: QuicMode) -> Self {
-        match m {
-            QuicMode::Stream => inagg_quic::Mode::Stream,
-            QuicMode::Datagram => inagg_quic::Mode::Datagram,
-        }
-    }
-}
-
-/// Protocol knobs shared by `worker` and `bench`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Tuning {
-    /// Elements per chunk (per datagram). Default: 65,024 bytes of payload to a
-    /// loopback aggregator (16,256 f32 elements, 32,512 f16), 8 KiB to any other (2048
-    /// f32, 4096 f16); at most 8192 elements for i32 and i16, whose chunks share one
-    /// exponent; whole 8192-element exponent blocks for i8 (57,344 elements on
-    /// loopback, 8192 otherwise).
-    #[arg(long)]
-    pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight). Default: as many as keep 1 MiB in
-    /// flight on loopback (16 of the default chunks, 18 of i8's) and 512 KiB otherwise
-    /// (64), from
-    /// 16 to 128 slots on loopback and 32 to 256 otherwise; i32, i16 and any codec with
-    /// --skip-zeros, whose window is also their exponent lookahead: 32 on loopback, 64
-    /// otherwise.
-    #[arg(long)]
-    pub window: Option<u32>,
-    /// The job's secret.
-    #[arg(long, default_value = "")]
-    pub secret: String,
-    /// Give up joining after this many milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    pub join_timeout_ms: u64,
-    /// Fail when the aggregator is silent this many milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    pub aggregator_timeout_ms: u64,
-    /// Round stochastically (unbiased) instead of to nearest.
-    #[arg(long)]
-    pub stochastic: bool,
-    /// Send chunks that are zero on every rank as headers only.
-    #[arg(long)]
-    pub skip_zeros: bool,
-    /// Keep the window at the grant instead of running AIMD on marks and losses.
-    #[arg(long)]
-    pub no_congestion_control: bool,
-    /// With `--transport quic`: messages on a stream or as QUIC datagrams.
-    #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
-    pub quic_mode: QuicMode,
-    /// Over UDP, times to yield the CPU while waiting for results before sleeping (0:
-    /// sleep at once; the default suits ranks sharing cores with each other).
-    #[arg(long, default_value_t = inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP)]
-    pub yields_before_sleep: u32,
-    /// Take every result at this rank's own address: do not ask a loopback aggregator
-    /// to send the job's results once, to a multicast group its ranks join (the
-    /// default over UDP toward 127.0.0.0/8; a job uses a group only if every rank asks).
-    #[arg(long)]
-    pub no_multicast: bool,
-}
-
-impl Tuning {
-    /// Elements per chunk for `codec` toward `aggregator`: the flag, or the library's
-    /// default for that path.
-    pub fn chunk_for(&self, codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u16 {
-        self.chunk_elements
-            .unwrap_or_else(|| inagg_worker::default_chunk_elems(codec, aggregator))
-    }
-
-    /// Slots for `codec` toward `aggregator`: the flag, or the library's default for
-    /// that codec, its chunks ([`Tuning::chunk_for`]) and path.
-    pub fn window_for(
-        &self,
-        codec: &dyn inagg_proto::codec::Codec,
-        aggregator: &SocketAddr,
-    ) -> u32 {
-        self.window.unwrap_or_else(|| {
-            let chunk = self.chunk_for(codec, aggregator);
-            inagg_worker::default_window_for(codec, aggregator, chunk, self.skip_zeros)
-        })
-    }
-}
-
-/// What `inagg worker --json` prints.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    pub rank: u16,
-    pub codec: String,
-    pub elements: usize,
-    /// Seconds of every timed allreduce.
-    pub times_s: Vec<f64>,
-    /// Wire bytes sent per timed allreduce (mean).
-    pub bytes_sent: u64,
-    /// Wire bytes received per timed allreduce (mean).
-    pub bytes_recv: u64,
-    /// Retransmissions over all timed allreduces.
-    pub retransmissions: u64,
-    /// Wire bytes of retransmissions per timed allreduce (mean; part of `bytes_sent`).
-    #[serde(default)]
-    pub retransmitted_bytes: u64,
-    /// Retransmissions sent as header-only probes, over all timed allreduces.
-    #[serde(default)]
-    pub probes: u64,
-    /// Timed allreduces done.
-    #[serde(default)]
-    pub allreduces: u64,
-    /// Fixed-point codecs: timed results whose bits differ from the first one's (the
-    /// input never changes, so any difference is an error).
-    #[serde(default)]
-    pub mismatches: u64,
-    /// Elements per chunk, as granted (QUIC datagrams shrink it to fit).
-    #[serde(default)]
-    pub chunk_elements: u16,
-    /// FNV-1a (64 bits, hex) of the last result's bytes: ranks, and runs of the same
-    /// job, that got the same sum print the same value.
-    #[serde(default)]
-    pub result_checksum: String,
-    /// Every failover (`--failover`): the aggregator the job moved to and the seconds
-    /// from the failure to the grant there.
-    #[serde(default)]
-    pub failovers: Vec<FailoverRow>,
-    /// Datagrams from the aggregator that this rank dropped, by reason (forged grants
-    /// and errors carry the wrong nonce: `bad_nonce`), over its last session.
-    #[serde(default)]
-    pub dropped: std::collections::BTreeMap<String, u64>,
-    /// The smallest congestion window (packets in flight) at the end of a timed
-    /// allreduce: the granted window, unless congestion control (marks, losses)
-    /// shrank it; `--no-congestion-control` keeps it at the grant.
-    #[serde(default)]
-    pub congestion_window_min: Option<u64>,
-    /// Results checked against the exact sum: 1 (the last), every allreduce's with
-    /// `--check-every`, 0 with `--no-check`.
-    #[serde(default)]
-    pub checked: u64,
-    /// The check of the last result, or with `--check-every` the worst of all
-    /// (absent with --no-check).
-    pub check: Option<Check>,
-}
-
-/// One failover in a [`Report`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FailoverRow {
-    pub to: String,
-    pub resume_s: f64,
-    pub cause: String,
-}
-
 pub fn options(a: &Args) -> Result<Options> {
-    let codec = codec::by_name(&a.codec).with_context(|| {
-        format!(
-            "unknown codec {:?}; known: {}",
-            a.codec,
-            codec::names().join(", ")
-        )
-    })?;
+    let codec = a.codec.0;
     let mut addrs = a
         .aggregator
         .into_iter()
@@ -463,7 +266,7 @@ pub fn run(a: &Args) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        let med = crate::bench::median(&report.times_s);
+        let med = crate::stats::median(&report.times_s);
         println!(
             "rank {} job {}: {} allreduces of {} elements ({}), median {:.3} ms, {} bytes sent each, check: {}",
             a.rank,

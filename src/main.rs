@@ -1,6 +1,7 @@
 //! The `inagg` command line: thin glue over the libraries.
 
 mod admission;
+mod args;
 mod bench;
 mod children;
 mod cmd_aggregator;
@@ -10,7 +11,9 @@ mod metrics;
 mod peers;
 mod plot;
 mod relay;
+mod report;
 mod simulate;
+mod stats;
 mod sweep;
 mod tensor;
 

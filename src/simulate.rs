@@ -2,7 +2,7 @@
 //! sockets), with seeded loss, duplication and reordering; fails unless every rank got
 //! the same bits and every element is within the codec's error bound of the exact sum.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use inagg_proto::codec::{self, Codec};
 use inagg_proto::sim::{Sim, SimConfig};
 use inagg_proto::worker::WorkerConfig;
@@ -16,8 +16,8 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     elements: usize,
     /// Codec.
-    #[arg(long, default_value = "i32")]
-    codec: String,
+    #[arg(long, default_value = "i32", value_parser = crate::args::codec)]
+    codec: crate::args::CodecArg,
     /// Probability that a datagram is lost (duplication and reordering follow).
     #[arg(long, default_value_t = 0.05)]
     loss: f64,
@@ -27,13 +27,7 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let codec = codec::by_name(&a.codec).with_context(|| {
-        format!(
-            "unknown codec {:?}; known: {}",
-            a.codec,
-            codec::names().join(", ")
-        )
-    })?;
+    let codec = a.codec.0;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -179,11 +173,12 @@ mod tests {
 
     #[test]
     fn every_codec_passes_the_simulator_over_loss() {
-        for name in codec::names() {
+        for &c in codec::ALL {
+            let name = c.name();
             let a = Args {
                 workers: 3,
                 elements: 5000,
-                codec: name.to_string(),
+                codec: crate::args::CodecArg(c),
                 loss: 0.05,
                 seed: 7,
             };

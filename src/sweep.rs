@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use inagg_proto::codec;
 
+use crate::args::Tuning;
 use crate::bench::{self, Row, Transport};
-use crate::cmd_worker::Tuning;
 use crate::plot::{self, Series, Style};
 
 /// Flags of `inagg sweep`.
@@ -21,8 +20,13 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "2,4")]
     pub workers: Vec<u16>,
     /// Codecs, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,i32,i16,i8")]
-    pub codec: Vec<String>,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,f16,bf16,i32,i16,i8",
+        value_parser = crate::args::codec
+    )]
+    pub codec: Vec<crate::args::CodecArg>,
     /// Chunk sizes in elements, comma-separated (default: 4 KiB of payload per codec).
     #[arg(long, value_delimiter = ',')]
     pub chunk_elements: Vec<u16>,
@@ -41,11 +45,6 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    for c in &a.codec {
-        if codec::by_name(c).is_none() {
-            bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
-        }
-    }
     if a.workers.contains(&0) {
         bail!("--workers must be at least 1");
     }
@@ -64,7 +63,7 @@ pub fn run(a: &Args) -> Result<()> {
                 let b = bench::Args {
                     workers,
                     elements: a.elements,
-                    codec: vec![c.clone()],
+                    codec: vec![*c],
                     transport: Transport::Udp,
                     iters: a.iters,
                     warmup: a.warmup,
@@ -97,9 +96,9 @@ pub fn run(a: &Args) -> Result<()> {
                     failover_standby: false,
                     standby: None,
                 };
-                let reports = bench::run_job(&b, &[addr], job, c)?;
+                let reports = bench::run_job(&b, &[addr], job, c.name())?;
                 job += 1;
-                let r = bench::row(&b, c, &[reports]);
+                let r = bench::row(&b, c.name(), &[reports]);
                 eprintln!(
                     "sweep: N={workers} {c} chunk {}: {:.3e} ATE/s, rel l2 {:.2e}",
                     r.chunk_elements, r.ate_per_s, r.rel_l2_err
@@ -145,6 +144,7 @@ pub fn run(a: &Args) -> Result<()> {
 }
 
 fn plots(a: &Args, rows: &[Row]) -> Result<()> {
+    let names: Vec<String> = a.codec.iter().map(|c| c.name().to_string()).collect();
     let mut err = Vec::new();
     let mut ate = Vec::new();
     for &n in &a.workers {
@@ -170,7 +170,11 @@ fn plots(a: &Args, rows: &[Row]) -> Result<()> {
             points: mine
                 .iter()
                 .map(|r| {
-                    let i = a.codec.iter().position(|c| *c == r.codec).unwrap_or(0);
+                    let i = a
+                        .codec
+                        .iter()
+                        .position(|c| c.name() == r.codec)
+                        .unwrap_or(0);
                     (i as f64, r.ate_per_s / 1e6)
                 })
                 .collect(),
@@ -199,7 +203,7 @@ fn plots(a: &Args, rows: &[Row]) -> Result<()> {
             log_y: false,
             lines: true,
             markers: true,
-            x_names: Some(&a.codec),
+            x_names: Some(&names),
         },
         &ate,
     )?;

@@ -30,11 +30,11 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub workers: u16,
     /// Codecs to train with, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
-    pub codecs: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8", value_parser = crate::args::codec)]
+    pub codecs: Vec<crate::args::CodecArg>,
     /// Transport between workers and aggregator.
-    #[arg(long, value_enum, default_value_t = bench::Transport::Udp)]
-    pub transport: bench::Transport,
+    #[arg(long, value_enum, default_value_t = crate::args::Transport::Udp)]
+    pub transport: crate::args::Transport,
     /// Folder for demo.csv and loss.png (default: inagg-out/demo).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -279,11 +279,6 @@ pub fn run(a: &Args) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    for c in &a.codecs {
-        if codec::by_name(c).is_none() {
-            bail!("unknown codec {c:?}; known: {}", codec::names().join(", "));
-        }
-    }
     if a.train.steps == 0 || a.train.batch == 0 {
         bail!("--steps and --batch must be positive");
     }
@@ -313,8 +308,8 @@ pub fn run(a: &Args) -> Result<()> {
     }
     drop(split);
     let quic = match a.transport {
-        bench::Transport::Quic => Some(bench::QuicIdentity::generate()?),
-        bench::Transport::Udp => None,
+        crate::args::Transport::Quic => Some(bench::QuicIdentity::generate()?),
+        crate::args::Transport::Udp => None,
     };
     let (mut agg, addr) = match &quic {
         Some(id) => bench::start_quic_aggregator_in(&bench::Netlab::default(), id, &[])?,
@@ -324,7 +319,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for (i, c) in a.codecs.iter().enumerate() {
-        let (row, curve) = run_codec(a, addr, ca, 100 + i as u32, c)?;
+        let (row, curve) = run_codec(a, addr, ca, 100 + i as u32, c.name())?;
         if a.json {
             println!("{}", serde_json::to_string(&row)?);
         }

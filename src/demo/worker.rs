@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use inagg_proto::codec;
 use inagg_worker::{Options, Worker};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -28,13 +27,13 @@ pub struct Args {
     pub rank: u16,
     #[arg(long)]
     pub world: u16,
-    #[arg(long)]
-    pub codec: String,
+    #[arg(long, value_parser = crate::args::codec)]
+    pub codec: crate::args::CodecArg,
     /// Transport to the aggregator.
-    #[arg(long, value_enum, default_value_t = crate::bench::Transport::Udp)]
-    pub transport: crate::bench::Transport,
+    #[arg(long, value_enum, default_value_t = crate::args::Transport::Udp)]
+    pub transport: crate::args::Transport,
     #[command(flatten)]
-    pub trust: crate::cmd_worker::TrustArgs,
+    pub trust: crate::args::TrustArgs,
     #[command(flatten)]
     pub train: Training,
 }
@@ -116,7 +115,7 @@ fn emit(line: &Line) -> Result<()> {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let codec = codec::by_name(&a.codec).with_context(|| format!("unknown codec {:?}", a.codec))?;
+    let codec = a.codec.0;
     let t = &a.train;
     let split = t.dataset()?;
     let shard = split.train.shard(usize::from(a.rank), usize::from(a.world));
@@ -143,7 +142,7 @@ pub fn run(a: &Args) -> Result<()> {
 
     let mut opts = Options::new(a.aggregator, a.job, a.rank, a.world, codec.id());
     opts.protocol.join_timeout = Duration::from_secs(60);
-    if a.transport == crate::bench::Transport::Quic {
+    if a.transport == crate::args::Transport::Quic {
         opts.transport = inagg_worker::Transport::Quic(a.trust.quic(Default::default())?);
     }
     let worker = Worker::connect(opts)

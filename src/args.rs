@@ -1,0 +1,177 @@
+//! The flags several commands share: the transport, how a QUIC worker trusts its
+//! aggregator, the protocol's tuning knobs, and codec names (checked once, as the
+//! flags are parsed).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use inagg_proto::codec::{self, Codec};
+use inagg_worker::{QuicOptions, Trust};
+use serde::Serialize;
+
+/// A codec named on the command line, in any case.
+#[derive(Clone, Copy)]
+pub struct CodecArg(pub &'static dyn Codec);
+
+impl CodecArg {
+    /// The codec's own name (lower case).
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+}
+
+impl std::fmt::Debug for CodecArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for CodecArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The clap value parser of codec names: `unknown codec "x"; known: f32, ...`.
+pub fn codec(s: &str) -> Result<CodecArg, String> {
+    codec::by_name(s)
+        .map(CodecArg)
+        .ok_or_else(|| format!("unknown codec {s:?}; known: {}", codec::names().join(", ")))
+}
+
+/// How workers reach their aggregator (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain UDP datagrams.
+    Udp,
+    /// QUIC (quinn, TLS 1.3): encrypted, the aggregator authenticated.
+    Quic,
+}
+
+/// How a QUIC worker trusts its aggregator: one of the two is required with
+/// `--transport quic` (there is no mode that skips verification).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrustArgs {
+    /// Trust the aggregator whose certificate chains to this PEM file (the file the
+    /// aggregator printed).
+    #[arg(long, conflicts_with = "fingerprint")]
+    pub ca: Option<PathBuf>,
+    /// Trust the aggregator whose certificate has this SHA-256 fingerprint (hex, as the
+    /// aggregator printed it).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// The name the certificate must carry with `--ca`.
+    #[arg(long, default_value = inagg_quic::DEFAULT_SERVER_NAME)]
+    pub server_name: String,
+}
+
+impl TrustArgs {
+    /// The QUIC options these flags ask for.
+    pub fn quic(&self, mode: QuicMode) -> Result<QuicOptions> {
+        let trust = match (&self.ca, &self.fingerprint) {
+            (Some(ca), _) => Trust::Ca(ca.clone()),
+            (None, Some(fp)) => Trust::fingerprint(fp)?,
+            (None, None) => bail!(
+                "--transport quic needs --ca FILE or --fingerprint HEX to check the aggregator"
+            ),
+        };
+        let mut q = QuicOptions::new(trust);
+        q.server_name = self.server_name.clone();
+        q.mode = mode.into();
+        Ok(q)
+    }
+}
+
+/// How protocol messages travel in a QUIC connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicMode {
+    /// One reliable stream, any chunk size (the faster here; see the README).
+    #[default]
+    Stream,
+    /// One QUIC datagram per message; chunks shrink to fit the path's datagrams.
+    Datagram,
+}
+
+impl From<QuicMode> for inagg_quic::Mode {
+    fn from(m: QuicMode) -> Self {
+        match m {
+            QuicMode::Stream => inagg_quic::Mode::Stream,
+            QuicMode::Datagram => inagg_quic::Mode::Datagram,
+        }
+    }
+}
+
+/// Protocol knobs shared by `worker` and `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Tuning {
+    /// Elements per chunk (per datagram). Default: 65,024 bytes of payload to a
+    /// loopback aggregator (16,256 f32 elements, 32,512 f16), 8 KiB to any other (2048
+    /// f32, 4096 f16); at most 8192 elements for i32 and i16, whose chunks share one
+    /// exponent; whole 8192-element exponent blocks for i8 (57,344 elements on
+    /// loopback, 8192 otherwise).
+    #[arg(long)]
+    pub chunk_elements: Option<u16>,
+    /// Slots to ask for (datagrams in flight). Default: as many as keep 1 MiB in
+    /// flight on loopback (16 of the default chunks, 18 of i8's) and 512 KiB otherwise
+    /// (64), from
+    /// 16 to 128 slots on loopback and 32 to 256 otherwise; i32, i16 and any codec with
+    /// --skip-zeros, whose window is also their exponent lookahead: 32 on loopback, 64
+    /// otherwise.
+    #[arg(long)]
+    pub window: Option<u32>,
+    /// The job's secret.
+    #[arg(long, default_value = "")]
+    pub secret: String,
+    /// Give up joining after this many milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub join_timeout_ms: u64,
+    /// Fail when the aggregator is silent this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub aggregator_timeout_ms: u64,
+    /// Round stochastically (unbiased) instead of to nearest.
+    #[arg(long)]
+    pub stochastic: bool,
+    /// Send chunks that are zero on every rank as headers only.
+    #[arg(long)]
+    pub skip_zeros: bool,
+    /// Keep the window at the grant instead of running AIMD on marks and losses.
+    #[arg(long)]
+    pub no_congestion_control: bool,
+    /// With `--transport quic`: messages on a stream or as QUIC datagrams.
+    #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
+    pub quic_mode: QuicMode,
+    /// Over UDP, times to yield the CPU while waiting for results before sleeping (0:
+    /// sleep at once; the default suits ranks sharing cores with each other).
+    #[arg(long, default_value_t = inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP)]
+    pub yields_before_sleep: u32,
+    /// Take every result at this rank's own address: do not ask a loopback aggregator
+    /// to send the job's results once, to a multicast group its ranks join (the
+    /// default over UDP toward 127.0.0.0/8; a job uses a group only if every rank asks).
+    #[arg(long)]
+    pub no_multicast: bool,
+}
+
+impl Tuning {
+    /// Elements per chunk for `codec` toward `aggregator`: the flag, or the library's
+    /// default for that path.
+    pub fn chunk_for(&self, codec: &dyn inagg_proto::codec::Codec, aggregator: &SocketAddr) -> u16 {
+        self.chunk_elements
+            .unwrap_or_else(|| inagg_worker::default_chunk_elems(codec, aggregator))
+    }
+
+    /// Slots for `codec` toward `aggregator`: the flag, or the library's default for
+    /// that codec, its chunks ([`Tuning::chunk_for`]) and path.
+    pub fn window_for(
+        &self,
+        codec: &dyn inagg_proto::codec::Codec,
+        aggregator: &SocketAddr,
+    ) -> u32 {
+        self.window.unwrap_or_else(|| {
+            let chunk = self.chunk_for(codec, aggregator);
+            inagg_worker::default_window_for(codec, aggregator, chunk, self.skip_zeros)
+        })
+    }
+}
