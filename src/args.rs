@@ -1,6 +1,6 @@
 //! The flags several commands share: the transport, how a QUIC worker trusts its
-//! aggregator, the protocol's tuning knobs, and codec names (checked once, as the
-//! flags are parsed).
+//! aggregator, the protocol's tuning knobs, the faults a relay injects, and codec
+//! names (checked once, as the flags are parsed).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -173,5 +173,69 @@ impl Tuning {
             let chunk = self.chunk_for(codec, aggregator);
             inagg_worker::default_window_for(codec, aggregator, chunk, self.skip_zeros)
         })
+    }
+}
+
+/// The faults to inject, shared with `inagg bench` (which puts a relay in the path
+/// when any is asked for).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct FaultArgs {
+    /// Probability that a datagram is dropped.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Probability that a datagram is sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub dup: f64,
+    /// Probability that a datagram is held back so that later ones overtake it.
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder: f64,
+    /// Delay added to every datagram, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
+    /// How long a reordered datagram is held back, in milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub reorder_ms: f64,
+}
+
+impl FaultArgs {
+    /// True when the relay would change nothing.
+    pub fn is_clean(&self) -> bool {
+        self.loss == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.delay_ms == 0.0
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (name, p) in [
+            ("--loss", self.loss),
+            ("--dup", self.dup),
+            ("--reorder", self.reorder),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                bail!("{name} must be a probability in [0, 1), not {p}");
+            }
+        }
+        for (name, ms) in [
+            ("--delay-ms", self.delay_ms),
+            ("--reorder-ms", self.reorder_ms),
+        ] {
+            if !(0.0..=10_000.0).contains(&ms) {
+                bail!("{name} must be between 0 and 10000, not {ms}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The flags that give a relay these faults, seeded with `seed`.
+    pub fn flags(self, seed: u64) -> Vec<String> {
+        [
+            ("--loss", self.loss),
+            ("--dup", self.dup),
+            ("--reorder", self.reorder),
+            ("--delay-ms", self.delay_ms),
+            ("--reorder-ms", self.reorder_ms),
+        ]
+        .iter()
+        .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+        .chain(["--seed".into(), seed.to_string()])
+        .collect()
     }
 }

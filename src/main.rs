@@ -7,6 +7,7 @@ mod children;
 mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
+mod harness;
 mod metrics;
 mod peers;
 mod plot;

@@ -54,7 +54,7 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         a.chunk_elements.iter().copied().map(Some).collect()
     };
-    let (mut agg, addr) = bench::start_aggregator(&[])?;
+    let (mut agg, addr) = crate::harness::start_aggregator(&[])?;
     let mut rows: Vec<Row> = Vec::new();
     let mut job = 1;
     for &workers in &a.workers {
@@ -83,14 +83,14 @@ pub fn run(a: &Args) -> Result<()> {
                     },
                     json: true,
                     zero_fraction: 0.0,
-                    faults: crate::relay::FaultArgs::default(),
+                    faults: crate::args::FaultArgs::default(),
                     fault_seed: 1,
                     jobs: 1,
                     aggregators: 1,
                     aggregator_threads: 1,
                     slot_memory: None,
                     aggregator_yields: None,
-                    netlab: bench::Netlab::default(),
+                    netlab: crate::harness::Netlab::default(),
                     timeout_s: 600,
                     ca: None,
                     failover_standby: false,

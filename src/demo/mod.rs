@@ -18,7 +18,6 @@ use inagg_proto::codec;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench;
 use crate::children::Proc;
 use crate::plot::{self, Series, Style};
 use worker::{Line, Training};
@@ -308,12 +307,14 @@ pub fn run(a: &Args) -> Result<()> {
     }
     drop(split);
     let quic = match a.transport {
-        crate::args::Transport::Quic => Some(bench::QuicIdentity::generate()?),
+        crate::args::Transport::Quic => Some(crate::harness::QuicIdentity::generate()?),
         crate::args::Transport::Udp => None,
     };
     let (mut agg, addr) = match &quic {
-        Some(id) => bench::start_quic_aggregator_in(&bench::Netlab::default(), id, &[])?,
-        None => bench::start_aggregator(&[])?,
+        Some(id) => {
+            crate::harness::start_quic_aggregator_in(&crate::harness::Netlab::default(), id, &[])?
+        }
+        None => crate::harness::start_aggregator(&[])?,
     };
     let ca = quic.as_ref().map(|q| q.cert.as_path());
     let mut rows = Vec::new();
