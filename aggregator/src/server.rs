@@ -18,6 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use inagg_net::mem::{MemNet, MemSocket};
 use inagg_net::{group, SendBatch, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
 use inagg_proto::aggregator::{Aggregator, AggregatorConfig, Body, Event, Stats};
 use inagg_quic::{Identity, QuicListener};
@@ -277,6 +278,41 @@ impl Front for UdpFront {
     }
 }
 
+/// The in-memory transport ([`inagg_net::mem`]): the same loop as over UDP, without
+/// sockets, for tests.
+#[derive(Debug)]
+pub struct MemFront {
+    socket: MemSocket,
+    buf: Vec<u8>,
+}
+
+impl Front for MemFront {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.socket.local_addr())
+    }
+
+    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        self.socket.recv(wait, f)
+    }
+
+    fn backlog_batches(&self) -> usize {
+        0
+    }
+
+    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
+        loop {
+            let Some(to) = agg.poll_transmit(&mut self.buf) else {
+                return Ok(());
+            };
+            self.socket.send_to(to, &self.buf)?;
+        }
+    }
+
+    fn describe(&self) -> String {
+        "in memory".to_string()
+    }
+}
+
 /// The QUIC transport.
 #[derive(Debug)]
 pub struct QuicFront {
@@ -363,6 +399,27 @@ impl Server<QuicFront> {
                 listener,
                 buf: Vec::with_capacity(64 * 1024),
                 full_batches: 0,
+            },
+            agg,
+        })
+    }
+}
+
+impl Server<MemFront> {
+    /// Binds a socket of the in-memory network `net` at `config.listen`.
+    pub fn bind_memory(config: ServerConfig, net: &MemNet) -> Result<Self, ServerError> {
+        let socket = net
+            .bind(config.listen)
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let agg = Aggregator::new(config.protocol.clone());
+        Ok(Self {
+            config,
+            front: MemFront {
+                socket,
+                buf: Vec::with_capacity(64 * 1024),
             },
             agg,
         })

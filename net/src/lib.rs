@@ -15,12 +15,15 @@
 //!
 //! - [`group`]: an aggregator on loopback sends each result once, to a multicast
 //!   group its job's ranks have joined ([`UdpEndpoint::join_group`]).
+//! - [`mem`]: an in-memory network with seeded faults, on which the real server and
+//!   worker driver run without sockets.
 //!
 //! Nothing here allocates per datagram.
 
 mod batch;
 mod endpoint;
 pub mod group;
+pub mod mem;
 #[cfg(target_os = "linux")]
 mod scatter;
 

@@ -1,11 +1,12 @@
 //! The loop that runs the worker state machine over a [`Link`]: send what is due, wait
 //! for messages or the next deadline, feed them in, repeat until the event the caller
-//! waits for. The link is a UDP socket (GSO batches) or a QUIC connection; the loop is
-//! the same.
+//! waits for. The link is a UDP socket (GSO batches), a QUIC connection, or a socket of
+//! the in-memory network (`inagg_net::mem`, for tests); the loop is the same.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use inagg_net::mem::MemSocket;
 use inagg_net::{header_overhead, SendBatch, UdpEndpoint};
 use inagg_proto::wire::{Grant, DATA_HEADER_LEN};
 use inagg_proto::worker::{Event, Tail, Worker, WorkerError};
@@ -37,6 +38,11 @@ enum Link {
     Quic {
         link: Box<QuicLink>,
         buf: Vec<u8>,
+    },
+    Memory {
+        socket: MemSocket,
+        buf: Vec<u8>,
+        aggregator: SocketAddr,
     },
 }
 
@@ -87,6 +93,17 @@ impl Link {
                 }
                 link.send(buf)?;
             },
+            Link::Memory {
+                socket,
+                buf,
+                aggregator,
+            } => loop {
+                buf.clear();
+                if !worker.poll_transmit_append(now, data, buf) {
+                    return Ok(());
+                }
+                socket.send_to(*aggregator, buf)?;
+            },
         }
     }
 
@@ -108,6 +125,16 @@ impl Link {
                     .map_err(|e| link_error(e, agg))
             }
             Link::Quic { link, .. } => Ok(link.recv(wait, f)?),
+            Link::Memory {
+                socket, aggregator, ..
+            } => {
+                let agg = *aggregator;
+                Ok(socket.recv(wait, |from, d| {
+                    if from == agg {
+                        f(d);
+                    }
+                })?)
+            }
         }
     }
 
@@ -258,6 +285,11 @@ impl Session {
                     buf: Vec::with_capacity(64 * 1024),
                 }
             }
+            Transport::Memory(net) => Link::Memory {
+                socket: net.bind(bind)?,
+                buf: Vec::with_capacity(64 * 1024),
+                aggregator,
+            },
         };
         let worker = Worker::new(config, Instant::now())?;
         Ok(Self {

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 pub use driver::AllreduceReport;
 pub use failover::Failover;
+pub use inagg_net::mem::{MemFaults, MemNet};
 pub use inagg_proto::codec::CodecId;
 pub use inagg_proto::wire::Grant;
 pub use inagg_proto::worker::{ConfigError, WorkerConfig, WorkerError};
@@ -58,6 +59,9 @@ pub enum Transport {
     Udp,
     /// QUIC: encrypted, the aggregator authenticated by its certificate.
     Quic(inagg_quic::ClientOptions),
+    /// The in-memory network of `inagg_net::mem` (tests: the same driver as over UDP,
+    /// without sockets).
+    Memory(MemNet),
 }
 
 /// Everything a worker needs to join its job.
