@@ -68,6 +68,11 @@ pub const DEFAULT_YIELDS_BEFORE_SLEEP: u32 = 64;
 /// workers' retransmission timeouts (their initial and their least one).
 pub const DRAIN: Duration = Duration::from_millis(300);
 
+/// How long a stopped server keeps answering its jobs' ranks with the shutdown error
+/// after it first sent it: a rank whose copy was lost hears it again on its next
+/// retransmission, instead of waiting for its silence timeout.
+pub const FAREWELL: Duration = Duration::from_millis(200);
+
 /// Settings of the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -544,20 +549,12 @@ impl<F: Front> Server<F> {
         // Serve retransmissions of completed chunks for a while, completing none:
         // every rank then holds the same results when it is told.
         self.agg.drain();
-        let end = Instant::now() + DRAIN;
-        while Instant::now() < end {
-            let now = Instant::now();
-            let agg = &mut self.agg;
-            self.front.recv(
-                end.saturating_duration_since(now)
-                    .min(self.config.poll_interval),
-                |from, d| agg.handle_datagram(now, from, d),
-            )?;
-            self.front.flush(&mut self.agg)?;
-        }
+        self.serve_for(DRAIN)?;
         self.agg.shutdown(Instant::now());
         self.front.flush(&mut self.agg)?;
         self.log_events();
+        // The jobs are tombstones now, which answer their ranks with the error.
+        self.serve_for(FAREWELL)?;
         self.front.close();
         observe(&self.agg);
         let stats = self.agg.stats().clone();
@@ -569,6 +566,23 @@ impl<F: Front> Server<F> {
             "stopped"
         );
         Ok(stats)
+    }
+
+    /// Receives and answers for `time`, running no timers: the stopping server's
+    /// drain and farewell.
+    fn serve_for(&mut self, time: Duration) -> Result<(), ServerError> {
+        let end = Instant::now() + time;
+        while Instant::now() < end {
+            let now = Instant::now();
+            let agg = &mut self.agg;
+            self.front.recv(
+                end.saturating_duration_since(now)
+                    .min(self.config.poll_interval),
+                |from, d| agg.handle_datagram(now, from, d),
+            )?;
+            self.front.flush(&mut self.agg)?;
+        }
+        Ok(())
     }
 
     fn log_events(&mut self) {
