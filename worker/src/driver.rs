@@ -400,45 +400,19 @@ impl Session {
         self.worker.close();
         // The state machine gives up after its last try; this bounds the loop anyway.
         let deadline = Instant::now() + Duration::from_secs(1);
-        while !self.worker.is_finished() && Instant::now() < deadline {
-            if self.flush(&mut []).is_err() {
-                break;
-            }
-            let now = Instant::now();
-            let wait = self
-                .worker
-                .poll_timeout()
-                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT));
-            let worker = &mut self.worker;
-            if self
-                .link
-                .recv(wait, |d| worker.handle_datagram(Instant::now(), d, &mut []))
-                .is_err()
-            {
-                break;
-            }
-            let now = Instant::now();
-            if self.worker.poll_timeout().is_some_and(|t| t <= now) {
-                self.worker.handle_timeout(now);
-            }
+        let mut ok = self.flush(&mut []).is_ok();
+        while ok && !self.worker.is_finished() && Instant::now() < deadline {
+            ok = self.turn(&mut [], MAX_WAIT).is_ok();
         }
         self.link.close();
     }
 
-    /// One round without waiting: used by the heartbeat thread between calls.
+    /// One turn without waiting: used by the heartbeat thread between calls.
     pub fn service(&mut self) {
         if self.worker.is_finished() {
             return;
         }
-        let now = Instant::now();
-        let worker = &mut self.worker;
-        let _ = self
-            .link
-            .recv(Duration::ZERO, |d| worker.handle_datagram(now, d, &mut []));
-        if self.worker.poll_timeout().is_some_and(|t| t <= now) {
-            self.worker.handle_timeout(now);
-        }
-        let _ = self.flush(&mut []);
+        let _ = self.turn(&mut [], Duration::ZERO);
         while let Some(ev) = self.worker.poll_event() {
             if let Event::Failed(e) = ev {
                 self.failed = Some(e);
@@ -450,10 +424,29 @@ impl Session {
         self.link.flush(&mut self.worker, data)
     }
 
+    /// One turn of the loop, the same for every link and every caller: waits up to
+    /// `most` (less where a timer is due sooner) for what the aggregator sends and
+    /// feeds it in, runs the timers that are due, and sends what is due.
+    fn turn(&mut self, data: &mut [f32], most: Duration) -> Result<(), Error> {
+        let now = Instant::now();
+        let wait = self
+            .worker
+            .poll_timeout()
+            .map_or(most, |t| t.saturating_duration_since(now).min(most));
+        let worker = &mut self.worker;
+        self.link
+            .recv(wait, |d| worker.handle_datagram(Instant::now(), d, data))?;
+        let now = Instant::now();
+        if self.worker.poll_timeout().is_some_and(|t| t <= now) {
+            self.worker.handle_timeout(now);
+        }
+        self.flush(data)
+    }
+
     /// Runs the loop until `want` matches an event (returned) or the worker fails.
     fn drive(&mut self, data: &mut [f32], want: impl Fn(&Event) -> bool) -> Result<Event, Error> {
+        self.flush(data)?;
         loop {
-            self.flush(data)?;
             while let Some(ev) = self.worker.poll_event() {
                 if let Event::Failed(e) = ev {
                     self.failed = Some(e.clone());
@@ -463,17 +456,7 @@ impl Session {
                     return Ok(ev);
                 }
             }
-            let now = Instant::now();
-            let deadline = self.worker.poll_timeout();
-            let wait =
-                deadline.map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT));
-            let worker = &mut self.worker;
-            self.link
-                .recv(wait, |d| worker.handle_datagram(Instant::now(), d, data))?;
-            let now = Instant::now();
-            if self.worker.poll_timeout().is_some_and(|t| t <= now) {
-                self.worker.handle_timeout(now);
-            }
+            self.turn(data, MAX_WAIT)?;
         }
     }
 }
