@@ -522,24 +522,9 @@ impl<F: Front> Server<F> {
         let _enter = span.enter();
         info!(front = self.front.describe(), "serving");
         while !stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let wait = match self.agg.poll_timeout() {
-                Some(t) => t
-                    .saturating_duration_since(now)
-                    .min(self.config.poll_interval),
-                None => self.config.poll_interval,
-            };
-            let agg = &mut self.agg;
-            self.front
-                .recv(wait, |from, d| agg.handle_datagram(now, from, d))?;
-            self.agg
-                .set_backlogged(self.front.backlog_batches() >= BACKLOG_STREAK);
-            let now = Instant::now();
-            if self.agg.poll_timeout().is_some_and(|t| t <= now) {
-                self.agg.handle_timeout(now);
-            }
-            self.front.flush(&mut self.agg)?;
+            self.turn(self.config.poll_interval, true)?;
             self.log_events();
+            let now = Instant::now();
             if now.saturating_duration_since(observed) >= every {
                 observe(&self.agg);
                 observed = now;
@@ -568,21 +553,40 @@ impl<F: Front> Server<F> {
         Ok(stats)
     }
 
+    /// One turn of the loop, the same for every front: waits up to `most` (less where
+    /// a timer is due sooner) for datagrams and feeds them in, notes a backlog, runs
+    /// the timers that are due (unless `timers` is false: a stopping server's), and
+    /// sends what is due.
+    fn turn(&mut self, most: Duration, timers: bool) -> Result<(), ServerError> {
+        let now = Instant::now();
+        let wait = match self.agg.poll_timeout() {
+            Some(t) if timers => t.saturating_duration_since(now).min(most),
+            _ => most,
+        };
+        let agg = &mut self.agg;
+        self.front
+            .recv(wait, |from, d| agg.handle_datagram(now, from, d))?;
+        self.agg
+            .set_backlogged(self.front.backlog_batches() >= BACKLOG_STREAK);
+        let now = Instant::now();
+        if timers && self.agg.poll_timeout().is_some_and(|t| t <= now) {
+            self.agg.handle_timeout(now);
+        }
+        self.front.flush(&mut self.agg)?;
+        Ok(())
+    }
+
     /// Receives and answers for `time`, running no timers: the stopping server's
     /// drain and farewell.
     fn serve_for(&mut self, time: Duration) -> Result<(), ServerError> {
         let end = Instant::now() + time;
-        while Instant::now() < end {
-            let now = Instant::now();
-            let agg = &mut self.agg;
-            self.front.recv(
-                end.saturating_duration_since(now)
-                    .min(self.config.poll_interval),
-                |from, d| agg.handle_datagram(now, from, d),
-            )?;
-            self.front.flush(&mut self.agg)?;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            self.turn(left.min(self.config.poll_interval), false)?;
         }
-        Ok(())
     }
 
     fn log_events(&mut self) {
