@@ -276,6 +276,7 @@ pub const MAX_BLOCKS: usize = (u16::MAX as usize).div_ceil(EXPONENT_BLOCK);
 /// Exponent blocks in a chunk of `count` elements: one for codecs that do not align
 /// exponents (their one exponent is shared), `ceil(count / EXPONENT_BLOCK)` for those
 /// that do.
+#[inline]
 pub fn exponent_blocks(codec: &dyn Codec, count: usize) -> usize {
     if codec.aligns_exponents() {
         count.div_ceil(EXPONENT_BLOCK).clamp(1, MAX_BLOCKS)
@@ -286,6 +287,7 @@ pub fn exponent_blocks(codec: &dyn Codec, count: usize) -> usize {
 
 /// Bytes of a payload of `count` elements: the data, `count * wire_bytes()`, then the
 /// exponents of the blocks after the first ([`EXPONENT_BLOCK`]).
+#[inline]
 pub fn payload_bytes(codec: &dyn Codec, count: usize) -> usize {
     count * codec.wire_bytes() + exponent_blocks(codec, count) - 1
 }
@@ -293,6 +295,7 @@ pub fn payload_bytes(codec: &dyn Codec, count: usize) -> usize {
 /// The exponent of each block of a payload of `count` elements whose first block's is
 /// `first` (the header's), in order; blocks whose trailing byte is missing (a payload
 /// shorter than [`payload_bytes`], which `wire::decode` rejects) read as all-zero.
+#[inline]
 pub fn block_exponents(
     codec: &dyn Codec,
     count: usize,
@@ -324,6 +327,7 @@ impl BlockExponents {
 }
 
 /// The elements of block `b` of a chunk of `count`.
+#[inline]
 pub fn block_range(b: usize, count: usize, blocks: usize) -> std::ops::Range<usize> {
     if blocks <= 1 {
         0..count
@@ -335,6 +339,7 @@ pub fn block_range(b: usize, count: usize, blocks: usize) -> std::ops::Range<usi
 /// Aggregator: adds a payload of `lanes.len()` elements, quantized at block exponents
 /// starting with `first` (the header's), to lanes aligned as `at` says, block by block
 /// ([`Codec::sum_at`]).
+#[inline]
 pub fn sum_blocks(
     codec: &dyn Codec,
     lanes: &mut [u32],
@@ -357,6 +362,7 @@ pub fn sum_blocks(
 /// Aggregator: writes finished lanes summed by [`sum_blocks`] as a result payload
 /// ([`payload_bytes`] of `out`, [`store_each_block`]). Returns the first block's
 /// exponent, the result header's.
+#[inline]
 pub fn store_blocks(
     codec: &dyn Codec,
     lanes: &[u32],
@@ -402,6 +408,7 @@ pub fn store_each_block(
 pub static ALL: &[&dyn Codec] = &[&F32, &fixed::I32, &F16, &Bf16, &fixed::I16, &fixed::I8];
 
 /// The codec with this wire id.
+#[inline]
 pub fn lookup(id: CodecId) -> Option<&'static dyn Codec> {
     ALL.iter().copied().find(|c| c.id() == id)
 }
@@ -425,6 +432,7 @@ pub struct NonFinite;
 
 /// The block exponent of `src`: `floor(log2(max |x|))`, so every `|x| < 2^(e + 1)`
 /// (subnormals report [`MIN_EXPONENT`]), or [`NO_EXPONENT`] when all are zero.
+#[inline]
 pub fn block_exponent(src: &[f32]) -> Result<i8, NonFinite> {
     exponent_of(kernels::max_abs_bits(src))
 }
