@@ -6,40 +6,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    aggregator, expect_failure, inagg, json_lines, quic_aggregator, worker, Proc, TempDir,
+    aggregator, expect_failure, inagg, json_lines, quic_aggregator, scrape, value, worker, Proc,
+    TempDir,
 };
 
-/// The body of the aggregator's metrics page at `addr`.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("response");
-    body
-}
-
-/// The value of the series named exactly `series` (with its labels), if present.
-fn value(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// Waits (up to 30 s) until the metrics at `addr` show `series`; returns its value.
-fn wait_for_series(addr: &str, series: &str) -> f64 {
+fn series_value(addr: &str, series: &str) -> f64 {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(v) = value(&scrape(addr), series) {
@@ -103,7 +81,7 @@ fn max_jobs_refuses_a_job_beyond_it_and_takes_one_once_a_job_ends() {
     let (_agg, addr, metrics) = aggregator_with_metrics(&["--max-jobs", "1"]);
     let mut first = lone_rank(addr, 1, "2", &[]);
     // The first job holds the only place before the second asks.
-    assert_eq!(wait_for_series(&metrics, "inagg_jobs"), 1.0);
+    assert_eq!(series_value(&metrics, "inagg_jobs"), 1.0);
     let mut second = lone_rank(addr, 2, "1", &["--join-timeout-ms", "5000"]);
     let err = expect_failure(&mut second, Duration::from_secs(30), "a second job");
     assert!(
@@ -130,7 +108,7 @@ fn max_window_caps_the_slots_a_job_is_granted() {
         let flags: Vec<&str> = cap.map(|c| vec!["--max-window", c]).unwrap_or_default();
         let (_agg, addr, metrics) = aggregator_with_metrics(&flags);
         let _w = lone_rank(addr, 9, "30", &["--window", "64"]);
-        let slots = wait_for_series(&metrics, "inagg_job_slots{job=\"9\"}");
+        let slots = series_value(&metrics, "inagg_job_slots{job=\"9\"}");
         assert_eq!(slots, want, "--max-window {cap:?}: {slots} slots");
     }
 }
