@@ -48,8 +48,9 @@
 use std::time::Instant;
 
 use super::budget::fair_shares;
+use super::control::grant;
 use super::slots::SlotPool;
-use super::{grant, Aggregator, DropReason, Event};
+use super::{Aggregator, DropReason, Event};
 use crate::wire::{Control, ErrorCode, ErrorMsg, Message};
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
