@@ -16,23 +16,29 @@
 //! sends a regrant request when its allreduce ends and takes its new grant (window and
 //! token) before its next allreduce starts; an allreduce started meanwhile waits for
 //! it. Every rank sees the same flagged results, so all switch at the same boundary.
+//!
+//! This file holds the state machine; `config.rs` its settings, `error.rs` its
+//! errors, `allreduce.rs` one allreduce's window, `cwnd.rs` and `rtt.rs` congestion
+//! control and timeouts, `dropped.rs` the datagrams it drops.
 
 mod allreduce;
+mod config;
 mod cwnd;
 mod dropped;
+mod error;
 mod rtt;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
-
 pub use allreduce::{AllreduceStats, Tail};
+pub use config::WorkerConfig;
 pub use dropped::{DropReason, Dropped};
+pub use error::{ConfigError, WorkerError};
 pub use rtt::RttEstimator;
 
-use crate::codec::{self, Codec, CodecId};
-use crate::wire::{self, Control, ErrorCode, Grant, Join, Message, MAX_SECRET_LEN};
+use crate::codec::Codec;
+use crate::wire::{self, Control, ErrorCode, Grant, Join, Message};
 use allreduce::{Allreduce, ResultOutcome};
 pub use cwnd::Cwnd;
 
@@ -44,199 +50,6 @@ const OLD_TOKENS: usize = 16;
 const LEAVE_TRIES: u32 = 3;
 /// Time between them.
 const LEAVE_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Settings of one worker (one rank of one job).
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// The job id, shared by all ranks.
-    pub job: u32,
-    /// This worker's rank, below `world`.
-    pub rank: u16,
-    /// The number of ranks.
-    pub world: u16,
-    /// The codec every rank uses.
-    pub codec: CodecId,
-    /// Elements per chunk (per packet).
-    pub chunk_elems: u16,
-    /// Slots to ask for (the window); the aggregator may grant fewer.
-    pub window: u32,
-    /// Run AIMD on the window from congestion marks and losses (on by default).
-    pub congestion_control: bool,
-    /// The job's shared secret, at most 64 bytes.
-    pub secret: Vec<u8>,
-    /// How often to resend a join until the grant arrives.
-    pub join_interval: Duration,
-    /// Give up joining after this long (every rank must join within it).
-    pub join_timeout: Duration,
-    /// Send a heartbeat when the link has been quiet this long.
-    pub heartbeat_interval: Duration,
-    /// Fail when nothing at all came from the aggregator for this long.
-    pub aggregator_timeout: Duration,
-    /// Fail an allreduce in which no result arrived for this long (a peer that is
-    /// alive but never calls allreduce). Long enough for any honest straggler.
-    pub progress_timeout: Duration,
-    /// Retransmission timeout before the first RTT sample.
-    pub initial_rto: Duration,
-    /// Lower bound of the retransmission timeout.
-    pub min_rto: Duration,
-    /// Upper bound of the retransmission timeout (after backoff).
-    pub max_rto: Duration,
-    /// Stochastic rounding, with this seed (unbiased; every rank and retransmission
-    /// draws from its own reproducible stream). `None`: round to nearest.
-    pub stochastic_rounding: Option<u64>,
-    /// Chunks that are zero on every rank travel as headers only.
-    pub skip_zeros: bool,
-    /// Ask for results sent to a group ([`Join::groups`]): the driver can join the
-    /// group a grant names ([`Grant::group`]) before the first allreduce. Off by
-    /// default; the UDP driver turns it on toward a loopback aggregator.
-    pub groups: bool,
-    /// This session's join nonce ([`Join::nonce`]): grants and errors without it are
-    /// dropped. Drivers draw it from the operating system's randomness; a guessable
-    /// nonce lets anyone who can send from the aggregator's address fail the rank.
-    pub nonce: u64,
-    /// Allreduces this rank completed in the job before this session ([`Join::completed`]):
-    /// 0, or after a failover the count from the session before.
-    pub completed: u64,
-    /// The aggregator's admission key, if it has one: every join proves it
-    /// ([`Join::prove`]).
-    pub admission_key: Option<Vec<u8>>,
-}
-
-impl WorkerConfig {
-    /// Checks that these settings can work; returns the codec they name.
-    pub fn validate(&self) -> Result<&'static dyn Codec, ConfigError> {
-        let codec = codec::lookup(self.codec).ok_or(ConfigError::Codec(self.codec))?;
-        if self.world == 0 || self.rank >= self.world {
-            return Err(ConfigError::Rank {
-                rank: self.rank,
-                world: self.world,
-            });
-        }
-        if self.world > codec.max_world() {
-            return Err(ConfigError::World {
-                codec: codec.name(),
-                max: codec.max_world(),
-            });
-        }
-        if self.secret.len() > MAX_SECRET_LEN {
-            return Err(ConfigError::Secret);
-        }
-        if self.chunk_elems == 0
-            || self.window == 0
-            || wire::DATA_HEADER_LEN + codec::payload_bytes(codec, usize::from(self.chunk_elems))
-                > wire::MAX_DATAGRAM
-        {
-            return Err(ConfigError::Size);
-        }
-        Ok(codec)
-    }
-
-    /// Defaults for everything but the job's identity.
-    pub fn new(job: u32, rank: u16, world: u16, codec: CodecId) -> Self {
-        Self {
-            job,
-            rank,
-            world,
-            codec,
-            chunk_elems: 256,
-            window: 256,
-            congestion_control: true,
-            secret: Vec::new(),
-            join_interval: Duration::from_millis(200),
-            join_timeout: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_millis(500),
-            aggregator_timeout: Duration::from_secs(10),
-            progress_timeout: Duration::from_secs(60),
-            // Loopback RTTs are tens of microseconds, but a busy host deschedules a
-            // process for milliseconds: a lower bound of 20 ms keeps retransmissions
-            // for real losses (measured: 5 ms gave thousands of spurious ones per
-            // allreduce with 4 workers on 2 cores).
-            initial_rto: Duration::from_millis(100),
-            min_rto: Duration::from_millis(20),
-            max_rto: Duration::from_secs(1),
-            stochastic_rounding: None,
-            skip_zeros: false,
-            groups: false,
-            nonce: 0,
-            completed: 0,
-            admission_key: None,
-        }
-    }
-}
-
-/// A setting that cannot work.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ConfigError {
-    /// Rank not below world size, or world size 0.
-    #[error("rank {rank} is not below the world size {world}")]
-    Rank {
-        /// The rank asked for.
-        rank: u16,
-        /// The world size.
-        world: u16,
-    },
-    /// Unknown codec id.
-    #[error("unknown codec {0:?}")]
-    Codec(CodecId),
-    /// Secret too long.
-    #[error("the job secret is longer than {MAX_SECRET_LEN} bytes")]
-    Secret,
-    /// Chunk size or window of zero, or a chunk that does not fit a datagram.
-    #[error("chunk size and window must be positive and a chunk must fit a datagram")]
-    Size,
-    /// World size beyond what the codec can sum without overflow.
-    #[error("codec {codec} supports at most {max} ranks")]
-    World {
-        /// The codec's name.
-        codec: &'static str,
-        /// Its limit.
-        max: u16,
-    },
-}
-
-/// Why a worker's job or allreduce failed.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum WorkerError {
-    /// No grant in time.
-    #[error(
-        "no grant within {0:?}: the aggregator is unreachable, not every rank joined, or its slot memory is still held by other jobs"
-    )]
-    JoinTimeout(Duration),
-    /// The aggregator refused the join.
-    #[error("the aggregator refused to admit this rank: {text}")]
-    Refused {
-        /// What kind of refusal.
-        code: ErrorCode,
-        /// The aggregator's words.
-        text: String,
-    },
-    /// The aggregator aborted the job.
-    #[error("job aborted by the aggregator: {text}")]
-    Aborted {
-        /// Why.
-        code: ErrorCode,
-        /// The rank the abort is about, if any.
-        rank: Option<u16>,
-        /// The aggregator's words.
-        text: String,
-    },
-    /// No result arrived for too long while the aggregator was alive: some rank does
-    /// not take part in the allreduce (or called it with another length).
-    #[error("no progress for {0:?}: some rank is not taking part in this allreduce")]
-    Stalled(Duration),
-    /// Nothing came from the aggregator for too long.
-    #[error("nothing heard from the aggregator for {0:?}: it is down or unreachable")]
-    AggregatorSilent(Duration),
-    /// The input holds a value the codec cannot carry.
-    #[error(transparent)]
-    NonFinite(#[from] codec::NonFinite),
-    /// An allreduce was started before the job was granted or while another ran.
-    #[error("the worker is not ready for an allreduce ({0})")]
-    NotReady(&'static str),
-    /// The worker already failed or closed.
-    #[error("the worker is closed")]
-    Closed,
-}
 
 /// Something the driver should know about.
 #[derive(Debug, Clone, PartialEq)]
