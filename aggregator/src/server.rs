@@ -254,20 +254,20 @@ impl Front for UdpFront {
     }
 
     fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
-        loop {
-            while self.batch.len() < SEND_BATCH
-                && self.batch.push_head_with(|buf| {
-                    agg.poll_transmit_head(buf)
-                        .map(|(to, body)| (to, body.map(|b| (b, b.len()))))
-                })
-            {}
-            if self.batch.is_empty() {
-                self.warn_on_drops();
-                return Ok(());
-            }
-            let agg = &*agg;
-            self.batch.flush_with(&self.endpoint, |b| agg.body(b))?;
+        let sent = self.batch.drain(
+            &self.endpoint,
+            SEND_BATCH,
+            agg,
+            |agg, buf| {
+                agg.poll_transmit_head(buf)
+                    .map(|(to, body)| (to, body.map(|b| (b, b.len()))))
+            },
+            |agg, b| agg.body(b),
+        )?;
+        if sent > 0 {
+            self.warn_on_drops();
         }
+        Ok(())
     }
 
     fn describe(&self) -> String {

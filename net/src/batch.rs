@@ -149,6 +149,30 @@ impl<B: Copy> SendBatch<B> {
         }
     }
 
+    /// The send-drain loop of every UDP driver, written once: queues what `next`
+    /// makes of the sender `from` (a head in the buffer, and where its body lies), up
+    /// to `max` datagrams, sends them with the bodies `body` finds in `from`, and
+    /// repeats until `next` has nothing more. Returns the datagrams sent.
+    pub fn drain<T: ?Sized>(
+        &mut self,
+        ep: &UdpEndpoint,
+        max: usize,
+        from: &mut T,
+        mut next: impl FnMut(&mut T, &mut Vec<u8>) -> Option<(SocketAddr, Option<(B, usize)>)>,
+        body: impl for<'r> Fn(&'r T, B) -> &'r [u8],
+    ) -> io::Result<usize> {
+        let mut sent = 0;
+        loop {
+            while self.len() < max && self.push_head_with(|buf| next(from, buf)) {}
+            if self.is_empty() {
+                return Ok(sent);
+            }
+            sent += self.len();
+            let from = &*from;
+            self.flush_with(ep, |b| body(from, b))?;
+        }
+    }
+
     /// Sends everything queued, each body as `resolve` returns it (it must return
     /// the length given when the datagram was queued): datagrams to the same
     /// destination go out together, runs of equal size as one GSO send, and up to 64

@@ -55,13 +55,17 @@ impl Link {
                 endpoint,
                 batch,
                 aggregator,
-            } => loop {
+            } => {
                 let agg = *aggregator;
-                while batch.len() < SEND_BATCH
-                    && batch.push_head_with(|buf| {
-                        worker
-                            .poll_transmit_head(now, data, buf)
-                            .map(|tail| match tail {
+                // The sender and the tensor its f32 contributions are sent from.
+                let mut from = (worker, data);
+                batch
+                    .drain(
+                        endpoint,
+                        SEND_BATCH,
+                        &mut from,
+                        |(w, data), buf| {
+                            w.poll_transmit_head(now, data, buf).map(|tail| match tail {
                                 Tail::InBuf => (agg, None),
                                 Tail::Data(r) => {
                                     let bytes = r.len() * std::mem::size_of::<f32>();
@@ -71,21 +75,19 @@ impl Link {
                                     (agg, Some((Body::Encoded(r.start, r.end), r.len())))
                                 }
                             })
-                    })
-                {}
-                if batch.is_empty() {
-                    return Ok(());
-                }
-                let w = &*worker;
-                batch
-                    .flush_with(endpoint, |body| match body {
-                        // The little-endian bytes of the elements: the f32 codec's wire
-                        // form.
-                        Body::Tensor(a, b) => data.get(a..b).map_or(&[][..], bytemuck::cast_slice),
-                        Body::Encoded(a, b) => w.payload(a..b),
-                    })
+                        },
+                        |(w, data), body| match body {
+                            // The little-endian bytes of the elements: the f32 codec's
+                            // wire form.
+                            Body::Tensor(a, b) => {
+                                data.get(a..b).map_or(&[][..], bytemuck::cast_slice)
+                            }
+                            Body::Encoded(a, b) => w.payload(a..b),
+                        },
+                    )
                     .map_err(|e| link_error(e, agg))?;
-            },
+                Ok(())
+            }
             Link::Quic { link, buf } => loop {
                 buf.clear();
                 if !worker.poll_transmit_append(now, data, buf) {
