@@ -217,12 +217,31 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
 /// the widest slots (670 MB each, 2.7 GB in all without a budget), each get a grant
 /// within the cap (with the budget alone, the first two took all of it and the others
 /// waited), and a real job runs beside them while they keep their jobs alive.
+/// Sends rank 0's heartbeat for every granted job (job -> (window, token)) to `addr`.
+fn heartbeat_all(
+    sock: &UdpSocket,
+    addr: std::net::SocketAddr,
+    granted: &std::collections::HashMap<u32, (u32, u64)>,
+) -> std::io::Result<()> {
+    use inagg_proto::wire::{encode_heartbeat, Control};
+    for (&job, &(_, token)) in granted {
+        let mut d = Vec::new();
+        encode_heartbeat(
+            &Control {
+                job,
+                rank: 0,
+                token,
+            },
+            &mut d,
+        );
+        sock.send_to(&d, addr)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn strangers_joins_get_no_more_than_the_default_slot_memory() {
-    use inagg_proto::wire::{
-        decode, encode_heartbeat, encode_join, Control, Join, Message, DATA_HEADER_LEN,
-        MAX_DATAGRAM,
-    };
+    use inagg_proto::wire::{decode, encode_join, Join, Message, DATA_HEADER_LEN, MAX_DATAGRAM};
     let (mut agg, addr) = aggregator(&[]);
     let codec = inagg_proto::codec::CodecId::I8;
     // The widest i8 chunk that fits a datagram behind its header, with an exponent
@@ -240,18 +259,7 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
     // for memory never gets a grant here, and the count below fails.
     let end = Instant::now() + Duration::from_secs(30);
     while Instant::now() < end && granted.len() < jobs.len() {
-        for (&job, &(_, token)) in &granted {
-            let mut d = Vec::new();
-            encode_heartbeat(
-                &Control {
-                    job,
-                    rank: 0,
-                    token,
-                },
-                &mut d,
-            );
-            sock.send_to(&d, addr).expect("send");
-        }
+        heartbeat_all(&sock, addr, &granted).expect("send");
         for &job in jobs.iter().filter(|j| !granted.contains_key(*j)) {
             let join = Join {
                 job,
@@ -294,18 +302,7 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
         scope.spawn(|| {
             let end = Instant::now() + Duration::from_secs(60);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
-                for (&job, &(_, token)) in &granted {
-                    let mut d = Vec::new();
-                    encode_heartbeat(
-                        &Control {
-                            job,
-                            rank: 0,
-                            token,
-                        },
-                        &mut d,
-                    );
-                    let _ = sock.send_to(&d, addr);
-                }
+                let _ = heartbeat_all(&sock, addr, &granted);
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
