@@ -1,14 +1,17 @@
 //! The server loop: one front end, one thread, the state machine in the middle.
 //!
-//! The loop: receive a batch, hand every message to the state machine, fire due
-//! timers, then drain every message the state machine wants to send into the front
-//! end. The loop is the same for both transports; a [`Front`] is the layer under it:
+//! The loop ([`Server::turn`]): receive a batch, hand every message to the state
+//! machine, fire due timers, then drain every message the state machine wants to send
+//! into the front end. The loop is the same for every transport; a [`Front`] (an
+//! [`inagg_net::Transport`]) is the layer under it:
 //!
 //! - [`UdpFront`]: receives up to 32 `recvmmsg` buffers (GRO-coalesced, 128 KiB) per
-//!   call, and collects sends in a [`SendBatch`], which groups them by destination and
-//!   sends each run as one GSO message, many per `sendmmsg`. A result's header is encoded into the
-//!   batch's arena and its payload goes to the kernel from the slot's kept copy, the
-//!   same bytes for every rank: nothing is allocated or copied per datagram.
+//!   call, and collects sends in a `SendBatch`, which groups them by destination and
+//!   sends each run as one GSO message, many per `sendmmsg`. A result's header is
+//!   encoded into the batch's arena and its payload goes to the kernel from the slot's
+//!   kept copy, the same bytes for every rank: nothing is allocated or copied per
+//!   datagram.
+//! - [`MemFront`]: a socket of the in-memory network, for tests.
 //! - [`QuicFront`]: a [`QuicListener`], whose connections deliver messages tagged with
 //!   the peer's address, as a socket would; answers go back on the peer's stream or as
 //!   datagrams.
@@ -19,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use inagg_net::mem::{MemNet, MemSocket};
-use inagg_net::{group, SendBatch, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
+use inagg_net::{
+    group, Head, Outbox, Transport, Udp, UdpEndpoint, Undeliverable, DEFAULT_SOCKET_BUFFER,
+};
 use inagg_proto::aggregator::{Aggregator, AggregatorConfig, Body, Event, Stats};
 use inagg_quic::{Identity, QuicListener};
 use thiserror::Error;
@@ -179,52 +184,62 @@ pub enum ServerError {
     },
 }
 
-/// The transport under the server loop.
-pub trait Front: std::fmt::Debug {
-    /// The bound address.
-    fn local_addr(&self) -> io::Result<SocketAddr>;
-    /// Hands what arrived to `f`, waiting up to `wait` if nothing did; returns the
-    /// number of messages.
-    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
-    /// Whole receive batches taken in a row, each receive finding more waiting, since
-    /// the queue was last found empty: how far the loop is falling behind.
-    fn backlog_batches(&self) -> usize;
-    /// Sends everything the state machine has to send.
-    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()>;
-    /// Called once when the loop ends, after the last flush.
-    fn close(&mut self) {}
-    /// A line for the log at start.
-    fn describe(&self) -> String;
+/// A transport the server loop runs over: any [`Transport`] of the aggregator's
+/// result bodies whose errors the server can report. UDP ([`UdpFront`]), the
+/// in-memory network ([`MemFront`]) and QUIC ([`QuicFront`]) are fronts.
+pub trait Front: Transport<Body, Error: Into<ServerError>> {}
+
+impl<T: Transport<Body, Error: Into<ServerError>>> Front for T {}
+
+/// The UDP front: batched receive and GSO sends, each result sent from its slot.
+pub type UdpFront = Udp<Body>;
+
+/// The in-memory front ([`inagg_net::mem`]): the same loop as over UDP, without
+/// sockets, for tests.
+pub type MemFront = MemSocket;
+
+/// The QUIC front.
+pub type QuicFront = QuicListener;
+
+/// The state machine as a transport drains it: a result's head is written into the
+/// transport's buffer and its payload named by a [`Body`] in the slot's kept copy.
+struct Sending<'a>(&'a mut Aggregator<SocketAddr>);
+
+impl Outbox for Sending<'_> {
+    type Body = Body;
+
+    fn poll_head(&mut self, buf: &mut Vec<u8>) -> Option<Head<Body>> {
+        self.0
+            .poll_transmit_head(buf)
+            .map(|(to, body)| (to, body.map(|b| (b, b.len()))))
+    }
+
+    fn body(&self, body: Body) -> &[u8] {
+        self.0.body(body)
+    }
 }
 
-/// The UDP transport: batched receive and GSO sends.
-#[derive(Debug)]
-pub struct UdpFront {
-    endpoint: UdpEndpoint,
-    /// Results go out from their slots (scatter-gather): one kept copy serves every
-    /// rank, where copying it into the batch for each rank cost as much as the sum.
-    batch: SendBatch<Body>,
-    /// Replies refused by the kernel and datagrams from port 0 at the last warning:
-    /// warned at 1, 2, 4, 8, ... of each, so that a firewall refusing every reply is
-    /// seen at once and a forged source now and then does not flood the log.
-    warned: (u64, u64),
+/// Warns when the counts of refused replies or port-0 datagrams double: a firewall
+/// refusing every reply is seen at once, and a forged source now and then does not
+/// flood the log.
+#[derive(Debug, Default)]
+struct DropWarnings {
+    /// The counts at the last warning.
+    warned: Undeliverable,
 }
 
-impl UdpFront {
-    /// Warns when the counts of dropped replies or port-0 datagrams double.
-    fn warn_on_drops(&mut self) {
-        let refused = self.batch.refused;
-        if doubled(refused, &mut self.warned.0) {
+impl DropWarnings {
+    fn check(&mut self, now: Undeliverable) {
+        if doubled(now.refused, &mut self.warned.refused) {
             warn!(
-                refused,
+                refused = now.refused,
                 "the kernel refused replies (no route, a forbidden address or a firewall): \
                  dropped; forged source addresses, or this host cannot reach its workers"
             );
         }
-        let port0 = self.endpoint.from_port_zero();
-        if doubled(port0, &mut self.warned.1) {
+        if doubled(now.from_port_zero, &mut self.warned.from_port_zero) {
             warn!(
-                datagrams = port0,
+                datagrams = now.from_port_zero,
                 "datagrams from port 0 (forged or broken senders, no reply can reach them): dropped"
             );
         }
@@ -238,136 +253,6 @@ fn doubled(count: u64, at_last: &mut u64) -> bool {
         *at_last = count;
     }
     due
-}
-
-impl Front for UdpFront {
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.endpoint.local_addr()
-    }
-
-    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        self.endpoint.recv(wait, f)
-    }
-
-    fn backlog_batches(&self) -> usize {
-        self.endpoint.backlog_batches()
-    }
-
-    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
-        let sent = self.batch.drain(
-            &self.endpoint,
-            SEND_BATCH,
-            agg,
-            |agg, buf| {
-                agg.poll_transmit_head(buf)
-                    .map(|(to, body)| (to, body.map(|b| (b, b.len()))))
-            },
-            |agg, b| agg.body(b),
-        )?;
-        if sent > 0 {
-            self.warn_on_drops();
-        }
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "udp, gso {} segments, {} sends for {} datagrams, {} refused by the kernel, \
-             {} from port 0 dropped",
-            self.endpoint.max_gso_segments(),
-            self.batch.calls,
-            self.batch.datagrams,
-            self.batch.refused,
-            self.endpoint.from_port_zero()
-        )
-    }
-}
-
-/// The in-memory transport ([`inagg_net::mem`]): the same loop as over UDP, without
-/// sockets, for tests.
-#[derive(Debug)]
-pub struct MemFront {
-    socket: MemSocket,
-    buf: Vec<u8>,
-}
-
-impl Front for MemFront {
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.socket.local_addr())
-    }
-
-    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        self.socket.recv(wait, f)
-    }
-
-    fn backlog_batches(&self) -> usize {
-        0
-    }
-
-    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
-        loop {
-            let Some(to) = agg.poll_transmit(&mut self.buf) else {
-                return Ok(());
-            };
-            self.socket.send_to(to, &self.buf)?;
-        }
-    }
-
-    fn describe(&self) -> String {
-        "in memory".to_string()
-    }
-}
-
-/// The QUIC transport.
-#[derive(Debug)]
-pub struct QuicFront {
-    listener: QuicListener,
-    buf: Vec<u8>,
-    /// Receives in a row that stopped at the listener's batch limit.
-    full_batches: usize,
-}
-
-impl Front for QuicFront {
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.listener.local_addr())
-    }
-
-    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        let n = self.listener.recv(wait, f);
-        self.full_batches = if self.listener.last_batch_full() {
-            self.full_batches.saturating_add(1)
-        } else {
-            0
-        };
-        Ok(n)
-    }
-
-    fn backlog_batches(&self) -> usize {
-        self.full_batches
-    }
-
-    fn flush(&mut self, agg: &mut Aggregator<SocketAddr>) -> io::Result<()> {
-        loop {
-            self.buf.clear();
-            let Some(to) = agg.poll_transmit_append(&mut self.buf) else {
-                return Ok(());
-            };
-            self.listener.send(to, &self.buf);
-        }
-    }
-
-    fn close(&mut self) {
-        self.listener.close();
-    }
-
-    fn describe(&self) -> String {
-        let s = self.listener.stats();
-        format!(
-            "quic, {} connections ({} handshakes failed), {} messages unroutable, {} too large, \
-             {} behind a peer that stopped reading",
-            s.connections, s.failed_handshakes, s.unroutable, s.too_large, s.queue_full
-        )
-    }
 }
 
 /// Full receive batches in a row after which the aggregator counts as falling behind
@@ -386,6 +271,7 @@ pub struct Server<F: Front = UdpFront> {
     config: ServerConfig,
     front: F,
     agg: Aggregator<SocketAddr>,
+    warnings: DropWarnings,
 }
 
 impl Server<QuicFront> {
@@ -400,12 +286,9 @@ impl Server<QuicFront> {
         let agg = Aggregator::new(config.protocol.clone());
         Ok(Self {
             config,
-            front: QuicFront {
-                listener,
-                buf: Vec::with_capacity(64 * 1024),
-                full_batches: 0,
-            },
+            front: listener,
             agg,
+            warnings: DropWarnings::default(),
         })
     }
 }
@@ -422,11 +305,9 @@ impl Server<MemFront> {
         let agg = Aggregator::new(config.protocol.clone());
         Ok(Self {
             config,
-            front: MemFront {
-                socket,
-                buf: Vec::with_capacity(64 * 1024),
-            },
+            front: socket,
             agg,
+            warnings: DropWarnings::default(),
         })
     }
 }
@@ -458,18 +339,11 @@ impl Server<UdpFront> {
         }
         Ok(Self {
             config,
-            front: UdpFront {
-                endpoint,
-                batch: {
-                    // Replies go to source addresses off the network, which may be
-                    // forged or unreachable: drop those, serve on.
-                    let mut b = SendBatch::new();
-                    b.set_drop_refused(true);
-                    b
-                },
-                warned: (0, 0),
-            },
+            // Replies go to source addresses off the network, which may be forged or
+            // unreachable: drop those, serve on.
+            front: Udp::new(endpoint, SEND_BATCH).with_drop_refused(),
             agg,
+            warnings: DropWarnings::default(),
         })
     }
 }
@@ -536,7 +410,7 @@ impl<F: Front> Server<F> {
         self.agg.drain();
         self.serve_for(DRAIN)?;
         self.agg.shutdown(Instant::now());
-        self.front.flush(&mut self.agg)?;
+        self.send()?;
         self.log_events();
         // The jobs are tombstones now, which answer their ranks with the error.
         self.serve_for(FAREWELL)?;
@@ -565,14 +439,26 @@ impl<F: Front> Server<F> {
         };
         let agg = &mut self.agg;
         self.front
-            .recv(wait, |from, d| agg.handle_datagram(now, from, d))?;
+            .recv(wait, |from, d| agg.handle_datagram(now, from, d))
+            .map_err(Into::into)?;
         self.agg
             .set_backlogged(self.front.backlog_batches() >= BACKLOG_STREAK);
         let now = Instant::now();
         if timers && self.agg.poll_timeout().is_some_and(|t| t <= now) {
             self.agg.handle_timeout(now);
         }
-        self.front.flush(&mut self.agg)?;
+        self.send()
+    }
+
+    /// Sends everything the state machine has to send.
+    fn send(&mut self) -> Result<(), ServerError> {
+        let sent = self
+            .front
+            .send(&mut Sending(&mut self.agg))
+            .map_err(Into::into)?;
+        if sent > 0 {
+            self.warnings.check(self.front.undeliverable());
+        }
         Ok(())
     }
 
@@ -640,7 +526,7 @@ mod tests {
         for yields in [0, 7] {
             config.yields_before_sleep = yields;
             let server = Server::bind(config.clone()).expect("bind");
-            assert_eq!(server.front.endpoint.yields_before_sleep(), yields);
+            assert_eq!(server.front.endpoint().yields_before_sleep(), yields);
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
-use crate::UdpEndpoint;
+use crate::{Outbox, UdpEndpoint};
 
 /// The kernel refuses a GSO send of more than 64 KB in all.
 const GSO_BYTES: usize = 65_000;
@@ -149,27 +149,25 @@ impl<B: Copy> SendBatch<B> {
         }
     }
 
-    /// The send-drain loop of every UDP driver, written once: queues what `next`
-    /// makes of the sender `from` (a head in the buffer, and where its body lies), up
-    /// to `max` datagrams, sends them with the bodies `body` finds in `from`, and
-    /// repeats until `next` has nothing more. Returns the datagrams sent.
-    pub fn drain<T: ?Sized>(
+    /// The send-drain loop of every UDP sender, written once: queues what `out` has
+    /// (a head in the arena, and where its body lies), up to `max` datagrams, sends
+    /// them with their bodies found in `out`, and repeats until `out` has nothing
+    /// more. Returns the datagrams sent.
+    pub fn drain<O: Outbox<Body = B> + ?Sized>(
         &mut self,
         ep: &UdpEndpoint,
         max: usize,
-        from: &mut T,
-        mut next: impl FnMut(&mut T, &mut Vec<u8>) -> Option<(SocketAddr, Option<(B, usize)>)>,
-        body: impl for<'r> Fn(&'r T, B) -> &'r [u8],
+        out: &mut O,
     ) -> io::Result<usize> {
         let mut sent = 0;
         loop {
-            while self.len() < max && self.push_head_with(|buf| next(from, buf)) {}
+            while self.len() < max && self.push_head_with(|buf| out.poll_head(buf)) {}
             if self.is_empty() {
                 return Ok(sent);
             }
             sent += self.len();
-            let from = &*from;
-            self.flush_with(ep, |b| body(from, b))?;
+            let out = &*out;
+            self.flush_with(ep, |b| out.body(b))?;
         }
     }
 

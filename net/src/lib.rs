@@ -18,6 +18,10 @@
 //! - [`mem`]: an in-memory network with seeded faults, on which the real server and
 //!   worker driver run without sockets.
 //!
+//! - [`Transport`]: the one seam the aggregator's server loop and the worker's
+//!   driver loop run over; [`Udp`] and [`mem::MemSocket`] implement it here, QUIC in
+//!   `inagg-quic`. A state machine is drained through [`Outbox`].
+//!
 //! Nothing here allocates per datagram.
 
 mod batch;
@@ -26,9 +30,11 @@ pub mod group;
 pub mod mem;
 #[cfg(target_os = "linux")]
 mod scatter;
+mod transport;
 
 pub use batch::{NoBody, SendBatch};
 pub use endpoint::{bind_socket, UdpEndpoint, DEFAULT_SOCKET_BUFFER};
+pub use transport::{send_each, Head, Outbox, Transport, Udp, Undeliverable};
 
 /// Bytes of IP and UDP headers in front of each datagram to or from `addr`: what a
 /// datagram costs on the wire beyond its payload.

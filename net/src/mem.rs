@@ -14,6 +14,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::{send_each, Outbox, Transport};
+
 /// The faults a [`MemNet`] injects, each a probability per datagram.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MemFaults {
@@ -127,6 +129,7 @@ impl MemNet {
         Ok(MemSocket {
             net: self.clone(),
             addr,
+            buf: Vec::new(),
         })
     }
 }
@@ -136,6 +139,8 @@ impl MemNet {
 pub struct MemSocket {
     net: MemNet,
     addr: SocketAddr,
+    /// Where [`Transport::send`] writes each datagram.
+    buf: Vec<u8>,
 }
 
 impl MemSocket {
@@ -210,6 +215,33 @@ impl MemSocket {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+    }
+}
+
+impl<B: Copy> Transport<B> for MemSocket {
+    type Error = io::Error;
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+
+    fn recv(
+        &mut self,
+        wait: Duration,
+        f: impl FnMut(SocketAddr, &[u8]),
+    ) -> Result<usize, io::Error> {
+        MemSocket::recv(self, wait, f)
+    }
+
+    fn send(&mut self, out: &mut impl Outbox<Body = B>) -> Result<usize, io::Error> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let sent = send_each(out, &mut buf, |to, d| self.send_to(to, d));
+        self.buf = buf;
+        sent
+    }
+
+    fn describe(&self) -> String {
+        "in memory".to_string()
     }
 }
 

@@ -50,6 +50,8 @@ pub struct QuicLink {
     out: Outbound,
     inbound: mpsc::Receiver<Bytes>,
     remote: SocketAddr,
+    /// Where [`inagg_net::Transport::send`] writes each message.
+    pub(crate) buf: Vec<u8>,
     endpoint: quinn::Endpoint,
     /// Dropped last: quinn's tasks run on it.
     runtime: tokio::runtime::Runtime,
@@ -150,6 +152,7 @@ impl QuicLink {
             out,
             inbound,
             remote,
+            buf: Vec::with_capacity(64 * 1024),
         })
     }
 

@@ -13,6 +13,9 @@
 //! - [`QuicListener`]: the aggregator's side: accepts connections and hands every
 //!   message to the caller's loop with the peer's address, as a UDP socket would.
 //!
+//! Both implement `inagg_net::Transport`, the seam the server and driver loops run
+//! over.
+//!
 //! Two framings, chosen by the worker ([`Mode`]), served side by side: QUIC datagrams
 //! (unreliable, one protocol message each, limited to the path MTU: the worker sizes
 //! its chunks to fit [`MIN_DATAGRAM`]) and one bidirectional stream per connection (reliable and
@@ -25,6 +28,7 @@ pub mod tls;
 
 mod client;
 mod server;
+mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

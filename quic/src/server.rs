@@ -68,6 +68,10 @@ pub struct QuicListener {
     peers: HashMap<SocketAddr, Peer>,
     local: SocketAddr,
     last_full: bool,
+    /// Receives in a row that stopped at the batch limit.
+    full_streak: usize,
+    /// Where [`inagg_net::Transport::send`] writes each message.
+    pub(crate) buf: Vec<u8>,
     stats: ListenerStats,
     failed: Arc<std::sync::atomic::AtomicU64>,
     endpoint: quinn::Endpoint,
@@ -106,6 +110,8 @@ impl QuicListener {
             peers: HashMap::new(),
             local,
             last_full: false,
+            full_streak: 0,
+            buf: Vec::with_capacity(64 * 1024),
             stats: ListenerStats::default(),
             failed,
             endpoint,
@@ -139,6 +145,11 @@ impl QuicListener {
     /// Whether the last receive stopped at its batch limit: more was waiting.
     pub fn last_batch_full(&self) -> bool {
         self.last_full
+    }
+
+    /// Receives in a row that stopped at the batch limit, since one did not.
+    pub fn full_batches(&self) -> usize {
+        self.full_streak
     }
 
     /// Hands every message received to `f` with its peer's address, waiting up to
@@ -192,6 +203,11 @@ impl QuicListener {
             }
         }
         self.last_full = handled == RECV_BATCH;
+        self.full_streak = if self.last_full {
+            self.full_streak.saturating_add(1)
+        } else {
+            0
+        };
         n
     }
 

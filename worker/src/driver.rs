@@ -1,13 +1,15 @@
 //! The loop that runs the worker state machine over a [`Link`]: send what is due, wait
 //! for messages or the next deadline, feed them in, repeat until the event the caller
-//! waits for. The link is a UDP socket (GSO batches), a QUIC connection, or a socket of
-//! the in-memory network (`inagg_net::mem`, for tests); the loop is the same.
+//! waits for ([`Session::turn`], one loop body for joining, allreduces, heartbeats
+//! and leaving). The link is an `inagg_net::Transport` (a UDP socket with GSO
+//! batches, a QUIC connection, or a socket of the in-memory network for tests), the
+//! same seam the aggregator's server loop runs over; the loop does not know which.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use inagg_net::mem::MemSocket;
-use inagg_net::{header_overhead, SendBatch, UdpEndpoint};
+use inagg_net::{header_overhead, Head, Outbox, Transport as NetTransport, Udp, UdpEndpoint};
 use inagg_proto::wire::{Grant, DATA_HEADER_LEN};
 use inagg_proto::worker::{Event, Tail, Worker, WorkerError};
 use inagg_quic::QuicLink;
@@ -23,137 +25,111 @@ enum Body {
     Encoded(usize, usize),
 }
 
-/// How messages reach the aggregator. One per session, made once and never moved in
-/// a loop: the size difference between the variants costs nothing.
+/// How messages reach the aggregator: one of the transports the driver loop runs
+/// over. One per session, made once and never moved in a loop: the size difference
+/// between the variants costs nothing.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 enum Link {
-    Udp {
-        endpoint: UdpEndpoint,
-        /// A contribution's payload goes to the kernel from where it lies: the body
-        /// says where.
-        batch: SendBatch<Body>,
-        aggregator: SocketAddr,
-    },
-    Quic {
-        link: Box<QuicLink>,
-        buf: Vec<u8>,
-    },
-    Memory {
-        socket: MemSocket,
-        buf: Vec<u8>,
-        aggregator: SocketAddr,
-    },
+    Udp(Udp<Body>),
+    Quic(Box<QuicLink>),
+    Memory(MemSocket),
 }
 
-impl Link {
-    /// Sends everything the state machine has to send now.
-    fn flush(&mut self, worker: &mut Worker, data: &[f32]) -> Result<(), Error> {
-        let now = Instant::now();
+impl NetTransport<Body> for Link {
+    type Error = Error;
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
-            Link::Udp {
-                endpoint,
-                batch,
-                aggregator,
-            } => {
-                let agg = *aggregator;
-                // The sender and the tensor its f32 contributions are sent from.
-                let mut from = (worker, data);
-                batch
-                    .drain(
-                        endpoint,
-                        SEND_BATCH,
-                        &mut from,
-                        |(w, data), buf| {
-                            w.poll_transmit_head(now, data, buf).map(|tail| match tail {
-                                Tail::InBuf => (agg, None),
-                                Tail::Data(r) => {
-                                    let bytes = r.len() * std::mem::size_of::<f32>();
-                                    (agg, Some((Body::Tensor(r.start, r.end), bytes)))
-                                }
-                                Tail::Encoded(r) => {
-                                    (agg, Some((Body::Encoded(r.start, r.end), r.len())))
-                                }
-                            })
-                        },
-                        |(w, data), body| match body {
-                            // The little-endian bytes of the elements: the f32 codec's
-                            // wire form.
-                            Body::Tensor(a, b) => {
-                                data.get(a..b).map_or(&[][..], bytemuck::cast_slice)
-                            }
-                            Body::Encoded(a, b) => w.payload(a..b),
-                        },
-                    )
-                    .map_err(|e| link_error(e, agg))?;
-                Ok(())
-            }
-            Link::Quic { link, buf } => loop {
-                buf.clear();
-                if !worker.poll_transmit_append(now, data, buf) {
-                    return Ok(());
-                }
-                link.send(buf)?;
-            },
-            Link::Memory {
-                socket,
-                buf,
-                aggregator,
-            } => loop {
-                buf.clear();
-                if !worker.poll_transmit_append(now, data, buf) {
-                    return Ok(());
-                }
-                socket.send_to(*aggregator, buf)?;
-            },
+            Link::Udp(t) => t.local_addr(),
+            Link::Quic(t) => t.local_addr(),
+            Link::Memory(t) => Ok(t.local_addr()),
         }
     }
 
-    /// Hands what the aggregator sent to `f`, waiting up to `wait` if nothing came.
-    fn recv(&mut self, wait: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, Error> {
-        match self {
-            Link::Udp {
-                endpoint,
-                aggregator,
-                ..
-            } => {
-                let agg = *aggregator;
-                endpoint
-                    .recv(wait, |from, d| {
-                        if from == agg {
-                            f(d);
-                        }
-                    })
-                    .map_err(|e| link_error(e, agg))
-            }
-            Link::Quic { link, .. } => Ok(link.recv(wait, f)?),
-            Link::Memory {
-                socket, aggregator, ..
-            } => {
-                let agg = *aggregator;
-                Ok(socket.recv(wait, |from, d| {
-                    if from == agg {
-                        f(d);
-                    }
-                })?)
-            }
-        }
+    fn recv(&mut self, wait: Duration, f: impl FnMut(SocketAddr, &[u8])) -> Result<usize, Error> {
+        Ok(match self {
+            Link::Udp(t) => t.recv(wait, f)?,
+            Link::Quic(t) => NetTransport::<Body>::recv(&mut **t, wait, f)?,
+            Link::Memory(t) => t.recv(wait, f)?,
+        })
+    }
+
+    fn send(&mut self, out: &mut impl Outbox<Body = Body>) -> Result<usize, Error> {
+        Ok(match self {
+            Link::Udp(t) => t.send(out)?,
+            Link::Quic(t) => NetTransport::send(&mut **t, out)?,
+            Link::Memory(t) => t.send(out)?,
+        })
     }
 
     fn close(&mut self) {
-        if let Link::Quic { link, .. } = self {
-            link.close();
+        match self {
+            Link::Udp(t) => NetTransport::<Body>::close(t),
+            Link::Quic(t) => NetTransport::<Body>::close(&mut **t),
+            Link::Memory(t) => NetTransport::<Body>::close(t),
         }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Link::Udp(t) => t.describe(),
+            Link::Quic(t) => NetTransport::<Body>::describe(&**t),
+            Link::Memory(t) => NetTransport::<Body>::describe(t),
+        }
+    }
+}
+
+/// The state machine as a transport drains it, with the tensor its contributions
+/// come from: over UDP a contribution's payload is sent from where it lies (the
+/// tensor for f32, the worker's encoded payloads otherwise).
+struct Sending<'a> {
+    worker: &'a mut Worker,
+    data: &'a [f32],
+    now: Instant,
+    to: SocketAddr,
+}
+
+impl Outbox for Sending<'_> {
+    type Body = Body;
+
+    fn poll_head(&mut self, buf: &mut Vec<u8>) -> Option<Head<Body>> {
+        let to = self.to;
+        let tail = self.worker.poll_transmit_head(self.now, self.data, buf)?;
+        Some(match tail {
+            Tail::InBuf => (to, None),
+            Tail::Data(r) => {
+                let bytes = r.len() * std::mem::size_of::<f32>();
+                (to, Some((Body::Tensor(r.start, r.end), bytes)))
+            }
+            Tail::Encoded(r) => (to, Some((Body::Encoded(r.start, r.end), r.len()))),
+        })
+    }
+
+    fn body(&self, body: Body) -> &[u8] {
+        match body {
+            // The little-endian bytes of the elements: the f32 codec's wire form.
+            Body::Tensor(a, b) => self.data.get(a..b).map_or(&[][..], bytemuck::cast_slice),
+            Body::Encoded(a, b) => self.worker.payload(a..b),
+        }
+    }
+
+    /// Encodes straight into `buf`, where the head-and-body default would copy.
+    fn poll_whole(&mut self, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+        self.worker
+            .poll_transmit_append(self.now, self.data, buf)
+            .then_some(self.to)
     }
 }
 
 /// A socket error as the worker reports it: a refusal (ICMP port unreachable on the
 /// connected socket) names the aggregator that is not there.
-fn link_error(e: std::io::Error, aggregator: SocketAddr) -> Error {
-    if e.kind() == std::io::ErrorKind::ConnectionRefused {
-        Error::Refused(aggregator)
-    } else {
-        Error::Io(e)
+fn link_error(e: Error, aggregator: SocketAddr) -> Error {
+    match e {
+        Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Error::Refused(aggregator)
+        }
+        e => e,
     }
 }
 
@@ -253,11 +229,7 @@ impl Session {
                 // Its one peer: a closed port fails the rank at once ("connection
                 // refused") instead of after the join timeout.
                 endpoint.connect(aggregator)?;
-                Link::Udp {
-                    endpoint,
-                    batch: SendBatch::new(),
-                    aggregator,
-                }
+                Link::Udp(Udp::new(endpoint, SEND_BATCH))
             }
             Transport::Quic(q) => {
                 let link = QuicLink::connect(q, aggregator, bind)?;
@@ -282,16 +254,9 @@ impl Session {
                     let fit = u16::try_from(fit).unwrap_or(u16::MAX);
                     config.chunk_elems = config.chunk_elems.min(fit.max(8));
                 }
-                Link::Quic {
-                    link: Box::new(link),
-                    buf: Vec::with_capacity(64 * 1024),
-                }
+                Link::Quic(Box::new(link))
             }
-            Transport::Memory(net) => Link::Memory {
-                socket: net.bind(bind)?,
-                buf: Vec::with_capacity(64 * 1024),
-                aggregator,
-            },
+            Transport::Memory(net) => Link::Memory(net.bind(bind)?),
         };
         let worker = Worker::new(config, Instant::now())?;
         Ok(Self {
@@ -322,7 +287,7 @@ impl Session {
     /// waiting for its silence.
     pub fn join(&mut self) -> Result<(), Error> {
         let ev = self.drive(&mut [], |ev| matches!(ev, Event::Joined(_)))?;
-        let (Event::Joined(g), Link::Udp { endpoint, .. }) = (ev, &mut self.link) else {
+        let (Event::Joined(g), Link::Udp(udp)) = (ev, &mut self.link) else {
             return Ok(());
         };
         let Some(group) = g.group else {
@@ -330,7 +295,8 @@ impl Session {
         };
         let port = self.aggregator.port();
         let joined = match inagg_net::group::group_addr(group, port) {
-            Some(addr) => endpoint
+            Some(addr) => udp
+                .endpoint_mut()
                 .join_group(addr, std::net::Ipv4Addr::LOCALHOST)
                 .map_err(|source| Error::Group {
                     group: addr,
@@ -406,7 +372,7 @@ impl Session {
         while ok && !self.worker.is_finished() && Instant::now() < deadline {
             ok = self.turn(&mut [], MAX_WAIT).is_ok();
         }
-        self.link.close();
+        NetTransport::<Body>::close(&mut self.link);
     }
 
     /// One turn without waiting: used by the heartbeat thread between calls.
@@ -423,7 +389,16 @@ impl Session {
     }
 
     fn flush(&mut self, data: &mut [f32]) -> Result<(), Error> {
-        self.link.flush(&mut self.worker, data)
+        let mut out = Sending {
+            worker: &mut self.worker,
+            data,
+            now: Instant::now(),
+            to: self.aggregator,
+        };
+        self.link
+            .send(&mut out)
+            .map_err(|e| link_error(e, self.aggregator))?;
+        Ok(())
     }
 
     /// One turn of the loop, the same for every link and every caller: waits up to
@@ -435,9 +410,15 @@ impl Session {
             .worker
             .poll_timeout()
             .map_or(most, |t| t.saturating_duration_since(now).min(most));
-        let worker = &mut self.worker;
+        let (worker, aggregator) = (&mut self.worker, self.aggregator);
         self.link
-            .recv(wait, |d| worker.handle_datagram(Instant::now(), d, data))?;
+            .recv(wait, |from, d| {
+                // Only the aggregator's datagrams reach the state machine.
+                if from == aggregator {
+                    worker.handle_datagram(Instant::now(), d, data);
+                }
+            })
+            .map_err(|e| link_error(e, aggregator))?;
         let now = Instant::now();
         if self.worker.poll_timeout().is_some_and(|t| t <= now) {
             self.worker.handle_timeout(now);
