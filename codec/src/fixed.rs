@@ -51,7 +51,7 @@
 
 use super::stream::{self, Wire};
 use super::NO_EXPONENT;
-use super::{kernels, Alignment, Codec, CodecId, Scale};
+use super::{kernels, AggregatorCodec, Alignment, Codec, CodecId, Scale, WorkerCodec};
 
 /// How a fixed-point codec makes room for the sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,15 +213,19 @@ impl Codec for Fixed {
     fn id(&self) -> CodecId {
         self.id
     }
+
     fn name(&self) -> &'static str {
         self.name
     }
+
     fn wire_bytes(&self) -> usize {
         (self.bits / 8) as usize
     }
+
     fn block_scaled(&self) -> bool {
         true
     }
+
     fn max_world(&self) -> u16 {
         // Headroom keeps at least 8 bits of magnitude per contribution; widening needs
         // N * 2^(bits-1) to fit the 32-bit lanes.
@@ -235,6 +239,7 @@ impl Codec for Fixed {
             1 << spare
         }
     }
+
     fn scale(&self, world: u16, e_max: i8) -> Scale {
         let p = self.precision(world);
         // The bound on magnitudes is 2^(e_max + 1). Keep 2^shift a normal float: tiny
@@ -250,6 +255,7 @@ impl Codec for Fixed {
             dither: None,
         }
     }
+
     fn result_scale(&self, world: u16, e_max: i8) -> Scale {
         let s = self.scale(world, e_max);
         match self.room {
@@ -260,6 +266,7 @@ impl Codec for Fixed {
             },
         }
     }
+
     fn sum_error(&self, world: u16, e_max: i8, stochastic: bool) -> f64 {
         let step = 2f64.powi(-self.scale(world, e_max).shift);
         // Half a step when rounding to nearest, but the top of the range is clamped to
@@ -281,6 +288,13 @@ impl Codec for Fixed {
         };
         f64::from(world) * per + last + spread
     }
+
+    fn aligns_exponents(&self) -> bool {
+        self.aligned
+    }
+}
+
+impl WorkerCodec for Fixed {
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
         let s = pow2(scale.shift);
         // Rounding may lift a value just below 2^p to 2^p itself: the clamp is what
@@ -288,9 +302,11 @@ impl Codec for Fixed {
         let lim = Self::limit(scale.precision.clamp(1, self.bits as i32 - 1));
         kernels::quantize(src, s, lim, scale.dither, out, self.wire_bytes())
     }
+
     fn decode(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
         kernels::dequantize(src, pow2(-scale.shift), out, self.wire_bytes())
     }
+
     /// Around the cache for i8 only: four ranks of 16 Mi elements gained 1-6% in four
     /// rounds, where i16 was level to 4% slower and i32 1-3% slower (`stream`).
     fn decode_around_cache(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
@@ -303,6 +319,9 @@ impl Codec for Fixed {
         };
         stream::decode_around_cache(wire, src, out)
     }
+}
+
+impl AggregatorCodec for Fixed {
     fn sum_first(&self, acc: &mut [u32], world: u16, payload: &[u8]) {
         if self.narrow_lanes(world) {
             kernels::load_i8_i16(narrow_mut(acc), payload)
@@ -310,6 +329,7 @@ impl Codec for Fixed {
             kernels::load_int(acc, payload, self.wire_bytes())
         }
     }
+
     fn sum_add(&self, acc: &mut [u32], world: u16, payload: &[u8]) {
         if self.narrow_lanes(world) {
             kernels::add_i8_i16(narrow_mut(acc), payload)
@@ -317,10 +337,12 @@ impl Codec for Fixed {
             kernels::add_int(acc, payload, self.wire_bytes())
         }
     }
+
     fn result_is_lanes(&self) -> bool {
         // The one store that is a plain copy (see `sum_store`).
         self.room == Room::Headroom && self.bits == 32 && cfg!(target_endian = "little")
     }
+
     fn sum_store(&self, acc: &[u32], world: u16, out: &mut [u8]) {
         let shift = match self.room {
             Room::Headroom if self.bits == 32 => return kernels::store_lanes(acc, out),
@@ -329,11 +351,9 @@ impl Codec for Fixed {
         };
         self.store_shifted(acc, !self.narrow_lanes(world), shift, out)
     }
-    fn aligns_exponents(&self) -> bool {
-        self.aligned
-    }
+
     /// Aligned: the lanes count units of the scale of exponent `unit`, at most
-    /// [`Fixed::align_span`] below `top`, and as low as the smallest contribution's
+    /// `Fixed::align_span` below `top`, and as low as the smallest contribution's
     /// exponent allows. While a chunk's exponents lie within the span, every
     /// contribution is shifted left into the lanes, exactly, and the sum does not
     /// depend on the order of arrival; only a wider spread rounds (half up) the lanes
@@ -407,12 +427,14 @@ impl Codec for Fixed {
         at.unit = new_unit as i8;
         at.top = new_top as i8;
     }
+
     fn sums_all_at_once(&self, world: u16) -> bool {
         self.aligned && self.narrow_lanes(world) && usize::from(world) <= super::MAX_AT_ONCE
     }
+
     /// Aligned `i8` in 16-bit lanes: every contribution with an exponent, shifted left
     /// by its distance from the least one, summed, and stored at the largest, all in
-    /// one pass ([`kernels::sum_store_i8`]). While the exponents lie within the narrow
+    /// one pass (`kernels::sum_store_i8`). While the exponents lie within the narrow
     /// lanes' span, [`Fixed::sum_at`] sums exactly that, whatever the order: its lanes
     /// end up counting units of the least exponent, at the largest; every step on the
     /// way spans no more than the whole.
@@ -460,6 +482,7 @@ impl Codec for Fixed {
         kernels::sum_store_i8(&srcs[..k], &shl[..k], shift, self.store_limit(), out);
         Some(at)
     }
+
     /// Aligned: the lanes divided down to the result's scale, that of exponent `top`
     /// widened by `ceil(log2 N)` bits, rounded once (half up).
     fn store_at(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {

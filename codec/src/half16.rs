@@ -12,7 +12,7 @@
 use half::f16;
 
 use super::stream::{self, Wire};
-use super::{kernels, uniform, Codec, CodecId, Scale};
+use super::{kernels, uniform, AggregatorCodec, Codec, CodecId, Scale, WorkerCodec};
 
 /// IEEE half precision: 11 significant bits, largest finite value 65504.
 #[derive(Debug, Clone, Copy)]
@@ -57,40 +57,55 @@ impl Codec for F16 {
     fn id(&self) -> CodecId {
         CodecId::F16
     }
+
     fn name(&self) -> &'static str {
         "f16"
     }
+
     fn wire_bytes(&self) -> usize {
         2
     }
+
     fn block_scaled(&self) -> bool {
         false
     }
+
     fn unit_roundoff(&self) -> f64 {
         2f64.powi(-11)
     }
+
     fn underflow(&self) -> f64 {
         // Subnormal spacing 2^-24.
         2f64.powi(-25)
     }
+}
+
+impl WorkerCodec for F16 {
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
         match scale.dither {
             None => kernels::to_f16(src, out),
             Some(key) => f32_to_f16_stochastic(src, key, out),
         }
     }
+
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::from_f16(src, out)
     }
+
     fn decode_around_cache(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         stream::decode_around_cache(Wire::F16, src, out)
     }
+}
+
+impl AggregatorCodec for F16 {
     fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::load_f16(acc, payload)
     }
+
     fn sum_add(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::add_f16(acc, payload)
     }
+
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
         kernels::to_f16(bytemuck::cast_slice(acc), out)
     }
@@ -100,36 +115,51 @@ impl Codec for Bf16 {
     fn id(&self) -> CodecId {
         CodecId::BF16
     }
+
     fn name(&self) -> &'static str {
         "bf16"
     }
+
     fn wire_bytes(&self) -> usize {
         2
     }
+
     fn block_scaled(&self) -> bool {
         false
     }
+
     fn unit_roundoff(&self) -> f64 {
         2f64.powi(-8)
     }
+
     fn underflow(&self) -> f64 {
         2f64.powi(-134)
     }
+}
+
+impl WorkerCodec for Bf16 {
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]) {
         kernels::to_bf16(src, scale.dither, out)
     }
+
     fn decode(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         kernels::from_bf16(src, out)
     }
+
     fn decode_around_cache(&self, src: &[u8], _scale: Scale, out: &mut [f32]) {
         stream::decode_around_cache(Wire::Bf16, src, out)
     }
+}
+
+impl AggregatorCodec for Bf16 {
     fn sum_first(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::from_bf16(payload, bytemuck::cast_slice_mut(acc))
     }
+
     fn sum_add(&self, acc: &mut [u32], _world: u16, payload: &[u8]) {
         kernels::add_bf16(acc, payload)
     }
+
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
         kernels::to_bf16(bytemuck::cast_slice(acc), None, out)
     }

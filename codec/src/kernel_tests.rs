@@ -7,7 +7,7 @@
 use half::f16;
 
 use super::fixed::{Fixed, Room, I8};
-use super::{kernels, uniform, Codec, CodecId, F16};
+use super::{kernels, uniform, AggregatorCodec, Codec, CodecId, F16};
 
 /// Lengths around the vector widths (8 f16 lanes, 16 or 32 i16 lanes, 64 unrolled)
 /// and the blocks of 256 elements between two prefetches.

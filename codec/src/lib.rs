@@ -86,8 +86,11 @@ pub struct Scale {
     pub dither: Option<u64>,
 }
 
-/// A gradient encoding. Implementations are stateless and shared (`&'static`).
-pub trait Codec: Send + Sync + fmt::Debug {
+/// A gradient encoding: what it is on the wire and how precise, which both sides
+/// need. Implementations are stateless and shared (`&'static`). A codec is also each
+/// caller's half: [`WorkerCodec`] (quantize and restore a tensor's values) and
+/// [`AggregatorCodec`] (sum contributions in a slot's lanes).
+pub trait Codec: WorkerCodec + AggregatorCodec + Send + Sync + fmt::Debug {
     /// The codec's number on the wire.
     fn id(&self) -> CodecId;
     /// The codec's name on the command line (`f32`, `i32`, ...).
@@ -98,17 +101,6 @@ pub trait Codec: Send + Sync + fmt::Debug {
     /// shared by the ranks through the exponent lookahead, or each rank's own where
     /// the codec aligns them ([`Codec::aligns_exponents`]).
     fn block_scaled(&self) -> bool;
-    /// Whether encoding is a byte copy of the f32s (f32 on a little-endian host), so
-    /// that a contribution can go to the kernel straight from the tensor.
-    fn wire_is_native_f32(&self) -> bool {
-        false
-    }
-    /// Whether a sum's wire form is its 32-bit lanes as they lie in memory (f32 and
-    /// i32 on a little-endian host): the aggregator then sends results straight from
-    /// the lanes and keeps no copy.
-    fn result_is_lanes(&self) -> bool {
-        false
-    }
     /// The largest world size the codec supports (headroom for the sum).
     fn max_world(&self) -> u16 {
         u16::MAX
@@ -140,15 +132,44 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn underflow(&self) -> f64 {
         0.0
     }
+    /// Whether each rank quantizes a chunk at its own block exponent, which its packet
+    /// carries as `scale_exp`, and the aggregator aligns the contributions
+    /// ([`AggregatorCodec::sum_at`]), instead of all ranks sharing one through the lookahead. A
+    /// worker then reads each chunk once, while it is in cache, not once for the
+    /// lookahead and again a window later (see the `fixed` module).
+    fn aligns_exponents(&self) -> bool {
+        false
+    }
+}
+
+/// A codec as a worker uses it: values into a contribution's payload and a result's
+/// payload back into values.
+pub trait WorkerCodec {
+    /// Whether encoding is a byte copy of the f32s (f32 on a little-endian host), so
+    /// that a contribution can go to the kernel straight from the tensor.
+    fn wire_is_native_f32(&self) -> bool {
+        false
+    }
     /// Quantizes `src` into `out`, which holds exactly `src.len() * wire_bytes()` bytes.
     fn encode(&self, src: &[f32], scale: Scale, out: &mut [u8]);
     /// Turns a payload back into values; `out.len() * wire_bytes() == src.len()`.
     fn decode(&self, src: &[u8], scale: Scale, out: &mut [f32]);
-    /// [`Codec::decode`] into a tensor too large to stay in cache: the same values,
+    /// [`WorkerCodec::decode`] into a tensor too large to stay in cache: the same values,
     /// written around the caches where the CPU can ([`stream`]), so that `out` is not
     /// read before it is written.
     fn decode_around_cache(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
         self.decode(src, scale, out)
+    }
+}
+
+/// A codec as an aggregator uses it: contributions summed into a slot's `u32` lanes,
+/// the sum written at the wire width.
+pub trait AggregatorCodec {
+    /// Whether a sum's wire form is its 32-bit lanes as they lie in memory (f32 and
+    /// i32 on a little-endian host): the aggregator then sends results straight from
+    /// the lanes and keeps no copy.
+    fn result_is_lanes(&self) -> bool {
+        false
     }
     /// Aggregator: the first contribution to a slot initializes its lanes. `acc` holds
     /// one `u32` per element; `world` is the job's world size, the same in every call
@@ -160,29 +181,21 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn sum_add(&self, acc: &mut [u32], world: u16, payload: &[u8]);
     /// Aggregator: writes the finished sum of `world` contributions at the wire width.
     fn sum_store(&self, acc: &[u32], world: u16, out: &mut [u8]);
-    /// Whether each rank quantizes a chunk at its own block exponent, which its packet
-    /// carries as `scale_exp`, and the aggregator aligns the contributions
-    /// ([`Codec::sum_at`]), instead of all ranks sharing one through the lookahead. A
-    /// worker then reads each chunk once, while it is in cache, not once for the
-    /// lookahead and again a window later (see the `fixed` module).
-    fn aligns_exponents(&self) -> bool {
-        false
-    }
     /// Aggregator: adds a contribution quantized at block exponent `e` (the packet's
     /// `scale_exp`) to lanes whose exponents are `at` (the first contribution, with
     /// `first`, sets them). Codecs that do not align exponents ignore both and do
-    /// [`Codec::sum_first`] or [`Codec::sum_add`].
+    /// [`AggregatorCodec::sum_first`] or [`AggregatorCodec::sum_add`].
     fn sum_at(&self, acc: &mut [u32], world: u16, at: &mut Alignment, e: i8, payload: &[u8]) {
         let _ = e;
         sum_in_turn(self, acc, world, at, payload)
     }
-    /// Aggregator: [`Codec::sum_store`] for lanes summed by [`Codec::sum_at`]; the
+    /// Aggregator: [`AggregatorCodec::sum_store`] for lanes summed by [`AggregatorCodec::sum_at`]; the
     /// result's block exponent is `at.top` for codecs that align exponents.
     fn store_at(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {
         let _ = at;
         self.sum_store(acc, world, out)
     }
-    /// Aggregator: whether [`Codec::sum_store_all`] may sum a world of `world` ranks'
+    /// Aggregator: whether [`AggregatorCodec::sum_store_all`] may sum a world of `world` ranks'
     /// contributions (up to [`MAX_AT_ONCE`]): a slot then holds them as they come,
     /// and sums them when the last does.
     fn sums_all_at_once(&self, world: u16) -> bool {
@@ -191,10 +204,10 @@ pub trait Codec: Send + Sync + fmt::Debug {
     }
     /// Aggregator: one exponent block of every contribution to a chunk at once
     /// (`payloads[k]` quantized at block exponent `exps[k]`), summed and written as
-    /// [`Codec::store_at`] writes the lanes that [`Codec::sum_at`] leaves after the
+    /// [`AggregatorCodec::store_at`] writes the lanes that [`AggregatorCodec::sum_at`] leaves after the
     /// same contributions, in any order; returns the alignment it leaves. One pass,
     /// where summing in turn reads and writes a slot's lanes once per contribution.
-    /// `None` where the codec cannot ([`Codec::sums_all_at_once`]), or where the
+    /// `None` where the codec cannot ([`AggregatorCodec::sums_all_at_once`]), or where the
     /// exponents spread so far that the sum in turn would leave its narrow lanes and
     /// depend on the order: `out` must then be written by summing in turn.
     fn sum_store_all(
@@ -209,15 +222,15 @@ pub trait Codec: Send + Sync + fmt::Debug {
     }
 }
 
-/// The most contributions [`Codec::sum_store_all`] sums at once: what a slot's lanes
+/// The most contributions [`AggregatorCodec::sum_store_all`] sums at once: what a slot's lanes
 /// hold of a chunk's payloads, as they came, before the last (a version's 4-byte lanes
 /// hold three i8 payloads of one byte per element and their exponents; four do not
 /// fit).
 pub const MAX_AT_ONCE: usize = 4;
 
-/// [`Codec::sum_at`] without aligning: the first contribution sets the lanes
-/// ([`Codec::sum_first`]), the others add ([`Codec::sum_add`]).
-fn sum_in_turn<C: Codec + ?Sized>(
+/// [`AggregatorCodec::sum_at`] without aligning: the first contribution sets the lanes
+/// ([`AggregatorCodec::sum_first`]), the others add ([`AggregatorCodec::sum_add`]).
+fn sum_in_turn<C: AggregatorCodec + ?Sized>(
     codec: &C,
     acc: &mut [u32],
     world: u16,
@@ -232,7 +245,7 @@ fn sum_in_turn<C: Codec + ?Sized>(
     }
 }
 
-/// The exponents of a slot's lanes under [`Codec::sum_at`]: the lanes count units of
+/// The exponents of a slot's lanes under [`AggregatorCodec::sum_at`]: the lanes count units of
 /// the scale of block exponent `unit`, and `top` is the largest exponent of the
 /// contributions so far, the result's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,7 +351,7 @@ pub fn block_range(b: usize, count: usize, blocks: usize) -> std::ops::Range<usi
 
 /// Aggregator: adds a payload of `lanes.len()` elements, quantized at block exponents
 /// starting with `first` (the header's), to lanes aligned as `at` says, block by block
-/// ([`Codec::sum_at`]).
+/// ([`AggregatorCodec::sum_at`]).
 #[inline]
 pub fn sum_blocks(
     codec: &dyn Codec,

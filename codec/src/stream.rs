@@ -6,11 +6,11 @@
 //! `inagg worker`, four ranks on two cores, 16 Mi elements, the builds in turn: bf16
 //! 3-8% faster, f16 6-7%, i8 1-6% (README, "Decoding around the cache"). Not every
 //! codec gains: f32 was 4-6% slower, i32 1-3% and i16 level to 4% (their
-//! `Codec::decode_around_cache` is their plain decode). The stores leave the tensor
+//! `WorkerCodec::decode_around_cache` is their plain decode). The stores leave the tensor
 //! out of cache, so they suit only tensors that would not stay there anyway: the
 //! worker streams from [`STREAM_MIN_BYTES`] up.
 //!
-//! Every decode here gives the bits of [`Codec::decode`](super::Codec::decode) (the
+//! Every decode here gives the bits of [`WorkerCodec::decode`](super::WorkerCodec::decode) (the
 //! same conversions, eight elements at a time); the ends of `out` outside whole
 //! 64-byte lines are stored around the caches one element at a time (`movnti`),
 //! since those lines are shared with neighbouring chunks or exponent blocks that are

@@ -1,5 +1,5 @@
 //! A slot pool that holds `i8` contributions and sums them when the last comes
-//! (`Codec::sum_store_all`) against one that sums them in turn: the same outcomes and
+//! (`AggregatorCodec::sum_store_all`) against one that sums them in turn: the same outcomes and
 //! the same result bytes, whatever the exponents (within the narrow lanes' span, beyond
 //! it, missing), the arrival order, the duplicates and the chunk's length.
 

@@ -18,7 +18,7 @@
 //! The per-version bookkeeping ([`SlotMeta`], a few bytes) is left out, as a switch
 //! keeps it in registers beside its SRAM.
 //!
-//! Where the codec sums a chunk's contributions all at once ([`Codec::sum_store_all`]:
+//! Where the codec sums a chunk's contributions all at once ([`AggregatorCodec::sum_store_all`]:
 //! `i8` up to four ranks), a version's lanes hold the contributions before the last
 //! as they came, each with its exponent, and the last sums them all and stores the
 //! result in one pass, without lanes. Four ranks of 16 Mi elements, whose aggregator
@@ -118,7 +118,7 @@ pub fn slot_bytes(chunk: usize, kept: usize, world: u16) -> usize {
 
 /// Bytes of the result a slot keeps for a chunk of `chunk` elements of `codec`: its
 /// payload ([`codec::payload_bytes`]), or 0 where the lanes are the result
-/// ([`Codec::result_is_lanes`]).
+/// ([`codec::AggregatorCodec::result_is_lanes`]).
 pub fn kept_bytes(codec: &dyn Codec, chunk: usize) -> usize {
     if codec.result_is_lanes() {
         0
@@ -265,7 +265,7 @@ impl SlotPool {
     }
 
     /// Sums the contributions version `i` holds and the last one (`h`, `payload`) into
-    /// its result, block by block: all at once ([`Codec::sum_store_all`]), or, for a
+    /// its result, block by block: all at once ([`AggregatorCodec::sum_store_all`]), or, for a
     /// block whose exponents spread too far, in turn in the order they came, as the
     /// lanes would have. Returns the blocks' alignments.
     fn finish_held(

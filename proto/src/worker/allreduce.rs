@@ -440,7 +440,7 @@ impl Allreduce {
     /// Appends the next packet to send (a retransmission first, then a new one within
     /// `window`) to `buf`, header then payload; `None` when nothing is due. With
     /// `payloads`, the payload does not follow the header in `buf`: one that is a byte
-    /// copy of `data` (see [`crate::codec::Codec::wire_is_native_f32`]) is left there,
+    /// copy of `data` (see [`crate::codec::WorkerCodec::wire_is_native_f32`]) is left there,
     /// and [`Tail::Data`] says which elements follow the header; any other goes into
     /// `payloads`, at a place of its own per slot, which it only grows, and
     /// [`Tail::Encoded`] says where. (A slot's place is free again by the time its

@@ -48,19 +48,19 @@ pub struct WorkerConfig {
     pub stochastic_rounding: Option<u64>,
     /// Chunks that are zero on every rank travel as headers only.
     pub skip_zeros: bool,
-    /// Ask for results sent to a group ([`Join::groups`]): the driver can join the
-    /// group a grant names ([`Grant::group`]) before the first allreduce. Off by
+    /// Ask for results sent to a group ([`Join::groups`](crate::wire::Join::groups)): the driver can join the
+    /// group a grant names ([`Grant::group`](crate::wire::Grant::group)) before the first allreduce. Off by
     /// default; the UDP driver turns it on toward a loopback aggregator.
     pub groups: bool,
-    /// This session's join nonce ([`Join::nonce`]): grants and errors without it are
+    /// This session's join nonce ([`Join::nonce`](crate::wire::Join::nonce)): grants and errors without it are
     /// dropped. Drivers draw it from the operating system's randomness; a guessable
     /// nonce lets anyone who can send from the aggregator's address fail the rank.
     pub nonce: u64,
-    /// Allreduces this rank completed in the job before this session ([`Join::completed`]):
+    /// Allreduces this rank completed in the job before this session ([`Join::completed`](crate::wire::Join::completed)):
     /// 0, or after a failover the count from the session before.
     pub completed: u64,
     /// The aggregator's admission key, if it has one: every join proves it
-    /// ([`Join::prove`]).
+    /// ([`Join::prove`](crate::wire::Join::prove)).
     pub admission_key: Option<Vec<u8>>,
 }
 
