@@ -1,5 +1,6 @@
 //! Child processes of the commands that start others (`bench`, `demo`, `sweep`): each
-//! one ends with its parent, however the parent ends.
+//! one ends with its parent, however the parent ends. The integration tests supervise
+//! the processes they start with the same [`Proc`] (`tests/common`).
 //!
 //! - Normal return or error: [`Proc`]'s `Drop` stops the child (SIGTERM, then SIGKILL
 //!   after [`GRACE`]).
@@ -39,7 +40,6 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` as a child that ends with this process.
     pub fn spawn(cmd: &mut Command, name: impl Into<String>) -> Result<Proc> {
-        let name = name.into();
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and calls only
         // prctl(2) and getppid(2), which are async-signal-safe.
@@ -55,12 +55,28 @@ impl Proc {
                 Ok(())
             });
         }
+        Self::spawn_unlinked(cmd, name)
+    }
+
+    /// Spawns `cmd` as a child that is stopped when dropped or when a signal ends this
+    /// process ([`stop_on_signals`]), but not by the kernel when the spawning thread
+    /// ends: for tests, whose threads hand children to each other.
+    pub fn spawn_unlinked(cmd: &mut Command, name: impl Into<String>) -> Result<Proc> {
+        let name = name.into();
         let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         let child = cmd
             .spawn()
             .with_context(|| format!("starting the {name}"))?;
         live.push(child.id());
         Ok(Proc { child, name })
+    }
+
+    /// Kills the child at once (SIGKILL) and reaps it.
+    #[allow(dead_code)] // The integration tests' (tests/common).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        forget(self.child.id());
     }
 
     /// Stops the child (SIGTERM, then SIGKILL after [`GRACE`]) and reaps it.

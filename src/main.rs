@@ -8,6 +8,7 @@ mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
 mod harness;
+mod job;
 mod metrics;
 mod peers;
 mod plot;

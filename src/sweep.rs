@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
+use crate::args::Transport;
 use crate::args::Tuning;
-use crate::bench::{self, Row, Transport};
+use crate::job::{self, JobSpec, Row};
 use crate::plot::{self, Series, Style};
 
 /// Flags of `inagg sweep`.
@@ -60,7 +61,7 @@ pub fn run(a: &Args) -> Result<()> {
     for &workers in &a.workers {
         for &chunk in &chunks {
             for c in &a.codec {
-                let b = bench::Args {
+                let b = JobSpec {
                     workers,
                     elements: a.elements,
                     codec: vec![*c],
@@ -96,9 +97,9 @@ pub fn run(a: &Args) -> Result<()> {
                     failover_standby: false,
                     standby: None,
                 };
-                let reports = bench::run_job(&b, &[addr], job, c.name())?;
+                let reports = job::run_job(&b, &[addr], job, c.name())?;
                 job += 1;
-                let r = bench::row(&b, c.name(), &[reports]);
+                let r = job::row(&b, c.name(), &[reports]);
                 eprintln!(
                     "sweep: N={workers} {c} chunk {}: {:.3e} ATE/s, rel l2 {:.2e}",
                     r.chunk_elements, r.ate_per_s, r.rel_l2_err
@@ -109,7 +110,7 @@ pub fn run(a: &Args) -> Result<()> {
     }
     agg.terminate();
     let csv_path = a.out.join("sweep.csv");
-    bench::write_csv(&csv_path, &rows)?;
+    job::write_csv(&csv_path, &rows)?;
     plots(a, &rows)?;
     println!(
         "{:<4} {:<6} {:>6} {:>12} {:>10} {:>10}",

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,12 +15,30 @@ pub fn inagg() -> Command {
     c
 }
 
-/// A child process, killed when dropped.
+#[path = "../../src/children.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod children;
+
+/// A child process, killed when dropped: the binary's process supervision
+/// (`src/children.rs`), with its output collected where asked.
 pub struct Proc {
-    pub child: Child,
+    proc: children::Proc,
     /// Threads reading all of stdout and of stderr, from [`Proc::spawn_collected`].
     out: Option<JoinHandle<String>>,
     err: Option<JoinHandle<String>>,
+}
+
+impl std::ops::Deref for Proc {
+    type Target = children::Proc;
+    fn deref(&self) -> &children::Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut children::Proc {
+        &mut self.proc
+    }
 }
 
 /// Reads all of a child's output on a thread of its own, kept for later.
@@ -39,13 +57,10 @@ impl Proc {
     /// first lines as they come; a child that writes more than a pipe holds then
     /// blocks until someone reads.
     pub fn spawn(mut cmd: Command) -> Proc {
-        let child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn inagg");
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let proc = children::Proc::spawn_unlinked(&mut cmd, "inagg").expect("spawn inagg");
         Proc {
-            child,
+            proc,
             out: None,
             err: None,
         }
@@ -115,8 +130,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 }
 
