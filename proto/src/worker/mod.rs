@@ -27,6 +27,7 @@ mod cwnd;
 mod dropped;
 mod error;
 mod rtt;
+mod timers;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ pub use config::WorkerConfig;
 pub use dropped::{DropReason, Dropped};
 pub use error::{ConfigError, WorkerError};
 pub use rtt::RttEstimator;
+use timers::{Timer, TimerTable};
 
 use crate::codec::Codec;
 use crate::wire::{self, Control, ErrorCode, Grant, Join, Message};
@@ -686,83 +688,88 @@ impl Worker {
 
     /// When [`Worker::handle_timeout`] should be called next.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let hb = self.config.heartbeat_interval;
-        let quiet = (self.last_sent + hb).min((self.last_heard + hb).max(self.last_sent + hb / 2));
-        let silent = self.last_heard + self.config.aggregator_timeout;
-        match &mut self.state {
-            State::Joining { since, next_join } => {
-                Some((*next_join).min(*since + self.config.join_timeout))
-            }
-            State::Ready => Some(quiet.min(silent)),
-            State::Regranting { since, next, .. } => Some(
-                quiet
-                    .min(silent)
-                    .min(*next)
-                    .min(*since + self.config.progress_timeout),
-            ),
-            State::Running(op) => {
-                let t = quiet
-                    .min(silent)
-                    .min(op.last_progress + self.config.progress_timeout);
-                Some(op.poll_timeout().map_or(t, |r| r.min(t)))
-            }
-            State::Closing { next, .. } => Some(*next),
-            State::Failed(_) | State::Closed => None,
-        }
+        self.timers().next()
     }
 
-    /// Handles every deadline that has passed: join retries and timeout, heartbeats,
-    /// retransmissions, a silent aggregator.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let hb = self.config.heartbeat_interval;
+    /// Every deadline the state has now ([`Timer`]).
+    fn timers(&mut self) -> TimerTable {
+        let c = &self.config;
+        let mut t = TimerTable::default();
+        let hb = c.heartbeat_interval;
+        let quiet = (self.last_sent + hb).min((self.last_heard + hb).max(self.last_sent + hb / 2));
+        let live = |t: &mut TimerTable| {
+            t.set(Timer::Heartbeat, quiet);
+            t.set(Timer::Silence, self.last_heard + c.aggregator_timeout);
+        };
         match &mut self.state {
-            State::Joining { since, .. } => {
-                if now >= *since + self.config.join_timeout {
-                    let t = self.config.join_timeout;
-                    self.fail(WorkerError::JoinTimeout(t));
-                }
-                return;
+            State::Joining { since, next_join } => {
+                t.set(Timer::JoinRetry, *next_join);
+                t.set(Timer::JoinTimeout, *since + c.join_timeout);
+            }
+            State::Ready => live(&mut t),
+            State::Regranting { since, next, .. } => {
+                live(&mut t);
+                t.set(Timer::RegrantRetry, *next);
+                t.set(Timer::Progress, *since + c.progress_timeout);
             }
             State::Running(op) => {
-                if now.saturating_duration_since(op.last_progress) >= self.config.progress_timeout {
+                live(&mut t);
+                t.set(Timer::Progress, op.last_progress + c.progress_timeout);
+                if let Some(r) = op.poll_timeout() {
+                    t.set(Timer::Retransmit, r);
+                }
+            }
+            State::Closing { next, .. } => t.set(Timer::Leave, *next),
+            State::Failed(_) | State::Closed => {}
+        }
+        t
+    }
+
+    /// Handles every deadline that has passed ([`Timer`]): join and progress
+    /// timeouts, retransmissions, a silent aggregator, heartbeats, the end of leaving.
+    /// Joins and re-grant requests go out from `poll_transmit` when due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due = self.timers();
+        for timer in Timer::ALL {
+            if !due.expired(timer, now) {
+                continue;
+            }
+            match timer {
+                Timer::JoinTimeout => {
+                    let t = self.config.join_timeout;
+                    return self.fail(WorkerError::JoinTimeout(t));
+                }
+                // Every rank must reach the next chunk (or the re-grant's boundary);
+                // one that never does stalls the job.
+                Timer::Progress => {
                     let t = self.config.progress_timeout;
                     return self.fail(WorkerError::Stalled(t));
                 }
-                op.handle_timeout(now);
-                if let Some(lost) = op.take_loss() {
-                    if self.config.congestion_control {
-                        self.cwnd.on_loss(lost, op.next_seq());
+                Timer::Retransmit => {
+                    if let State::Running(op) = &mut self.state {
+                        op.handle_timeout(now);
+                        if let Some(lost) = op.take_loss() {
+                            if self.config.congestion_control {
+                                self.cwnd.on_loss(lost, op.next_seq());
+                            }
+                        }
                     }
                 }
-            }
-            State::Regranting { since, .. } => {
-                // Every rank must reach the boundary; one that never does stalls the job.
-                if now.saturating_duration_since(*since) >= self.config.progress_timeout {
-                    let t = self.config.progress_timeout;
-                    return self.fail(WorkerError::Stalled(t));
+                Timer::Silence => {
+                    let t = self.config.aggregator_timeout;
+                    return self.fail(WorkerError::AggregatorSilent(t));
                 }
-            }
-            State::Ready => {}
-            State::Closing { sent, next } => {
-                // No echo after the last try: the aggregator will time the rank out.
-                if *sent >= LEAVE_TRIES && *next <= now {
-                    self.state = State::Closed;
+                // Keep the aggregator hearing from this rank, and ask it to answer
+                // when it has been quiet (a heartbeat is always echoed).
+                Timer::Heartbeat => self.heartbeat_due = true,
+                Timer::Leave => {
+                    // No echo after the last try: the aggregator will time the rank out.
+                    if matches!(self.state, State::Closing { sent, .. } if sent >= LEAVE_TRIES) {
+                        self.state = State::Closed;
+                    }
                 }
-                return;
+                Timer::JoinRetry | Timer::RegrantRetry => {}
             }
-            _ => return,
-        }
-        if now.saturating_duration_since(self.last_heard) >= self.config.aggregator_timeout {
-            let t = self.config.aggregator_timeout;
-            return self.fail(WorkerError::AggregatorSilent(t));
-        }
-        // Keep the aggregator hearing from this rank, and ask it to answer when it has
-        // been quiet (a heartbeat is always echoed).
-        if now.saturating_duration_since(self.last_sent) >= hb
-            || now.saturating_duration_since(self.last_heard) >= hb
-                && now.saturating_duration_since(self.last_sent) >= hb / 2
-        {
-            self.heartbeat_due = true;
         }
     }
 
