@@ -22,11 +22,10 @@
 //!   stream the tensor through one chunk-sized buffer (the memcpy too); the sum adds a
 //!   whole tensor of payload, packet by packet, into as many lanes: its worst case.
 //!
-//! In between, ratios measure where the caches' edges fall: at 1 Mi elements and with
-//! whole-tensor buffers (how this bench ran before) i8's memcpy moved 2 MiB and stayed
-//! in a 2 MiB L2 while the i8 sum's 3 MiB did not (0.34x, against about 0.6x at either
-//! size here); at 16 Mi the 2-byte codecs' 64 MiB memcpy still ran from the last-level
-//! cache at twice the bandwidth of f32's 128 MiB.
+//! In between, ratios measure where the caches' edges fall, not the kernels: a memcpy
+//! that stays in a cache level its kernel has left makes the kernel look slow, and one
+//! that fits the last-level cache where f32's does not makes the narrow codecs look
+//! fast (docs/performance.md, "Codec bench sizes").
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -10,6 +10,7 @@
 # (MPI's daemons start in the worker namespaces through scripts/peers/netns-rsh) and
 # adds, for inagg, the fraction of the line-rate bound reached. --aggregator-threads
 # runs inagg's aggregator as T shards (`inagg aggregator --threads T`); default 1.
+# INAGG_BIN=PATH uses that inagg binary instead of building this tree.
 # Installs Debian's python3-torch, openmpi-bin and python3-mpi4py if missing; uses
 # Debian's interpreter, /usr/bin/python3.
 set -euo pipefail
@@ -40,8 +41,14 @@ if ! "$PY" -c "import torch, mpi4py" 2>/dev/null || ! command -v mpirun >/dev/nu
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         python3-torch openmpi-bin python3-mpi4py >/dev/null
 fi
-cargo build --release --quiet
-BIN="$PWD/target/release/inagg"
+# INAGG_BIN: an inagg binary to compare instead of this tree's release build (to
+# alternate two builds in the same minutes).
+if [ -n "${INAGG_BIN:-}" ]; then
+    BIN="$INAGG_BIN"
+else
+    cargo build --release --quiet
+    BIN="$PWD/target/release/inagg"
+fi
 mkdir -p "$OUT"
 results="$OUT/results.jsonl"
 : >"$results"

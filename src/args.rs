@@ -88,7 +88,7 @@ impl TrustArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuicMode {
-    /// One reliable stream, any chunk size (the faster here; see the README).
+    /// One reliable stream, any chunk size (the faster; see docs/performance.md).
     #[default]
     Stream,
     /// One QUIC datagram per message; chunks shrink to fit the path's datagrams.

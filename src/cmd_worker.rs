@@ -163,7 +163,8 @@ pub fn run(a: &Args) -> Result<()> {
     let started = std::time::Instant::now();
     // The first timed result of a fixed-point codec, which every later one must
     // equal bit for bit (compared in one vectorized pass: a per-element hash here
-    // took 90 ms per 16 Mi elements, and its CPU time slowed the other ranks).
+    // took about as long as an allreduce, and its CPU time slowed the other ranks;
+    // docs/performance.md, "Checking results in the bench").
     let mut first: Option<Vec<f32>> = None;
     // Every rank's tensor, for the check against the exact sum.
     let inputs = || -> Vec<Vec<f32>> {

@@ -4,6 +4,7 @@ mod admission;
 mod args;
 mod bench;
 mod children;
+mod cli_doc;
 mod cmd_aggregator;
 mod cmd_worker;
 mod demo;
@@ -21,7 +22,7 @@ mod tensor;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// In-network gradient aggregation in software.
 #[derive(Debug, Parser)]
@@ -54,6 +55,9 @@ enum Command {
     Relay(relay::Args),
     /// Run an allreduce in the deterministic in-memory simulator (no sockets).
     Simulate(simulate::Args),
+    /// Print the command-line reference (docs/cli.md) as Markdown.
+    #[command(hide = true)]
+    CliReference,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +89,10 @@ fn main() -> ExitCode {
         Command::Relay(a) => relay::run(a),
         Command::PeersReport(a) => peers::run(a),
         Command::Simulate(a) => simulate::run(a),
+        Command::CliReference => {
+            print!("{}", cli_doc::markdown(&Cli::command()));
+            Ok(())
+        }
     };
     children::await_signal_exit();
     match result {

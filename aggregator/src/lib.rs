@@ -16,6 +16,8 @@
 //! println!("{} datagrams", stats.packets_received);
 //! ```
 
+#![warn(missing_docs)]
+
 mod memory;
 mod server;
 mod shards;

@@ -56,16 +56,13 @@ pub const DEFAULT_MAX_JOB_MEMORY: usize = DEFAULT_SLOT_MEMORY / 64;
 /// An aggregator that sleeps as soon as its queue runs dry must be woken by the next
 /// contribution: the sending rank pays for the wakeup inside its `sendmmsg` (an
 /// inter-processor interrupt, dear in a virtual machine), and the aggregator a context
-/// switch. On two cores shared with four ranks it slept about 320 times per i8
-/// allreduce of 16 Mi elements (`perf record -e sched:sched_switch`), and the wakeups
-/// (`sock_def_readable`) took 22% of the ranks' time in `sendmmsg` (`perf record -e
-/// cpu-clock -g`). Yielding instead lets the ranks run and finds their datagrams
-/// there. `inagg bench --workers 4 --elements 16777216 --codec i8,f16,f32`, 0 and 64
-/// in turn, three rounds: i8 41.7/38.6/36.9 ms -> 37.7/34.6/33.2, f16
-/// 51.4/49.2/49.5 -> 49.7/48.4/46.8, f32 75.0/72.7/73.3 -> 70.8/71.5/69.5. On a host
-/// of its own a yield returns at once, so the spin is a busy poll of some tens of
-/// microseconds per wait, and where waits keep ending in sleep it settles at a few
-/// yields.
+/// switch. Where the ranks outnumber the cores it sleeps hundreds of times per
+/// allreduce, and those wakeups are a large part of the ranks' time in `sendmmsg`.
+/// Yielding instead lets the ranks run and finds their datagrams there, which made
+/// allreduces faster for every codec measured (docs/performance.md, "Yielding before
+/// sleeping"). On a host of its own a yield returns at once, so the spin is a busy
+/// poll of some tens of microseconds per wait, and where waits keep ending in sleep it
+/// settles at a few yields.
 pub const DEFAULT_YIELDS_BEFORE_SLEEP: u32 = 64;
 
 /// How long a stopping server keeps answering retransmissions of completed chunks

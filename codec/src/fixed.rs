@@ -29,12 +29,12 @@
 //!   more up to 256 ranks; within `15 - p - ceil(log2 N)` the sum stays in 16-bit
 //!   lanes), and rounds the sum once to the largest exponent's scale, widened by
 //!   `ceil(log2 N)` bits. A switch cannot shift each packet by its own amount, hence
-//!   SwitchML's shared exponent; a software aggregator can, and on a 2-core host that
-//!   saved the worker's second read of the tensor: four ranks of 16 Mi elements took
-//!   44-45 ms instead of 49-50 per allreduce (README, Performance). It is also more
-//!   precise: a rank whose values are small keeps its own bits
-//!   (`aligning_exponents_beats_sharing_one_where_ranks_differ`). `i16`'s 32-bit lanes
-//!   have no such spare bits at large worlds, and `i32`'s none at all.
+//!   SwitchML's shared exponent; a software aggregator can, and that saves the
+//!   worker's second read of the tensor, which on a host with few cores is a large
+//!   part of an allreduce's time (docs/performance.md, "Aligning exponents in the
+//!   aggregator"). It is also more precise: a rank whose values are small keeps its own
+//!   bits (`aligning_exponents_beats_sharing_one_where_ranks_differ`). `i16`'s 32-bit
+//!   lanes have no such spare bits at large worlds, and `i32`'s none at all.
 //!
 //! Integer sums do not depend on the order in which contributions arrive, so a job's
 //! results repeat bit for bit; for `i8` that holds while a chunk's exponents lie within
@@ -307,8 +307,9 @@ impl WorkerCodec for Fixed {
         kernels::dequantize(src, pow2(-scale.shift), out, self.wire_bytes())
     }
 
-    /// Around the cache for i8 only: four ranks of 16 Mi elements gained 1-6% in four
-    /// rounds, where i16 was level to 4% slower and i32 1-3% slower (`stream`).
+    /// Around the cache for i8 only: streaming i8 results made allreduces faster, where
+    /// i16 and i32, whose results are wider, gained nothing or lost (`stream`;
+    /// docs/performance.md, "Decoding around the cache").
     fn decode_around_cache(&self, src: &[u8], scale: Scale, out: &mut [f32]) {
         if self.wire_bytes() != 1 {
             return self.decode(src, scale, out);

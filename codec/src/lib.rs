@@ -32,6 +32,8 @@
 //! anything, as inagg first did, cost a whole extra pass over the tensor before the
 //! first packet and left the other ranks waiting until their progress timeout.)
 
+#![warn(missing_docs)]
+
 mod fixed;
 mod float;
 mod half16;
@@ -275,12 +277,11 @@ impl Alignment {
 /// ([`Codec::aligns_exponents`]): a longer chunk is quantized block by block, each at
 /// its own exponent. The header's `scale_exp` is the first block's; the others follow
 /// the payload's data, one byte each ([`payload_bytes`]). A chunk's precision so stays
-/// that of 8 Ki-element chunks (i8 at N = 4: relative L2 error 1.5e-2, against 2.3e-2
-/// with one exponent for 32 Ki elements), while a loopback chunk may take a whole
-/// datagram like the other codecs' (57,344 elements, seven blocks): four ranks of 16 Mi
-/// elements took 7-10% less time per allreduce with 32-56 Ki-element chunks than with 8
-/// Ki, mostly per-datagram work (header decoding, and the decoders' ends of each
-/// chunk).
+/// that of 8 Ki-element chunks (one exponent for a longer chunk quantizes its small
+/// values more coarsely), while a loopback chunk may take a whole datagram like the
+/// other codecs' (57,344 elements, seven blocks): fewer, larger chunks save
+/// per-datagram work (header decoding, and the decoders' ends of each chunk); see
+/// docs/performance.md, "Exponents per chunk".
 pub const EXPONENT_BLOCK: usize = 8192;
 
 /// The most exponent blocks one chunk (at most `u16::MAX` elements) holds.

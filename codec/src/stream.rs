@@ -2,13 +2,13 @@
 //!
 //! A cached store to memory that is not in cache first reads the line it writes
 //! (read for ownership): decoding a 64 MiB tensor read it all, for nothing, on top of
-//! writing it. Non-temporal stores (`vmovntps`) write whole lines without reading them.
-//! `inagg worker`, four ranks on two cores, 16 Mi elements, the builds in turn: bf16
-//! 3-8% faster, f16 6-7%, i8 1-6% (README, "Decoding around the cache"). Not every
-//! codec gains: f32 was 4-6% slower, i32 1-3% and i16 level to 4% (their
-//! `WorkerCodec::decode_around_cache` is their plain decode). The stores leave the tensor
-//! out of cache, so they suit only tensors that would not stay there anyway: the
-//! worker streams from [`STREAM_MIN_BYTES`] up.
+//! writing it. Non-temporal stores (`vmovntps`) write whole lines without reading them,
+//! which made bf16, f16 and i8 allreduces of large tensors faster. Not every codec
+//! gains: f32, i32 and i16, whose results are the widest, were level or slower (their
+//! `WorkerCodec::decode_around_cache` is their plain decode); see docs/performance.md,
+//! "Decoding around the cache". The stores leave the tensor out of cache, so they suit
+//! only tensors that would not stay there anyway: the worker streams from
+//! [`STREAM_MIN_BYTES`] up.
 //!
 //! Every decode here gives the bits of [`WorkerCodec::decode`](super::WorkerCodec::decode) (the
 //! same conversions, eight elements at a time); the ends of `out` outside whole
@@ -111,9 +111,9 @@ mod x86 {
     /// exponent blocks, decoded at other times, and went through the cached kernels
     /// at first: each such line was read from memory before it was written, and those
     /// kernels' prefetches read the 2 KiB after it as well, lines that the streamed
-    /// body then wrote. With four exponent blocks per i8 chunk those ends took 1.6% of
-    /// the samples of four ranks (`perf record`, 16 Mi elements), four times what
-    /// whole chunks' ends took.
+    /// body then wrote. With several exponent blocks per i8 chunk there are that many
+    /// more ends, and they showed in profiles (docs/performance.md, "Decoding around
+    /// the cache").
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.

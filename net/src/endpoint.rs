@@ -21,12 +21,12 @@ const RECV_BUF: usize = 64 * 1024;
 /// Bytes one `recvmmsg` call aims to take. What a call receives is read back at once
 /// (summed, decoded), so it should still be in the core's L2 cache then: 32 buffers
 /// of 32 KiB datagrams (1 MiB, plus the slots or tensor they go to) were not, and
-/// taking them three at a time made f16 allreduces on loopback 15% faster and f32 10%
-/// (`inagg bench --workers 4 --elements 16777216`, README "Performance"; 64 KiB and
-/// 256-512 KiB were no better). The count of buffers follows the mean size of what
-/// the last call took: 32 for datagrams of 4 KiB and less, 3 for 32 KiB ones, 2 for
-/// loopback's 63.5 KiB ones and for 64 KiB GRO batches. A target, not a limit: the first call, and one
-/// after small datagrams, offers all 32 buffers whatever comes.
+/// taking them a few at a time made allreduces on loopback faster; smaller and larger
+/// targets were no better (docs/performance.md, "Receive batch size"). The count of
+/// buffers follows the mean size of what the last call took: 32 for datagrams of 4 KiB
+/// and less, 3 for 32 KiB ones, 2 for loopback's 63.5 KiB ones and for 64 KiB GRO
+/// batches. A target, not a limit: the first call, and one after small datagrams,
+/// offers all 32 buffers whatever comes.
 const RECV_BYTES_PER_CALL: usize = 128 * 1024;
 
 /// A bound, non-blocking UDP socket with receive buffers for one batch.

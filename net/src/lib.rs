@@ -24,6 +24,8 @@
 //!
 //! Nothing here allocates per datagram.
 
+#![warn(missing_docs)]
+
 mod batch;
 mod endpoint;
 pub mod group;

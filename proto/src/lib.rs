@@ -37,6 +37,7 @@
 //! assert_eq!(out[0], out[1]);
 //! ```
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod aggregator;

@@ -44,8 +44,11 @@ pub struct SimConfig {
 /// contributions (as ECN would) while more than `mark_bytes` wait.
 #[derive(Debug, Clone, Copy)]
 pub struct Bottleneck {
+    /// The link's rate.
     pub bytes_per_sec: f64,
+    /// The most bytes that may wait; a datagram that would queue beyond is dropped.
     pub queue_bytes: usize,
+    /// Contributions are marked while more than this many bytes wait.
     pub mark_bytes: usize,
 }
 

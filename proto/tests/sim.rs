@@ -717,9 +717,9 @@ fn jain(x: &[f64]) -> f64 {
     sum * sum / (x.len() as f64 * squares)
 }
 
-/// Without congestion control this fails: the same run gave per-job ATE/s of 1.66 M,
-/// 3.44 M and 0.61 M (Jain 0.73); with AIMD on the bottleneck's marks, 1.97 M, 2.03 M
-/// and 2.09 M (Jain 0.999), 6.08 M in all against 5.99 M for one job alone.
+/// Without congestion control this fails: the jobs' shares drift far apart; with AIMD
+/// on the bottleneck's marks they come out nearly equal, and together about the
+/// throughput of one job alone (docs/performance.md, "Congestion control").
 #[test]
 fn jobs_sharing_a_bottleneck_converge_to_fair_shares() {
     let alone = shared_bottleneck(&[(1, 120)]);

@@ -20,9 +20,11 @@
 //! (unreliable, one protocol message each, limited to the path MTU: the worker sizes
 //! its chunks to fit [`MIN_DATAGRAM`]) and one bidirectional stream per connection (reliable and
 //! ordered, each message prefixed with its length, any chunk size). Streams are the
-//! default: measured with `inagg bench --transport quic`, they carry inagg's default
-//! 4 KiB chunks and beat datagrams, which are held to about 1.1 KB per message by the
-//! initial path MTU (see the README's QUIC section for the figures).
+//! default: they carry inagg's default chunks, fewer messages that QUIC packs into
+//! full packets, and so beat datagrams, which are held to about 1.1 KB per message by
+//! the initial path MTU (docs/performance.md, "QUIC streams and datagrams").
+
+#![warn(missing_docs)]
 
 pub mod tls;
 
@@ -155,8 +157,9 @@ pub(crate) const MAX_FRAME: usize = inagg_proto::wire::MAX_DATAGRAM;
 
 /// The largest UDP payload path MTU discovery tries. Loopback could take far more, but
 /// quinn sends up to 10 packets per GSO call and the kernel refuses more than 64 KB in
-/// one call: jumbo packets (8972) made throughput collapse to under 0.1 Gbit/s in a
-/// probe here, 6000-6500 was the best. Real links stop discovery at their MTU anyway.
+/// one call, so jumbo packets made throughput collapse; this ceiling is where a probe
+/// found throughput best (docs/performance.md, "QUIC streams and datagrams"). Real
+/// links stop discovery at their MTU anyway.
 pub(crate) const MTU_CEILING: u16 = 6000;
 
 /// quinn's transport settings for inagg, both ends: buffers sized for a window of

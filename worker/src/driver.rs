@@ -236,7 +236,8 @@ impl Session {
                 if q.mode == inagg_quic::Mode::Stream {
                     // A stream loses nothing while the connection lives: a timeout
                     // means queueing behind the stream, not loss, and a resend only
-                    // adds bytes (1.5k spurious ones per i8 run at the 20 ms floor).
+                    // adds bytes (UDP's floor set off many spurious ones here;
+                    // docs/performance.md, "Retransmission timeout floor").
                     // Keep the timer, for a stalled peer, but far above queueing.
                     config.min_rto = config.min_rto.max(STREAM_MIN_RTO);
                     config.initial_rto = config.initial_rto.max(STREAM_MIN_RTO);

@@ -31,6 +31,8 @@
 //! only adds the socket and the loop. It is the layer the Python binding wraps: the
 //! blocking call takes a plain `&mut [f32]`.
 
+#![warn(missing_docs)]
+
 mod driver;
 pub mod failover;
 
@@ -100,14 +102,13 @@ pub struct Options {
 ///
 /// On a host where the ranks and the aggregator outnumber the cores, a rank that
 /// sleeps costs the aggregator a wakeup per result burst and itself a context switch;
-/// yielding lets the others run and finds the results there. `inagg bench --workers 4
-/// --elements 16777216 --yields-before-sleep Y` on two cores, Y = 0 and 16 in turn,
-/// three times: f32 111-117 ms -> 101-105, f16 90-93 -> 85-88; i8 and i16 level
-/// (five times: i8 82-90 -> 85-87, i16 99-113 -> 101-111). A fixed spin of 16 made i8
-/// 4% slower (its ranks wait on each other's quantizing, and a spin that ends in sleep
-/// is CPU lost), hence the adaptive spin of [`UdpEndpoint::set_yields_before_sleep`].
-/// On emulated 1 Gbit/s links, i8 level (144 -> 141-143 ms). Where nothing else wants
-/// the CPU, a yield returns at once: 16 cost some microseconds per wait.
+/// yielding lets the others run and finds the results there: f32 and f16 allreduces
+/// got faster on two cores, i8 and i16 stayed level. A fixed spin made i8 slower (its
+/// ranks wait on each other's quantizing, and a spin that ends in sleep is CPU lost),
+/// hence the adaptive spin of [`UdpEndpoint::set_yields_before_sleep`]. On emulated
+/// links, where the wire bounds the time, it changes nothing (docs/performance.md,
+/// "Yielding before sleeping"). Where nothing else wants the CPU, a yield returns at
+/// once: 16 cost some microseconds per wait.
 ///
 /// [`UdpEndpoint::set_yields_before_sleep`]: inagg_net::UdpEndpoint::set_yields_before_sleep
 pub const DEFAULT_YIELDS_BEFORE_SLEEP: u32 = 16;
@@ -140,21 +141,15 @@ impl Options {
 /// 8 KiB to any other.
 ///
 /// On a network, 8 KiB of payload (2048 f32 elements, 8260-byte datagrams) fits a
-/// 9000-byte jumbo frame; on 1500-byte links pass a chunk of about 1400 bytes. On
-/// emulated 1 Gbit/s links (`scripts/netlab.sh`, N = 4, 16 Mi elements) i8 reached
-/// 79% of the line-rate bound with 4 KiB chunks and 86% with 8 KiB (fewer datagrams
-/// for the kernel's veth, bridge and qdisc work on two cores); f32 stays at 98%.
+/// 9000-byte jumbo frame; on 1500-byte links pass a chunk of about 1400 bytes. 8 KiB
+/// rather than less brings emulated links closer to their line rate: fewer datagrams
+/// for the kernel's veth, bridge and qdisc work on few cores.
 /// On loopback there is no wire MTU (65,536) and the cost is all per datagram in the
-/// kernel's UDP path, so larger datagrams win: `inagg bench --workers 4 --elements
-/// 16777216` gave, for f32, 71 M ATE/s at 4 KiB x 128 slots, 112 M at 16 KiB x 64 and
-/// 120-128 M at 32 KiB x 32-64; f16 115 M -> 158 M, i8 151 M -> 172 M, i32 57 M ->
-/// 103 M (32 KiB x 32 against 4 KiB x 128). The largest datagrams won again: 65,024
-/// bytes of payload, the largest multiple of 512 that fits a UDP datagram over IPv4
-/// (65,507 bytes) with the header and i8's exponent bytes, and 16 slots to keep the
-/// same 1 MiB in flight ([`default_in_flight`]), took per allreduce 13% less time than
-/// 32 KiB x 32 for f32, 8% for f16 and bf16, 4% for i8 (three rounds of `inagg bench
-/// --workers 4 --elements 16777216` each, alternating): half the datagrams, and the
-/// kernel's CPU per i8 allreduce 29.3 ms against 35.5 (`perf record`).
+/// kernel's UDP path, so larger datagrams win: fewer, larger datagrams cost the kernel
+/// less per byte. Hence 65,024 bytes of payload, the largest multiple of 512 that fits
+/// a UDP datagram over IPv4 (65,507 bytes) with the header and i8's exponent bytes,
+/// with as many slots as keep the same 1 MiB in flight ([`default_in_flight`]); see
+/// docs/performance.md, "Chunk size and window".
 /// Every rank of a job uses the same aggregator address, so every rank picks the same
 /// chunk.
 pub fn default_chunk_bytes(aggregator: &SocketAddr) -> usize {
@@ -170,11 +165,8 @@ const LOOPBACK_CHUNK_BYTES: usize = 65_024;
 
 /// The most elements a chunk of a block-scaled codec that shares one exponent per
 /// chunk (i32, i16) has by default. Such a chunk shares one exponent, so a larger
-/// chunk quantizes its small values more coarsely:
-/// `inagg sweep --workers 4 --chunk-elements 4096,8192` and the 32 Ki default before
-/// gave i8 a relative L2 error of 1.2e-2, 1.5e-2 and 2.3e-2 (i16 4.7e-5, 6.4e-5 and
-/// 8.6e-5 at 4096, 8192, 16384), and i8 ran no faster on loopback beyond 8192
-/// (163 M ATE/s at 8192, 153 M at 32768, N = 4, with one exponent per chunk then).
+/// chunk quantizes its small values more coarsely, and beyond 8192 elements larger
+/// chunks ran no faster on loopback (docs/performance.md, "Exponents per chunk").
 /// i8, which aligns exponents, carries one per 8 Ki-element block instead
 /// ([`inagg_proto::codec::EXPONENT_BLOCK`]), so its chunks take the path's whole
 /// payload at that precision, in whole blocks: 57,344 elements on loopback, 8 Ki on a
@@ -193,8 +185,8 @@ pub fn default_chunk_elems(codec: &dyn inagg_proto::codec::Codec, aggregator: &S
     if codec.aligns_exponents() && elems > block {
         // Whole exponent blocks, so that every block starts at a multiple of 8192
         // elements of the tensor: `inagg bench`'s tensors change magnitude every 4096
-        // elements, and 65,024-element i8 chunks, whose later blocks straddle those,
-        // gave a relative L2 error of 1.64e-2 against 1.47e-2 at 57,344 (7 blocks).
+        // elements, and a block that straddles such a change quantizes the smaller
+        // side coarsely (docs/performance.md, "Exponents per chunk").
         elems -= elems % block;
     }
     u16::try_from(elems).unwrap_or(u16::MAX)
@@ -228,14 +220,13 @@ pub fn default_window(aggregator: &SocketAddr) -> u32 {
 /// bf16, and i8, which aligns exponents) as many slots as keep
 /// [`default_in_flight`] bytes in flight, from half to four times
 /// [`default_window`]. Their default chunks take the whole payload, so they ask for
-/// 16 slots on loopback (of 65,024 bytes; in `inagg bench`, 12 to 32 slots ran level;
-/// i8's 57,344-byte chunks get 18) and 64 on a network; i8 given `--chunk-elements 8192` on loopback, 128 (1 MiB),
-/// which was its default while its chunks were capped at 8 Ki elements. Then four `inagg bench
-/// --codec i8` ranks on loopback with one aggregator thread: 16 Mi elements 42.2 ms at
-/// 128 slots against 47.2 at 32, 4 Mi 14.1 against 15.1-15.6 (two rounds); with two
-/// shards level. i16 and i32 keep [`default_window`]: their window is also their
-/// exponent lookahead, which a larger one makes longer to prime (a 128-slot default
-/// cost i32 20% at 4 Mi elements).
+/// 16 slots on loopback (of 65,024 bytes; i8's 57,344-byte chunks get 18; windows
+/// somewhat smaller or larger ran level) and 64 on a network; i8 given
+/// `--chunk-elements 8192` on loopback, 128 (1 MiB), which was its default while its
+/// chunks were capped at 8 Ki elements, and beat 32 slots then. i16 and i32 keep
+/// [`default_window`]: their window is also their exponent lookahead, which a larger
+/// one makes longer to prime, a cost that smaller tensors feel (docs/performance.md,
+/// "Chunk size and window").
 pub fn default_window_for(
     codec: &dyn inagg_proto::codec::Codec,
     aggregator: &SocketAddr,

@@ -104,7 +104,8 @@ pub(crate) fn add_f16(acc: &mut [u32], src: &[u8]) {
 
 /// f32 to f16 bytes (little-endian), round to nearest even; `out` at any alignment.
 /// With F16C, eight at a time in registers: `half`'s slice conversion called a
-/// function per eight elements and was a quarter of an f16 run's samples.
+/// function per eight elements, a large share of an f16 run's profile
+/// (docs/performance.md, "Encode and decode kernels").
 pub(crate) fn to_f16(src: &[f32], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if has_v3() {

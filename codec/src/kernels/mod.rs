@@ -86,8 +86,8 @@ const AHEAD: usize = 2048;
 /// Every pass over a tensor that leaves the caches was latency-bound, not
 /// bandwidth-bound: the hardware's stream prefetcher stops at each 4 KiB page, and a
 /// loop of a dozen instructions per eight elements keeps too few misses in flight to
-/// hide the memory's latency. Reading 256 MiB into bf16 took 48-64 ms and into f16
-/// 31-54 ms; asking 2 KiB ahead, 35-44 and 30-34 (one process, four rounds).
+/// hide the memory's latency. Asking [`AHEAD`] bytes ahead made such passes faster,
+/// the longest loops (bf16's narrowing) most (docs/performance.md, "Prefetching").
 #[inline(always)]
 fn prefetch_block<T>(base: *const T, k: usize) {
     let first = base

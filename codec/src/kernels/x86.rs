@@ -97,8 +97,8 @@ const QUANT_STEP: usize = 32;
 /// the scalar loop's `q`, but clamped before it is rounded, by the conversion
 /// itself (`vcvtps2dq`, to nearest even in the default floating-point environment,
 /// which Rust assumes). The bounds are integers, so the order changes nothing, and
-/// one instruction fewer (`vroundps`) made i8's encode 13-21% faster (`cargo bench
-/// --bench codecs -- i8/encode`).
+/// one instruction fewer (`vroundps`) in this tight loop makes i8's encode measurably
+/// faster (docs/performance.md, "Encode and decode kernels").
 ///
 /// # Safety
 /// The CPU must support AVX2.

@@ -21,15 +21,15 @@
 //! Where the codec sums a chunk's contributions all at once ([`AggregatorCodec::sum_store_all`]:
 //! `i8` up to four ranks), a version's lanes hold the contributions before the last
 //! as they came, each with its exponent, and the last sums them all and stores the
-//! result in one pass, without lanes. Four ranks of 16 Mi elements, whose aggregator
-//! spent 46% of its time summing into 2 MiB of lanes that did not stay in the cache,
-//! contribution by contribution (reading and writing them four times), took 15% less
-//! aggregator time and 3-8% less per allreduce (`inagg bench --codec i8`, three
-//! rounds against the build before). Where an exponent block's
-//! exponents spread too far for that (`sum_store_all` says `None`), the block is summed
-//! in turn as before, from the held contributions in the order they came, so the
-//! result is the same bit for bit. A switch cannot hold packets; the slot memory is
-//! the same (plus one block's lanes per pool for such a block).
+//! result in one pass, without lanes. Summing contribution by contribution reads and
+//! writes the lanes once per rank, and a window's lanes do not stay in the cache, so
+//! that summing was a large part of the aggregator's time; one pass cut the
+//! aggregator's time and the allreduce's (docs/performance.md, "Summing a chunk at
+//! once"). Where an exponent block's exponents spread too far for that
+//! (`sum_store_all` says `None`), the block is summed in turn as before, from the held
+//! contributions in the order they came, so the result is the same bit for bit. A
+//! switch cannot hold packets; the slot memory is the same (plus one block's lanes per
+//! pool for such a block).
 
 use crate::codec::{self, Alignment, Codec, MAX_AT_ONCE, MAX_BLOCKS};
 use crate::wire::{DataHeader, NO_EXPONENT};

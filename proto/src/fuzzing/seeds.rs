@@ -40,8 +40,11 @@ impl Target {
 /// One seed: its harness, its file name and its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seed {
+    /// The fuzz target it seeds.
     pub target: Target,
+    /// Its file name in the target's seed folder.
     pub name: String,
+    /// Its bytes.
     pub data: Vec<u8>,
 }
 

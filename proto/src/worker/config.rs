@@ -111,8 +111,9 @@ impl WorkerConfig {
             progress_timeout: Duration::from_secs(60),
             // Loopback RTTs are tens of microseconds, but a busy host deschedules a
             // process for milliseconds: a lower bound of 20 ms keeps retransmissions
-            // for real losses (measured: 5 ms gave thousands of spurious ones per
-            // allreduce with 4 workers on 2 cores).
+            // for real losses (a floor of a few milliseconds set off many spurious
+            // ones where ranks share cores; docs/performance.md, "Retransmission
+            // timeout floor").
             initial_rto: Duration::from_millis(100),
             min_rto: Duration::from_millis(20),
             max_rto: Duration::from_secs(1),

@@ -725,9 +725,9 @@ impl Worker {
         t
     }
 
-    /// Handles every deadline that has passed ([`Timer`]): join and progress
-    /// timeouts, retransmissions, a silent aggregator, heartbeats, the end of leaving.
-    /// Joins and re-grant requests go out from `poll_transmit` when due.
+    /// Handles every deadline that has passed (the worker's timer table): join and
+    /// progress timeouts, retransmissions, a silent aggregator, heartbeats, the end of
+    /// leaving. Joins and re-grant requests go out from `poll_transmit` when due.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due = self.timers();
         for timer in Timer::ALL {
