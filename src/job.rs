@@ -164,7 +164,7 @@ pub struct Row {
 }
 
 /// Writes rows as CSV: the JSON fields in order, lists joined by `;`.
-pub fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<()> {
+pub fn write_csv<T: Serialize>(path: &std::path::Path, rows: &[T]) -> Result<()> {
     let mut w =
         csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
     for (i, r) in rows.iter().enumerate() {

@@ -28,7 +28,8 @@ pub struct Args {
         value_parser = crate::args::codec
     )]
     pub codec: Vec<crate::args::CodecArg>,
-    /// Chunk sizes in elements, comma-separated (default: 4 KiB of payload per codec).
+    /// Chunk sizes in elements, comma-separated (default: each codec's default chunk
+    /// toward a loopback aggregator, `inagg_worker::default_chunk_elems`).
     #[arg(long, value_delimiter = ',')]
     pub chunk_elements: Vec<u16>,
     /// Elements of the tensor.

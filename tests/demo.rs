@@ -294,3 +294,149 @@ fn demo_over_quic_trains_with_every_codec() {
     assert_learned(&learned(&rows));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The evaluations a row reports: `(training seconds, steps, accuracy)`.
+fn evals(r: &Value) -> Vec<(f64, u64, f64)> {
+    r["eval_accuracy"]
+        .as_array()
+        .expect("eval_accuracy is a list")
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_f64().expect("seconds"),
+                p[1].as_u64().expect("steps"),
+                p[2].as_f64().expect("accuracy"),
+            )
+        })
+        .collect()
+}
+
+/// Each row's time to accuracy is the training time of its first evaluation at or
+/// above the target, or null when none reached it.
+fn assert_time_to_accuracy(r: &Value) {
+    let target = r["target_accuracy"].as_f64().expect("a target");
+    let first = evals(r).into_iter().find(|e| e.2 >= target).map(|e| e.0);
+    assert_eq!(r["time_to_accuracy_s"].as_f64(), first, "{r}");
+}
+
+#[test]
+fn demo_evaluates_periodically_and_reports_time_to_accuracy() {
+    let dir = scratch("demo-eval");
+    let (st, out, err) = run_bounded(
+        short_demo(
+            &dir,
+            &["--codecs", "f32,i8", "--json", "--eval-every", "10"],
+        ),
+        LIMIT,
+    );
+    assert!(st.success(), "demo failed: {out}\n{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let e = evals(r);
+        // After steps 10, 20 and 30, in training time that only grows.
+        assert_eq!(
+            e.iter().map(|x| x.1).collect::<Vec<_>>(),
+            [10, 20, 30],
+            "{r}"
+        );
+        assert!(e.windows(2).all(|w| w[0].0 < w[1].0), "{r}");
+        assert!(e.iter().all(|x| (0.0..=1.0).contains(&x.2)), "{r}");
+        assert!(r["link_rate_bps"].is_null(), "{r}");
+        assert_time_to_accuracy(r);
+    }
+    // The default target: f32's last evaluation less half a point, which f32 reached.
+    let f32_last = evals(&rows[0]).last().expect("an evaluation").2;
+    let target = rows[0]["target_accuracy"].as_f64().expect("target");
+    assert!(
+        (target - (f32_last - 0.005)).abs() < 1e-12,
+        "{target} {f32_last}"
+    );
+    assert!(rows[0]["time_to_accuracy_s"].as_f64().is_some());
+    let png = std::fs::read(dir.join("accuracy_vs_time.png")).expect("accuracy_vs_time.png");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    // A target nobody reaches is reported as not reached, not as a time.
+    let (st, out, err) = run_bounded(
+        short_demo(
+            &dir,
+            &["--codecs", "f32", "--json", "--target-accuracy", "1"],
+        ),
+        LIMIT,
+    );
+    assert!(st.success(), "demo failed: {out}\n{err}");
+    let rows = json_lines(&out);
+    assert!(rows[0]["time_to_accuracy_s"].is_null(), "{}", rows[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[cfg_attr(
+    inagg_no_netns,
+    ignore = "needs CAP_NET_ADMIN and iproute2 (ip, tc) to create network namespaces"
+)]
+fn demo_trains_on_shaped_links() {
+    let dir = scratch("demo-links");
+    let (st, out, err) = run_bounded(
+        short_demo(
+            &dir,
+            &[
+                "--link-rate",
+                "200mbit",
+                "--codecs",
+                "f32,i8",
+                "--json",
+                "--steps",
+                "12",
+                "--eval-every",
+                "4",
+                "--model-parameters",
+                "20000",
+                "--batch",
+                "16",
+            ],
+        ),
+        LIMIT,
+    );
+    assert!(st.success(), "demo failed: {out}\n{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    for r in &rows {
+        assert_eq!(r["link_rate_bps"].as_f64(), Some(200e6), "{r}");
+        assert_eq!(r["replicas_identical"], true, "{r}");
+        assert!(r.get("time_to_accuracy_s").is_some(), "{r}");
+        assert_eq!(evals(r).len(), 3, "{r}");
+        assert_time_to_accuracy(r);
+        // About 20,000 parameters: two hidden layers of 124.
+        let p = r["parameters"].as_u64().expect("parameters");
+        assert!((19_000..21_000).contains(&p), "{p}");
+    }
+    let png = std::fs::read(dir.join("accuracy_vs_time.png")).expect("accuracy_vs_time.png");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    assert!(dir.join("link-200mbit").join("demo.csv").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_link_rate_without_privileges_fails_at_once() {
+    // An `ip` that refuses, as an unprivileged user's does.
+    let dir = scratch("demo-noip");
+    let fake = dir.join("ip");
+    std::fs::write(&fake, "#!/bin/sh\necho 'mount --make-shared /run/netns failed: Operation not permitted' >&2\nexit 1\n")
+        .expect("write a fake ip");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut cmd = short_demo(&dir, &["--link-rate", "1gbit"]);
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cmd.env("PATH", path);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(30));
+    assert!(!st.success(), "{out}");
+    assert!(
+        err.contains("CAP_NET_ADMIN") && err.contains("Operation not permitted"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

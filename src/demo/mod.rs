@@ -1,7 +1,15 @@
 //! `inagg demo`: local multi-process data-parallel training. One aggregator and N
 //! worker processes on 127.0.0.1 train the same MLP (candle, real autodiff) on their
 //! shards, summing gradients through inagg after every backward pass; once per codec,
-//! with a table, a CSV and a loss plot at the end. Replicas must end identical.
+//! with a table, a CSV and plots at the end. Replicas must end identical.
+//!
+//! Held-out accuracy is evaluated every `--eval-every` steps, outside the timed
+//! steps, and each codec's row says how long its training took to reach a target
+//! accuracy. With `--link-rate`, every process runs in `scripts/netlab.sh`'s emulated
+//! cluster (a namespace each, shaped links), once per rate: the demo runs itself
+//! inside the script and gathers the rows ([`links`]).
+
+mod links;
 
 pub mod data;
 mod model;
@@ -9,13 +17,14 @@ pub mod worker;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use inagg_proto::codec;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
 use serde::Serialize;
 
 use crate::children::Proc;
@@ -23,7 +32,7 @@ use crate::plot::{self, Series, Style};
 use worker::{Line, Training};
 
 /// Flags of `inagg demo`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Worker processes.
     #[arg(long, default_value_t = 4)]
@@ -42,10 +51,26 @@ pub struct Args {
     pub json: bool,
     #[command(flatten)]
     pub train: Training,
+    /// Run in an emulated cluster with every link shaped to RATE (`scripts/netlab.sh`:
+    /// e.g. `1gbit`, `200mbit`), once per rate; needs root or CAP_NET_ADMIN.
+    #[arg(long, value_delimiter = ',', value_name = "RATE")]
+    pub link_rate: Vec<String>,
+    /// Size the model to about P parameters (two equal hidden layers), instead of
+    /// `--hidden`. With `--link-rate` the default is 4,000,000: communication is then
+    /// most of a ring allreduce's step at 1 Gbit/s on 4 ranks.
+    #[arg(long, value_name = "P")]
+    pub model_parameters: Option<usize>,
+    /// The held-out accuracy each codec's time to accuracy is measured to (default:
+    /// the f32 run's last evaluated accuracy minus 0.5 points, else the first codec's).
+    #[arg(long, value_name = "A")]
+    pub target_accuracy: Option<f64>,
+    /// Where the processes run (set by `scripts/netlab.sh`; empty: 127.0.0.1).
+    #[command(flatten)]
+    pub netlab: crate::harness::Netlab,
 }
 
 /// One codec's run. Field names are a contract (`--json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub codec: String,
     pub error_feedback: bool,
@@ -64,6 +89,16 @@ pub struct Row {
     pub step_s: f64,
     pub parameters: usize,
     pub replicas_identical: bool,
+    /// Each worker link's rate in `--link-rate` runs, bits per second (null on
+    /// loopback).
+    pub link_rate_bps: Option<f64>,
+    /// The target accuracy of `time_to_accuracy_s`.
+    pub target_accuracy: Option<f64>,
+    /// Training wall time (evaluations excluded) until the held-out accuracy first
+    /// reached the target; null when it never did.
+    pub time_to_accuracy_s: Option<f64>,
+    /// The evaluations: `[training seconds, steps done, held-out accuracy]` each.
+    pub eval_accuracy: Vec<(f64, usize, f64)>,
 }
 
 /// What the reader threads pass on from a worker process.
@@ -91,13 +126,13 @@ fn run_codec(
     job: u32,
     codec: &str,
 ) -> Result<(Row, Vec<f64>)> {
-    let exe = std::env::current_exe()?;
     let t = &a.train;
     let mut procs = Vec::new();
     let (tx, rx) = mpsc::channel::<Msg>();
     let mut readers = Vec::new();
     for rank in 0..a.workers {
-        let mut cmd = Command::new(&exe);
+        let ns = a.netlab.worker_netns.as_ref().map(|p| format!("{p}{rank}"));
+        let mut cmd = crate::harness::Netlab::command(ns.as_deref())?;
         cmd.args(["demo-worker", "--aggregator", &addr.to_string()])
             .args(["--job", &job.to_string(), "--rank", &rank.to_string()])
             .args(["--world", &a.workers.to_string(), "--codec", codec])
@@ -105,10 +140,11 @@ fn run_codec(
                 "--steps",
                 &t.steps.to_string(),
                 "--batch",
-                &t.batch.to_string(),
+                &t.batch().to_string(),
             ])
             .args(["--lr", &t.lr.to_string(), "--seed", &t.seed.to_string()])
             .args(["--data", &t.data])
+            .args(["--eval-every", &t.eval_every.to_string()])
             .arg("--hidden")
             .arg(
                 t.hidden
@@ -169,6 +205,7 @@ fn run_codec(
     );
     bar.set_prefix(codec.to_string());
     let mut logs: Vec<RankLog> = (0..n).map(|_| RankLog::default()).collect();
+    let mut evals = Vec::new();
     let mut open = n;
     let mut stderr_left = n;
     let deadline = Instant::now() + Duration::from_secs(3600);
@@ -196,6 +233,11 @@ fn run_codec(
                     logs[r].steps.push(l);
                 }
                 Ok(l @ Line::Final { .. }) => logs[r].last = Some(l),
+                Ok(Line::Eval {
+                    step,
+                    train_s,
+                    accuracy,
+                }) => evals.push((train_s, step + 1, accuracy)),
                 Err(_) => {}
             },
         }
@@ -267,6 +309,10 @@ fn run_codec(
         step_s: st / per,
         parameters: finals[0].3,
         replicas_identical: identical,
+        link_rate_bps: a.netlab.link_bps,
+        target_accuracy: None,
+        time_to_accuracy_s: None,
+        eval_accuracy: evals,
     };
     for r in readers {
         let _ = r.join();
@@ -278,11 +324,25 @@ pub fn run(a: &Args) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    if a.train.steps == 0 || a.train.batch == 0 {
+    if a.train.steps == 0 || a.train.batch() == 0 {
         bail!("--steps and --batch must be positive");
+    }
+    if let Some(t) = a.target_accuracy {
+        if !(0.0..=1.0).contains(&t) {
+            bail!("--target-accuracy must lie in [0, 1], not {t}");
+        }
+    }
+    if !a.link_rate.is_empty() && a.netlab.worker_netns.is_none() {
+        return links::run(a);
     }
     // Fail on bad data before starting anything.
     let split = a.train.dataset()?;
+    let mut a = a.clone();
+    if let Some(p) = a.model_parameters {
+        let h = hidden_for(p, split.train.dim, split.train.classes);
+        a.train.hidden = vec![h, h];
+    }
+    let a = &a;
     let out = a
         .out
         .clone()
@@ -296,7 +356,7 @@ pub fn run(a: &Args) -> Result<()> {
             split.train.dim,
             split.train.classes,
             a.train.steps,
-            a.train.batch
+            a.train.batch()
         );
         if let Some(c) = split.ceiling {
             println!(
@@ -311,29 +371,27 @@ pub fn run(a: &Args) -> Result<()> {
         crate::args::Transport::Udp => None,
     };
     let (mut agg, addr) = match &quic {
-        Some(id) => {
-            crate::harness::start_quic_aggregator_in(&crate::harness::Netlab::default(), id, &[])?
-        }
-        None => crate::harness::start_aggregator(&[])?,
+        Some(id) => crate::harness::start_quic_aggregator_in(&a.netlab, id, &[])?,
+        None => crate::harness::start_aggregator_in(&a.netlab, &[])?,
     };
     let ca = quic.as_ref().map(|q| q.cert.as_path());
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for (i, c) in a.codecs.iter().enumerate() {
         let (row, curve) = run_codec(a, addr, ca, 100 + i as u32, c.name())?;
-        if a.json {
-            println!("{}", serde_json::to_string(&row)?);
-        }
         rows.push(row);
         curves.push(curve);
     }
     agg.terminate();
-    let csv_path = out.join("demo.csv");
-    let mut w = csv::Writer::from_path(&csv_path)?;
-    for r in &rows {
-        w.serialize(r)?;
+    settle_targets(&mut rows, a.target_accuracy);
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
     }
-    w.flush()?;
+    let csv_path = out.join("demo.csv");
+    crate::job::write_csv(&csv_path, &rows)?;
+    accuracy_plot(&out.join("accuracy_vs_time.png"), &rows)?;
     let series: Vec<Series> = rows
         .iter()
         .zip(&curves)
@@ -365,31 +423,12 @@ pub fn run(a: &Args) -> Result<()> {
         &series,
     )?;
     if !a.json {
+        print_table(&rows);
         println!(
-            "{:<6} {:>4} {:>10} {:>9} {:>16} {:>13} {:>9}  replicas",
-            "codec", "ef", "final loss", "accuracy", "wire B/step/wkr", "allreduce ms", "step ms"
-        );
-        for r in &rows {
-            println!(
-                "{:<6} {:>4} {:>10.4} {:>8.2}% {:>16.0} {:>13.2} {:>9.2}  {}",
-                r.codec,
-                if r.error_feedback { "on" } else { "off" },
-                r.final_loss,
-                100.0 * r.accuracy,
-                r.wire_bytes_per_step,
-                1e3 * r.allreduce_s,
-                1e3 * r.step_s,
-                if r.replicas_identical {
-                    "identical"
-                } else {
-                    "DIFFER"
-                }
-            );
-        }
-        println!(
-            "wrote {} and {}",
+            "wrote {}, {} and {}",
             csv_path.display(),
-            out.join("loss.png").display()
+            out.join("loss.png").display(),
+            out.join("accuracy_vs_time.png").display()
         );
     }
     let bad: Vec<&str> = rows
@@ -404,6 +443,116 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The table of rows that `inagg demo` prints.
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<6} {:>4} {:>9} {:>10} {:>9} {:>16} {:>13} {:>9} {:>12}  replicas",
+        "codec",
+        "ef",
+        "link",
+        "final loss",
+        "accuracy",
+        "wire B/step/wkr",
+        "allreduce ms",
+        "step ms",
+        "to target s"
+    );
+    for r in rows {
+        println!(
+            "{:<6} {:>4} {:>9} {:>10.4} {:>8.2}% {:>16.0} {:>13.2} {:>9.2} {:>12}  {}",
+            r.codec,
+            if r.error_feedback { "on" } else { "off" },
+            r.link_rate_bps
+                .map_or_else(|| "loopback".to_string(), |b| format!("{:.0}M", b / 1e6)),
+            r.final_loss,
+            100.0 * r.accuracy,
+            r.wire_bytes_per_step,
+            1e3 * r.allreduce_s,
+            1e3 * r.step_s,
+            r.time_to_accuracy_s
+                .map_or_else(|| "not reached".to_string(), |t| format!("{t:.2}")),
+            if r.replicas_identical {
+                "identical"
+            } else {
+                "DIFFER"
+            }
+        );
+    }
+    if let Some(t) = rows.first().and_then(|r| r.target_accuracy) {
+        println!(
+            "target accuracy {:.2}%; times are training wall time, evaluations excluded",
+            100.0 * t
+        );
+    }
+}
+
+/// Sets every row's target (`target`, or the f32 row's last evaluated accuracy minus
+/// half a point, or the first row's) and its time to reach it.
+fn settle_targets(rows: &mut [Row], target: Option<f64>) {
+    let reference = rows
+        .iter()
+        .find(|r| r.codec == "f32")
+        .or(rows.first())
+        .and_then(|r| r.eval_accuracy.last())
+        .map(|&(_, _, acc)| acc - 0.005);
+    let Some(target) = target.or(reference) else {
+        return;
+    };
+    for r in rows {
+        r.target_accuracy = Some(target);
+        r.time_to_accuracy_s = r
+            .eval_accuracy
+            .iter()
+            .find(|&&(_, _, acc)| acc >= target)
+            .map(|&(t, _, _)| t);
+    }
+}
+
+/// Held-out accuracy against training wall time, one line per codec (and rate).
+fn accuracy_plot(path: &std::path::Path, rows: &[Row]) -> Result<()> {
+    let series: Vec<Series> = rows
+        .iter()
+        .filter(|r| !r.eval_accuracy.is_empty())
+        .map(|r| Series {
+            name: match r.link_rate_bps {
+                Some(b) => format!("{} at {:.0} Mbit/s", r.codec, b / 1e6),
+                None => r.codec.clone(),
+            },
+            points: r
+                .eval_accuracy
+                .iter()
+                .map(|&(t, _, acc)| (t, 100.0 * acc))
+                .collect(),
+            labels: Vec::new(),
+        })
+        .collect();
+    if series.is_empty() {
+        return Ok(());
+    }
+    plot::chart(
+        path,
+        Style {
+            title: "Held-out accuracy against training time",
+            x_desc: "training wall time, s (evaluations excluded)",
+            y_desc: "held-out accuracy, %",
+            log_y: false,
+            lines: true,
+            markers: true,
+            x_names: None,
+        },
+        &series,
+    )
+}
+
+/// The width of two equal hidden layers that give an MLP from `dim` inputs to
+/// `classes` outputs about `parameters` parameters (weights and biases).
+fn hidden_for(parameters: usize, dim: usize, classes: usize) -> usize {
+    // h^2 + (dim + classes + 2) h + classes = parameters
+    let b = (dim + classes + 2) as f64;
+    let c = parameters.saturating_sub(classes) as f64;
+    (((b * b + 4.0 * c).sqrt() - b) / 2.0).round().max(1.0) as usize
 }
 
 /// A moving average over 10 steps.

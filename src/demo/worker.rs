@@ -44,9 +44,10 @@ pub struct Training {
     /// Optimizer steps.
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
-    /// Rows per rank per step.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
+    /// Rows per rank per step [default: 64; 8 with `inagg demo --link-rate`, so that
+    /// computing a step does not hide its allreduce].
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// AdamW learning rate.
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
@@ -65,9 +66,21 @@ pub struct Training {
     /// One allreduce per parameter tensor instead of one over all gradients.
     #[arg(long)]
     pub per_layer: bool,
+    /// Evaluate held-out accuracy every this many steps (and after the last), on
+    /// the first 1000 held-out rows, outside the timed steps; 0: only at the end.
+    #[arg(long, default_value_t = 25)]
+    pub eval_every: usize,
 }
 
+/// Rows per rank per step unless `--batch` says.
+pub const DEFAULT_BATCH: usize = 64;
+
 impl Training {
+    /// Rows per rank per step.
+    pub fn batch(&self) -> usize {
+        self.batch.unwrap_or(DEFAULT_BATCH)
+    }
+
     /// Loads the data set the flags name.
     pub fn dataset(&self) -> Result<Split> {
         if self.data == "synthetic" {
@@ -83,6 +96,9 @@ impl Training {
     }
 }
 
+/// Held-out rows of the periodic evaluation.
+pub const EVAL_ROWS: usize = 1000;
+
 /// A line a demo worker prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -94,6 +110,13 @@ pub enum Line {
         step_s: f64,
         bytes_sent: u64,
         bytes_recv: u64,
+    },
+    /// Held-out accuracy after `step + 1` steps, which took `train_s` of training
+    /// (the steps' wall time, evaluation excluded). Rank 0's.
+    Eval {
+        step: usize,
+        train_s: f64,
+        accuracy: f64,
     },
     Final {
         checksum: u64,
@@ -119,12 +142,12 @@ pub fn run(a: &Args) -> Result<()> {
     let t = &a.train;
     let split = t.dataset()?;
     let shard = split.train.shard(usize::from(a.rank), usize::from(a.world));
-    if shard.len() < t.batch {
+    if shard.len() < t.batch() {
         bail!(
             "rank {}'s shard has {} rows, fewer than a batch of {}",
             a.rank,
             shard.len(),
-            t.batch
+            t.batch()
         );
     }
     let mut dims = vec![split.train.dim];
@@ -153,9 +176,15 @@ pub fn run(a: &Args) -> Result<()> {
     let mut flat = vec![0f32; sizes.iter().sum()];
     let mut rng = SmallRng::seed_from_u64(t.seed ^ (u64::from(a.rank) << 32) ^ 0xba7c);
     let scale = 1.0 / f32::from(a.world);
+    let (vx, vy) = tensors(
+        &split
+            .test
+            .rows(&(0..split.test.len().min(EVAL_ROWS)).collect::<Vec<_>>()),
+    )?;
+    let mut train_s = 0.0;
     for step in 0..t.steps {
         let started = Instant::now();
-        let rows: Vec<usize> = (0..t.batch)
+        let rows: Vec<usize> = (0..t.batch())
             .map(|_| rng.random_range(0..shard.len()))
             .collect();
         let (x, y) = tensors(&shard.rows(&rows))?;
@@ -201,14 +230,29 @@ pub fn run(a: &Args) -> Result<()> {
             off += n;
         }
         opt.step(&grads)?;
+        let step_s = started.elapsed().as_secs_f64();
+        train_s += step_s;
         emit(&Line::Step {
             step,
             loss: f64::from(loss.to_scalar::<f32>()?),
             allreduce_s: ar_s,
-            step_s: started.elapsed().as_secs_f64(),
+            step_s,
             bytes_sent: sent,
             bytes_recv: recv,
         })?;
+        // Every rank evaluates, so that each pauses as long and none waits for
+        // another in the next step's allreduce; rank 0 reports.
+        let due = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || step + 1 == t.steps);
+        if due {
+            let accuracy = model.accuracy(&vx, &vy)?;
+            if a.rank == 0 {
+                emit(&Line::Eval {
+                    step,
+                    train_s,
+                    accuracy,
+                })?;
+            }
+        }
     }
     worker.close();
     let (tx, ty) = tensors(&split.test)?;
