@@ -8,8 +8,8 @@
 //! |---|---|---|
 //! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8 ([`JOIN_GROUPS`], [`JOIN_PROVEN`]), chunk_elems u16, window u32, nonce u64, completed u64, secret_len u8, secret, then the 16-byte admission proof if flagged |
 //! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8 ([`GRANT_GROUP`]), chunk_elems u16, window u32, token u64, nonce u64, shard u16, shards u16, then group u32 if flagged |
-//! | 3 | contribution | [`DataHeader`] (36 bytes), then `count` elements in the codec's wire form, then one exponent byte per exponent block after the first (`codec::payload_bytes`: i8 chunks of more than 8,192 elements) |
-//! | 4 | result | [`DataHeader`] (36 bytes), then the same layout as a contribution's |
+//! | 3 | contribution | [`DataHeader`] (40 bytes), then `count` elements in the codec's wire form, then one exponent byte per exponent block after the first (`codec::payload_bytes`: i8 chunks of more than 8,192 elements) |
+//! | 4 | result | [`DataHeader`] (40 bytes), then the same layout as a contribution's |
 //! | 5 | [`Control`] leave | job u32, rank u16, token u64 |
 //! | 6 | [`Control`] heartbeat | job u32, rank u16, token u64 |
 //! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, nonce u64, msg_len u16, UTF-8 message |

@@ -15,9 +15,12 @@
 //! lookahead either, unless zero skipping asks for one: each packet carries its chunk
 //! quantized at this rank's own exponent, read just before, and its result the sum's.
 //!
-//! Packet `q` may be sent once every packet below `q - S` has its result (the window),
-//! which is what lets the aggregator reuse slot versions safely; with a lookahead, also
-//! once packet `q - W` has its result, whose exponent it needs.
+//! Packet `q` may be sent once packet `q - S` and every packet before it have their
+//! results (the window: at most `S` packets without a result, `q` included), which
+//! is what lets the aggregator reuse slot versions safely: packet `q` uses slot
+//! `q mod S`, version `(q / S) mod 2`, which packet `q - 2S` used last. With a
+//! lookahead, also once packet `q - W` has its result, whose exponent it needs
+//! (docs/protocol.md, "The window rule").
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
