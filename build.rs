@@ -5,7 +5,7 @@
 //!
 //! | cfg                 | set when                                                   |
 //! |---------------------|------------------------------------------------------------|
-//! | `inagg_no_python`   | the interpreter cannot import torch, numpy, pytest, maturin |
+//! | `inagg_no_python`   | the interpreter cannot import torch, numpy, pytest, matplotlib, maturin |
 //! | `inagg_no_netns`    | no CAP_NET_ADMIN, or no `ip`/`tc` (scripts/netlab.sh)       |
 //! | `inagg_no_raw`      | no CAP_NET_RAW (raw sockets that forge source ports)        |
 //! | `inagg_no_ipv6`     | no IPv6 loopback                                           |
@@ -57,7 +57,10 @@ fn runs(program: &str, args: &[&str]) -> bool {
 
 fn python() -> bool {
     let py = std::env::var("INAGG_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-    runs(&py, &["-c", "import torch, numpy, pytest, maturin"])
+    runs(
+        &py,
+        &["-c", "import torch, numpy, pytest, matplotlib, maturin"],
+    )
 }
 
 /// The effective capability set's bit `bit` (`CapEff` in /proc/self/status).

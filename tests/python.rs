@@ -21,7 +21,7 @@ fn python() -> String {
 /// Whether `python` can import these modules (`None`: yes; else what is missing).
 fn missing(py: &str) -> Option<String> {
     let probe = Command::new(py)
-        .args(["-c", "import torch, numpy, pytest, maturin"])
+        .args(["-c", "import torch, numpy, pytest, matplotlib, maturin"])
         .output();
     match probe {
         Ok(o) if o.status.success() => None,
@@ -41,12 +41,12 @@ fn step(mut cmd: Command, limit: Duration, what: &str) -> String {
 #[test]
 #[cfg_attr(
     inagg_no_python,
-    ignore = "needs python3 with torch, numpy, pytest and maturin (.ci/run installs them; then touch build.rs)"
+    ignore = "needs python3 with torch, numpy, pytest, matplotlib and maturin (.ci/run installs them; then touch build.rs)"
 )]
 fn python_binding_and_ddp_hook() {
     let py = python();
     if let Some(why) = missing(&py) {
-        panic!("the Python tests need torch, numpy, pytest and maturin: {why}");
+        panic!("the Python tests need torch, numpy, pytest, matplotlib and maturin: {why}");
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python");

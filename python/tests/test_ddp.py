@@ -175,3 +175,142 @@ def test_the_hook_rounds_stochastically_when_asked(aggregator, seed):
         # 65,536 means of two ranks' roundings: standard deviation 0.0013 step.
         assert abs(small.mean() - odd) < 0.02 * step, (small.mean() - odd) / step
         assert np.mean(small.min(axis=0) != small.max(axis=0)) > 0.8
+
+
+def _ddp_rows(args, env_extra=None, timeout=300):
+    """Runs scripts/torch_ddp.py with `args` (and --json); returns its rows by codec
+    and the completed process."""
+    env = dict(os.environ, INAGG_BIN=inagg_bin(), **(env_extra or {}))
+    for k in ("RANK", "WORLD_SIZE", "INAGG_FAILOVER"):
+        env.pop(k, None)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/torch_ddp.py"), "--inagg-bin", inagg_bin(),
+         *args, "--json"],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    return {row["codec"]: row for row in rows}, r
+
+
+def _check_accuracy_fields(row, steps, target):
+    """eval_accuracy: [wall_s, step, accuracy] points from before training to the
+    last step, rising in wall time; time_to_accuracy_s: the first point's wall time
+    at or above the target, else None."""
+    pts = row["eval_accuracy"]
+    assert pts, row
+    assert all(len(p) == 3 for p in pts), pts
+    walls, steps_at, accs = zip(*pts)
+    assert walls[0] == 0 and steps_at[0] == 0, pts
+    assert all(b > a for a, b in zip(walls, walls[1:])), pts
+    assert all(b > a for a, b in zip(steps_at, steps_at[1:])), pts
+    assert steps_at[-1] == steps, pts
+    assert all(0 <= a <= 1 for a in accs), pts
+    assert row["accuracy"] == accs[-1], row
+    assert walls[-1] == pytest.approx(row["train_wall_s"]), row
+    assert row["target_accuracy"] == pytest.approx(target), row
+    reached = [w for w, _s, a in pts if a >= target]
+    if reached:
+        assert row["time_to_accuracy_s"] == pytest.approx(reached[0]), row
+    else:
+        assert row["time_to_accuracy_s"] is None, row
+
+
+def test_ddp_reports_held_out_accuracy_and_time_to_accuracy(aggregator, tmp_path):
+    """--eval-every, --target-accuracy and --out on loopback: accuracy points every K
+    steps, the wall time to the target (or None), the CSV and the accuracy plot."""
+    steps, target = 12, 0.2
+    rows, r = _ddp_rows(
+        ["--workers", "2", "--steps", str(steps), "--codecs", "f32,i8", "--job", "540",
+         "--eval-every", "4", "--target-accuracy", str(target), "--out", str(tmp_path)],
+        {"INAGG_AGGREGATOR": aggregator.addr},
+    )
+    assert set(rows) == {"gloo", "f32", "i8"}
+    for row in rows.values():
+        # Every field the rows had before stays.
+        for k in ("workers", "steps", "first_loss", "final_loss", "accuracy", "step_s",
+                  "bytes_per_step", "parameters", "replicas_identical", "failovers",
+                  "max_param_diff_vs_gloo"):
+            assert k in row, (k, row)
+        assert row["replicas_identical"], row
+        assert row["link_rate_bps"] is None, row
+        assert row["eval_every"] == 4, row
+        assert [p[1] for p in row["eval_accuracy"]] == [0, 4, 8, 12], row
+        _check_accuracy_fields(row, steps, target)
+    # The untrained model guesses (10 classes); 12 steps make it better.
+    assert rows["f32"]["eval_accuracy"][-1][2] > rows["f32"]["eval_accuracy"][0][2]
+    assert "evaluation time excluded" in r.stderr
+    with open(tmp_path / "torch_ddp.csv") as f:
+        table = list(__import__("csv").DictReader(f))
+    assert [t["codec"] for t in table] == ["gloo", "f32", "i8"]
+    assert all(t["link_rate_bps"] == "" for t in table)
+    png = tmp_path / "accuracy_vs_time.png"
+    assert png.exists(), "no plot: is matplotlib installed (python3-matplotlib)?\n" + r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One rate (loopback): no plot against the link rate.
+    assert not (tmp_path / "step_time_vs_link_rate.png").exists()
+
+
+def _namespaces_work():
+    """Whether `ip netns add` works here (root or CAP_NET_ADMIN, and iproute2)."""
+    name = f"inagg-probe-{os.getpid()}"
+    try:
+        ok = subprocess.run(["ip", "netns", "add", name], capture_output=True,
+                            timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if ok:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    import shutil
+
+    return ok and shutil.which("tc") is not None
+
+
+def test_ddp_trains_on_shaped_links_in_netlab(tmp_path):
+    """--link-rate 200mbit: Gloo and the hook in scripts/netlab.sh's namespaces, each
+    rank on its own 200 Mbit/s link; the rows say the rate, and Gloo's step takes at
+    least the time its bytes need on that link."""
+    if not _namespaces_work():
+        pytest.skip("needs root (or CAP_NET_ADMIN) and iproute2 (ip, tc) to create "
+                    "network namespaces for scripts/netlab.sh")
+    steps = 8
+    rows, r = _ddp_rows(
+        ["--workers", "2", "--steps", str(steps), "--codecs", "f32,i8", "--eval-every", "4",
+         "--model-parameters", "200k", "--link-rate", "200mbit", "--out", str(tmp_path)],
+        timeout=400,
+    )
+    assert set(rows) == {"gloo", "f32", "i8"}
+    for row in rows.values():
+        assert row["link_rate_bps"] == 200e6, row
+        assert row["replicas_identical"], row
+        assert 190_000 < row["parameters"] < 210_000, row
+        _check_accuracy_fields(row, steps, rows["f32"]["accuracy"] - 0.005)
+    assert rows["f32"]["max_param_diff_vs_gloo"] < 1e-5, rows["f32"]
+    assert rows["f32"]["time_to_accuracy_s"] is not None
+    assert rows["i8"]["bytes_per_step"] < 0.35 * rows["f32"]["bytes_per_step"]
+    # The ring's bytes through a 200 Mbit/s token bucket (256 KB burst): at least half
+    # of bytes / rate per step, where loopback would take far less.
+    gloo = rows["gloo"]
+    assert gloo["step_s"] > 0.5 * gloo["bytes_per_step"] * 8 / 200e6, gloo
+    assert (tmp_path / "torch_ddp.csv").exists()
+    assert (tmp_path / "accuracy_vs_time.png").exists(), r.stderr
+
+
+def test_link_rate_without_privileges_fails_at_once_and_says_why():
+    """Without the right to create namespaces, --link-rate stops before training and
+    names what it needs."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the script as an unprivileged user")
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "HOME=/tmp",
+         sys.executable, str(ROOT / "scripts/torch_ddp.py"), "--workers", "2",
+         "--link-rate", "200mbit"],
+        capture_output=True, text=True, timeout=120,
+    )
+    if r.returncode != 0 and "No module named" in r.stderr:
+        pytest.skip("the unprivileged user cannot import the script's modules: " + r.stderr)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "root (or CAP_NET_ADMIN)" in r.stderr and "`ip`" in r.stderr, r.stderr
+    assert not r.stdout.strip(), r.stdout
