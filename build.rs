@@ -11,6 +11,7 @@
 //! | `inagg_no_ipv6`     | no IPv6 loopback                                           |
 //! | `inagg_no_multicast`| no socket may join a multicast group on loopback           |
 //! | `inagg_no_cc`       | no C compiler (scripts/memory-floor.sh builds a probe)     |
+//! | `inagg_no_fashion_mnist` | Debian's dataset-fashion-mnist is not installed       |
 //!
 //! `.ci/run` fails when any test is ignored. The probes run again when this file or
 //! `INAGG_PYTHON`, `PATH` or `CC` change; after installing a tool, `touch
@@ -24,13 +25,14 @@ fn main() {
         println!("cargo::rerun-if-env-changed={var}");
     }
     println!("cargo::rerun-if-changed=build.rs");
-    let probes: [(&str, Probe); 6] = [
+    let probes: [(&str, Probe); 7] = [
         ("inagg_no_python", python),
         ("inagg_no_netns", netns),
         ("inagg_no_raw", raw_sockets),
         ("inagg_no_ipv6", ipv6),
         ("inagg_no_multicast", multicast),
         ("inagg_no_cc", cc),
+        ("inagg_no_fashion_mnist", fashion_mnist),
     ];
     for (cfg, works) in probes {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
@@ -39,6 +41,12 @@ fn main() {
             println!("cargo::warning=tests that need {cfg:?}'s tool will be ignored");
         }
     }
+}
+
+/// Whether Debian's dataset-fashion-mnist is installed (`inagg demo --data
+/// fashion-mnist`).
+fn fashion_mnist() -> bool {
+    std::path::Path::new("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 }
 
 /// A check of this machine: whether the tests that need something can run.

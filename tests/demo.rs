@@ -440,3 +440,43 @@ fn demo_link_rate_without_privileges_fails_at_once() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[cfg_attr(
+    inagg_no_fashion_mnist,
+    ignore = "needs Debian's dataset-fashion-mnist (.ci/run installs it; then touch build.rs)"
+)]
+fn demo_trains_on_debians_fashion_mnist() {
+    let dir = scratch("demo-fashion");
+    let (st, out, err) = run_bounded(
+        short_demo(
+            &dir,
+            &[
+                "--data",
+                "fashion-mnist",
+                "--codecs",
+                "f32,i8",
+                "--json",
+                "--steps",
+                "40",
+                "--hidden",
+                "64",
+                "--lr",
+                "0.002",
+            ],
+        ),
+        LIMIT,
+    );
+    assert!(st.success(), "demo failed: {out}\n{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    for r in &rows {
+        // 28 x 28 pixels into 64 hidden units into 10 classes.
+        assert_eq!(r["parameters"], 784 * 64 + 64 + 64 * 10 + 10, "{r}");
+        // Ten balanced classes: chance is 10%; 40 steps of a small MLP reach far more.
+        let acc = r["accuracy"].as_f64().expect("accuracy");
+        assert!(acc > 0.5, "{r}");
+        assert_eq!(r["replicas_identical"], true, "{r}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -123,8 +123,25 @@ pub fn synthetic(seed: u64, train: usize, test: usize) -> Split {
     }
 }
 
+/// The bytes of an IDX file at `path`, or of its gzipped form at `path.gz` (as the
+/// datasets are distributed, and as Debian's dataset-fashion-mnist installs them).
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    if path.exists() {
+        return std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    }
+    let mut gz = path.as_os_str().to_owned();
+    gz.push(".gz");
+    let gz = Path::new(&gz);
+    let file = std::fs::File::open(gz)
+        .with_context(|| format!("reading {} (or {})", path.display(), gz.display()))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(file), &mut bytes)
+        .with_context(|| format!("decompressing {}", gz.display()))?;
+    Ok(bytes)
+}
+
 fn read_idx(path: &Path, want_magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_maybe_gz(path)?;
     if bytes.len() < 4 {
         bail!("{}: too short for an IDX file", path.display());
     }

@@ -54,7 +54,9 @@ pub struct Training {
     /// Seed of the data, the model and the batches.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// `synthetic` (generated at start) or `mnist:DIR` (standard IDX files in DIR).
+    /// `synthetic` (generated at start), `fashion-mnist` (Debian's
+    /// dataset-fashion-mnist) or `mnist:DIR` (the four standard IDX files in DIR,
+    /// plain or gzipped).
     #[arg(long, default_value = "synthetic")]
     pub data: String,
     /// Hidden layer widths.
@@ -72,6 +74,9 @@ pub struct Training {
     pub eval_every: usize,
 }
 
+/// Where Debian's dataset-fashion-mnist installs Fashion-MNIST (gzipped IDX files).
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
 /// Rows per rank per step unless `--batch` says.
 pub const DEFAULT_BATCH: usize = 64;
 
@@ -87,9 +92,18 @@ impl Training {
             Ok(data::synthetic(self.seed, 20_000, 5_000))
         } else if let Some(dir) = self.data.strip_prefix("mnist:") {
             data::mnist(std::path::Path::new(dir))
+        } else if self.data == "fashion-mnist" {
+            let dir = std::path::Path::new(FASHION_MNIST);
+            if !dir.is_dir() {
+                bail!(
+                    "--data fashion-mnist reads Debian's dataset-fashion-mnist from {FASHION_MNIST}, \
+                     which is not installed: apt-get install dataset-fashion-mnist"
+                );
+            }
+            data::mnist(dir)
         } else {
             bail!(
-                "--data must be `synthetic` or `mnist:DIR`, not {:?}",
+                "--data must be `synthetic`, `fashion-mnist` or `mnist:DIR`, not {:?}",
                 self.data
             )
         }
