@@ -5,11 +5,15 @@
 # ATE/s with its ratio to Gloo.
 #   scripts/compare-peers.sh [--workers 2,4] [--elements 4194304,16777216,67108864]
 #       [--codecs f32,f16,bf16,i32,i16,i8] [--iters 5] [--out DIR] [--link-rate RATE]
-#       [--aggregator-threads T]
+#       [--aggregator-threads T] [--rounds R]
 # --link-rate runs the same comparison inside scripts/netlab.sh's emulated cluster
 # (MPI's daemons start in the worker namespaces through scripts/peers/netns-rsh) and
 # adds, for inagg, the fraction of the line-rate bound reached. --aggregator-threads
 # runs inagg's aggregator as T shards (`inagg aggregator --threads T`); default 1.
+# --rounds R repeats the whole comparison R times, the systems in turn within each
+# round, and reports per system the median over rounds of its ratio to Gloo in the
+# same round, with the spread (min-max), and the machine's CPU model and cores
+# (OUT/peers-summary.csv); default 1.
 # INAGG_BIN=PATH uses that inagg binary instead of building this tree.
 # Installs Debian's python3-torch, openmpi-bin and python3-mpi4py if missing; uses
 # Debian's interpreter, /usr/bin/python3.
@@ -22,6 +26,7 @@ ITERS=5
 OUT=inagg-out/peers
 RATE=""
 AGG_THREADS=1
+ROUNDS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) WORKERS="$2"; shift 2 ;;
@@ -31,9 +36,14 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift 2 ;;
         --link-rate) RATE="$2"; shift 2 ;;
         --aggregator-threads) AGG_THREADS="$2"; shift 2 ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
         *) echo "compare-peers: unknown flag $1" >&2; exit 2 ;;
     esac
 done
+if ! [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "compare-peers: --rounds must be a positive whole number, not $ROUNDS" >&2
+    exit 2
+fi
 PY=/usr/bin/python3
 if ! "$PY" -c "import torch, mpi4py" 2>/dev/null || ! command -v mpirun >/dev/null; then
     echo "compare-peers: installing python3-torch, openmpi-bin, python3-mpi4py" >&2
@@ -110,12 +120,16 @@ inagg() { # workers elements
 }
 
 measure() {
-    for n in "${worker_list[@]}"; do
-        for e in "${size_list[@]}"; do
-            echo "compare-peers: N=$n, $e elements" >&2
-            gloo "$n" "$e"
-            mpi "$n" "$e"
-            inagg "$n" "$e"
+    local round
+    for ((round = 1; round <= ROUNDS; round++)); do
+        echo "{\"round\": $round}" >>"$results"
+        for n in "${worker_list[@]}"; do
+            for e in "${size_list[@]}"; do
+                echo "compare-peers: round $round of $ROUNDS, N=$n, $e elements" >&2
+                gloo "$n" "$e"
+                mpi "$n" "$e"
+                inagg "$n" "$e"
+            done
         done
     done
 }
@@ -125,7 +139,7 @@ if [ -n "$RATE" ]; then
     for n in "${worker_list[@]}"; do [ "$n" -gt "$max" ] && max="$n"; done
     # Run this very script's measuring part inside the cluster.
     export -f gloo mpi inagg measure
-    export PY BIN ITERS CODECS RATE AGG_THREADS results
+    export PY BIN ITERS CODECS RATE AGG_THREADS ROUNDS results
     export WORKERS_LIST="${worker_list[*]}" SIZES_LIST="${size_list[*]}"
     scripts/netlab.sh --workers "$max" --link-rate "$RATE" -- bash -c '
         set -euo pipefail

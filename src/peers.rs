@@ -1,7 +1,10 @@
 //! `inagg peers-report`: the last step of `scripts/compare-peers.sh`. Reads the JSON
-//! lines that the Gloo and MPI helpers and `inagg bench --json` printed, writes
-//! `DIR/peers.csv` and `DIR/peers.png` (ATE/s per system and codec, one line per
-//! worker count and size), and prints a table with each inagg codec's ratio to Gloo.
+//! lines that the Gloo and MPI helpers and `inagg bench --json` printed, a line
+//! `{"round": R}` before each round's, writes `DIR/peers.csv` (one row per
+//! measurement), `DIR/peers-summary.csv` (per system: the median over rounds of its
+//! ratio to Gloo in the same round, and the spread) and `DIR/peers.png` (ATE/s per
+//! system and codec, one line per worker count and size), and prints the summary with
+//! the machine's CPU model and core count.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -38,6 +41,121 @@ pub struct Point {
     pub ate_per_s: f64,
     #[serde(default)]
     pub line_rate_fraction: Option<f64>,
+    /// The round it was measured in (from the round lines; 1 without them).
+    #[serde(default = "first_round")]
+    pub round: u32,
+    /// The machine: CPU model and logical cores.
+    #[serde(default)]
+    pub cpu_model: String,
+    #[serde(default)]
+    pub cores: usize,
+}
+
+fn first_round() -> u32 {
+    1
+}
+
+/// One system's figures at one worker count and size, over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub system: String,
+    pub codec: String,
+    pub workers: u16,
+    pub elements: usize,
+    pub rounds: usize,
+    /// Median over rounds of its ATE/s.
+    pub ate_per_s_median: f64,
+    /// Median, least and largest over rounds of its ATE/s over Gloo's in the same
+    /// round (null where Gloo has no measurement).
+    pub vs_gloo_median: Option<f64>,
+    pub vs_gloo_min: Option<f64>,
+    pub vs_gloo_max: Option<f64>,
+    pub line_rate_fraction_median: Option<f64>,
+    pub cpu_model: String,
+    pub cores: usize,
+}
+
+/// This machine's CPU model (`/proc/cpuinfo`'s first `model name`) and logical cores.
+fn machine() -> (String, usize) {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    (model, cores)
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `None` if empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Per system, codec, worker count and size: the medians over rounds and the spread
+/// of the ratio to Gloo measured in the same round.
+fn summarize(points: &[Point]) -> Vec<Summary> {
+    let mut keys: Vec<(String, String, u16, usize)> = Vec::new();
+    for p in points {
+        let k = (p.system.clone(), p.codec.clone(), p.workers, p.elements);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(system, codec, workers, elements)| {
+            let mine: Vec<&Point> = points
+                .iter()
+                .filter(|p| {
+                    p.system == system
+                        && p.codec == codec
+                        && p.workers == workers
+                        && p.elements == elements
+                })
+                .collect();
+            let ratios: Vec<f64> = mine
+                .iter()
+                .filter_map(|p| {
+                    let g = points.iter().find(|g| {
+                        g.system == "gloo"
+                            && g.round == p.round
+                            && g.workers == workers
+                            && g.elements == elements
+                    })?;
+                    (g.ate_per_s > 0.0).then(|| p.ate_per_s / g.ate_per_s)
+                })
+                .collect();
+            let first = mine.first().copied();
+            Summary {
+                system,
+                codec,
+                workers,
+                elements,
+                rounds: mine.len(),
+                ate_per_s_median: median(mine.iter().map(|p| p.ate_per_s).collect()).unwrap_or(0.0),
+                vs_gloo_min: ratios.iter().copied().reduce(f64::min),
+                vs_gloo_max: ratios.iter().copied().reduce(f64::max),
+                vs_gloo_median: median(ratios),
+                line_rate_fraction_median: median(
+                    mine.iter().filter_map(|p| p.line_rate_fraction).collect(),
+                ),
+                cpu_model: first.map(|p| p.cpu_model.clone()).unwrap_or_default(),
+                cores: first.map_or(0, |p| p.cores),
+            }
+        })
+        .collect()
 }
 
 fn inagg() -> String {
@@ -47,14 +165,27 @@ fn inagg() -> String {
 pub fn run(a: &Args) -> Result<()> {
     let f =
         std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let (cpu_model, cores) = machine();
     let mut points = Vec::new();
+    let mut round = 1;
     for line in std::io::BufReader::new(f).lines() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        let p: Point =
-            serde_json::from_str(&line).with_context(|| format!("not a measurement: {line}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+        if v.get("codec").is_none() {
+            if let Some(r) = v.get("round").and_then(|r| r.as_u64()) {
+                round = u32::try_from(r).context("round number")?;
+                continue;
+            }
+        }
+        let mut p: Point =
+            serde_json::from_value(v).with_context(|| format!("not a measurement: {line}"))?;
+        p.round = round;
+        p.cpu_model = cpu_model.clone();
+        p.cores = cores;
         points.push(p);
     }
     if points.is_empty() {
@@ -67,6 +198,13 @@ pub fn run(a: &Args) -> Result<()> {
         w.serialize(p)?;
     }
     w.flush()?;
+    let summary = summarize(&points);
+    let summary_path = a.out.join("peers-summary.csv");
+    let mut w = csv::Writer::from_path(&summary_path)?;
+    for s in &summary {
+        w.serialize(s)?;
+    }
+    w.flush()?;
     // Categories on x: gloo, mpi, then inagg's codecs in the order measured.
     let mut names: Vec<String> = Vec::new();
     for p in &points {
@@ -76,7 +214,7 @@ pub fn run(a: &Args) -> Result<()> {
         }
     }
     let mut by_config: BTreeMap<(u16, usize), Vec<&Point>> = BTreeMap::new();
-    for p in &points {
+    for p in points.iter().filter(|p| p.round == 1) {
         by_config
             .entry((p.workers, p.elements))
             .or_default()
@@ -110,28 +248,37 @@ pub fn run(a: &Args) -> Result<()> {
         },
         &series,
     )?;
+    let rounds = points.iter().map(|p| p.round).max().unwrap_or(1);
+    println!("{cpu_model}, {cores} cores; {rounds} round(s), medians over rounds");
     println!(
-        "{:<6} {:>10} {:<12} {:>12} {:>10} {:>10}",
-        "N", "elements", "system", "ATE/s", "vs gloo", "line rate"
+        "{:<6} {:>10} {:<12} {:>12} {:>10} {:>13} {:>10}",
+        "N", "elements", "system", "ATE/s", "vs gloo", "(min-max)", "line rate"
     );
-    for ((n, e), ps) in &by_config {
-        let gloo = ps.iter().find(|p| p.system == "gloo").map(|p| p.ate_per_s);
-        for p in ps {
-            println!(
-                "{:<6} {:>10} {:<12} {:>12.4e} {:>10} {:>10}",
-                n,
-                e,
-                label(p),
-                p.ate_per_s,
-                gloo.map_or("-".into(), |g| format!("{:.2}x", p.ate_per_s / g)),
-                p.line_rate_fraction
-                    .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f)),
-            );
-        }
+    for s in &summary {
+        let name = if s.system == "inagg" {
+            format!("inagg {}", s.codec)
+        } else {
+            s.system.clone()
+        };
+        println!(
+            "{:<6} {:>10} {:<12} {:>12.4e} {:>10} {:>13} {:>10}",
+            s.workers,
+            s.elements,
+            name,
+            s.ate_per_s_median,
+            s.vs_gloo_median.map_or("-".into(), |r| format!("{r:.2}x")),
+            match (s.vs_gloo_min, s.vs_gloo_max) {
+                (Some(lo), Some(hi)) => format!("({lo:.2}-{hi:.2})"),
+                _ => "-".into(),
+            },
+            s.line_rate_fraction_median
+                .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f)),
+        );
     }
     println!(
-        "wrote {} and {}",
+        "wrote {}, {} and {}",
         csv_path.display(),
+        summary_path.display(),
         a.out.join("peers.png").display()
     );
     Ok(())
