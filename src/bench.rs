@@ -46,6 +46,8 @@ pub fn run(a: &Args) -> Result<()> {
     // talk to the relays.
     let mut servers = Vec::new();
     let mut addrs = Vec::new();
+    // The aggregators' process ids, whose CPU time each codec's row counts.
+    let mut agg_pids = Vec::new();
     let mut agg_flags: Vec<String> = a
         .slot_memory
         .iter()
@@ -65,6 +67,7 @@ pub fn run(a: &Args) -> Result<()> {
             Some(id) => start_quic_aggregator_in(&a.netlab, id, &agg_flags)?,
             None => start_aggregator_in(&a.netlab, &agg_flags)?,
         };
+        agg_pids.push(agg.child.id());
         servers.push(agg);
         if faults.is_clean() {
             addrs.push(agg_addr);
@@ -118,6 +121,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut wrong = Vec::new();
     for (i, codec) in a.codec.iter().map(|c| c.name()).enumerate() {
         let first = 1 + (i * usize::from(a.jobs)) as u32;
+        let agg_cpu_before: Option<f64> = agg_pids.iter().map(|&p| crate::cputime::of(p)).sum();
         let running = (0..u32::from(a.jobs))
             .map(|j| spawn_job(a, &addrs, first + j, codec))
             .collect::<Result<Vec<_>>>()?;
@@ -126,7 +130,13 @@ pub fn run(a: &Args) -> Result<()> {
             .into_iter()
             .map(|j| finish_job(j, deadline, a.timeout_s))
             .collect::<Result<Vec<_>>>()?;
-        let r = row(a, codec, &jobs);
+        let agg_cpu_after: Option<f64> = agg_pids.iter().map(|&p| crate::cputime::of(p)).sum();
+        // Every job's warm-up and timed allreduces (barriers ride along).
+        let served = f64::from(a.jobs) * (a.warmup + a.iters).max(1) as f64;
+        let agg_cpu = agg_cpu_before
+            .zip(agg_cpu_after)
+            .map(|(b, e)| (e - b).max(0.0) / served);
+        let r = row(a, codec, &jobs, agg_cpu);
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

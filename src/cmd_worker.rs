@@ -150,6 +150,7 @@ pub fn run(a: &Args) -> Result<()> {
         congestion_window_min: None,
         checked: 0,
         check: None,
+        cpu_s_per_allreduce: None,
     };
     // With a duration, the ranks must agree on when to stop: each allreduce carries
     // one more element, every rank's vote to stop (1 once its time is up), and all
@@ -175,6 +176,7 @@ pub fn run(a: &Args) -> Result<()> {
     let every = a.check_every.then(inputs);
     let sr = a.tuning.stochastic;
     let mut worst: Option<tensor::Check> = None;
+    let mut cpu_timed = 0.0;
     for i in 0..a.warmup + a.iters {
         buf[..n].copy_from_slice(&input);
         if let Some(d) = a.duration_s {
@@ -190,10 +192,13 @@ pub fn run(a: &Args) -> Result<()> {
         worker
             .allreduce(&mut [0.0])
             .with_context(|| format!("rank {}: barrier {} of job {} failed", a.rank, i, a.job))?;
+        let cpu_before = crate::cputime::own();
         let r = worker
             .allreduce(&mut buf)
             .with_context(|| format!("rank {}: allreduce {} of job {} failed", a.rank, i, a.job))?;
+        let cpu = crate::cputime::own() - cpu_before;
         if i >= a.warmup {
+            cpu_timed += cpu;
             report.times_s.push(r.elapsed.as_secs_f64());
             report.bytes_sent += r.bytes_sent;
             report.bytes_recv += r.bytes_received;
@@ -255,6 +260,7 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     let timed = report.allreduces.max(1);
+    report.cpu_s_per_allreduce = (report.allreduces > 0).then(|| cpu_timed / timed as f64);
     report.bytes_sent /= timed;
     report.bytes_recv /= timed;
     report.retransmitted_bytes /= timed;

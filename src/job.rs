@@ -161,6 +161,16 @@ pub struct Row {
     pub line_rate_bound_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line_rate_fraction: Option<f64>,
+    /// Seconds of CPU (user and system) one allreduce cost, all of a job's ranks and
+    /// the aggregators together: `worker_cpu_s_per_allreduce` plus
+    /// `aggregator_cpu_s_per_allreduce` (null where either is unknown).
+    pub cpu_s_per_allreduce: Option<f64>,
+    /// The ranks' part: each rank's CPU in its timed allreduce calls, summed over the
+    /// ranks of a job (mean over jobs).
+    pub worker_cpu_s_per_allreduce: Option<f64>,
+    /// The aggregators' part: their CPU over the whole run of this codec's jobs
+    /// (warm-ups, barriers and joins included) over the allreduces they served.
+    pub aggregator_cpu_s_per_allreduce: Option<f64>,
 }
 
 /// Writes rows as CSV: the JSON fields in order, lists joined by `;`.
@@ -381,7 +391,12 @@ fn job_times(reports: &[Report]) -> (f64, f64) {
 }
 
 /// The JSON row of one codec from the reports of each of its concurrent jobs.
-pub fn row(a: &JobSpec, codec: &str, jobs: &[Vec<Report>]) -> Row {
+pub fn row(
+    a: &JobSpec,
+    codec: &str,
+    jobs: &[Vec<Report>],
+    aggregator_cpu_s_per_allreduce: Option<f64>,
+) -> Row {
     // The path the defaults were chosen for: loopback unless netlab placed the
     // aggregator elsewhere.
     let agg = SocketAddr::new(
@@ -423,6 +438,19 @@ pub fn row(a: &JobSpec, codec: &str, jobs: &[Vec<Report>]) -> Row {
         worst as f64 * 8.0 / bps
     });
     let checks: Vec<_> = reports.iter().filter_map(|r| r.check.as_ref()).collect();
+    // Each job's ranks' CPU per allreduce, summed; the mean over jobs.
+    let per_job_cpu: Option<Vec<f64>> = jobs
+        .iter()
+        .map(|ranks| {
+            ranks
+                .iter()
+                .map(|r| r.cpu_s_per_allreduce)
+                .sum::<Option<f64>>()
+        })
+        .collect();
+    let worker_cpu = per_job_cpu
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64);
     Row {
         transport: a.transport,
         codec: codec.to_string(),
@@ -469,5 +497,10 @@ pub fn row(a: &JobSpec, codec: &str, jobs: &[Vec<Report>]) -> Row {
             .first()
             .map_or_else(String::new, |c| format!("{:016x}", c.checksum)),
         within_bound: checks.len() == reports.len() && checks.iter().all(|c| c.within_bound),
+        cpu_s_per_allreduce: worker_cpu
+            .zip(aggregator_cpu_s_per_allreduce)
+            .map(|(w, g)| w + g),
+        worker_cpu_s_per_allreduce: worker_cpu,
+        aggregator_cpu_s_per_allreduce,
     }
 }

@@ -7,6 +7,7 @@ mod children;
 mod cli_doc;
 mod cmd_aggregator;
 mod cmd_worker;
+mod cputime;
 mod demo;
 mod harness;
 mod job;

@@ -90,18 +90,9 @@ fn machine() -> (String, usize) {
     (model, cores)
 }
 
-/// The median of `v` (the mean of the middle two for an even count); `None` if empty.
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+/// The median of `v` (`crate::stats::median`); `None` if empty.
+fn median(v: Vec<f64>) -> Option<f64> {
+    (!v.is_empty()).then(|| crate::stats::median(&v))
 }
 
 /// Per system, codec, worker count and size: the medians over rounds and the spread

@@ -59,6 +59,10 @@ pub struct Report {
     /// The check of the last result, or with `--check-every` the worst of all
     /// (absent with --no-check).
     pub check: Option<Check>,
+    /// Seconds of this rank's CPU (user and system, all its threads) per timed
+    /// allreduce: the calls themselves, not the input copy or the checks around them.
+    #[serde(default)]
+    pub cpu_s_per_allreduce: Option<f64>,
 }
 
 /// One failover in a [`Report`].

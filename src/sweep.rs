@@ -100,7 +100,7 @@ pub fn run(a: &Args) -> Result<()> {
                 };
                 let reports = job::run_job(&b, &[addr], job, c.name())?;
                 job += 1;
-                let r = job::row(&b, c.name(), &[reports]);
+                let r = job::row(&b, c.name(), &[reports], None);
                 eprintln!(
                     "sweep: N={workers} {c} chunk {}: {:.3e} ATE/s, rel l2 {:.2e}",
                     r.chunk_elements, r.ate_per_s, r.rel_l2_err

@@ -66,6 +66,16 @@ fn bench_four_workers_f32_and_i32_every_rank_correct() {
             "{recv} bytes received in {row}"
         );
         assert!(row["rel_l2_err"].as_f64().expect("err") < 1e-6);
+        // CPU per allreduce: the ranks' part and the aggregator's, both measured (a
+        // 4 MiB allreduce cannot cost no CPU), adding up to the total.
+        let cpu = |f: &str| row[f].as_f64().unwrap_or_else(|| panic!("{f} in {row}"));
+        let (total, workers, agg) = (
+            cpu("cpu_s_per_allreduce"),
+            cpu("worker_cpu_s_per_allreduce"),
+            cpu("aggregator_cpu_s_per_allreduce"),
+        );
+        assert!(workers > 0.0 && agg >= 0.0, "{row}");
+        assert!((total - (workers + agg)).abs() < 1e-9, "{row}");
     }
 }
 
