@@ -49,6 +49,9 @@ pub struct Point {
     pub cpu_model: String,
     #[serde(default)]
     pub cores: usize,
+    /// Seconds of CPU one allreduce cost, all ranks (and for inagg its aggregators).
+    #[serde(default)]
+    pub cpu_s_per_allreduce: Option<f64>,
 }
 
 fn first_round() -> u32 {
@@ -71,6 +74,8 @@ pub struct Summary {
     pub vs_gloo_min: Option<f64>,
     pub vs_gloo_max: Option<f64>,
     pub line_rate_fraction_median: Option<f64>,
+    /// Median over rounds of `cpu_s_per_allreduce`.
+    pub cpu_s_per_allreduce_median: Option<f64>,
     pub cpu_model: String,
     pub cores: usize,
 }
@@ -141,6 +146,9 @@ fn summarize(points: &[Point]) -> Vec<Summary> {
                 vs_gloo_median: median(ratios),
                 line_rate_fraction_median: median(
                     mine.iter().filter_map(|p| p.line_rate_fraction).collect(),
+                ),
+                cpu_s_per_allreduce_median: median(
+                    mine.iter().filter_map(|p| p.cpu_s_per_allreduce).collect(),
                 ),
                 cpu_model: first.map(|p| p.cpu_model.clone()).unwrap_or_default(),
                 cores: first.map_or(0, |p| p.cores),
@@ -242,8 +250,8 @@ pub fn run(a: &Args) -> Result<()> {
     let rounds = points.iter().map(|p| p.round).max().unwrap_or(1);
     println!("{cpu_model}, {cores} cores; {rounds} round(s), medians over rounds");
     println!(
-        "{:<6} {:>10} {:<12} {:>12} {:>10} {:>13} {:>10}",
-        "N", "elements", "system", "ATE/s", "vs gloo", "(min-max)", "line rate"
+        "{:<6} {:>10} {:<12} {:>12} {:>10} {:>13} {:>10} {:>12}",
+        "N", "elements", "system", "ATE/s", "vs gloo", "(min-max)", "line rate", "CPU ms/call"
     );
     for s in &summary {
         let name = if s.system == "inagg" {
@@ -252,7 +260,7 @@ pub fn run(a: &Args) -> Result<()> {
             s.system.clone()
         };
         println!(
-            "{:<6} {:>10} {:<12} {:>12.4e} {:>10} {:>13} {:>10}",
+            "{:<6} {:>10} {:<12} {:>12.4e} {:>10} {:>13} {:>10} {:>12}",
             s.workers,
             s.elements,
             name,
@@ -264,6 +272,8 @@ pub fn run(a: &Args) -> Result<()> {
             },
             s.line_rate_fraction_median
                 .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f)),
+            s.cpu_s_per_allreduce_median
+                .map_or("-".into(), |c| format!("{:.1}", 1e3 * c)),
         );
     }
     println!(

@@ -27,7 +27,8 @@ fn the_report_takes_each_rounds_ratio_to_gloo_and_their_median_and_spread() {
         input.push_str(&line("gloo", "f32", gloo));
         input.push('\n');
         input.push_str(&format!(
-            r#"{{"codec":"f32","workers":4,"elements":1024,"median_s":1.0,"ate_per_s":{inagg_f32},"line_rate_fraction":null}}"#
+            r#"{{"codec":"f32","workers":4,"elements":1024,"median_s":1.0,"ate_per_s":{inagg_f32},"line_rate_fraction":null,"cpu_s_per_allreduce":{}}}"#,
+            0.01 * f64::from(round)
         ));
         input.push('\n');
     }
@@ -61,6 +62,10 @@ fn the_report_takes_each_rounds_ratio_to_gloo_and_their_median_and_spread() {
     assert!((f("vs_gloo_max") - 3.0).abs() < 1e-9, "{inagg_row:?}");
     assert!(
         (f("ate_per_s_median") - 200.0).abs() < 1e-9,
+        "{inagg_row:?}"
+    );
+    assert!(
+        (f("cpu_s_per_allreduce_median") - 0.02).abs() < 1e-9,
         "{inagg_row:?}"
     );
     assert!(!inagg_row[col("cpu_model")].is_empty());
