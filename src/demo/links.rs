@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use super::{accuracy_plot, print_table, Args, Row};
+use super::{accuracy_plot, print_table, replicas_agree, Args, Row};
 use crate::children::{remove_on_signal, Proc};
 use crate::plot::{self, Series, Style};
 
@@ -103,18 +103,7 @@ pub fn run(a: &Args) -> Result<()> {
             out.display()
         );
     }
-    let bad: Vec<String> = rows
-        .iter()
-        .filter(|r| !r.replicas_identical)
-        .map(|r| r.codec.clone())
-        .collect();
-    if !bad.is_empty() {
-        bail!(
-            "replicas differ at the end of training with {}",
-            bad.join(", ")
-        );
-    }
-    Ok(())
+    replicas_agree(&rows)
 }
 
 /// The flags of the demo that runs inside the script: this one's, with the model

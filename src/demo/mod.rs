@@ -431,6 +431,11 @@ pub fn run(a: &Args) -> Result<()> {
             out.join("accuracy_vs_time.png").display()
         );
     }
+    replicas_agree(&rows)
+}
+
+/// Fails naming the codecs whose replicas ended different.
+fn replicas_agree(rows: &[Row]) -> Result<()> {
     let bad: Vec<&str> = rows
         .iter()
         .filter(|r| !r.replicas_identical)
