@@ -67,7 +67,6 @@ pub struct QuicListener {
     inbound: tokio::sync::mpsc::Receiver<Inbound>,
     peers: HashMap<SocketAddr, Peer>,
     local: SocketAddr,
-    last_full: bool,
     /// Receives in a row that stopped at the batch limit.
     full_streak: usize,
     /// Where [`inagg_net::Transport::send`] writes each message.
@@ -109,7 +108,6 @@ impl QuicListener {
             inbound,
             peers: HashMap::new(),
             local,
-            last_full: false,
             full_streak: 0,
             buf: Vec::with_capacity(64 * 1024),
             stats: ListenerStats::default(),
@@ -144,7 +142,7 @@ impl QuicListener {
 
     /// Whether the last receive stopped at its batch limit: more was waiting.
     pub fn last_batch_full(&self) -> bool {
-        self.last_full
+        self.full_streak > 0
     }
 
     /// Receives in a row that stopped at the batch limit, since one did not.
@@ -202,8 +200,7 @@ impl QuicListener {
                 }
             }
         }
-        self.last_full = handled == RECV_BATCH;
-        self.full_streak = if self.last_full {
+        self.full_streak = if handled == RECV_BATCH {
             self.full_streak.saturating_add(1)
         } else {
             0
