@@ -107,20 +107,11 @@ impl From<QuicMode> for inagg_quic::Mode {
 /// Protocol knobs shared by `worker` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
-    /// Elements per chunk (per datagram). Default: 65,024 bytes of payload to a
-    /// loopback aggregator (16,256 f32 elements, 32,512 f16), 8 KiB to any other (2048
-    /// f32, 4096 f16); at most 8192 elements for i32 and i16, whose chunks share one
-    /// exponent; whole 8192-element exponent blocks for i8 (57,344 elements on
-    /// loopback, 8192 otherwise).
-    #[arg(long)]
+    // Elements per chunk; the help computes the defaults.
+    #[arg(long, help = chunk_help())]
     pub chunk_elements: Option<u16>,
-    /// Slots to ask for (datagrams in flight). Default: as many as keep 1 MiB in
-    /// flight on loopback (16 of the default chunks, 18 of i8's) and 512 KiB otherwise
-    /// (64), from
-    /// 16 to 128 slots on loopback and 32 to 256 otherwise; i32, i16 and any codec with
-    /// --skip-zeros, whose window is also their exponent lookahead: 32 on loopback, 64
-    /// otherwise.
-    #[arg(long)]
+    // Slots to ask for; the help computes the defaults.
+    #[arg(long, help = window_help())]
     pub window: Option<u32>,
     /// The job's secret.
     #[arg(long, default_value = "")]
@@ -238,4 +229,75 @@ impl FaultArgs {
         .chain(["--seed".into(), seed.to_string()])
         .collect()
     }
+}
+
+/// `n` bytes as people write sizes: `1 GiB`, `16 MiB`, `8 KiB`, else `N bytes`.
+pub fn size(n: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// The aggregators `--chunk-elements` and `--window` describe their defaults toward:
+/// one on loopback and one across a network.
+fn paths() -> [(&'static str, SocketAddr); 2] {
+    [
+        (
+            "a loopback aggregator",
+            SocketAddr::from(([127, 0, 0, 1], 7070)),
+        ),
+        ("any other", SocketAddr::from(([10, 0, 0, 1], 7070))),
+    ]
+}
+
+/// Every codec's value of `f` toward each of [`paths`], as `toward X: f32 A, f16 B,
+/// ...; toward Y: ...`.
+fn per_codec(f: impl Fn(&dyn Codec, &SocketAddr) -> u32) -> String {
+    paths()
+        .iter()
+        .map(|(name, addr)| {
+            let each: Vec<String> = codec::ALL
+                .iter()
+                .map(|c| format!("{} {}", c.name(), f(*c, addr)))
+                .collect();
+            format!("toward {name}: {}", each.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The help of `--chunk-elements`, with the library's defaults computed, not copied.
+fn chunk_help() -> String {
+    format!(
+        "Elements per chunk (per datagram). Default: as many as fill {} of payload to a \
+         loopback aggregator and {} to any other, at most {} for codecs that share one \
+         exponent per chunk, whole exponent blocks for i8 (inagg_worker::default_chunk_elems); \
+         so {}.",
+        size(inagg_worker::default_chunk_bytes(&paths()[0].1) as u64),
+        size(inagg_worker::default_chunk_bytes(&paths()[1].1) as u64),
+        inagg_worker::BLOCK_SCALED_DEFAULT_CHUNK_CAP,
+        per_codec(|c, a| u32::from(inagg_worker::default_chunk_elems(c, a))),
+    )
+}
+
+/// The help of `--window`, with the library's defaults computed, not copied.
+fn window_help() -> String {
+    let [(_, lo), (_, net)] = paths();
+    format!(
+        "Slots to ask for (datagrams in flight). Default: as many of the default chunks as \
+         keep {} in flight toward a loopback aggregator and {} toward any other, from half \
+         to four times the lookahead window (inagg_worker::default_window_for); so {}. i32, \
+         i16 and any codec with --skip-zeros, whose window is also their exponent \
+         lookahead, ask for the lookahead window: {} on loopback, {} otherwise.",
+        size(inagg_worker::default_in_flight(&lo) as u64),
+        size(inagg_worker::default_in_flight(&net) as u64),
+        per_codec(|c, a| {
+            inagg_worker::default_window_for(c, a, inagg_worker::default_chunk_elems(c, a), false)
+        }),
+        inagg_worker::default_window(&lo),
+        inagg_worker::default_window(&net),
+    )
 }

@@ -17,18 +17,48 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use inagg_aggregator::{
     run_together, DropReason, Front, Identity, Loop, Server, ServerConfig, ShardedServer, Stats,
+    DEFAULT_MAX_JOB_MEMORY, DEFAULT_SLOT_MEMORY,
 };
-use inagg_proto::aggregator::Aggregator;
+use inagg_proto::aggregator::{Aggregator, AggregatorConfig};
 
 /// The UDP address served when neither `--listen` nor `--quic` is given.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 
+/// The help of `--slot-memory`, with the library's default.
+fn slot_memory_help() -> String {
+    format!(
+        "Slot memory budget in bytes (like a switch's SRAM), shared by the jobs present in \
+         max-min fair shares, re-granted at allreduce boundaries as jobs come and go. A slot \
+         costs 2 x (4 + kept) x chunk elements + 16 x ceil(world / 64) bytes, where kept is \
+         the codec's wire bytes (f16, bf16, i16: 2; i8: 1) and 0 for f32 and i32, whose \
+         lanes are their results. A job waits while others shrink to make room, and is \
+         refused if even its minimal share (4 slots) cannot fit. Default: {} per shard (and \
+         for QUIC), with a cap per job (see --max-job-memory), which keeps strangers' joins \
+         from claiming unbounded memory.",
+        crate::args::size(DEFAULT_SLOT_MEMORY as u64)
+    )
+}
+
+/// The help of `--max-job-memory`, with the library's default.
+fn max_job_memory_help() -> String {
+    format!(
+        "The most slot memory one job may hold: its window is capped at as many slots as \
+         fit. Without --slot-memory it defaults to {} per shard (the default budget over the \
+         default --max-jobs, so that the default budget holds that many jobs at their caps \
+         and no job waits for another's memory); with --slot-memory, to no cap (max-min fair \
+         shares of that budget).",
+        crate::args::size(DEFAULT_MAX_JOB_MEMORY as u64)
+    )
+}
+
 /// Flags of `inagg aggregator`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// UDP address to listen on (port 0: any free port; the address is printed as
-    /// `listening on ADDR`). Default 0.0.0.0:7070 unless `--quic` is given alone.
-    #[arg(long, value_parser = crate::admission::address)]
+    // UDP address to listen on; the help names the default.
+    #[arg(long, value_parser = crate::admission::address, help = format!(
+        "UDP address to listen on (port 0: any free port; the address is printed as \
+         `listening on ADDR`). Default {DEFAULT_LISTEN} unless `--quic` is given alone."
+    ))]
     pub listen: Option<SocketAddr>,
     /// QUIC address to listen on, beside or instead of `--listen` (printed as
     /// `quic on ADDR sha256 FINGERPRINT certificate FILE`).
@@ -42,28 +72,18 @@ pub struct Args {
     #[arg(long, default_value = "inagg-aggregator.key.pem")]
     pub key: PathBuf,
     /// The most slots one job may hold.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = AggregatorConfig::default().max_window)]
     pub max_window: u32,
     /// The most jobs at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = AggregatorConfig::default().max_jobs)]
     pub max_jobs: usize,
-    /// Slot memory budget in bytes (like a switch's SRAM), shared by the jobs present in
-    /// max-min fair shares, re-granted at allreduce boundaries as jobs come and go. A
-    /// slot costs 2 x (4 + kept) x chunk elements + 16 x ceil(world / 64) bytes, where
-    /// kept is the codec's wire bytes (f16, bf16, i16: 2; i8: 1) and 0 for f32 and i32,
-    /// whose lanes are their results.
-    /// A job waits while others shrink to make room, and is refused if even its
-    /// minimal share (4 slots) cannot fit. Default: 1 GiB per shard (and for QUIC),
-    /// with a cap of 16 MiB per job (see --max-job-memory), which keeps strangers'
-    /// joins from claiming unbounded memory.
-    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    // The slot memory budget; the help computes its default.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..),
+          help = slot_memory_help())]
     pub slot_memory: Option<u64>,
-    /// The most slot memory one job may hold: its window is capped at as many slots as
-    /// fit. Without --slot-memory it defaults to 16 MiB per shard (the default budget
-    /// over 64 jobs, so that the default budget holds 64 jobs at their caps and no job
-    /// waits for another's memory; jobs at the default windows hold 2-10 MiB); with
-    /// --slot-memory, to no cap (max-min fair shares of that budget).
-    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    // The cap per job; the help computes its default.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..),
+          help = max_job_memory_help())]
     pub max_job_memory: Option<u64>,
     /// UDP shards to run, one per thread (and core): shard k listens on the
     /// `--listen` port + k (with port 0, on a run of free ports), and workers stripe
@@ -73,7 +93,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
     /// A rank silent this long (milliseconds) aborts its job.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = AggregatorConfig::default().silence_timeout.as_millis() as u64)]
     pub silence_timeout_ms: u64,
     /// Over UDP, times a server loop with nothing to read yields the CPU, looking at
     /// the socket after each, before it sleeps (adaptive within N; 0: sleep at once).

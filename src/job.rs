@@ -63,7 +63,7 @@ pub struct JobSpec {
     #[arg(long, default_value_t = 1)]
     pub aggregator_threads: u16,
     /// Start the aggregator(s) with this slot memory budget in bytes (`inagg
-    /// aggregator --slot-memory`); default the aggregator's own (1 GiB).
+    /// aggregator --slot-memory`); default the aggregator's own.
     #[arg(long, value_name = "BYTES")]
     pub slot_memory: Option<usize>,
     /// Start the aggregator(s) with `--yields-before-sleep N`: times an aggregator

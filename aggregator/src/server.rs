@@ -47,7 +47,8 @@ pub const DEFAULT_SLOT_MEMORY: usize = 1 << 30;
 /// MiB for 16 slots of f32's 16,256-element chunks, 6 MiB for f16's 32,512, 9.8 MiB
 /// for i8's 18 of 57,344); a window of 1024 slots of 8192-element f32 chunks is capped
 /// at 255.
-pub const DEFAULT_MAX_JOB_MEMORY: usize = DEFAULT_SLOT_MEMORY / 64;
+pub const DEFAULT_MAX_JOB_MEMORY: usize =
+    DEFAULT_SLOT_MEMORY / inagg_proto::aggregator::DEFAULT_MAX_JOBS;
 
 /// Yields before a UDP server loop sleeps in `poll(2)` when no datagram is waiting,
 /// unless told otherwise (`inagg aggregator --yields-before-sleep`): 64, adapting

@@ -30,10 +30,7 @@ pub const LINK_BATCH: usize = 8;
 /// Runs the demo once per `--link-rate` in the emulated cluster.
 pub fn run(a: &Args) -> Result<()> {
     check_namespaces()?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("inagg-out/demo"));
+    let out = a.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let script = Script::write()?;
     let parameters = a.model_parameters.unwrap_or(DEFAULT_MODEL_PARAMETERS);

@@ -43,9 +43,9 @@ pub struct Args {
     /// Transport between workers and aggregator.
     #[arg(long, value_enum, default_value_t = crate::args::Transport::Udp)]
     pub transport: crate::args::Transport,
-    /// Folder for demo.csv and loss.png (default: inagg-out/demo).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    /// Folder for demo.csv and loss.png.
+    #[arg(long, default_value = "inagg-out/demo")]
+    pub out: PathBuf,
     /// One JSON object per codec on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -55,10 +55,13 @@ pub struct Args {
     /// e.g. `1gbit`, `200mbit`), once per rate; needs root or CAP_NET_ADMIN.
     #[arg(long, value_delimiter = ',', value_name = "RATE")]
     pub link_rate: Vec<String>,
-    /// Size the model to about P parameters (two equal hidden layers), instead of
-    /// `--hidden`. With `--link-rate` the default is 4,000,000: communication is then
-    /// most of a ring allreduce's step at 1 Gbit/s on 4 ranks.
-    #[arg(long, value_name = "P")]
+    // The model's size; the help names the default with --link-rate.
+    #[arg(long, value_name = "P", help = format!(
+        "Size the model to about P parameters (two equal hidden layers), instead of \
+         `--hidden`. With `--link-rate` the default is {}: communication is then most of a \
+         ring allreduce's step at 1 Gbit/s on 4 ranks.",
+        links::DEFAULT_MODEL_PARAMETERS
+    ))]
     pub model_parameters: Option<usize>,
     /// The held-out accuracy each codec's time to accuracy is measured to (default:
     /// the f32 run's last evaluated accuracy minus 0.5 points, else the first codec's).
@@ -343,10 +346,7 @@ pub fn run(a: &Args) -> Result<()> {
         a.train.hidden = vec![h, h];
     }
     let a = &a;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("inagg-out/demo"));
+    let out = a.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if !a.json {
         println!(

@@ -44,9 +44,12 @@ pub struct Training {
     /// Optimizer steps.
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
-    /// Rows per rank per step [default: 64; 8 with `inagg demo --link-rate`, so that
-    /// computing a step does not hide its allreduce].
-    #[arg(long)]
+    // Rows per rank per step; the help names both defaults.
+    #[arg(long, help = format!(
+        "Rows per rank per step [default: {DEFAULT_BATCH}; {} with `inagg demo --link-rate`, \
+         so that computing a step does not hide its allreduce]",
+        super::links::LINK_BATCH
+    ))]
     pub batch: Option<usize>,
     /// AdamW learning rate.
     #[arg(long, default_value_t = 2e-3)]

@@ -48,6 +48,10 @@ use crate::wire::{
 use job::Job;
 use slots::{Outcome, Sent};
 
+/// The most jobs an aggregator holds at once unless told otherwise
+/// ([`AggregatorConfig::max_jobs`]).
+pub const DEFAULT_MAX_JOBS: usize = 64;
+
 /// Settings of an aggregator.
 #[derive(Debug, Clone)]
 pub struct AggregatorConfig {
@@ -95,7 +99,7 @@ impl Default for AggregatorConfig {
     fn default() -> Self {
         Self {
             max_window: 1024,
-            max_jobs: 64,
+            max_jobs: DEFAULT_MAX_JOBS,
             max_world: 1024,
             silence_timeout: Duration::from_secs(3),
             tombstone_ttl: Duration::from_secs(30),
