@@ -117,10 +117,10 @@ pub struct Tuning {
     #[arg(long, default_value = "")]
     pub secret: String,
     /// Give up joining after this many milliseconds.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_JOIN_TIMEOUT.as_millis() as u64)]
     pub join_timeout_ms: u64,
     /// Fail when the aggregator is silent this many milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_AGGREGATOR_TIMEOUT.as_millis() as u64)]
     pub aggregator_timeout_ms: u64,
     /// Round stochastically (unbiased) instead of to nearest.
     #[arg(long)]

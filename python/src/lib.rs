@@ -233,8 +233,8 @@ impl Worker {
         aggregator, job, rank, world, codec = "f32", *, secret = "", transport = "udp",
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
-        skip_zeros = false, congestion_control = true, join_timeout = 30.0,
-        aggregator_timeout = 10.0, yields_before_sleep = None, multicast = true,
+        skip_zeros = false, congestion_control = true, join_timeout = None,
+        aggregator_timeout = None, yields_before_sleep = None, multicast = true,
         failover = None, admission_key = None
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -257,8 +257,8 @@ impl Worker {
         stochastic_rounding: Option<u64>,
         skip_zeros: bool,
         congestion_control: bool,
-        join_timeout: f64,
-        aggregator_timeout: f64,
+        join_timeout: Option<f64>,
+        aggregator_timeout: Option<f64>,
         yields_before_sleep: Option<u32>,
         multicast: bool,
         failover: Option<Vec<String>>,
@@ -313,8 +313,12 @@ impl Worker {
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| PyValueError::new_err(format!("{name} must be positive seconds")))
         };
-        o.protocol.join_timeout = secs("join_timeout", join_timeout)?;
-        o.protocol.aggregator_timeout = secs("aggregator_timeout", aggregator_timeout)?;
+        if let Some(t) = join_timeout {
+            o.protocol.join_timeout = secs("join_timeout", t)?;
+        }
+        if let Some(t) = aggregator_timeout {
+            o.protocol.aggregator_timeout = secs("aggregator_timeout", t)?;
+        }
         o.transport =
             match transport {
                 "udp" => Transport::Udp,

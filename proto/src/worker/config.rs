@@ -7,6 +7,14 @@ use super::ConfigError;
 use crate::codec::{self, Codec, CodecId};
 use crate::wire::{self, MAX_SECRET_LEN};
 
+/// How long every rank has to join unless told otherwise
+/// ([`WorkerConfig::join_timeout`]).
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a worker waits on a silent aggregator unless told otherwise
+/// ([`WorkerConfig::aggregator_timeout`]).
+pub const DEFAULT_AGGREGATOR_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Settings of one worker (one rank of one job).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -105,9 +113,9 @@ impl WorkerConfig {
             congestion_control: true,
             secret: Vec::new(),
             join_interval: Duration::from_millis(200),
-            join_timeout: Duration::from_secs(30),
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
             heartbeat_interval: Duration::from_millis(500),
-            aggregator_timeout: Duration::from_secs(10),
+            aggregator_timeout: DEFAULT_AGGREGATOR_TIMEOUT,
             progress_timeout: Duration::from_secs(60),
             // Loopback RTTs are tens of microseconds, but a busy host deschedules a
             // process for milliseconds: a lower bound of 20 ms keeps retransmissions

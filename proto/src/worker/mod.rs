@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use allreduce::{AllreduceStats, Tail};
-pub use config::WorkerConfig;
+pub use config::{WorkerConfig, DEFAULT_AGGREGATOR_TIMEOUT, DEFAULT_JOIN_TIMEOUT};
 pub use dropped::{DropReason, Dropped};
 pub use error::{ConfigError, WorkerError};
 pub use rtt::RttEstimator;
