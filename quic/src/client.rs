@@ -1,15 +1,15 @@
-//! The worker's end: one connection to one aggregator, behind a blocking façade. A
-//! small tokio runtime (one thread) runs quinn; received messages reach the caller's
-//! loop through a channel, sent ones go straight to quinn (datagrams) or through a
-//! writer task (the stream).
+//! The worker's end: one connection to one aggregator, driven on the caller's thread
+//! by the [`Driver`](crate::driver::Driver) whenever it receives, as a UDP socket is.
+//! Between allreduces the worker's heartbeat thread receives often enough (every
+//! eighth of a second) to answer QUIC's acknowledgements and keep-alives.
 
 use std::net::SocketAddr;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use quinn_proto::ConnectionHandle;
 
+use crate::driver::{Driver, Sent};
 use crate::{tls::Trust, Error, Mode};
 
 /// How to reach and trust an aggregator.
@@ -37,24 +37,15 @@ impl ClientOptions {
     }
 }
 
-#[derive(Debug)]
-enum Outbound {
-    Datagram,
-    Stream(tokio::sync::mpsc::Sender<Bytes>),
-}
-
 /// A connection to an aggregator: send and receive protocol messages.
 #[derive(Debug)]
 pub struct QuicLink {
-    conn: quinn::Connection,
-    out: Outbound,
-    inbound: mpsc::Receiver<Bytes>,
+    driver: Driver,
+    ch: ConnectionHandle,
+    mode: Mode,
     remote: SocketAddr,
     /// Where [`inagg_net::Transport::send`] writes each message.
     pub(crate) buf: Vec<u8>,
-    endpoint: quinn::Endpoint,
-    /// Dropped last: quinn's tasks run on it.
-    runtime: tokio::runtime::Runtime,
 }
 
 impl QuicLink {
@@ -64,93 +55,48 @@ impl QuicLink {
         remote: SocketAddr,
         bind: SocketAddr,
     ) -> Result<Self, Error> {
+        let connect_error = |detail: String| Error::Connect {
+            addr: remote,
+            detail,
+        };
         let crypto = opts.trust.client_crypto()?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| {
-            Error::Connect {
-                addr: remote,
-                detail: e.to_string(),
-            }
-        })?;
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
         client.transport_config(crate::transport_config());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("inagg-quic")
-            .enable_all()
-            .build()?;
-        let socket = inagg_net::bind_socket(bind, inagg_net::DEFAULT_SOCKET_BUFFER)?;
-        let (tx, inbound) = mpsc::channel();
-        let mode = opts.mode;
-        let timeout = opts.connect_timeout;
-        let name = opts.server_name.clone();
-        let (endpoint, conn, out) = runtime.block_on(async move {
-            let mut endpoint = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )?;
-            endpoint.set_default_client_config(client);
-            let connecting = endpoint
-                .connect(remote, &name)
-                .map_err(|e| Error::Connect {
+        let socket = inagg_net::UdpEndpoint::bind(bind, inagg_net::DEFAULT_SOCKET_BUFFER)?;
+        let mut driver = Driver::new(socket, None);
+        let ch = driver
+            .connect(client, remote, &opts.server_name)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let end = Instant::now() + opts.connect_timeout;
+        loop {
+            let c = &driver.conns[&ch];
+            if let Some(why) = &c.lost {
+                return Err(connect_error(why.to_string()));
+            }
+            if c.connected {
+                break;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::ConnectTimeout {
                     addr: remote,
-                    detail: e.to_string(),
-                })?;
-            let conn = match tokio::time::timeout(timeout, connecting).await {
-                Err(_) => {
-                    return Err(Error::ConnectTimeout {
-                        addr: remote,
-                        timeout,
-                    })
-                }
-                Ok(Err(e)) => {
-                    return Err(Error::Connect {
-                        addr: remote,
-                        detail: e.to_string(),
-                    })
-                }
-                Ok(Ok(c)) => c,
-            };
-            let out = match mode {
-                Mode::Datagram => {
-                    let c = conn.clone();
-                    tokio::spawn(async move {
-                        while let Ok(d) = c.read_datagram().await {
-                            if tx.send(d).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                    Outbound::Datagram
-                }
-                Mode::Stream => {
-                    let (send, recv) = conn.open_bi().await.map_err(|e| Error::Connect {
-                        addr: remote,
-                        detail: e.to_string(),
-                    })?;
-                    let (wtx, wrx) = tokio::sync::mpsc::channel(crate::STREAM_QUEUE);
-                    tokio::spawn(crate::write_frames(send, wrx));
-                    let c = conn.clone();
-                    tokio::spawn(async move {
-                        if let Err(why) =
-                            crate::read_frames(recv, |m| std::future::ready(tx.send(m).is_ok()))
-                                .await
-                        {
-                            c.close(quinn::VarInt::from_u32(1), why.as_bytes());
-                        }
-                    });
-                    Outbound::Stream(wtx)
-                }
-            };
-            Ok((endpoint, conn, out))
-        })?;
+                    timeout: opts.connect_timeout,
+                });
+            }
+            // Nothing can arrive for the caller before the connection is up.
+            driver.poll(left.min(Duration::from_millis(50)), 0, &mut |_, _, _| {})?;
+        }
+        if opts.mode == Mode::Stream && !driver.open_stream(ch) {
+            return Err(connect_error(
+                "the aggregator allows no stream to be opened".into(),
+            ));
+        }
         Ok(Self {
-            runtime,
-            endpoint,
-            conn,
-            out,
-            inbound,
+            driver,
+            ch,
+            mode: opts.mode,
             remote,
             buf: Vec::with_capacity(64 * 1024),
         })
@@ -163,85 +109,66 @@ impl QuicLink {
 
     /// The local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.driver.local_addr()
     }
 
     /// The largest message [`QuicLink::send`] takes: the path's datagram size in
     /// datagram mode (it may grow as path MTU discovery proceeds), on a stream the
     /// largest inagg message (65,507 bytes, as over UDP).
-    pub fn max_message(&self) -> usize {
-        match self.out {
-            Outbound::Datagram => self.conn.max_datagram_size().unwrap_or(0),
-            Outbound::Stream(_) => crate::MAX_FRAME,
+    pub fn max_message(&mut self) -> usize {
+        match self.mode {
+            Mode::Datagram => self.driver.max_datagram(self.ch).unwrap_or(0),
+            Mode::Stream => crate::frames::MAX_FRAME,
         }
     }
 
     /// Sends one protocol message. A datagram may be lost (the protocol retransmits);
     /// an error means the connection is gone or the message cannot fit.
-    pub fn send(&self, msg: &[u8]) -> Result<(), Error> {
-        match &self.out {
-            Outbound::Datagram => match self.conn.send_datagram(Bytes::copy_from_slice(msg)) {
-                Ok(()) => Ok(()),
-                Err(quinn::SendDatagramError::TooLarge) => Err(Error::TooLarge {
-                    size: msg.len(),
-                    max: self.max_message(),
-                }),
-                Err(e) => Err(Error::Closed(e.to_string())),
-            },
-            Outbound::Stream(tx) => match tx.try_send(crate::frame(msg)) {
-                // The aggregator has stopped reading (`STREAM_QUEUE` frames behind):
-                // lost, as over UDP; the worker's timeouts take it from there.
-                Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Ok(()),
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                    Err(Error::Closed(self.close_reason()))
-                }
-            },
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        self.queue(msg)?;
+        self.driver.flush()?;
+        Ok(())
+    }
+
+    /// Hands one message to the connection; it goes out with the next flush.
+    pub(crate) fn queue(&mut self, msg: &[u8]) -> Result<(), Error> {
+        match self.driver.send(self.ch, msg) {
+            // The aggregator has stopped reading (`STREAM_QUEUE` frames behind): lost,
+            // as over UDP; the worker's timeouts take it from there.
+            Sent::Ok | Sent::QueueFull => Ok(()),
+            Sent::TooLarge => Err(Error::TooLarge {
+                size: msg.len(),
+                max: self.max_message(),
+            }),
+            Sent::Closed => Err(Error::Closed(self.close_reason())),
         }
+    }
+
+    /// Sends what the connection has to send.
+    pub(crate) fn flush(&mut self) -> Result<(), Error> {
+        Ok(self.driver.flush()?)
     }
 
     /// Hands every message received to `f`, waiting up to `timeout` if none is there.
     /// Returns how many; an error once the connection is closed and drained.
     pub fn recv(&mut self, timeout: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, Error> {
-        // Err(true): the connection is gone and everything it delivered was read.
-        let first = if timeout.is_zero() {
-            self.inbound
-                .try_recv()
-                .map_err(|e| matches!(e, mpsc::TryRecvError::Disconnected))
-        } else {
-            self.inbound
-                .recv_timeout(timeout)
-                .map_err(|e| matches!(e, mpsc::RecvTimeoutError::Disconnected))
-        };
-        match first {
-            Ok(m) => f(&m),
-            Err(false) => return Ok(0),
-            Err(true) => return Err(Error::Closed(self.close_reason())),
-        }
-        let mut n = 1;
-        while n < 256 {
-            match self.inbound.try_recv() {
-                Ok(m) => {
-                    f(&m);
-                    n += 1;
-                }
-                Err(_) => break,
-            }
+        let n = self.driver.poll(timeout, usize::MAX, &mut |_, _, m| f(m))?;
+        if n == 0 && self.driver.conns[&self.ch].lost.is_some() {
+            return Err(Error::Closed(self.close_reason()));
         }
         Ok(n)
     }
 
     fn close_reason(&self) -> String {
-        self.conn
-            .close_reason()
+        self.driver
+            .conns
+            .get(&self.ch)
+            .and_then(|c| c.lost.as_ref())
             .map_or_else(|| "closed".to_string(), |e| e.to_string())
     }
 
-    /// Closes the connection and waits briefly for the close to go out.
-    pub fn close(&self) {
-        self.conn.close(quinn::VarInt::from_u32(0), b"bye");
-        let ep = self.endpoint.clone();
-        let _ = self.runtime.block_on(async move {
-            tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await
-        });
+    /// Closes the connection and sends the close.
+    pub fn close(&mut self) {
+        self.driver.close_all(0, b"bye");
     }
 }

@@ -1,4 +1,4 @@
-//! inagg-quic: the QUIC transport, on quinn with rustls (ring). It carries the same
+//! inagg-quic: the QUIC transport, on quinn-proto with rustls (ring). It carries the same
 //! protocol messages the UDP transport carries, so the protocol state machines and the
 //! driver loops stay the same; QUIC adds encryption (the job secret in the join never
 //! crosses the network in clear), authentication of the aggregator, and its own
@@ -7,14 +7,15 @@
 //! - [`tls`]: the aggregator's self-signed certificate (generated once, kept in a
 //!   file) and how a worker trusts it: the certificate as its only root (`--ca`) or
 //!   its SHA-256 fingerprint (`--fingerprint`). No mode skips verification.
-//! - [`QuicLink`]: a worker's connection, a blocking send/receive façade over a small
-//!   tokio runtime, shaped like `inagg_net::UdpEndpoint` so the worker's loop drives
-//!   either.
+//! - [`QuicLink`]: a worker's connection to its aggregator.
 //! - [`QuicListener`]: the aggregator's side: accepts connections and hands every
 //!   message to the caller's loop with the peer's address, as a UDP socket would.
 //!
 //! Both implement `inagg_net::Transport`, the seam the server and driver loops run
-//! over.
+//! over, and both are sans-IO underneath, as the rest of inagg is: quinn-proto's
+//! endpoint and connection state machines, fed and polled by one driver
+//! (`driver.rs`) on the caller's thread from an `inagg_net::UdpEndpoint` (GRO
+//! receives, GSO sends). No async runtime and no channels.
 //!
 //! Two framings, chosen by the worker ([`Mode`]), served side by side: QUIC datagrams
 //! (unreliable, one protocol message each, limited to the path MTU: the worker sizes
@@ -29,6 +30,8 @@
 pub mod tls;
 
 mod client;
+mod driver;
+mod frames;
 mod server;
 mod transport;
 
@@ -38,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{ClientOptions, QuicLink};
-pub use server::{ListenerStats, QuicListener, INBOUND_QUEUE};
+pub use server::{ListenerStats, QuicListener};
 pub use tls::{Identity, Trust, DEFAULT_SERVER_NAME};
 
 use thiserror::Error;
@@ -148,13 +151,6 @@ pub enum Error {
 /// packets, and quinn's packet and frame headers plus the 16-byte tag take under 100.
 pub const MIN_DATAGRAM: usize = 1100;
 
-/// The largest message a stream frame may announce: the largest inagg message,
-/// which is the largest UDP payload (65,507 bytes, which the decoder enforces and to
-/// which the aggregator holds every job's chunks, on streams too). A larger length is
-/// garbage and ends the stream. It also bounds what the aggregator's inbound queue
-/// holds (`INBOUND_QUEUE` of them, 256 MiB).
-pub(crate) const MAX_FRAME: usize = inagg_proto::wire::MAX_DATAGRAM;
-
 /// The largest UDP payload path MTU discovery tries. Loopback could take far more, but
 /// quinn sends up to 10 packets per GSO call and the kernel refuses more than 64 KB in
 /// one call, so jumbo packets made throughput collapse; this ceiling is where a probe
@@ -165,84 +161,19 @@ pub(crate) const MTU_CEILING: u16 = 6000;
 /// quinn's transport settings for inagg, both ends: buffers sized for a window of
 /// chunks in flight, keep-alives, idle timeout, path MTU discovery up to
 /// [`MTU_CEILING`].
-pub(crate) fn transport_config() -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
+pub(crate) fn transport_config() -> Arc<quinn_proto::TransportConfig> {
+    let mut t = quinn_proto::TransportConfig::default();
+    t.max_idle_timeout(quinn_proto::IdleTimeout::try_from(Duration::from_secs(10)).ok());
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     // A window of 1024 slots of 4 KiB chunks is 4 MiB in flight per direction; quinn
     // drops the oldest queued datagram when its buffer is full, so leave room.
     t.datagram_receive_buffer_size(Some(16 << 20));
     t.datagram_send_buffer_size(16 << 20);
-    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    t.receive_window(quinn::VarInt::from_u32(32 << 20));
+    t.stream_receive_window(quinn_proto::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn_proto::VarInt::from_u32(32 << 20));
     t.send_window(32 << 20);
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    let mut mtu = quinn_proto::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_CEILING);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
-}
-
-/// Frames a message for a stream: its length (u32, little-endian), then the bytes.
-pub(crate) fn frame(msg: &[u8]) -> bytes::Bytes {
-    let mut b = bytes::BytesMut::with_capacity(4 + msg.len());
-    b.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    b.extend_from_slice(msg);
-    b.freeze()
-}
-
-/// Reads length-framed messages from `recv` until it ends, fails, or announces a frame
-/// over [`MAX_FRAME`]; hands each to `deliver` and waits for it (which says false to
-/// stop). A `deliver` that waits for room holds the stream back, and QUIC's flow
-/// control then holds back the peer.
-pub(crate) async fn read_frames<F: std::future::Future<Output = bool>>(
-    mut recv: quinn::RecvStream,
-    mut deliver: impl FnMut(bytes::Bytes) -> F,
-) -> Result<(), &'static str> {
-    let mut len = [0u8; 4];
-    loop {
-        if recv.read_exact(&mut len).await.is_err() {
-            return Ok(());
-        }
-        let n = u32::from_le_bytes(len) as usize;
-        if n > MAX_FRAME {
-            return Err("frame too large");
-        }
-        let mut buf = vec![0u8; n];
-        if recv.read_exact(&mut buf).await.is_err() {
-            return Ok(());
-        }
-        if !deliver(bytes::Bytes::from(buf)).await {
-            return Ok(());
-        }
-    }
-}
-
-/// Frames a stream may have queued for writing; more are dropped, as UDP would drop
-/// them, and the protocol's retransmissions recover. A peer that stops reading its
-/// stream blocks the writer on QUIC's flow control, and an aggregator's replies to it
-/// would otherwise pile up without bound while the peer kept sending. An honest peer
-/// never comes near: a rank has at most its window of packets in flight (1024 slots at
-/// the most), so at most that many results to read, and it reads them as they come.
-pub(crate) const STREAM_QUEUE: usize = 2048;
-
-/// Writes the frames queued on `rx` to `send`, as many as are waiting per write.
-pub(crate) async fn write_frames(
-    mut send: quinn::SendStream,
-    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-) {
-    let mut batch = Vec::with_capacity(64);
-    while let Some(b) = rx.recv().await {
-        batch.push(b);
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(b) => batch.push(b),
-                Err(_) => break,
-            }
-        }
-        if send.write_all_chunks(&mut batch).await.is_err() {
-            return;
-        }
-        batch.clear();
-    }
-    let _ = send.finish();
 }

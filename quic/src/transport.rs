@@ -28,9 +28,11 @@ impl<B: Copy> Transport<B> for QuicLink {
 
     fn send(&mut self, out: &mut impl Outbox<Body = B>) -> Result<usize, Error> {
         let mut buf = std::mem::take(&mut self.buf);
-        let sent = send_each(out, &mut buf, |_, d| QuicLink::send(self, d));
+        let sent = send_each(out, &mut buf, |_, d| self.queue(d));
         self.buf = buf;
-        sent
+        let sent = sent?;
+        self.flush()?;
+        Ok(sent)
     }
 
     fn close(&mut self) {
@@ -54,7 +56,7 @@ impl<B: Copy> Transport<B> for QuicListener {
         wait: Duration,
         f: impl FnMut(SocketAddr, &[u8]),
     ) -> Result<usize, io::Error> {
-        Ok(QuicListener::recv(self, wait, f))
+        QuicListener::recv(self, wait, f)
     }
 
     fn send(&mut self, out: &mut impl Outbox<Body = B>) -> Result<usize, io::Error> {
@@ -64,7 +66,9 @@ impl<B: Copy> Transport<B> for QuicListener {
             Ok::<(), io::Error>(())
         });
         self.buf = buf;
-        sent
+        let sent = sent?;
+        self.flush()?;
+        Ok(sent)
     }
 
     fn backlog_batches(&self) -> usize {
