@@ -31,6 +31,9 @@ use crate::frames::{self, FrameReader};
 /// as they come.
 pub(crate) const STREAM_QUEUE: usize = 2048;
 
+/// Socket receive batches a poll takes, at most, before it delivers and sends.
+const READS_PER_POLL: usize = 8;
+
 /// The error code a connection is closed with when its peer breaks the framing.
 const BAD_FRAME: u32 = 1;
 
@@ -230,8 +233,13 @@ impl Driver {
         let deadline = Instant::now().checked_add(wait);
         loop {
             let now = Instant::now();
-            // Whatever is already there, without blocking.
-            self.read_socket(Duration::ZERO)?;
+            // Whatever is already there, without blocking: a few receive batches, so
+            // that acknowledgements and sends follow more than one batch's packets.
+            for _ in 0..READS_PER_POLL {
+                if self.read_socket(Duration::ZERO)? == 0 {
+                    break;
+                }
+            }
             self.advance(now);
             let n = self.deliver(limit, deliver);
             if n > 0 || deadline.is_none_or(|d| now >= d) {
@@ -246,8 +254,8 @@ impl Driver {
     }
 
     /// Reads what the socket has (waiting up to `wait` for the first datagram) into
-    /// the endpoint.
-    fn read_socket(&mut self, wait: Duration) -> io::Result<()> {
+    /// the endpoint; returns how many datagrams.
+    fn read_socket(&mut self, wait: Duration) -> io::Result<usize> {
         let Self {
             endpoint,
             socket,
@@ -292,8 +300,7 @@ impl Driver {
                 Some(DatagramEvent::Response(t)) => push_transmit(out, &t, scratch),
                 None => {}
             }
-        })?;
-        Ok(())
+        })
     }
 
     /// Fires due timers and takes every connection's events.
