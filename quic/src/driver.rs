@@ -333,8 +333,9 @@ impl Driver {
                         }
                         Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                             while let Some(id) = c.conn.streams().accept(Dir::Bi) {
-                                // One stream per peer carries its messages; later ones
-                                // are read too, but answers go on the first.
+                                // One stream per peer carries its messages both ways:
+                                // the first. Later ones are never read, so what a peer
+                                // sends on them stops at the connection's flow control.
                                 c.stream.get_or_insert(id);
                             }
                         }
