@@ -35,8 +35,8 @@ mod tests {
 
     #[test]
     fn cpu_time_grows_with_work_and_matches_proc() {
-        // Spin until getrusage says 100 ms of CPU went by, for at most 20 s of wall
-        // time (a starved thread on a loaded machine gets its CPU late, not never).
+        // Spin until getrusage shows a tenth of a second of CPU, bounded in wall time
+        // (a starved thread on a loaded machine gets its CPU late, not never).
         let before = own();
         let mut x = 0u64;
         let t = std::time::Instant::now();
@@ -49,7 +49,7 @@ mod tests {
         let after = own();
         assert!(after - before >= 0.1, "{before} -> {after}");
         let proc = of(std::process::id()).expect("own /proc stat");
-        // /proc counts in clock ticks (10 ms) and is read a moment later: it lies
+        // /proc counts in clock ticks and is read a moment later: it lies
         // between the two readings' rounding and a little past the last.
         assert!(
             proc > before && proc < after + 1.0,

@@ -710,7 +710,8 @@ mod tests {
         let start = Instant::now();
         let n = ep.recv(Duration::from_millis(20), |_, _| {}).expect("recv");
         assert_eq!(n, 0);
-        // A bound against hanging, not a speed check: 20 ms give or take a yield.
+        // A bound against hanging, not a speed check: the receive's timeout, give or
+        // take a yield.
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "{:?}",

@@ -755,7 +755,7 @@ fn a_job_joining_and_one_leaving_mid_run_change_no_results() {
     let mut cfgs = configs(1, 2, CodecId::I32, chunk, window);
     cfgs.extend(configs(2, 2, CodecId::I32, chunk, window));
     let mut sim = Sim::new(SimConfig::lossy(5), Default::default(), cfgs);
-    // Job 2's ranks join 2 ms into job 1's allreduce and run their own beside it.
+    // Job 2's ranks join while job 1's allreduce runs and run their own beside it.
     sim.delay_join(2, Duration::from_millis(2));
     sim.delay_join(3, Duration::from_millis(2));
     let mut ins = a_in.clone();
@@ -792,7 +792,7 @@ fn a_job_joining_and_one_leaving_mid_run_change_no_results() {
 }
 
 /// Issue 7, slot memory as a budget: the same three jobs, with an aggregator whose
-/// slot memory holds 48 of their slots (each asks for 64), joining 40 ms apart. Alone, a
+/// slot memory holds 48 of their slots (each asks for 64), joining one after another. Alone, a
 /// job gets all 48; each arrival shrinks the running jobs at their next allreduce
 /// boundary, and the three converge to 16 each; the memory held never exceeds the
 /// budget, and they share the bottleneck fairly with the throughput of one job alone.
@@ -870,7 +870,7 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
         cfgs.extend(configs(2, 2, CodecId::I32, chunk, window));
         let mut sim = Sim::new(SimConfig::lossy(50 + seed), agg.clone(), cfgs);
         // Job 2's ranks stay away until job 1 has joined (with loss, a join may take a
-        // retry), then come 2 ms into job 1's first allreduce.
+        // retry), then come while job 1's first allreduce runs.
         sim.delay_join(2, Duration::from_secs(3600));
         sim.delay_join(3, Duration::from_secs(3600));
         sim.join_some(&[0, 1]).expect("job 1 joins");

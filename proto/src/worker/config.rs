@@ -118,10 +118,9 @@ impl WorkerConfig {
             aggregator_timeout: DEFAULT_AGGREGATOR_TIMEOUT,
             progress_timeout: Duration::from_secs(60),
             // Loopback RTTs are tens of microseconds, but a busy host deschedules a
-            // process for milliseconds: a lower bound of 20 ms keeps retransmissions
-            // for real losses (a floor of a few milliseconds set off many spurious
-            // ones where ranks share cores; docs/performance.md, "Retransmission
-            // timeout floor").
+            // process for milliseconds: the floor keeps retransmissions for real
+            // losses (a lower one set off many spurious ones where ranks share cores;
+            // docs/performance.md, "Retransmission timeout floor").
             initial_rto: Duration::from_millis(100),
             min_rto: Duration::from_millis(20),
             max_rto: Duration::from_secs(1),
