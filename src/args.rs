@@ -104,6 +104,21 @@ impl From<QuicMode> for inagg_quic::Mode {
     }
 }
 
+/// How many allreduces a run makes and on which tensors, shared by `worker` and
+/// `bench` (which passes them on to its workers).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Runs {
+    /// Timed allreduces.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed allreduces first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Seed of the tensors (every rank derives its own from it).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
 /// Protocol knobs shared by `worker` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {

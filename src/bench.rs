@@ -100,8 +100,8 @@ pub fn run(a: &Args) -> Result<()> {
             a.tuning
                 .window
                 .map_or_else(|| "by codec".to_string(), |w| w.to_string()),
-            a.warmup,
-            a.iters,
+            a.runs.warmup,
+            a.runs.iters,
             addrs
         );
         println!(
@@ -132,7 +132,7 @@ pub fn run(a: &Args) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let agg_cpu_after: Option<f64> = agg_pids.iter().map(|&p| crate::cputime::of(p)).sum();
         // Every job's warm-up and timed allreduces (barriers ride along).
-        let served = f64::from(a.jobs) * (a.warmup + a.iters).max(1) as f64;
+        let served = f64::from(a.jobs) * (a.runs.warmup + a.runs.iters).max(1) as f64;
         let agg_cpu = agg_cpu_before
             .zip(agg_cpu_after)
             .map(|(b, e)| (e - b).max(0.0) / served);

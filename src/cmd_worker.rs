@@ -38,15 +38,8 @@ pub struct Args {
     /// Elements of the tensor.
     #[arg(long, default_value_t = 1 << 20)]
     pub elements: usize,
-    /// Timed allreduces.
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
-    /// Untimed allreduces first.
-    #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
-    /// Seed of the tensors (every rank derives its own from it).
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub runs: crate::args::Runs,
     #[command(flatten)]
     pub tuning: Tuning,
     /// Print one JSON object instead of a sentence.
@@ -98,7 +91,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.secret = a.tuning.secret.as_bytes().to_vec();
     o.protocol.join_timeout = Duration::from_millis(a.tuning.join_timeout_ms);
     o.protocol.aggregator_timeout = Duration::from_millis(a.tuning.aggregator_timeout_ms);
-    o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.seed);
+    o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.runs.seed);
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.yields_before_sleep = a.tuning.yields_before_sleep;
@@ -118,7 +111,8 @@ pub fn run(a: &Args) -> Result<()> {
         bail!("--zero-fraction must be between 0 and 1");
     }
     let chunk0 = usize::from(opts.protocol.chunk_elems);
-    let make = |rank| tensor::input_with_zeros(a.seed, rank, a.elements, a.zero_fraction, chunk0);
+    let make =
+        |rank| tensor::input_with_zeros(a.runs.seed, rank, a.elements, a.zero_fraction, chunk0);
     let input = make(a.rank);
     let mut buf = input.clone();
     let worker = Worker::connect(opts).with_context(|| {
@@ -135,7 +129,7 @@ pub fn run(a: &Args) -> Result<()> {
         rank: a.rank,
         codec: codec.name().into(),
         elements: a.elements,
-        times_s: Vec::with_capacity(a.iters),
+        times_s: Vec::with_capacity(a.runs.iters),
         bytes_sent: 0,
         bytes_recv: 0,
         retransmissions: 0,
@@ -177,7 +171,7 @@ pub fn run(a: &Args) -> Result<()> {
     let sr = a.tuning.stochastic;
     let mut worst: Option<tensor::Check> = None;
     let mut cpu_timed = 0.0;
-    for i in 0..a.warmup + a.iters {
+    for i in 0..a.runs.warmup + a.runs.iters {
         buf[..n].copy_from_slice(&input);
         if let Some(d) = a.duration_s {
             buf[vote] = if started.elapsed().as_secs_f64() >= d {
@@ -197,7 +191,7 @@ pub fn run(a: &Args) -> Result<()> {
             .allreduce(&mut buf)
             .with_context(|| format!("rank {}: allreduce {} of job {} failed", a.rank, i, a.job))?;
         let cpu = crate::cputime::own() - cpu_before;
-        if i >= a.warmup {
+        if i >= a.runs.warmup {
             cpu_timed += cpu;
             report.times_s.push(r.elapsed.as_secs_f64());
             report.bytes_sent += r.bytes_sent;
@@ -266,7 +260,7 @@ pub fn run(a: &Args) -> Result<()> {
     report.retransmitted_bytes /= timed;
     if worst.is_some() {
         report.check = worst;
-    } else if !a.no_check && a.warmup + a.iters > 0 {
+    } else if !a.no_check && a.runs.warmup + a.runs.iters > 0 {
         report.check = Some(tensor::check(codec, a.world, chunk, sr, &inputs(), &buf));
         report.checked = 1;
     }

@@ -34,15 +34,8 @@ pub struct JobSpec {
     /// Transport between workers and aggregator.
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     pub transport: Transport,
-    /// Timed allreduces.
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
-    /// Untimed allreduces first.
-    #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
-    /// Seed of the tensors.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub runs: crate::args::Runs,
     #[command(flatten)]
     pub tuning: Tuning,
     /// One JSON object per line per configuration.
@@ -94,6 +87,19 @@ pub struct JobSpec {
     /// The standby aggregator's address (set by `run`).
     #[arg(skip)]
     pub standby: Option<SocketAddr>,
+}
+
+impl JobSpec {
+    /// Every flag at its default, as `inagg bench` without flags has them: what
+    /// `inagg sweep` starts from and varies.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Bench {
+            #[command(flatten)]
+            spec: JobSpec,
+        }
+        <Bench as clap::Parser>::parse_from(["inagg-bench"]).spec
+    }
 }
 
 /// One line of `inagg bench --json`. Field names are a contract with scripts.
@@ -223,11 +229,11 @@ fn worker_args(a: &JobSpec, aggs: &[SocketAddr], job: u32, rank: u16, codec: &st
         "--elements",
         &a.elements.to_string(),
         "--iters",
-        &a.iters.to_string(),
+        &a.runs.iters.to_string(),
         "--warmup",
-        &a.warmup.to_string(),
+        &a.runs.warmup.to_string(),
         "--seed",
-        &a.seed.to_string(),
+        &a.runs.seed.to_string(),
         "--secret",
         &t.secret,
         "--join-timeout-ms",
@@ -456,8 +462,8 @@ pub fn row(
         codec: codec.to_string(),
         workers: a.workers,
         elements: a.elements,
-        iters: a.iters,
-        warmup: a.warmup,
+        iters: a.runs.iters,
+        warmup: a.runs.warmup,
         // As granted (QUIC datagrams shrink it), from the ranks' reports.
         chunk_elements: reports.first().map_or(0, |r| r.chunk_elements),
         window: inagg_proto::codec::by_name(codec).map_or_else(

@@ -6,8 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::args::Transport;
-use crate::args::Tuning;
 use crate::job::{self, JobSpec, Row};
 use crate::plot::{self, Series, Style};
 
@@ -62,42 +60,18 @@ pub fn run(a: &Args) -> Result<()> {
     for &workers in &a.workers {
         for &chunk in &chunks {
             for c in &a.codec {
-                let b = JobSpec {
-                    workers,
-                    elements: a.elements,
-                    codec: vec![*c],
-                    transport: Transport::Udp,
-                    iters: a.iters,
-                    warmup: a.warmup,
-                    seed: 1,
-                    tuning: Tuning {
-                        chunk_elements: chunk,
-                        window: None,
-                        secret: String::new(),
-                        join_timeout_ms: 30_000,
-                        aggregator_timeout_ms: 10_000,
-                        stochastic: a.stochastic,
-                        skip_zeros: false,
-                        no_congestion_control: false,
-                        quic_mode: Default::default(),
-                        yields_before_sleep: inagg_worker::DEFAULT_YIELDS_BEFORE_SLEEP,
-                        no_multicast: false,
-                    },
-                    json: true,
-                    zero_fraction: 0.0,
-                    faults: crate::args::FaultArgs::default(),
-                    fault_seed: 1,
-                    jobs: 1,
-                    aggregators: 1,
-                    aggregator_threads: 1,
-                    slot_memory: None,
-                    aggregator_yields: None,
-                    netlab: crate::harness::Netlab::default(),
-                    timeout_s: 600,
-                    ca: None,
-                    failover_standby: false,
-                    standby: None,
-                };
+                let mut b = JobSpec::defaults();
+                b.workers = workers;
+                b.elements = a.elements;
+                b.codec = vec![*c];
+                b.runs.iters = a.iters;
+                b.runs.warmup = a.warmup;
+                b.tuning.chunk_elements = chunk;
+                b.tuning.stochastic = a.stochastic;
+                b.json = true;
+                // The sweep's aggregator is on loopback, whatever netlab's environment
+                // says.
+                b.netlab = Default::default();
                 let reports = job::run_job(&b, &[addr], job, c.name())?;
                 job += 1;
                 let r = job::row(&b, c.name(), &[reports], None);
