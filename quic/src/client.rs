@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quinn_proto::ConnectionHandle;
 
-use crate::driver::{Driver, Sent};
+use crate::driver::{Conn, Driver, Sent};
 use crate::{tls::Trust, Error, Mode};
 
 /// How to reach and trust an aggregator.
@@ -71,12 +71,12 @@ impl QuicLink {
             .map_err(|e| connect_error(e.to_string()))?;
         let end = Instant::now() + opts.connect_timeout;
         loop {
-            let c = &driver.conns[&ch];
-            if let Some(why) = &c.lost {
-                return Err(connect_error(why.to_string()));
-            }
-            if c.connected {
-                break;
+            match driver.conns.get(&ch) {
+                Some(c) if c.connected && c.lost.is_none() => break,
+                Some(Conn {
+                    lost: Some(why), ..
+                }) => return Err(connect_error(why.to_string())),
+                _ => {}
             }
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -153,7 +153,13 @@ impl QuicLink {
     /// Returns how many; an error once the connection is closed and drained.
     pub fn recv(&mut self, timeout: Duration, mut f: impl FnMut(&[u8])) -> Result<usize, Error> {
         let n = self.driver.poll(timeout, usize::MAX, &mut |_, _, m| f(m))?;
-        if n == 0 && self.driver.conns[&self.ch].lost.is_some() {
+        if n == 0
+            && self
+                .driver
+                .conns
+                .get(&self.ch)
+                .is_none_or(|c| c.lost.is_some())
+        {
             return Err(Error::Closed(self.close_reason()));
         }
         Ok(n)

@@ -31,6 +31,10 @@ use crate::frames::{self, FrameReader};
 /// as they come.
 pub(crate) const STREAM_QUEUE: usize = 2048;
 
+/// The longest one poll waits, whatever it is asked: a wait too long to add to the
+/// clock would otherwise have no deadline.
+const LONGEST_WAIT: Duration = Duration::from_secs(3600);
+
 /// Socket receive batches a poll takes, at most, before it delivers and sends.
 const READS_PER_POLL: usize = 8;
 
@@ -230,7 +234,7 @@ impl Driver {
         limit: usize,
         deliver: &mut impl FnMut(ConnectionHandle, SocketAddr, &[u8]),
     ) -> io::Result<usize> {
-        let deadline = Instant::now().checked_add(wait);
+        let deadline = Instant::now() + wait.min(LONGEST_WAIT);
         loop {
             let now = Instant::now();
             // Whatever is already there, without blocking: a few receive batches, so
@@ -242,13 +246,11 @@ impl Driver {
             }
             self.advance(now);
             let n = self.deliver(limit, deliver);
-            if n > 0 || deadline.is_none_or(|d| now >= d) {
-                self.flush()?;
+            self.flush()?;
+            if n > 0 || now >= deadline {
                 return Ok(n);
             }
-            self.flush()?;
-            let until = deadline.map_or(now + wait, |d| d);
-            let until = self.next_timer().map_or(until, |t| t.min(until));
+            let until = self.next_timer().map_or(deadline, |t| t.min(deadline));
             self.read_socket(until.saturating_duration_since(Instant::now()))?;
         }
     }

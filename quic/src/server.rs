@@ -182,6 +182,33 @@ mod tests {
         (listener, ClientOptions::new(trust), dir)
     }
 
+    /// A worker's end on a thread of its own: connects to `to`, says "hello", runs
+    /// `then`, and keeps the connection open until `done` is set (30 s at the most),
+    /// receiving meanwhile if `reads`, idle otherwise.
+    fn peer(
+        opts: ClientOptions,
+        to: SocketAddr,
+        done: Arc<AtomicBool>,
+        reads: bool,
+        then: impl FnOnce(&mut QuicLink) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut link = QuicLink::connect(&opts, to, "127.0.0.1:0".parse().expect("addr"))
+                .expect("connect");
+            link.send(b"hello").expect("hello");
+            then(&mut link);
+            let end = Instant::now() + Duration::from_secs(30);
+            while !done.load(Ordering::Relaxed) && Instant::now() < end {
+                if reads {
+                    let _ = link.recv(Duration::from_millis(10), |_| {});
+                } else {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            link.close();
+        })
+    }
+
     /// Receives on `listener` until `want` messages came or `limit` passed.
     fn take(
         listener: &mut QuicListener,
@@ -207,25 +234,14 @@ mod tests {
         let (mut listener, opts, dir) = listener();
         let to = listener.local_addr();
         let sent = 3 * 4096;
-        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let peer = {
-            let done = std::sync::Arc::clone(&done);
-            std::thread::spawn(move || {
-                let mut link = QuicLink::connect(&opts, to, "127.0.0.1:0".parse().expect("addr"))
-                    .expect("connect");
-                link.send(b"hello").expect("hello");
-                let _ = rx.recv();
-                for i in 0..sent {
-                    link.send(&(i as u32).to_le_bytes()).expect("send");
-                }
-                let end = Instant::now() + Duration::from_secs(30);
-                while !done.load(Ordering::Relaxed) && Instant::now() < end {
-                    let _ = link.recv(Duration::from_millis(10), |_| {});
-                }
-                link.close();
-            })
-        };
+        let peer = peer(opts, to, Arc::clone(&done), true, move |link| {
+            let _ = rx.recv();
+            for i in 0..sent {
+                link.send(&(i as u32).to_le_bytes()).expect("send");
+            }
+        });
         let hello = take(&mut listener, 1, Duration::from_secs(10));
         assert_eq!(hello.len(), 1);
         let _ = tx.send(());
@@ -247,20 +263,9 @@ mod tests {
     fn replies_to_a_peer_that_stops_reading_are_bounded() {
         let (mut listener, opts, dir) = listener();
         let to = listener.local_addr();
-        let done = std::sync::Arc::new(AtomicBool::new(false));
-        let peer = {
-            let done = std::sync::Arc::clone(&done);
-            std::thread::spawn(move || {
-                let mut link = QuicLink::connect(&opts, to, "127.0.0.1:0".parse().expect("addr"))
-                    .expect("connect");
-                link.send(b"hello").expect("hello");
-                // Kept open, never read, until the test is over.
-                let end = Instant::now() + Duration::from_secs(30);
-                while !done.load(Ordering::Relaxed) && Instant::now() < end {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-        };
+        let done = Arc::new(AtomicBool::new(false));
+        // Kept open, never read, until the test is over.
+        let peer = peer(opts, to, Arc::clone(&done), false, |_| {});
         let hello = take(&mut listener, 1, Duration::from_secs(10));
         let from = hello
             .first()
