@@ -38,6 +38,7 @@ without an f32 run), null when no evaluation reaches it.
 
 import argparse
 import csv
+import gzip
 import hashlib
 import json
 import math
@@ -58,6 +59,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 DIM, CLASSES = 32, 10
+# Debian's dataset-fashion-mnist (`--data fashion-mnist`): 28 x 28 grey images, 10
+# classes, as gzipped IDX files.
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("synthetic", "fashion-mnist")
 DEFAULT_HIDDEN = 256
 # With --link-rate and without --model-parameters: about 4 M parameters (hidden width
 # 1978). Communication grows with the parameters as compute does; at 1 Gbit/s on 4
@@ -131,6 +136,9 @@ def parse(argv=None):
                         f"--link-rate {DEFAULT_LINK_PARAMETERS / 1e6:g}M, else --hidden")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--data", default="synthetic", choices=DATASETS,
+                   help="synthetic (generated from --seed), or fashion-mnist (Debian's "
+                        f"dataset-fashion-mnist in {FASHION_MNIST})")
     p.add_argument("--job", type=int, default=None, help="first inagg job id")
     p.add_argument("--inagg-bin", default=None, help="the inagg binary (to start an aggregator)")
     p.add_argument("--eval-every", type=int, default=10, metavar="K",
@@ -163,11 +171,18 @@ def parse(argv=None):
                 args.rates.append(rate)
         if not args.rates:
             p.error("--link-rate: no rate given")
+    args.dim, args.classes = DIM, CLASSES
+    if args.data == "fashion-mnist":
+        missing = [f for f in FASHION_FILES if not (FASHION_MNIST / f).exists()]
+        if missing:
+            p.error(f"--data fashion-mnist: {FASHION_MNIST / missing[0]} is missing "
+                    "(apt install dataset-fashion-mnist)")
+        args.dim, args.classes = 28 * 28, 10
     if args.hidden is None:
         target = args.model_parameters
         if target is None and args.rates:
             target = DEFAULT_LINK_PARAMETERS
-        args.hidden = hidden_for(target) if target else DEFAULT_HIDDEN
+        args.hidden = hidden_for(target, args.dim, args.classes) if target else DEFAULT_HIDDEN
     return args
 
 
@@ -179,7 +194,8 @@ def hidden_for(parameters, dim=DIM, classes=CLASSES):
     """The hidden width whose model has the parameter count nearest `parameters`."""
     b = dim + classes + 2
     h = max(1, round((-b + math.sqrt(b * b + 4 * max(0, parameters - classes))) / 2))
-    return min((h - 1, h, h + 1), key=lambda w: abs(parameters_of(max(1, w)) - parameters))
+    return min((h - 1, h, h + 1),
+               key=lambda w: abs(parameters_of(max(1, w), dim, classes) - parameters))
 
 
 def data(seed, n, dim=DIM, classes=CLASSES):
@@ -188,6 +204,40 @@ def data(seed, n, dim=DIM, classes=CLASSES):
     x = torch.randn(n, dim, generator=g)
     y = (x @ teacher + 0.5 * torch.randn(n, classes, generator=g)).argmax(dim=1)
     return x, y
+
+
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def idx(path):
+    """One gzipped IDX file as a tensor (uint8 images or labels), its header checked."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise SystemExit(f"torch_ddp: {path} is not an IDX file of unsigned bytes")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    start = 4 + 4 * raw[3]
+    count = math.prod(dims)
+    if len(raw) != start + count:
+        raise SystemExit(f"torch_ddp: {path} holds {len(raw) - start} bytes, its header "
+                         f"says {count}")
+    return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(dims)
+
+
+def dataset(args, n):
+    """Training rows (at least `n`, repeated in order where the set is smaller) and
+    4096 held-out rows: (x, y, test_x, test_y)."""
+    if args.data == "synthetic":
+        x, y = data(args.seed, n + 4096)
+        return x[:n], y[:n], x[-4096:], y[-4096:]
+    files = [idx(FASHION_MNIST / f) for f in FASHION_FILES]
+    train_x = files[0].reshape(len(files[0]), -1).float() / 255.0
+    train_y = files[1].long()
+    test_x = files[2].reshape(len(files[2]), -1).float() / 255.0
+    test_y = files[3].long()
+    rows = torch.arange(n) % len(train_x)
+    return train_x[rows], train_y[rows], test_x[:4096], test_y[:4096]
 
 
 def model(seed, hidden, dim=DIM, classes=CLASSES):
@@ -209,9 +259,8 @@ def train(args, rank, world, codec, job):
     """One training run on this rank; returns its row (rank 0's is printed)."""
     import inagg.torch as itorch
 
-    x, y = data(args.seed, args.batch * args.steps + 4096)
-    test_x, test_y = x[-4096:], y[-4096:]
-    net = DDP(model(args.seed, args.hidden))
+    x, y, test_x, test_y = dataset(args, args.batch * args.steps)
+    net = DDP(model(args.seed, args.hidden, args.dim, args.classes))
     state = None
     if codec != "gloo":
         state = itorch.InaggState(codec=codec, job=job, rank=rank, world_size=world)
@@ -516,7 +565,7 @@ def passthrough(args):
     """The training flags, for the runs this one starts (netlab's and the ranks')."""
     out = ["--workers", str(args.workers), "--codecs", args.codecs, "--steps", str(args.steps),
            "--batch", str(args.batch), "--hidden", str(args.hidden), "--lr", repr(args.lr),
-           "--seed", str(args.seed), "--eval-every", str(args.eval_every),
+           "--seed", str(args.seed), "--data", args.data, "--eval-every", str(args.eval_every),
            "--inagg-bin", _absolute(inagg_binary(args.inagg_bin))]
     if args.job is not None:
         out += ["--job", str(args.job)]
@@ -535,7 +584,8 @@ def link_rate_main(args):
                "--link-rate", rate, "--", sys.executable, str(SCRIPT), *passthrough(args),
                "--in-netlab"]
         print(f"torch_ddp: {args.workers} ranks on {rate} links, "
-              f"{parameters_of(args.hidden) / 1e6:.2f} M parameters, {args.steps} steps",
+              f"{parameters_of(args.hidden, args.dim, args.classes) / 1e6:.2f} M parameters, "
+              f"{args.steps} steps",
               file=sys.stderr, flush=True)
         try:
             r = subprocess.run(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,27 @@ def test_ddp_reports_held_out_accuracy_and_time_to_accuracy(aggregator, tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One rate (loopback): no plot against the link rate.
     assert not (tmp_path / "step_time_vs_link_rate.png").exists()
+
+
+def test_ddp_trains_on_debians_fashion_mnist(aggregator):
+    """--data fashion-mnist: the model takes the images' 784 pixels, Gloo's and the
+    hook's replicas agree, and training beats the untrained model on held-out images."""
+    assert Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(), (
+        "apt install dataset-fashion-mnist")
+    hidden = 64
+    rows, _ = _ddp_rows(
+        ["--workers", "2", "--steps", "20", "--codecs", "f32", "--job", "580",
+         "--eval-every", "10", "--data", "fashion-mnist", "--hidden", str(hidden)],
+        {"INAGG_AGGREGATOR": aggregator.addr},
+    )
+    assert set(rows) == {"gloo", "f32"}
+    for row in rows.values():
+        assert row["replicas_identical"], row
+        assert row["parameters"] == 784 * hidden + hidden + hidden * hidden + hidden \
+            + hidden * 10 + 10, row
+        first, last = row["eval_accuracy"][0][2], row["eval_accuracy"][-1][2]
+        # Ten classes: the untrained model guesses; 20 steps of 256 images learn.
+        assert last > max(first, 0.3), row["eval_accuracy"]
 
 
 def _namespaces_work():
