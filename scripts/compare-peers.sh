@@ -13,7 +13,9 @@
 # --rounds R repeats the whole comparison R times, the systems in turn within each
 # round, and reports per system the median over rounds of its ratio to Gloo in the
 # same round, with the spread (min-max), and the machine's CPU model and cores
-# (OUT/peers-summary.csv); default 1.
+# (OUT/peers-summary.csv); default 1. With several worker counts it also plots each
+# system's median ATE/s and ratio to Gloo against N (OUT/ate_vs_workers.png,
+# OUT/ratio_vs_workers.png).
 # INAGG_BIN=PATH uses that inagg binary instead of building this tree.
 # Installs Debian's python3-torch, openmpi-bin and python3-mpi4py if missing; uses
 # Debian's interpreter, /usr/bin/python3.

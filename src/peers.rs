@@ -247,6 +247,7 @@ pub fn run(a: &Args) -> Result<()> {
         },
         &series,
     )?;
+    let scaling = scaling_plots(a, &summary)?;
     let rounds = points.iter().map(|p| p.round).max().unwrap_or(1);
     println!("{cpu_model}, {cores} cores; {rounds} round(s), medians over rounds");
     println!(
@@ -282,7 +283,100 @@ pub fn run(a: &Args) -> Result<()> {
         summary_path.display(),
         a.out.join("peers.png").display()
     );
+    if scaling {
+        println!(
+            "wrote {} and {}",
+            a.out.join("ate_vs_workers.png").display(),
+            a.out.join("ratio_vs_workers.png").display()
+        );
+    }
     Ok(())
+}
+
+/// With more than one worker count measured: `ate_vs_workers.png` (median ATE/s
+/// against N) and `ratio_vs_workers.png` (median ratio to Gloo against N), one line
+/// per system and codec at each size. Returns whether it drew them.
+fn scaling_plots(a: &Args, summary: &[Summary]) -> Result<bool> {
+    let mut counts: Vec<u16> = summary.iter().map(|s| s.workers).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    if counts.len() < 2 {
+        return Ok(false);
+    }
+    let sizes = summary
+        .iter()
+        .map(|s| s.elements)
+        .collect::<std::collections::BTreeSet<_>>();
+    let line = |s: &Summary| {
+        let name = if s.system == "inagg" {
+            format!("inagg {}", s.codec)
+        } else {
+            s.system.clone()
+        };
+        if sizes.len() > 1 {
+            format!("{name}, {} Mi", s.elements >> 20)
+        } else {
+            name
+        }
+    };
+    let mut ate: Vec<Series> = Vec::new();
+    let mut ratio: Vec<Series> = Vec::new();
+    for s in summary {
+        let name = line(s);
+        let n = f64::from(s.workers);
+        let at = match ate.iter().position(|x| x.name == name) {
+            Some(i) => i,
+            None => {
+                ate.push(Series {
+                    name: name.clone(),
+                    points: Vec::new(),
+                    labels: Vec::new(),
+                });
+                ratio.push(Series {
+                    name,
+                    points: Vec::new(),
+                    labels: Vec::new(),
+                });
+                ate.len() - 1
+            }
+        };
+        ate[at].points.push((n, s.ate_per_s_median));
+        if let Some(r) = s.vs_gloo_median {
+            ratio[at].points.push((n, r));
+        }
+    }
+    for s in ate.iter_mut().chain(ratio.iter_mut()) {
+        s.points.sort_by(|x, y| x.0.total_cmp(&y.0));
+    }
+    ratio.retain(|s| !s.points.is_empty());
+    let style = |title: &'static str, y_desc: &'static str, log_y: bool| Style {
+        title,
+        x_desc: "workers (N)",
+        y_desc,
+        log_y,
+        lines: true,
+        markers: true,
+        x_names: None,
+    };
+    let t1 = format!("Allreduce throughput against workers, {}", a.network);
+    let t2 = format!("Ratio to Gloo against workers, {}", a.network);
+    plot::chart(
+        &a.out.join("ate_vs_workers.png"),
+        Style {
+            title: &t1,
+            ..style("", "ATE/s (median over rounds)", true)
+        },
+        &ate,
+    )?;
+    plot::chart(
+        &a.out.join("ratio_vs_workers.png"),
+        Style {
+            title: &t2,
+            ..style("", "ATE/s over Gloo's (median over rounds)", false)
+        },
+        &ratio,
+    )?;
+    Ok(true)
 }
 
 fn label(p: &Point) -> String {

@@ -80,3 +80,54 @@ fn the_report_takes_each_rounds_ratio_to_gloo_and_their_median_and_spread() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn several_worker_counts_are_plotted_against_n_and_one_is_not() {
+    let dir = std::env::temp_dir().join(format!("inagg-test-peers-n-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let line = |system: &str, workers: u16, ate: f64| {
+        format!(
+            r#"{{"system":"{system}","codec":"f32","workers":{workers},"elements":1024,"median_s":{},"ate_per_s":{ate}}}"#,
+            1024.0 / ate
+        )
+    };
+    let report = |input: String| {
+        let results = dir.join("results.jsonl");
+        std::fs::write(&results, input).expect("write results");
+        for png in ["ate_vs_workers.png", "ratio_vs_workers.png"] {
+            let _ = std::fs::remove_file(dir.join(png));
+        }
+        let mut cmd = inagg();
+        cmd.arg("peers-report")
+            .arg("--input")
+            .arg(&results)
+            .arg("--out")
+            .arg(&dir);
+        let (st, out, err) = run_bounded(cmd, Duration::from_secs(60));
+        assert!(st.success(), "{out}\n{err}");
+        out
+    };
+    let mut input = String::new();
+    for n in [2, 4, 8] {
+        input += &line("gloo", n, 100.0 / f64::from(n));
+        input.push('\n');
+        input += &line("inagg", n, 150.0);
+        input.push('\n');
+    }
+    let out = report(input);
+    for png in ["ate_vs_workers.png", "ratio_vs_workers.png"] {
+        let bytes = std::fs::read(dir.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+        assert!(out.contains(png), "{out}");
+    }
+    // One worker count: nothing to draw against N.
+    let out = report(format!(
+        "{}\n{}\n",
+        line("gloo", 4, 100.0),
+        line("inagg", 4, 150.0)
+    ));
+    assert!(!dir.join("ate_vs_workers.png").exists(), "{out}");
+    assert!(!out.contains("ate_vs_workers"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
