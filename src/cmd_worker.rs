@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(long)]
     pub no_check: bool,
     /// Check every allreduce's result, warm-up included, against the exact sum, not
-    /// only the last (one pass over every rank's tensor after each call, outside its
+    /// only the last (every rank's tensor regenerated after each call, outside its
     /// timing): `check` reports the worst, `checked` how many were checked.
     #[arg(long, conflicts_with = "no_check")]
     pub check_every: bool,
@@ -111,9 +111,7 @@ pub fn run(a: &Args) -> Result<()> {
         bail!("--zero-fraction must be between 0 and 1");
     }
     let chunk0 = usize::from(opts.protocol.chunk_elems);
-    let make =
-        |rank| tensor::input_with_zeros(a.runs.seed, rank, a.elements, a.zero_fraction, chunk0);
-    let input = make(a.rank);
+    let input = tensor::input_with_zeros(a.runs.seed, a.rank, a.elements, a.zero_fraction, chunk0);
     let mut buf = input.clone();
     let worker = Worker::connect(opts).with_context(|| {
         format!(
@@ -161,13 +159,12 @@ pub fn run(a: &Args) -> Result<()> {
     // took about as long as an allreduce, and its CPU time slowed the other ranks;
     // docs/performance.md, "Checking results in the bench").
     let mut first: Option<Vec<f32>> = None;
-    // Every rank's tensor, for the check against the exact sum.
-    let inputs = || -> Vec<Vec<f32>> {
+    // Every rank's input from its start, for the check against the exact sum.
+    let inputs = || -> Vec<tensor::Input> {
         (0..a.world)
-            .map(|r| if r == a.rank { input.clone() } else { make(r) })
+            .map(|r| tensor::Input::new(a.runs.seed, r, a.zero_fraction, chunk0))
             .collect()
     };
-    let every = a.check_every.then(inputs);
     let sr = a.tuning.stochastic;
     let mut worst: Option<tensor::Check> = None;
     let mut cpu_timed = 0.0;
@@ -215,8 +212,8 @@ pub fn run(a: &Args) -> Result<()> {
                 }
             }
         }
-        if let Some(inputs) = &every {
-            let c = tensor::check(codec, a.world, chunk, sr, inputs, &buf[..n]);
+        if a.check_every {
+            let c = tensor::check(codec, a.world, chunk, sr, inputs(), &buf[..n]);
             report.checked += 1;
             worst = Some(match worst {
                 Some(w) if w.worse_than(&c) => w,
@@ -261,7 +258,7 @@ pub fn run(a: &Args) -> Result<()> {
     if worst.is_some() {
         report.check = worst;
     } else if !a.no_check && a.runs.warmup + a.runs.iters > 0 {
-        report.check = Some(tensor::check(codec, a.world, chunk, sr, &inputs(), &buf));
+        report.check = Some(tensor::check(codec, a.world, chunk, sr, inputs(), &buf));
         report.checked = 1;
     }
     if a.json {

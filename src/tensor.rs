@@ -17,32 +17,66 @@ pub fn input(seed: u64, rank: u16, len: usize) -> Vec<f32> {
 /// `input`, with a seeded fraction `zeros` of the `chunk`-element chunks set to zero
 /// on every rank (the same chunks on all: sparse gradients, as for embeddings).
 pub fn input_with_zeros(seed: u64, rank: u16, len: usize, zeros: f64, chunk: usize) -> Vec<f32> {
-    let mut v = dense(seed, rank, len);
-    if zeros > 0.0 {
-        let mut pick = SmallRng::seed_from_u64(seed ^ 0x5eed_0000);
-        for c in v.chunks_mut(chunk.max(1)) {
-            if pick.random_bool(zeros.clamp(0.0, 1.0)) {
-                c.fill(0.0);
-            }
-        }
-    }
+    let mut v = vec![0.0; len];
+    Input::new(seed, rank, zeros, chunk).fill(&mut v);
     v
 }
 
-fn dense(seed: u64, rank: u16, len: usize) -> Vec<f32> {
-    let mut rng = SmallRng::seed_from_u64(seed ^ (u64::from(rank) << 48) ^ 0x9e37_79b9_7f4a_7c15);
-    let mut scale_rng = SmallRng::seed_from_u64(seed.wrapping_add(1));
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let mag = 2f32.powi(-scale_rng.random_range(0..=12));
-        let n = (len - out.len()).min(4096);
-        // A product of two uniforms fills the whole mantissa (one uniform alone lies on
-        // a 2^-23 grid, whose sums would be exact in any codec and prove nothing).
-        out.extend(
-            (0..n).map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.5f32..1.0) * mag),
-        );
+/// Elements in a block of one magnitude.
+const BLOCK: usize = 4096;
+
+/// Rank `rank`'s input produced in order, a piece at a time: the values of
+/// [`input_with_zeros`] without holding the tensor, so that a check against the
+/// exact sum needs every rank's current chunk only, not every rank's tensor.
+pub struct Input {
+    values: SmallRng,
+    magnitudes: SmallRng,
+    magnitude: f32,
+    /// Draws which chunks are zero; `None` without zeros.
+    zero_picks: Option<SmallRng>,
+    zeros: f64,
+    chunk: usize,
+    zero_chunk: bool,
+    /// Elements produced so far.
+    at: usize,
+}
+
+impl Input {
+    pub fn new(seed: u64, rank: u16, zeros: f64, chunk: usize) -> Input {
+        Input {
+            values: SmallRng::seed_from_u64(seed ^ (u64::from(rank) << 48) ^ 0x9e37_79b9_7f4a_7c15),
+            magnitudes: SmallRng::seed_from_u64(seed.wrapping_add(1)),
+            magnitude: 0.0,
+            zero_picks: (zeros > 0.0).then(|| SmallRng::seed_from_u64(seed ^ 0x5eed_0000)),
+            zeros: zeros.clamp(0.0, 1.0),
+            chunk: chunk.max(1),
+            zero_chunk: false,
+            at: 0,
+        }
     }
-    out
+
+    /// The next `out.len()` elements.
+    pub fn fill(&mut self, out: &mut [f32]) {
+        for x in out {
+            if self.at % BLOCK == 0 {
+                self.magnitude = 2f32.powi(-self.magnitudes.random_range(0..=12));
+            }
+            if self.at % self.chunk == 0 {
+                if let Some(picks) = &mut self.zero_picks {
+                    self.zero_chunk = picks.random_bool(self.zeros);
+                }
+            }
+            // A product of two uniforms fills the whole mantissa (one uniform alone
+            // lies on a 2^-23 grid, whose sums would be exact in any codec and prove
+            // nothing). Zeroed chunks draw their values too, so that the chunks after
+            // them do not depend on which were zeroed.
+            let v = self.values.random_range(-1.0f32..1.0)
+                * self.values.random_range(0.5f32..1.0)
+                * self.magnitude;
+            *x = if self.zero_chunk { 0.0 } else { v };
+            self.at += 1;
+        }
+    }
 }
 
 /// How far a result is from the exact sum.
@@ -88,36 +122,44 @@ pub fn checksum(v: &[f32]) -> u64 {
     })
 }
 
-/// Checks `out` against the exact (f64) sum of every rank's input, element by element,
-/// with the bound the codec gives (`inagg_proto::codec::error_bound`).
+/// Checks `out` against the exact (f64) sum of every rank's input (`inputs`, each
+/// at its start), element by element, with the bound the codec gives
+/// (`inagg_proto::codec::error_bound`). Holds one chunk of every rank's input at a
+/// time.
 pub fn check(
     codec: &dyn Codec,
     world: u16,
     chunk: usize,
     stochastic: bool,
-    inputs: &[Vec<f32>],
+    mut inputs: Vec<Input>,
     out: &[f32],
 ) -> Check {
     let n = out.len();
+    let chunk = chunk.max(1);
     let mut max_abs = 0f64;
     let (mut err2, mut ref2) = (0f64, 0f64);
     let mut violations = 0;
-    for start in (0..n).step_by(chunk.max(1)) {
-        let range = start..(start + chunk).min(n);
+    let mut pieces = vec![vec![0f32; chunk]; inputs.len()];
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        for (input, piece) in inputs.iter_mut().zip(&mut pieces) {
+            input.fill(&mut piece[..len]);
+        }
         let e_max = if codec.block_scaled() {
-            inputs
+            pieces
                 .iter()
-                .map(|v| codec::block_exponent(&v[range.clone()]).unwrap_or(i8::MAX))
+                .map(|v| codec::block_exponent(&v[..len]).unwrap_or(i8::MAX))
                 .max()
                 .unwrap_or(i8::MIN)
         } else {
             i8::MIN
         };
-        for i in range {
+        for j in 0..len {
+            let i = start + j;
             let (mut exact, mut abs) = (0f64, 0f64);
-            for v in inputs {
-                exact += f64::from(v[i]);
-                abs += f64::from(v[i]).abs();
+            for v in &pieces {
+                exact += f64::from(v[j]);
+                abs += f64::from(v[j]).abs();
             }
             let err = (f64::from(out[i]) - exact).abs();
             let bound = codec::error_bound(codec, world, e_max, stochastic, exact, abs);
@@ -155,21 +197,44 @@ mod tests {
     }
 
     #[test]
+    fn an_input_read_in_pieces_is_the_whole_tensor() {
+        let len = 3 * BLOCK + 1234;
+        for zeros in [0.0, 0.3] {
+            let whole = input_with_zeros(9, 2, len, zeros, 1000);
+            let mut stream = Input::new(9, 2, zeros, 1000);
+            let mut pieces = vec![0.0; len];
+            let mut at = 0;
+            for step in [1, 999, 4097, 7, 5000].iter().cycle() {
+                let end = (at + step).min(len);
+                stream.fill(&mut pieces[at..end]);
+                at = end;
+                if at == len {
+                    break;
+                }
+            }
+            assert!(same_bits(&whole, &pieces), "zeros {zeros}");
+            let zeroed = whole.chunks(1000).filter(|c| c.iter().all(|x| *x == 0.0));
+            assert_eq!(zeroed.count() > 0, zeros > 0.0);
+        }
+    }
+
+    #[test]
     fn check_catches_a_wrong_element() {
         let inputs: Vec<Vec<f32>> = (0..3).map(|r| input(5, r, 1000)).collect();
+        let streams = || (0..3).map(|r| Input::new(5, r, 0.0, 1)).collect::<Vec<_>>();
         let mut sum: Vec<f32> = (0..1000)
             .map(|i| inputs.iter().map(|v| f64::from(v[i])).sum::<f64>() as f32)
             .collect();
         for c in ALL {
             assert!(
-                check(*c, 3, 256, false, &inputs, &sum).within_bound,
+                check(*c, 3, 256, false, streams(), &sum).within_bound,
                 "{}",
                 c.name()
             );
         }
         sum[10] += 1e-3;
         for c in ALL {
-            let r = check(*c, 3, 256, false, &inputs, &sum);
+            let r = check(*c, 3, 256, false, streams(), &sum);
             assert!(!r.within_bound && r.violations == 1, "{}", c.name());
         }
     }
