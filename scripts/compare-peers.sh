@@ -88,13 +88,16 @@ gloo() { # workers elements
 # MPI over TCP; in netlab, mpirun runs in the aggregator's namespace (unlimited link
 # to the bridge) and starts rank r's daemon in worker r's namespace through
 # scripts/peers/netns-rsh, its remote shell, so every rank sends over its own link.
+# Its daemons talk to mpirun directly (routed=direct): through the default tree of
+# daemons, mpirun sometimes found no route to a daemon in the lab.
 mpi() { # workers elements
     local n="$1" e="$2" where=(--oversubscribe --mca btl_tcp_if_include lo) prefix=() r hosts=()
     if [ -n "$RATE" ]; then
         for ((r = 0; r < n; r++)); do hosts+=("198.18.0.$((10 + r)):1"); done
         prefix=(ip netns exec "$INAGG_NETLAB_AGG_NETNS")
         where=(--host "$(IFS=,; echo "${hosts[*]}")" --mca plm_rsh_agent "$PWD/scripts/peers/netns-rsh"
-            --mca btl_tcp_if_include 198.18.0.0/15 --mca oob_tcp_if_include 198.18.0.0/15)
+            --mca btl_tcp_if_include 198.18.0.0/15 --mca oob_tcp_if_include 198.18.0.0/15
+            --mca routed direct)
     fi
     # Open MPI prints its errors as banners, to standard output too: only the JSON
     # line of a run that succeeded is a measurement.
@@ -140,7 +143,7 @@ if [ -n "$RATE" ]; then
     max=0
     for n in "${worker_list[@]}"; do [ "$n" -gt "$max" ] && max="$n"; done
     # Run this very script's measuring part inside the cluster.
-    export -f gloo mpi inagg measure
+    export -f gloo mpi inagg measure last_words
     export PY BIN ITERS CODECS RATE AGG_THREADS ROUNDS results
     export WORKERS_LIST="${worker_list[*]}" SIZES_LIST="${size_list[*]}"
     scripts/netlab.sh --workers "$max" --link-rate "$RATE" -- bash -c '
