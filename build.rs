@@ -12,6 +12,7 @@
 //! | `inagg_no_multicast`| no socket may join a multicast group on loopback           |
 //! | `inagg_no_cc`       | no C compiler (scripts/memory-floor.sh builds a probe)     |
 //! | `inagg_no_fashion_mnist` | Debian's dataset-fashion-mnist is not installed       |
+//! | `inagg_no_iperf3`   | no iperf3 (scripts/netlab.sh's bulk TCP flows)             |
 //!
 //! `.ci/run` fails when any test is ignored. The probes run again when this file or
 //! `INAGG_PYTHON`, `PATH` or `CC` change; after installing a tool, `touch
@@ -25,7 +26,7 @@ fn main() {
         println!("cargo::rerun-if-env-changed={var}");
     }
     println!("cargo::rerun-if-changed=build.rs");
-    let probes: [(&str, Probe); 7] = [
+    let probes: [(&str, Probe); 8] = [
         ("inagg_no_python", python),
         ("inagg_no_netns", netns),
         ("inagg_no_raw", raw_sockets),
@@ -33,6 +34,7 @@ fn main() {
         ("inagg_no_multicast", multicast),
         ("inagg_no_cc", cc),
         ("inagg_no_fashion_mnist", fashion_mnist),
+        ("inagg_no_iperf3", iperf3),
     ];
     for (cfg, works) in probes {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
@@ -103,6 +105,10 @@ fn multicast() -> bool {
         s.join_multicast_v4(&Ipv4Addr::new(239, 255, 255, 255), &Ipv4Addr::LOCALHOST)
             .is_ok()
     })
+}
+
+fn iperf3() -> bool {
+    runs("iperf3", &["--version"])
 }
 
 fn cc() -> bool {

@@ -4,12 +4,24 @@
 # rate-limited in both directions with tbf (this kernel has no netem). Runs COMMAND
 # in the host namespace with the environment `inagg bench` reads to place its
 # processes, and always tears everything down.
-#   scripts/netlab.sh [--workers N] [--link-rate RATE] [--burst SIZE] [--mtu M] -- COMMAND...
+#   scripts/netlab.sh [--workers N] [--link-rate RATE] [--burst SIZE] [--mtu M]
+#       [--aggregator-link-rate RATE] [--tcp-bulk K] [--tcp-probe] [--cross-out DIR]
+#       -- COMMAND...
 #   scripts/netlab.sh --workers 4 --link-rate 1gbit -- target/release/inagg bench \
 #       --workers 4 --elements 16777216 --codec f32,i8 --json
 # Addresses come from 198.18.0.0/15 (reserved for benchmarking) and exist only inside
 # the namespaces: the aggregator is 198.18.0.1, worker r 198.18.0.(10 + r).
-# Needs root (or CAP_NET_ADMIN) for `ip netns`.
+# Cross traffic: --aggregator-link-rate shapes the aggregator's link too (both
+# directions; unshaped without it), the bottleneck that a job and other traffic to
+# the aggregator's host then share. --tcp-bulk K starts K bulk TCP flows (iperf3),
+# each from a host of its own (198.18.1.(10 + k), its link shaped as the workers'),
+# to the aggregator's namespace; --tcp-probe times 1 KiB request/response round trips
+# (`inagg tcp-probe`) from one more such host to the aggregator's namespace. Both run
+# from before COMMAND starts until it ends; then each flow's iperf3 JSON
+# (DIR/bulk-K.json) and the probe's report (DIR/probe.json) are written to
+# --cross-out DIR (default inagg-out/cross). INAGG_BIN names the inagg binary for the
+# probe (default target/release/inagg).
+# Needs root (or CAP_NET_ADMIN) for `ip netns`, and iperf3 for --tcp-bulk.
 set -euo pipefail
 WORKERS=4
 RATE=1gbit
@@ -17,12 +29,20 @@ BURST=256kb
 # Jumbo frames, as in the clusters inagg targets: the default 8 KiB chunk needs them
 # (inagg sends with DF set; on 1500-byte links use --chunk-elements 360 for f32).
 MTU=9000
+AGG_RATE=""
+BULK=0
+PROBE=0
+CROSS_OUT=inagg-out/cross
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) WORKERS="$2"; shift 2 ;;
         --link-rate) RATE="$2"; shift 2 ;;
         --burst) BURST="$2"; shift 2 ;;
         --mtu) MTU="$2"; shift 2 ;;
+        --aggregator-link-rate) AGG_RATE="$2"; shift 2 ;;
+        --tcp-bulk) BULK="$2"; shift 2 ;;
+        --tcp-probe) PROBE=1; shift ;;
+        --cross-out) CROSS_OUT="$2"; shift 2 ;;
         --) shift; break ;;
         *) echo "netlab: unknown flag $1 (usage: netlab.sh [--workers N] [--link-rate RATE] -- COMMAND...)" >&2; exit 2 ;;
     esac
@@ -35,15 +55,36 @@ if ! [[ "$WORKERS" =~ ^[0-9]+$ ]] || [ "$WORKERS" -lt 1 ] || [ "$WORKERS" -gt 20
     echo "netlab: --workers must be between 1 and 200" >&2
     exit 2
 fi
-# Rate in bits per second, for the line-rate bound `inagg bench` reports.
-bps="$(echo "$RATE" | awk '
-    /^[0-9.]+gbit$/ { sub(/gbit/, ""); print $0 * 1e9; next }
-    /^[0-9.]+mbit$/ { sub(/mbit/, ""); print $0 * 1e6; next }
-    /^[0-9.]+kbit$/ { sub(/kbit/, ""); print $0 * 1e3; next }
-    /^[0-9.]+(bit)?$/ { sub(/bit/, ""); print $0 + 0; next }
-    { print "" }')"
+# A rate in bits per second (empty if it is not one), for the line-rate bound
+# `inagg bench` reports.
+to_bps() {
+    echo "$1" | awk '
+        /^[0-9.]+gbit$/ { sub(/gbit/, ""); print $0 * 1e9; next }
+        /^[0-9.]+mbit$/ { sub(/mbit/, ""); print $0 * 1e6; next }
+        /^[0-9.]+kbit$/ { sub(/kbit/, ""); print $0 * 1e3; next }
+        /^[0-9.]+(bit)?$/ { sub(/bit/, ""); print $0 + 0; next }
+        { print "" }'
+}
+bps="$(to_bps "$RATE")"
 if [ -z "$bps" ]; then
     echo "netlab: --link-rate must look like 1gbit, 100mbit or 500kbit" >&2
+    exit 2
+fi
+if [ -n "$AGG_RATE" ] && [ -z "$(to_bps "$AGG_RATE")" ]; then
+    echo "netlab: --aggregator-link-rate must look like 1gbit, 100mbit or 500kbit" >&2
+    exit 2
+fi
+if ! [[ "$BULK" =~ ^[0-9]+$ ]] || [ "$BULK" -gt 50 ]; then
+    echo "netlab: --tcp-bulk must be between 0 and 50" >&2
+    exit 2
+fi
+if [ "$BULK" -gt 0 ] && ! command -v iperf3 >/dev/null; then
+    echo "netlab: --tcp-bulk needs iperf3 (apt-get install iperf3)" >&2
+    exit 2
+fi
+INAGG_BIN="${INAGG_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release/inagg}"
+if [ "$PROBE" = 1 ] && [ ! -x "$INAGG_BIN" ]; then
+    echo "netlab: --tcp-probe needs the inagg binary at $INAGG_BIN (cargo build --release, or set INAGG_BIN)" >&2
     exit 2
 fi
 
@@ -51,8 +92,11 @@ id="i$(( $$ % 100000 ))"
 BR_NS="${id}-br"
 AGG_NS="${id}-agg"
 W_NS="${id}-w"
+T_NS="${id}-t"
 made=()
+cross=()
 teardown() {
+    for p in "${cross[@]}"; do kill "$p" 2>/dev/null || true; done
     for ns in "${made[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
 }
 trap teardown EXIT INT TERM
@@ -74,23 +118,72 @@ attach() {
 ns_add "$BR_NS"
 ip -n "$BR_NS" link add br0 mtu "$MTU" type bridge
 ip -n "$BR_NS" link set br0 up
+# Both directions of a host's link at RATE: its own egress (device $2 in namespace
+# $1), and the bridge's egress toward it.
+shape() {
+    ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$3" burst "$BURST" latency 50ms
+    ip netns exec "$BR_NS" tc qdisc add dev "b$2" root tbf rate "$3" burst "$BURST" latency 50ms
+}
 ns_add "$AGG_NS"
 attach "$AGG_NS" "${id}a" 198.18.0.1
+if [ -n "$AGG_RATE" ]; then shape "$AGG_NS" "${id}a" "$AGG_RATE"; fi
 for ((r = 0; r < WORKERS; r++)); do
     ns_add "${W_NS}${r}"
     attach "${W_NS}${r}" "${id}w${r}" "198.18.0.$((10 + r))"
-    # Both directions of the worker's link: its own egress, and the bridge's
-    # egress toward it.
-    ip netns exec "${W_NS}${r}" tc qdisc add dev "${id}w${r}" root tbf \
-        rate "$RATE" burst "$BURST" latency 50ms
-    ip netns exec "$BR_NS" tc qdisc add dev "b${id}w${r}" root tbf \
-        rate "$RATE" burst "$BURST" latency 50ms
+    shape "${W_NS}${r}" "${id}w${r}" "$RATE"
+done
+# Cross-traffic hosts: one per bulk flow, one more for the probe.
+hosts=$((BULK + PROBE))
+for ((k = 0; k < hosts; k++)); do
+    ns_add "${T_NS}${k}"
+    attach "${T_NS}${k}" "${id}t${k}" "198.18.1.$((10 + k))"
+    shape "${T_NS}${k}" "${id}t${k}" "$RATE"
 done
 # Large socket buffers, as on the host.
-for ns in "$AGG_NS" $(for ((r = 0; r < WORKERS; r++)); do echo "${W_NS}${r}"; done); do
+for ns in "$AGG_NS" $(for ((r = 0; r < WORKERS; r++)); do echo "${W_NS}${r}"; done) \
+    $(for ((k = 0; k < hosts; k++)); do echo "${T_NS}${k}"; done); do
     ip netns exec "$ns" sysctl -q -w net.core.rmem_max=8388608 net.core.wmem_max=8388608 2>/dev/null || true
 done
-echo "netlab: $WORKERS workers on $RATE links, aggregator 198.18.0.1 (namespaces ${id}-*)" >&2
+cross_note=""
+if [ "$BULK" -gt 0 ]; then cross_note=", $BULK bulk TCP flows"; fi
+if [ "$PROBE" = 1 ]; then cross_note="$cross_note, a TCP probe"; fi
+echo "netlab: $WORKERS workers on $RATE links, aggregator 198.18.0.1${AGG_RATE:+ on a $AGG_RATE link}$cross_note (namespaces ${id}-*)" >&2
+
+# Cross traffic toward the aggregator's namespace, running until COMMAND ends.
+if [ "$hosts" -gt 0 ]; then
+    mkdir -p "$CROSS_OUT"
+    rm -f "$CROSS_OUT"/bulk-*.json "$CROSS_OUT"/probe.json
+fi
+for ((k = 0; k < BULK; k++)); do
+    port=$((5201 + k))
+    ip netns exec "$AGG_NS" iperf3 --server --one-off --port "$port" >/dev/null 2>&1 &
+    cross+=("$!")
+done
+if [ "$PROBE" = 1 ]; then
+    ip netns exec "$AGG_NS" "$INAGG_BIN" tcp-probe --serve 198.18.0.1:7000 >/dev/null &
+    cross+=("$!")
+fi
+sleep 0.5
+bulk=()
+for ((k = 0; k < BULK; k++)); do
+    # Time enough to outlast COMMAND; stopped with SIGINT when it ends, after which
+    # iperf3 still writes its JSON.
+    ip netns exec "${T_NS}${k}" iperf3 --client 198.18.0.1 --port "$((5201 + k))" \
+        --time 86400 --json >"$CROSS_OUT/bulk-$k.json" 2>&1 &
+    bulk+=("$!")
+done
+probe=""
+if [ "$PROBE" = 1 ]; then
+    ip netns exec "${T_NS}${BULK}" "$INAGG_BIN" tcp-probe --to 198.18.0.1:7000 \
+        --requests 10000000 --interval-ms 10 --json >"$CROSS_OUT/probe.json" &
+    probe="$!"
+fi
+# Let the bulk flows reach their share before COMMAND starts.
+if [ "$hosts" -gt 0 ]; then sleep 2; fi
+stop_cross() {
+    for p in "${bulk[@]}" $probe; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${bulk[@]}" $probe; do wait "$p" 2>/dev/null || true; done
+}
 
 export INAGG_NETLAB_AGG_NETNS="$AGG_NS"
 export INAGG_NETLAB_AGG_IP=198.18.0.1
@@ -98,4 +191,11 @@ export INAGG_NETLAB_WORKER_NETNS="$W_NS"
 # Worker r's interface is ${INAGG_NETLAB_WORKER_DEV}r (Gloo's GLOO_SOCKET_IFNAME).
 export INAGG_NETLAB_WORKER_DEV="${id}w"
 export INAGG_NETLAB_LINK_BPS="$bps"
-"$@"
+# The cross-traffic hosts' namespaces are ${INAGG_NETLAB_TCP_NETNS}k, k < HOSTS.
+export INAGG_NETLAB_TCP_NETNS="$T_NS"
+export INAGG_NETLAB_TCP_HOSTS="$hosts"
+status=0
+"$@" || status=$?
+stop_cross
+if [ "$hosts" -gt 0 ]; then echo "netlab: cross traffic's reports in $CROSS_OUT" >&2; fi
+exit "$status"

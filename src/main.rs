@@ -19,6 +19,7 @@ mod report;
 mod simulate;
 mod stats;
 mod sweep;
+mod tcp_probe;
 mod tensor;
 
 use std::process::ExitCode;
@@ -56,6 +57,9 @@ enum Command {
     Relay(relay::Args),
     /// Run an allreduce in the deterministic in-memory simulator (no sockets).
     Simulate(simulate::Args),
+    /// Time short TCP request/response round trips (the cross-traffic probe), or
+    /// answer them.
+    TcpProbe(tcp_probe::Args),
     /// Print the command-line reference (docs/cli.md) as Markdown.
     #[command(hide = true)]
     CliReference,
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Relay(a) => relay::run(a),
         Command::PeersReport(a) => peers::run(a),
         Command::Simulate(a) => simulate::run(a),
+        Command::TcpProbe(a) => tcp_probe::run(a),
         Command::CliReference => {
             print!("{}", cli_doc::markdown(&Cli::command()));
             Ok(())

@@ -90,6 +90,68 @@ fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
     );
 }
 
+/// Bits per second an iperf3 client sent (its JSON after SIGINT: the server's side
+/// is not there, the sender's is).
+fn iperf3_sent_bps(path: &Path) -> f64 {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()));
+    v["end"]["sum_sent"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no end.sum_sent in {}: {text}", path.display()))
+}
+
+#[test]
+#[cfg_attr(
+    any(inagg_no_netns, inagg_no_iperf3),
+    ignore = "needs CAP_NET_ADMIN, iproute2 (ip, tc) and iperf3"
+)]
+fn netlab_runs_bulk_tcp_flows_and_a_probe_across_the_aggregators_link() {
+    assert!(
+        namespaces_work(),
+        "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN)"
+    );
+    let dir = common::TempDir::new("netlab-cross");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+    let mut cmd = Command::new(script);
+    cmd.env("INAGG_BIN", env!("CARGO_BIN_EXE_inagg"))
+        .args(["--workers", "2", "--link-rate", "200mbit"])
+        .args([
+            "--aggregator-link-rate",
+            "100mbit",
+            "--tcp-bulk",
+            "2",
+            "--tcp-probe",
+        ])
+        .arg("--cross-out")
+        .arg(&dir.0)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_inagg"))
+        .args(["bench", "--workers", "2", "--elements", "1000000"])
+        .args(["--codec", "i32", "--iters", "3", "--warmup", "1", "--json"]);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(180));
+    assert!(st.success(), "netlab failed: {out}\n{err}");
+    assert!(err.contains("2 bulk TCP flows, a TCP probe"), "{err}");
+    // The job's results stay exact beside the flows.
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["within_bound"], true, "{}", rows[0]);
+    // Both flows ran through the 100 Mbit/s link (their own links are 200 Mbit/s).
+    for k in 0..2 {
+        let bps = iperf3_sent_bps(&dir.0.join(format!("bulk-{k}.json")));
+        assert!(bps > 1e6 && bps < 150e6, "flow {k}: {bps} bit/s");
+    }
+    let probe: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.0.join("probe.json")).expect("probe.json"),
+    )
+    .expect("the probe's JSON");
+    assert!(probe["requests"].as_u64().is_some_and(|n| n > 0), "{probe}");
+    assert!(
+        probe["p99_ms"].as_f64() >= probe["p50_ms"].as_f64(),
+        "{probe}"
+    );
+}
+
 #[test]
 fn netlab_refuses_bad_flags() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
@@ -100,6 +162,11 @@ fn netlab_refuses_bad_flags() {
             "--link-rate must",
         ),
         (&["--workers", "2"][..], "no command"),
+        (
+            &["--aggregator-link-rate", "fast", "--", "true"][..],
+            "--aggregator-link-rate must",
+        ),
+        (&["--tcp-bulk", "x", "--", "true"][..], "--tcp-bulk must"),
     ] {
         let out = Command::new(&script).args(args).output().expect("run");
         assert!(!out.status.success(), "{args:?}");

@@ -136,7 +136,7 @@ impl Drop for Proc {
 
 /// The first line a server process prints on stdout (its address); the rest of its
 /// stdout is not read.
-fn first_line(p: &mut Proc) -> String {
+pub fn first_line(p: &mut Proc) -> String {
     let out = p.child.stdout.take().expect("stdout");
     let mut reader = BufReader::new(out);
     let mut line = String::new();
