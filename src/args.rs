@@ -158,6 +158,11 @@ pub struct Tuning {
     /// default over UDP toward 127.0.0.0/8; a job uses a group only if every rank asks).
     #[arg(long)]
     pub no_multicast: bool,
+    /// Over UDP, send without ECN and ignore CE marks on results (by default datagrams
+    /// go out ECN-capable, and a result marked CE on the path counts as a congestion
+    /// mark).
+    #[arg(long)]
+    pub no_ecn: bool,
 }
 
 impl Tuning {

@@ -62,6 +62,9 @@ pub fn run(a: &Args) -> Result<()> {
     if a.tuning.no_multicast {
         agg_flags.push("--no-multicast".to_string());
     }
+    if a.tuning.no_ecn {
+        agg_flags.push("--no-ecn".to_string());
+    }
     for _ in 0..a.aggregators {
         let (agg, agg_addr) = match &quic {
             Some(id) => start_quic_aggregator_in(&a.netlab, id, &agg_flags)?,

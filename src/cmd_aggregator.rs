@@ -108,6 +108,11 @@ pub struct Args {
     /// them, so on a host shared with untrusted users pass this flag.
     #[arg(long)]
     pub no_multicast: bool,
+    /// Over UDP, send without ECN and ignore CE marks on contributions (by default
+    /// datagrams go out ECN-capable, and a contribution marked CE on the path counts
+    /// as a congestion mark, which its result carries to the ranks).
+    #[arg(long)]
+    pub no_ecn: bool,
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`; port 0
     /// picks one; the address is printed on stderr).
     #[arg(long)]
@@ -140,6 +145,7 @@ fn config(a: &Args, listen: SocketAddr, shards: u16) -> ServerConfig {
     cfg.protocol.silence_timeout = Duration::from_millis(a.silence_timeout_ms);
     cfg.yields_before_sleep = a.yields_before_sleep;
     cfg.multicast = !a.no_multicast;
+    cfg.ecn = !a.no_ecn;
     cfg.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
     cfg
 }

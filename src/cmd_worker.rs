@@ -96,6 +96,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.yields_before_sleep = a.tuning.yields_before_sleep;
     o.multicast = !a.tuning.no_multicast;
+    o.ecn = !a.tuning.no_ecn;
     o.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
     o.failover = a.failover.clone();
     if a.transport == Transport::Quic {
@@ -133,6 +134,7 @@ pub fn run(a: &Args) -> Result<()> {
         retransmissions: 0,
         retransmitted_bytes: 0,
         probes: 0,
+        marks: 0,
         allreduces: 0,
         mismatches: 0,
         chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
@@ -196,6 +198,7 @@ pub fn run(a: &Args) -> Result<()> {
             report.retransmissions += r.retransmissions;
             report.retransmitted_bytes += r.retransmitted_bytes;
             report.probes += r.probes;
+            report.marks += r.marks;
             report.allreduces += 1;
             report.congestion_window_min = Some(
                 report

@@ -266,6 +266,7 @@ fn worker_args(a: &JobSpec, aggs: &[SocketAddr], job: u32, rank: u16, codec: &st
         t.yields_before_sleep.to_string(),
     ])
     .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
+    .chain(t.no_ecn.then(|| "--no-ecn".to_string()))
     .chain(
         a.standby
             .iter()

@@ -25,6 +25,10 @@ pub struct Report {
     /// Retransmissions sent as header-only probes, over all timed allreduces.
     #[serde(default)]
     pub probes: u64,
+    /// Results that carried a congestion mark (set by the aggregator, or CE on the
+    /// path), over all timed allreduces.
+    #[serde(default)]
+    pub marks: u64,
     /// Timed allreduces done.
     #[serde(default)]
     pub allreduces: u64,

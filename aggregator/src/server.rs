@@ -96,6 +96,11 @@ pub struct ServerConfig {
     /// per rank ([`inagg_net::group`]; on by default). Not used by
     /// [`Server::bind_quic`]: a QUIC connection is one peer's.
     pub multicast: bool,
+    /// Over UDP, send ECN-capable datagrams (ECT(0)) and take a contribution that
+    /// arrives marked CE (congestion experienced on the path) as marked, as the
+    /// protocol's own congestion flag: its result carries the mark to every rank (on
+    /// by default).
+    pub ecn: bool,
 }
 
 impl ServerConfig {
@@ -120,6 +125,7 @@ impl ServerConfig {
             poll_interval: Duration::from_millis(50),
             yields_before_sleep: DEFAULT_YIELDS_BEFORE_SLEEP,
             multicast: true,
+            ecn: true,
         }
     }
 }
@@ -330,6 +336,12 @@ impl Server<UdpFront> {
             }
         }
         endpoint.set_yields_before_sleep(config.yields_before_sleep);
+        if config.ecn {
+            endpoint.on_congestion_experienced(inagg_proto::wire::mark_contribution);
+        }
+        if let Err(e) = endpoint.set_ecn_capable(config.ecn) {
+            warn!(error = %e, "cannot mark datagrams ECN-capable; sending without ECN");
+        }
         crate::memory::return_freed_pools();
         let mut agg = Aggregator::new(config.protocol.clone());
         if config.multicast {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(not(target_os = "linux"))]
 use quinn_udp::Transmit;
-use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState, BATCH_SIZE};
+use quinn_udp::{EcnCodepoint, RecvMeta, UdpSockRef, UdpSocketState, BATCH_SIZE};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Socket buffer size to ask for: the kernel caps it at `net.core.rmem_max`
@@ -53,6 +53,11 @@ pub struct UdpEndpoint {
     gso_refused: AtomicBool,
     /// Datagrams dropped on receipt because they came from port 0.
     from_port_zero: u64,
+    /// Datagrams received with the ECN codepoint CE (congestion experienced).
+    congestion_experienced: u64,
+    /// What a CE-marked datagram goes through before it is handed on
+    /// ([`UdpEndpoint::on_congestion_experienced`]).
+    on_ce: Option<fn(&mut [u8]) -> bool>,
     /// Socket buffer size asked for, for a group socket too.
     buffer: usize,
     /// The group socket that results sent to a multicast group arrive on
@@ -140,6 +145,8 @@ impl UdpEndpoint {
             v6,
             gso_refused: AtomicBool::new(false),
             from_port_zero: 0,
+            congestion_experienced: 0,
+            on_ce: None,
             buffer,
             group: None,
             connected: false,
@@ -242,6 +249,34 @@ impl UdpEndpoint {
     /// reach that port (a send to it fails), so the sender is forged or broken.
     pub fn from_port_zero(&self) -> u64 {
         self.from_port_zero
+    }
+
+    /// Marks every datagram this socket sends ECN-capable (ECT(0)), so that a router
+    /// or switch on the path may mark it CE instead of dropping it (RFC 3168); `false`
+    /// sends them not ECN-capable again (the default).
+    pub fn set_ecn_capable(&self, on: bool) -> io::Result<()> {
+        let tos: u32 = if on { 0b10 } else { 0 };
+        let s = socket2::SockRef::from(&self.socket);
+        if self.v6 {
+            s.set_tclass_v6(tos)?;
+            // IPv4 peers of a dual-stack socket: the IPv4 header's field.
+            let _ = s.set_tos(tos);
+            Ok(())
+        } else {
+            s.set_tos(tos)
+        }
+    }
+
+    /// Hands every datagram received with CE (congestion experienced) to `mark`
+    /// first, which may rewrite it in place (the protocol's own congestion flag, say)
+    /// and says whether it did; the datagram then goes on as any other.
+    pub fn on_congestion_experienced(&mut self, mark: fn(&mut [u8]) -> bool) {
+        self.on_ce = Some(mark);
+    }
+
+    /// Datagrams received with the ECN codepoint CE.
+    pub fn congestion_experienced(&self) -> u64 {
+        self.congestion_experienced
     }
 
     /// The most datagrams one send may carry (1 without GSO).
@@ -391,14 +426,22 @@ impl UdpEndpoint {
         };
         let mut count = 0;
         let mut bytes = 0;
-        for (m, buf) in self.meta[..got].iter().zip(&self.bufs) {
+        for (m, buf) in self.meta[..got].iter().zip(&mut self.bufs) {
             let len = m.len.min(buf.len());
             bytes += len;
             if m.addr.port() == 0 {
                 self.from_port_zero += len.div_ceil(m.stride.max(1)) as u64;
                 continue;
             }
-            for d in buf[..len].chunks(m.stride.max(1)) {
+            // A GRO batch holds datagrams of one ECN codepoint only.
+            let ce = m.ecn == Some(EcnCodepoint::Ce);
+            for d in buf[..len].chunks_mut(m.stride.max(1)) {
+                if ce {
+                    self.congestion_experienced += 1;
+                    if let Some(mark) = self.on_ce {
+                        mark(d);
+                    }
+                }
                 f(m.addr, d);
                 count += 1;
             }

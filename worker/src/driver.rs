@@ -226,6 +226,10 @@ impl Session {
             Transport::Udp => {
                 let mut endpoint = UdpEndpoint::bind(bind, opts.socket_buffer)?;
                 endpoint.set_yields_before_sleep(opts.yields_before_sleep);
+                if opts.ecn {
+                    endpoint.on_congestion_experienced(inagg_proto::wire::mark_result);
+                }
+                endpoint.set_ecn_capable(opts.ecn)?;
                 // Its one peer: a closed port fails the rank at once ("connection
                 // refused") instead of after the join timeout.
                 endpoint.connect(aggregator)?;

@@ -92,6 +92,10 @@ pub struct Options {
     /// for all ranks instead of once per rank, where every rank of the job asked and
     /// it offers groups ([`inagg_net::group`]). Elsewhere it changes nothing.
     pub multicast: bool,
+    /// Over UDP, send ECN-capable datagrams (ECT(0)) and take a result that arrives
+    /// marked CE (congestion experienced on the path) as a congestion mark, as if the
+    /// aggregator had set it (on by default).
+    pub ecn: bool,
     /// Aggregators to move the job to, in order, when its aggregator fails (refuses
     /// the connection, goes silent, shuts down): every rank lists the same ones.
     /// Empty (the default): a failed aggregator fails the rank. See [`failover`].
@@ -132,6 +136,7 @@ impl Options {
             protocol,
             yields_before_sleep: DEFAULT_YIELDS_BEFORE_SLEEP,
             multicast: true,
+            ecn: true,
             failover: Vec::new(),
         }
     }

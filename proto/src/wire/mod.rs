@@ -462,11 +462,20 @@ pub fn encode_contribution(h: &DataHeader, payload: &[u8], out: &mut impl BufMut
 /// Sets the congestion mark on an encoded contribution in place, as a switch on the
 /// path would (ECN); returns false, changing nothing, for any other datagram.
 pub fn mark_contribution(datagram: &mut [u8]) -> bool {
+    mark_data(datagram, kind::CONTRIBUTION)
+}
+
+/// Sets the congestion mark on an encoded result in place: what a worker does with a
+/// result that arrived marked CE at the IP layer, so that it counts as a mark the
+/// aggregator set; returns false, changing nothing, for any other datagram.
+pub fn mark_result(datagram: &mut [u8]) -> bool {
+    mark_data(datagram, kind::RESULT)
+}
+
+fn mark_data(datagram: &mut [u8], of: u8) -> bool {
     // Magic, version, kind, job, rank and codec come before the flags byte.
     const FLAGS: usize = 11;
-    let ours = datagram.len() >= DATA_HEADER_LEN
-        && datagram[..2] == MAGIC
-        && datagram[3] == kind::CONTRIBUTION;
+    let ours = datagram.len() >= DATA_HEADER_LEN && datagram[..2] == MAGIC && datagram[3] == of;
     if ours {
         datagram[FLAGS] |= FLAG_MARK;
     }

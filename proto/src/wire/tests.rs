@@ -344,6 +344,17 @@ fn marking_sets_the_flag_of_contributions_only() {
     assert!(!mark_contribution(&mut r));
     assert_eq!(r, before);
     assert!(!mark_contribution(&mut [0x49, 0x41, 1]));
+    // A result is marked by mark_result, and a contribution is not.
+    assert!(mark_result(&mut r));
+    let Ok(Message::Result(h, _)) = decode(&r) else {
+        panic!("marked result does not decode")
+    };
+    assert_eq!(h.flags & FLAG_MARK, FLAG_MARK);
+    let mut c = Vec::new();
+    encode_contribution(&unmarked, &[0; 8], &mut c);
+    let before = c.clone();
+    assert!(!mark_result(&mut c));
+    assert_eq!(c, before);
 }
 
 /// The admission proof covers every field of the join: a join proven under one key
