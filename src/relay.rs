@@ -5,6 +5,11 @@
 //! Each worker address gets its own upstream socket, so the aggregator sees one
 //! address per worker, as it would without the relay. The fault decisions come from
 //! [`Faults`], a pure function of the seed and the order in which datagrams arrive.
+//!
+//! With `--rate-mbit`, each direction is a link of that rate with a queue in front;
+//! with `--mark-above BYTES`, a datagram that joins a queue holding more than BYTES
+//! leaves marked CE (ECN's congestion experienced), as a marking switch's would:
+//! this kernel has no marking qdisc, so this is how the real path's ECN is tested.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -35,6 +40,15 @@ pub struct Args {
     /// Seed of the fault decisions.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Forward each direction at most at this rate (megabits per second), queueing
+    /// what comes faster (unlimited by default).
+    #[arg(long)]
+    pub rate_mbit: Option<f64>,
+    /// Mark CE on every datagram that joins a queue (of its direction) already
+    /// holding more than this many bytes. The relay does not read the codepoint it
+    /// received: it sends marked datagrams CE and the others not ECN-capable.
+    #[arg(long, value_name = "BYTES")]
+    pub mark_above: Option<usize>,
 }
 
 /// What the relay did, for its exit line.
@@ -100,8 +114,22 @@ enum Dest {
     Upstream(usize),
 }
 
-/// A datagram held until it is due: (departure, arrival order, destination, bytes).
-type Held = Reverse<(Instant, u64, Dest, Vec<u8>)>;
+impl Dest {
+    /// The direction's index: 0 toward the aggregator, 1 back to the workers.
+    fn direction(self) -> usize {
+        match self {
+            Dest::Upstream(_) => 0,
+            Dest::Worker(_) => 1,
+        }
+    }
+}
+
+/// A datagram held until it is due: (departure, arrival order, destination, marked
+/// CE, bytes).
+type Held = Reverse<(Instant, u64, Dest, bool, Vec<u8>)>;
+
+/// The ECN field's codepoint CE, in the IP header's TOS byte.
+const TOS_CE: u32 = 0b11;
 
 /// The most worker addresses the relay keeps sockets for; datagrams from more are
 /// dropped (a flood must not exhaust file descriptors).
@@ -118,6 +146,13 @@ struct Relay {
     order: u64,
     faults: Faults,
     overflow: u64,
+    /// Bits per second of each direction's link, if limited.
+    rate_bps: Option<f64>,
+    mark_above: Option<usize>,
+    /// Per direction: when its link is free again, and the bytes held for it.
+    free_at: [Instant; 2],
+    queued: [usize; 2],
+    marked: u64,
 }
 
 fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -175,14 +210,23 @@ impl Relay {
     }
 
     fn hold(&mut self, now: Instant, dest: Dest, datagram: &[u8]) {
-        for at in self.faults.plan(now).into_iter().flatten() {
+        let dir = dest.direction();
+        for mut at in self.faults.plan(now).into_iter().flatten() {
             if self.held.len() >= MAX_HELD {
                 self.overflow += 1;
                 continue;
             }
+            if let Some(bps) = self.rate_bps {
+                // Behind what the link still has to send, then its own time on it.
+                at = at.max(self.free_at[dir]);
+                self.free_at[dir] = at + Duration::from_secs_f64(datagram.len() as f64 * 8.0 / bps);
+            }
+            let marked = self.mark_above.is_some_and(|m| self.queued[dir] > m);
+            self.marked += u64::from(marked);
+            self.queued[dir] += datagram.len();
             self.order += 1;
             self.held
-                .push(Reverse((at, self.order, dest, datagram.to_vec())));
+                .push(Reverse((at, self.order, dest, marked, datagram.to_vec())));
         }
     }
 
@@ -222,14 +266,22 @@ impl Relay {
             if *at > now {
                 return Some(*at);
             }
-            let Some(Reverse((_, _, dest, d))) = self.held.pop() else {
+            let Some(Reverse((_, _, dest, marked, d))) = self.held.pop() else {
                 break;
             };
-            // A full socket buffer loses the datagram, as a full link would.
-            let _ = match dest {
-                Dest::Worker(to) => self.front.send_to(&d, to),
-                Dest::Upstream(i) => self.clients[i].1.send_to(&d, self.upstream),
+            self.queued[dest.direction()] -= d.len();
+            let (socket, to) = match dest {
+                Dest::Worker(to) => (&self.front, to),
+                Dest::Upstream(i) => (&self.clients[i].1, self.upstream),
             };
+            if marked {
+                let _ = socket2::SockRef::from(socket).set_tos(TOS_CE);
+            }
+            // A full socket buffer loses the datagram, as a full link would.
+            let _ = socket.send_to(&d, to);
+            if marked {
+                let _ = socket2::SockRef::from(socket).set_tos(0);
+            }
         }
         None
     }
@@ -251,6 +303,11 @@ impl Relay {
 
 pub fn run(a: &Args) -> Result<()> {
     a.faults.validate()?;
+    if let Some(r) = a.rate_mbit {
+        if !(r > 0.0 && r.is_finite()) {
+            anyhow::bail!("--rate-mbit must be a positive number of megabits per second");
+        }
+    }
     let front = bind(a.listen).with_context(|| format!("binding {}", a.listen))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -268,6 +325,11 @@ pub fn run(a: &Args) -> Result<()> {
         order: 0,
         faults: Faults::new(a.faults, a.seed),
         overflow: 0,
+        rate_bps: a.rate_mbit.map(|r| r * 1e6),
+        mark_above: a.mark_above,
+        free_at: [Instant::now(); 2],
+        queued: [0; 2],
+        marked: 0,
     };
     let mut buf = vec![0u8; 1 << 16];
     while !stop.load(Ordering::Relaxed) {
@@ -282,11 +344,12 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let s = relay.faults.stats;
     eprintln!(
-        "relay stopped: {} datagrams in, {} dropped, {} duplicated, {} reordered, {} over the hold limit, {} worker addresses",
+        "relay stopped: {} datagrams in, {} dropped, {} duplicated, {} reordered, {} marked CE, {} over the hold limit, {} worker addresses",
         s.received,
         s.dropped,
         s.duplicated,
         s.reordered,
+        relay.marked,
         relay.overflow,
         relay.clients.len()
     );

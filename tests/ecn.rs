@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, inagg, json_lines, run_bounded};
+use common::{aggregator, inagg, json_lines, relay, run_bounded, worker};
 
 /// A relay on loopback between one rank and `upstream` that marks CE (the ECN bits
 /// of its socket's TOS) what it forwards one way, as a congested switch on the path
@@ -150,5 +150,66 @@ fn results_marked_ce_on_the_path_count_as_marks_unless_the_rank_says_no_ecn() {
     assert!(
         r["congestion_window_min"].as_u64() < off["congestion_window_min"].as_u64(),
         "{r}\n{off}"
+    );
+}
+
+/// Two ranks' reports through `inagg relay --rate-mbit 50 --mark-above 30000` to an
+/// aggregator, both sides with `flags` (`--no-ecn` or none), and the relay's exit
+/// line.
+fn through_a_marking_relay(job: u32, ecn: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let (_agg, addr) = aggregator(ecn);
+    let (mut relay, at) = relay(addr, &["--rate-mbit", "50", "--mark-above", "30000"]);
+    let flags = [
+        "--elements",
+        "300000",
+        "--iters",
+        "2",
+        "--chunk-elements",
+        "2048",
+        "--json",
+    ];
+    let flags: Vec<&str> = flags.iter().chain(ecn).copied().collect();
+    let mut ranks: Vec<_> = (0..2).map(|r| worker(at, job, r, 2, &flags)).collect();
+    let mut reports = Vec::new();
+    for w in &mut ranks {
+        let st = w
+            .wait_for(Duration::from_secs(60))
+            .expect("the rank finishes");
+        let out = w.stdout();
+        assert!(st.success(), "{out}\n{}", w.stderr());
+        reports.extend(json_lines(&out));
+    }
+    relay.signal(libc::SIGTERM);
+    relay
+        .wait_for(Duration::from_secs(10))
+        .expect("the relay stops");
+    (reports, relay.stderr())
+}
+
+#[test]
+fn inagg_relay_marks_ce_above_its_queue_threshold_and_the_ranks_slow_down() {
+    let (reports, said) = through_a_marking_relay(5, &[]);
+    assert!(
+        !said.contains(" 0 marked CE"),
+        "the relay marked nothing: {said}"
+    );
+    for r in &reports {
+        assert_eq!(r["check"]["within_bound"], true, "{r}");
+        assert!(r["marks"].as_u64().expect("marks") > 0, "{r}\n{said}");
+    }
+    // The same marks, ignored on both sides: the windows stay wider.
+    let (ignored, said) = through_a_marking_relay(6, &["--no-ecn"]);
+    assert!(!said.contains(" 0 marked CE"), "{said}");
+    for r in &ignored {
+        assert_eq!(r["marks"], 0, "{r}");
+    }
+    let narrowest = |rs: &[serde_json::Value]| {
+        rs.iter()
+            .map(|r| r["congestion_window_min"].as_u64().expect("window"))
+            .min()
+    };
+    assert!(
+        narrowest(&reports) < narrowest(&ignored),
+        "{reports:?}\n{ignored:?}"
     );
 }

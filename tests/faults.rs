@@ -70,6 +70,7 @@ fn relay_rejects_bad_flags() {
         (&["--loss", "1.5"][..], "--loss must be a probability"),
         (&["--dup=-1"][..], "--dup must be a probability"),
         (&["--delay-ms", "99999"][..], "--delay-ms must be between"),
+        (&["--rate-mbit", "0"][..], "--rate-mbit must be"),
     ] {
         let mut cmd = inagg();
         cmd.args([
