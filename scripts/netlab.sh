@@ -182,7 +182,10 @@ fi
 if [ "$hosts" -gt 0 ]; then sleep 2; fi
 stop_cross() {
     for p in "${bulk[@]}" $probe; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${bulk[@]}" $probe; do wait "$p" 2>/dev/null || true; done
+    for p in "${bulk[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [ -n "$probe" ] && ! wait "$probe"; then
+        echo "netlab: the TCP probe failed (its report, if any, is in $CROSS_OUT/probe.json)" >&2
+    fi
 }
 
 export INAGG_NETLAB_AGG_NETNS="$AGG_NS"

@@ -153,6 +153,52 @@ fn netlab_runs_bulk_tcp_flows_and_a_probe_across_the_aggregators_link() {
 }
 
 #[test]
+#[cfg_attr(
+    any(inagg_no_netns, inagg_no_iperf3, inagg_no_python),
+    ignore = "needs CAP_NET_ADMIN, iproute2 (ip, tc), iperf3 and python3 with matplotlib"
+)]
+fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
+    assert!(
+        namespaces_work(),
+        "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN)"
+    );
+    let dir = common::TempDir::new("sharing");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sharing.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script)
+        .args(["--scenarios", "inagg", "--codec", "i32", "--workers", "2"])
+        .args(["--link-rate", "200mbit", "--tcp-bulk", "2"])
+        .args(["--elements", "1000000", "--iters", "8"])
+        .arg("--inagg-bin")
+        .arg(env!("CARGO_BIN_EXE_inagg"))
+        .arg("--out")
+        .arg(&dir.0);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(300));
+    assert!(st.success(), "sharing.py failed: {out}\n{err}");
+    let job: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.0.join("inagg/job.json")).expect("job.json"),
+    )
+    .expect("the job's JSON");
+    assert_eq!(job["within_bound"], true, "{job}");
+    // Two TCP flows and two ranks across the 200 Mbit/s bottleneck: a fair share is
+    // 50 Mbit/s; none may fall below a fifth of it.
+    let flows = std::fs::read_to_string(dir.0.join("sharing.csv")).expect("sharing.csv");
+    let rates: Vec<(String, f64)> = flows
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].to_string(), f[2].parse().expect("Mbit/s"))
+        })
+        .collect();
+    assert_eq!(rates.len(), 4, "{flows}");
+    for (flow, mbit) in &rates {
+        assert!(*mbit >= 50.0 / 5.0, "{flow} got {mbit} Mbit/s: {flows}");
+    }
+    assert!(dir.0.join("sharing-inagg.png").exists());
+}
+
+#[test]
 fn netlab_refuses_bad_flags() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
     for (args, want) in [

@@ -5,18 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{first_line, inagg, json_lines, run_bounded, Proc};
+use common::{inagg, json_lines, listening_address, run_bounded, Proc};
 
 fn server() -> (Proc, String) {
     let mut cmd = inagg();
     cmd.args(["tcp-probe", "--serve", "127.0.0.1:0", "--for", "60"]);
     let mut p = Proc::spawn(cmd);
-    let line = first_line(&mut p);
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("tcp-probe said {line:?}"))
-        .to_string();
+    let addr = listening_address(&mut p, "tcp-probe");
     (p, addr)
 }
 

@@ -136,7 +136,7 @@ impl Drop for Proc {
 
 /// The first line a server process prints on stdout (its address); the rest of its
 /// stdout is not read.
-pub fn first_line(p: &mut Proc) -> String {
+fn first_line(p: &mut Proc) -> String {
     let out = p.child.stdout.take().expect("stdout");
     let mut reader = BufReader::new(out);
     let mut line = String::new();
@@ -161,14 +161,19 @@ pub fn aggregator_on(listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = inagg();
     cmd.args(["aggregator", "--listen", listen]).args(extra);
     let mut p = Proc::spawn(cmd);
-    let line = first_line(&mut p);
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("aggregator said {line:?}"))
+    let addr = listening_address(&mut p, "aggregator")
         .parse()
         .expect("address");
     (p, addr)
+}
+
+/// The address a server (`what`) prints as its first line, `listening on ADDR`.
+pub fn listening_address(p: &mut Proc, what: &str) -> String {
+    let line = first_line(p);
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{what} said {line:?}"))
+        .to_string()
 }
 
 /// Starts `inagg relay` in front of `upstream` with `faults`; returns it and the
