@@ -207,7 +207,7 @@ pub fn run(a: &Args) -> Result<()> {
     // Categories on x: gloo, mpi, then inagg's codecs in the order measured.
     let mut names: Vec<String> = Vec::new();
     for p in &points {
-        let n = label(p);
+        let n = label(&p.system, &p.codec);
         if !names.contains(&n) {
             names.push(n);
         }
@@ -226,7 +226,9 @@ pub fn run(a: &Args) -> Result<()> {
             points: ps
                 .iter()
                 .filter_map(|p| {
-                    let x = names.iter().position(|x| *x == label(p))?;
+                    let x = names
+                        .iter()
+                        .position(|x| *x == label(&p.system, &p.codec))?;
                     Some((x as f64, p.ate_per_s))
                 })
                 .collect(),
@@ -255,11 +257,7 @@ pub fn run(a: &Args) -> Result<()> {
         "N", "elements", "system", "ATE/s", "vs gloo", "(min-max)", "line rate", "CPU ms/call"
     );
     for s in &summary {
-        let name = if s.system == "inagg" {
-            format!("inagg {}", s.codec)
-        } else {
-            s.system.clone()
-        };
+        let name = label(&s.system, &s.codec);
         println!(
             "{:<6} {:>10} {:<12} {:>12.4e} {:>10} {:>13} {:>10} {:>12}",
             s.workers,
@@ -308,11 +306,7 @@ fn scaling_plots(a: &Args, summary: &[Summary]) -> Result<bool> {
         .map(|s| s.elements)
         .collect::<std::collections::BTreeSet<_>>();
     let line = |s: &Summary| {
-        let name = if s.system == "inagg" {
-            format!("inagg {}", s.codec)
-        } else {
-            s.system.clone()
-        };
+        let name = label(&s.system, &s.codec);
         if sizes.len() > 1 {
             format!("{name}, {} Mi", s.elements >> 20)
         } else {
@@ -349,40 +343,42 @@ fn scaling_plots(a: &Args, summary: &[Summary]) -> Result<bool> {
         s.points.sort_by(|x, y| x.0.total_cmp(&y.0));
     }
     ratio.retain(|s| !s.points.is_empty());
-    let style = |title: &'static str, y_desc: &'static str, log_y: bool| Style {
-        title,
-        x_desc: "workers (N)",
-        y_desc,
-        log_y,
-        lines: true,
-        markers: true,
-        x_names: None,
-    };
-    let t1 = format!("Allreduce throughput against workers, {}", a.network);
-    let t2 = format!("Ratio to Gloo against workers, {}", a.network);
-    plot::chart(
-        &a.out.join("ate_vs_workers.png"),
-        Style {
-            title: &t1,
-            ..style("", "ATE/s (median over rounds)", true)
-        },
-        &ate,
-    )?;
-    plot::chart(
-        &a.out.join("ratio_vs_workers.png"),
-        Style {
-            title: &t2,
-            ..style("", "ATE/s over Gloo's (median over rounds)", false)
-        },
-        &ratio,
-    )?;
+    for (file, what, y_desc, log_y, series) in [
+        (
+            "ate_vs_workers.png",
+            "Allreduce throughput",
+            "ATE/s (median over rounds)",
+            true,
+            &ate,
+        ),
+        (
+            "ratio_vs_workers.png",
+            "Ratio to Gloo",
+            "ATE/s over Gloo's (median over rounds)",
+            false,
+            &ratio,
+        ),
+    ] {
+        let title = format!("{what} against workers, {}", a.network);
+        let style = Style {
+            title: &title,
+            x_desc: "workers (N)",
+            y_desc,
+            log_y,
+            lines: true,
+            markers: true,
+            x_names: None,
+        };
+        plot::chart(&a.out.join(file), style, series)?;
+    }
     Ok(true)
 }
 
-fn label(p: &Point) -> String {
-    if p.system == "inagg" {
-        format!("inagg {}", p.codec)
+/// A system's name in the report: inagg's with its codec.
+fn label(system: &str, codec: &str) -> String {
+    if system == "inagg" {
+        format!("inagg {codec}")
     } else {
-        p.system.clone()
+        system.to_string()
     }
 }

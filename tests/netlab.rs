@@ -4,11 +4,18 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::{json_lines, run_bounded};
+
+/// The project's script `name` (in scripts/).
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
 
 fn namespaces_work() -> bool {
     let name = format!("inagg-probe-{}", std::process::id());
@@ -40,7 +47,7 @@ fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
         namespaces_work(),
         "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN) and iproute2"
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+    let script = script("netlab.sh");
     let mut cmd = Command::new(script);
     // A small token bucket: tbf lets a full bucket through at once, so a transfer of
     // B bytes can beat B / rate by the bucket (B / (B - burst) at most).
@@ -112,7 +119,7 @@ fn netlab_runs_bulk_tcp_flows_and_a_probe_across_the_aggregators_link() {
         "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN)"
     );
     let dir = common::TempDir::new("netlab-cross");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+    let script = script("netlab.sh");
     let mut cmd = Command::new(script);
     cmd.env("INAGG_BIN", env!("CARGO_BIN_EXE_inagg"))
         .args(["--workers", "2", "--link-rate", "200mbit"])
@@ -163,7 +170,7 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
         "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN)"
     );
     let dir = common::TempDir::new("sharing");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sharing.py");
+    let script = script("sharing.py");
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg(script)
         .args(["--scenarios", "inagg", "--codec", "i32", "--workers", "2"])
@@ -200,7 +207,7 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
 
 #[test]
 fn netlab_refuses_bad_flags() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+    let script = script("netlab.sh");
     for (args, want) in [
         (&["--workers", "0", "--", "true"][..], "--workers must be"),
         (

@@ -4,9 +4,23 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{inagg, run_bounded};
+
+/// Runs `inagg peers-report` on `results` into `dir`; returns what it printed.
+fn peers_report(results: &Path, dir: &Path) -> String {
+    let mut cmd = inagg();
+    cmd.arg("peers-report")
+        .arg("--input")
+        .arg(results)
+        .arg("--out")
+        .arg(dir);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(60));
+    assert!(st.success(), "{out}\n{err}");
+    out
+}
 
 #[test]
 fn the_report_takes_each_rounds_ratio_to_gloo_and_their_median_and_spread() {
@@ -34,14 +48,7 @@ fn the_report_takes_each_rounds_ratio_to_gloo_and_their_median_and_spread() {
     }
     let results = dir.join("results.jsonl");
     std::fs::write(&results, input).expect("write results");
-    let mut cmd = inagg();
-    cmd.arg("peers-report")
-        .arg("--input")
-        .arg(&results)
-        .arg("--out")
-        .arg(&dir);
-    let (st, out, err) = run_bounded(cmd, Duration::from_secs(60));
-    assert!(st.success(), "{out}\n{err}");
+    let out = peers_report(&results, &dir);
     assert!(out.contains("3 round(s)") && out.contains("cores"), "{out}");
     let mut rows = csv::Reader::from_path(dir.join("peers-summary.csv")).expect("summary");
     let rows: Vec<csv::StringRecord> = rows.records().map(|r| r.expect("row")).collect();
@@ -98,15 +105,7 @@ fn several_worker_counts_are_plotted_against_n_and_one_is_not() {
         for png in ["ate_vs_workers.png", "ratio_vs_workers.png"] {
             let _ = std::fs::remove_file(dir.join(png));
         }
-        let mut cmd = inagg();
-        cmd.arg("peers-report")
-            .arg("--input")
-            .arg(&results)
-            .arg("--out")
-            .arg(&dir);
-        let (st, out, err) = run_bounded(cmd, Duration::from_secs(60));
-        assert!(st.success(), "{out}\n{err}");
-        out
+        peers_report(&results, &dir)
     };
     let mut input = String::new();
     for n in [2, 4, 8] {

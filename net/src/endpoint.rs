@@ -53,8 +53,6 @@ pub struct UdpEndpoint {
     gso_refused: AtomicBool,
     /// Datagrams dropped on receipt because they came from port 0.
     from_port_zero: u64,
-    /// Datagrams received with the ECN codepoint CE (congestion experienced).
-    congestion_experienced: u64,
     /// What a CE-marked datagram goes through before it is handed on
     /// ([`UdpEndpoint::on_congestion_experienced`]).
     on_ce: Option<fn(&mut [u8]) -> bool>,
@@ -145,7 +143,6 @@ impl UdpEndpoint {
             v6,
             gso_refused: AtomicBool::new(false),
             from_port_zero: 0,
-            congestion_experienced: 0,
             on_ce: None,
             buffer,
             group: None,
@@ -272,11 +269,6 @@ impl UdpEndpoint {
     /// and says whether it did; the datagram then goes on as any other.
     pub fn on_congestion_experienced(&mut self, mark: fn(&mut [u8]) -> bool) {
         self.on_ce = Some(mark);
-    }
-
-    /// Datagrams received with the ECN codepoint CE.
-    pub fn congestion_experienced(&self) -> u64 {
-        self.congestion_experienced
     }
 
     /// The most datagrams one send may carry (1 without GSO).
@@ -434,13 +426,10 @@ impl UdpEndpoint {
                 continue;
             }
             // A GRO batch holds datagrams of one ECN codepoint only.
-            let ce = m.ecn == Some(EcnCodepoint::Ce);
+            let mark = self.on_ce.filter(|_| m.ecn == Some(EcnCodepoint::Ce));
             for d in buf[..len].chunks_mut(m.stride.max(1)) {
-                if ce {
-                    self.congestion_experienced += 1;
-                    if let Some(mark) = self.on_ce {
-                        mark(d);
-                    }
+                if let Some(mark) = mark {
+                    mark(d);
                 }
                 f(m.addr, d);
                 count += 1;
