@@ -45,8 +45,9 @@ pub struct Args {
     #[arg(long)]
     pub rate_mbit: Option<f64>,
     /// Mark CE on every datagram that joins a queue (of its direction) already
-    /// holding more than this many bytes. The relay does not read the codepoint it
-    /// received: it sends marked datagrams CE and the others not ECN-capable.
+    /// holding more than this many bytes (datagrams held back by --delay-ms count as
+    /// queued). The relay does not read the codepoint it received: it sends marked
+    /// datagrams CE and the others not ECN-capable.
     #[arg(long, value_name = "BYTES")]
     pub mark_above: Option<usize>,
 }
