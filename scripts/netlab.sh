@@ -18,7 +18,8 @@
 # to the aggregator's namespace; --tcp-probe times 1 KiB request/response round trips
 # (`inagg tcp-probe`) from one more such host to the aggregator's namespace. Both run
 # from before COMMAND starts until it ends; then each flow's iperf3 JSON
-# (DIR/bulk-K.json) and the probe's report (DIR/probe.json) are written to
+# (DIR/bulk-K.json) and the probe's report (DIR/probe.json, every round trip with
+# its send time) are written to
 # --cross-out DIR (default inagg-out/cross). INAGG_BIN names the inagg binary for the
 # probe (default target/release/inagg).
 # Needs root (or CAP_NET_ADMIN) for `ip netns`, and iperf3 for --tcp-bulk.
@@ -175,7 +176,7 @@ done
 probe=""
 if [ "$PROBE" = 1 ]; then
     ip netns exec "${T_NS}${BULK}" "$INAGG_BIN" tcp-probe --to 198.18.0.1:7000 \
-        --requests 10000000 --interval-ms 10 --json >"$CROSS_OUT/probe.json" &
+        --requests 10000000 --interval-ms 10 --json --samples >"$CROSS_OUT/probe.json" &
     probe="$!"
 fi
 # Let the bulk flows reach their share before COMMAND starts.

@@ -187,8 +187,8 @@ impl Tuning {
     }
 }
 
-/// The faults to inject, shared with `inagg bench` (which puts a relay in the path
-/// when any is asked for).
+/// The faults to inject and the link to emulate, shared with `inagg bench` (which
+/// puts a relay in the path when any is asked for).
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct FaultArgs {
     /// Probability that a datagram is dropped.
@@ -206,12 +206,27 @@ pub struct FaultArgs {
     /// How long a reordered datagram is held back, in milliseconds.
     #[arg(long, default_value_t = 2.0)]
     pub reorder_ms: f64,
+    /// Forward each direction at most at this rate (megabits per second), queueing
+    /// what comes faster (unlimited by default).
+    #[arg(long)]
+    pub rate_mbit: Option<f64>,
+    /// Mark CE on every datagram that joins a queue (of its direction) already
+    /// holding more than this many bytes (datagrams held back by --delay-ms count as
+    /// queued). The relay does not read the codepoint it received: it sends marked
+    /// datagrams CE and the others not ECN-capable.
+    #[arg(long, value_name = "BYTES")]
+    pub mark_above: Option<usize>,
 }
 
 impl FaultArgs {
     /// True when the relay would change nothing.
     pub fn is_clean(&self) -> bool {
-        self.loss == 0.0 && self.dup == 0.0 && self.reorder == 0.0 && self.delay_ms == 0.0
+        self.loss == 0.0
+            && self.dup == 0.0
+            && self.reorder == 0.0
+            && self.delay_ms == 0.0
+            && self.rate_mbit.is_none()
+            && self.mark_above.is_none()
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -232,6 +247,11 @@ impl FaultArgs {
                 bail!("{name} must be between 0 and 10000, not {ms}");
             }
         }
+        if let Some(r) = self.rate_mbit {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("--rate-mbit must be a positive number of megabits per second");
+            }
+        }
         Ok(())
     }
 
@@ -246,6 +266,8 @@ impl FaultArgs {
         ]
         .iter()
         .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+        .chain(self.rate_mbit.map(|r| format!("--rate-mbit={r}")))
+        .chain(self.mark_above.map(|b| format!("--mark-above={b}")))
         .chain(["--seed".into(), seed.to_string()])
         .collect()
     }

@@ -137,6 +137,12 @@ pub struct Row {
     pub loss: f64,
     pub dup: f64,
     pub reorder: f64,
+    /// The relay's link rate and CE-marking threshold (`--rate-mbit`,
+    /// `--mark-above`), where given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mark_above: Option<usize>,
     /// Median over iterations of the slowest rank's time (with several jobs, the
     /// slowest job's median).
     pub median_s: f64,
@@ -156,6 +162,12 @@ pub struct Row {
     pub retransmitted_bytes_per_worker: u64,
     /// Retransmissions that went as header-only probes (over all ranks and iterations).
     pub probes: u64,
+    /// Results that carried a congestion mark (from the aggregator's queue or CE on
+    /// the path), over all ranks and timed iterations.
+    pub marks: u64,
+    /// The smallest congestion window any rank ended a timed allreduce with (null
+    /// without timed allreduces).
+    pub congestion_window_min: Option<u64>,
     pub ranks_identical: bool,
     pub within_bound: bool,
     /// Checksum of rank 0's last result (hex): equal runs give equal bits.
@@ -477,6 +489,8 @@ pub fn row(
         loss: a.faults.loss,
         dup: a.faults.dup,
         reorder: a.faults.reorder,
+        rate_mbit: a.faults.rate_mbit,
+        mark_above: a.faults.mark_above,
         jobs: jobs.len() as u16,
         aggregators: a.aggregators,
         aggregator_threads: a.aggregator_threads,
@@ -495,6 +509,8 @@ pub fn row(
         rel_l2_err: checks.iter().map(|c| c.rel_l2_err).fold(0.0, f64::max),
         retransmissions: reports.iter().map(|r| r.retransmissions).sum(),
         probes: reports.iter().map(|r| r.probes).sum(),
+        marks: reports.iter().map(|r| r.marks).sum(),
+        congestion_window_min: reports.iter().filter_map(|r| r.congestion_window_min).min(),
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,
         ranks_identical: identical,

@@ -40,16 +40,6 @@ pub struct Args {
     /// Seed of the fault decisions.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Forward each direction at most at this rate (megabits per second), queueing
-    /// what comes faster (unlimited by default).
-    #[arg(long)]
-    pub rate_mbit: Option<f64>,
-    /// Mark CE on every datagram that joins a queue (of its direction) already
-    /// holding more than this many bytes (datagrams held back by --delay-ms count as
-    /// queued). The relay does not read the codepoint it received: it sends marked
-    /// datagrams CE and the others not ECN-capable.
-    #[arg(long, value_name = "BYTES")]
-    pub mark_above: Option<usize>,
 }
 
 /// What the relay did, for its exit line.
@@ -304,11 +294,6 @@ impl Relay {
 
 pub fn run(a: &Args) -> Result<()> {
     a.faults.validate()?;
-    if let Some(r) = a.rate_mbit {
-        if !(r > 0.0 && r.is_finite()) {
-            anyhow::bail!("--rate-mbit must be a positive number of megabits per second");
-        }
-    }
     let front = bind(a.listen).with_context(|| format!("binding {}", a.listen))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -326,8 +311,8 @@ pub fn run(a: &Args) -> Result<()> {
         order: 0,
         faults: Faults::new(a.faults, a.seed),
         overflow: 0,
-        rate_bps: a.rate_mbit.map(|r| r * 1e6),
-        mark_above: a.mark_above,
+        rate_bps: a.faults.rate_mbit.map(|r| r * 1e6),
+        mark_above: a.faults.mark_above,
         free_at: [Instant::now(); 2],
         queued: [0; 2],
         marked: 0,
@@ -369,6 +354,7 @@ mod tests {
                 reorder,
                 delay_ms: 1.0,
                 reorder_ms: 5.0,
+                ..FaultArgs::default()
             },
             7,
         )

@@ -43,6 +43,10 @@ pub struct Args {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     pub json: bool,
+    /// With --json, also list every round trip as `[sent_unix_s, ms]` in `samples`,
+    /// so that a report can take percentiles over a window of its own.
+    #[arg(long, requires = "json")]
+    pub samples: bool,
 }
 
 /// Largest request the server takes.
@@ -58,6 +62,10 @@ pub struct Report {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
+    /// Every round trip as (when it was sent, Unix seconds; milliseconds), in order;
+    /// only with `--samples`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<Vec<(f64, f64)>>,
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -157,9 +165,13 @@ fn probe(to: SocketAddr, a: &Args) -> Result<Report> {
     let request = vec![0x5au8; a.size];
     let mut response = vec![0u8; a.size];
     let mut times = Vec::with_capacity(a.requests as usize);
+    let mut sent_at = Vec::new();
     for i in 0..a.requests {
         if stop.load(Ordering::Relaxed) || Instant::now() >= end {
             break;
+        }
+        if a.samples {
+            sent_at.push(unix_s());
         }
         let t = Instant::now();
         conn.write_all(&request)
@@ -169,7 +181,20 @@ fn probe(to: SocketAddr, a: &Args) -> Result<Report> {
         std::thread::sleep(interval);
     }
     let done = times.len() as u32;
-    Ok(summarize(done, a.size, &mut times))
+    let samples = a
+        .samples
+        .then(|| sent_at.iter().copied().zip(times.iter().copied()).collect());
+    Ok(Report {
+        samples,
+        ..summarize(done, a.size, &mut times)
+    })
+}
+
+/// The wall clock in Unix seconds (0 before 1970, which no lab clock is).
+fn unix_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Connects, trying again while the server is not there yet (refused) until
@@ -214,6 +239,7 @@ fn summarize(requests: u32, size: usize, times: &mut [f64]) -> Report {
         } else {
             times.iter().sum::<f64>() / times.len() as f64
         },
+        samples: None,
     }
 }
 

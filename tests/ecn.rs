@@ -213,3 +213,36 @@ fn inagg_relay_marks_ce_above_its_queue_threshold_and_the_ranks_slow_down() {
         "{reports:?}\n{ignored:?}"
     );
 }
+
+/// `inagg bench --codec i32` of two ranks behind its relay as a 50 Mbit/s link that
+/// marks CE above 30000 queued bytes, with `extra` flags: the row.
+fn bench_behind_a_marking_link(extra: &[&str]) -> serde_json::Value {
+    let mut cmd = inagg();
+    cmd.args(["bench", "--workers", "2", "--elements", "300000"])
+        .args(["--codec", "i32", "--iters", "2", "--chunk-elements", "2048"])
+        .args(["--rate-mbit", "50", "--mark-above", "30000", "--json"])
+        .args(extra);
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(120));
+    assert!(st.success(), "{out}\n{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1, "{out}");
+    rows[0].clone()
+}
+
+#[test]
+fn the_bench_row_counts_the_marks_of_a_marking_link_and_the_results_stay_exact() {
+    let marked = bench_behind_a_marking_link(&[]);
+    assert_eq!(marked["rate_mbit"], 50.0, "{marked}");
+    assert_eq!(marked["mark_above"], 30000, "{marked}");
+    assert!(marked["marks"].as_u64().expect("marks") > 0, "{marked}");
+    let ignored = bench_behind_a_marking_link(&["--no-ecn"]);
+    assert_eq!(ignored["marks"], 0, "{ignored}");
+    for r in [&marked, &ignored] {
+        assert_eq!(r["within_bound"], true, "{r}");
+        assert_eq!(r["ranks_identical"], true, "{r}");
+    }
+    // Exact sums: the marks slowed the job down, and changed no bit of its result.
+    assert_eq!(marked["result_checksum"], ignored["result_checksum"]);
+    let window = |r: &serde_json::Value| r["congestion_window_min"].as_u64().expect("window");
+    assert!(window(&marked) < window(&ignored), "{marked}\n{ignored}");
+}

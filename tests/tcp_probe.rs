@@ -28,7 +28,7 @@ fn the_client_times_every_round_trip_and_reports_percentiles() {
         "--size",
         "1024",
     ])
-    .args(["--interval-ms", "0", "--json"]);
+    .args(["--interval-ms", "0", "--json", "--samples"]);
     let (st, out, err) = run_bounded(cmd, Duration::from_secs(60));
     assert!(st.success(), "{out}\n{err}");
     let rows = json_lines(&out);
@@ -42,6 +42,20 @@ fn the_client_times_every_round_trip_and_reports_percentiles() {
         f("p50_ms") <= f("p99_ms") && f("p99_ms") <= f("max_ms"),
         "{r}"
     );
+    // --samples lists every round trip with its send time, in order: the largest is
+    // the max, and the times are today's wall clock.
+    let samples = r["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 200, "{r}");
+    let pair = |s: &serde_json::Value| (s[0].as_f64().expect("sent"), s[1].as_f64().expect("ms"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs_f64();
+    let sent: Vec<f64> = samples.iter().map(|s| pair(s).0).collect();
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "{r}");
+    assert!(sent[0] > now - 120.0 && sent[199] <= now, "{r}");
+    let max = samples.iter().map(|s| pair(s).1).fold(0.0, f64::max);
+    assert_eq!(max, f("max_ms"), "{r}");
 }
 
 #[test]
