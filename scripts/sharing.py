@@ -31,10 +31,11 @@ iperf3.
   scripts/sharing.py [--workers 4] [--elements 16777216] [--codec f32]
       [--link-rate 1gbit] [--tcp-bulk 2] [--iters 20]
       [--scenarios idle,inagg,inagg-nocc,gloo] [--out inagg-out/sharing]
-      [--inagg-bin target/release/inagg]
+      [--inagg-bin target/release/inagg] [--inagg-flags '--queue-target 8']
 """
 import argparse
 import csv
+import shlex
 import signal
 import socket
 import json
@@ -63,6 +64,9 @@ def args():
     p.add_argument("--idle-seconds", type=float, default=8.0)
     p.add_argument("--out", default="inagg-out/sharing")
     p.add_argument("--inagg-bin", default=str(ROOT / "target/release/inagg"))
+    p.add_argument("--inagg-flags", default="",
+                   help="more flags for the inagg scenarios' `inagg bench`, as one string "
+                        "(--inagg-flags='--queue-target 8')")
     p.add_argument("--inside", help=argparse.SUPPRESS)
     p.add_argument("--meter", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -124,7 +128,8 @@ def inside(a, out):
         cc = ["--no-congestion-control"] if a.inside == "inagg-nocc" else []
         r = subprocess.run(
             [a.inagg_bin, "bench", "--workers", str(a.workers), "--elements",
-             str(a.elements), "--codec", a.codec, "--iters", str(a.iters), "--json"] + cc,
+             str(a.elements), "--codec", a.codec, "--iters", str(a.iters), "--json"] + cc
+            + shlex.split(a.inagg_flags),
             check=True, capture_output=True, text=True)
         row = json.loads(r.stdout.strip().splitlines()[-1])
         for k in ("median_s", "within_bound", "marks", "congestion_window_min", "window",
@@ -220,7 +225,8 @@ def main():
                str(a.tcp_bulk), "--tcp-probe", "--cross-out", str(where), "--",
                PY, __file__, "--inside", scenario, "--out", str(where)] + [
                f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-               if k in ("workers", "elements", "codec", "iters", "idle_seconds", "inagg_bin")]
+               if k in ("workers", "elements", "codec", "iters", "idle_seconds", "inagg_bin",
+                        "inagg_flags")]
         subprocess.run(cmd, check=True, env={**os.environ, "INAGG_BIN": a.inagg_bin})
         job = json.loads((where / "job.json").read_text())
         m = json.loads((where / "meter.json").read_text())

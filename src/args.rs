@@ -146,6 +146,11 @@ pub struct Tuning {
     /// Keep the window at the grant instead of running AIMD on marks and losses.
     #[arg(long)]
     pub no_congestion_control: bool,
+    /// Packets of this rank's own that may wait in queues on the path (its rate times
+    /// the queueing delay it measures) before its window halves: the queue rule of
+    /// the congestion control; 0 turns the rule off.
+    #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_QUEUE_TARGET)]
+    pub queue_target: u32,
     /// With `--transport quic`: messages on a stream or as QUIC datagrams.
     #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
     pub quic_mode: QuicMode,

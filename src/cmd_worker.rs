@@ -94,6 +94,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.stochastic_rounding = a.tuning.stochastic.then_some(a.runs.seed);
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
+    o.protocol.queue_target = (a.tuning.queue_target > 0).then_some(a.tuning.queue_target);
     o.yields_before_sleep = a.tuning.yields_before_sleep;
     o.multicast = !a.tuning.no_multicast;
     o.ecn = !a.tuning.no_ecn;

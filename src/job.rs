@@ -276,6 +276,8 @@ fn worker_args(a: &JobSpec, aggs: &[SocketAddr], job: u32, rank: u16, codec: &st
     .chain([
         "--yields-before-sleep".to_string(),
         t.yields_before_sleep.to_string(),
+        "--queue-target".to_string(),
+        t.queue_target.to_string(),
     ])
     .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
     .chain(t.no_ecn.then(|| "--no-ecn".to_string()))

@@ -134,6 +134,18 @@ pub struct NetStats {
     pub queue_drops: u64,
     /// Marked by the bottleneck.
     pub marked: u64,
+    /// Datagrams that reached the bottleneck (dropped ones included).
+    pub bottleneck_arrivals: u64,
+    /// The time those datagrams found queued ahead of them, summed, in nanoseconds:
+    /// what a short flow crossing the link would have waited.
+    pub bottleneck_wait_ns: u64,
+}
+
+impl NetStats {
+    /// The mean time a datagram arriving at the bottleneck found queued ahead of it.
+    pub fn mean_bottleneck_wait(&self) -> Duration {
+        Duration::from_nanos(self.bottleneck_wait_ns / self.bottleneck_arrivals.max(1))
+    }
 }
 
 /// What became of each worker.
@@ -571,6 +583,9 @@ impl Sim {
         }
         if let (Some(b), Node::Aggregator) = (self.cfg.bottleneck, to) {
             let start = self.link_free.max(self.now);
+            self.net.bottleneck_arrivals += 1;
+            self.net.bottleneck_wait_ns +=
+                u64::try_from((start - self.now).as_nanos()).unwrap_or(u64::MAX);
             let queued = (start - self.now).as_secs_f64() * b.bytes_per_sec;
             if queued > b.queue_bytes as f64 {
                 self.net.queue_drops += 1;

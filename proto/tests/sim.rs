@@ -738,6 +738,62 @@ fn jobs_sharing_a_bottleneck_converge_to_fair_shares() {
     );
 }
 
+/// One job through a drop-tail bottleneck (it never marks, and its queue is deep
+/// enough never to drop): with a queue target its windows keep their packets in the
+/// queue near the target, without one they fill it with all they may send; the throughput is the
+/// same. Returns the job's ATE/s and the mean wait a datagram found at the link.
+fn through_a_drop_tail_queue(queue_target: Option<u32>) -> (f64, std::time::Duration) {
+    use inagg_proto::sim::Bottleneck;
+    use std::time::Duration;
+    let (world, chunk, chunks) = (2u16, 256u16, 4000usize);
+    let cfg = SimConfig {
+        bottleneck: Some(Bottleneck {
+            bytes_per_sec: 50e6,
+            queue_bytes: 4 << 20,
+            mark_bytes: usize::MAX,
+        }),
+        ..SimConfig::lossless(11)
+    };
+    let mut cfgs = configs(1, world, CodecId::F32, chunk, 256);
+    for c in &mut cfgs {
+        c.queue_target = queue_target;
+    }
+    let ins = inputs(1, world, usize::from(chunk) * chunks, true);
+    let mut sim = Sim::new(cfg, Default::default(), cfgs);
+    let (counts, span) = sim
+        .run_continuously(ins, Duration::from_millis(200), Duration::from_millis(1200))
+        .expect("run");
+    assert_eq!(
+        (sim.net.queue_drops, sim.net.marked),
+        (0, 0),
+        "{:?}",
+        sim.net
+    );
+    let ate = counts[0] as f64 * (usize::from(chunk) * chunks) as f64 / span.as_secs_f64();
+    (ate, sim.net.mean_bottleneck_wait())
+}
+
+#[test]
+fn the_queue_rule_keeps_a_drop_tail_queue_short_at_the_same_throughput() {
+    use std::time::Duration;
+    let (full_ate, full_wait) = through_a_drop_tail_queue(None);
+    let (ate, wait) = through_a_drop_tail_queue(Some(16));
+    eprintln!("without the rule {full_ate:.4e} ATE/s, {full_wait:?}; with {ate:.4e}, {wait:?}");
+    // Without the rule each rank keeps 256 chunks of about 1 KiB in flight: some 10
+    // ms of the link queued.
+    assert!(full_wait > Duration::from_millis(8), "{full_wait:?}");
+    // With it, a fifth of that: two ranks' 16 packets are 0.7 ms of the link, and
+    // each allreduce starts with both ranks' windows sent at once.
+    assert!(
+        wait <= full_wait / 4 && wait <= Duration::from_millis(3),
+        "{wait:?} against {full_wait:?}"
+    );
+    assert!(
+        ate >= 0.95 * full_ate,
+        "{ate:.4e} against {full_ate:.4e} ATE/s"
+    );
+}
+
 #[test]
 fn a_job_joining_and_one_leaving_mid_run_change_no_results() {
     use std::time::Duration;

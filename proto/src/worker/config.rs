@@ -15,6 +15,10 @@ pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// ([`WorkerConfig::aggregator_timeout`]).
 pub const DEFAULT_AGGREGATOR_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The queue rule's target unless told otherwise ([`WorkerConfig::queue_target`];
+/// docs/protocol.md, 6.10 says how it was chosen).
+pub const DEFAULT_QUEUE_TARGET: u32 = 32;
+
 /// Settings of one worker (one rank of one job).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -32,6 +36,10 @@ pub struct WorkerConfig {
     pub window: u32,
     /// Run AIMD on the window from congestion marks and losses (on by default).
     pub congestion_control: bool,
+    /// With congestion control, the packets of this rank's own that may wait in
+    /// queues on the path before the window halves: the queue rule
+    /// ([`Cwnd`](super::Cwnd)); `None` turns it off.
+    pub queue_target: Option<u32>,
     /// The job's shared secret, at most 64 bytes.
     pub secret: Vec<u8>,
     /// How often to resend a join until the grant arrives.
@@ -111,6 +119,7 @@ impl WorkerConfig {
             chunk_elems: 256,
             window: 256,
             congestion_control: true,
+            queue_target: Some(DEFAULT_QUEUE_TARGET),
             secret: Vec::new(),
             join_interval: Duration::from_millis(200),
             join_timeout: DEFAULT_JOIN_TIMEOUT,

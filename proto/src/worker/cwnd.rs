@@ -1,5 +1,5 @@
 //! The congestion window: additive increase, multiplicative decrease on congestion
-//! marks and losses, as PANAMA's workers do with ECN.
+//! marks, loss bursts and a standing queue, as PANAMA's workers do with ECN.
 //!
 //! Marks come in results, and every rank of a job receives the same results, so the
 //! ranks' windows move together on marks. The window halves at most once per window
@@ -8,10 +8,31 @@
 //!
 //! Losses count as congestion only in bursts: when more than a fifth of a window's
 //! packets were lost on this rank's own path (a retransmission was needed and the
-//! aggregator had not been holding the contribution for a slow peer). A queue that overflows drops runs of datagrams; a lossy link
-//! drops a few here and there, and halving the window for those (as TCP Reno does)
-//! collapsed throughput here: under light random loss the window sat near its minimum
-//! (docs/performance.md, "Congestion control").
+//! aggregator had not been holding the contribution for a slow peer). A queue that
+//! overflows drops runs of datagrams; a lossy link drops a few here and there, and
+//! halving the window for those (as TCP Reno does) collapsed throughput here: under
+//! light random loss the window sat near its minimum (docs/performance.md,
+//! "Congestion control").
+//!
+//! Most bottlenecks neither mark nor drop until their queue is full, so a window
+//! that waits for loss keeps a drop-tail queue full and every short flow crossing it
+//! waits behind that queue. The queue rule bounds how much of that queue is this
+//! rank's own, as TCP Vegas does. By Little's law, the packets a rank has waiting in
+//! queues are its rate (`w / rtt`) times the queueing delay (`rtt - base`):
+//! `w * (rtt - base) / rtt`. Each round (a window's worth of results, at least
+//! [`MIN_ROUND`]) takes its smallest RTT, so that one late result (a descheduled
+//! process, a straggling rank) does not count, and the base is the smallest of the
+//! last [`BASE_ROUNDS`] rounds: the path's own RTT, which a rank sees at the start of
+//! an allreduce when no one else keeps a queue standing. A base that is too low (the
+//! path grew longer) overstates the rank's queue, but the rule never halves a window
+//! of the target's worth or less. When more than the target's packets wait,
+//! the window halves. The bound is on this rank's part of the queue, not on the
+//! queue: flows that fill it whatever this job does (TCP on a drop-tail link) keep
+//! their part, the rank keeps its target's worth and with it a share of the link, so
+//! it is neither starved nor the one that fills the queue (docs/protocol.md, 6.10).
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 /// AIMD state of one worker, kept across allreduces.
 #[derive(Debug, Clone)]
@@ -25,16 +46,32 @@ pub struct Cwnd {
     /// Results and losses in the current round (a window's worth of results).
     round_results: u64,
     round_losses: u64,
+    /// The first packet whose result opened the current round.
+    round_first: u64,
+    /// The smallest RTT of the current round.
+    round_min_rtt: Option<Duration>,
+    /// The packets of this rank's own that may wait in queues before the window
+    /// halves (`None`: no queue rule).
+    queue_target: Option<u32>,
+    /// The smallest RTT of each of the last [`BASE_ROUNDS`] rounds that had one.
+    recent_mins: VecDeque<Duration>,
 }
 
-/// The fewest results over which a loss burst is judged.
-const MIN_ROUND: u64 = 64;
+/// The fewest results over which a loss burst or a standing queue is judged.
+pub const MIN_ROUND: u64 = 64;
 
 /// The smallest window: enough packets in flight to keep the stream going.
 const MIN_WINDOW: f64 = 2.0;
 
+/// The rounds over which the queue rule takes its base RTT: long enough that a queue
+/// other flows keep standing does not become part of the base while it grows (at
+/// 1 Gbit/s and 8 KiB datagrams a round of 64 results is about 4 ms of a rank's
+/// sending), short enough that a path that changed is learned again.
+pub const BASE_ROUNDS: usize = 4096;
+
 impl Cwnd {
-    /// A window that starts at `max` (the slots granted) and never exceeds it.
+    /// A window that starts at `max` (the slots granted) and never exceeds it, with
+    /// the delay rule off.
     pub fn new(max: u32) -> Self {
         let max = f64::from(max.max(1));
         Self {
@@ -44,7 +81,17 @@ impl Cwnd {
             decreases: 0,
             round_results: 0,
             round_losses: 0,
+            round_first: 0,
+            round_min_rtt: None,
+            queue_target: None,
+            recent_mins: VecDeque::with_capacity(BASE_ROUNDS),
         }
+    }
+
+    /// The same window with the queue rule at `target` packets (`None`: off).
+    pub fn with_queue_target(mut self, target: Option<u32>) -> Self {
+        self.queue_target = target;
+        self
     }
 
     /// The grant changed to `max` slots (a re-grant): the window never exceeds it, and a
@@ -63,13 +110,21 @@ impl Cwnd {
         self.w.floor().max(1.0) as u64
     }
 
-    /// A result for packet `seq`: a mark halves the window, an unmarked result grows
-    /// it by one packet per window. `next` is the next sequence number to be sent.
-    pub fn on_result(&mut self, seq: u64, marked: bool, next: u64) {
+    /// A result for packet `seq`, with its RTT where it was sent once: a mark halves
+    /// the window, an unmarked result grows it by one packet per window; the end of a
+    /// round judges its losses and its queue. `next` is the next sequence number to
+    /// be sent.
+    pub fn on_result(&mut self, seq: u64, marked: bool, rtt: Option<Duration>, next: u64) {
         if marked {
             self.decrease(seq, next);
         } else {
             self.w = (self.w + 1.0 / self.w).min(self.max);
+        }
+        if let Some(r) = rtt {
+            self.round_min_rtt = Some(self.round_min_rtt.map_or(r, |m| m.min(r)));
+        }
+        if self.round_results == 0 {
+            self.round_first = seq;
         }
         self.round_results += 1;
         // Rounds of at least MIN_ROUND results: in a round of two, one loss would be
@@ -78,9 +133,12 @@ impl Cwnd {
             // More than a fifth of the round lost: a burst, a queue overflowing.
             if self.round_losses * 5 > self.round_results {
                 self.decrease(seq, next);
+            } else {
+                self.judge_queue(seq, next);
             }
             self.round_results = 0;
             self.round_losses = 0;
+            self.round_min_rtt = None;
         }
     }
 
@@ -90,6 +148,34 @@ impl Cwnd {
         self.round_losses += 1;
     }
 
+    /// The queue rule at the end of a round (see the module's doc).
+    fn judge_queue(&mut self, seq: u64, next: u64) {
+        let Some(min) = self.round_min_rtt else {
+            return;
+        };
+        if self.recent_mins.len() == BASE_ROUNDS {
+            self.recent_mins.pop_front();
+        }
+        self.recent_mins.push_back(min);
+        let Some(target) = self.queue_target else {
+            return;
+        };
+        // A round that began with packets sent before the last decrease does not
+        // show what the decrease did.
+        if self.round_first < self.recover_from {
+            return;
+        }
+        let base = self.recent_mins.iter().min().copied().unwrap_or(min);
+        if min.is_zero() {
+            return;
+        }
+        let queued = self.w * min.saturating_sub(base).as_secs_f64() / min.as_secs_f64();
+        if queued > f64::from(target) {
+            self.decrease(seq, next);
+        }
+    }
+
+    /// Halves the window unless `seq` was sent before the last decrease.
     fn decrease(&mut self, seq: u64, next: u64) {
         if seq < self.recover_from {
             return;
@@ -108,24 +194,24 @@ mod tests {
     fn halves_once_per_window_and_grows_back_by_one_per_window() {
         let mut c = Cwnd::new(64);
         assert_eq!(c.window(), 64);
-        c.on_result(10, true, 74);
+        c.on_result(10, true, None, 74);
         assert_eq!(c.window(), 32);
         // Marks on packets sent before the decrease do not count again.
         for seq in 11..74 {
-            c.on_result(seq, true, 80);
+            c.on_result(seq, true, None, 80);
         }
         assert_eq!((c.window(), c.decreases), (32, 1));
         // A window's worth of unmarked results (and one) grows it by one.
         for seq in 80..113 {
-            c.on_result(seq, false, 120);
+            c.on_result(seq, false, None, 120);
         }
         assert_eq!(c.window(), 33);
         for seq in 120..100_000 {
-            c.on_result(seq, false, seq + 64);
+            c.on_result(seq, false, None, seq + 64);
         }
         assert_eq!(c.window(), 64, "capped at the grant");
         for i in 0..20 {
-            c.on_result(200_000 + 1000 * i, true, 200_000 + 1000 * i + 1);
+            c.on_result(200_000 + 1000 * i, true, None, 200_000 + 1000 * i + 1);
         }
         assert_eq!(c.window(), 2, "never below the minimum");
     }
@@ -141,7 +227,7 @@ mod tests {
             48,
             "not held back by congestion: it follows the grant"
         );
-        c.on_result(0, true, 10);
+        c.on_result(0, true, None, 10);
         assert_eq!(c.window(), 24);
         c.set_max(64);
         assert_eq!(c.window(), 24, "after a mark it grows by AIMD");
@@ -158,7 +244,7 @@ mod tests {
                 c.on_loss(round * 64, round * 64 + 64);
             }
             for seq in round * 64..round * 64 + 64 {
-                c.on_result(seq, false, seq + 64);
+                c.on_result(seq, false, None, seq + 64);
             }
         }
         assert_eq!((c.window(), c.decreases), (64, 0));
@@ -167,9 +253,98 @@ mod tests {
             c.on_loss(5000, 5064);
         }
         for seq in 5000..5064 {
-            c.on_result(seq, false, seq + 64);
+            c.on_result(seq, false, None, seq + 64);
         }
         assert_eq!(c.decreases, 1);
         assert!(c.window() <= 33, "{}", c.window());
+    }
+
+    /// Feeds `rounds` rounds of results, in order, each with the RTT `rtt(window)` of
+    /// the window it was sent with; returns the next sequence number.
+    fn rounds(c: &mut Cwnd, mut seq: u64, rounds: u64, rtt: impl Fn(u64) -> Duration) -> u64 {
+        for _ in 0..rounds * MIN_ROUND {
+            let w = c.window();
+            c.on_result(seq, false, Some(rtt(w)), seq + w);
+            seq += 1;
+        }
+        seq
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// This rank's packets in the queue when `rtt` is what a round saw against the
+    /// path's `base` (Little's law).
+    fn own(w: u64, rtt: Duration, base: Duration) -> f64 {
+        w as f64 * (rtt - base).as_secs_f64() / rtt.as_secs_f64()
+    }
+
+    #[test]
+    fn a_queue_of_its_own_shrinks_to_the_target() {
+        let mut c = Cwnd::new(64).with_queue_target(Some(8));
+        // The path: 1 ms, plus a queue of 0.25 ms per packet in flight beyond 8.
+        let path = |w: u64| MS + MS * (w.saturating_sub(8) as u32) / 4;
+        // The first results of an allreduce find the queue empty.
+        let mut seq = rounds(&mut c, 0, 1, |_| MS);
+        seq = rounds(&mut c, seq, 20, path);
+        assert!(c.decreases >= 2, "{c:?}");
+        // From here on the window saws between the path's own packets and a little
+        // over the target (it grows by a round's results before a round judges it).
+        let mut windows = Vec::new();
+        for _ in 0..40 {
+            seq = rounds(&mut c, seq, 1, path);
+            windows.push(c.window());
+        }
+        let (lo, hi) = (windows.iter().min(), windows.iter().max());
+        let mean = windows.iter().map(|&w| own(w, path(w), MS)).sum::<f64>() / 40.0;
+        assert!(
+            lo >= Some(&7),
+            "the path's own packets stay in flight: {windows:?}"
+        );
+        assert!(hi <= Some(&24), "{windows:?}");
+        assert!(mean <= 8.0, "{mean} packets queued: {windows:?}");
+    }
+
+    #[test]
+    fn beside_a_queue_kept_by_others_it_keeps_its_own_share_of_it() {
+        let mut c = Cwnd::new(64).with_queue_target(Some(8));
+        // Someone else's standing queue of 10 ms from the second round on, whatever
+        // this window: the window falls to about the target's worth, not below ...
+        let mut seq = rounds(&mut c, 0, 1, |_| MS);
+        let mut windows = Vec::new();
+        for _ in 0..BASE_ROUNDS - 1 {
+            seq = rounds(&mut c, seq, 1, |_| 11 * MS);
+            windows.push(c.window());
+        }
+        let lo = *windows.iter().min().expect("windows");
+        assert!((4..=12).contains(&lo), "{windows:?}");
+        let tail = &windows[windows.len() / 2..];
+        let mean = tail.iter().map(|&w| own(w, 11 * MS, MS)).sum::<f64>() / tail.len() as f64;
+        assert!((4.0..=14.0).contains(&mean), "{mean}: {windows:?}");
+        // ... and once the empty queue's round leaves the base, the standing queue is
+        // part of the path: the window grows back to the grant.
+        seq = rounds(&mut c, seq, 200, |_| 11 * MS);
+        assert_eq!(c.window(), 64, "{c:?}");
+        // A queue of this job's own on top of it still counts.
+        let d = c.decreases;
+        rounds(&mut c, seq, 4, |w| 11 * MS + MS * (w as u32) / 4);
+        assert!(c.decreases > d, "{c:?}");
+    }
+
+    #[test]
+    fn late_results_alone_and_no_target_leave_the_window() {
+        // One result in 16 late by 20 ms (a descheduled process): the round's
+        // minimum is the path's.
+        let mut c = Cwnd::new(64).with_queue_target(Some(8));
+        let mut seq = 0;
+        for _ in 0..50 * MIN_ROUND {
+            let late = seq % 16 == 5;
+            c.on_result(seq, false, Some(if late { 21 * MS } else { MS }), seq + 64);
+            seq += 1;
+        }
+        assert_eq!((c.window(), c.decreases), (64, 0));
+        // Without a target, a queue alone changes nothing.
+        let mut c = Cwnd::new(64);
+        rounds(&mut c, 0, 50, |w| MS * w as u32);
+        assert_eq!((c.window(), c.decreases), (64, 0));
     }
 }

@@ -33,7 +33,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use allreduce::{AllreduceStats, Tail};
-pub use config::{WorkerConfig, DEFAULT_AGGREGATOR_TIMEOUT, DEFAULT_JOIN_TIMEOUT};
+pub use config::{
+    WorkerConfig, DEFAULT_AGGREGATOR_TIMEOUT, DEFAULT_JOIN_TIMEOUT, DEFAULT_QUEUE_TARGET,
+};
 pub use dropped::{DropReason, Dropped};
 pub use error::{ConfigError, WorkerError};
 pub use rtt::RttEstimator;
@@ -150,7 +152,7 @@ impl Worker {
             },
             grant: None,
             seq_base: 0,
-            cwnd: Cwnd::new(config.window),
+            cwnd: Cwnd::new(config.window).with_queue_target(config.queue_target),
             rtt,
             last_heard: now,
             last_sent: now,
@@ -447,7 +449,7 @@ impl Worker {
                 match &mut self.state {
                     State::Joining { .. } => {
                         self.grant = Some(g);
-                        self.cwnd = Cwnd::new(g.window);
+                        self.cwnd = Cwnd::new(g.window).with_queue_target(self.config.queue_target);
                         self.state = State::Ready;
                         self.events.push_back(Event::Joined(g));
                     }
@@ -496,7 +498,7 @@ impl Worker {
                     }
                     if self.config.congestion_control {
                         let marked = h.flags & wire::FLAG_MARK != 0;
-                        self.cwnd.on_result(h.seq, marked, op.next_seq());
+                        self.cwnd.on_result(h.seq, marked, sample, op.next_seq());
                     }
                     op.regrant |= h.flags & wire::FLAG_REGRANT != 0;
                 }
