@@ -6,7 +6,7 @@
 # processes, and always tears everything down.
 #   scripts/netlab.sh [--workers N] [--link-rate RATE] [--burst SIZE] [--mtu M]
 #       [--aggregator-link-rate RATE] [--tcp-bulk K] [--tcp-probe] [--cross-out DIR]
-#       -- COMMAND...
+#       [--tcp-congestion ALG] -- COMMAND...
 #   scripts/netlab.sh --workers 4 --link-rate 1gbit -- target/release/inagg bench \
 #       --workers 4 --elements 16777216 --codec f32,i8 --json
 # Addresses come from 198.18.0.0/15 (reserved for benchmarking) and exist only inside
@@ -21,7 +21,10 @@
 # (DIR/bulk-K.json) and the probe's report (DIR/probe.json, every round trip with
 # its send time) are written to
 # --cross-out DIR (default inagg-out/cross). INAGG_BIN names the inagg binary for the
-# probe (default target/release/inagg).
+# probe (default target/release/inagg). --tcp-congestion ALG sets the TCP congestion
+# control of every namespace (the flows, the probe, and Gloo or MPI placed in the
+# lab), as net.ipv4.tcp_congestion_control; without it each namespace has the
+# kernel's default (it must be in the host's net.ipv4.tcp_allowed_congestion_control).
 # Needs root (or CAP_NET_ADMIN) for `ip netns`, and iperf3 for --tcp-bulk.
 set -euo pipefail
 WORKERS=4
@@ -34,6 +37,7 @@ AGG_RATE=""
 BULK=0
 PROBE=0
 CROSS_OUT=inagg-out/cross
+TCP_CC=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) WORKERS="$2"; shift 2 ;;
@@ -44,6 +48,7 @@ while [ $# -gt 0 ]; do
         --tcp-bulk) BULK="$2"; shift 2 ;;
         --tcp-probe) PROBE=1; shift ;;
         --cross-out) CROSS_OUT="$2"; shift 2 ;;
+        --tcp-congestion) TCP_CC="$2"; shift 2 ;;
         --) shift; break ;;
         *) echo "netlab: unknown flag $1 (usage: netlab.sh [--workers N] [--link-rate RATE] -- COMMAND...)" >&2; exit 2 ;;
     esac
@@ -77,6 +82,11 @@ if [ -n "$AGG_RATE" ] && [ -z "$(to_bps "$AGG_RATE")" ]; then
 fi
 if ! [[ "$BULK" =~ ^[0-9]+$ ]] || [ "$BULK" -gt 50 ]; then
     echo "netlab: --tcp-bulk must be between 0 and 50" >&2
+    exit 2
+fi
+# A namespace may take only the algorithms the host allows.
+if [ -n "$TCP_CC" ] && ! grep -qw -- "$TCP_CC" /proc/sys/net/ipv4/tcp_allowed_congestion_control; then
+    echo "netlab: --tcp-congestion $TCP_CC is not allowed in namespaces here (net.ipv4.tcp_allowed_congestion_control: $(cat /proc/sys/net/ipv4/tcp_allowed_congestion_control); the host's root may add it there if it is in tcp_available_congestion_control)" >&2
     exit 2
 fi
 if [ "$BULK" -gt 0 ] && ! command -v iperf3 >/dev/null; then
@@ -140,14 +150,18 @@ for ((k = 0; k < hosts; k++)); do
     attach "${T_NS}${k}" "${id}t${k}" "198.18.1.$((10 + k))"
     shape "${T_NS}${k}" "${id}t${k}" "$RATE"
 done
-# Large socket buffers, as on the host.
+# Large socket buffers, as on the host, and the TCP congestion control asked for.
 for ns in "$AGG_NS" $(for ((r = 0; r < WORKERS; r++)); do echo "${W_NS}${r}"; done) \
     $(for ((k = 0; k < hosts; k++)); do echo "${T_NS}${k}"; done); do
     ip netns exec "$ns" sysctl -q -w net.core.rmem_max=8388608 net.core.wmem_max=8388608 2>/dev/null || true
+    if [ -n "$TCP_CC" ]; then
+        ip netns exec "$ns" sysctl -q -w net.ipv4.tcp_congestion_control="$TCP_CC"
+    fi
 done
 cross_note=""
 if [ "$BULK" -gt 0 ]; then cross_note=", $BULK bulk TCP flows"; fi
 if [ "$PROBE" = 1 ]; then cross_note="$cross_note, a TCP probe"; fi
+if [ -n "$TCP_CC" ]; then cross_note="$cross_note, TCP with $TCP_CC"; fi
 echo "netlab: $WORKERS workers on $RATE links, aggregator 198.18.0.1${AGG_RATE:+ on a $AGG_RATE link}$cross_note (namespaces ${id}-*)" >&2
 
 # Cross traffic toward the aggregator's namespace, running until COMMAND ends.

@@ -25,11 +25,11 @@ the window.
 
 Writes OUT/sharing.csv (one row per flow), OUT/sharing-summary.csv (per scenario:
 Jain's index, the probe's p50 and p99, the job's allreduce time, marks and smallest
-window) and OUT/sharing-SCENARIO.png; prints the summary. Needs root (namespaces) and
+window, the TCP flows' congestion control) and OUT/sharing-SCENARIO.png; prints the summary. Needs root (namespaces) and
 iperf3.
 
   scripts/sharing.py [--workers 4] [--elements 16777216] [--codec f32]
-      [--link-rate 1gbit] [--tcp-bulk 2] [--iters 20]
+      [--link-rate 1gbit] [--tcp-bulk 2] [--tcp-congestion cubic] [--iters 20]
       [--scenarios idle,inagg,inagg-nocc,gloo] [--out inagg-out/sharing]
       [--inagg-bin target/release/inagg] [--inagg-flags '--queue-target 8']
 """
@@ -59,6 +59,8 @@ def args():
     p.add_argument("--codec", default="f32")
     p.add_argument("--link-rate", default="1gbit")
     p.add_argument("--tcp-bulk", type=int, default=2)
+    p.add_argument("--tcp-congestion", default="",
+                   help="TCP congestion control in every namespace (default: the kernel's)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--idle-seconds", type=float, default=8.0)
@@ -222,7 +224,8 @@ def main():
         print(f"sharing: {scenario} at {a.link_rate}", file=sys.stderr)
         cmd = [str(ROOT / "scripts/netlab.sh"), "--workers", str(a.workers), "--link-rate",
                a.link_rate, "--aggregator-link-rate", a.link_rate, "--tcp-bulk",
-               str(a.tcp_bulk), "--tcp-probe", "--cross-out", str(where), "--",
+               str(a.tcp_bulk), "--tcp-probe", "--cross-out", str(where)] + (
+               ["--tcp-congestion", a.tcp_congestion] if a.tcp_congestion else []) + ["--",
                PY, __file__, "--inside", scenario, "--out", str(where)] + [
                f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                if k in ("workers", "elements", "codec", "iters", "idle_seconds", "inagg_bin",
@@ -239,12 +242,15 @@ def main():
         if scenario == "gloo":
             rows.append(("gloo", 0, sum(bps(s) for s in m["bytes"] if is_job(s))))
         probe = json.loads((where / "probe.json").read_text())
+        cc = json.loads((where / "bulk-0.json").read_text()).get("end", {}).get(
+            "sender_tcp_congestion", "")
         t_first, t_last = m["t0"] + first * m["bucket_s"], m["t0"] + (last + 1) * m["bucket_s"]
         rtts = [ms for sent, ms in probe.get("samples", []) if t_first <= sent < t_last]
         for kind, i, b in rows:
             flows.append({"scenario": scenario, "flow": f"{kind} {i}", "mbit_s": b / 1e6})
         summary.append({
             "scenario": scenario, "link_rate": a.link_rate, "workers": a.workers,
+            "tcp_congestion": cc,
             "codec": a.codec if scenario.startswith("inagg") else "",
             "window_s": secs,
             "jain": jain([b for _, _, b in rows]),

@@ -129,6 +129,8 @@ fn netlab_runs_bulk_tcp_flows_and_a_probe_across_the_aggregators_link() {
             "--tcp-bulk",
             "2",
             "--tcp-probe",
+            "--tcp-congestion",
+            "reno",
         ])
         .arg("--cross-out")
         .arg(&dir.0)
@@ -138,15 +140,25 @@ fn netlab_runs_bulk_tcp_flows_and_a_probe_across_the_aggregators_link() {
         .args(["--codec", "i32", "--iters", "3", "--warmup", "1", "--json"]);
     let (st, out, err) = run_bounded(cmd, Duration::from_secs(180));
     assert!(st.success(), "netlab failed: {out}\n{err}");
-    assert!(err.contains("2 bulk TCP flows, a TCP probe"), "{err}");
+    assert!(
+        err.contains("2 bulk TCP flows, a TCP probe, TCP with reno"),
+        "{err}"
+    );
     // The job's results stay exact beside the flows.
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 1, "{out}");
     assert_eq!(rows[0]["within_bound"], true, "{}", rows[0]);
     // Both flows ran through the 100 Mbit/s link (their own links are 200 Mbit/s).
     for k in 0..2 {
-        let bps = iperf3_sent_bps(&dir.0.join(format!("bulk-{k}.json")));
+        let path = dir.0.join(format!("bulk-{k}.json"));
+        let bps = iperf3_sent_bps(&path);
         assert!(bps > 1e6 && bps < 150e6, "flow {k}: {bps} bit/s");
+        // The namespaces' congestion control (reno: every host allows it), whatever
+        // the host's default.
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("iperf3 JSON"))
+                .expect("iperf3 JSON");
+        assert_eq!(report["end"]["sender_tcp_congestion"], "reno", "flow {k}");
     }
     let probe: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.0.join("probe.json")).expect("probe.json"),
@@ -224,6 +236,10 @@ fn netlab_refuses_bad_flags() {
             "--aggregator-link-rate must",
         ),
         (&["--tcp-bulk", "x", "--", "true"][..], "--tcp-bulk must"),
+        (
+            &["--tcp-congestion", "nosuch", "--", "true"][..],
+            "--tcp-congestion nosuch is not allowed",
+        ),
     ] {
         let out = Command::new(&script).args(args).output().expect("run");
         assert!(!out.status.success(), "{args:?}");
