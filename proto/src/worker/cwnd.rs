@@ -20,16 +20,18 @@
 //! rank's own, as TCP Vegas does. By Little's law, the packets a rank has waiting in
 //! queues are its rate (`w / rtt`) times the queueing delay (`rtt - base`):
 //! `w * (rtt - base) / rtt`. Each round (a window's worth of results, at least
-//! [`MIN_ROUND`]) takes its smallest RTT, so that one late result (a descheduled
-//! process, a straggling rank) does not count, and the base is the smallest of the
-//! last [`BASE_ROUNDS`] rounds: the path's own RTT, which a rank sees at the start of
-//! an allreduce when no one else keeps a queue standing. A base that is too low (the
-//! path grew longer) overstates the rank's queue, but the rule never halves a window
-//! of the target's worth or less. When more than the target's packets wait,
-//! the window halves. The bound is on this rank's part of the queue, not on the
-//! queue: flows that fill it whatever this job does (TCP on a drop-tail link) keep
-//! their part, the rank keeps its target's worth and with it a share of the link, so
-//! it is neither starved nor the one that fills the queue (docs/protocol.md, 6.10).
+//! [`MIN_ROUND`]) without a loss burst takes its smallest RTT, so that one late
+//! result (a descheduled process, a straggling rank) does not count, and the base is
+//! the smallest of the last [`BASE_ROUNDS`] such rounds: the path's own RTT, which a rank sees at the start of
+//! an allreduce when no one else keeps a queue standing. When more than the target's
+//! packets wait, the window halves. A base that is too low (the path grew longer)
+//! overstates the rank's queue, but the rule never halves a window of the target's
+//! worth or less. The bound is on this rank's part of the queue, not on the queue:
+//! beside flows that keep a queue standing whatever this job does (TCP on a drop-tail
+//! link) the rank keeps its target's worth waiting, and with it a share of the link,
+//! where a rule on the queue's delay would yield all of it (docs/protocol.md, 6.10;
+//! docs/performance.md, "Sharing a link with TCP", has what it gives and where it
+//! falls short).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -53,7 +55,8 @@ pub struct Cwnd {
     /// The packets of this rank's own that may wait in queues before the window
     /// halves (`None`: no queue rule).
     queue_target: Option<u32>,
-    /// The smallest RTT of each of the last [`BASE_ROUNDS`] rounds that had one.
+    /// The smallest RTT of each of the last [`BASE_ROUNDS`] rounds without a loss
+    /// burst that had one.
     recent_mins: VecDeque<Duration>,
 }
 
