@@ -233,7 +233,7 @@ impl Worker {
         aggregator, job, rank, world, codec = "f32", *, secret = "", transport = "udp",
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
-        skip_zeros = false, congestion_control = true, join_timeout = None,
+        skip_zeros = false, congestion_control = true, queue_target = None, join_timeout = None,
         aggregator_timeout = None, yields_before_sleep = None, multicast = true,
         failover = None, admission_key = None
     ))]
@@ -257,6 +257,7 @@ impl Worker {
         stochastic_rounding: Option<u64>,
         skip_zeros: bool,
         congestion_control: bool,
+        queue_target: Option<u32>,
         join_timeout: Option<f64>,
         aggregator_timeout: Option<f64>,
         yields_before_sleep: Option<u32>,
@@ -287,6 +288,9 @@ impl Worker {
             inagg_worker::default_window_for(c, &addr, o.protocol.chunk_elems, skip_zeros)
         });
         o.protocol.congestion_control = congestion_control;
+        if let Some(t) = queue_target {
+            o.protocol.queue_target = (t > 0).then_some(t);
+        }
         if let Some(y) = yields_before_sleep {
             o.yields_before_sleep = y;
         }

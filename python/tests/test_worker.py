@@ -213,6 +213,18 @@ def test_yields_before_sleep_is_taken_and_checked(aggregator):
         inagg.Worker(aggregator.addr, 8, 0, 1, yields_before_sleep=-1)
 
 
+def test_queue_target_is_taken_and_checked(aggregator):
+    # One rank without the queue rule, the other with a target of one datagram: the
+    # rule changes windows, never sums.
+    results, _, _ = two_ranks_sum(
+        aggregator, 12, "i32", 200_000, lambda r: {"queue_target": [0, 1][r]}
+    )
+    assert results[0].tobytes() == results[1].tobytes()
+    assert np.all(results[0] == 3.0)
+    with pytest.raises(OverflowError):
+        inagg.Worker(aggregator.addr, 12, 0, 1, queue_target=-1)
+
+
 def test_ranks_that_take_results_by_multicast_or_not_share_a_job(aggregator):
     # A job's results go to a multicast group only when every rank asks (the
     # default on loopback); here one does not, so each gets its own, the same sums.
