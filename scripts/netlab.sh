@@ -6,7 +6,7 @@
 # processes, and always tears everything down.
 #   scripts/netlab.sh [--workers N] [--link-rate RATE] [--burst SIZE] [--mtu M]
 #       [--aggregator-link-rate RATE] [--tcp-bulk K] [--tcp-probe] [--cross-out DIR]
-#       [--tcp-congestion ALG] -- COMMAND...
+#       [--tcp-congestion ALG] [--racks R --uplink-rate RATE] -- COMMAND...
 #   scripts/netlab.sh --workers 4 --link-rate 1gbit -- target/release/inagg bench \
 #       --workers 4 --elements 16777216 --codec f32,i8 --json
 # Addresses come from 198.18.0.0/15 (reserved for benchmarking) and exist only inside
@@ -25,6 +25,13 @@
 # control of every namespace (the flows, the probe, and Gloo or MPI placed in the
 # lab), as net.ipv4.tcp_congestion_control; without it each namespace has the
 # kernel's default (it must be in the host's net.ipv4.tcp_allowed_congestion_control).
+# Racks: --racks R puts the workers on R rack bridges (rank r in rack r * R / N, in
+# blocks), each joined to the spine bridge, where the aggregator and the cross-traffic
+# hosts are, by an uplink shaped to --uplink-rate in both directions. A flat job's
+# traffic then crosses the uplinks as in a cluster of racks under a spine. The
+# uplink of rack k is the veth ${INAGG_NETLAB_UPLINK_DEV}k (its spine end) in the
+# namespace INAGG_NETLAB_BRIDGE_NETNS: its tx counter is what went down into the
+# rack, its rx counter what came up.
 # Needs root (or CAP_NET_ADMIN) for `ip netns`, and iperf3 for --tcp-bulk.
 set -euo pipefail
 WORKERS=4
@@ -38,6 +45,8 @@ BULK=0
 PROBE=0
 CROSS_OUT=inagg-out/cross
 TCP_CC=""
+RACKS=0
+UPLINK_RATE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) WORKERS="$2"; shift 2 ;;
@@ -49,6 +58,8 @@ while [ $# -gt 0 ]; do
         --tcp-probe) PROBE=1; shift ;;
         --cross-out) CROSS_OUT="$2"; shift 2 ;;
         --tcp-congestion) TCP_CC="$2"; shift 2 ;;
+        --racks) RACKS="$2"; shift 2 ;;
+        --uplink-rate) UPLINK_RATE="$2"; shift 2 ;;
         --) shift; break ;;
         *) echo "netlab: unknown flag $1 (usage: netlab.sh [--workers N] [--link-rate RATE] -- COMMAND...)" >&2; exit 2 ;;
     esac
@@ -78,6 +89,18 @@ if [ -z "$bps" ]; then
 fi
 if [ -n "$AGG_RATE" ] && [ -z "$(to_bps "$AGG_RATE")" ]; then
     echo "netlab: --aggregator-link-rate must look like 1gbit, 100mbit or 500kbit" >&2
+    exit 2
+fi
+if ! [[ "$RACKS" =~ ^[0-9]+$ ]] || [ "$RACKS" -gt "$WORKERS" ]; then
+    echo "netlab: --racks must be between 0 and --workers ($WORKERS)" >&2
+    exit 2
+fi
+if [ "$RACKS" -gt 0 ] && [ -z "$(to_bps "$UPLINK_RATE")" ]; then
+    echo "netlab: --racks needs --uplink-rate like 1gbit, 100mbit or 500kbit" >&2
+    exit 2
+fi
+if [ "$RACKS" -eq 0 ] && [ -n "$UPLINK_RATE" ]; then
+    echo "netlab: --uplink-rate needs --racks" >&2
     exit 2
 fi
 if ! [[ "$BULK" =~ ^[0-9]+$ ]] || [ "$BULK" -gt 50 ]; then
@@ -117,11 +140,12 @@ ns_add() {
     made+=("$1")
     ip -n "$1" link set lo up
 }
-# A veth pair from namespace $1 (device $2, address $3) to the bridge.
+# A veth pair from namespace $1 (device $2, address $3) to bridge $4 (br0, the
+# spine, unless given).
 attach() {
-    local ns="$1" dev="$2" addr="$3" peer="b$2"
+    local ns="$1" dev="$2" addr="$3" peer="b$2" bridge="${4:-br0}"
     ip link add "$dev" netns "$ns" mtu "$MTU" type veth peer name "$peer" netns "$BR_NS" mtu "$MTU"
-    ip -n "$BR_NS" link set "$peer" master br0 up
+    ip -n "$BR_NS" link set "$peer" master "$bridge" up
     ip -n "$ns" addr add "$addr/15" dev "$dev"
     ip -n "$ns" link set "$dev" up
 }
@@ -138,9 +162,23 @@ shape() {
 ns_add "$AGG_NS"
 attach "$AGG_NS" "${id}a" 198.18.0.1
 if [ -n "$AGG_RATE" ]; then shape "$AGG_NS" "${id}a" "$AGG_RATE"; fi
+# Rack k: bridge br(k + 1), and its uplink: veth ${id}u$k on the rack's bridge to
+# ${id}s$k on the spine's, each end shaped on its egress.
+for ((k = 0; k < RACKS; k++)); do
+    ip -n "$BR_NS" link add "br$((k + 1))" mtu "$MTU" type bridge
+    ip -n "$BR_NS" link set "br$((k + 1))" up
+    ip -n "$BR_NS" link add "${id}u$k" mtu "$MTU" type veth peer name "${id}s$k" mtu "$MTU"
+    ip -n "$BR_NS" link set "${id}u$k" master "br$((k + 1))" up
+    ip -n "$BR_NS" link set "${id}s$k" master br0 up
+    for dev in "${id}u$k" "${id}s$k"; do
+        ip netns exec "$BR_NS" tc qdisc add dev "$dev" root tbf rate "$UPLINK_RATE" burst "$BURST" latency 50ms
+    done
+done
 for ((r = 0; r < WORKERS; r++)); do
     ns_add "${W_NS}${r}"
-    attach "${W_NS}${r}" "${id}w${r}" "198.18.0.$((10 + r))"
+    bridge=br0
+    if [ "$RACKS" -gt 0 ]; then bridge="br$((r * RACKS / WORKERS + 1))"; fi
+    attach "${W_NS}${r}" "${id}w${r}" "198.18.0.$((10 + r))" "$bridge"
     shape "${W_NS}${r}" "${id}w${r}" "$RATE"
 done
 # Cross-traffic hosts: one per bulk flow, one more for the probe.
@@ -162,6 +200,7 @@ cross_note=""
 if [ "$BULK" -gt 0 ]; then cross_note=", $BULK bulk TCP flows"; fi
 if [ "$PROBE" = 1 ]; then cross_note="$cross_note, a TCP probe"; fi
 if [ -n "$TCP_CC" ]; then cross_note="$cross_note, TCP with $TCP_CC"; fi
+if [ "$RACKS" -gt 0 ]; then cross_note="$cross_note, in $RACKS racks behind $UPLINK_RATE uplinks"; fi
 echo "netlab: $WORKERS workers on $RATE links, aggregator 198.18.0.1${AGG_RATE:+ on a $AGG_RATE link}$cross_note (namespaces ${id}-*)" >&2
 
 # Cross traffic toward the aggregator's namespace, running until COMMAND ends.
@@ -212,6 +251,9 @@ export INAGG_NETLAB_LINK_BPS="$bps"
 # The cross-traffic hosts' namespaces are ${INAGG_NETLAB_TCP_NETNS}k, k < HOSTS.
 export INAGG_NETLAB_TCP_NETNS="$T_NS"
 export INAGG_NETLAB_TCP_HOSTS="$hosts"
+export INAGG_NETLAB_RACKS="$RACKS"
+export INAGG_NETLAB_BRIDGE_NETNS="$BR_NS"
+export INAGG_NETLAB_UPLINK_DEV="${id}s"
 status=0
 "$@" || status=$?
 stop_cross

@@ -18,7 +18,10 @@ fn script(name: &str) -> PathBuf {
 }
 
 fn namespaces_work() -> bool {
-    let name = format!("inagg-probe-{}", std::process::id());
+    // Tests run in parallel threads of one process: each probe gets a name of its own.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("inagg-probe-{}-{n}", std::process::id());
     let ok = Command::new("ip")
         .args(["netns", "add", &name])
         .output()
@@ -240,10 +243,84 @@ fn netlab_refuses_bad_flags() {
             &["--tcp-congestion", "nosuch", "--", "true"][..],
             "--tcp-congestion nosuch is not allowed",
         ),
+        (
+            &["--workers", "2", "--racks", "3", "--", "true"][..],
+            "--racks must be between 0 and --workers (2)",
+        ),
+        (
+            &["--workers", "2", "--racks", "2", "--", "true"][..],
+            "--racks needs --uplink-rate",
+        ),
+        (
+            &["--uplink-rate", "1gbit", "--", "true"][..],
+            "--uplink-rate needs --racks",
+        ),
     ] {
         let out = Command::new(&script).args(args).output().expect("run");
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// The uplinks' counters, `rx tx` per rack, as the lab's command prints them.
+fn uplink_counters(err: &str, tag: &str) -> Vec<(u64, u64)> {
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix(tag))
+        .unwrap_or_else(|| panic!("no {tag} line in: {err}"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().expect("a counter"))
+        .collect();
+    n.chunks(2).map(|c| (c[0], c[1])).collect()
+}
+
+#[test]
+#[cfg_attr(
+    inagg_no_netns,
+    ignore = "needs CAP_NET_ADMIN and iproute2 (ip, tc) to create network namespaces"
+)]
+fn netlab_puts_racks_behind_uplinks_that_a_flat_job_crosses() {
+    assert!(
+        namespaces_work(),
+        "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN) and iproute2"
+    );
+    // Around the bench, every uplink's spine end: rx (up from the rack), tx (down).
+    let counters = r#"c() { printf '%s' "$1"; for k in $(seq 0 $((INAGG_NETLAB_RACKS - 1))); do for d in rx tx; do printf ' %s' "$(ip netns exec "$INAGG_NETLAB_BRIDGE_NETNS" cat "/sys/class/net/$INAGG_NETLAB_UPLINK_DEV$k/statistics/${d}_bytes")"; done; done; echo; }; c 'before:' >&2; "$0" bench --workers 4 --elements 300000 --codec i32 --iters 3 --warmup 1 --json; c 'after:' >&2"#;
+    let mut cmd = Command::new(script("netlab.sh"));
+    cmd.args(["--workers", "4", "--link-rate", "1gbit"])
+        .args(["--racks", "2", "--uplink-rate", "200mbit", "--"])
+        .args(["sh", "-c", counters])
+        .arg(env!("CARGO_BIN_EXE_inagg"));
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(180));
+    assert!(st.success(), "netlab failed: {out}\n{err}");
+    assert!(err.contains("in 2 racks behind 200mbit uplinks"), "{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 1, "{out}");
+    let row = &rows[0];
+    assert_eq!(row["within_bound"], true, "{row}");
+    let (before, after) = (
+        uplink_counters(&err, "before:"),
+        uplink_counters(&err, "after:"),
+    );
+    assert_eq!((before.len(), after.len()), (2, 2), "{err}");
+    // Every rank's contributions went up its rack's uplink to the aggregator at the
+    // spine, and its results came down: two ranks' worth per rack, per timed
+    // allreduce at least.
+    let sent = row["bytes_sent_per_worker"].as_u64().expect("bytes sent");
+    let recv = row["bytes_recv_per_worker"]
+        .as_u64()
+        .expect("bytes received");
+    for k in 0..2 {
+        let (up, down) = (after[k].0 - before[k].0, after[k].1 - before[k].1);
+        assert!(
+            up >= 2 * 3 * sent,
+            "rack {k}: {up} bytes up, {sent} per rank and allreduce"
+        );
+        assert!(
+            down >= 2 * 3 * recv,
+            "rack {k}: {down} bytes down, {recv} per rank and allreduce"
+        );
     }
 }
