@@ -162,14 +162,14 @@ def inside(a, out):
     (out / "job.json").write_text(json.dumps(job))
 
 
-def window(meter, job, link_bps):
+def window(m, job, link_bps):
     """The job's window in buckets [first, last] (see the module's doc)."""
-    n = max((len(b) for b in meter["bytes"].values()), default=0)
+    n = max((len(b) for b in m["bytes"].values()), default=0)
     if job["scenario"] == "idle":
-        return min(int(1 / meter["bucket_s"]), n - 1), n - 1
-    floor = 0.01 * link_bps / 8 * meter["bucket_s"]
+        return min(int(1 / m["bucket_s"]), n - 1), n - 1
+    floor = 0.01 * link_bps / 8 * m["bucket_s"]
     busy = [i for i in range(n)
-            if sum(b[i] for src, b in meter["bytes"].items()
+            if sum(b[i] for src, b in m["bytes"].items()
                    if is_job(src) and i < len(b)) > floor]
     if not busy:
         sys.exit("sharing: the job's hosts delivered nothing through the bottleneck")
@@ -182,8 +182,8 @@ def is_job(src):
     return src.startswith("198.18.0.")
 
 
-def delivered(meter, src, first, last):
-    b = meter["bytes"].get(src, [])
+def delivered(m, src, first, last):
+    b = m["bytes"].get(src, [])
     return sum(b[first:last + 1])
 
 
