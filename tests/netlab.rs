@@ -335,8 +335,8 @@ fn the_queue_rule_narrows_windows_behind_a_queueing_link_that_marks_nothing() {
         namespaces_work(),
         "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN) and iproute2"
     );
-    // Each rank's own 200 Mbit/s link queues its 64 slots of 8 KiB (about 20 ms, where
-    // the shaper holds 50 ms; nothing marks): with the queue rule the windows halve.
+    // Each rank's own shaped link queues its 64 slots of 8 KiB (fewer bytes than the
+    // shaper holds; nothing marks): with the queue rule the windows halve.
     // Same sums either way.
     let both = r#""$0" bench --workers 2 --elements 2000000 --codec i32 --iters 3 --json && "$0" bench --workers 2 --elements 2000000 --codec i32 --iters 3 --json --queue-target 0"#;
     let mut cmd = Command::new(script("netlab.sh"));
@@ -358,7 +358,7 @@ fn the_queue_rule_narrows_windows_behind_a_queueing_link_that_marks_nothing() {
     assert!(window(ruled) <= 32, "with the rule: {ruled}");
     // Retransmissions while the queue builds can halve a window too: the rule's
     // narrowing shows in a run without any, or as a narrower window than the run
-    // without the rule (here about 22 against 42).
+    // without the rule.
     assert!(
         ruled["retransmissions"] == 0 || window(ruled) < window(off),
         "with the rule: {ruled}\nwithout: {off}"

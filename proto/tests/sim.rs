@@ -779,11 +779,11 @@ fn the_queue_rule_keeps_a_drop_tail_queue_short_at_the_same_throughput() {
     let (full_ate, full_wait) = through_a_drop_tail_queue(None);
     let (ate, wait) = through_a_drop_tail_queue(Some(16));
     eprintln!("without the rule {full_ate:.4e} ATE/s, {full_wait:?}; with {ate:.4e}, {wait:?}");
-    // Without the rule each rank keeps 256 chunks of about 1 KiB in flight: some 10
-    // ms of the link queued.
+    // Without the rule each rank keeps its 256 chunks in flight, nearly all of them
+    // queued at the link.
     assert!(full_wait > Duration::from_millis(8), "{full_wait:?}");
-    // With it, a fifth of that: two ranks' 16 packets are 0.7 ms of the link, and
-    // each allreduce starts with both ranks' windows sent at once.
+    // With it, a fraction of that: two ranks' 16 packets each, and each allreduce's
+    // start, when both ranks send their windows at once.
     assert!(
         wait <= full_wait / 4 && wait <= Duration::from_millis(3),
         "{wait:?} against {full_wait:?}"

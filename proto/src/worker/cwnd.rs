@@ -67,9 +67,9 @@ pub const MIN_ROUND: u64 = 64;
 const MIN_WINDOW: f64 = 2.0;
 
 /// The rounds over which the queue rule takes its base RTT: long enough that a queue
-/// other flows keep standing does not become part of the base while it grows (at
-/// 1 Gbit/s and 8 KiB datagrams a round of 64 results is about 4 ms of a rank's
-/// sending), short enough that a path that changed is learned again.
+/// other flows keep standing does not become part of the base while it grows (many
+/// seconds of a rank's sending at the rates inagg runs at), short enough that a path
+/// that changed is learned again.
 pub const BASE_ROUNDS: usize = 4096;
 
 impl Cwnd {
@@ -284,7 +284,7 @@ mod tests {
     #[test]
     fn a_queue_of_its_own_shrinks_to_the_target() {
         let mut c = Cwnd::new(64).with_queue_target(Some(8));
-        // The path: 1 ms, plus a queue of 0.25 ms per packet in flight beyond 8.
+        // The path: a base RTT, plus a quarter of it per packet in flight beyond 8.
         let path = |w: u64| MS + MS * (w.saturating_sub(8) as u32) / 4;
         // The first results of an allreduce find the queue empty.
         let mut seq = rounds(&mut c, 0, 1, |_| MS);
@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn beside_a_queue_kept_by_others_it_keeps_its_own_share_of_it() {
         let mut c = Cwnd::new(64).with_queue_target(Some(8));
-        // Someone else's standing queue of 10 ms from the second round on, whatever
+        // Someone else's standing queue, ten times the base, from the second round on, whatever
         // this window: the window falls to about the target's worth, not below ...
         let mut seq = rounds(&mut c, 0, 1, |_| MS);
         let mut windows = Vec::new();
@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn late_results_alone_and_no_target_leave_the_window() {
-        // One result in 16 late by 20 ms (a descheduled process): the round's
+        // One result in 16 late by twenty times the base (a descheduled process): the round's
         // minimum is the path's.
         let mut c = Cwnd::new(64).with_queue_target(Some(8));
         let mut seq = 0;
