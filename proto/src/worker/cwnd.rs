@@ -338,11 +338,9 @@ mod tests {
         // One result in 16 late by twenty times the base (a descheduled process): the round's
         // minimum is the path's.
         let mut c = Cwnd::new(64).with_queue_target(Some(8));
-        let mut seq = 0;
-        for _ in 0..50 * MIN_ROUND {
+        for seq in 0..50 * MIN_ROUND {
             let late = seq % 16 == 5;
             c.on_result(seq, false, Some(if late { 21 * MS } else { MS }), seq + 64);
-            seq += 1;
         }
         assert_eq!((c.window(), c.decreases), (64, 0));
         // Without a target, a queue alone changes nothing.
