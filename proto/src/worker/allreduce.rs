@@ -672,13 +672,27 @@ impl Allreduce {
     }
 
     /// Moves every packet whose deadline has passed to the retransmission list.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    ///
+    /// A packet whose deadline passes while results still come in is not taken for
+    /// lost yet: as TCP restarts its timer on every acknowledgement of new data, its
+    /// deadline moves to a timeout after the latest result. Results of packets sent
+    /// before it mean it waits in a queue behind them (one that grew after its
+    /// deadline was set); results of packets sent after it would have marked it lost
+    /// already ([`REORDER_DISTANCE`]). When results stop, the timeout runs out.
+    pub fn handle_timeout(&mut self, now: Instant, rtt: &RttEstimator) {
         while let Some(Reverse((t, q, tx))) = self.timers.peek().copied() {
             if t > now {
                 break;
             }
             self.timers.pop();
-            if self.is_live(q, tx) {
+            if !self.is_live(q, tx) {
+                continue;
+            }
+            let backoff = self.ring[(q % self.slots) as usize].backoff;
+            let resume = self.last_progress + rtt.rto(backoff);
+            if resume > now {
+                self.timers.push(Reverse((resume, q, tx)));
+            } else {
                 self.due.push(q);
             }
         }
@@ -780,14 +794,17 @@ impl Allreduce {
         self.last_progress = now;
         let p = &mut self.ring[(q % self.slots) as usize];
         p.done = true;
-        let sample = match (p.tx, p.sent_at) {
-            (1, Some(t)) if h.flags & FLAG_RETX == 0 => Some(now.saturating_duration_since(t)),
+        // A result with neither flag was summed from every rank's first transmission
+        // and sent once: this rank's retransmissions, if any, were not needed.
+        let original = h.flags & (FLAG_RETX | crate::wire::FLAG_FROM_COPY) == 0;
+        let sample = match p.sent_at {
+            Some(t) if original => Some(now.saturating_duration_since(t)),
             _ => None,
         };
         let sent = p.sent_at;
-        // Sent more than once and never held by the aggregator: this rank's
-        // contribution or its result was lost on the way.
-        if p.tx > 1 && !p.was_held {
+        // Sent more than once, never held by the aggregator, and answered from a
+        // retransmission: this rank's contribution or its result was lost on the way.
+        if p.tx > 1 && !p.was_held && !original {
             self.note_loss(q);
         }
         while self.oldest < self.next && self.ring[(self.oldest % self.slots) as usize].done {

@@ -749,7 +749,7 @@ impl Worker {
                 }
                 Timer::Retransmit => {
                     if let State::Running(op) = &mut self.state {
-                        op.handle_timeout(now);
+                        op.handle_timeout(now, &self.rtt);
                         if let Some(lost) = op.take_loss() {
                             if self.config.congestion_control {
                                 self.cwnd.on_loss(lost, op.next_seq());

@@ -621,3 +621,94 @@ fn grants_and_errors_without_the_join_nonce_are_dropped_and_counted() {
     assert_eq!(w.dropped().get(DropReason::BadNonce), 4);
     assert_eq!(w.dropped().total(), 4);
 }
+
+/// A datagram sent twice is counted as lost only when its result says a
+/// retransmission made it (`RETX` or `FROM_COPY`): a result summed from every rank's
+/// first transmission means the first one arrived, and the timer fired only because
+/// it waited in a queue. Counting it would halve the window for a loss that never
+/// happened.
+#[test]
+fn only_a_result_made_from_a_retransmission_counts_a_loss() {
+    use crate::wire::{self, Message, FLAG_FROM_COPY, FLAG_RETX};
+    let (chunk, window) = (256usize, 64u32);
+    let run = |result_flags: u8| {
+        let t0 = std::time::Instant::now();
+        let grant = wire::Grant {
+            job: 1,
+            rank: 0,
+            world: 1,
+            codec: CodecId::I32,
+            chunk_elems: chunk as u16,
+            window,
+            token: 42,
+            nonce: 0,
+            shard: 0,
+            shards: 1,
+            group: None,
+        };
+        let mut cfg = WorkerConfig::new(1, 0, 1, CodecId::I32);
+        cfg.chunk_elems = chunk as u16;
+        cfg.window = window;
+        let mut w = Worker::new(cfg, t0).expect("worker");
+        let mut b = Vec::new();
+        wire::encode_grant(&grant, &mut b);
+        w.handle_datagram(t0, &b, &mut []);
+        let mut d: Vec<f32> = (0..chunk * window as usize).map(|i| i as f32).collect();
+        w.start_allreduce(t0, &mut d, None).expect("start");
+        let sent = |w: &mut Worker, now, d: &[f32]| {
+            let mut firsts = Vec::new();
+            let mut out = Vec::new();
+            while w.poll_transmit(now, d, &mut out) {
+                if let Ok(Message::Contribution(h, p)) = wire::decode(&out) {
+                    firsts.push((h, p.to_vec()));
+                }
+                out.clear();
+            }
+            firsts
+        };
+        let firsts = sent(&mut w, t0, &d);
+        assert_eq!(firsts.len(), window as usize, "the whole window goes out");
+        assert!(firsts.iter().all(|(h, _)| h.flags & FLAG_RETX == 0));
+        // No result within the first timeout: every datagram goes again.
+        let t1 = t0 + Duration::from_millis(150);
+        w.handle_timeout(t1);
+        let again = sent(&mut w, t1, &d);
+        assert_eq!(again.len(), window as usize, "every datagram went again");
+        assert!(again.iter().all(|(h, _)| h.flags & FLAG_RETX != 0));
+        // The results come, with one rank the sums of the first transmissions; then
+        // those of the datagrams the window had no room for (sent once).
+        let answer =
+            |w: &mut Worker, d: &mut [f32], sent: &[(wire::DataHeader, Vec<u8>)], flags| {
+                for (h, payload) in sent {
+                    let mut r = Vec::new();
+                    let h = wire::DataHeader {
+                        flags: h.flags | flags,
+                        ..*h
+                    };
+                    wire::encode_result(&h, payload, &mut r);
+                    w.handle_datagram(t1, &r, d);
+                }
+            };
+        answer(&mut w, &mut d, &firsts, result_flags);
+        for _ in 0..4 {
+            let rest = sent(&mut w, t1, &d);
+            answer(&mut w, &mut d, &rest, 0);
+        }
+        let events: Vec<_> = std::iter::from_fn(|| w.poll_event()).collect();
+        assert!(
+            matches!(
+                events.last(),
+                Some(crate::worker::Event::AllreduceDone { .. })
+            ),
+            "{events:?} {:?}",
+            w.dropped()
+        );
+        w.congestion_window()
+    };
+    assert_eq!(run(0), u64::from(window), "no loss happened");
+    assert!(
+        run(FLAG_RETX) < u64::from(window),
+        "a retransmission was needed"
+    );
+    assert!(run(FLAG_FROM_COPY) < u64::from(window), "a result was lost");
+}
