@@ -492,4 +492,80 @@ impl AggregatorCodec for Fixed {
         }
         self.store_shifted(acc, at.wide, Self::result_shift(world, at), out)
     }
+
+    fn store_partial(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {
+        let narrow = if self.aligned {
+            !at.wide
+        } else {
+            self.narrow_lanes(world)
+        };
+        if narrow {
+            let lanes: &[i16] = bytemuck::cast_slice(acc);
+            for (o, &x) in out.chunks_exact_mut(4).zip(&lanes[..acc.len()]) {
+                o.copy_from_slice(&i32::from(x).to_le_bytes());
+            }
+        } else {
+            kernels::store_lanes(acc, out)
+        }
+    }
+
+    /// Wrapping i32 sums for the shared-exponent codecs; aligned, the partial sum
+    /// counting units of `p.unit` is shifted into the lanes as
+    /// [`Fixed::sum_at`] shifts a contribution (exactly while the exponents lie within
+    /// the span), and the largest exponent is the larger of both.
+    fn add_partial(
+        &self,
+        acc: &mut [u32],
+        world: u16,
+        at: &mut Alignment,
+        p: Alignment,
+        payload: &[u8],
+    ) {
+        let w = super::PARTIAL_LANE_BYTES;
+        if !self.aligned {
+            if std::mem::replace(&mut at.first, false) {
+                kernels::load_int(acc, payload, w)
+            } else {
+                kernels::add_int(acc, payload, w)
+            }
+            return;
+        }
+        if at.first {
+            // A partial of zero blocks alone has no exponent and zero lanes.
+            kernels::load_int(acc, payload, w);
+            *at = Alignment {
+                first: false,
+                wide: true,
+                ..p
+            };
+            return;
+        }
+        if p.top == NO_EXPONENT || p.unit == NO_EXPONENT {
+            return;
+        }
+        if !at.wide {
+            kernels::widen_i16_lanes(acc);
+            at.wide = true;
+        }
+        if at.top == NO_EXPONENT {
+            // Zero lanes: this partial's exponents are theirs.
+            at.unit = p.unit;
+            at.top = p.top;
+        }
+        let (unit, top) = (i32::from(at.unit), i32::from(at.top));
+        let (e, new_top) = (i32::from(p.unit), top.max(i32::from(p.top)));
+        let new_unit = unit.min(e).max(new_top - self.align_span(world));
+        if new_unit < unit {
+            kernels::shl_lanes(acc, (unit - new_unit) as u32);
+        } else if new_unit > unit {
+            kernels::round_shr_lanes(acc, (new_unit - unit) as u32);
+        }
+        if e >= new_unit {
+            kernels::add_int_shl(acc, payload, w, (e - new_unit) as u32);
+        } else {
+            kernels::add_int_round_shr(acc, payload, w, (new_unit - e) as u32);
+        }
+        at.unit = new_unit as i8;
+        at.top = new_top as i8;
+    }
 }

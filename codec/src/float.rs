@@ -1,6 +1,6 @@
 //! `f32`: values travel as they are and the aggregator sums them in `f32`.
 
-use super::{kernels, AggregatorCodec, Codec, CodecId, Scale, WorkerCodec};
+use super::{kernels, AggregatorCodec, Alignment, Codec, CodecId, Scale, WorkerCodec};
 
 /// Plain `f32`: the exact-float baseline. Four bytes per element.
 #[derive(Debug, Clone, Copy)]
@@ -55,5 +55,19 @@ impl AggregatorCodec for F32 {
 
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
         kernels::store_lanes(acc, out)
+    }
+
+    fn add_partial(&self, acc: &mut [u32], _: u16, at: &mut Alignment, _: Alignment, p: &[u8]) {
+        add_f32_partial(acc, at, p)
+    }
+}
+
+/// [`AggregatorCodec::add_partial`] for the codecs that sum in f32 lanes: f32 sums of
+/// the partial sums, in the order they arrive.
+pub(crate) fn add_f32_partial(acc: &mut [u32], at: &mut Alignment, payload: &[u8]) {
+    if std::mem::replace(&mut at.first, false) {
+        kernels::load_lanes(acc, payload)
+    } else {
+        kernels::add_f32(acc, payload)
     }
 }

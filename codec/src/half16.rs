@@ -12,7 +12,7 @@
 use half::f16;
 
 use super::stream::{self, Wire};
-use super::{kernels, uniform, AggregatorCodec, Codec, CodecId, Scale, WorkerCodec};
+use super::{kernels, uniform, AggregatorCodec, Alignment, Codec, CodecId, Scale, WorkerCodec};
 
 /// IEEE half precision: 11 significant bits, largest finite value 65504.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +109,10 @@ impl AggregatorCodec for F16 {
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
         kernels::to_f16(bytemuck::cast_slice(acc), out)
     }
+
+    fn add_partial(&self, acc: &mut [u32], _: u16, at: &mut Alignment, _: Alignment, p: &[u8]) {
+        crate::float::add_f32_partial(acc, at, p)
+    }
 }
 
 impl Codec for Bf16 {
@@ -162,5 +166,9 @@ impl AggregatorCodec for Bf16 {
 
     fn sum_store(&self, acc: &[u32], _world: u16, out: &mut [u8]) {
         kernels::to_bf16(bytemuck::cast_slice(acc), None, out)
+    }
+
+    fn add_partial(&self, acc: &mut [u32], _: u16, at: &mut Alignment, _: Alignment, p: &[u8]) {
+        crate::float::add_f32_partial(acc, at, p)
     }
 }

@@ -222,7 +222,37 @@ pub trait AggregatorCodec {
         let _ = (world, exps, payloads, out);
         None
     }
+    /// Aggregator of a lower level (a rack aggregator, docs/protocol.md 6.13): writes
+    /// the lanes of one exponent block of a finished partial sum as they stand, 4
+    /// bytes per element, little-endian ([`PARTIAL_LANE_BYTES`]): f32 bits for the
+    /// float codecs, two's complement i32 for the fixed-point ones (`i8`'s 16-bit lanes
+    /// widened). Nothing is rounded, so an upper level that adds the partial sums
+    /// ([`AggregatorCodec::add_partial`]) stores the result that one aggregator
+    /// summing every rank's contribution would. `at` is what summing left (for codecs
+    /// that align exponents, the exponents the lanes count and the largest).
+    fn store_partial(&self, acc: &[u32], world: u16, at: Alignment, out: &mut [u8]) {
+        let _ = (world, at);
+        kernels::store_lanes(acc, out)
+    }
+    /// Aggregator of an upper level: adds one exponent block of a partial sum that
+    /// [`AggregatorCodec::store_partial`] wrote (with exponents `p`, `p.first` unused)
+    /// to lanes, as [`AggregatorCodec::sum_at`] adds a contribution; the first partial
+    /// (`at.first`) sets them. `world` is the whole job's (every rank below every
+    /// partial), the world that the ranks quantized with, so that
+    /// [`AggregatorCodec::store_at`] then stores the job's result.
+    fn add_partial(
+        &self,
+        acc: &mut [u32],
+        world: u16,
+        at: &mut Alignment,
+        p: Alignment,
+        payload: &[u8],
+    );
 }
+
+/// Bytes per element of a partial sum between aggregator levels
+/// ([`AggregatorCodec::store_partial`]): its 32-bit lanes.
+pub const PARTIAL_LANE_BYTES: usize = 4;
 
 /// The most contributions [`AggregatorCodec::sum_store_all`] sums at once: what a slot's lanes
 /// hold of a chunk's payloads, as they came, before the last (a version's 4-byte lanes

@@ -787,3 +787,89 @@ fn the_independent_bound_is_reached_within_a_small_factor() {
         }
     }
 }
+
+/// [`sum_in_order`] in two levels: each rack's contributions summed and stored as a
+/// partial sum, the partials added at the top, the result stored there. Every rank
+/// quantizes with the whole job's world, as in a flat job.
+fn sum_in_levels(
+    codec: &dyn Codec,
+    world: u16,
+    inputs: &[Vec<f32>],
+    sr: Option<u64>,
+    racks: &[Vec<usize>],
+) -> Vec<f32> {
+    let shared = e_max(codec, inputs);
+    let n = inputs[0].len();
+    let mut wire = vec![0u8; n * codec.wire_bytes()];
+    let mut partial = vec![0u8; n * PARTIAL_LANE_BYTES];
+    let (mut top, mut top_at) = (vec![0u32; n], Alignment::EMPTY);
+    for rack in racks {
+        let (mut acc, mut at) = (vec![0u32; n], Alignment::EMPTY);
+        for &i in rack {
+            let e = if codec.aligns_exponents() {
+                block_exponent(&inputs[i]).expect("finite")
+            } else {
+                shared
+            };
+            let mut scale = codec.scale(world, e);
+            scale.dither = sr.map(|s| s.wrapping_add(i as u64 * 7919));
+            codec.encode(&inputs[i], scale, &mut wire);
+            codec.sum_at(&mut acc, world, &mut at, e, &wire);
+        }
+        codec.store_partial(&acc, world, at, &mut partial);
+        codec.add_partial(&mut top, world, &mut top_at, at, &partial);
+    }
+    codec.store_at(&top, world, top_at, &mut wire);
+    let e = if codec.aligns_exponents() {
+        top_at.top
+    } else {
+        shared
+    };
+    let mut out = vec![0f32; n];
+    codec.decode(&wire, codec.result_scale(world, e), &mut out);
+    out
+}
+
+#[test]
+fn partial_sums_in_two_levels_store_the_flat_result() {
+    // Racks of rank blocks, even and not; for i8, exponents spread within the narrow
+    // lanes' span, beyond it, and up to the wide lanes' span.
+    let splits: [(u16, &[usize]); 5] = [
+        (2, &[1, 1]),
+        (4, &[2, 2]),
+        (4, &[1, 3]),
+        (8, &[3, 3, 2]),
+        (64, &[16, 16, 16, 16]),
+    ];
+    for (codec, sr) in variants() {
+        for &(world, sizes) in &splits {
+            for spread in [0, 4, 12] {
+                let seed = u64::from(world) * 131 + spread as u64;
+                let ins = spread_inputs(world, 300, seed, spread);
+                let sr = sr.then_some(seed);
+                let mut racks = Vec::new();
+                let mut next = 0;
+                for &k in sizes {
+                    racks.push((next..next + k).collect::<Vec<_>>());
+                    next += k;
+                }
+                let flat = sum_through(codec, world, &ins, sr);
+                let levels = sum_in_levels(codec, world, &ins, sr, &racks);
+                if codec.block_scaled() {
+                    let same = flat
+                        .iter()
+                        .zip(&levels)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} sr={} world {world} racks {sizes:?} spread {spread}: not the flat result",
+                        codec.name(),
+                        sr.is_some()
+                    );
+                } else {
+                    assert_within_bound(codec, world, sr.is_some(), &ins, &levels);
+                }
+            }
+        }
+    }
+}
