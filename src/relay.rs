@@ -408,6 +408,7 @@ mod tests {
                     nonce: 1,
                     completed: 0,
                     proof: None,
+                    job_world: None,
                 },
                 &mut b,
             );

@@ -331,6 +331,7 @@ fn slot_memory_returns_to_the_os_after_strangers_jobs_end() {
                     nonce: 1,
                     completed: 0,
                     proof: None,
+                    job_world: None,
                 };
                 let mut b = Vec::new();
                 wire::encode_join(&j, &mut b);
@@ -425,6 +426,7 @@ fn pending_joins_do_not_keep_a_complete_job_out() {
                         nonce: i as u64,
                         completed: 0,
                         proof: None,
+                        job_world: None,
                     };
                     let mut b = Vec::new();
                     wire::encode_join(&j, &mut b);
@@ -469,6 +471,7 @@ fn with_an_admission_key_strangers_create_nothing_and_ids_cannot_be_squatted() {
             nonce: 9,
             completed: 0,
             proof: Some([0; wire::ADMISSION_PROOF_LEN]),
+            job_world: None,
         };
         let mut b = Vec::new();
         wire::encode_join(&j, &mut b);

@@ -195,6 +195,7 @@ fn a_join_from_port_zero_is_dropped_and_the_aggregator_serves_on() {
         nonce: 1,
         completed: 0,
         proof: None,
+        job_world: None,
     };
     let mut payload = Vec::new();
     inagg_proto::wire::encode_join(&join, &mut payload);
@@ -283,6 +284,7 @@ fn strangers_joins_get_no_more_than_the_default_slot_memory() {
                 nonce: 1,
                 completed: 0,
                 proof: None,
+                job_world: None,
             };
             let mut d = Vec::new();
             encode_join(&join, &mut d);

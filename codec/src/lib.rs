@@ -38,6 +38,7 @@ mod fixed;
 mod float;
 mod half16;
 mod kernels;
+pub mod partial;
 pub mod stream;
 
 use std::fmt;

@@ -123,6 +123,7 @@ fn join(rank: u16) -> Join {
         nonce: NONCES[usize::from(rank)],
         completed: 0,
         proof: None,
+        job_world: None,
     }
 }
 
@@ -215,9 +216,30 @@ fn messages() -> Vec<Block> {
         scale_exp: top,
         ..h
     };
+    // The same two contributions as rack 0 of 2 of a job of four ranks would send them
+    // up: summed for a world of 4 (as the ranks would have quantized), unrounded.
+    let (mut lanes4, mut at4) = ([0u32; 4], [Alignment::EMPTY; MAX_BLOCKS]);
+    codec::sum_blocks(c, &mut lanes4, 4, &mut at4, e0, &p0);
+    codec::sum_blocks(c, &mut lanes4, 4, &mut at4, h.scale_exp, &payload);
+    let mut partial = Vec::new();
+    codec::partial::encode(c, &lanes4, 4, &at4, &mut Vec::new(), &mut partial);
+    let partial_header = DataHeader {
+        rank: 0,
+        flags: FLAG_LAST,
+        scale_exp: at4[0].top,
+        ..h
+    };
+    let rack_join = Join {
+        rank: 0,
+        world: 2,
+        nonce: NONCES[0],
+        job_world: Some(4),
+        ..join(0)
+    };
     vec![
         Block::single("join", enc(&Message::Join(join(1)))),
         Block::single("join-proven", enc(&Message::Join(proven))),
+        Block::single("join-rack", enc(&Message::Join(rack_join))),
         Block::single("grant", enc(&Message::Grant(grant()))),
         Block::single(
             "grant-group",
@@ -235,6 +257,7 @@ fn messages() -> Vec<Block> {
         ),
         Block::single("result", enc(&Message::Result(result, &sum))),
         Block::single("result-held", enc(&Message::Result(held, &[]))),
+        Block::single("partial", enc(&Message::Partial(partial_header, &partial))),
         Block::single("leave", enc(&Message::Leave(control()))),
         Block::single("heartbeat", enc(&Message::Heartbeat(control()))),
         Block::single(
@@ -550,6 +573,7 @@ pub fn describe(bytes: &[u8], from_aggregator: bool) -> String {
         Ok(Message::Grant(g)) => format!("grant rank {} window {}", g.rank, g.window),
         Ok(Message::Contribution(h, _)) => data("contribution", &h),
         Ok(Message::Result(h, _)) => data("result", &h),
+        Ok(Message::Partial(h, _)) => data("partial sum", &h),
         Ok(Message::Leave(_)) if from_aggregator => "leave (echo)".to_string(),
         Ok(Message::Leave(_)) => "leave".to_string(),
         Ok(Message::Heartbeat(_)) if from_aggregator => "heartbeat (echo)".to_string(),
@@ -571,12 +595,16 @@ fn layout(b: &[u8]) -> (Vec<usize>, Vec<usize>) {
             if len > 0 {
                 w.push(len);
             }
+            // A rack's join: the job's world follows the secret.
+            if b.get(13).is_some_and(|f| f & wire::JOIN_RACK != 0) {
+                w.push(2);
+            }
             w
         }
         // A grant's group, if flagged, ends its first line.
         2 if b.len() >= 44 => vec![4, 4, 2, 2, 1, 1, 2, 4, 8, 8, 2, 2, 4],
         2 => vec![4, 4, 2, 2, 1, 1, 2, 4, 8, 8, 2, 2],
-        3 | 4 => vec![4, 4, 2, 1, 1, 8, 8, 4, 1, 1, 1, 1, 2, 2],
+        3 | 4 | 9 => vec![4, 4, 2, 1, 1, 8, 8, 4, 1, 1, 1, 1, 2, 2],
         5 | 6 | 8 => vec![4, 4, 2, 8],
         7 => vec![4, 4, 2, 1, 8, 2],
         _ => Vec::new(),

@@ -103,9 +103,16 @@ pub enum SimError {
 /// One end of a simulated datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Node {
+    /// The aggregator the workers join, or with racks, the parent.
     Aggregator,
+    /// Rack aggregator `k` ([`Sim::with_racks`]).
+    Rack(usize),
     Worker(usize),
 }
+
+/// How a rack aggregator addresses its parent in the simulator (it addresses its
+/// ranks by worker index, the parent by rack index).
+const PARENT: usize = usize::MAX;
 
 /// A datagram on the wire, ordered by arrival time, then by send order.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -186,6 +193,12 @@ pub struct Sim {
     pub peak_slot_memory: usize,
     /// Pools the aggregator re-sized (its `Regranted` events).
     pub regrants: u64,
+    /// Rack aggregators between the workers and the aggregator, if any.
+    racks: Vec<Aggregator<usize>>,
+    /// Crashed rack aggregators.
+    racks_dead: Vec<bool>,
+    /// Each worker's rack.
+    rack_of: Vec<usize>,
 }
 
 impl Sim {
@@ -221,6 +234,67 @@ impl Sim {
             configs: workers_cfg,
             peak_slot_memory: 0,
             regrants: 0,
+            racks: Vec::new(),
+            racks_dead: Vec::new(),
+            rack_of: Vec::new(),
+        }
+    }
+
+    /// A simulator of two levels: `racks` rack aggregators (configured as `rack`,
+    /// each seeded apart) under the aggregator, each serving its block of every
+    /// job's ranks ([`crate::aggregator::rack_ranks`]); worker `i` reaches the rack of
+    /// its rank. Loss, duplication and reordering apply to every link.
+    ///
+    /// # Panics
+    /// If a worker configuration is invalid or `racks` is 0 or above `u16::MAX`.
+    pub fn with_racks(
+        cfg: SimConfig,
+        top: AggregatorConfig,
+        rack: AggregatorConfig,
+        racks: usize,
+        workers: Vec<WorkerConfig>,
+    ) -> Self {
+        let n = u16::try_from(racks).expect("racks fit a u16");
+        assert!(n > 0, "at least one rack");
+        let rack_of = workers
+            .iter()
+            .map(|w| {
+                (0..n)
+                    .position(|k| crate::aggregator::rack_ranks(w.world, k, n).contains(&w.rank))
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut sim = Self::new(cfg, top, workers);
+        sim.racks = (0..n)
+            .map(|k| {
+                let mut a = Aggregator::new(AggregatorConfig {
+                    seed: rack.seed ^ (u64::from(k) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    ..rack.clone()
+                });
+                a.set_parent(PARENT, k, n);
+                a
+            })
+            .collect();
+        sim.racks_dead = vec![false; racks];
+        sim.rack_of = rack_of;
+        sim
+    }
+
+    /// Rack aggregator `k`.
+    pub fn rack(&self, k: usize) -> &Aggregator<usize> {
+        &self.racks[k]
+    }
+
+    /// Crashes rack aggregator `k`: from now on it takes and sends nothing.
+    pub fn kill_rack(&mut self, k: usize) {
+        self.racks_dead[k] = true;
+    }
+
+    /// Where worker `i` sends: its rack, or the aggregator.
+    fn first_hop(&self, i: usize) -> Node {
+        match self.rack_of.get(i) {
+            Some(&k) => Node::Rack(k),
+            None => Node::Aggregator,
         }
     }
 
@@ -252,6 +326,11 @@ impl Sim {
     /// The statistics of worker `i`'s last allreduce.
     pub fn last_stats(&self, i: usize) -> Option<&AllreduceStats> {
         self.status[i].done.as_ref()
+    }
+
+    /// How worker `i` failed, if it did.
+    pub fn failure(&self, i: usize) -> Option<&WorkerError> {
+        self.status[i].failed.as_ref()
     }
 
     /// Crashes the aggregator: from now on it takes and sends nothing.
@@ -487,6 +566,14 @@ impl Sim {
         if !self.agg_dead {
             take(self.agg.poll_timeout());
         }
+        for (a, _) in self
+            .racks
+            .iter()
+            .zip(&self.racks_dead)
+            .filter(|(_, d)| !**d)
+        {
+            take(a.poll_timeout());
+        }
         for (w, _) in self
             .workers
             .iter_mut()
@@ -511,8 +598,14 @@ impl Sim {
             };
             self.net.delivered += 1;
             match (f.from, f.to) {
-                (Node::Worker(_), Node::Aggregator) if self.agg_dead => {}
+                (_, Node::Aggregator) if self.agg_dead => {}
                 (Node::Worker(i), Node::Aggregator) => self.agg.handle_datagram(now, i, &f.bytes),
+                (Node::Rack(k), Node::Aggregator) => self.agg.handle_datagram(now, k, &f.bytes),
+                (_, Node::Rack(k)) if self.racks_dead[k] => {}
+                (Node::Worker(i), Node::Rack(k)) => self.racks[k].handle_datagram(now, i, &f.bytes),
+                (Node::Aggregator, Node::Rack(k)) => {
+                    self.racks[k].handle_datagram(now, PARENT, &f.bytes)
+                }
                 (_, Node::Worker(i)) if self.dead[i] => {}
                 (_, Node::Worker(i)) => {
                     self.workers[i].handle_datagram(now, &f.bytes, &mut self.buffers[i])
@@ -522,6 +615,16 @@ impl Sim {
         }
         if !self.agg_dead && self.agg.poll_timeout().is_some_and(|t| t <= now) {
             self.agg.handle_timeout(now);
+        }
+        for (a, _) in self
+            .racks
+            .iter_mut()
+            .zip(&self.racks_dead)
+            .filter(|(_, d)| !**d)
+        {
+            if a.poll_timeout().is_some_and(|t| t <= now) {
+                a.handle_timeout(now);
+            }
         }
         self.peak_slot_memory = self.peak_slot_memory.max(self.agg.slot_memory());
         for (w, _) in self
@@ -546,8 +649,9 @@ impl Sim {
                 if self.dead[i] {
                     continue;
                 }
+                let hop = self.first_hop(i);
                 while self.workers[i].poll_transmit(self.now, &self.buffers[i], &mut buf) {
-                    self.send(Node::Worker(i), Node::Aggregator, &buf);
+                    self.send(Node::Worker(i), hop, &buf);
                     any = true;
                 }
                 while let Some(ev) = self.workers[i].poll_event() {
@@ -559,9 +663,30 @@ impl Sim {
                     }
                 }
             }
+            let members_are_racks = !self.racks.is_empty();
             while let Some(to) = self.agg.poll_transmit(&mut buf).filter(|_| !self.agg_dead) {
-                self.send(Node::Aggregator, Node::Worker(to), &buf);
+                let to = if members_are_racks {
+                    Node::Rack(to)
+                } else {
+                    Node::Worker(to)
+                };
+                self.send(Node::Aggregator, to, &buf);
                 any = true;
+            }
+            for k in 0..self.racks.len() {
+                while let Some(to) = self.racks[k].poll_transmit(&mut buf) {
+                    if self.racks_dead[k] {
+                        continue;
+                    }
+                    let to = if to == PARENT {
+                        Node::Aggregator
+                    } else {
+                        Node::Worker(to)
+                    };
+                    self.send(Node::Rack(k), to, &buf);
+                    any = true;
+                }
+                while self.racks[k].poll_event().is_some() {}
             }
             while let Some(ev) = self.agg.poll_event() {
                 if matches!(ev, crate::aggregator::Event::Regranted { .. }) {

@@ -142,6 +142,7 @@ fn the_message_vectors_cover_every_kind() {
             Ok(Message::Grant(_)) => "grant",
             Ok(Message::Contribution(..)) => "contribution",
             Ok(Message::Result(..)) => "result",
+            Ok(Message::Partial(..)) => "partial",
             Ok(Message::Leave(_)) => "leave",
             Ok(Message::Heartbeat(_)) => "heartbeat",
             Ok(Message::Error(_)) => "error",
@@ -160,6 +161,7 @@ fn the_message_vectors_cover_every_kind() {
         "heartbeat",
         "error",
         "regrant",
+        "partial",
     ] {
         assert!(kinds.contains(&k), "no vector of a {k}");
     }

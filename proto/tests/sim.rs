@@ -1073,3 +1073,128 @@ fn under_a_budget_a_job_joining_and_one_leaving_change_no_results() {
     }
     eprintln!("job 1 allreduces before job 2 got its grant, per seed: {waited:?}");
 }
+
+/// Two levels (issue 30): rack aggregators under a parent, with seeded loss,
+/// duplication and reordering on every link of both levels. Every rank gets the same
+/// results; the fixed-point codecs' are the flat run's bit for bit, the float codecs'
+/// within their bounds (f32 sums of integers exact). Racks of even and uneven blocks.
+#[test]
+fn two_levels_under_loss_give_the_flat_results() {
+    use inagg_proto::aggregator::AggregatorConfig;
+    let (chunk, window) = (64u16, 16u32);
+    for (world, racks) in [(4u16, 2usize), (7, 3)] {
+        for codec in [
+            CodecId::I32,
+            CodecId::I16,
+            CodecId::I8,
+            CodecId::F32,
+            CodecId::F16,
+            CodecId::BF16,
+        ] {
+            let seed = u64::from(world) * 100 + u64::from(codec.0);
+            let integers = codec == CodecId::F32;
+            let len = usize::from(chunk) * 37 + 11;
+            let ins = inputs(seed, world, len, integers);
+            let cfgs = configs(1, world, codec, chunk, window);
+            let mut flat = Sim::new(SimConfig::lossy(seed), Default::default(), cfgs.clone());
+            let want = flat.allreduce(ins.clone()).expect("flat allreduce");
+            let mut sim = Sim::with_racks(
+                SimConfig::lossy(seed + 1),
+                AggregatorConfig::default(),
+                AggregatorConfig::default(),
+                racks,
+                cfgs,
+            );
+            for round in 0..2 {
+                let out = sim
+                    .allreduce(ins.clone())
+                    .unwrap_or_else(|e| panic!("{codec:?} world {world} round {round}: {e}"));
+                let what = format!("{codec:?} world {world} racks {racks} round {round}");
+                for o in &out[1..] {
+                    assert_eq!(o.bits(), out[0].bits(), "{what}: ranks differ");
+                }
+                let c = codec::lookup(codec).expect("codec");
+                if c.block_scaled() || integers {
+                    assert_eq!(out[0].bits(), want[0].bits(), "{what}: not the flat result");
+                } else {
+                    check_bound(codec, &ins, &out[0], usize::from(chunk), world);
+                }
+            }
+            assert!(sim.net.lost > 0 && sim.net.duplicated > 0, "{:?}", sim.net);
+            // The parent's members are the racks, and it summed their partial sums.
+            let top = sim.aggregator().stats();
+            assert!(top.chunks_completed > 0, "{top:?}");
+            for k in 0..racks {
+                assert!(sim.rack(k).stats().chunks_completed > 0, "rack {k}");
+            }
+            // Losses between the levels were repaired: racks sent partial sums again
+            // for ranks that timed out, and the parent answered some from its copy.
+            let held: u64 = (0..racks).map(|k| sim.rack(k).stats().probes_held).sum();
+            eprintln!(
+                "{codec:?} world {world}: racks held {held}, parent answered {} from its copy",
+                top.copies_answered
+            );
+            assert!(held > 0 && top.copies_answered > 0, "{top:?}");
+        }
+    }
+}
+
+/// A dead rack aggregator or a dead parent ends the job at every rank with a clear
+/// error, and nothing hangs: the ranks under the dead rack lose their aggregator, the
+/// others hear from the parent that the rack went silent; with the parent dead every
+/// rack tells its ranks that it lost its parent.
+#[test]
+fn a_dead_rack_or_parent_ends_the_job_at_every_rank() {
+    use inagg_proto::aggregator::AggregatorConfig;
+    use inagg_proto::wire::ErrorCode;
+    use inagg_proto::worker::WorkerError;
+    use std::time::Duration;
+    let (world, chunk, window) = (4u16, 64u16, 8u32);
+    let ins = inputs(5, world, usize::from(chunk) * 400, false);
+    for kill_parent in [false, true] {
+        let mut sim = Sim::with_racks(
+            SimConfig::lossless(3),
+            AggregatorConfig::default(),
+            AggregatorConfig::default(),
+            2,
+            configs(1, world, CodecId::I32, chunk, window),
+        );
+        sim.allreduce(ins.clone()).expect("both levels up");
+        if kill_parent {
+            sim.kill_aggregator();
+        } else {
+            sim.kill_rack(1);
+        }
+        let err = sim
+            .allreduce(ins.clone())
+            .expect_err("the job cannot finish");
+        // The first failure ends the call; the others follow within their timeouts.
+        sim.settle(Duration::from_secs(120)).expect("settles");
+        let failures: Vec<_> = (0..usize::from(world))
+            .map(|i| sim.failure(i).cloned())
+            .collect();
+        for (i, f) in failures.iter().enumerate() {
+            let f = f
+                .as_ref()
+                .unwrap_or_else(|| panic!("rank {i} did not fail: {err}"));
+            let expected = match (kill_parent, i) {
+                (true, _) => matches!(
+                    f,
+                    WorkerError::Aborted {
+                        code: ErrorCode::ParentLost,
+                        ..
+                    }
+                ),
+                (false, 2 | 3) => matches!(f, WorkerError::AggregatorSilent(_)),
+                (false, _) => matches!(
+                    f,
+                    WorkerError::Aborted {
+                        code: ErrorCode::PeerSilent,
+                        ..
+                    }
+                ),
+            };
+            assert!(expected, "parent dead {kill_parent}, rank {i}: {f}");
+        }
+    }
+}

@@ -85,10 +85,26 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     text,
                 );
             }
+            if join.job_world.is_some() && self.parent.is_some() {
+                let text = "this is a rack aggregator: it takes ranks, not racks (two levels \
+                            at most)"
+                    .to_string();
+                return self.refuse(
+                    from,
+                    &join,
+                    ErrorCode::ParamMismatch,
+                    DropReason::ParamMismatch,
+                    text,
+                );
+            }
             // A new job with the id of an aborted one starts afresh.
             self.tombstones.remove(&join.job);
             let token = self.rng.random::<u64>();
             let mut job = Job::new(&join, codec, token);
+            if let Some(p) = &self.parent {
+                job.level = super::slots::Level::Rack;
+                job.ranks = super::hierarchy::rack_ranks(join.world, p.rack, p.racks);
+            }
             job.born = self.born;
             self.born += 1;
             self.jobs.insert(join.job, job);
@@ -102,6 +118,17 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 ErrorCode::RankTaken => (
                     DropReason::RankTaken,
                     format!("rank {} of job {} is held by another address", join.rank, join.job),
+                ),
+                ErrorCode::RankOutOfRange => (
+                    DropReason::RankOutOfRange,
+                    format!(
+                        "rank {} of job {} belongs to another rack: this rack aggregator \
+                         serves ranks {} to {}",
+                        join.rank,
+                        join.job,
+                        job.ranks.start,
+                        job.ranks.end.saturating_sub(1)
+                    ),
                 ),
                 _ => (
                     DropReason::ParamMismatch,
@@ -123,7 +150,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let completed = job.admit(&join, from.clone(), now);
         if completed {
             let id = job.id;
-            self.job_complete(id);
+            self.job_complete(now, id);
         } else if let Some(pool) = &job.pool {
             // A retransmitted join from a running job's rank: its grant was lost.
             let g = grant(&self.config, job, join.rank, pool.slots());
@@ -214,6 +241,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         });
         if job.members.iter().flatten().all(|m| m.left) {
             if let Some(job) = self.jobs.remove(&c.job) {
+                self.leave_parent(&job);
                 self.events.push_back(Event::JobEnded {
                     job: job.id,
                     stats: Box::new(job.stats),
@@ -255,6 +283,8 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
+        // The parent's other racks hear of it from the parent.
+        self.leave_parent(&job);
         let error = ErrorMsg {
             job: id,
             rank,
@@ -345,6 +375,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             }
         }
         self.jobs.retain(|_, j| j.running() || j.joined() > 0);
+        self.parent_timers(now);
         for (id, rank) in silent {
             let text = format!(
                 "rank {rank} of job {id} sent nothing for {:.1} s",

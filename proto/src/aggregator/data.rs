@@ -11,6 +11,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         h: &DataHeader,
         payload: &[u8],
         len: u64,
+        partial: bool,
     ) {
         let Some(job) = self.jobs.get_mut(&h.job) else {
             self.answer_tombstone(h.job, &from);
@@ -33,6 +34,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 Some(m) if m.addr == from => m.last_seen = now,
                 _ => break 'check DropReason::NotMember,
             }
+            if partial != (job.level == Level::Top) {
+                break 'check DropReason::LevelMismatch;
+            }
+            let member = job.member_index(h.rank);
             let Some(pool) = job.pool.as_mut() else {
                 break 'check DropReason::NotRunning;
             };
@@ -50,7 +55,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                 break 'check DropReason::SlotOutOfRange;
             }
             let outcome = if h.flags & FLAG_PROBE != 0 {
-                pool.probe(h.rank, h)
+                pool.probe(member, h)
             } else if self.draining {
                 if pool.result(h.seq).is_none() {
                     break 'check DropReason::Draining;
@@ -61,11 +66,40 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     flags: h.flags | FLAG_MARK,
                     ..*h
                 };
-                pool.contribute(h.rank, &marked, payload)
+                pool.contribute(member, &marked, payload)
             } else {
-                pool.contribute(h.rank, h, payload)
+                pool.contribute(member, h, payload)
             };
             match outcome {
+                Outcome::Summed => {
+                    job.stats.contributions += 1;
+                    self.stats.contributions += 1;
+                    self.outbox.push_back(Outgoing::Partial {
+                        job: h.job,
+                        seq: h.seq,
+                        resend: false,
+                    });
+                    return;
+                }
+                Outcome::Awaiting => {
+                    // The rank timed out waiting: the partial sum or the parent's
+                    // result may be lost. Up again; the rank hears that it is held.
+                    self.outbox.push_back(Outgoing::Partial {
+                        job: h.job,
+                        seq: h.seq,
+                        resend: true,
+                    });
+                    job.stats.probes_held += 1;
+                    self.stats.probes_held += 1;
+                    let answer = DataHeader {
+                        rank: job.world,
+                        flags: FLAG_PROBE,
+                        ..*h
+                    };
+                    let msg = Message::Result(answer, &[]);
+                    self.outbox.push_back(Outgoing::Control { to: from, msg });
+                    return;
+                }
                 Outcome::Added | Outcome::Completed => {
                     job.stats.contributions += 1;
                     self.stats.contributions += 1;
@@ -124,6 +158,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     // their tensors differ: no allreduce of this job can be right. Both
                     // sides are named; neither is blamed, as either may be the odd one.
                     let aligned = job.codec.aligns_exponents();
+                    let earlier = Sent {
+                        rank: earlier.rank + job.ranks.start,
+                        ..earlier
+                    };
                     let this = Sent {
                         rank: h.rank,
                         count: h.count,

@@ -3,10 +3,11 @@
 //! while its pool is being re-sized, the window it moves to and the ranks that have
 //! asked for it.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use super::budget::Demand;
-use super::slots::{kept_bytes, slot_bytes, SlotPool};
+use super::slots::{kept_bytes, slot_bytes, Level, SlotPool};
 use super::stats::Stats;
 use crate::codec::Codec;
 use crate::wire::{ErrorCode, Join};
@@ -30,11 +31,34 @@ pub(crate) struct Member<A> {
     pub completed: u64,
 }
 
+/// A rack aggregator's membership of a job's upper level at its parent
+/// (docs/protocol.md 6.13).
+#[derive(Debug, Clone)]
+pub(crate) struct Upper {
+    /// The nonce of its join at the parent.
+    pub nonce: u64,
+    /// The parent's grant: its session token and window. `None` until it comes.
+    pub grant: Option<(u64, u32)>,
+    /// When the parent was last heard from (or the join first sent).
+    pub last_heard: Instant,
+    /// When this rack last sent the parent anything.
+    pub last_sent: Instant,
+}
+
 /// A job: created by its first join, running once all ranks have joined.
 #[derive(Debug)]
 pub(crate) struct Job<A> {
     pub id: u32,
+    /// Its members' number: the job's ranks, a parent's racks.
     pub world: u16,
+    /// The world size the job's ranks quantize with, which the codec sums for: `world`
+    /// but at a parent, whose members are racks ([`Join::job_world`]).
+    pub sum_world: u16,
+    /// The ranks that join here: all of them, or a rack's block.
+    pub ranks: Range<u16>,
+    pub level: Level,
+    /// A rack's membership at its parent.
+    pub upper: Option<Upper>,
     pub codec: &'static dyn Codec,
     pub chunk_elems: u16,
     pub secret: Vec<u8>,
@@ -76,6 +100,14 @@ impl<A: Clone + Eq> Job<A> {
         Self {
             id: join.job,
             world: join.world,
+            sum_world: join.job_world.unwrap_or(join.world),
+            ranks: 0..join.world,
+            level: if join.job_world.is_some() {
+                Level::Top
+            } else {
+                Level::Flat
+            },
+            upper: None,
             codec,
             chunk_elems: join.chunk_elems,
             secret: join.secret.clone(),
@@ -99,7 +131,28 @@ impl<A: Clone + Eq> Job<A> {
 
     /// Every rank has joined (the job runs, or waits for slot memory).
     pub fn complete(&self) -> bool {
-        self.joined() == usize::from(self.world)
+        self.joined() == self.ranks.len()
+    }
+
+    /// A pool of `slots` slots for this job's level, its stream starting at `start`.
+    pub fn new_pool(&self, slots: u32, start: u64) -> SlotPool {
+        let pool = SlotPool::new(
+            slots,
+            usize::from(self.chunk_elems),
+            self.codec,
+            self.sum_world,
+            start,
+        );
+        match self.level {
+            Level::Flat => pool,
+            // Cannot truncate: a block of ranks below a u16 world.
+            level => pool.at_level(level, self.ranks.len() as u16),
+        }
+    }
+
+    /// The index among the pool's members of rank `rank` (a member of this job).
+    pub fn member_index(&self, rank: u16) -> u16 {
+        rank.saturating_sub(self.ranks.start)
     }
 
     /// Bytes one slot of this job costs.
@@ -138,8 +191,13 @@ impl<A: Clone + Eq> Job<A> {
         if join.world != self.world
             || join.codec != self.codec.id()
             || join.chunk_elems != self.chunk_elems
+            || join.job_world.is_some() != (self.level == Level::Top)
+            || join.job_world.is_some_and(|w| w != self.sum_world)
         {
             return Err(ErrorCode::ParamMismatch);
+        }
+        if !self.ranks.contains(&join.rank) {
+            return Err(ErrorCode::RankOutOfRange);
         }
         match &self.members[usize::from(join.rank)] {
             // A rank that restarted on another address may take its place again only
@@ -151,7 +209,7 @@ impl<A: Clone + Eq> Job<A> {
 
     /// Records the joining rank. Returns true when this join completed the job.
     pub fn admit(&mut self, join: &Join, from: A, now: Instant) -> bool {
-        let was_full = self.joined() == usize::from(self.world);
+        let was_full = self.complete();
         self.members[usize::from(join.rank)] = Some(Member {
             addr: from,
             last_seen: now,
@@ -161,7 +219,7 @@ impl<A: Clone + Eq> Job<A> {
             nonce: join.nonce,
             completed: join.completed,
         });
-        !was_full && self.joined() == usize::from(self.world)
+        !was_full && self.complete()
     }
 
     pub fn joined(&self) -> usize {

@@ -23,6 +23,7 @@
 pub mod budget;
 mod control;
 mod data;
+mod hierarchy;
 mod job;
 mod regrant;
 mod slots;
@@ -36,6 +37,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 pub use budget::MIN_SLOTS;
+pub use hierarchy::rack_ranks;
 pub use slots::{kept_bytes, slot_bytes};
 pub use stats::{DropReason, Stats};
 
@@ -46,7 +48,7 @@ use crate::wire::{
     MAX_DATAGRAM,
 };
 use job::Job;
-use slots::{Outcome, Sent};
+use slots::{Level, Outcome, Sent};
 
 /// The most jobs an aggregator holds at once unless told otherwise
 /// ([`AggregatorConfig::max_jobs`]).
@@ -168,6 +170,9 @@ enum Dest {
 enum Outgoing<A> {
     /// A completed chunk, encoded from the slot at send time.
     Result { job: u32, seq: u64, dest: Dest },
+    /// A rack's partial sum of a chunk, to the parent, encoded from the slot at send
+    /// time; `resend` when a rank's retransmission asked for it again.
+    Partial { job: u32, seq: u64, resend: bool },
     /// A control message.
     Control { to: A, msg: Message<'static> },
 }
@@ -244,6 +249,8 @@ pub struct Aggregator<A> {
     /// Shutting down ([`Aggregator::drain`]): completed chunks are still answered,
     /// no chunk completes any more.
     draining: bool,
+    /// The parent, where this is a rack aggregator ([`Aggregator::set_parent`]).
+    parent: Option<hierarchy::Parent<A>>,
 }
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
@@ -267,6 +274,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             groups: None,
             born: 0,
             draining: false,
+            parent: None,
         }
     }
 
@@ -372,6 +380,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             Ok(m) => m,
             Err(_) => return self.drop_packet(None, DropReason::Malformed),
         };
+        if self.is_parent(&from) {
+            return self.handle_parent(now, msg);
+        }
         let len = datagram.len() as u64;
         // Contributions count themselves where their job is looked up anyway.
         let control = match &msg {
@@ -386,7 +397,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         match msg {
             Message::Join(j) => self.handle_join(now, from, j),
             Message::Contribution(h, payload) => {
-                self.handle_contribution(now, from, &h, payload, len)
+                self.handle_contribution(now, from, &h, payload, len, false)
+            }
+            Message::Partial(h, payload) => {
+                self.handle_contribution(now, from, &h, payload, len, true)
             }
             Message::Heartbeat(c) => {
                 if self.check_member(now, &from, &c).is_some() {

@@ -49,13 +49,12 @@ use std::time::Instant;
 
 use super::budget::fair_shares;
 use super::control::grant;
-use super::slots::SlotPool;
 use super::{Aggregator, DropReason, Event};
 use crate::wire::{Control, ErrorCode, ErrorMsg, Message};
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// The last rank of job `id` joined: start it, make it wait, or refuse it.
-    pub(super) fn job_complete(&mut self, id: u32) {
+    pub(super) fn job_complete(&mut self, now: Instant, id: u32) {
         let max_window = self.config.max_window;
         let arrival = self.arrivals;
         self.arrivals += 1;
@@ -79,6 +78,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .min(memory_cap)
             .max(1);
         job.arrival = arrival;
+        if self.parent.is_some() {
+            // A rack's pool follows the parent's grant.
+            return self.join_parent(now, id);
+        }
         let Some(budget) = self.config.slot_memory else {
             let window = job.want;
             return self.start(id, window);
@@ -142,20 +145,14 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     }
 
     /// Gives job `id` a pool of `window` slots and every rank its grant.
-    fn start(&mut self, id: u32, window: u32) {
+    pub(super) fn start(&mut self, id: u32, window: u32) {
         let asks = self.jobs.get(&id).is_some_and(|j| j.all_take_groups());
         let group = if asks { self.take_group() } else { None };
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
         job.group = group;
-        job.pool = Some(SlotPool::new(
-            window,
-            usize::from(job.chunk_elems),
-            job.codec,
-            job.world,
-            0,
-        ));
+        job.pool = Some(job.new_pool(window, 0));
         self.events.push_back(Event::JobStarted {
             job: id,
             world: job.world,
@@ -304,13 +301,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         } else {
             // The stream runs on from the first packet of the next allreduce.
             let start = old.next_open();
-            job.pool = Some(SlotPool::new(
-                window,
-                usize::from(job.chunk_elems),
-                job.codec,
-                job.world,
-                start,
-            ));
+            job.pool = Some(job.new_pool(window, start));
         }
         self.events.push_back(Event::Regranted { job: id, window });
         self.grant_all(id);

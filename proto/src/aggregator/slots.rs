@@ -36,6 +36,20 @@ use crate::wire::{DataHeader, NO_EXPONENT};
 
 const EMPTY: u64 = u64::MAX;
 
+/// Where a pool's job sits in a hierarchy of aggregators (docs/protocol.md 6.13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// Its ranks contribute, and it stores each chunk's result.
+    Flat,
+    /// A rack aggregator's: its members are a block of the job's ranks. A chunk they
+    /// are all in is a partial sum for the parent ([`SlotPool::partial`]), and its
+    /// result comes from the parent ([`SlotPool::put_result`]).
+    Rack,
+    /// A parent's: its members are rack aggregators, whose contributions are partial
+    /// sums (`codec::partial`).
+    Top,
+}
+
 /// The bookkeeping of one version of one slot.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SlotMeta {
@@ -59,6 +73,9 @@ pub(crate) struct SlotMeta {
     pub last: bool,
     /// All ranks are in; the result is in the version's result buffer.
     pub complete: bool,
+    /// A rack's chunk that every member is in: its lanes are the partial sum, and it
+    /// waits for the parent's result ([`Level::Rack`]).
+    pub awaiting: bool,
     /// A contribution carried a congestion mark.
     pub marked: bool,
     /// A contribution held a NaN or an infinity (`FLAG_NONFINITE`).
@@ -93,6 +110,12 @@ pub(crate) enum Outcome {
     Held,
     /// A probe for a contribution this pool does not hold.
     Missing,
+    /// Added, and it was the last of a rack's members: the partial sum is ready for
+    /// the parent ([`Level::Rack`]).
+    Summed,
+    /// A contribution or probe for a rack's chunk that waits for the parent's result:
+    /// the rank's timer ran out, so the partial sum or the result may have been lost.
+    Awaiting,
 }
 
 /// What a rank sent for one packet, as far as all ranks must agree on it.
@@ -147,7 +170,13 @@ pub(crate) struct SlotPool {
     codec: &'static dyn Codec,
     /// Results are read from the lanes; `results` is empty.
     in_lanes: bool,
+    /// The job's world size: what the codec sums for.
     world: u16,
+    /// The contributors a chunk needs: `world` but in a hierarchy.
+    members: u16,
+    level: Level,
+    /// A partial sum's lanes, unpacked or before packing.
+    scratch: Vec<u8>,
     words: usize,
     meta: Vec<SlotMeta>,
     bitmaps: Vec<u64>,
@@ -190,6 +219,7 @@ impl SlotPool {
             align: [Alignment::EMPTY; MAX_BLOCKS],
             last: false,
             complete: false,
+            awaiting: false,
             marked: false,
             nonfinite: false,
             retx: false,
@@ -205,6 +235,9 @@ impl SlotPool {
             codec,
             in_lanes: kept == 0,
             world,
+            members: world,
+            level: Level::Flat,
+            scratch: Vec::new(),
             words,
             meta: vec![empty; versions],
             bitmaps: vec![0; versions * words],
@@ -220,6 +253,21 @@ impl SlotPool {
             ],
             held,
         }
+    }
+
+    /// The same pool at another level of a hierarchy, whose chunks need `members`
+    /// contributors (numbered from 0): a rack's ranks or a parent's racks. Such a pool
+    /// sums in turn.
+    pub fn at_level(mut self, level: Level, members: u16) -> Self {
+        self.level = level;
+        self.members = members.max(1);
+        self.words = usize::from(self.members).div_ceil(64);
+        self.bitmaps = vec![0; self.meta.len() * self.words];
+        if level != Level::Flat {
+            self.held = None;
+            self.spill = Vec::new();
+        }
+        self
     }
 
     /// Whether versions hold contributions until the last ([`SlotPool::held`]).
@@ -257,6 +305,11 @@ impl SlotPool {
                 first[0] = h.scale_exp as u8;
             }
             Some(_) => {}
+            None if self.level == Level::Top => {
+                let lanes = &mut version[..usize::from(h.count)];
+                let scratch = &mut self.scratch;
+                codec::partial::add(self.codec, lanes, self.world, at, payload, scratch);
+            }
             None => {
                 let lanes = &mut version[..usize::from(h.count)];
                 codec::sum_blocks(self.codec, lanes, self.world, at, h.scale_exp, payload);
@@ -378,6 +431,9 @@ impl SlotPool {
             if meta.complete {
                 return Outcome::AnswerCopy;
             }
+            if meta.awaiting {
+                return Outcome::Awaiting;
+            }
             if bits[word] & bit != 0 {
                 return Outcome::Duplicate;
             }
@@ -426,6 +482,7 @@ impl SlotPool {
                 align,
                 last,
                 complete: false,
+                awaiting: false,
                 marked,
                 retx,
                 nonfinite,
@@ -434,7 +491,11 @@ impl SlotPool {
         } else {
             return Outcome::Stale;
         }
-        if self.meta[i].contributors == self.world {
+        if self.meta[i].contributors == self.members {
+            if self.level == Level::Rack {
+                self.meta[i].awaiting = true;
+                return Outcome::Summed;
+            }
             if let Some(stride) = self.held {
                 let align = self.finish_held(i, stride, h, payload);
                 self.meta[i].align = align;
@@ -482,8 +543,15 @@ impl SlotPool {
         if meta.complete {
             return Outcome::AnswerCopy;
         }
+        if meta.awaiting {
+            return Outcome::Awaiting;
+        }
         let (word, bit) = (usize::from(rank) / 64, 1u64 << (rank % 64));
-        if self.bitmaps[i * self.words + word] & bit != 0 {
+        if self
+            .bitmaps
+            .get(i * self.words + word)
+            .is_some_and(|w| w & bit != 0)
+        {
             Outcome::Held
         } else {
             Outcome::Missing
@@ -507,5 +575,59 @@ impl SlotPool {
             &self.results[base..base + self.kept.min(codec::payload_bytes(self.codec, n))]
         };
         Some((meta, bytes))
+    }
+
+    /// A rack's partial sum of the chunk `seq`, while it waits for the parent's result:
+    /// appends its payload (`codec::partial::encode`) to `out` and returns the
+    /// chunk's bookkeeping.
+    pub fn partial(&mut self, seq: u64, out: &mut Vec<u8>) -> Option<SlotMeta> {
+        let i = self.index_of(seq);
+        let meta = self.meta[i];
+        if meta.seq != seq || !meta.awaiting {
+            return None;
+        }
+        let lanes = &self.acc[i * self.chunk..i * self.chunk + usize::from(meta.count)];
+        let scratch = &mut self.scratch;
+        codec::partial::encode(self.codec, lanes, self.world, &meta.align, scratch, out);
+        Some(meta)
+    }
+
+    /// A rack's chunk `seq` gets its result from the parent (`h`, `payload`, checked
+    /// by `wire::decode`): kept like a result this pool had stored, and the chunk is
+    /// complete. False, changing nothing, if the chunk does not wait for one or the
+    /// result does not fit it.
+    pub fn put_result(&mut self, h: &DataHeader, payload: &[u8]) -> bool {
+        let i = self.index_of(h.seq);
+        let meta = self.meta[i];
+        let n = usize::from(meta.count);
+        let len = codec::payload_bytes(self.codec, n);
+        if meta.seq != h.seq || !meta.awaiting || h.count != meta.count || payload.len() != len {
+            return false;
+        }
+        if self.in_lanes {
+            let lanes = &mut self.acc[i * self.chunk..i * self.chunk + n];
+            for (l, b) in lanes.iter_mut().zip(payload.chunks_exact(4)) {
+                *l = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        } else {
+            let base = i * self.kept;
+            let Some(out) = self.results.get_mut(base..base + len) else {
+                return false;
+            };
+            out.copy_from_slice(payload);
+        }
+        let flag = |f: u8| h.flags & f != 0;
+        let m = &mut self.meta[i];
+        m.scale_exp = h.scale_exp;
+        m.exp_max = h.next_exp;
+        m.marked |= flag(crate::wire::FLAG_MARK);
+        m.retx |= flag(crate::wire::FLAG_RETX);
+        m.nonfinite |= flag(crate::wire::FLAG_NONFINITE);
+        m.awaiting = false;
+        m.complete = true;
+        m.regrant = self.regrant;
+        self.regrant_announced |= self.regrant;
+        self.advance();
+        true
     }
 }

@@ -51,11 +51,14 @@ pub enum DropReason {
     Diverged,
     /// A contribution to an open chunk while the aggregator shuts down.
     Draining,
+    /// A partial sum for a job of ranks, or a rank's contribution for a job of racks
+    /// (docs/protocol.md 6.13).
+    LevelMismatch,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order (the index of [`Stats::dropped`]).
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::Malformed,
         DropReason::WrongDirection,
         DropReason::UnknownJob,
@@ -78,6 +81,7 @@ impl DropReason {
         DropReason::NotAdmitted,
         DropReason::Diverged,
         DropReason::Draining,
+        DropReason::LevelMismatch,
     ];
 
     /// A short snake_case name, for logs and metrics labels.
@@ -106,6 +110,7 @@ impl DropReason {
             NotAdmitted => "not_admitted",
             Diverged => "diverged",
             Draining => "draining",
+            LevelMismatch => "level_mismatch",
         }
     }
 

@@ -38,6 +38,7 @@ fn join_with_groups(
             nonce: 1000 + u64::from(rank),
             completed: 0,
             proof: None,
+            job_world: None,
         },
         &mut b,
     );
@@ -102,7 +103,9 @@ impl Harness {
                 }
                 Message::Join(j) => Message::Join(j),
                 Message::Grant(g) => Message::Grant(g),
-                Message::Contribution(..) => panic!("aggregator sent a contribution"),
+                Message::Contribution(..) | Message::Partial(..) => {
+                    panic!("aggregator sent a contribution")
+                }
                 Message::Leave(c) => Message::Leave(c),
                 Message::Heartbeat(c) => Message::Heartbeat(c),
                 Message::Error(e) => Message::Error(e),
@@ -660,6 +663,7 @@ fn join_window(job: u32, rank: u16, world: u16, window: u32) -> Vec<u8> {
             nonce: 1000 + u64::from(rank),
             completed: 0,
             proof: None,
+            job_world: None,
         },
         &mut b,
     );
@@ -1114,6 +1118,7 @@ fn with_an_admission_key_unproven_joins_create_nothing() {
             nonce: 9,
             completed: 0,
             proof: None,
+            job_world: None,
         };
         if let Some(k) = proven {
             j.prove(k);
@@ -1201,6 +1206,7 @@ fn ranks_that_rejoin_from_different_points_are_refused() {
             nonce: u64::from(rank),
             completed,
             proof: None,
+            job_world: None,
         };
         let mut b = Vec::new();
         wire::encode_join(&j, &mut b);

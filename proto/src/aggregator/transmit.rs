@@ -41,6 +41,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     }
                     _ => None,
                 },
+                &Outgoing::Partial { job, seq, resend } => {
+                    self.outbox.pop_front();
+                    self.encode_partial(job, seq, resend, buf)
+                        .map(|to| (to, None))
+                }
                 &Outgoing::Result { job, seq, dest } => match self.group_of(job, dest) {
                     Some(to) => {
                         // Once, to the group that every rank joined.

@@ -129,6 +129,7 @@ pub fn aggregator(data: &[u8]) -> u64 {
         nonce: u64::from(rank) + 1,
         completed: 0,
         proof: None,
+        job_world: None,
     };
     let mut token = 0u64;
     // Every rank joins from its own address.

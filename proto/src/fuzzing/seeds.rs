@@ -118,6 +118,7 @@ fn join(rank: u16) -> Join {
         nonce: 0x1234_5678_9abc_def0,
         completed: 0,
         proof: None,
+        job_world: None,
     }
 }
 
@@ -191,6 +192,10 @@ fn datagrams() -> Vec<(String, Vec<u8>)> {
     j.groups = true;
     j.prove(b"another key");
     joins.push(("join-longest-secret".into(), j));
+    let mut j = join(1);
+    j.job_world = Some(64);
+    j.prove(b"a fuzz admission key, 32 bytes!!");
+    joins.push(("join-rack-proven".into(), j));
     for (name, j) in joins {
         let mut b = Vec::new();
         wire::encode_join(&j, &mut b);
@@ -242,6 +247,34 @@ fn datagrams() -> Vec<(String, Vec<u8>)> {
         "result-i8-three-blocks".into(),
         data(CodecId::I8, long, wire::FLAG_NONFINITE, true),
     ));
+    // Partial sums of a rack aggregator: f32 lanes whole, i32 and a two-block i8
+    // chunk packed.
+    for (id, count) in [
+        (CodecId::F32, 64u16),
+        (CodecId::I32, 77),
+        (CodecId::I8, long),
+    ] {
+        let c = codec::lookup(id).expect("a known codec");
+        let lanes: Vec<u32> = (0..u32::from(count))
+            .map(|i| i.wrapping_mul(2_654_435_761) >> 20)
+            .collect();
+        let mut at = [codec::Alignment::EMPTY; codec::MAX_BLOCKS];
+        if c.aligns_exponents() {
+            for (b, a) in at.iter_mut().enumerate() {
+                *a = codec::Alignment {
+                    first: false,
+                    unit: -(b as i8) - 3,
+                    top: -(b as i8),
+                    wide: true,
+                };
+            }
+        }
+        let mut payload = Vec::new();
+        codec::partial::encode(c, &lanes, 64, &at, &mut Vec::new(), &mut payload);
+        let mut b = Vec::new();
+        wire::encode_partial(&header(id, count, wire::FLAG_RETX), &payload, &mut b);
+        out.push((format!("partial-{}", c.name()), b));
+    }
     let c = Control {
         job: JOB,
         rank: 2,
@@ -657,7 +690,7 @@ mod tests {
             .filter(|s| s.target == Target::Decode && !s.must_be_rejected())
             .filter_map(|s| wire::decode(&s.data).ok())
             .collect();
-        for kind in 1..=8u8 {
+        for kind in 1..=9u8 {
             assert!(
                 seeds.iter().any(|s| s.target == Target::Decode
                     && !s.must_be_rejected()

@@ -6,7 +6,7 @@
 //!
 //! | kind | message | body after the preamble |
 //! |---|---|---|
-//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8 ([`JOIN_GROUPS`], [`JOIN_PROVEN`]), chunk_elems u16, window u32, nonce u64, completed u64, secret_len u8, secret, then the 16-byte admission proof if flagged |
+//! | 1 | [`Join`] | job u32, rank u16, world u16, codec u8, flags u8 ([`JOIN_GROUPS`], [`JOIN_PROVEN`], [`JOIN_RACK`]), chunk_elems u16, window u32, nonce u64, completed u64, secret_len u8, secret, then job_world u16 if [`JOIN_RACK`], then the 16-byte admission proof if flagged |
 //! | 2 | [`Grant`] | job u32, rank u16, world u16, codec u8, flags u8 ([`GRANT_GROUP`]), chunk_elems u16, window u32, token u64, nonce u64, shard u16, shards u16, then group u32 if flagged |
 //! | 3 | contribution | [`DataHeader`] (40 bytes), then `count` elements in the codec's wire form, then one exponent byte per exponent block after the first (`codec::payload_bytes`: i8 chunks of more than 8,192 elements) |
 //! | 4 | result | [`DataHeader`] (40 bytes), then the same layout as a contribution's |
@@ -14,6 +14,7 @@
 //! | 6 | [`Control`] heartbeat | job u32, rank u16, token u64 |
 //! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, nonce u64, msg_len u16, UTF-8 message |
 //! | 8 | [`Control`] regrant | job u32, rank u16, token u64 |
+//! | 9 | partial sum | [`DataHeader`] (40 bytes), then one 3-byte head per exponent block (width u8, unit i8, top i8), then each block's 32-bit lanes packed at its width (`codec::partial`) |
 //!
 //! Data packets have a 40-byte header, a multiple of 4 so that payload lanes stay
 //! aligned in the caller's buffers.
@@ -98,6 +99,10 @@ pub const FLAG_LAST: u8 = 0x40;
 pub const JOIN_GROUPS: u8 = 0x01;
 /// Flag bit on a join: an admission proof ([`Join::proof`]) follows the secret.
 pub const JOIN_PROVEN: u8 = 0x02;
+/// Flag bit on a join: the joining member is a rack aggregator, one rank of the job's
+/// upper level, whose contributions are partial sums ([`Message::Partial`]) of the
+/// job's ranks below it; the job's world size follows the secret ([`Join::job_world`]).
+pub const JOIN_RACK: u8 = 0x04;
 /// Bytes of a join's admission proof: HMAC-SHA256, truncated.
 pub const ADMISSION_PROOF_LEN: usize = 16;
 /// Flag bit on a grant: the job's results go to a group, whose number follows the
@@ -116,6 +121,7 @@ mod kind {
     pub const HEARTBEAT: u8 = 6;
     pub const ERROR: u8 = 7;
     pub const REGRANT: u8 = 8;
+    pub const PARTIAL: u8 = 9;
 }
 
 /// Why a datagram could not be decoded.
@@ -179,6 +185,11 @@ pub struct Join {
     /// under the aggregator's admission key, truncated to [`ADMISSION_PROOF_LEN`]
     /// bytes ([`Join::prove`]): an aggregator with a key takes no join without it.
     pub proof: Option<[u8; ADMISSION_PROOF_LEN]>,
+    /// Set ([`JOIN_RACK`]) where the member is a rack aggregator joining its parent:
+    /// the world size of the job's ranks, which they quantize with and whose sum the
+    /// parent stores. `rank` and `world` are then the rack's index and the number of
+    /// racks. `None` for a rank.
+    pub job_world: Option<u16>,
 }
 
 impl Join {
@@ -319,6 +330,9 @@ pub enum ErrorCode {
     /// Ranks re-joining after a failover disagree on how many allreduces they
     /// completed ([`Join::completed`]): the job cannot resume consistently.
     Diverged = 12,
+    /// The rank's rack aggregator lost its parent, the job's upper level (silent for
+    /// the silence timeout): the job was aborted.
+    ParentLost = 13,
 }
 
 impl ErrorCode {
@@ -337,6 +351,7 @@ impl ErrorCode {
             10 => Inconsistent,
             11 => NotAdmitted,
             12 => Diverged,
+            13 => ParentLost,
             _ => return None,
         })
     }
@@ -369,6 +384,11 @@ pub enum Message<'a> {
     Contribution(DataHeader, &'a [u8]),
     /// Aggregator to worker: a summed chunk.
     Result(DataHeader, &'a [u8]),
+    /// Rack aggregator to its parent: the sum of its ranks' contributions to a chunk,
+    /// unrounded, as one contribution of the upper level. The payload is one 3-byte
+    /// head per exponent block (width, unit, top), then the blocks' lanes packed at
+    /// their widths (`codec::partial`): [`partial_bytes`] checks its length.
+    Partial(DataHeader, &'a [u8]),
     /// Worker to aggregator: the rank is done with the job.
     Leave(Control),
     /// Both ways: the sender is alive (the aggregator echoes it).
@@ -401,8 +421,9 @@ pub fn encode_join(j: &Join, out: &mut impl BufMut) {
     out.put_u16_le(j.rank);
     out.put_u16_le(j.world);
     out.put_u8(j.codec.0);
-    let flags =
-        if j.groups { JOIN_GROUPS } else { 0 } | if j.proof.is_some() { JOIN_PROVEN } else { 0 };
+    let flags = if j.groups { JOIN_GROUPS } else { 0 }
+        | if j.proof.is_some() { JOIN_PROVEN } else { 0 }
+        | if j.job_world.is_some() { JOIN_RACK } else { 0 };
     out.put_u8(flags);
     out.put_u16_le(j.chunk_elems);
     out.put_u32_le(j.window);
@@ -411,6 +432,9 @@ pub fn encode_join(j: &Join, out: &mut impl BufMut) {
     // Cannot truncate: the length is capped at MAX_SECRET_LEN above.
     out.put_u8(secret.len() as u8);
     out.put_slice(secret);
+    if let Some(w) = j.job_world {
+        out.put_u16_le(w);
+    }
     if let Some(p) = &j.proof {
         out.put_slice(p);
     }
@@ -459,6 +483,44 @@ pub fn encode_contribution(h: &DataHeader, payload: &[u8], out: &mut impl BufMut
     encode_data(kind::CONTRIBUTION, h, payload, out)
 }
 
+/// Appends a partial sum to `out`: `payload` is its heads and packed lanes
+/// ([`Message::Partial`]).
+pub fn encode_partial(h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
+    encode_data(kind::PARTIAL, h, payload, out)
+}
+
+/// Bytes of the head of each exponent block of a partial sum: width, unit, top.
+pub const PARTIAL_HEAD: usize = 3;
+
+/// The length of a partial sum's payload of `count` elements of `codec` whose heads
+/// `payload` starts with, if its heads are all there and valid: each width in
+/// `1..=32` (32 for the codecs that sum in f32); for codecs that align exponents,
+/// `unit <= top`, both `NO_EXPONENT` or neither; for the others, both `NO_EXPONENT`.
+pub fn partial_bytes(codec: &dyn codec::Codec, count: usize, payload: &[u8]) -> Option<usize> {
+    let blocks = codec::exponent_blocks(codec, count);
+    let heads = payload.get(..blocks * PARTIAL_HEAD)?;
+    let mut len = heads.len();
+    for (b, head) in heads.chunks_exact(PARTIAL_HEAD).enumerate() {
+        let width = head[0];
+        let float = !codec.block_scaled();
+        if width == 0 || width > codec::partial::MAX_WIDTH || (float && width != 32) {
+            return None;
+        }
+        let (unit, top) = (head[1] as i8, head[2] as i8);
+        let valid = if codec.aligns_exponents() {
+            (unit == NO_EXPONENT) == (top == NO_EXPONENT) && unit <= top
+        } else {
+            unit == NO_EXPONENT && top == NO_EXPONENT
+        };
+        if !valid {
+            return None;
+        }
+        let n = codec::block_range(b, count, blocks).len();
+        len += codec::partial::packed_bytes(n, width);
+    }
+    Some(len)
+}
+
 /// Sets the congestion mark on an encoded contribution in place, as a switch on the
 /// path would (ECN); returns false, changing nothing, for any other datagram.
 pub fn mark_contribution(datagram: &mut [u8]) -> bool {
@@ -497,6 +559,13 @@ pub fn write_data_header(contribution: bool, h: &DataHeader, out: &mut [u8; DATA
     };
     let mut w = &mut out[..];
     encode_data(k, h, &[], &mut w);
+}
+
+/// Writes the header of a partial sum ([`Message::Partial`]) into `out`, so that a
+/// rack aggregator can encode the heads and lanes right after it.
+pub fn write_partial_header(h: &DataHeader, out: &mut [u8; DATA_HEADER_LEN]) {
+    let mut w = &mut out[..];
+    encode_data(kind::PARTIAL, h, &[], &mut w);
 }
 
 fn encode_control(kind: u8, c: &Control, out: &mut impl BufMut) {
@@ -546,6 +615,7 @@ impl Message<'_> {
             Message::Grant(g) => encode_grant(g, out),
             Message::Contribution(h, p) => encode_contribution(h, p, out),
             Message::Result(h, p) => encode_result(h, p, out),
+            Message::Partial(h, p) => encode_partial(h, p, out),
             Message::Leave(c) => encode_leave(c, out),
             Message::Heartbeat(c) => encode_heartbeat(c, out),
             Message::Error(e) => encode_error(e, out),
@@ -620,7 +690,10 @@ fn check_exponent(e: i8, what: &'static str) -> Result<i8, DecodeError> {
     }
 }
 
-fn decode_data<'a>(r: &mut Reader<'a>) -> Result<(DataHeader, &'a [u8]), DecodeError> {
+fn decode_data<'a>(
+    r: &mut Reader<'a>,
+    partial: bool,
+) -> Result<(DataHeader, &'a [u8]), DecodeError> {
     let job = r.u32()?;
     let rank = r.u16()?;
     let codec = r.codec()?;
@@ -643,12 +716,13 @@ fn decode_data<'a>(r: &mut Reader<'a>) -> Result<(DataHeader, &'a [u8]), DecodeE
         return Err(DecodeError::Field("reserved"));
     }
     // The codec was validated above, so the lookup cannot fail; stay total anyway.
-    let len = if flags & FLAG_PROBE != 0 {
-        0
-    } else {
-        codec::lookup(codec).map_or(usize::from(count) * 4, |c| {
-            codec::payload_bytes(c, usize::from(count))
-        })
+    let len = match codec::lookup(codec) {
+        _ if flags & FLAG_PROBE != 0 => 0,
+        Some(c) if partial => {
+            partial_bytes(c, usize::from(count), r.0).ok_or(DecodeError::Field("partial"))?
+        }
+        Some(c) => codec::payload_bytes(c, usize::from(count)),
+        None => usize::from(count) * 4,
     };
     let payload = r.bytes(len)?;
     let h = DataHeader {
@@ -695,7 +769,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
             let world = r.u16()?;
             let codec = r.codec()?;
             let flags = r.u8()?;
-            if flags & !(JOIN_GROUPS | JOIN_PROVEN) != 0 {
+            if flags & !(JOIN_GROUPS | JOIN_PROVEN | JOIN_RACK) != 0 {
                 return Err(DecodeError::Field("flags"));
             }
             let chunk_elems = r.u16()?;
@@ -707,6 +781,14 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 return Err(DecodeError::Field("secret_len"));
             }
             let secret = r.bytes(len)?.to_vec();
+            let job_world = if flags & JOIN_RACK != 0 {
+                match r.u16()? {
+                    0 => return Err(DecodeError::Field("job_world")),
+                    w => Some(w),
+                }
+            } else {
+                None
+            };
             let proof = if flags & JOIN_PROVEN != 0 {
                 let mut p = [0; ADMISSION_PROOF_LEN];
                 p.copy_from_slice(r.bytes(ADMISSION_PROOF_LEN)?);
@@ -732,6 +814,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
                 nonce,
                 completed,
                 proof,
+                job_world,
             })
         }
         kind::GRANT => {
@@ -766,12 +849,16 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, DecodeError> {
             Message::Grant(g)
         }
         kind::CONTRIBUTION => {
-            let (h, p) = decode_data(&mut r)?;
+            let (h, p) = decode_data(&mut r, false)?;
             Message::Contribution(h, p)
         }
         kind::RESULT => {
-            let (h, p) = decode_data(&mut r)?;
+            let (h, p) = decode_data(&mut r, false)?;
             Message::Result(h, p)
+        }
+        kind::PARTIAL => {
+            let (h, p) = decode_data(&mut r, true)?;
+            Message::Partial(h, p)
         }
         kind::LEAVE => Message::Leave(decode_control(&mut r)?),
         kind::HEARTBEAT => Message::Heartbeat(decode_control(&mut r)?),

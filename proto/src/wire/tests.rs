@@ -39,6 +39,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
         nonce: 0x0807_0605_0403_0201,
         completed: 3,
         proof: None,
+        job_world: None,
     };
     let grant = Grant {
         job: 7,
@@ -262,6 +263,7 @@ fn rejects_what_it_must() {
             nonce: 1,
             completed: 0,
             proof: None,
+            job_world: None,
         },
         &mut join,
     );
@@ -273,8 +275,8 @@ fn rejects_what_it_must() {
         },
         &mut grant,
     );
-    // Joins use bits 0 (groups) and 1 (proven), grants bit 0.
-    for (b, first) in [(&join, 2), (&grant, 1)] {
+    // Joins use bits 0 (groups), 1 (proven) and 2 (rack), grants bit 0.
+    for (b, first) in [(&join, 3), (&grant, 1)] {
         assert!(decode(b).is_ok());
         for bit in first..8 {
             let mut b = b.clone();
@@ -282,10 +284,13 @@ fn rejects_what_it_must() {
             assert_eq!(decode(&b), Err(DecodeError::Field("flags")), "bit {bit}");
         }
     }
-    // A join flagged as proven must carry its proof.
-    let mut b = join.clone();
-    b[13] |= JOIN_PROVEN;
-    assert_eq!(decode(&b), Err(DecodeError::Truncated));
+    // A join flagged as proven must carry its proof, one flagged as a rack's its
+    // job's world.
+    for flag in [JOIN_PROVEN, JOIN_RACK] {
+        let mut b = join.clone();
+        b[13] |= flag;
+        assert_eq!(decode(&b), Err(DecodeError::Truncated));
+    }
     // A grant flagged for a group must carry it.
     let mut b = grant.clone();
     b.truncate(b.len() - 4);
@@ -373,6 +378,7 @@ fn admission_proofs_bind_the_key_and_every_field() {
         nonce: 77,
         completed: 0,
         proof: None,
+        job_world: None,
     };
     assert!(!j.proves(b"key one, sixteen"));
     j.prove(b"key one, sixteen");
@@ -418,4 +424,110 @@ fn admission_proofs_bind_the_key_and_every_field() {
     ] {
         assert!(!changed.proves(b"key one, sixteen"), "{changed:?}");
     }
+}
+
+/// A partial sum (kind 9) of an i8 chunk of two exponent blocks: it round-trips, its
+/// length follows its heads, and heads that no rack writes are refused.
+#[test]
+fn partial_sums_decode_by_their_heads() {
+    let i8c = codec::lookup(CodecId::I8).expect("i8");
+    let count = codec::EXPONENT_BLOCK + 100;
+    let lanes: Vec<u32> = (0..count)
+        .map(|i| ((i as i32 % 600) - 300) as u32)
+        .collect();
+    let mut at = [codec::Alignment::EMPTY; codec::MAX_BLOCKS];
+    for (a, (unit, top)) in at.iter_mut().zip([(-3i8, -1i8), (5, 7)]) {
+        *a = codec::Alignment {
+            first: false,
+            unit,
+            top,
+            wide: true,
+        };
+    }
+    let mut payload = Vec::new();
+    codec::partial::encode(i8c, &lanes, 4, &at, &mut Vec::new(), &mut payload);
+    // Two heads, then each block at the fewest bits: 10 for lanes in -300..300, 9
+    // for the second block's, in 92..192.
+    assert_eq!(&payload[..6], &[10, -3i8 as u8, -1i8 as u8, 9, 5, 7]);
+    assert_eq!(
+        payload.len(),
+        6 + (8192 * 10) / 8 + (100 * 9usize).div_ceil(8)
+    );
+    let h = DataHeader {
+        codec: CodecId::I8,
+        count: count as u16,
+        ..header()
+    };
+    let mut bytes = Vec::new();
+    encode_partial(&h, &payload, &mut bytes);
+    match decode(&bytes) {
+        Ok(Message::Partial(d, p)) => assert_eq!((d, p), (h, &payload[..])),
+        other => panic!("{other:?}"),
+    }
+    let at_head = DATA_HEADER_LEN;
+    // Widths 0 and 33, a unit above the top, one exponent missing of two.
+    for (offset, value) in [(0, 0u8), (3, 33), (1, 0), (5, 0x80)] {
+        let mut bad = bytes.clone();
+        bad[at_head + offset] = value;
+        assert!(decode(&bad).is_err(), "head byte {offset} = {value:#x}");
+    }
+    assert_eq!(
+        decode(&bytes[..bytes.len() - 1]),
+        Err(DecodeError::Truncated)
+    );
+    let mut long = bytes.clone();
+    long.push(0);
+    assert_eq!(decode(&long), Err(DecodeError::Trailing));
+    // The float codecs' lanes go up whole: 32 bits, nothing else.
+    let f = DataHeader {
+        codec: CodecId::F16,
+        count: 2,
+        ..header()
+    };
+    let mut ok = Vec::new();
+    encode_partial(&f, &[32, 0x80, 0x80, 0, 0, 0, 0, 0, 0, 0, 0], &mut ok);
+    assert!(matches!(decode(&ok), Ok(Message::Partial(..))));
+    let mut narrow = Vec::new();
+    encode_partial(&f, &[16, 0x80, 0x80, 0, 0, 0, 0], &mut narrow);
+    assert!(decode(&narrow).is_err());
+}
+
+/// A rack aggregator's join carries the job's world after the secret, and the
+/// admission proof covers it.
+#[test]
+fn a_racks_join_carries_the_jobs_world_under_its_proof() {
+    let mut j = Join {
+        job: 9,
+        rank: 1,
+        world: 2,
+        codec: CodecId::I8,
+        chunk_elems: 256,
+        window: 64,
+        secret: b"s".to_vec(),
+        groups: false,
+        nonce: 7,
+        completed: 0,
+        proof: None,
+        job_world: Some(4),
+    };
+    j.prove(b"key");
+    let mut bytes = Vec::new();
+    encode_join(&j, &mut bytes);
+    match decode(&bytes) {
+        Ok(Message::Join(d)) => {
+            assert_eq!(d, j);
+            assert!(d.proves(b"key"));
+            let other = Join {
+                job_world: Some(5),
+                ..d
+            };
+            assert!(!other.proves(b"key"), "the proof covers job_world");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A world of zero ranks is refused.
+    let off = 4 + 4 + 2 + 2 + 1 + 1 + 2 + 4 + 8 + 8 + 1 + 1;
+    let mut zero = bytes.clone();
+    zero[off..off + 2].copy_from_slice(&[0, 0]);
+    assert_eq!(decode(&zero), Err(DecodeError::Field("job_world")));
 }

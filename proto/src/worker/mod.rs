@@ -418,9 +418,10 @@ impl Worker {
             Message::Result(h, _) => h.job,
             Message::Heartbeat(c) | Message::Leave(c) => c.job,
             Message::Error(e) => e.job,
-            Message::Join(_) | Message::Contribution(..) | Message::Regrant(_) => {
-                return Err(DropReason::WrongDirection)
-            }
+            Message::Join(_)
+            | Message::Contribution(..)
+            | Message::Partial(..)
+            | Message::Regrant(_) => return Err(DropReason::WrongDirection),
         };
         if job != self.config.job {
             return Err(DropReason::OtherJob);
@@ -555,9 +556,10 @@ impl Worker {
                 }
                 self.state = State::Closed;
             }
-            Message::Join(_) | Message::Contribution(..) | Message::Regrant(_) => {
-                return Err(DropReason::WrongDirection)
-            }
+            Message::Join(_)
+            | Message::Contribution(..)
+            | Message::Partial(..)
+            | Message::Regrant(_) => return Err(DropReason::WrongDirection),
         }
         Ok(())
     }
@@ -681,6 +683,7 @@ impl Worker {
             nonce: self.config.nonce,
             completed: self.config.completed,
             proof: None,
+            job_world: None,
         };
         if let Some(key) = &self.config.admission_key {
             join.prove(key);
