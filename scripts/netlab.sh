@@ -25,13 +25,17 @@
 # control of every namespace (the flows, the probe, and Gloo or MPI placed in the
 # lab), as net.ipv4.tcp_congestion_control; without it each namespace has the
 # kernel's default (it must be in the host's net.ipv4.tcp_allowed_congestion_control).
-# Racks: --racks R puts the workers on R rack bridges (rank r in rack r * R / N, in
-# blocks), each joined to the spine bridge, where the aggregator and the cross-traffic
-# hosts are, by an uplink shaped to --uplink-rate in both directions. A flat job's
-# traffic then crosses the uplinks as in a cluster of racks under a spine. The
-# uplink of rack k is the veth ${INAGG_NETLAB_UPLINK_DEV}k (its spine end) in the
-# namespace INAGG_NETLAB_BRIDGE_NETNS: its tx counter is what went down into the
-# rack, its rx counter what came up.
+# Racks: --racks R puts the workers on R rack bridges (rack k holds ranks
+# floor(k * N / R) up to floor((k + 1) * N / R), the blocks rack aggregators serve),
+# each joined to the spine bridge, where the aggregator and the cross-traffic hosts
+# are, by an uplink shaped to --uplink-rate in both directions. A flat job's traffic
+# then crosses the uplinks as in a cluster of racks under a spine. Each rack also has
+# a namespace for its rack aggregator on its bridge (INAGG_NETLAB_RACK_NETNS followed
+# by k, at the k-th address of INAGG_NETLAB_RACK_IPS; `inagg bench --racks R` starts
+# them there), its link unshaped: in a cluster it is the rack's switch. The uplink of
+# rack k is the veth ${INAGG_NETLAB_UPLINK_DEV}k (its spine end) in the namespace
+# INAGG_NETLAB_BRIDGE_NETNS: its tx counter is what went down into the rack, its rx
+# counter what came up.
 # Needs root (or CAP_NET_ADMIN) for `ip netns`, and iperf3 for --tcp-bulk.
 set -euo pipefail
 WORKERS=4
@@ -174,10 +178,21 @@ for ((k = 0; k < RACKS; k++)); do
         ip netns exec "$BR_NS" tc qdisc add dev "$dev" root tbf rate "$UPLINK_RATE" burst "$BURST" latency 50ms
     done
 done
+# Each rack's aggregator (`inagg bench --racks`), on its rack's bridge, unshaped: in
+# a cluster it is the rack's switch. Rack k is 198.18.2.(10 + k).
+R_NS="${id}-r"
+rack_ips=""
+for ((k = 0; k < RACKS; k++)); do
+    ns_add "${R_NS}${k}"
+    attach "${R_NS}${k}" "${id}r${k}" "198.18.2.$((10 + k))" "br$((k + 1))"
+    rack_ips="${rack_ips:+$rack_ips,}198.18.2.$((10 + k))"
+done
 for ((r = 0; r < WORKERS; r++)); do
     ns_add "${W_NS}${r}"
     bridge=br0
-    if [ "$RACKS" -gt 0 ]; then bridge="br$((r * RACKS / WORKERS + 1))"; fi
+    # Rank r's rack: the k with floor(k * N / R) <= r < floor((k + 1) * N / R), the
+    # blocks rack aggregators serve (docs/protocol.md 8.5).
+    if [ "$RACKS" -gt 0 ]; then bridge="br$((((r + 1) * RACKS - 1) / WORKERS + 1))"; fi
     attach "${W_NS}${r}" "${id}w${r}" "198.18.0.$((10 + r))" "$bridge"
     shape "${W_NS}${r}" "${id}w${r}" "$RATE"
 done
@@ -190,6 +205,7 @@ for ((k = 0; k < hosts; k++)); do
 done
 # Large socket buffers, as on the host, and the TCP congestion control asked for.
 for ns in "$AGG_NS" $(for ((r = 0; r < WORKERS; r++)); do echo "${W_NS}${r}"; done) \
+    $(for ((k = 0; k < RACKS; k++)); do echo "${R_NS}${k}"; done) \
     $(for ((k = 0; k < hosts; k++)); do echo "${T_NS}${k}"; done); do
     ip netns exec "$ns" sysctl -q -w net.core.rmem_max=8388608 net.core.wmem_max=8388608 2>/dev/null || true
     if [ -n "$TCP_CC" ]; then
@@ -254,6 +270,9 @@ export INAGG_NETLAB_TCP_HOSTS="$hosts"
 export INAGG_NETLAB_RACKS="$RACKS"
 export INAGG_NETLAB_BRIDGE_NETNS="$BR_NS"
 export INAGG_NETLAB_UPLINK_DEV="${id}s"
+# Rack k's aggregator runs in ${INAGG_NETLAB_RACK_NETNS}k at the k-th of these.
+export INAGG_NETLAB_RACK_NETNS="$R_NS"
+export INAGG_NETLAB_RACK_IPS="$rack_ips"
 status=0
 "$@" || status=$?
 stop_cross

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::args::Transport;
-use crate::harness::{start_aggregator_in, start_quic_aggregator_in, start_relay, QuicIdentity};
+use crate::harness::{
+    start_aggregator_in, start_quic_aggregator_in, start_rack_aggregator_in, start_relay,
+    QuicIdentity,
+};
 use crate::job::{finish_job, row, spawn_job, JobSpec};
 
 /// Flags of `inagg bench`.
@@ -42,6 +45,7 @@ pub fn run(a: &Args) -> Result<()> {
     if a.aggregator_yields.is_some() && quic.is_some() {
         bail!("--aggregator-yields sets the UDP aggregator's spin: not with --transport quic");
     }
+    check_racks(a, quic.is_some())?;
     // Aggregators, each with a relay in front when faults are asked for; the workers
     // talk to the relays.
     let mut servers = Vec::new();
@@ -80,6 +84,37 @@ pub fn run(a: &Args) -> Result<()> {
             addrs.push(addr);
         }
     }
+    // Rack aggregators under the aggregator, each rank joining its rack's.
+    let with_racks;
+    let a = match a.racks {
+        Some(racks) => {
+            let mut rack_flags: Vec<String> = agg_flags
+                .iter()
+                .filter(|f| !f.starts_with("--slot-memory"))
+                .cloned()
+                .collect();
+            // Cannot fail: `check_racks` asked for one aggregator, a UDP one.
+            let parent = addrs
+                .first()
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("no aggregator"))?;
+            rack_flags.extend(["--parent".to_string(), parent.to_string()]);
+            let mut b = a.clone();
+            for k in 0..racks {
+                let mut flags = rack_flags.clone();
+                flags.extend(
+                    ["--rack", &k.to_string(), "--racks", &racks.to_string()].map(String::from),
+                );
+                let (rack, addr) = start_rack_aggregator_in(&a.netlab, k, &flags)?;
+                agg_pids.push(rack.child.id());
+                servers.push(rack);
+                b.rack_aggs.push(addr);
+            }
+            with_racks = b;
+            &with_racks
+        }
+        None => a,
+    };
     let with_standby;
     let a = if a.failover_standby {
         let (standby, addr) = match &quic {
@@ -167,6 +202,38 @@ pub fn run(a: &Args) -> Result<()> {
     }
     if !wrong.is_empty() {
         bail!("wrong results for codec(s) {}", wrong.join(", "));
+    }
+    Ok(())
+}
+
+/// What `--racks` cannot go with, and where the lab cannot place the racks.
+fn check_racks(a: &Args, quic: bool) -> Result<()> {
+    let Some(racks) = a.racks else {
+        return Ok(());
+    };
+    if racks > a.workers {
+        bail!("--racks {racks}: more racks than --workers {}", a.workers);
+    }
+    if quic || a.aggregators != 1 || a.aggregator_threads != 1 || a.failover_standby {
+        bail!(
+            "--racks runs one UDP aggregator over its rack aggregators: not with --transport \
+             quic, --aggregators, --aggregator-threads or --failover-standby"
+        );
+    }
+    if !a.faults.is_clean() {
+        bail!("--racks: the fault relay sits in front of one aggregator; the racks have none");
+    }
+    if a.netlab.agg_netns.is_some() {
+        let lab = a.netlab.lab_racks.unwrap_or(0);
+        if lab != racks
+            || a.netlab.rack_netns.is_none()
+            || a.netlab.rack_ips.len() != usize::from(racks)
+        {
+            bail!(
+                "--racks {racks} inside scripts/netlab.sh needs the lab's racks: run it with \
+                 --racks {racks} (it has {lab})"
+            );
+        }
     }
     Ok(())
 }

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use inagg_aggregator::{
-    run_together, DropReason, Front, Identity, Loop, Server, ServerConfig, ShardedServer, Stats,
-    DEFAULT_MAX_JOB_MEMORY, DEFAULT_SLOT_MEMORY,
+    run_together, DropReason, Front, Identity, Loop, ParentConfig, Server, ServerConfig,
+    ShardedServer, Stats, DEFAULT_MAX_JOB_MEMORY, DEFAULT_SLOT_MEMORY,
 };
 use inagg_proto::aggregator::{Aggregator, AggregatorConfig};
 
@@ -124,6 +124,22 @@ pub struct Args {
     /// docs/security.md for what it protects against.
     #[arg(long, value_name = "FILE", value_parser = crate::admission::key_file)]
     pub admission_key: Option<crate::admission::Key>,
+    /// Serve as a rack aggregator under the aggregator at this UDP address
+    /// (docs/protocol.md 8.5): each job takes rack `--rack`'s block of its ranks, sums
+    /// their contributions, and joins the same job there as one rack of `--racks`,
+    /// sending each chunk's sum up and the parent's result down. Its jobs take the
+    /// parent's window (no `--slot-memory`); UDP only, one thread.
+    #[arg(long, value_name = "ADDR", value_parser = crate::admission::address,
+          requires_all = ["rack", "racks"])]
+    pub parent: Option<SocketAddr>,
+    /// With `--parent`: this rack's index, from 0 (below `--racks`).
+    #[arg(long, value_name = "K", requires = "parent")]
+    pub rack: Option<u16>,
+    /// With `--parent`: how many racks the parent serves. Rack K takes ranks
+    /// K * N / R up to (K + 1) * N / R (rounded down) of a job of N ranks.
+    #[arg(long, value_name = "R", requires = "parent",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub racks: Option<u16>,
 }
 
 /// The configuration of each of `shards` servers (1 for QUIC), listening on `listen`.
@@ -147,6 +163,9 @@ fn config(a: &Args, listen: SocketAddr, shards: u16) -> ServerConfig {
     cfg.multicast = !a.no_multicast;
     cfg.ecn = !a.no_ecn;
     cfg.protocol.admission_key = a.admission_key.as_ref().map(|k| k.0.clone());
+    if let (Some(addr), Some(rack), Some(racks)) = (a.parent, a.rack, a.racks) {
+        cfg.parent = Some(ParentConfig { addr, rack, racks });
+    }
     cfg
 }
 
@@ -190,7 +209,31 @@ fn serve<F: Front>(
     )
 }
 
+/// What `--parent` cannot go with, as an error for the user.
+fn check_rack_flags(a: &Args) -> Result<()> {
+    let (Some(_), Some(rack), Some(racks)) = (a.parent, a.rack, a.racks) else {
+        return Ok(());
+    };
+    if rack >= racks {
+        bail!("--rack {rack} must be below --racks {racks} (racks count from 0)");
+    }
+    if a.quic.is_some() {
+        bail!("--parent: a rack aggregator serves UDP only (drop --quic)");
+    }
+    if a.threads > 1 {
+        bail!("--parent: a rack aggregator runs one thread (drop --threads)");
+    }
+    if a.slot_memory.is_some() || a.max_job_memory.is_some() {
+        bail!(
+            "--parent: a rack aggregator's jobs take its parent's window, so it keeps no \
+             slot memory budget (drop --slot-memory and --max-job-memory)"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: &Args) -> Result<()> {
+    check_rack_flags(a)?;
     let listen = match (a.listen, a.quic) {
         (None, None) => Some(DEFAULT_LISTEN.parse()?),
         (l, _) => l,
@@ -365,6 +408,43 @@ mod tests {
             shard_config(&["--yields-before-sleep", "7"]).yields_before_sleep,
             7
         );
+    }
+
+    #[test]
+    fn rack_flags_reach_the_config_and_bad_ones_are_refused() {
+        let cfg = shard_config(&["--parent", "127.0.0.1:7000", "--rack", "1", "--racks", "2"]);
+        assert_eq!(
+            cfg.parent,
+            Some(ParentConfig {
+                addr: "127.0.0.1:7000".parse().expect("an address"),
+                rack: 1,
+                racks: 2
+            })
+        );
+        assert_eq!(shard_config(&[]).parent, None);
+        let parse = |flags: &[&str]| {
+            Cli::try_parse_from(std::iter::once("aggregator").chain(flags.iter().copied()))
+        };
+        // Each flag needs the others.
+        assert!(parse(&["--parent", "127.0.0.1:7000"]).is_err());
+        assert!(parse(&["--rack", "0", "--racks", "2"]).is_err());
+        for (flags, says) in [
+            (&["--rack", "2", "--racks", "2"][..], "below --racks"),
+            (
+                &["--rack", "0", "--racks", "2", "--threads", "2"],
+                "one thread",
+            ),
+            (
+                &["--rack", "0", "--racks", "2", "--slot-memory", "1000"],
+                "slot memory",
+            ),
+        ] {
+            let mut all = vec!["--parent", "127.0.0.1:7000"];
+            all.extend_from_slice(flags);
+            let cli = parse(&all).expect("flags parse");
+            let err = check_rack_flags(&cli.args).expect_err("refused");
+            assert!(err.to_string().contains(says), "{flags:?}: {err}");
+        }
     }
 
     #[test]

@@ -70,6 +70,15 @@ pub struct Netlab {
     /// Rate of each worker's link, bits per second (for the line-rate bound).
     #[arg(long, env = "INAGG_NETLAB_LINK_BPS")]
     pub link_bps: Option<f64>,
+    /// Racks of the lab (`netlab.sh --racks R`; 0: none).
+    #[arg(long, env = "INAGG_NETLAB_RACKS")]
+    pub lab_racks: Option<u16>,
+    /// Rack k's aggregator runs in the namespace named by this prefix followed by k.
+    #[arg(long, env = "INAGG_NETLAB_RACK_NETNS")]
+    pub rack_netns: Option<String>,
+    /// Rack aggregators' addresses in their namespaces, rack by rack, comma-separated.
+    #[arg(long, env = "INAGG_NETLAB_RACK_IPS", value_delimiter = ',')]
+    pub rack_ips: Vec<std::net::IpAddr>,
 }
 
 impl Netlab {
@@ -117,6 +126,26 @@ pub fn start_aggregator_in(lab: &Netlab, extra: &[String]) -> Result<(Proc, Sock
         .arg(SocketAddr::new(ip, 0).to_string())
         .args(extra);
     start_server(cmd, "aggregator", "listening on ")
+}
+
+/// Starts rack `rack`'s aggregator where `lab` says (127.0.0.1 outside the lab), with
+/// `extra` flags (its `--parent`, `--rack`, `--racks`).
+pub fn start_rack_aggregator_in(
+    lab: &Netlab,
+    rack: u16,
+    extra: &[String],
+) -> Result<(Proc, SocketAddr)> {
+    let ns = lab.rack_netns.as_ref().map(|p| format!("{p}{rack}"));
+    let ip = lab
+        .rack_ips
+        .get(usize::from(rack))
+        .copied()
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let mut cmd = Netlab::command(ns.as_deref())?;
+    cmd.args(["aggregator", "--listen"])
+        .arg(SocketAddr::new(ip, 0).to_string())
+        .args(extra);
+    start_server(cmd, "rack aggregator", "listening on ")
 }
 
 /// Starts `inagg relay` in front of `upstream` with `faults` seeded by `seed`; returns

@@ -87,6 +87,16 @@ pub struct JobSpec {
     /// The standby aggregator's address (set by `run`).
     #[arg(skip)]
     pub standby: Option<SocketAddr>,
+    /// Aggregate in two levels (docs/protocol.md 8.5): start R rack aggregators
+    /// under the aggregator (`inagg aggregator --parent`), rack k serving ranks
+    /// k * N / R up to (k + 1) * N / R, each rank joining its rack's. Inside
+    /// `scripts/netlab.sh --racks R`, rack k's aggregator runs on rack k's bridge and
+    /// the aggregator at the spine.
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u16).range(1..))]
+    pub racks: Option<u16>,
+    /// The rack aggregators' addresses, rack by rack (set by `run`).
+    #[arg(skip)]
+    pub rack_aggs: Vec<SocketAddr>,
 }
 
 impl JobSpec {
@@ -170,6 +180,9 @@ pub struct Row {
     pub congestion_window_min: Option<u64>,
     pub ranks_identical: bool,
     pub within_bound: bool,
+    /// Rack aggregators between the ranks and the aggregator (`--racks`), where given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub racks: Option<u16>,
     /// Checksum of rank 0's last result (hex): equal runs give equal bits.
     pub result_checksum: String,
     /// In `scripts/netlab.sh`: the time each worker's link needs for the bytes the
@@ -323,6 +336,18 @@ pub fn spawn_job(a: &JobSpec, aggs: &[SocketAddr], job: u32, codec: &str) -> Res
     let mut procs = Vec::new();
     for rank in 0..a.workers {
         let ns = a.netlab.worker_netns.as_ref().map(|p| format!("{p}{rank}"));
+        // With racks, each rank joins its rack's aggregator.
+        let racks = u16::try_from(a.rack_aggs.len()).unwrap_or(u16::MAX);
+        let rack = (0..racks)
+            .find(|&k| inagg_proto::aggregator::rack_ranks(a.workers, k, racks).contains(&rank));
+        let own;
+        let aggs = match rack {
+            Some(k) => {
+                own = [a.rack_aggs[usize::from(k)]];
+                &own[..]
+            }
+            None => aggs,
+        };
         procs.push(Proc::spawn(
             Netlab::command(ns.as_deref())?
                 .args(worker_args(a, aggs, job, rank, codec))
@@ -496,6 +521,7 @@ pub fn row(
         jobs: jobs.len() as u16,
         aggregators: a.aggregators,
         aggregator_threads: a.aggregator_threads,
+        racks: a.racks,
         aggregator_yields: a.aggregator_yields,
         multicast: !a.tuning.no_multicast,
         failover: a.standby.is_some(),

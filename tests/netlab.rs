@@ -276,6 +276,63 @@ fn uplink_counters(err: &str, tag: &str) -> Vec<(u64, u64)> {
     n.chunks(2).map(|c| (c[0], c[1])).collect()
 }
 
+/// Issue 30's process test: 2 racks of 2 workers, a rack aggregator on each rack's
+/// bridge under the aggregator at the spine (`inagg bench --racks 2`). The i32 and i8
+/// results are the flat run's in the same lab bit for bit (equal checksums), and
+/// each uplink carries one partial sum up and one result down per chunk: fewer bytes
+/// than the flat job's two ranks' contributions and results.
+#[test]
+#[cfg_attr(
+    inagg_no_netns,
+    ignore = "needs CAP_NET_ADMIN and iproute2 (ip, tc) to create network namespaces"
+)]
+fn two_levels_in_the_lab_give_the_flat_results_with_less_on_the_uplinks() {
+    assert!(
+        namespaces_work(),
+        "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN) and iproute2"
+    );
+    let run = r#"c() { printf '%s' "$1"; for k in $(seq 0 $((INAGG_NETLAB_RACKS - 1))); do for d in rx tx; do printf ' %s' "$(ip netns exec "$INAGG_NETLAB_BRIDGE_NETNS" cat "/sys/class/net/$INAGG_NETLAB_UPLINK_DEV$k/statistics/${d}_bytes")"; done; done; echo; }; b="$0 bench --workers 4 --elements 300000 --codec i32,i8 --iters 2 --warmup 1 --json"; c 'flat before:' >&2; $b || exit 1; c 'flat after:' >&2; $b --racks 2 || exit 1; c 'racks after:' >&2"#;
+    let mut cmd = Command::new(script("netlab.sh"));
+    cmd.args(["--workers", "4", "--link-rate", "1gbit"])
+        .args(["--racks", "2", "--uplink-rate", "200mbit", "--"])
+        .args(["sh", "-c", run])
+        .arg(env!("CARGO_BIN_EXE_inagg"));
+    let (st, out, err) = run_bounded(cmd, Duration::from_secs(240));
+    assert!(st.success(), "netlab failed: {out}\n{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 4, "{out}");
+    let (flat, racks) = rows.split_at(2);
+    for (f, r) in flat.iter().zip(racks) {
+        assert_eq!(f["codec"], r["codec"], "{out}");
+        assert!(f.get("racks").is_none() && r["racks"] == 2, "{f} {r}");
+        for row in [f, r] {
+            assert_eq!(row["within_bound"], true, "{row}");
+            assert_eq!(row["ranks_identical"], true, "{row}");
+        }
+        assert_eq!(
+            f["result_checksum"], r["result_checksum"],
+            "{}: two levels changed the result",
+            f["codec"]
+        );
+    }
+    let counts = |tag| uplink_counters(&err, tag);
+    let (before, mid, after) = (
+        counts("flat before:"),
+        counts("flat after:"),
+        counts("racks after:"),
+    );
+    for k in 0..2 {
+        let flat_bytes = (mid[k].0 - before[k].0, mid[k].1 - before[k].1);
+        let rack_bytes = (after[k].0 - mid[k].0, after[k].1 - mid[k].1);
+        // Up: one partial sum of at most 10 bits per element for i8 and 32 for i32,
+        // against two ranks' 8 and 32; down: one result against two.
+        assert!(
+            rack_bytes.0 * 4 < flat_bytes.0 * 3 && rack_bytes.1 * 5 < flat_bytes.1 * 3,
+            "rack {k}: up and down {rack_bytes:?} with racks, {flat_bytes:?} flat"
+        );
+    }
+}
+
 #[test]
 #[cfg_attr(
     inagg_no_netns,

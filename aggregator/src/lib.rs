@@ -28,7 +28,7 @@ pub use inagg_net::mem::{MemFaults, MemNet};
 pub use inagg_proto::aggregator::{AggregatorConfig, DropReason, Stats};
 pub use inagg_quic::Identity;
 pub use server::{
-    Front, MemFront, QuicFront, Server, ServerConfig, ServerError, UdpFront,
+    Front, MemFront, ParentConfig, QuicFront, Server, ServerConfig, ServerError, UdpFront,
     DEFAULT_MAX_JOB_MEMORY, DEFAULT_SLOT_MEMORY, DEFAULT_YIELDS_BEFORE_SLEEP,
 };
 pub use shards::{run_together, Loop, ShardedServer};

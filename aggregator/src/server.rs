@@ -101,6 +101,21 @@ pub struct ServerConfig {
     /// protocol's own congestion flag: its result carries the mark to every rank (on
     /// by default).
     pub ecn: bool,
+    /// Serve as a rack aggregator under a parent (docs/protocol.md 8.5): over UDP,
+    /// every job joins the parent as one rack of its upper level.
+    pub parent: Option<ParentConfig>,
+}
+
+/// Where a rack aggregator's parent is, and which rack it is
+/// ([`inagg_proto::aggregator::Aggregator::set_parent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParentConfig {
+    /// The parent aggregator's UDP address.
+    pub addr: SocketAddr,
+    /// This rack's index, below `racks`.
+    pub rack: u16,
+    /// The number of racks under the parent.
+    pub racks: u16,
 }
 
 impl ServerConfig {
@@ -126,6 +141,7 @@ impl ServerConfig {
             yields_before_sleep: DEFAULT_YIELDS_BEFORE_SLEEP,
             multicast: true,
             ecn: true,
+            parent: None,
         }
     }
 }
@@ -157,6 +173,14 @@ pub enum ServerError {
         /// Why binding it failed.
         #[source]
         source: Box<ServerError>,
+    },
+    /// A rack outside the number of racks ([`ParentConfig`]).
+    #[error("rack {rack} is not below the number of racks, {racks}")]
+    BadRack {
+        /// The rack.
+        rack: u16,
+        /// The number of racks.
+        racks: u16,
     },
     /// A sharded server on a given port found no room for its shards above it.
     #[error("{shards} shards: no room above port {port}")]
@@ -343,7 +367,21 @@ impl Server<UdpFront> {
             warn!(error = %e, "cannot mark datagrams ECN-capable; sending without ECN");
         }
         crate::memory::return_freed_pools();
+        #[cfg(target_os = "linux")]
+        if config.parent.is_some() {
+            if let Err(e) = endpoint.allow_fragments() {
+                warn!(error = %e, "cannot let partial sums above the path's MTU be fragmented");
+            }
+        }
         let mut agg = Aggregator::new(config.protocol.clone());
+        if let Some(p) = config.parent {
+            if !agg.set_parent(p.addr, p.rack, p.racks) {
+                return Err(ServerError::BadRack {
+                    rack: p.rack,
+                    racks: p.racks,
+                });
+            }
+        }
         if config.multicast {
             offer_groups(&endpoint, &mut agg)?;
         }

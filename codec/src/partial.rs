@@ -110,22 +110,24 @@ pub fn pack(lanes: &[u8], width: u8, out: &mut Vec<u8>) {
     if width == 32 {
         return out.extend_from_slice(lanes);
     }
+    let (start, len) = (out.len(), packed_bytes(lanes.len() / 4, width as u8));
+    // Whole 32-bit words go out as they fill: 4 bytes of slack for the last.
+    out.resize(start + len + 4, 0);
+    let dst = &mut out[start..];
     let mask = (1u64 << width) - 1;
-    let (mut bits, mut held) = (0u64, 0u32);
-    out.reserve(packed_bytes(lanes.len() / 4, width as u8));
+    let (mut bits, mut held, mut at) = (0u64, 0u32, 0usize);
     for c in lanes.chunks_exact(4) {
-        let x = u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-        bits |= (x & mask) << held;
+        bits |= (u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])) & mask) << held;
         held += width;
-        while held >= 8 {
-            out.push(bits as u8);
-            bits >>= 8;
-            held -= 8;
+        if held >= 32 {
+            dst[at..at + 4].copy_from_slice(&(bits as u32).to_le_bytes());
+            at += 4;
+            bits >>= 32;
+            held -= 32;
         }
     }
-    if held > 0 {
-        out.push(bits as u8);
-    }
+    dst[at..at + 4].copy_from_slice(&(bits as u32).to_le_bytes());
+    out.truncate(start + len);
 }
 
 /// Writes the lanes that `src` packs at `width` bits (1 to 32) into `out`, 4 bytes
@@ -135,21 +137,33 @@ pub fn unpack(src: &[u8], width: u8, out: &mut [u8]) {
     let width = u32::from(width.clamp(1, MAX_WIDTH));
     if width == 32 {
         let n = out.len().min(src.len());
-        return out[..n].copy_from_slice(&src[..n]);
+        out[..n].copy_from_slice(&src[..n]);
+        out[n..].fill(0);
+        return;
     }
     let mask = (1u64 << width) - 1;
     let shift = 64 - width;
-    let mut bytes = src.iter();
-    let (mut bits, mut held) = (0u64, 0u32);
+    let (mut bits, mut held, mut at) = (0u64, 0u32, 0usize);
     for o in out.chunks_exact_mut(4) {
-        while held < width {
-            bits |= u64::from(bytes.next().copied().unwrap_or(0)) << held;
-            held += 8;
+        if held < width {
+            // The next 32-bit word, zeros past the end.
+            let word = match src.get(at..at + 4) {
+                Some(w) => u32::from_le_bytes([w[0], w[1], w[2], w[3]]),
+                None => {
+                    let mut w = [0u8; 4];
+                    let rest = src.get(at..).unwrap_or(&[]);
+                    w[..rest.len().min(4)].copy_from_slice(&rest[..rest.len().min(4)]);
+                    u32::from_le_bytes(w)
+                }
+            };
+            bits |= u64::from(word) << held;
+            held += 32;
+            at += 4;
         }
-        let x = ((((bits & mask) << shift) as i64) >> shift) as i32;
-        o.copy_from_slice(&x.to_le_bytes());
+        let v = bits & mask;
         bits >>= width;
         held -= width;
+        o.copy_from_slice(&((((v << shift) as i64) >> shift) as i32).to_le_bytes());
     }
 }
 

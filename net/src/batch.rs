@@ -206,15 +206,16 @@ impl<B: Copy> SendBatch<B> {
 
     /// The run of datagrams that starts at `order[i]`: the end of the run, exclusive,
     /// and the segment size if it holds more than one datagram (a size the kernel
-    /// takes: two segments fit in `GSO_BYTES`, so one fits a u16).
-    fn run(&self, i: usize, max_segments: usize) -> (usize, Option<u16>) {
+    /// takes: two segments fit in `GSO_BYTES`, so one fits a u16; and at most
+    /// `max_size`, what the path's MTU lets through in a run).
+    fn run(&self, i: usize, max_segments: usize, max_size: usize) -> (usize, Option<u16>) {
         let first = self.index[self.order[i]];
         let size = first.size();
         // Extend the run while the next datagram has the same destination and size
         // and the run fits one GSO send.
         let mut j = i + 1;
         let mut bytes = size;
-        let segment = u16::try_from(size).ok();
+        let segment = u16::try_from(size).ok().filter(|_| size <= max_size);
         while j < self.order.len() && j - i < max_segments && segment.is_some() {
             let q = self.index[self.order[j]];
             let s = q.size();
@@ -252,7 +253,7 @@ impl<B: Copy> SendBatch<B> {
             }; MAX_MSGS];
             let (mut n_iov, mut n_msg, mut k) = (0, 0, i);
             while k < self.order.len() && n_msg < MAX_MSGS {
-                let (end, segment) = self.run(k, max_segments);
+                let (end, segment) = self.run(k, max_segments, ep.gso_size_limit());
                 if n_iov + 2 * (end - k) > MAX_IOVS {
                     break;
                 }
@@ -309,6 +310,11 @@ impl<B: Copy> SendBatch<B> {
                         ep.refuse_gso();
                         break;
                     }
+                    Sent::GsoTooLarge(segment) => {
+                        // Rebuild from that message on, its datagrams one by one.
+                        ep.limit_gso_size(usize::from(segment));
+                        break;
+                    }
                     Sent::Refused => {
                         // Its datagrams share one destination: drop them all.
                         self.refused += msgs[m].datagrams as u64;
@@ -330,7 +336,7 @@ impl<B: Copy> SendBatch<B> {
         let max_segments = ep.max_gso_segments().max(1);
         let mut i = 0;
         while i < self.order.len() {
-            let (j, segment) = self.run(i, max_segments);
+            let (j, segment) = self.run(i, max_segments, ep.gso_size_limit());
             self.gather.clear();
             for &k in &self.order[i..j] {
                 let q = self.index[k];

@@ -51,6 +51,9 @@ pub struct UdpEndpoint {
     v6: bool,
     /// The kernel refused a GSO send (a device without segmentation offload).
     gso_refused: AtomicBool,
+    /// The largest datagram that goes in GSO runs: below the size of a run the kernel
+    /// found larger than the path's MTU.
+    gso_size_limit: std::sync::atomic::AtomicUsize,
     /// Datagrams dropped on receipt because they came from port 0.
     from_port_zero: u64,
     /// What a CE-marked datagram goes through before it is handed on
@@ -142,6 +145,7 @@ impl UdpEndpoint {
             spin: 0,
             v6,
             gso_refused: AtomicBool::new(false),
+            gso_size_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
             from_port_zero: 0,
             on_ce: None,
             buffer,
@@ -264,6 +268,51 @@ impl UdpEndpoint {
         }
     }
 
+    /// Lets the kernel fragment datagrams larger than the path's MTU, as a plain UDP
+    /// socket does: quinn-udp asks for path MTU discovery, under which such a send
+    /// fails (`EMSGSIZE`). A rack aggregator's partial sums are up to four bytes per
+    /// element, and may so exceed the MTU its ranks sized their chunks for.
+    #[cfg(target_os = "linux")]
+    pub fn allow_fragments(&self) -> io::Result<()> {
+        fn set(fd: std::os::fd::RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+            // SAFETY: `fd` is this endpoint's open socket, and the option's value is a
+            // live `c_int` whose size is passed with it.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    std::ptr::from_ref(&value).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        }
+        let fd = self.socket.as_raw_fd();
+        let v4 = set(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        );
+        if self.v6 {
+            // IPv4 peers of a dual-stack socket take the IPv4 option, if it applies.
+            let _ = v4;
+            set(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DONT,
+            )
+        } else {
+            v4
+        }
+    }
+
     /// Hands every datagram received with CE (congestion experienced) to `mark`
     /// first, which may rewrite it in place (the protocol's own congestion flag, say)
     /// and says whether it did; the datagram then goes on as any other.
@@ -284,6 +333,19 @@ impl UdpEndpoint {
     #[cfg(target_os = "linux")]
     pub(crate) fn refuse_gso(&self) {
         self.gso_refused.store(true, Ordering::Relaxed);
+    }
+
+    /// The largest datagram that may go in a GSO run.
+    pub(crate) fn gso_size_limit(&self) -> usize {
+        self.gso_size_limit.load(Ordering::Relaxed)
+    }
+
+    /// Sends datagrams of `size` bytes and more one by one from now on: a GSO run of
+    /// them was larger than the path's MTU.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn limit_gso_size(&self, size: usize) {
+        self.gso_size_limit
+            .fetch_min(size.saturating_sub(1), Ordering::Relaxed);
     }
 
     #[cfg(target_os = "linux")]

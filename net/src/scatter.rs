@@ -43,6 +43,10 @@ pub(crate) enum Sent {
     /// The kernel refused GSO for the first message (a device without segmentation
     /// offload): send that message's datagrams one by one from now on.
     GsoRefused,
+    /// The first message's segments are larger than the path's MTU, which GSO needs
+    /// them within (`EMSGSIZE`), though the socket may fragment a datagram that size:
+    /// send datagrams of that size one by one from now on.
+    GsoTooLarge(u16),
     /// The kernel refused the first message's destination (see
     /// [`crate::endpoint::refused_destination`]); nothing of this call was sent.
     Refused,
@@ -126,6 +130,9 @@ pub(crate) fn send_mmsg(
             // (`UdpEndpoint::from_port_zero`), so no reply goes there.
             (_, Some(libc::EIO | libc::EINVAL)) if msgs[0].segment.is_some() => {
                 return Ok(Sent::GsoRefused)
+            }
+            (_, Some(libc::EMSGSIZE)) if msgs[0].segment.is_some() => {
+                return Ok(Sent::GsoTooLarge(msgs[0].segment.unwrap_or(0)))
             }
             _ if drop_refused && refused_destination(&e) => return Ok(Sent::Refused),
             _ => return Err(e),

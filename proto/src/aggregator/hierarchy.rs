@@ -40,13 +40,16 @@ pub fn rack_ranks(world: u16, rack: u16, racks: u16) -> Range<u16> {
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// Makes this aggregator rack `rack` of `racks` under the parent at `addr`: every
     /// job it serves from now on takes rack `rack`'s block of ranks ([`rack_ranks`])
-    /// and joins the same job at the parent. Returns false, changing nothing, for a
-    /// rack outside `0..racks`.
+    /// and joins the same job at the parent. Its jobs' pools follow the parent's
+    /// grants, so it keeps no slot memory budget of its own. Returns false, changing
+    /// nothing, for a rack outside `0..racks`.
     pub fn set_parent(&mut self, addr: A, rack: u16, racks: u16) -> bool {
         if rack >= racks {
             return false;
         }
         self.parent = Some(Parent { addr, rack, racks });
+        self.config.slot_memory = None;
+        self.config.max_job_memory = None;
         true
     }
 
@@ -125,6 +128,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             _ => return self.drop_packet(None, DropReason::WrongDirection),
         };
         let Some(upper) = self.jobs.get(&id).and_then(|j| j.upper.clone()) else {
+            // The echo of the leave this rack sent as the job ended here is expected.
+            if matches!(msg, Message::Leave(_)) {
+                return;
+            }
             return self.drop_packet(None, DropReason::UnknownJob);
         };
         let token_ok = |t: u64| upper.grant.is_some_and(|(token, _)| token == t);

@@ -49,8 +49,9 @@ use std::time::Instant;
 
 use super::budget::fair_shares;
 use super::control::grant;
-use super::{Aggregator, DropReason, Event};
-use crate::wire::{Control, ErrorCode, ErrorMsg, Message};
+use super::{Aggregator, DropReason, Event, DATA_HEADER_LEN, MAX_DATAGRAM};
+use crate::codec::MAX_BLOCKS;
+use crate::wire::{self, Control, ErrorCode, ErrorMsg, Message};
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// The last rank of job `id` joined: start it, make it wait, or refuse it.
@@ -79,6 +80,19 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .max(1);
         job.arrival = arrival;
         if self.parent.is_some() {
+            // A partial sum takes up to 32 bits per element, whatever the codec.
+            let chunk = usize::from(job.chunk_elems);
+            let blocks = crate::codec::exponent_blocks(job.codec, chunk);
+            let partial = chunk * crate::codec::PARTIAL_LANE_BYTES + blocks * wire::PARTIAL_HEAD;
+            if DATA_HEADER_LEN + partial > MAX_DATAGRAM {
+                let most = (MAX_DATAGRAM - DATA_HEADER_LEN - wire::PARTIAL_HEAD * MAX_BLOCKS)
+                    / crate::codec::PARTIAL_LANE_BYTES;
+                let text = format!(
+                    "a rack aggregator sends each chunk's sum up in lanes of up to 4 bytes: \
+                     chunks of {chunk} elements do not fit a datagram (at most {most})"
+                );
+                return self.refuse_job(id, ErrorCode::NoCapacity, DropReason::NoCapacity, text);
+            }
             // A rack's pool follows the parent's grant.
             return self.join_parent(now, id);
         }
