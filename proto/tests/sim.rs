@@ -1198,3 +1198,67 @@ fn a_dead_rack_or_parent_ends_the_job_at_every_rank() {
         }
     }
 }
+
+/// Under the parent's slot memory budget, a job of racks keeps the pool it started
+/// with when another job comes (racks follow no re-grant), and the newcomer takes what
+/// is left; both jobs' results stay exact.
+#[test]
+fn a_job_of_racks_keeps_its_pool_under_the_parents_budget() {
+    use inagg_proto::aggregator::AggregatorConfig;
+    use std::time::Duration;
+    let (chunk, world) = (64u16, 4u16);
+    let i32c = codec::lookup(CodecId::I32).expect("i32");
+    let kept = inagg_proto::aggregator::kept_bytes(i32c, usize::from(chunk));
+    let slot = inagg_proto::aggregator::slot_bytes(usize::from(chunk), kept, 2);
+    let top = AggregatorConfig {
+        slot_memory: Some(48 * slot),
+        ..AggregatorConfig::default()
+    };
+    let mut cfgs = configs(1, world, CodecId::I32, chunk, 32);
+    cfgs.extend(configs(2, world, CodecId::I32, chunk, 32));
+    let mut sim = Sim::with_racks(SimConfig::lossy(9), top, Default::default(), 2, cfgs);
+    let a = inputs(31, world, usize::from(chunk) * 200, false);
+    let b = inputs(32, world, usize::from(chunk) * 150, false);
+    let want = |ins: &Vec<Vec<f32>>, job| {
+        let mut flat = Sim::new(
+            SimConfig::lossless(1),
+            Default::default(),
+            configs(job, world, CodecId::I32, chunk, 32),
+        );
+        flat.allreduce(ins.clone()).expect("flat")
+    };
+    let (a_want, b_want) = (want(&a, 1), want(&b, 2));
+    let first: Vec<_> = a
+        .iter()
+        .cloned()
+        .map(Some)
+        .chain([None, None, None, None])
+        .collect();
+    sim.delay_join(4, Duration::from_secs(3600));
+    for i in 5..8 {
+        sim.delay_join(i, Duration::from_secs(3600));
+    }
+    let out = sim.allreduce_some(first).expect("job 1 alone");
+    let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
+    assert_eq!(out.bits(), a_want.bits());
+    assert_eq!(sim.aggregator().job_slots(1), Some(32), "job 1 alone");
+    for i in 4..8 {
+        sim.delay_join(i, Duration::from_millis(1));
+    }
+    for round in 0..2 {
+        let mut ins = a.clone();
+        ins.extend(b.clone());
+        let out = sim
+            .allreduce(ins)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(out[..4].bits(), a_want.bits(), "round {round}: job 1");
+        assert_eq!(out[4..].bits(), b_want.bits(), "round {round}: job 2");
+    }
+    let (s1, s2) = (sim.aggregator().job_slots(1), sim.aggregator().job_slots(2));
+    assert_eq!(
+        (s1, s2),
+        (Some(32), Some(16)),
+        "the job of racks kept its pool"
+    );
+    assert_eq!(sim.regrants, 0, "no pool was re-sized");
+}

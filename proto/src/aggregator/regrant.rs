@@ -43,12 +43,15 @@
 //!
 //! So one job never holds two pools, the budget is never exceeded, and the cost of a
 //! re-grant is one round trip plus the ranks' skew at that boundary. A job that stops
-//! calling allreduce without leaving keeps its pool until it runs again.
+//! calling allreduce without leaving keeps its pool until it runs again. A parent's job
+//! whose members are rack aggregators keeps the pool it started with: racks follow
+//! no re-grant (docs/protocol.md 8.5).
 
 use std::time::Instant;
 
 use super::budget::fair_shares;
 use super::control::grant;
+use super::slots::Level;
 use super::{Aggregator, DropReason, Event, DATA_HEADER_LEN, MAX_DATAGRAM};
 use crate::codec::MAX_BLOCKS;
 use crate::wire::{self, Control, ErrorCode, ErrorMsg, Message};
@@ -216,9 +219,10 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .collect();
         let shares = fair_shares(budget, &demands);
         // Shrinks are decided at once; growth is released, to be reserved again below.
+        // A job of racks keeps the pool it started with: racks follow no re-grant.
         for (id, &share) in ids.iter().zip(&shares) {
             if let Some(job) = self.jobs.get_mut(id) {
-                if job.running() {
+                if job.running() && job.level != Level::Top {
                     job.next = (share < job.slots()).then_some(share);
                 }
             }
@@ -240,7 +244,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
         // Growth, as far as free memory goes.
         for (id, &share) in ids.iter().zip(&shares) {
-            let Some(job) = self.jobs.get_mut(id).filter(|j| j.running()) else {
+            let Some(job) = self
+                .jobs
+                .get_mut(id)
+                .filter(|j| j.running() && j.level != Level::Top)
+            else {
                 continue;
             };
             let (cost, slots) = (job.slot_bytes().max(1), job.slots());
