@@ -271,8 +271,10 @@ export INAGG_NETLAB_RACKS="$RACKS"
 export INAGG_NETLAB_BRIDGE_NETNS="$BR_NS"
 export INAGG_NETLAB_UPLINK_DEV="${id}s"
 # Rack k's aggregator runs in ${INAGG_NETLAB_RACK_NETNS}k at the k-th of these.
-export INAGG_NETLAB_RACK_NETNS="$R_NS"
-export INAGG_NETLAB_RACK_IPS="$rack_ips"
+if [ "$RACKS" -gt 0 ]; then
+    export INAGG_NETLAB_RACK_NETNS="$R_NS"
+    export INAGG_NETLAB_RACK_IPS="$rack_ips"
+fi
 status=0
 "$@" || status=$?
 stop_cross

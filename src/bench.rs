@@ -227,7 +227,7 @@ fn check_racks(a: &Args, quic: bool) -> Result<()> {
         let lab = a.netlab.lab_racks.unwrap_or(0);
         if lab != racks
             || a.netlab.rack_netns.is_none()
-            || a.netlab.rack_ips.len() != usize::from(racks)
+            || a.netlab.rack_ips()?.len() != usize::from(racks)
         {
             bail!(
                 "--racks {racks} inside scripts/netlab.sh needs the lab's racks: run it with \

@@ -76,12 +76,28 @@ pub struct Netlab {
     /// Rack k's aggregator runs in the namespace named by this prefix followed by k.
     #[arg(long, env = "INAGG_NETLAB_RACK_NETNS")]
     pub rack_netns: Option<String>,
-    /// Rack aggregators' addresses in their namespaces, rack by rack, comma-separated.
-    #[arg(long, env = "INAGG_NETLAB_RACK_IPS", value_delimiter = ',')]
-    pub rack_ips: Vec<std::net::IpAddr>,
+    /// Rack aggregators' addresses in their namespaces, rack by rack, comma-separated
+    /// (empty without racks).
+    #[arg(long, env = "INAGG_NETLAB_RACK_IPS")]
+    pub rack_ips: Option<String>,
 }
 
 impl Netlab {
+    /// The lab's rack aggregators' addresses, rack by rack (none outside the lab or
+    /// without racks).
+    pub fn rack_ips(&self) -> Result<Vec<std::net::IpAddr>> {
+        self.rack_ips
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .with_context(|| format!("INAGG_NETLAB_RACK_IPS: {s:?} is not an address"))
+            })
+            .collect()
+    }
+
     /// `cmd` for the inagg binary, run in namespace `ns` if there is one.
     pub fn command(ns: Option<&str>) -> Result<Command> {
         Ok(match ns {
@@ -137,7 +153,7 @@ pub fn start_rack_aggregator_in(
 ) -> Result<(Proc, SocketAddr)> {
     let ns = lab.rack_netns.as_ref().map(|p| format!("{p}{rack}"));
     let ip = lab
-        .rack_ips
+        .rack_ips()?
         .get(usize::from(rack))
         .copied()
         .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
