@@ -411,22 +411,7 @@ impl AggregatorCodec for Fixed {
             kernels::widen_i16_lanes(acc);
             at.wide = true;
         }
-        let new_unit = unit.min(e).max(new_top - self.align_span(world));
-        // Every shift below is at most the span (under 32): the unit stays within it
-        // of the top, and no exponent lies above the top.
-        if new_unit < unit {
-            kernels::shl_lanes(acc, (unit - new_unit) as u32);
-        } else if new_unit > unit {
-            kernels::round_shr_lanes(acc, (new_unit - unit) as u32);
-        }
-        let w = self.wire_bytes();
-        if e >= new_unit {
-            kernels::add_int_shl(acc, payload, w, (e - new_unit) as u32);
-        } else {
-            kernels::add_int_round_shr(acc, payload, w, (new_unit - e) as u32);
-        }
-        at.unit = new_unit as i8;
-        at.top = new_top as i8;
+        self.add_wide(acc, world, at, (e, new_top), payload, self.wire_bytes());
     }
 
     fn sums_all_at_once(&self, world: u16) -> bool {
@@ -552,18 +537,38 @@ impl AggregatorCodec for Fixed {
             at.unit = p.unit;
             at.top = p.top;
         }
-        let (unit, top) = (i32::from(at.unit), i32::from(at.top));
-        let (e, new_top) = (i32::from(p.unit), top.max(i32::from(p.top)));
+        let new_top = i32::from(at.top).max(i32::from(p.top));
+        self.add_wide(acc, world, at, (i32::from(p.unit), new_top), payload, w);
+    }
+}
+
+impl Fixed {
+    /// Adds integers of `width` bytes counting units of exponent `e` to wide lanes
+    /// aligned as `at` says, the largest exponent becoming `new_top`: the lanes move to
+    /// the lower unit (within the span below `new_top`), and what comes is shifted
+    /// in, exactly while it lies within the span, rounded (half up) below it.
+    fn add_wide(
+        &self,
+        acc: &mut [u32],
+        world: u16,
+        at: &mut Alignment,
+        (e, new_top): (i32, i32),
+        payload: &[u8],
+        width: usize,
+    ) {
+        let unit = i32::from(at.unit);
         let new_unit = unit.min(e).max(new_top - self.align_span(world));
+        // Every shift below is at most the span (under 32): the unit stays within it
+        // of the top, and no exponent lies above the top.
         if new_unit < unit {
             kernels::shl_lanes(acc, (unit - new_unit) as u32);
         } else if new_unit > unit {
             kernels::round_shr_lanes(acc, (new_unit - unit) as u32);
         }
         if e >= new_unit {
-            kernels::add_int_shl(acc, payload, w, (e - new_unit) as u32);
+            kernels::add_int_shl(acc, payload, width, (e - new_unit) as u32);
         } else {
-            kernels::add_int_round_shr(acc, payload, w, (new_unit - e) as u32);
+            kernels::add_int_round_shr(acc, payload, width, (new_unit - e) as u32);
         }
         at.unit = new_unit as i8;
         at.top = new_top as i8;

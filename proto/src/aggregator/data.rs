@@ -91,12 +91,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     });
                     job.stats.probes_held += 1;
                     self.stats.probes_held += 1;
-                    let answer = DataHeader {
-                        rank: job.world,
-                        flags: FLAG_PROBE,
-                        ..*h
-                    };
-                    let msg = Message::Result(answer, &[]);
+                    let msg = held_answer(h, job.world);
                     self.outbox.push_back(Outgoing::Control { to: from, msg });
                     return;
                 }
@@ -138,12 +133,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
                     // that its next retransmission is a header-only probe.
                     job.stats.probes_held += 1;
                     self.stats.probes_held += 1;
-                    let answer = DataHeader {
-                        rank: job.world,
-                        flags: FLAG_PROBE,
-                        ..*h
-                    };
-                    let msg = Message::Result(answer, &[]);
+                    let msg = held_answer(h, job.world);
                     self.outbox.push_back(Outgoing::Control { to: from, msg });
                     if outcome == Outcome::Held {
                         return;
@@ -186,6 +176,17 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         };
         self.drop_packet(Some(h.job), reason);
     }
+}
+
+/// The held answer to a contribution or probe `h` of a job of `world` members: "your
+/// contribution is in, the chunk waits" (docs/protocol.md 6.9).
+fn held_answer(h: &DataHeader, world: u16) -> Message<'static> {
+    let answer = DataHeader {
+        rank: world,
+        flags: FLAG_PROBE,
+        ..*h
+    };
+    Message::Result(answer, &[])
 }
 
 /// What a rank sent for a packet, in words, for an abort that names both sides.
