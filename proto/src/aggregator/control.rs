@@ -265,9 +265,18 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         }
     }
 
+    /// What a job's members are, in words: ranks, or a parent's racks.
+    pub(super) fn member_word(&self, id: u32) -> &'static str {
+        match self.jobs.get(&id) {
+            Some(j) if j.level == super::slots::Level::Top => "rack",
+            _ => "rank",
+        }
+    }
+
     /// Ends a job whose rank `rank` has left while a chunk still needs it.
     pub(super) fn abort_left(&mut self, now: Instant, id: u32, rank: u16) {
-        let text = format!("rank {rank} left job {id} before it finished");
+        let member = self.member_word(id);
+        let text = format!("{member} {rank} left job {id} before it finished");
         self.abort(now, id, ErrorCode::PeerLeft, rank, text);
     }
 
@@ -378,7 +387,8 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         self.parent_timers(now);
         for (id, rank) in silent {
             let text = format!(
-                "rank {rank} of job {id} sent nothing for {:.1} s",
+                "{} {rank} of job {id} sent nothing for {:.1} s",
+                self.member_word(id),
                 self.config.silence_timeout.as_secs_f64()
             );
             self.abort(now, id, ErrorCode::PeerSilent, rank, text);
