@@ -63,7 +63,7 @@ fn running(ranks: &mut [Proc]) {
 
 #[test]
 fn a_dead_spine_aggregator_ends_the_job_at_every_rank() {
-    let (mut spine, _racks, mut ranks) = two_levels();
+    let (spine, _racks, mut ranks) = two_levels();
     running(&mut ranks);
     spine.signal(libc::SIGKILL);
     for (r, w) in ranks.iter_mut().enumerate() {
@@ -77,7 +77,7 @@ fn a_dead_spine_aggregator_ends_the_job_at_every_rank() {
 
 #[test]
 fn a_dead_rack_aggregator_ends_the_job_at_every_rank() {
-    let (_spine, mut racks, mut ranks) = two_levels();
+    let (_spine, racks, mut ranks) = two_levels();
     running(&mut ranks);
     racks[1].signal(libc::SIGKILL);
     for (r, w) in ranks.iter_mut().enumerate() {
