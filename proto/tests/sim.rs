@@ -1262,3 +1262,30 @@ fn a_job_of_racks_keeps_its_pool_under_the_parents_budget() {
     );
     assert_eq!(sim.regrants, 0, "no pool was re-sized");
 }
+
+/// A rack whose ranks come later than the other rack's: the first rack waits for its
+/// grant longer than the silence timeout (the parent says nothing until every rack has
+/// joined) and the job still runs, with the flat run's results.
+#[test]
+fn a_rack_waits_for_a_late_rack_beyond_the_silence_timeout() {
+    use inagg_proto::aggregator::AggregatorConfig;
+    use std::time::Duration;
+    let (world, chunk) = (4u16, 64u16);
+    let cfgs = configs(1, world, CodecId::I32, chunk, 16);
+    let ins = inputs(41, world, usize::from(chunk) * 50, false);
+    let mut flat = Sim::new(SimConfig::lossless(2), Default::default(), cfgs.clone());
+    let want = flat.allreduce(ins.clone()).expect("flat");
+    let agg = AggregatorConfig::default();
+    let late = agg.silence_timeout * 3;
+    let mut sim = Sim::with_racks(SimConfig::lossless(2), agg.clone(), agg, 2, cfgs);
+    sim.delay_join(2, late);
+    sim.delay_join(3, late);
+    let out = sim.allreduce(ins).expect("the job runs");
+    assert_eq!(out.bits(), want.bits());
+    assert!(sim.elapsed() >= late, "{:?}", sim.elapsed());
+    assert!(
+        sim.elapsed() < late + Duration::from_secs(5),
+        "{:?}",
+        sim.elapsed()
+    );
+}

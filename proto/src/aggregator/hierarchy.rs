@@ -210,7 +210,8 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     }
 
     /// Rack jobs: joins resent until the parent's grant comes, heartbeats to the
-    /// parent, and a parent silent for the silence timeout aborts the job.
+    /// parent, and a parent silent for the silence timeout after its grant aborts the
+    /// job.
     pub(super) fn parent_timers(&mut self, now: Instant) {
         let Some(p) = self.parent.clone() else {
             return;
@@ -224,7 +225,9 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             let Some(u) = job.upper.as_mut() else {
                 continue;
             };
-            if now.saturating_duration_since(u.last_heard) > silence {
+            // Before its grant, the parent waits for the other racks and says nothing:
+            // the ranks' join timeout bounds that wait.
+            if u.grant.is_some() && now.saturating_duration_since(u.last_heard) > silence {
                 lost.push(job.id);
                 continue;
             }
