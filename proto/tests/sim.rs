@@ -1289,3 +1289,44 @@ fn a_rack_waits_for_a_late_rack_beyond_the_silence_timeout() {
         sim.elapsed()
     );
 }
+
+/// Under admission keys, a rack proves its parent the key it holds (one key for the
+/// cluster's aggregators), and a rack with another key is refused at every rank.
+#[test]
+fn a_rack_proves_the_admission_key_to_its_parent() {
+    use inagg_proto::aggregator::AggregatorConfig;
+    use inagg_proto::wire::ErrorCode;
+    use inagg_proto::worker::WorkerError;
+    let (world, chunk) = (4u16, 64u16);
+    let keyed = |key: &[u8]| AggregatorConfig {
+        admission_key: Some(key.to_vec()),
+        ..AggregatorConfig::default()
+    };
+    let mut cfgs = configs(1, world, CodecId::I32, chunk, 16);
+    for c in &mut cfgs {
+        c.admission_key = Some(b"cluster key".to_vec());
+    }
+    let ins = inputs(43, world, usize::from(chunk) * 20, false);
+    let mut sim = Sim::with_racks(
+        SimConfig::lossless(3),
+        keyed(b"cluster key"),
+        keyed(b"cluster key"),
+        2,
+        cfgs.clone(),
+    );
+    sim.allreduce(ins.clone()).expect("the racks are admitted");
+    let mut sim = Sim::with_racks(
+        SimConfig::lossless(3),
+        keyed(b"another key"),
+        keyed(b"cluster key"),
+        2,
+        cfgs,
+    );
+    match sim.allreduce(ins) {
+        Err(inagg_proto::sim::SimError::Worker {
+            error: WorkerError::Refused { code, .. },
+            ..
+        }) => assert_eq!(code, ErrorCode::NotAdmitted),
+        other => panic!("{other:?}"),
+    }
+}

@@ -77,7 +77,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         let Some(p) = &self.parent else {
             return;
         };
-        let join = Join {
+        let mut join = Join {
             job: id,
             rank: p.rack,
             world: p.racks,
@@ -91,6 +91,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             proof: None,
             job_world: Some(job.world),
         };
+        // A cluster's aggregators share one admission key: the rack proves it upward
+        // as its ranks proved it here.
+        if let Some(key) = &self.config.admission_key {
+            join.prove(key);
+        }
         let to = p.addr.clone();
         self.send(to, Message::Join(join));
     }
