@@ -25,7 +25,7 @@ pub fn encode(
 ) {
     let count = lanes.len();
     let k = exponent_blocks(codec, count);
-    scratch.clear();
+    // Every byte is written below: no need to clear what a last call left.
     scratch.resize(count * PARTIAL_LANE_BYTES, 0);
     let heads = out.len();
     out.resize(heads + k * HEAD_BYTES, 0);
@@ -67,7 +67,7 @@ pub fn add(
         let len = packed_bytes(r.len(), width).min(data.len());
         let (packed, rest) = data.split_at(len);
         data = rest;
-        scratch.clear();
+        // `unpack` writes every byte.
         scratch.resize(r.len() * PARTIAL_LANE_BYTES, 0);
         unpack(packed, width, scratch);
         let p = Alignment {
