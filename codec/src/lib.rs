@@ -223,7 +223,7 @@ pub trait AggregatorCodec {
         let _ = (world, exps, payloads, out);
         None
     }
-    /// Aggregator of a lower level (a rack aggregator, docs/protocol.md 6.13): writes
+    /// Aggregator of a lower level (a rack aggregator, docs/protocol.md 8.5): writes
     /// the lanes of one exponent block of a finished partial sum as they stand, 4
     /// bytes per element, little-endian ([`PARTIAL_LANE_BYTES`]): f32 bits for the
     /// float codecs, two's complement i32 for the fixed-point ones (`i8`'s 16-bit lanes

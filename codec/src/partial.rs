@@ -1,4 +1,4 @@
-//! The wire form of a partial sum between aggregator levels (docs/protocol.md 6.13):
+//! The wire form of a partial sum between aggregator levels (docs/protocol.md 8.5):
 //! the 32-bit lanes that [`crate::AggregatorCodec::store_partial`] writes, packed at
 //! the fewest bits that hold every lane of a block. A rack's sum of a few `i8`
 //! contributions so goes up in about 9 bits per element rather than 32; f32 lanes
@@ -25,17 +25,23 @@ pub fn encode(
 ) {
     let count = lanes.len();
     let k = exponent_blocks(codec, count);
-    // Every byte is written below: no need to clear what a last call left.
-    scratch.resize(count * PARTIAL_LANE_BYTES, 0);
     let heads = out.len();
     out.resize(heads + k * HEAD_BYTES, 0);
     for (b, a) in at.iter().enumerate().take(k) {
         let r = block_range(b, count, k);
-        let bytes = &mut scratch[r.start * PARTIAL_LANE_BYTES..r.end * PARTIAL_LANE_BYTES];
-        codec.store_partial(&lanes[r], world, *a, bytes);
+        let bytes = r.len() * PARTIAL_LANE_BYTES;
         let width = if codec.block_scaled() {
-            int_width(bytes)
+            // Every byte is written: no need to clear what a last call left.
+            scratch.resize(bytes, 0);
+            codec.store_partial(&lanes[r], world, *a, scratch);
+            let width = int_width(scratch);
+            pack(scratch, width, out);
+            width
         } else {
+            // f32 lanes go up whole: stored straight into the datagram.
+            let start = out.len();
+            out.resize(start + bytes, 0);
+            codec.store_partial(&lanes[r], world, *a, &mut out[start..]);
             MAX_WIDTH
         };
         out[heads + b * HEAD_BYTES..heads + (b + 1) * HEAD_BYTES].copy_from_slice(&[
@@ -43,7 +49,6 @@ pub fn encode(
             a.unit as u8,
             a.top as u8,
         ]);
-        pack(bytes, width, out);
     }
 }
 
@@ -67,16 +72,23 @@ pub fn add(
         let len = packed_bytes(r.len(), width).min(data.len());
         let (packed, rest) = data.split_at(len);
         data = rest;
-        // `unpack` writes every byte.
-        scratch.resize(r.len() * PARTIAL_LANE_BYTES, 0);
-        unpack(packed, width, scratch);
+        let bytes = r.len() * PARTIAL_LANE_BYTES;
+        let lanes_in = if width == MAX_WIDTH && packed.len() == bytes {
+            // Whole 32-bit lanes are added where they lie.
+            packed
+        } else {
+            // `unpack` writes every byte.
+            scratch.resize(bytes, 0);
+            unpack(packed, width, scratch);
+            &scratch[..]
+        };
         let p = Alignment {
             first: false,
             unit: head[1] as i8,
             top: head[2] as i8,
             wide: true,
         };
-        codec.add_partial(&mut lanes[r], world, &mut at[b], p, scratch);
+        codec.add_partial(&mut lanes[r], world, &mut at[b], p, lanes_in);
     }
 }
 

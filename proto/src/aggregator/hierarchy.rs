@@ -1,4 +1,4 @@
-//! Aggregators in two levels (docs/protocol.md 6.13): a rack aggregator serves a
+//! Aggregators in two levels (docs/protocol.md 8.5): a rack aggregator serves a
 //! block of each job's ranks and joins the same job at its parent as one member of
 //! the upper level.
 //!
@@ -61,12 +61,12 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// Every rank of rack job `id` has joined: join the job at the parent (again,
     /// until the grant comes, from the timer).
     pub(super) fn join_parent(&mut self, now: Instant, id: u32) {
-        let nonce = self.rng.random::<u64>();
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        let upper = job.upper.get_or_insert(Upper {
-            nonce,
+        let rng = &mut self.rng;
+        let upper = job.upper.get_or_insert_with(|| Upper {
+            nonce: rng.random::<u64>(),
             grant: None,
             last_heard: now,
             last_sent: now,
@@ -132,7 +132,7 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             Message::Heartbeat(c) | Message::Leave(c) => c.job,
             _ => return self.drop_packet(None, DropReason::WrongDirection),
         };
-        let Some(upper) = self.jobs.get(&id).and_then(|j| j.upper.clone()) else {
+        let Some(upper) = self.jobs.get(&id).and_then(|j| j.upper) else {
             // The echo of the leave this rack sent as the job ended here is expected.
             if matches!(msg, Message::Leave(_)) {
                 return;
@@ -143,14 +143,19 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         match msg {
             Message::Grant(g) if g.nonce == upper.nonce => self.parent_grant(now, &g),
             Message::Result(h, payload) if token_ok(h.token) => {
-                self.heard_parent(now, id);
+                let Some(job) = self.jobs.get_mut(&id) else {
+                    return;
+                };
+                if let Some(u) = job.upper.as_mut() {
+                    u.last_heard = now;
+                }
                 if h.flags & FLAG_PROBE != 0 {
                     // The parent holds the partial sum and waits for other racks.
                     return;
                 }
-                let Some(job) = self.jobs.get_mut(&id) else {
-                    return;
-                };
+                if h.codec != job.codec.id() {
+                    return self.drop_packet(Some(id), DropReason::CodecMismatch);
+                }
                 let Some(pool) = job.pool.as_mut() else {
                     return self.drop_packet(Some(id), DropReason::NotRunning);
                 };
@@ -286,16 +291,11 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             buf.truncate(start);
             return None;
         };
-        let mut flags = if meta.last { FLAG_LAST } else { 0 };
-        for (on, f) in [
-            (meta.marked, FLAG_MARK),
-            (meta.retx || resend, FLAG_RETX),
-            (meta.nonfinite, FLAG_NONFINITE),
-        ] {
-            if on {
-                flags |= f;
-            }
-        }
+        let bit = |on: bool, flag: u8| if on { flag } else { 0 };
+        let flags = bit(meta.last, FLAG_LAST)
+            | bit(meta.marked, FLAG_MARK)
+            | bit(meta.retx || resend, FLAG_RETX)
+            | bit(meta.nonfinite, FLAG_NONFINITE);
         let s = u64::from(window.max(1));
         let h = DataHeader {
             job: id,

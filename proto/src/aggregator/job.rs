@@ -32,8 +32,8 @@ pub(crate) struct Member<A> {
 }
 
 /// A rack aggregator's membership of a job's upper level at its parent
-/// (docs/protocol.md 6.13).
-#[derive(Debug, Clone)]
+/// (docs/protocol.md 8.5).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Upper {
     /// The nonce of its join at the parent.
     pub nonce: u64,

@@ -36,7 +36,7 @@ use crate::wire::{DataHeader, NO_EXPONENT};
 
 const EMPTY: u64 = u64::MAX;
 
-/// Where a pool's job sits in a hierarchy of aggregators (docs/protocol.md 6.13).
+/// Where a pool's job sits in a hierarchy of aggregators (docs/protocol.md 8.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Level {
     /// Its ranks contribute, and it stores each chunk's result.
@@ -514,10 +514,7 @@ impl SlotPool {
                     self.meta[i].scale_exp = top;
                 }
             }
-            self.meta[i].complete = true;
-            self.meta[i].regrant = self.regrant;
-            self.regrant_announced |= self.regrant;
-            self.advance();
+            self.complete(i);
             Outcome::Completed
         } else {
             Outcome::Added
@@ -624,10 +621,16 @@ impl SlotPool {
         m.retx |= flag(crate::wire::FLAG_RETX);
         m.nonfinite |= flag(crate::wire::FLAG_NONFINITE);
         m.awaiting = false;
-        m.complete = true;
-        m.regrant = self.regrant;
+        self.complete(i);
+        true
+    }
+
+    /// Version `i` holds its chunk's result: it says whether the pool is being
+    /// re-granted, and the pool moves past every completed chunk.
+    fn complete(&mut self, i: usize) {
+        self.meta[i].complete = true;
+        self.meta[i].regrant = self.regrant;
         self.regrant_announced |= self.regrant;
         self.advance();
-        true
     }
 }

@@ -52,7 +52,7 @@ pub enum DropReason {
     /// A contribution to an open chunk while the aggregator shuts down.
     Draining,
     /// A partial sum for a job of ranks, or a rank's contribution for a job of racks
-    /// (docs/protocol.md 6.13).
+    /// (docs/protocol.md 8.5).
     LevelMismatch,
 }
 

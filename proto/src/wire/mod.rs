@@ -490,7 +490,7 @@ pub fn encode_partial(h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
 }
 
 /// Bytes of the head of each exponent block of a partial sum: width, unit, top.
-pub const PARTIAL_HEAD: usize = 3;
+pub const PARTIAL_HEAD: usize = codec::partial::HEAD_BYTES;
 
 /// The length of a partial sum's payload of `count` elements of `codec` whose heads
 /// `payload` starts with, if its heads are all there and valid: each width in
@@ -500,10 +500,10 @@ pub fn partial_bytes(codec: &dyn codec::Codec, count: usize, payload: &[u8]) -> 
     let blocks = codec::exponent_blocks(codec, count);
     let heads = payload.get(..blocks * PARTIAL_HEAD)?;
     let mut len = heads.len();
+    let (max, float) = (codec::partial::MAX_WIDTH, !codec.block_scaled());
     for (b, head) in heads.chunks_exact(PARTIAL_HEAD).enumerate() {
         let width = head[0];
-        let float = !codec.block_scaled();
-        if width == 0 || width > codec::partial::MAX_WIDTH || (float && width != 32) {
+        if width == 0 || width > max || (float && width != max) {
             return None;
         }
         let (unit, top) = (head[1] as i8, head[2] as i8);

@@ -55,9 +55,12 @@ pub struct Cwnd {
     /// The packets of this rank's own that may wait in queues before the window
     /// halves (`None`: no queue rule).
     queue_target: Option<u32>,
-    /// The smallest RTT of each of the last [`BASE_ROUNDS`] rounds without a loss
-    /// burst that had one.
-    recent_mins: VecDeque<Duration>,
+    /// Rounds without a loss burst that had an RTT sample, so far.
+    judged: u64,
+    /// The candidates for the smallest round minimum of the last [`BASE_ROUNDS`] such
+    /// rounds, as (round, minimum): each smaller than every one after it, the
+    /// smallest first (a monotonic queue, so the base costs no scan).
+    recent_mins: VecDeque<(u64, Duration)>,
 }
 
 /// The fewest results over which a loss burst or a standing queue is judged.
@@ -74,7 +77,7 @@ pub const BASE_ROUNDS: usize = 4096;
 
 impl Cwnd {
     /// A window that starts at `max` (the slots granted) and never exceeds it, with
-    /// the delay rule off.
+    /// the queue rule off.
     pub fn new(max: u32) -> Self {
         let max = f64::from(max.max(1));
         Self {
@@ -87,7 +90,8 @@ impl Cwnd {
             round_first: 0,
             round_min_rtt: None,
             queue_target: None,
-            recent_mins: VecDeque::with_capacity(BASE_ROUNDS),
+            judged: 0,
+            recent_mins: VecDeque::new(),
         }
     }
 
@@ -156,10 +160,19 @@ impl Cwnd {
         let Some(min) = self.round_min_rtt else {
             return;
         };
-        if self.recent_mins.len() == BASE_ROUNDS {
+        let round = self.judged;
+        self.judged += 1;
+        while self.recent_mins.back().is_some_and(|&(_, m)| m >= min) {
+            self.recent_mins.pop_back();
+        }
+        self.recent_mins.push_back((round, min));
+        while self
+            .recent_mins
+            .front()
+            .is_some_and(|&(r, _)| r + BASE_ROUNDS as u64 <= round)
+        {
             self.recent_mins.pop_front();
         }
-        self.recent_mins.push_back(min);
         let Some(target) = self.queue_target else {
             return;
         };
@@ -168,7 +181,7 @@ impl Cwnd {
         if self.round_first < self.recover_from {
             return;
         }
-        let base = self.recent_mins.iter().min().copied().unwrap_or(min);
+        let base = self.recent_mins.front().map_or(min, |&(_, m)| m);
         if min.is_zero() {
             return;
         }
