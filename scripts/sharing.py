@@ -24,7 +24,7 @@ is taken over all of them; the probe's p50 and p99 over its round trips sent wit
 the window.
 
 Writes OUT/sharing.csv (one row per flow), OUT/sharing-summary.csv (per scenario:
-Jain's index, the probe's p50 and p99, the job's allreduce time, marks and smallest
+Jain's index, the probe's p50 and p99, the job's allreduce time, marks, dips and smallest
 window, the TCP flows' congestion control) and OUT/sharing-SCENARIO.png; prints the summary. Needs root (namespaces) and
 iperf3.
 
@@ -135,7 +135,7 @@ def inside(a, out):
             check=True, capture_output=True, text=True)
         row = json.loads(r.stdout.strip().splitlines()[-1])
         for k in ("median_s", "within_bound", "marks", "congestion_window_min", "window",
-                  "retransmissions"):
+                  "retransmissions", "dips"):
             job[k] = row.get(k)
     else:
         n = a.workers
@@ -261,6 +261,7 @@ def main():
             "marks": job.get("marks"),
             "congestion_window_min": job.get("congestion_window_min"),
             "retransmissions": job.get("retransmissions"),
+            "dips": job.get("dips"),
         })
         plot(where.parent / f"sharing-{scenario}.png", scenario, a, rows, summary[-1])
     for name, data in (("sharing.csv", flows), ("sharing-summary.csv", summary)):

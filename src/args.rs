@@ -151,6 +151,12 @@ pub struct Tuning {
     /// the congestion control; 0 turns the rule off.
     #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_QUEUE_TARGET)]
     pub queue_target: u32,
+    /// Milliseconds the smallest RTT this rank measured may stand before it holds
+    /// its window at the smallest for 200 ms to see the path empty, as TCP BBR does
+    /// (so that BBR flows beside the job do not take its queue for their path): the
+    /// dip rule of the congestion control; 0 turns the rule off.
+    #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_DIP_INTERVAL.as_millis() as u64)]
+    pub dip_interval_ms: u64,
     /// With `--transport quic`: messages on a stream or as QUIC datagrams.
     #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
     pub quic_mode: QuicMode,

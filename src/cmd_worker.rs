@@ -95,6 +95,8 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.protocol.queue_target = (a.tuning.queue_target > 0).then_some(a.tuning.queue_target);
+    o.protocol.dip_interval =
+        (a.tuning.dip_interval_ms > 0).then(|| Duration::from_millis(a.tuning.dip_interval_ms));
     o.yields_before_sleep = a.tuning.yields_before_sleep;
     o.multicast = !a.tuning.no_multicast;
     o.ecn = !a.tuning.no_ecn;
@@ -136,6 +138,7 @@ pub fn run(a: &Args) -> Result<()> {
         retransmitted_bytes: 0,
         probes: 0,
         marks: 0,
+        dips: 0,
         allreduces: 0,
         mismatches: 0,
         chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
@@ -200,6 +203,7 @@ pub fn run(a: &Args) -> Result<()> {
             report.retransmitted_bytes += r.retransmitted_bytes;
             report.probes += r.probes;
             report.marks += r.marks;
+            report.dips += r.dips;
             report.allreduces += 1;
             report.congestion_window_min = Some(
                 report

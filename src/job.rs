@@ -175,6 +175,9 @@ pub struct Row {
     /// Results that carried a congestion mark (from the aggregator's queue or CE on
     /// the path), over all ranks and timed iterations.
     pub marks: u64,
+    /// Dips the ranks' congestion control began (moments at the smallest window so
+    /// that the path's queue empties), over all ranks and timed iterations.
+    pub dips: u64,
     /// The smallest congestion window any rank ended a timed allreduce with (null
     /// without timed allreduces).
     pub congestion_window_min: Option<u64>,
@@ -291,6 +294,8 @@ fn worker_args(a: &JobSpec, aggs: &[SocketAddr], job: u32, rank: u16, codec: &st
         t.yields_before_sleep.to_string(),
         "--queue-target".to_string(),
         t.queue_target.to_string(),
+        "--dip-interval-ms".to_string(),
+        t.dip_interval_ms.to_string(),
     ])
     .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
     .chain(t.no_ecn.then(|| "--no-ecn".to_string()))
@@ -538,6 +543,7 @@ pub fn row(
         retransmissions: reports.iter().map(|r| r.retransmissions).sum(),
         probes: reports.iter().map(|r| r.probes).sum(),
         marks: reports.iter().map(|r| r.marks).sum(),
+        dips: reports.iter().map(|r| r.dips).sum(),
         congestion_window_min: reports.iter().filter_map(|r| r.congestion_window_min).min(),
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,

@@ -29,6 +29,9 @@ pub struct Report {
     /// path), over all timed allreduces.
     #[serde(default)]
     pub marks: u64,
+    /// Dips the congestion control began, over all timed allreduces.
+    #[serde(default)]
+    pub dips: u64,
     /// Timed allreduces done.
     #[serde(default)]
     pub allreduces: u64,

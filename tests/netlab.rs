@@ -185,9 +185,8 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
         "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN)"
     );
     let dir = common::TempDir::new("sharing");
-    let script = script("sharing.py");
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script)
+    cmd.arg(script("sharing.py"))
         .args(["--scenarios", "inagg", "--codec", "i32", "--workers", "2"])
         .args(["--link-rate", "200mbit", "--tcp-bulk", "2"])
         .args(["--elements", "1000000", "--iters", "8"])
@@ -222,6 +221,22 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
     let total: f64 = rates.iter().map(|(_, m)| m).sum();
     assert!(total <= 200.0 * 1.05, "{total} Mbit/s through 200: {flows}");
     assert!(dir.0.join("sharing-inagg.png").exists());
+    assert!(job["dips"].is_u64(), "the job's dips are counted: {job}");
+    // The same run over time, and a directory that holds no run.
+    let png = dir.0.join("timeline.png");
+    let timeline = |run: &std::path::Path| {
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(script("sharing_timeline.py"))
+            .arg(run)
+            .arg("--out")
+            .arg(&png);
+        run_bounded(cmd, Duration::from_secs(120))
+    };
+    let (st, out, err) = timeline(&dir.0.join("inagg"));
+    assert!(st.success(), "sharing_timeline.py failed: {out}\n{err}");
+    assert!(png.exists());
+    let (st, _, err) = timeline(&dir.0.join("nothing-here"));
+    assert!(!st.success() && err.contains("sharing_timeline: "), "{err}");
 }
 
 #[test]

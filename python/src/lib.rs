@@ -205,6 +205,7 @@ fn report(py: Python<'_>, r: &AllreduceReport) -> PyResult<Py<PyDict>> {
     d.set_item("probes", r.probes)?;
     d.set_item("duplicate_results", r.duplicate_results)?;
     d.set_item("marks", r.marks)?;
+    d.set_item("dips", r.dips)?;
     Ok(d.unbind())
 }
 
@@ -233,7 +234,8 @@ impl Worker {
         aggregator, job, rank, world, codec = "f32", *, secret = "", transport = "udp",
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
-        skip_zeros = false, congestion_control = true, queue_target = None, join_timeout = None,
+        skip_zeros = false, congestion_control = true, queue_target = None, dip_interval = None,
+        join_timeout = None,
         aggregator_timeout = None, yields_before_sleep = None, multicast = true,
         failover = None, admission_key = None
     ))]
@@ -258,6 +260,7 @@ impl Worker {
         skip_zeros: bool,
         congestion_control: bool,
         queue_target: Option<u32>,
+        dip_interval: Option<f64>,
         join_timeout: Option<f64>,
         aggregator_timeout: Option<f64>,
         yields_before_sleep: Option<u32>,
@@ -322,6 +325,13 @@ impl Worker {
         }
         if let Some(t) = aggregator_timeout {
             o.protocol.aggregator_timeout = secs("aggregator_timeout", t)?;
+        }
+        if let Some(t) = dip_interval {
+            o.protocol.dip_interval = if t == 0.0 {
+                None
+            } else {
+                Some(secs("dip_interval", t)?)
+            };
         }
         o.transport =
             match transport {

@@ -166,6 +166,9 @@ pub struct AllreduceReport {
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
     pub marks: u64,
+    /// Dips the congestion control began: moments at the smallest window so that
+    /// the path's queue empties (docs/protocol.md, 6.10).
+    pub dips: u64,
     /// The congestion window (packets in flight) as the allreduce ended: the grant's
     /// window unless congestion control shrank it (the smallest over stripes).
     pub congestion_window: u64,
@@ -186,6 +189,7 @@ impl AllreduceReport {
         self.probes += o.probes;
         self.duplicate_results += o.duplicate_results;
         self.marks += o.marks;
+        self.dips += o.dips;
         self.congestion_window = self.congestion_window.min(o.congestion_window);
     }
 }
@@ -359,6 +363,7 @@ impl Session {
                     probes: stats.probes,
                     duplicate_results: stats.duplicate_results,
                     marks: stats.marks,
+                    dips: stats.dips,
                     congestion_window: self.worker.congestion_window(),
                 })
             }

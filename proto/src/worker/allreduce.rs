@@ -58,6 +58,8 @@ pub struct AllreduceStats {
     pub duplicate_results: u64,
     /// Results that carried a congestion mark.
     pub marks: u64,
+    /// Dips the congestion control began (docs/protocol.md, 6.10).
+    pub dips: u64,
     /// Results of chunks in which some rank's tensor held a NaN or an infinity that a
     /// block-scaled codec cannot carry: the allreduce is an error on every rank.
     pub nonfinite_chunks: u64,

@@ -40,6 +40,10 @@ pub struct WorkerConfig {
     /// queues on the path before the window halves: the queue rule
     /// ([`Cwnd`](super::Cwnd)); `None` turns it off.
     pub queue_target: Option<u32>,
+    /// With congestion control, how long the smallest RTT may stand before the rank
+    /// holds its window at the smallest for a moment to see the path empty: the
+    /// dip rule ([`Cwnd`](super::Cwnd)); `None` turns it off.
+    pub dip_interval: Option<Duration>,
     /// The job's shared secret, at most 64 bytes.
     pub secret: Vec<u8>,
     /// How often to resend a join until the grant arrives.
@@ -120,6 +124,7 @@ impl WorkerConfig {
             window: 256,
             congestion_control: true,
             queue_target: Some(DEFAULT_QUEUE_TARGET),
+            dip_interval: Some(super::DEFAULT_DIP_INTERVAL),
             secret: Vec::new(),
             join_interval: Duration::from_millis(200),
             join_timeout: DEFAULT_JOIN_TIMEOUT,

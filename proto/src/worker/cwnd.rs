@@ -32,9 +32,24 @@
 //! where a rule on the queue's delay would yield all of it (docs/protocol.md, 6.10;
 //! docs/performance.md, "Sharing a link with TCP", has what it gives and where it
 //! falls short).
+//!
+//! The dip rule keeps the flows beside the job from taking the job's queue for
+//! their path. TCP BBR takes a path's delay as the smallest RTT it saw in the last
+//! 10 s, and when that has not fallen for 10 s it holds 4 packets in flight for
+//! 200 ms to see the path empty (PROBE_RTT); a queue the job keeps standing through
+//! those 200 ms becomes part of BBR's estimate, and BBR keeps that much more in
+//! flight, a standing queue of its own. So a rank does what BBR does: when its
+//! smallest RTT has not fallen for the dip interval, its window dips to the
+//! smallest for [`DIP_TIME`]. A BBR flow that drains lowers the rank's RTT and so
+//! restarts its interval, and a rank that dips lowers a BBR flow's: the flows and
+//! the ranks come to empty the queue together, and each sees the path's own delay. Until they
+//! are in step, a rank also joins a drain it sees: when a round's smallest RTT falls
+//! below [`JOIN_FALL`] of the smallest of the [`JOIN_ROUNDS`] rounds before within
+//! one allreduce, others are draining the queue, and the rank dips with them (at
+//! most once per half an interval).
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// AIMD state of one worker, kept across allreduces.
 #[derive(Debug, Clone)]
@@ -61,7 +76,49 @@ pub struct Cwnd {
     /// rounds, as (round, minimum): each smaller than every one after it, the
     /// smallest first (a monotonic queue, so the base costs no scan).
     recent_mins: VecDeque<(u64, Duration)>,
+    /// The dip rule (`None`: off).
+    dip: Option<Dip>,
 }
+
+/// The dip rule's state: the smallest RTT since it last fell or since the last
+/// dip, and the dip under way.
+#[derive(Debug, Clone)]
+struct Dip {
+    /// How long the smallest RTT may stand before the rank dips.
+    interval: Duration,
+    /// The smallest RTT, and when it was seen (or the last dip ended).
+    min_rtt: Option<(Duration, Instant)>,
+    /// A dip under way: when it ends at the earliest, and the first packet sent
+    /// during it (it ends with a result of a packet sent while the window was small).
+    until: Option<(Instant, u64)>,
+    /// The smallest RTT seen during the dip under way, and when.
+    dipped_min: Option<(Duration, Instant)>,
+    /// The smallest RTTs of the last [`JOIN_ROUNDS`] rounds of this allreduce.
+    last_round_mins: VecDeque<Duration>,
+    /// When the last dip began.
+    last_dip: Option<Instant>,
+    /// Dips so far.
+    count: u64,
+}
+
+/// A round whose smallest RTT is below this fraction of the smallest of the
+/// [`JOIN_ROUNDS`] rounds before shows others draining the queue.
+pub const JOIN_FALL: f64 = 0.7;
+
+/// The rounds a fall is measured against: more than a cycle of the window's own saw
+/// (halving and growing back), whose low point is then among them.
+pub const JOIN_ROUNDS: usize = 8;
+
+/// How long a dip holds the window at its smallest: as long as BBR's drain, so that
+/// a dip overlaps the flows' own.
+pub const DIP_TIME: Duration = Duration::from_millis(200);
+
+/// The longest a dip lasts while its RTT keeps falling.
+pub const MAX_DIP_TIME: Duration = Duration::from_millis(500);
+
+/// How long the smallest RTT may stand before a rank dips unless told otherwise:
+/// BBR's min-RTT filter window, so that the ranks and BBR flows keep in step.
+pub const DEFAULT_DIP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The fewest results over which a loss burst or a standing queue is judged.
 pub const MIN_ROUND: u64 = 64;
@@ -92,7 +149,53 @@ impl Cwnd {
             queue_target: None,
             judged: 0,
             recent_mins: VecDeque::new(),
+            dip: None,
         }
+    }
+
+    /// The same window with the dip rule at `interval` (`None`: off).
+    pub fn with_dip_interval(mut self, interval: Option<Duration>) -> Self {
+        self.dip = interval.map(|interval| Dip {
+            interval,
+            min_rtt: None,
+            until: None,
+            dipped_min: None,
+            last_round_mins: VecDeque::new(),
+            last_dip: None,
+            count: 0,
+        });
+        self
+    }
+
+    /// An allreduce begins at `now`: its first rounds find the queue as the gap
+    /// between allreduces left it, not as others drained it. An interval that ran out
+    /// while the rank sent nothing starts over from the allreduce's first RTT, as
+    /// BBR skips its drain when it restarts from idle: the rank's part of the queue
+    /// is empty then.
+    pub fn on_allreduce(&mut self, now: Instant) {
+        if let Some(d) = &mut self.dip {
+            d.last_round_mins.clear();
+            if d.min_rtt
+                .is_some_and(|(_, at)| now.saturating_duration_since(at) >= d.interval)
+            {
+                d.min_rtt = None;
+            }
+        }
+    }
+
+    /// Dips begun so far (0 with the dip rule off).
+    pub fn dips(&self) -> u64 {
+        self.dip.as_ref().map_or(0, |d| d.count)
+    }
+
+    /// The window the AIMD rules hold, which a dip leaves as it is.
+    pub fn aimd_window(&self) -> u64 {
+        self.w.floor().max(1.0) as u64
+    }
+
+    /// Whether a dip holds the window at its smallest now.
+    pub fn dipping(&self) -> bool {
+        self.dip.as_ref().is_some_and(|d| d.until.is_some())
     }
 
     /// The same window with the queue rule at `target` packets (`None`: off).
@@ -114,14 +217,29 @@ impl Cwnd {
 
     /// Packets allowed in flight.
     pub fn window(&self) -> u64 {
-        self.w.floor().max(1.0) as u64
+        let w = if self.dipping() {
+            self.w.min(MIN_WINDOW)
+        } else {
+            self.w
+        };
+        w.floor().max(1.0) as u64
     }
 
     /// A result for packet `seq`, with its RTT where it was sent once: a mark halves
     /// the window, an unmarked result grows it by one packet per window; the end of a
-    /// round judges its losses and its queue. `next` is the next sequence number to
-    /// be sent.
-    pub fn on_result(&mut self, seq: u64, marked: bool, rtt: Option<Duration>, next: u64) {
+    /// round judges its losses and its queue, and the dip rule runs. `next` is the
+    /// next sequence number to be sent; `now` is when the result arrived.
+    pub fn on_result(
+        &mut self,
+        seq: u64,
+        marked: bool,
+        rtt: Option<Duration>,
+        next: u64,
+        now: Instant,
+    ) {
+        if let Some(d) = &mut self.dip {
+            d.on_result(seq, rtt, next, now);
+        }
         if marked {
             self.decrease(seq, next);
         } else {
@@ -136,7 +254,10 @@ impl Cwnd {
         self.round_results += 1;
         // Rounds of at least MIN_ROUND results: in a round of two, one loss would be
         // a "burst", and a small window could never grow out of it.
-        if self.round_results >= self.window().max(MIN_ROUND) {
+        if self.round_results >= self.aimd_window().max(MIN_ROUND) {
+            if let (Some(d), Some(min)) = (&mut self.dip, self.round_min_rtt) {
+                d.on_round(min, next, now);
+            }
             // More than a fifth of the round lost: a burst, a queue overflowing.
             if self.round_losses * 5 > self.round_results {
                 self.decrease(seq, next);
@@ -202,32 +323,113 @@ impl Cwnd {
     }
 }
 
+impl Dip {
+    /// A result with its RTT sample, if any: a smaller RTT restarts the interval; an
+    /// interval run out starts a dip. A dip ends with the first result, after
+    /// [`DIP_TIME`], of a packet sent during it, once its RTT has not fallen for half
+    /// a [`DIP_TIME`]: while it falls, others are draining too (a BBR flow whose
+    /// own interval ran out as the rank's dip began), and the rank stays dipped
+    /// with them, up to [`MAX_DIP_TIME`].
+    fn on_result(&mut self, seq: u64, rtt: Option<Duration>, next: u64, now: Instant) {
+        if let Some((until, first)) = self.until {
+            if let Some(r) = rtt.filter(|_| seq >= first) {
+                if self.dipped_min.is_none_or(|(m, _)| r < m) {
+                    self.dipped_min = Some((r, now));
+                }
+            }
+            let began = until - DIP_TIME;
+            let settled = self
+                .dipped_min
+                .is_none_or(|(_, at)| now.saturating_duration_since(at) >= DIP_TIME / 2);
+            if seq >= first
+                && now >= until
+                && (settled || now.saturating_duration_since(began) >= MAX_DIP_TIME)
+            {
+                self.until = None;
+                self.min_rtt = self.dipped_min.take().map(|(m, _)| (m, now));
+            }
+            return;
+        }
+        let Some(r) = rtt else {
+            return;
+        };
+        match self.min_rtt {
+            Some((m, _)) if r >= m => {}
+            _ => self.min_rtt = Some((r, now)),
+        }
+        if let Some((_, at)) = self.min_rtt {
+            if now.saturating_duration_since(at) >= self.interval {
+                self.start(next, now);
+            }
+        }
+    }
+
+    /// The end of a round whose smallest RTT was `min`: a sharp fall below the
+    /// rounds before starts a dip. The window's own saw cannot: its low point is
+    /// among the rounds before.
+    fn on_round(&mut self, min: Duration, next: u64, now: Instant) {
+        let fell = self
+            .last_round_mins
+            .iter()
+            .min()
+            .is_some_and(|&low| min.as_secs_f64() < JOIN_FALL * low.as_secs_f64());
+        if self.last_round_mins.len() == JOIN_ROUNDS {
+            self.last_round_mins.pop_front();
+        }
+        self.last_round_mins.push_back(min);
+        let rested = self
+            .last_dip
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.interval / 2);
+        if fell && rested && self.until.is_none() {
+            self.start(next, now);
+        }
+    }
+
+    fn start(&mut self, next: u64, now: Instant) {
+        self.until = Some((now + DIP_TIME, next));
+        self.dipped_min = None;
+        self.last_dip = Some(now);
+        self.count += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clock for rules that take none: the dip rule is off in these tests.
+    fn now() -> Instant {
+        Instant::now()
+    }
 
     #[test]
     fn halves_once_per_window_and_grows_back_by_one_per_window() {
         let mut c = Cwnd::new(64);
         assert_eq!(c.window(), 64);
-        c.on_result(10, true, None, 74);
+        c.on_result(10, true, None, 74, now());
         assert_eq!(c.window(), 32);
         // Marks on packets sent before the decrease do not count again.
         for seq in 11..74 {
-            c.on_result(seq, true, None, 80);
+            c.on_result(seq, true, None, 80, now());
         }
         assert_eq!((c.window(), c.decreases), (32, 1));
         // A window's worth of unmarked results (and one) grows it by one.
         for seq in 80..113 {
-            c.on_result(seq, false, None, 120);
+            c.on_result(seq, false, None, 120, now());
         }
         assert_eq!(c.window(), 33);
         for seq in 120..100_000 {
-            c.on_result(seq, false, None, seq + 64);
+            c.on_result(seq, false, None, seq + 64, now());
         }
         assert_eq!(c.window(), 64, "capped at the grant");
         for i in 0..20 {
-            c.on_result(200_000 + 1000 * i, true, None, 200_000 + 1000 * i + 1);
+            c.on_result(
+                200_000 + 1000 * i,
+                true,
+                None,
+                200_000 + 1000 * i + 1,
+                now(),
+            );
         }
         assert_eq!(c.window(), 2, "never below the minimum");
     }
@@ -243,7 +445,7 @@ mod tests {
             48,
             "not held back by congestion: it follows the grant"
         );
-        c.on_result(0, true, None, 10);
+        c.on_result(0, true, None, 10, now());
         assert_eq!(c.window(), 24);
         c.set_max(64);
         assert_eq!(c.window(), 24, "after a mark it grows by AIMD");
@@ -260,7 +462,7 @@ mod tests {
                 c.on_loss(round * 64, round * 64 + 64);
             }
             for seq in round * 64..round * 64 + 64 {
-                c.on_result(seq, false, None, seq + 64);
+                c.on_result(seq, false, None, seq + 64, now());
             }
         }
         assert_eq!((c.window(), c.decreases), (64, 0));
@@ -269,7 +471,7 @@ mod tests {
             c.on_loss(5000, 5064);
         }
         for seq in 5000..5064 {
-            c.on_result(seq, false, None, seq + 64);
+            c.on_result(seq, false, None, seq + 64, now());
         }
         assert_eq!(c.decreases, 1);
         assert!(c.window() <= 33, "{}", c.window());
@@ -280,7 +482,7 @@ mod tests {
     fn rounds(c: &mut Cwnd, mut seq: u64, rounds: u64, rtt: impl Fn(u64) -> Duration) -> u64 {
         for _ in 0..rounds * MIN_ROUND {
             let w = c.window();
-            c.on_result(seq, false, Some(rtt(w)), seq + w);
+            c.on_result(seq, false, Some(rtt(w)), seq + w, now());
             seq += 1;
         }
         seq
@@ -353,12 +555,113 @@ mod tests {
         let mut c = Cwnd::new(64).with_queue_target(Some(8));
         for seq in 0..50 * MIN_ROUND {
             let late = seq % 16 == 5;
-            c.on_result(seq, false, Some(if late { 21 * MS } else { MS }), seq + 64);
+            c.on_result(
+                seq,
+                false,
+                Some(if late { 21 * MS } else { MS }),
+                seq + 64,
+                now(),
+            );
         }
         assert_eq!((c.window(), c.decreases), (64, 0));
         // Without a target, a queue alone changes nothing.
         let mut c = Cwnd::new(64);
         rounds(&mut c, 0, 50, |w| MS * w as u32);
         assert_eq!((c.window(), c.decreases), (64, 0));
+    }
+
+    /// Feeds results 1 ms apart from `from` for `ms` milliseconds, each with the RTT
+    /// `rtt(t)` at `t` ms since `t0`; returns the windows after each result.
+    fn timed(
+        c: &mut Cwnd,
+        t0: Instant,
+        from: u64,
+        ms: u64,
+        rtt: impl Fn(u64) -> Duration,
+    ) -> Vec<u64> {
+        (from..from + ms)
+            .map(|t| {
+                let w = c.window();
+                c.on_result(t, false, Some(rtt(t)), t + w, t0 + MS * t as u32);
+                c.window()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_dip_rule_dips_when_the_smallest_rtt_stands_and_joins_others_dips() {
+        let t0 = Instant::now();
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        // A steady RTT: after 10 s the window sits at the smallest for 200 ms, then
+        // comes back whole.
+        let w = timed(&mut c, t0, 0, 10_500, |_| 5 * MS);
+        assert!(w[..10_000].iter().all(|&w| w == 64), "{:?}", &w[..10]);
+        assert!(
+            w[10_000..10_200].iter().all(|&w| w == 2),
+            "{:?}",
+            &w[10_000..10_010]
+        );
+        assert!(
+            w[10_200..].iter().all(|&w| w == 64),
+            "{:?}",
+            &w[10_190..10_210]
+        );
+        // Another flow drains 3 s later: the RTT falls, and the rank's next dip
+        // comes 10 s after that, with the other flow's next.
+        let w = timed(&mut c, t0, 10_500, 14_000, |t| {
+            if (13_200..13_400).contains(&t) {
+                2 * MS
+            } else {
+                5 * MS
+            }
+        });
+        let dipped: Vec<u64> = (10_500..24_500u64)
+            .zip(&w)
+            .filter(|&(_, &w)| w == 2)
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(
+            dipped.first(),
+            Some(&23_200),
+            "not at 20,200 ms: the RTT fell at 13,200"
+        );
+        // Half an interval after that dip, a fall below the rounds before (others
+        // draining) starts one at the end of the round that saw it.
+        let w = timed(&mut c, t0, 24_500, 6_000, |t| {
+            if t >= 29_000 {
+                2 * MS
+            } else {
+                5 * MS
+            }
+        });
+        let joined = (24_500..30_500u64).zip(&w).find(|&(_, &w)| w == 2);
+        assert!(
+            joined.is_some_and(|(t, _)| (29_000..29_000 + MIN_ROUND).contains(&t)),
+            "{joined:?}"
+        );
+        // The first results of an allreduce find the queue as the gap before it left
+        // it: their fall is not a drain.
+        for allreduce in [true, false] {
+            let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+            timed(&mut c, t0, 0, 6_000, |_| 5 * MS);
+            if allreduce {
+                c.on_allreduce(t0 + 6_000 * MS);
+            }
+            let w = timed(&mut c, t0, 6_000, 1_000, |_| 2 * MS);
+            assert_eq!(w.iter().all(|&w| w == 64), allreduce, "{c:?}");
+        }
+        // An allreduce after more than an interval without sending takes its first
+        // RTT as the smallest instead of dipping at once.
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        timed(&mut c, t0, 0, 1_000, |_| 5 * MS);
+        c.on_allreduce(t0 + 20_000 * MS);
+        assert!(timed(&mut c, t0, 20_000, 1_000, |_| 6 * MS)
+            .iter()
+            .all(|&w| w == 64));
+        // Off, the window never dips.
+        let mut c = Cwnd::new(64);
+        assert!(timed(&mut c, t0, 0, 25_000, |_| 5 * MS)
+            .iter()
+            .all(|&w| w == 64));
     }
 }

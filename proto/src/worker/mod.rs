@@ -44,7 +44,7 @@ use timers::{Timer, TimerTable};
 use crate::codec::Codec;
 use crate::wire::{self, Control, ErrorCode, Grant, Join, Message};
 use allreduce::{Allreduce, ResultOutcome};
-pub use cwnd::Cwnd;
+pub use cwnd::{Cwnd, DEFAULT_DIP_INTERVAL, DIP_TIME};
 
 /// Tokens of earlier grants remembered, so that a late duplicate of an old grant is
 /// never taken for a re-grant.
@@ -135,9 +135,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// The congestion window now: packets allowed in flight.
+    /// The congestion window now, as the AIMD rules hold it: packets allowed in
+    /// flight, but for a dip under way.
     pub fn congestion_window(&self) -> u64 {
-        self.cwnd.window()
+        self.cwnd.aimd_window()
     }
 
     /// A worker that starts joining its job at `now`.
@@ -152,7 +153,9 @@ impl Worker {
             },
             grant: None,
             seq_base: 0,
-            cwnd: Cwnd::new(config.window).with_queue_target(config.queue_target),
+            cwnd: Cwnd::new(config.window)
+                .with_queue_target(config.queue_target)
+                .with_dip_interval(config.dip_interval),
             rtt,
             last_heard: now,
             last_sent: now,
@@ -332,6 +335,7 @@ impl Worker {
 
     /// Makes `op` the running allreduce.
     fn run(&mut self, now: Instant, op: Allreduce) {
+        self.cwnd.on_allreduce(now);
         self.state = State::Running(Box::new(op));
         self.finish_if_done(now);
     }
@@ -450,7 +454,9 @@ impl Worker {
                 match &mut self.state {
                     State::Joining { .. } => {
                         self.grant = Some(g);
-                        self.cwnd = Cwnd::new(g.window).with_queue_target(self.config.queue_target);
+                        self.cwnd = Cwnd::new(g.window)
+                            .with_queue_target(self.config.queue_target)
+                            .with_dip_interval(self.config.dip_interval);
                         self.state = State::Ready;
                         self.events.push_back(Event::Joined(g));
                     }
@@ -499,7 +505,10 @@ impl Worker {
                     }
                     if self.config.congestion_control {
                         let marked = h.flags & wire::FLAG_MARK != 0;
-                        self.cwnd.on_result(h.seq, marked, sample, op.next_seq());
+                        let dips = self.cwnd.dips();
+                        self.cwnd
+                            .on_result(h.seq, marked, sample, op.next_seq(), now);
+                        op.stats.dips += self.cwnd.dips() - dips;
                     }
                     op.regrant |= h.flags & wire::FLAG_REGRANT != 0;
                 }
