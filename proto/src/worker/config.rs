@@ -17,7 +17,7 @@ pub const DEFAULT_AGGREGATOR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The queue rule's target unless told otherwise ([`WorkerConfig::queue_target`];
 /// docs/protocol.md, 6.10 says how it was chosen).
-pub const DEFAULT_QUEUE_TARGET: u32 = 32;
+pub const DEFAULT_QUEUE_TARGET: u32 = 24;
 
 /// Settings of one worker (one rank of one job).
 #[derive(Debug, Clone)]

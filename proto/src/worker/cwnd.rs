@@ -45,7 +45,8 @@
 //! the ranks come to empty the queue together, and each sees the path's own delay. Until they
 //! are in step, a rank also joins a drain it sees: when a round's smallest RTT falls
 //! below [`JOIN_FALL`] of the smallest of the [`JOIN_ROUNDS`] rounds before within
-//! one allreduce, others are draining the queue, and the rank dips with them (at
+//! one allreduce, by at least [`JOIN_MIN_FALL`], and the next round stays as low,
+//! others are draining the queue, and the rank dips with them (at
 //! most once per half an interval).
 
 use std::collections::VecDeque;
@@ -95,6 +96,9 @@ struct Dip {
     dipped_min: Option<(Duration, Instant)>,
     /// The smallest RTTs of the last [`JOIN_ROUNDS`] rounds of this allreduce.
     last_round_mins: VecDeque<Duration>,
+    /// The low point the last round fell below, if it did: a fall counts when the
+    /// next round stays below it too.
+    pending_fall: Option<Duration>,
     /// When the last dip began.
     last_dip: Option<Instant>,
     /// Dips so far.
@@ -104,6 +108,11 @@ struct Dip {
 /// A round whose smallest RTT is below this fraction of the smallest of the
 /// [`JOIN_ROUNDS`] rounds before shows others draining the queue.
 pub const JOIN_FALL: f64 = 0.7;
+
+/// The least fall, in time, that shows others draining: a drain empties a queue of
+/// milliseconds, where a busy host's scheduling moves a short path's RTT by tens of
+/// microseconds to a fraction of a millisecond (on loopback, say).
+pub const JOIN_MIN_FALL: Duration = Duration::from_millis(1);
 
 /// The rounds a fall is measured against: more than a cycle of the window's own saw
 /// (halving and growing back), whose low point is then among them.
@@ -161,6 +170,7 @@ impl Cwnd {
             until: None,
             dipped_min: None,
             last_round_mins: VecDeque::new(),
+            pending_fall: None,
             last_dip: None,
             count: 0,
         });
@@ -175,6 +185,7 @@ impl Cwnd {
     pub fn on_allreduce(&mut self, now: Instant) {
         if let Some(d) = &mut self.dip {
             d.last_round_mins.clear();
+            d.pending_fall = None;
             if d.min_rtt
                 .is_some_and(|(_, at)| now.saturating_duration_since(at) >= d.interval)
             {
@@ -365,14 +376,26 @@ impl Dip {
     }
 
     /// The end of a round whose smallest RTT was `min`: a sharp fall below the
-    /// rounds before starts a dip. The window's own saw cannot: its low point is
-    /// among the rounds before.
+    /// rounds before, in two rounds running, starts a dip. The window's own saw
+    /// cannot: its low point is among the rounds before. One round's blip (a busy
+    /// host) cannot either; a drain lasts many rounds.
     fn on_round(&mut self, min: Duration, next: u64, now: Instant) {
-        let fell = self
-            .last_round_mins
-            .iter()
-            .min()
-            .is_some_and(|&low| min.as_secs_f64() < JOIN_FALL * low.as_secs_f64());
+        let falls = |low: Duration| {
+            min.as_secs_f64() < JOIN_FALL * low.as_secs_f64()
+                && low.saturating_sub(min) >= JOIN_MIN_FALL
+        };
+        let fell = match self.pending_fall.take() {
+            Some(low) => falls(low),
+            None => {
+                self.pending_fall = self
+                    .last_round_mins
+                    .iter()
+                    .min()
+                    .copied()
+                    .filter(|&l| falls(l));
+                false
+            }
+        };
         if self.last_round_mins.len() == JOIN_ROUNDS {
             self.last_round_mins.pop_front();
         }
@@ -636,9 +659,30 @@ mod tests {
         });
         let joined = (24_500..30_500u64).zip(&w).find(|&(_, &w)| w == 2);
         assert!(
-            joined.is_some_and(|(t, _)| (29_000..29_000 + MIN_ROUND).contains(&t)),
-            "{joined:?}"
+            joined.is_some_and(|(t, _)| (29_000 + MIN_ROUND..29_000 + 3 * MIN_ROUND).contains(&t)),
+            "the second round that fell: {joined:?}"
         );
+        // A fall in one round alone is a busy host, not a drain.
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        let w = timed(&mut c, t0, 0, 2_000, |t| {
+            // Exactly one round: rounds of 64 results, one a millisecond, from 0.
+            if (16 * MIN_ROUND..17 * MIN_ROUND).contains(&t) {
+                2 * MS
+            } else {
+                5 * MS
+            }
+        });
+        assert!(w.iter().all(|&w| w == 64), "{c:?}");
+        // A fall of a fraction of a millisecond is a busy host, not a drain.
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        let w = timed(&mut c, t0, 0, 2_000, |t| {
+            if t >= 1_000 {
+                Duration::from_micros(100)
+            } else {
+                Duration::from_micros(600)
+            }
+        });
+        assert!(w.iter().all(|&w| w == 64), "{c:?}");
         // The first results of an allreduce find the queue as the gap before it left
         // it: their fall is not a drain.
         for allreduce in [true, false] {
