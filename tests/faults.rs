@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    aggregator, aggregator_on, assert_new_job_runs, bench_json, expect_failure, inagg,
-    metrics_address, run_bounded, wait_for_chunks, worker,
+    aggregator, aggregator_on, assert_new_job_runs, bench_json, expect_every_failure,
+    expect_failure, inagg, metrics_address, run_bounded, wait_for_chunks, worker,
 };
 use serde_json::Value;
 
@@ -105,13 +105,11 @@ fn a_killed_aggregator_fails_its_workers_and_a_restarted_one_serves_new_jobs() {
     assert!(ws.iter_mut().all(|w| w.running()), "workers mid-run");
     agg.signal(libc::SIGKILL);
     // Each wait is a hang guard; what is asserted is how the ranks fail.
-    for (r, w) in ws.iter_mut().enumerate() {
-        let err = expect_failure(w, Duration::from_secs(60), &format!("rank {r}"));
-        assert!(
-            err.contains("nothing heard from the aggregator") || err.contains("connection refused"),
-            "rank {r}: {err}"
-        );
-    }
+    expect_every_failure(
+        &mut ws,
+        Duration::from_secs(60),
+        &["nothing heard from the aggregator", "connection refused"],
+    );
     // A new aggregator on the same address (it says so once bound) serves a new job
     // (and the old job's id).
     let (mut again, again_addr) = aggregator_on(&addr.to_string(), &[]);

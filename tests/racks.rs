@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{aggregator, expect_failure, worker, Proc};
+use common::{aggregator, expect_every_failure, expect_failure, worker, Proc};
 
 /// Timeouts short enough for a test, the same at every level.
 const SILENCE_MS: &str = "1000";
@@ -66,13 +66,11 @@ fn a_dead_spine_aggregator_ends_the_job_at_every_rank() {
     let (spine, _racks, mut ranks) = two_levels();
     running(&mut ranks);
     spine.signal(libc::SIGKILL);
-    for (r, w) in ranks.iter_mut().enumerate() {
-        let err = expect_failure(w, Duration::from_secs(30), &format!("rank {r}"));
-        assert!(
-            err.contains("ParentLost") || err.contains("parent aggregator"),
-            "rank {r} said: {err}"
-        );
-    }
+    expect_every_failure(
+        &mut ranks,
+        Duration::from_secs(30),
+        &["ParentLost", "parent aggregator"],
+    );
 }
 
 #[test]

@@ -269,6 +269,18 @@ pub fn expect_failure(w: &mut Proc, limit: Duration, what: &str) -> String {
     w.stderr()
 }
 
+/// Every rank in `ranks` fails within `limit` (each wait a hang guard), saying one
+/// of `any_of`.
+pub fn expect_every_failure(ranks: &mut [Proc], limit: Duration, any_of: &[&str]) {
+    for (r, w) in ranks.iter_mut().enumerate() {
+        let err = expect_failure(w, limit, &format!("rank {r}"));
+        assert!(
+            any_of.iter().any(|s| err.contains(s)),
+            "rank {r} said: {err}"
+        );
+    }
+}
+
 /// An aggregator serving QUIC only on 127.0.0.1, its certificate and key generated in
 /// `dir`.
 pub struct QuicAggregator {

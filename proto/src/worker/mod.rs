@@ -134,6 +134,13 @@ pub struct Worker {
     dropped: Dropped,
 }
 
+/// A congestion window of `window` slots with the rules `config` asks for.
+fn congestion_window(config: &WorkerConfig, window: u32) -> Cwnd {
+    Cwnd::new(window)
+        .with_queue_target(config.queue_target)
+        .with_dip_interval(config.dip_interval)
+}
+
 impl Worker {
     /// The congestion window now, as the AIMD rules hold it: packets allowed in
     /// flight, but for a dip under way.
@@ -153,9 +160,7 @@ impl Worker {
             },
             grant: None,
             seq_base: 0,
-            cwnd: Cwnd::new(config.window)
-                .with_queue_target(config.queue_target)
-                .with_dip_interval(config.dip_interval),
+            cwnd: congestion_window(&config, config.window),
             rtt,
             last_heard: now,
             last_sent: now,
@@ -454,9 +459,7 @@ impl Worker {
                 match &mut self.state {
                     State::Joining { .. } => {
                         self.grant = Some(g);
-                        self.cwnd = Cwnd::new(g.window)
-                            .with_queue_target(self.config.queue_target)
-                            .with_dip_interval(self.config.dip_interval);
+                        self.cwnd = congestion_window(&self.config, g.window);
                         self.state = State::Ready;
                         self.events.push_back(Event::Joined(g));
                     }
