@@ -24,8 +24,8 @@ is taken over all of them; the probe's p50 and p99 over its round trips sent wit
 the window.
 
 Writes OUT/sharing.csv (one row per flow), OUT/sharing-summary.csv (per scenario:
-Jain's index, the probe's p50 and p99, the job's allreduce time, marks, dips and smallest
-window, the TCP flows' congestion control) and OUT/sharing-SCENARIO.png; prints the summary. Needs root (namespaces) and
+Jain's index, the probe's p50 and p99, the job's allreduce time, marks, dips,
+overflows and smallest window, the TCP flows' congestion control) and OUT/sharing-SCENARIO.png; prints the summary. Needs root (namespaces) and
 iperf3.
 
   scripts/sharing.py [--workers 4] [--elements 16777216] [--codec f32]
@@ -135,7 +135,7 @@ def inside(a, out):
             check=True, capture_output=True, text=True)
         row = json.loads(r.stdout.strip().splitlines()[-1])
         for k in ("median_s", "within_bound", "marks", "congestion_window_min", "window",
-                  "retransmissions", "dips"):
+                  "retransmissions", "dips", "overflows"):
             job[k] = row.get(k)
     else:
         n = a.workers
@@ -262,6 +262,7 @@ def main():
             "congestion_window_min": job.get("congestion_window_min"),
             "retransmissions": job.get("retransmissions"),
             "dips": job.get("dips"),
+            "overflows": job.get("overflows"),
         })
         plot(where.parent / f"sharing-{scenario}.png", scenario, a, rows, summary[-1])
     for name, data in (("sharing.csv", flows), ("sharing-summary.csv", summary)):
@@ -270,13 +271,14 @@ def main():
             w.writeheader()
             w.writerows(data)
     print(f"{'scenario':<11} {'jain':>6} {'Mbit/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'allreduce s':>11} {'marks':>6} {'window':>6}")
+          f"{'allreduce s':>11} {'marks':>6} {'window':>6} {'dips':>5} {'ovf':>5}")
     dash = lambda v, f: "-" if v is None else format(v, f)
     for s in summary:
         print(f"{s['scenario']:<11} {dash(s['jain'], '.3f'):>6} {s['total_mbit_s']:>7.0f} "
               f"{dash(s['probe_p50_ms'], '.2f'):>7} {dash(s['probe_p99_ms'], '.2f'):>7} "
               f"{dash(s['allreduce_median_s'], '.3f'):>11} {dash(s['marks'], 'd'):>6} "
-              f"{dash(s['congestion_window_min'], 'd'):>6}")
+              f"{dash(s['congestion_window_min'], 'd'):>6} {dash(s['dips'], 'd'):>5} "
+              f"{dash(s['overflows'], 'd'):>5}")
     print(f"wrote {out / 'sharing.csv'}, {out / 'sharing-summary.csv'} and the plots")
 
 

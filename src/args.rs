@@ -157,6 +157,12 @@ pub struct Tuning {
     /// dip rule of the congestion control; 0 turns the rule off.
     #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_DIP_INTERVAL.as_millis() as u64)]
     pub dip_interval_ms: u64,
+    /// Milliseconds the queue rule and the dip rule stand aside after a loss burst (a
+    /// queue that flows waiting for loss, such as TCP CUBIC, keep overflowing), so
+    /// that the window follows losses alone, as theirs do: the overflow rule of the
+    /// congestion control; 0 turns the rule off.
+    #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_OVERFLOW_HOLD.as_millis() as u64)]
+    pub overflow_hold_ms: u64,
     /// With `--transport quic`: messages on a stream or as QUIC datagrams.
     #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
     pub quic_mode: QuicMode,

@@ -97,6 +97,8 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.queue_target = (a.tuning.queue_target > 0).then_some(a.tuning.queue_target);
     o.protocol.dip_interval =
         (a.tuning.dip_interval_ms > 0).then(|| Duration::from_millis(a.tuning.dip_interval_ms));
+    o.protocol.overflow_hold =
+        (a.tuning.overflow_hold_ms > 0).then(|| Duration::from_millis(a.tuning.overflow_hold_ms));
     o.yields_before_sleep = a.tuning.yields_before_sleep;
     o.multicast = !a.tuning.no_multicast;
     o.ecn = !a.tuning.no_ecn;
@@ -139,6 +141,7 @@ pub fn run(a: &Args) -> Result<()> {
         probes: 0,
         marks: 0,
         dips: 0,
+        overflows: 0,
         allreduces: 0,
         mismatches: 0,
         chunk_elements: u16::try_from(chunk).unwrap_or(u16::MAX),
@@ -204,6 +207,7 @@ pub fn run(a: &Args) -> Result<()> {
             report.probes += r.probes;
             report.marks += r.marks;
             report.dips += r.dips;
+            report.overflows += r.overflows;
             report.allreduces += 1;
             report.congestion_window_min = Some(
                 report

@@ -178,6 +178,10 @@ pub struct Row {
     /// Dips the ranks' congestion control began (moments at the smallest window so
     /// that the path's queue empties), over all ranks and timed iterations.
     pub dips: u64,
+    /// Loss bursts that set the ranks' queue and dip rules aside (the overflow rule:
+    /// flows that wait for loss keep the queue overflowing), over all ranks and timed
+    /// iterations.
+    pub overflows: u64,
     /// The smallest congestion window any rank ended a timed allreduce with (null
     /// without timed allreduces).
     pub congestion_window_min: Option<u64>,
@@ -296,6 +300,8 @@ fn worker_args(a: &JobSpec, aggs: &[SocketAddr], job: u32, rank: u16, codec: &st
         t.queue_target.to_string(),
         "--dip-interval-ms".to_string(),
         t.dip_interval_ms.to_string(),
+        "--overflow-hold-ms".to_string(),
+        t.overflow_hold_ms.to_string(),
     ])
     .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
     .chain(t.no_ecn.then(|| "--no-ecn".to_string()))
@@ -544,6 +550,7 @@ pub fn row(
         probes: reports.iter().map(|r| r.probes).sum(),
         marks: reports.iter().map(|r| r.marks).sum(),
         dips: reports.iter().map(|r| r.dips).sum(),
+        overflows: reports.iter().map(|r| r.overflows).sum(),
         congestion_window_min: reports.iter().filter_map(|r| r.congestion_window_min).min(),
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()
             / n,

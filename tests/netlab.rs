@@ -222,6 +222,10 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
     assert!(total <= 200.0 * 1.05, "{total} Mbit/s through 200: {flows}");
     assert!(dir.0.join("sharing-inagg.png").exists());
     assert!(job["dips"].is_u64(), "the job's dips are counted: {job}");
+    assert!(
+        job["overflows"].is_u64(),
+        "the job's loss bursts are counted: {job}"
+    );
     // The same run over time, and a directory that holds no run.
     let png = dir.0.join("timeline.png");
     let timeline = |run: &std::path::Path| {

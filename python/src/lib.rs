@@ -235,7 +235,7 @@ impl Worker {
         ca = None, fingerprint = None, server_name = None, quic_mode = "stream",
         stripes = None, chunk_elements = None, window = None, stochastic_rounding = None,
         skip_zeros = false, congestion_control = true, queue_target = None, dip_interval = None,
-        join_timeout = None,
+        overflow_hold = None, join_timeout = None,
         aggregator_timeout = None, yields_before_sleep = None, multicast = true,
         failover = None, admission_key = None
     ))]
@@ -261,6 +261,7 @@ impl Worker {
         congestion_control: bool,
         queue_target: Option<u32>,
         dip_interval: Option<f64>,
+        overflow_hold: Option<f64>,
         join_timeout: Option<f64>,
         aggregator_timeout: Option<f64>,
         yields_before_sleep: Option<u32>,
@@ -331,6 +332,13 @@ impl Worker {
                 None
             } else {
                 Some(secs("dip_interval", t)?)
+            };
+        }
+        if let Some(t) = overflow_hold {
+            o.protocol.overflow_hold = if t == 0.0 {
+                None
+            } else {
+                Some(secs("overflow_hold", t)?)
             };
         }
         o.transport =

@@ -237,6 +237,18 @@ def test_dip_interval_is_taken_and_checked(aggregator):
         inagg.Worker(aggregator.addr, 13, 0, 1, dip_interval=-1.0)
 
 
+def test_overflow_hold_is_taken_and_checked(aggregator):
+    # One rank without the overflow rule, the other with a short hold: the rule
+    # changes how many datagrams are in flight, never sums.
+    results, _, _ = two_ranks_sum(
+        aggregator, 14, "i32", 200_000, lambda r: {"overflow_hold": [0, 0.001][r]}
+    )
+    assert results[0].tobytes() == results[1].tobytes()
+    assert np.all(results[0] == 3.0)
+    with pytest.raises(ValueError, match="overflow_hold must be positive seconds"):
+        inagg.Worker(aggregator.addr, 14, 0, 1, overflow_hold=-1.0)
+
+
 def test_ranks_that_take_results_by_multicast_or_not_share_a_job(aggregator):
     # A job's results go to a multicast group only when every rank asks (the
     # default on loopback); here one does not, so each gets its own, the same sums.

@@ -169,6 +169,9 @@ pub struct AllreduceReport {
     /// Dips the congestion control began: moments at the smallest window so that
     /// the path's queue empties (docs/protocol.md, 6.10).
     pub dips: u64,
+    /// Loss bursts that set the congestion control's queue and dip rules aside, as
+    /// flows that wait for loss keep the queue overflowing (docs/protocol.md, 6.10).
+    pub overflows: u64,
     /// The congestion window (packets in flight) as the allreduce ended: the grant's
     /// window unless congestion control shrank it (the smallest over stripes).
     pub congestion_window: u64,
@@ -190,6 +193,7 @@ impl AllreduceReport {
         self.duplicate_results += o.duplicate_results;
         self.marks += o.marks;
         self.dips += o.dips;
+        self.overflows += o.overflows;
         self.congestion_window = self.congestion_window.min(o.congestion_window);
     }
 }
@@ -364,6 +368,7 @@ impl Session {
                     duplicate_results: stats.duplicate_results,
                     marks: stats.marks,
                     dips: stats.dips,
+                    overflows: stats.overflows,
                     congestion_window: self.worker.congestion_window(),
                 })
             }

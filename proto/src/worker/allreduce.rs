@@ -60,6 +60,9 @@ pub struct AllreduceStats {
     pub marks: u64,
     /// Dips the congestion control began (docs/protocol.md, 6.10).
     pub dips: u64,
+    /// Loss bursts that began or restarted the overflow rule's hold (docs/protocol.md,
+    /// 6.10).
+    pub overflows: u64,
     /// Results of chunks in which some rank's tensor held a NaN or an infinity that a
     /// block-scaled codec cannot carry: the allreduce is an error on every rank.
     pub nonfinite_chunks: u64,

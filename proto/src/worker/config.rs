@@ -44,6 +44,10 @@ pub struct WorkerConfig {
     /// holds its window at the smallest for a moment to see the path empty: the
     /// dip rule ([`Cwnd`](super::Cwnd)); `None` turns it off.
     pub dip_interval: Option<Duration>,
+    /// With congestion control, how long the queue rule and the dip rule stand
+    /// aside after a loss burst, while loss-based flows keep the queue overflowing:
+    /// the overflow rule ([`Cwnd`](super::Cwnd)); `None` turns it off.
+    pub overflow_hold: Option<Duration>,
     /// The job's shared secret, at most 64 bytes.
     pub secret: Vec<u8>,
     /// How often to resend a join until the grant arrives.
@@ -125,6 +129,7 @@ impl WorkerConfig {
             congestion_control: true,
             queue_target: Some(DEFAULT_QUEUE_TARGET),
             dip_interval: Some(super::DEFAULT_DIP_INTERVAL),
+            overflow_hold: Some(super::DEFAULT_OVERFLOW_HOLD),
             secret: Vec::new(),
             join_interval: Duration::from_millis(200),
             join_timeout: DEFAULT_JOIN_TIMEOUT,

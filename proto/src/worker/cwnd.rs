@@ -48,6 +48,15 @@
 //! one allreduce, by at least [`JOIN_MIN_FALL`], and the next round stays as low,
 //! others are draining the queue, and the rank dips with them (at
 //! most once per half an interval).
+//!
+//! Both rules yield to flows that wait for loss, and such flows (TCP CUBIC or Reno
+//! on a drop-tail link) take whatever is yielded: they fill the queue until it
+//! overflows, whatever the job does, so its own part of that queue and its dips
+//! only give them the link. A loss burst shows such a queue. So the overflow rule:
+//! for [`DEFAULT_OVERFLOW_HOLD`] after a loss burst, the queue rule halves no window
+//! and no dip begins, and the window follows losses alone, as theirs do. Flows that
+//! keep their queue short (BBR beside a deep buffer, a job alone within its grant)
+//! overflow nothing, and the delay rules keep their queue short too.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -79,6 +88,12 @@ pub struct Cwnd {
     recent_mins: VecDeque<(u64, Duration)>,
     /// The dip rule (`None`: off).
     dip: Option<Dip>,
+    /// How long the delay rules stand aside after a loss burst (`None`: they never
+    /// do), and when the last burst was seen.
+    overflow_hold: Option<Duration>,
+    last_burst: Option<Instant>,
+    /// Loss bursts that set the delay rules aside (or kept them aside) so far.
+    pub overflows: u64,
 }
 
 /// The dip rule's state: the smallest RTT since it last fell or since the last
@@ -129,6 +144,11 @@ pub const MAX_DIP_TIME: Duration = Duration::from_millis(500);
 /// BBR's min-RTT filter window, so that the ranks and BBR flows keep in step.
 pub const DEFAULT_DIP_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long the queue and dip rules stand aside after a loss burst unless told
+/// otherwise: longer than the cycle in which loss-based flows fill a deep queue again
+/// after they back off, so that they stay aside while such flows run.
+pub const DEFAULT_OVERFLOW_HOLD: Duration = Duration::from_secs(30);
+
 /// The fewest results over which a loss burst or a standing queue is judged.
 pub const MIN_ROUND: u64 = 64;
 
@@ -159,6 +179,25 @@ impl Cwnd {
             judged: 0,
             recent_mins: VecDeque::new(),
             dip: None,
+            overflow_hold: None,
+            last_burst: None,
+            overflows: 0,
+        }
+    }
+
+    /// The same window with the overflow rule holding the delay rules aside for
+    /// `hold` after a loss burst (`None`: off).
+    pub fn with_overflow_hold(mut self, hold: Option<Duration>) -> Self {
+        self.overflow_hold = hold;
+        self
+    }
+
+    /// Whether a loss burst less than the overflow hold ago sets the queue and dip
+    /// rules aside at `now`.
+    pub fn overflowing(&self, now: Instant) -> bool {
+        match (self.overflow_hold, self.last_burst) {
+            (Some(hold), Some(at)) => now.saturating_duration_since(at) < hold,
+            _ => false,
         }
     }
 
@@ -248,8 +287,9 @@ impl Cwnd {
         next: u64,
         now: Instant,
     ) {
+        let overflowing = self.overflowing(now);
         if let Some(d) = &mut self.dip {
-            d.on_result(seq, rtt, next, now);
+            d.on_result(seq, rtt, next, now, overflowing);
         }
         if marked {
             self.decrease(seq, next);
@@ -267,13 +307,17 @@ impl Cwnd {
         // a "burst", and a small window could never grow out of it.
         if self.round_results >= self.aimd_window().max(MIN_ROUND) {
             if let (Some(d), Some(min)) = (&mut self.dip, self.round_min_rtt) {
-                d.on_round(min, next, now);
+                d.on_round(min, next, now, overflowing);
             }
             // More than a fifth of the round lost: a burst, a queue overflowing.
             if self.round_losses * 5 > self.round_results {
                 self.decrease(seq, next);
+                if self.overflow_hold.is_some() {
+                    self.overflows += 1;
+                    self.last_burst = Some(now);
+                }
             } else {
-                self.judge_queue(seq, next);
+                self.judge_queue(seq, next, overflowing);
             }
             self.round_results = 0;
             self.round_losses = 0;
@@ -287,8 +331,9 @@ impl Cwnd {
         self.round_losses += 1;
     }
 
-    /// The queue rule at the end of a round (see the module's doc).
-    fn judge_queue(&mut self, seq: u64, next: u64) {
+    /// The queue rule at the end of a round (see the module's doc); the base is kept
+    /// while the overflow rule sets the rule aside.
+    fn judge_queue(&mut self, seq: u64, next: u64, overflowing: bool) {
         let Some(min) = self.round_min_rtt else {
             return;
         };
@@ -305,7 +350,7 @@ impl Cwnd {
         {
             self.recent_mins.pop_front();
         }
-        let Some(target) = self.queue_target else {
+        let Some(target) = self.queue_target.filter(|_| !overflowing) else {
             return;
         };
         // A round that began with packets sent before the last decrease does not
@@ -340,8 +385,15 @@ impl Dip {
     /// [`DIP_TIME`], of a packet sent during it, once its RTT has not fallen for half
     /// a [`DIP_TIME`]: while it falls, others are draining too (a BBR flow whose
     /// own interval ran out as the rank's dip began), and the rank stays dipped
-    /// with them, up to [`MAX_DIP_TIME`].
-    fn on_result(&mut self, seq: u64, rtt: Option<Duration>, next: u64, now: Instant) {
+    /// with them, up to [`MAX_DIP_TIME`]. No dip begins while `overflowing`.
+    fn on_result(
+        &mut self,
+        seq: u64,
+        rtt: Option<Duration>,
+        next: u64,
+        now: Instant,
+        overflowing: bool,
+    ) {
         if let Some((until, first)) = self.until {
             if let Some(r) = rtt.filter(|_| seq >= first) {
                 if self.dipped_min.is_none_or(|(m, _)| r < m) {
@@ -369,7 +421,7 @@ impl Dip {
             _ => self.min_rtt = Some((r, now)),
         }
         if let Some((_, at)) = self.min_rtt {
-            if now.saturating_duration_since(at) >= self.interval {
+            if now.saturating_duration_since(at) >= self.interval && !overflowing {
                 self.start(next, now);
             }
         }
@@ -378,8 +430,9 @@ impl Dip {
     /// The end of a round whose smallest RTT was `min`: a sharp fall below the
     /// rounds before, in two rounds running, starts a dip. The window's own saw
     /// cannot: its low point is among the rounds before. One round's blip (a busy
-    /// host) cannot either; a drain lasts many rounds.
-    fn on_round(&mut self, min: Duration, next: u64, now: Instant) {
+    /// host) cannot either; a drain lasts many rounds. No dip begins while
+    /// `overflowing`.
+    fn on_round(&mut self, min: Duration, next: u64, now: Instant, overflowing: bool) {
         let falls = |low: Duration| {
             min.as_secs_f64() < JOIN_FALL * low.as_secs_f64()
                 && low.saturating_sub(min) >= JOIN_MIN_FALL
@@ -403,7 +456,7 @@ impl Dip {
         let rested = self
             .last_dip
             .is_none_or(|at| now.saturating_duration_since(at) >= self.interval / 2);
-        if fell && rested && self.until.is_none() {
+        if fell && rested && self.until.is_none() && !overflowing {
             self.start(next, now);
         }
     }
@@ -609,6 +662,49 @@ mod tests {
                 c.window()
             })
             .collect()
+    }
+
+    #[test]
+    fn after_a_loss_burst_the_queue_and_dip_rules_stand_aside_for_the_hold() {
+        let t0 = Instant::now();
+        let run = |hold: Option<Duration>| {
+            let mut c = Cwnd::new(64)
+                .with_queue_target(Some(8))
+                .with_dip_interval(Some(Duration::from_secs(10)))
+                .with_overflow_hold(hold);
+            // A round on the empty path, then others fill a drop-tail queue to ten
+            // times the path's delay, and it overflows: a round loses a third.
+            timed(&mut c, t0, 0, 64, |_| MS);
+            for _ in 0..24 {
+                c.on_loss(64, 128);
+            }
+            let mut w = timed(&mut c, t0, 64, 64, |_| 11 * MS);
+            assert_eq!((c.window(), c.decreases), (32, 1), "{c:?}");
+            // The queue stands for the next 40 s, whatever the rank does.
+            w.extend(timed(&mut c, t0, 128, 40_000, |_| 11 * MS));
+            (c, w)
+        };
+        let (c, w) = run(Some(Duration::from_secs(30)));
+        assert_eq!(c.overflows, 1);
+        // For 30 s after the burst (at 127 ms) the window follows losses alone: it
+        // grows back to the grant and never dips, although the rank's own queue
+        // (its whole window, against the first round's base) is far over the target
+        // and its smallest RTT stood for longer than the dip interval ...
+        let aside = &w[..30_000];
+        assert!(aside.iter().all(|&w| w >= 32), "{c:?}");
+        assert_eq!(aside.last(), Some(&64));
+        // ... then both rules are back: the queue rule halves the window, and the
+        // interval, long run out, starts a dip at once.
+        let back = &w[30_064..];
+        assert!(c.decreases >= 3, "{c:?}");
+        assert!(back.contains(&2), "{c:?}");
+        assert!(c.dips() >= 1);
+        // Without the rule the queue rule keeps the window near the target, and the
+        // rank dips every interval.
+        let (c, w) = run(None);
+        assert_eq!(c.overflows, 0);
+        assert!(w[1_000..30_000].iter().all(|&w| w < 32), "{c:?}");
+        assert!(c.dips() >= 3, "{c:?}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ use timers::{Timer, TimerTable};
 use crate::codec::Codec;
 use crate::wire::{self, Control, ErrorCode, Grant, Join, Message};
 use allreduce::{Allreduce, ResultOutcome};
-pub use cwnd::{Cwnd, DEFAULT_DIP_INTERVAL, DIP_TIME};
+pub use cwnd::{Cwnd, DEFAULT_DIP_INTERVAL, DEFAULT_OVERFLOW_HOLD, DIP_TIME};
 
 /// Tokens of earlier grants remembered, so that a late duplicate of an old grant is
 /// never taken for a re-grant.
@@ -139,6 +139,7 @@ fn congestion_window(config: &WorkerConfig, window: u32) -> Cwnd {
     Cwnd::new(window)
         .with_queue_target(config.queue_target)
         .with_dip_interval(config.dip_interval)
+        .with_overflow_hold(config.overflow_hold)
 }
 
 impl Worker {
@@ -508,10 +509,11 @@ impl Worker {
                     }
                     if self.config.congestion_control {
                         let marked = h.flags & wire::FLAG_MARK != 0;
-                        let dips = self.cwnd.dips();
+                        let (dips, overflows) = (self.cwnd.dips(), self.cwnd.overflows);
                         self.cwnd
                             .on_result(h.seq, marked, sample, op.next_seq(), now);
                         op.stats.dips += self.cwnd.dips() - dips;
+                        op.stats.overflows += self.cwnd.overflows - overflows;
                     }
                     op.regrant |= h.flags & wire::FLAG_REGRANT != 0;
                 }
