@@ -5,23 +5,25 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{inagg, json_lines, run_bounded};
+use common::bench_json;
 
 /// `inagg bench --codec i32` of two ranks behind its relay dropping 15% of the
 /// datagrams each way (a quarter of the chunks lose a contribution or a result,
 /// more than the fifth of a round that makes a burst), with `extra` flags: the row.
 fn bench_losing_bursts(extra: &[&str]) -> serde_json::Value {
-    let mut cmd = inagg();
-    cmd.args(["bench", "--workers", "2", "--elements", "65536"])
-        .args(["--codec", "i32", "--iters", "1", "--chunk-elements", "512"])
-        .args(["--loss", "0.15", "--json"])
-        .args(extra);
-    let (st, out, err) = run_bounded(cmd, Duration::from_secs(120));
-    assert!(st.success(), "{out}\n{err}");
-    let rows = json_lines(&out);
-    assert_eq!(rows.len(), 1, "{out}");
+    let mut args = vec!["--workers", "2", "--elements", "65536", "--codec", "i32"];
+    args.extend([
+        "--iters",
+        "1",
+        "--chunk-elements",
+        "512",
+        "--loss",
+        "0.15",
+        "--json",
+    ]);
+    args.extend(extra);
+    let rows = bench_json(&args);
+    assert_eq!(rows.len(), 1, "{rows:?}");
     rows[0].clone()
 }
 

@@ -225,28 +225,18 @@ def test_queue_target_is_taken_and_checked(aggregator):
         inagg.Worker(aggregator.addr, 12, 0, 1, queue_target=-1)
 
 
-def test_dip_interval_is_taken_and_checked(aggregator):
-    # One rank without the dip rule, the other dipping as often as it may: the rule
-    # changes how many datagrams are in flight, never sums.
+@pytest.mark.parametrize("name, job", [("dip_interval", 13), ("overflow_hold", 14)])
+def test_congestion_control_durations_are_taken_and_checked(aggregator, name, job):
+    # One rank with the rule off (0), the other with it as short as it may be: the
+    # dip rule and the overflow rule change how many datagrams are in flight, never
+    # sums.
     results, _, _ = two_ranks_sum(
-        aggregator, 13, "i32", 200_000, lambda r: {"dip_interval": [0, 0.001][r]}
+        aggregator, job, "i32", 200_000, lambda r: {name: [0, 0.001][r]}
     )
     assert results[0].tobytes() == results[1].tobytes()
     assert np.all(results[0] == 3.0)
-    with pytest.raises(ValueError, match="dip_interval must be positive seconds"):
-        inagg.Worker(aggregator.addr, 13, 0, 1, dip_interval=-1.0)
-
-
-def test_overflow_hold_is_taken_and_checked(aggregator):
-    # One rank without the overflow rule, the other with a short hold: the rule
-    # changes how many datagrams are in flight, never sums.
-    results, _, _ = two_ranks_sum(
-        aggregator, 14, "i32", 200_000, lambda r: {"overflow_hold": [0, 0.001][r]}
-    )
-    assert results[0].tobytes() == results[1].tobytes()
-    assert np.all(results[0] == 3.0)
-    with pytest.raises(ValueError, match="overflow_hold must be positive seconds"):
-        inagg.Worker(aggregator.addr, 14, 0, 1, overflow_hold=-1.0)
+    with pytest.raises(ValueError, match=f"{name} must be positive seconds"):
+        inagg.Worker(aggregator.addr, job, 0, 1, **{name: -1.0})
 
 
 def test_ranks_that_take_results_by_multicast_or_not_share_a_job(aggregator):
