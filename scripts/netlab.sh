@@ -264,6 +264,9 @@ export INAGG_NETLAB_WORKER_NETNS="$W_NS"
 # Worker r's interface is ${INAGG_NETLAB_WORKER_DEV}r (Gloo's GLOO_SOCKET_IFNAME).
 export INAGG_NETLAB_WORKER_DEV="${id}w"
 export INAGG_NETLAB_LINK_BPS="$bps"
+# The aggregator's link, where --aggregator-link-rate shapes it: every rank's bytes
+# cross it, so it bounds the line rate too.
+if [ -n "$AGG_RATE" ]; then export INAGG_NETLAB_AGG_LINK_BPS="$(to_bps "$AGG_RATE")"; fi
 # The cross-traffic hosts' namespaces are ${INAGG_NETLAB_TCP_NETNS}k, k < HOSTS.
 export INAGG_NETLAB_TCP_NETNS="$T_NS"
 export INAGG_NETLAB_TCP_HOSTS="$hosts"

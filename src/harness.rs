@@ -70,6 +70,10 @@ pub struct Netlab {
     /// Rate of each worker's link, bits per second (for the line-rate bound).
     #[arg(long, env = "INAGG_NETLAB_LINK_BPS")]
     pub link_bps: Option<f64>,
+    /// Rate of the aggregator's link where it is shaped too, bits per second: every
+    /// rank's bytes cross it (for the line-rate bound).
+    #[arg(long, env = "INAGG_NETLAB_AGG_LINK_BPS")]
+    pub agg_link_bps: Option<f64>,
     /// Racks of the lab (`netlab.sh --racks R`; 0: none).
     #[arg(long, env = "INAGG_NETLAB_RACKS")]
     pub lab_racks: Option<u16>,

@@ -193,8 +193,9 @@ pub struct Row {
     /// Checksum of rank 0's last result (hex): equal runs give equal bits.
     pub result_checksum: String,
     /// In `scripts/netlab.sh`: the time each worker's link needs for the bytes the
-    /// worker sends (first transmissions) or receives, the larger, and that bound over
-    /// the median time.
+    /// worker sends (first transmissions) or receives, the larger (and the time the
+    /// aggregator's link needs for all ranks' bytes, where `--aggregator-link-rate`
+    /// shapes it, if longer), and that bound over the median time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line_rate_bound_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -481,18 +482,22 @@ pub fn row(
     let n = reports.len().max(1) as u64;
     // The busiest worker link's bytes (either way) at the netlab link rate: the bytes
     // the allreduce needs, so retransmissions are left out (they would raise the
-    // bound with the waste).
+    // bound with the waste). Where the aggregator's link is shaped too, every rank's
+    // bytes cross it, each way.
+    let needed = |r: &&Report| r.bytes_sent.saturating_sub(r.retransmitted_bytes);
     let bound = a.netlab.link_bps.map(|bps| {
         let worst = reports
             .iter()
-            .map(|r| {
-                r.bytes_sent
-                    .saturating_sub(r.retransmitted_bytes)
-                    .max(r.bytes_recv)
-            })
+            .map(|r| needed(r).max(r.bytes_recv))
             .max()
             .unwrap_or(0);
-        worst as f64 * 8.0 / bps
+        let worker_link = worst as f64 * 8.0 / bps;
+        let agg_link = a.netlab.agg_link_bps.map_or(0.0, |agg| {
+            let up: u64 = reports.iter().map(needed).sum();
+            let down: u64 = reports.iter().map(|r| r.bytes_recv).sum();
+            up.max(down) as f64 * 8.0 / agg
+        });
+        worker_link.max(agg_link)
     });
     let checks: Vec<_> = reports.iter().filter_map(|r| r.check.as_ref()).collect();
     // Each job's ranks' CPU per allreduce, summed; the mean over jobs.

@@ -151,6 +151,16 @@ fn netlab_runs_bulk_tcp_flows_and_a_probe_across_the_aggregators_link() {
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 1, "{out}");
     assert_eq!(rows[0]["within_bound"], true, "{}", rows[0]);
+    // The line-rate bound counts the aggregator's link: both ranks' bytes through
+    // 100 Mbit/s, four times what each rank's own 200 Mbit/s link needs.
+    let sent = rows[0]["bytes_sent_per_worker"]
+        .as_f64()
+        .expect("bytes sent")
+        - rows[0]["retransmitted_bytes_per_worker"]
+            .as_f64()
+            .expect("retransmitted bytes");
+    let bound = rows[0]["line_rate_bound_s"].as_f64().expect("bound");
+    assert!(bound >= 0.99 * 2.0 * sent * 8.0 / 100e6, "{}", rows[0]);
     // Both flows ran through the 100 Mbit/s link (their own links are 200 Mbit/s).
     for k in 0..2 {
         let path = dir.0.join(format!("bulk-{k}.json"));
