@@ -327,19 +327,19 @@ impl Worker {
         if let Some(t) = aggregator_timeout {
             o.protocol.aggregator_timeout = secs("aggregator_timeout", t)?;
         }
-        if let Some(t) = dip_interval {
-            o.protocol.dip_interval = if t == 0.0 {
-                None
+        // A rule's duration: 0 turns the rule off.
+        let off_or_secs = |name: &str, v: f64| {
+            if v == 0.0 {
+                Ok(None)
             } else {
-                Some(secs("dip_interval", t)?)
-            };
+                secs(name, v).map(Some)
+            }
+        };
+        if let Some(t) = dip_interval {
+            o.protocol.dip_interval = off_or_secs("dip_interval", t)?;
         }
         if let Some(t) = overflow_hold {
-            o.protocol.overflow_hold = if t == 0.0 {
-                None
-            } else {
-                Some(secs("overflow_hold", t)?)
-            };
+            o.protocol.overflow_hold = off_or_secs("overflow_hold", t)?;
         }
         o.transport =
             match transport {
