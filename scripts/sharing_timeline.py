@@ -22,13 +22,13 @@ def load(d):
     try:
         m = json.loads((d / "meter.json").read_text())
         p = json.loads((d / "probe.json").read_text())
-    except (OSError, ValueError) as e:
-        sys.exit(f"sharing_timeline: {d}: {e}")
-    t0, bucket = m["t0"], m["bucket_s"]
-    n = max((len(b) for b in m["bytes"].values()), default=0)
+        t0, bucket, counted = m["t0"], m["bucket_s"], m["bytes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"sharing_timeline: {d}: {e!r}")
+    n = max((len(b) for b in counted.values()), default=0)
 
     def rate(pick):
-        return [sum(b[i] for src, b in m["bytes"].items() if pick(src) and i < len(b))
+        return [sum(b[i] for src, b in counted.items() if pick(src) and i < len(b))
                 * 8 / bucket / 1e6 for i in range(n)]
 
     tcp = rate(lambda s: s.startswith("198.18.1."))
