@@ -154,7 +154,8 @@ pub struct Tuning {
     /// Milliseconds the smallest RTT this rank measured may stand before it holds
     /// its window at the smallest for 200 ms to see the path empty, as TCP BBR does
     /// (so that BBR flows beside the job do not take its queue for their path): the
-    /// dip rule of the congestion control; 0 turns the rule off.
+    /// dip rule of the congestion control; 0 turns the rule off. Rank 0's setting
+    /// is the job's: rank 0 alone dips, and its dip holds every rank back.
     #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_DIP_INTERVAL.as_millis() as u64)]
     pub dip_interval_ms: u64,
     /// Milliseconds the queue rule and the dip rule stand aside after a loss burst (a

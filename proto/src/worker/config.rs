@@ -42,7 +42,9 @@ pub struct WorkerConfig {
     pub queue_target: Option<u32>,
     /// With congestion control, how long the smallest RTT may stand before the rank
     /// holds its window at the smallest for a moment to see the path empty: the
-    /// dip rule ([`Cwnd`](super::Cwnd)); `None` turns it off.
+    /// dip rule ([`Cwnd`](super::Cwnd)); `None` turns it off. Rank 0 alone runs
+    /// the rule: its dip holds every rank's packets back, so rank 0's setting is
+    /// the job's, and the other ranks' is not used.
     pub dip_interval: Option<Duration>,
     /// With congestion control, how long the queue rule and the dip rule stand
     /// aside after a loss burst, while loss-based flows keep the queue overflowing:

@@ -47,7 +47,9 @@
 //! below [`JOIN_FALL`] of the smallest of the [`JOIN_ROUNDS`] rounds before within
 //! one allreduce, by at least [`JOIN_MIN_FALL`], and the next round stays as low,
 //! others are draining the queue, and the rank dips with them (at
-//! most once per half an interval).
+//! most once per half an interval). The worker gives the rule to rank 0 alone: a
+//! result needs every rank, so one rank's dip holds the whole job's packets back,
+//! and the others' dips would only hold it back again at other moments.
 //!
 //! Both rules yield to flows that wait for loss, and such flows (TCP CUBIC or Reno
 //! on a drop-tail link) take whatever is yielded: they fill the queue until it

@@ -138,7 +138,7 @@ pub struct Worker {
 fn congestion_window(config: &WorkerConfig, window: u32) -> Cwnd {
     Cwnd::new(window)
         .with_queue_target(config.queue_target)
-        .with_dip_interval(config.dip_interval)
+        .with_dip_interval(config.dip_interval.filter(|_| config.rank == 0))
         .with_overflow_hold(config.overflow_hold)
 }
 

@@ -712,3 +712,26 @@ fn only_a_result_made_from_a_retransmission_counts_a_loss() {
     );
     assert!(run(FLAG_FROM_COPY) < u64::from(window), "a result was lost");
 }
+
+#[test]
+fn only_rank_0_runs_the_dip_rule() {
+    // One rank's dip holds the whole job's packets back, so the others' dips would
+    // only hold it back more often: the job dips when rank 0 does.
+    let t0 = std::time::Instant::now();
+    let ms = Duration::from_millis(1);
+    for mut config in configs(4) {
+        config.dip_interval = Some(Duration::from_secs(10));
+        let mut cwnd = super::congestion_window(&config, 64);
+        // 25 s of results at a steady RTT: the smallest RTT stands for two
+        // intervals.
+        for t in 0..25_000u32 {
+            let next = u64::from(t) + cwnd.window();
+            cwnd.on_result(u64::from(t), false, Some(5 * ms), next, t0 + ms * t);
+        }
+        if config.rank == 0 {
+            assert_eq!(cwnd.dips(), 2, "rank 0 dips every interval");
+        } else {
+            assert_eq!(cwnd.dips(), 0, "rank {} never dips", config.rank);
+        }
+    }
+}
