@@ -46,8 +46,8 @@
 //! are in step, a rank also joins a drain it sees: when a round's smallest RTT falls
 //! below [`JOIN_FALL`] of the smallest of the [`JOIN_ROUNDS`] rounds before within
 //! one allreduce, by at least [`JOIN_MIN_FALL`], and the next round stays as low,
-//! others are draining the queue, and the rank dips with them (at
-//! most once per half an interval). The worker gives the rule to rank 0 alone: a
+//! others are draining the queue, and the rank dips with them (at least
+//! [`JOIN_REST`] after its last dip began). The worker gives the rule to rank 0 alone: a
 //! result needs every rank, so one rank's dip holds the whole job's packets back,
 //! and the others' dips would only hold it back again at other moments.
 //!
@@ -134,6 +134,13 @@ pub const JOIN_MIN_FALL: Duration = Duration::from_millis(1);
 /// The rounds a fall is measured against: more than a cycle of the window's own saw
 /// (halving and growing back), whose low point is then among them.
 pub const JOIN_ROUNDS: usize = 8;
+
+/// The least time from a dip's start to a join (half the interval where that is
+/// shorter). Flows whose drains fall out of step with the rank's dips, a second or two
+/// after them, are joined, and the rank's next dips fall with theirs. A dip cannot
+/// read as a fall right after it: its low RTTs are among the rounds a fall is
+/// measured against.
+pub const JOIN_REST: Duration = Duration::from_secs(1);
 
 /// How long a dip holds the window at its smallest: as long as BBR's drain, so that
 /// a dip overlaps the flows' own.
@@ -457,7 +464,7 @@ impl Dip {
         self.last_round_mins.push_back(min);
         let rested = self
             .last_dip
-            .is_none_or(|at| now.saturating_duration_since(at) >= self.interval / 2);
+            .is_none_or(|at| now.saturating_duration_since(at) >= JOIN_REST.min(self.interval / 2));
         if fell && rested && self.until.is_none() && !overflowing {
             self.start(next, now);
         }
@@ -710,6 +717,36 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_soon_after_a_dip_is_joined_and_a_fall_during_the_rest_is_not() {
+        let t0 = Instant::now();
+        let drain_at = |from: u64| {
+            move |t: u64| {
+                if (from..from + 300).contains(&t) {
+                    2 * MS
+                } else {
+                    5 * MS
+                }
+            }
+        };
+        // The rank dips on its timer at 10 s; flows out of step with it drain 1.5 s
+        // later, and the rank joins them.
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        let w = timed(&mut c, t0, 0, 12_000, drain_at(11_500));
+        assert_eq!(w[10_000], 2, "the timer's dip");
+        let joined = (11_000..12_000u64).find(|&t| w[t as usize] == 2);
+        assert!(
+            joined.is_some_and(|t| (11_500 + MIN_ROUND..11_500 + 3 * MIN_ROUND).contains(&t)),
+            "the second round that fell: {joined:?}"
+        );
+        assert_eq!(c.dips(), 2);
+        // A fall half a second after the dip began is not joined.
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        let w = timed(&mut c, t0, 0, 12_000, drain_at(10_300));
+        assert!(w[10_500..].iter().all(|&w| w == 64), "{c:?}");
+        assert_eq!(c.dips(), 1);
+    }
+
+    #[test]
     fn the_dip_rule_dips_when_the_smallest_rtt_stands_and_joins_others_dips() {
         let t0 = Instant::now();
         let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
@@ -727,8 +764,8 @@ mod tests {
             "{:?}",
             &w[10_190..10_210]
         );
-        // Another flow drains 3 s later: the RTT falls, and the rank's next dip
-        // comes 10 s after that, with the other flow's next.
+        // Another flow drains 3 s later: the rank joins it, and its next dip comes
+        // 10 s after that, with the other flow's next, not 10 s after its own.
         let w = timed(&mut c, t0, 10_500, 14_000, |t| {
             if (13_200..13_400).contains(&t) {
                 2 * MS
@@ -736,15 +773,19 @@ mod tests {
                 5 * MS
             }
         });
-        let dipped: Vec<u64> = (10_500..24_500u64)
-            .zip(&w)
-            .filter(|&(_, &w)| w == 2)
+        let began: Vec<u64> = (10_501..24_500u64)
+            .zip(w.windows(2))
+            .filter(|&(_, w)| w[0] != 2 && w[1] == 2)
             .map(|(t, _)| t)
             .collect();
-        assert_eq!(
-            dipped.first(),
-            Some(&23_200),
-            "not at 20,200 ms: the RTT fell at 13,200"
+        assert_eq!(began.len(), 2, "{began:?}");
+        assert!(
+            (13_200 + MIN_ROUND..13_200 + 3 * MIN_ROUND).contains(&began[0]),
+            "joined the drain: {began:?}"
+        );
+        assert!(
+            (23_200..23_700).contains(&began[1]),
+            "not at 20,200 ms: {began:?}"
         );
         // Half an interval after that dip, a fall below the rounds before (others
         // draining) starts one at the end of the round that saw it.
