@@ -134,7 +134,8 @@ pub struct Worker {
     dropped: Dropped,
 }
 
-/// A congestion window of `window` slots with the rules `config` asks for.
+/// A congestion window of `window` slots with the rules `config` asks for; the dip
+/// rule at rank 0 alone, whose dips hold every rank back.
 fn congestion_window(config: &WorkerConfig, window: u32) -> Cwnd {
     Cwnd::new(window)
         .with_queue_target(config.queue_target)
