@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, inagg, json_lines, relay, run_bounded, worker};
+use common::{aggregator, bench_json, inagg, json_lines, relay, run_bounded, worker};
 
 /// A relay on loopback between one rank and `upstream` that marks CE (the ECN bits
 /// of its socket's TOS) what it forwards one way, as a congested switch on the path
@@ -217,15 +217,12 @@ fn inagg_relay_marks_ce_above_its_queue_threshold_and_the_ranks_slow_down() {
 /// `inagg bench --codec i32` of two ranks behind its relay as a 50 Mbit/s link that
 /// marks CE above 30000 queued bytes, with `extra` flags: the row.
 fn bench_behind_a_marking_link(extra: &[&str]) -> serde_json::Value {
-    let mut cmd = inagg();
-    cmd.args(["bench", "--workers", "2", "--elements", "300000"])
-        .args(["--codec", "i32", "--iters", "2", "--chunk-elements", "2048"])
-        .args(["--rate-mbit", "50", "--mark-above", "30000", "--json"])
-        .args(extra);
-    let (st, out, err) = run_bounded(cmd, Duration::from_secs(120));
-    assert!(st.success(), "{out}\n{err}");
-    let rows = json_lines(&out);
-    assert_eq!(rows.len(), 1, "{out}");
+    let mut args = vec!["--workers", "2", "--elements", "300000"];
+    args.extend(["--codec", "i32", "--iters", "2", "--chunk-elements", "2048"]);
+    args.extend(["--rate-mbit", "50", "--mark-above", "30000", "--json"]);
+    args.extend(extra);
+    let rows = bench_json(&args);
+    assert_eq!(rows.len(), 1, "{rows:?}");
     rows[0].clone()
 }
 
