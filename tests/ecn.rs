@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{aggregator, bench_json, inagg, json_lines, relay, run_bounded, worker};
+use common::{aggregator, bench_row, inagg, json_lines, relay, run_bounded, worker};
 
 /// A relay on loopback between one rank and `upstream` that marks CE (the ECN bits
 /// of its socket's TOS) what it forwards one way, as a congested switch on the path
@@ -221,9 +221,7 @@ fn bench_behind_a_marking_link(extra: &[&str]) -> serde_json::Value {
     args.extend(["--codec", "i32", "--iters", "2", "--chunk-elements", "2048"]);
     args.extend(["--rate-mbit", "50", "--mark-above", "30000", "--json"]);
     args.extend(extra);
-    let rows = bench_json(&args);
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    rows[0].clone()
+    bench_row(&args)
 }
 
 #[test]

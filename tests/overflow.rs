@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::bench_json;
+use common::bench_row;
 
 /// `inagg bench --codec i32` of two ranks behind its relay dropping 15% of the
 /// datagrams each way (a quarter of the chunks lose a contribution or a result,
@@ -22,9 +22,7 @@ fn bench_losing_bursts(extra: &[&str]) -> serde_json::Value {
         "--json",
     ]);
     args.extend(extra);
-    let rows = bench_json(&args);
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    rows[0].clone()
+    bench_row(&args)
 }
 
 #[test]

@@ -246,6 +246,13 @@ pub fn bench_json(args: &[&str]) -> Vec<serde_json::Value> {
     json_lines(&out)
 }
 
+/// `inagg bench ARGS` for one codec: its one JSON row.
+pub fn bench_row(args: &[&str]) -> serde_json::Value {
+    let rows = bench_json(args);
+    assert_eq!(rows.len(), 1, "bench {args:?}: {rows:?}");
+    rows[0].clone()
+}
+
 /// Runs a new two-rank job `job` on the aggregator at `addr` and asserts that it
 /// finishes: the aggregator serves on after whatever the test did to it.
 pub fn assert_new_job_runs(addr: SocketAddr, job: u32, extra: &[&str]) {
