@@ -114,7 +114,7 @@ fn garbage_datagrams_change_nothing() {
     let end = Instant::now() + Duration::from_secs(60);
     let mut valid = Vec::new();
     // A well-formed contribution, to cut and corrupt.
-    valid.extend_from_slice(b"IA\x04\x03"); // version 4, a contribution
+    valid.extend_from_slice(b"IA\x05\x03"); // version 5, a contribution
     valid.extend_from_slice(&3u32.to_le_bytes());
     valid.extend_from_slice(&[0, 0, 2, 0]);
     valid.extend_from_slice(&[0xab; 8]); // guessed token

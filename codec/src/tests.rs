@@ -789,8 +789,9 @@ fn the_independent_bound_is_reached_within_a_small_factor() {
 }
 
 /// [`sum_in_order`] in two levels: each rack's contributions summed and stored as a
-/// partial sum, the partials added at the top, the result stored there. Every rank
-/// quantizes with the whole job's world, as in a flat job.
+/// partial sum in its wire form ([`crate::partial`]: packed in groups), the partials
+/// added at the top, the result stored there. Every rank quantizes with the whole
+/// job's world, as in a flat job.
 fn sum_in_levels(
     codec: &dyn Codec,
     world: u16,
@@ -801,8 +802,8 @@ fn sum_in_levels(
     let shared = e_max(codec, inputs);
     let n = inputs[0].len();
     let mut wire = vec![0u8; n * codec.wire_bytes()];
-    let mut partial = vec![0u8; n * PARTIAL_LANE_BYTES];
-    let (mut top, mut top_at) = (vec![0u32; n], Alignment::EMPTY);
+    let (mut payload, mut scratch) = (Vec::new(), Vec::new());
+    let (mut top, mut top_at) = (vec![0u32; n], [Alignment::EMPTY; MAX_BLOCKS]);
     for rack in racks {
         let (mut acc, mut at) = (vec![0u32; n], Alignment::EMPTY);
         for &i in rack {
@@ -816,12 +817,15 @@ fn sum_in_levels(
             codec.encode(&inputs[i], scale, &mut wire);
             codec.sum_at(&mut acc, world, &mut at, e, &wire);
         }
-        codec.store_partial(&acc, world, at, &mut partial);
-        codec.add_partial(&mut top, world, &mut top_at, at, &partial);
+        let mut ats = [Alignment::EMPTY; MAX_BLOCKS];
+        ats[0] = at;
+        payload.clear();
+        crate::partial::encode(codec, &acc, world, &ats, &mut scratch, &mut payload);
+        crate::partial::add(codec, &mut top, world, &mut top_at, &payload, &mut scratch);
     }
-    codec.store_at(&top, world, top_at, &mut wire);
+    codec.store_at(&top, world, top_at[0], &mut wire);
     let e = if codec.aligns_exponents() {
-        top_at.top
+        top_at[0].top
     } else {
         shared
     };

@@ -53,8 +53,7 @@ use super::budget::fair_shares;
 use super::control::grant;
 use super::slots::Level;
 use super::{Aggregator, DropReason, Event, DATA_HEADER_LEN, MAX_DATAGRAM};
-use crate::codec::MAX_BLOCKS;
-use crate::wire::{self, Control, ErrorCode, ErrorMsg, Message};
+use crate::wire::{Control, ErrorCode, ErrorMsg, Message};
 
 impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
     /// The last rank of job `id` joined: start it, make it wait, or refuse it.
@@ -84,15 +83,21 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
         job.arrival = arrival;
         if self.parent.is_some() {
             // A partial sum takes up to 32 bits per element, whatever the codec.
+            let fits = |chunk: usize| {
+                DATA_HEADER_LEN + crate::codec::partial::max_bytes(job.codec, chunk) <= MAX_DATAGRAM
+            };
             let chunk = usize::from(job.chunk_elems);
-            let blocks = crate::codec::exponent_blocks(job.codec, chunk);
-            let partial = chunk * crate::codec::PARTIAL_LANE_BYTES + blocks * wire::PARTIAL_HEAD;
-            if DATA_HEADER_LEN + partial > MAX_DATAGRAM {
-                let most = (MAX_DATAGRAM - DATA_HEADER_LEN - wire::PARTIAL_HEAD * MAX_BLOCKS)
-                    / crate::codec::PARTIAL_LANE_BYTES;
+            if !fits(chunk) {
+                // Never more than 4 bytes an element fit: a few hundred steps at most.
+                let bound = (MAX_DATAGRAM - DATA_HEADER_LEN) / crate::codec::PARTIAL_LANE_BYTES;
+                let most = (1..chunk.min(bound + 1))
+                    .rev()
+                    .find(|&n| fits(n))
+                    .unwrap_or(0);
                 let text = format!(
                     "a rack aggregator sends each chunk's sum up in lanes of up to 4 bytes: \
-                     chunks of {chunk} elements do not fit a datagram (at most {most})"
+                     chunks of {chunk} {} elements do not fit a datagram (at most {most})",
+                    job.codec.name()
                 );
                 return self.refuse_job(id, ErrorCode::NoCapacity, DropReason::NoCapacity, text);
             }

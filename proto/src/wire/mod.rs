@@ -14,7 +14,7 @@
 //! | 6 | [`Control`] heartbeat | job u32, rank u16, token u64 |
 //! | 7 | [`ErrorMsg`] | job u32, rank u16, code u8, nonce u64, msg_len u16, UTF-8 message |
 //! | 8 | [`Control`] regrant | job u32, rank u16, token u64 |
-//! | 9 | partial sum | [`DataHeader`] (40 bytes), then one 3-byte head per exponent block (width u8, unit i8, top i8), then each block's 32-bit lanes packed at its width (`codec::partial`) |
+//! | 9 | partial sum | [`DataHeader`] (40 bytes), then one 3-byte head per exponent block (width u8, unit i8, top i8), then each block's 32-bit lanes: whole for the float codecs, zigzag-coded and bit-packed in groups of 128 (a width byte each) for the fixed-point ones (`codec::partial`) |
 //!
 //! Data packets have a 40-byte header, a multiple of 4 so that payload lanes stay
 //! aligned in the caller's buffers.
@@ -44,7 +44,7 @@ pub const MAGIC: [u8; 2] = *b"IA";
 /// `i8` contribution's `scale_exp` is the rank's own block exponent, which the
 /// aggregator aligns, and an `i8` result's is the sum's (version 1 shared one
 /// exponent through the lookahead).
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Bytes before the payload of a contribution or a result.
 pub const DATA_HEADER_LEN: usize = 40;
 /// The longest job secret a join may carry.
@@ -386,8 +386,9 @@ pub enum Message<'a> {
     Result(DataHeader, &'a [u8]),
     /// Rack aggregator to its parent: the sum of its ranks' contributions to a chunk,
     /// unrounded, as one contribution of the upper level. The payload is one 3-byte
-    /// head per exponent block (width, unit, top), then the blocks' lanes packed at
-    /// their widths (`codec::partial`): [`partial_bytes`] checks its length.
+    /// head per exponent block (width, unit, top), then the blocks' lanes: for the
+    /// fixed-point codecs in groups, each its width and its lanes packed at it
+    /// (`codec::partial`). [`partial_bytes`] checks its length.
     Partial(DataHeader, &'a [u8]),
     /// Worker to aggregator: the rank is done with the job.
     Leave(Control),
@@ -492,10 +493,12 @@ pub fn encode_partial(h: &DataHeader, payload: &[u8], out: &mut impl BufMut) {
 /// Bytes of the head of each exponent block of a partial sum: width, unit, top.
 pub const PARTIAL_HEAD: usize = codec::partial::HEAD_BYTES;
 
-/// The length of a partial sum's payload of `count` elements of `codec` whose heads
-/// `payload` starts with, if its heads are all there and valid: each width in
-/// `1..=32` (32 for the codecs that sum in f32); for codecs that align exponents,
-/// `unit <= top`, both `NO_EXPONENT` or neither; for the others, both `NO_EXPONENT`.
+/// The length of a partial sum's payload of `count` elements of `codec` that
+/// `payload` starts with, if its heads and groups are all there and valid: each
+/// head's width at most 32 (exactly 32 for the codecs that sum in f32); for codecs
+/// that align exponents, `unit <= top`, both `NO_EXPONENT` or neither; for the
+/// others, both `NO_EXPONENT`; for the fixed-point codecs, no group wider than its
+/// block's head ([`codec::partial::block_bytes`]).
 pub fn partial_bytes(codec: &dyn codec::Codec, count: usize, payload: &[u8]) -> Option<usize> {
     let blocks = codec::exponent_blocks(codec, count);
     let heads = payload.get(..blocks * PARTIAL_HEAD)?;
@@ -503,7 +506,7 @@ pub fn partial_bytes(codec: &dyn codec::Codec, count: usize, payload: &[u8]) -> 
     let (max, float) = (codec::partial::MAX_WIDTH, !codec.block_scaled());
     for (b, head) in heads.chunks_exact(PARTIAL_HEAD).enumerate() {
         let width = head[0];
-        if width == 0 || width > max || (float && width != max) {
+        if width > max || (float && width != max) {
             return None;
         }
         let (unit, top) = (head[1] as i8, head[2] as i8);
@@ -516,7 +519,7 @@ pub fn partial_bytes(codec: &dyn codec::Codec, count: usize, payload: &[u8]) -> 
             return None;
         }
         let n = codec::block_range(b, count, blocks).len();
-        len += codec::partial::packed_bytes(n, width);
+        len += codec::partial::block_bytes(n, width, !float, payload.get(len..)?)?;
     }
     Some(len)
 }

@@ -57,34 +57,34 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
     vec![
         (
             Message::Join(join.clone()),
-            "49410401 07000000 0100 0400 01 00 0001 80000000 0102030405060708 0300000000000000 02 7333",
+            "49410501 07000000 0100 0400 01 00 0001 80000000 0102030405060708 0300000000000000 02 7333",
         ),
         (
             Message::Join(Join {
                 groups: true,
                 ..join
             }),
-            "49410401 07000000 0100 0400 01 01 0001 80000000 0102030405060708 0300000000000000 02 7333",
+            "49410501 07000000 0100 0400 01 01 0001 80000000 0102030405060708 0300000000000000 02 7333",
         ),
         (
             Message::Grant(grant),
-            "49410402 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0102030405060708 0100 0200",
+            "49410502 07000000 0100 0400 02 00 0001 40000000 efbeadde00000000 0102030405060708 0100 0200",
         ),
         (
             Message::Grant(Grant {
                 group: Some(0x0102),
                 ..grant
             }),
-            "49410402 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0102030405060708 0100 0200 02010000",
+            "49410502 07000000 0100 0400 02 01 0001 40000000 efbeadde00000000 0102030405060708 0100 0200 02010000",
         ),
         (
             Message::Contribution(header(), &PAYLOAD),
-            "49410403 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410503 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
             Message::Result(header(), &PAYLOAD),
-            "49410404 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
+            "49410504 04030201 0300 02 01 8877665544332211 0200000001000000 02000000 \
              01 f9 05 00 0200 0000 01000000ffffffff",
         ),
         (
@@ -93,7 +93,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410405 09000000 0200 0500000000000000",
+            "49410505 09000000 0200 0500000000000000",
         ),
         (
             Message::Heartbeat(Control {
@@ -101,7 +101,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410406 09000000 0200 0500000000000000",
+            "49410506 09000000 0200 0500000000000000",
         ),
         (
             Message::Error(ErrorMsg {
@@ -111,7 +111,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 nonce: 0x11,
                 text: "gone".into(),
             }),
-            "49410407 09000000 0100 06 1100000000000000 0400 676f6e65",
+            "49410507 09000000 0100 06 1100000000000000 0400 676f6e65",
         ),
         (
             Message::Regrant(Control {
@@ -119,7 +119,7 @@ fn golden() -> Vec<(Message<'static>, &'static str)> {
                 rank: 2,
                 token: 5,
             }),
-            "49410408 09000000 0200 0500000000000000",
+            "49410508 09000000 0200 0500000000000000",
         ),
     ]
 }
@@ -427,13 +427,19 @@ fn admission_proofs_bind_the_key_and_every_field() {
 }
 
 /// A partial sum (kind 9) of an i8 chunk of two exponent blocks: it round-trips, its
-/// length follows its heads, and heads that no rack writes are refused.
+/// length follows its heads and groups, and heads and groups that no rack writes are
+/// refused.
 #[test]
 fn partial_sums_decode_by_their_heads() {
     let i8c = codec::lookup(CodecId::I8).expect("i8");
     let count = codec::EXPONENT_BLOCK + 100;
+    // Block 0: groups of 128 alternately in -300..-172 and in 0..4; block 1 in 92..192.
     let lanes: Vec<u32> = (0..count)
-        .map(|i| ((i as i32 % 600) - 300) as u32)
+        .map(|i| match i {
+            _ if i >= codec::EXPONENT_BLOCK => (i - codec::EXPONENT_BLOCK) as i32 + 92,
+            _ if (i / 128) % 2 == 0 => (i % 128) as i32 - 300,
+            _ => (i % 4) as i32,
+        } as u32)
         .collect();
     let mut at = [codec::Alignment::EMPTY; codec::MAX_BLOCKS];
     for (a, (unit, top)) in at.iter_mut().zip([(-3i8, -1i8), (5, 7)]) {
@@ -446,13 +452,15 @@ fn partial_sums_decode_by_their_heads() {
     }
     let mut payload = Vec::new();
     codec::partial::encode(i8c, &lanes, 4, &at, &mut Vec::new(), &mut payload);
-    // Two heads, then each block at the fewest bits: 10 for lanes in -300..300, 9
-    // for the second block's, in 92..192.
+    // Two heads with their widest groups, then each group of 128 lanes, zigzag-coded,
+    // at its fewest bits: block 0's alternately at 10 (1 + 160 bytes) and 3 (1 + 48
+    // bytes), block 1's one group of 100 lanes (padded to 128) at 9.
     assert_eq!(&payload[..6], &[10, -3i8 as u8, -1i8 as u8, 9, 5, 7]);
     assert_eq!(
-        payload.len(),
-        6 + (8192 * 10) / 8 + (100 * 9usize).div_ceil(8)
+        (payload[6], payload[6 + 161], payload[6 + 210]),
+        (10, 3, 10)
     );
+    assert_eq!(payload.len(), 6 + 32 * (161 + 49) + 1 + 16 * 9);
     let h = DataHeader {
         codec: CodecId::I8,
         count: count as u16,
@@ -465,8 +473,9 @@ fn partial_sums_decode_by_their_heads() {
         other => panic!("{other:?}"),
     }
     let at_head = DATA_HEADER_LEN;
-    // Widths 0 and 33, a unit above the top, one exponent missing of two.
-    for (offset, value) in [(0, 0u8), (3, 33), (1, 0), (5, 0x80)] {
+    // A head narrower than its groups, a width of 33, a unit above the top, one
+    // exponent missing of two, groups wider than their head.
+    for (offset, value) in [(0, 0u8), (3, 33), (1, 0), (5, 0x80), (6, 11), (6 + 161, 11)] {
         let mut bad = bytes.clone();
         bad[at_head + offset] = value;
         assert!(decode(&bad).is_err(), "head byte {offset} = {value:#x}");
