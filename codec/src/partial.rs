@@ -2,11 +2,11 @@
 //! the 32-bit lanes that [`crate::AggregatorCodec::store_partial`] writes. The
 //! fixed-point codecs' lanes go up zigzag-coded in groups of [`GROUP_LANES`], each
 //! bit-packed at the fewest bits that hold it (the `bitpacking` crate's
-//! [`BitPacker4x`] layout), so that a block's quiet stretches go up narrower than its
-//! largest values: a rack's sum of two `i8` contributions takes at most 9 bits per
-//! element where their exponents agree, fewer where the values are small beside the
-//! block's largest, none where they are zero. f32 lanes (the float codecs') go up
-//! whole.
+//! [`BitPacker4x`] layout, little-endian words), so that a block's quiet stretches go
+//! up narrower than its largest values: a rack's sum of two `i8` contributions takes
+//! at most 9 bits per element (and a width byte per 128) where their exponents agree,
+//! fewer where the values are small beside the block's largest, none where they are
+//! zero. f32 lanes (the float codecs') go up whole.
 
 use bitpacking::{BitPacker, BitPacker4x};
 
@@ -17,6 +17,15 @@ pub const HEAD_BYTES: usize = 3;
 
 /// The most bits a packed lane takes: a whole 32-bit lane.
 pub const MAX_WIDTH: u8 = 32;
+
+/// Swaps each 32-bit word of `bytes` between the machine's byte order, in which
+/// [`BitPacker4x`] reads and writes them, and the wire's little-endian: nothing to
+/// do on a little-endian machine.
+fn words_to_le(bytes: &mut [u8]) {
+    if cfg!(target_endian = "big") {
+        bytes.chunks_exact_mut(4).for_each(<[u8]>::reverse);
+    }
+}
 
 /// Lanes in a group of a fixed-point block's partial sum, packed at one width: one
 /// [`BitPacker4x`] block. Small enough that a block's quiet stretches go up narrow,
@@ -90,6 +99,7 @@ pub fn encode(
                 out.resize(start + group_bytes(width), 0);
                 out[start] = width;
                 packer.compress(&zigzag, &mut out[start + 1..], width);
+                words_to_le(&mut out[start + 1..]);
             }
             widest
         } else {
@@ -110,20 +120,23 @@ pub fn encode(
 /// Bytes of a block of `n` lanes whose head gives `width`, as [`encode`] writes it,
 /// read from `data` (what follows the block's start): for the fixed-point codecs
 /// (`grouped`), its groups', `None` where a group's width is missing or above
-/// `width`; for the float codecs `n` whole lanes.
+/// `width`, or where `width` is not the widest group's; for the float codecs `n`
+/// whole lanes. The length may run past `data` (a last group cut short): the caller
+/// checks it.
 pub fn block_bytes(n: usize, width: u8, grouped: bool, data: &[u8]) -> Option<usize> {
     if !grouped {
         return Some(n * PARTIAL_LANE_BYTES);
     }
-    let mut len = 0;
+    let (mut len, mut widest) = (0, 0);
     for _ in 0..n.div_ceil(GROUP_LANES) {
         let w = *data.get(len)?;
         if w > width {
             return None;
         }
+        widest = widest.max(w);
         len += group_bytes(w);
     }
-    Some(len)
+    (widest == width).then_some(len)
 }
 
 /// Adds a partial sum's payload (as [`encode`] writes it, its length checked against
@@ -182,10 +195,19 @@ fn unpack(src: &[u8], grouped: bool, out: &mut [u8]) {
     let packer = BitPacker4x::new();
     let mut src = src;
     for group in out.chunks_mut(GROUP_LANES * PARTIAL_LANE_BYTES) {
+        // A width above 32 never passes the wire's checks; read as 32, it stays total.
         let width = src.first().copied().unwrap_or(0).min(MAX_WIDTH);
         let mut zigzag = [0u32; GROUP_LANES];
         if let Some(packed) = src.get(1..group_bytes(width)) {
-            packer.decompress(packed, &mut zigzag, width);
+            if cfg!(target_endian = "little") {
+                packer.decompress(packed, &mut zigzag, width);
+            } else {
+                let mut words = [0u8; GROUP_LANES * PARTIAL_LANE_BYTES];
+                let words = &mut words[..packed.len()];
+                words.copy_from_slice(packed);
+                words_to_le(words);
+                packer.decompress(words, &mut zigzag, width);
+            }
         }
         src = src.get(group_bytes(width)..).unwrap_or(&[]);
         for (o, &z) in group.chunks_exact_mut(PARTIAL_LANE_BYTES).zip(&zigzag) {
@@ -248,10 +270,12 @@ mod tests {
         let mut back_at = [Alignment::EMPTY; MAX_BLOCKS];
         add(codec, &mut back, 4, &mut back_at, &payload, &mut scratch);
         assert_eq!(back, sums);
-        // A group wider than its head is no block; nor is one cut short.
+        // A group wider than its head is no block, nor a head wider than its widest
+        // group, nor one cut short.
         let mut p = payload[HEAD_BYTES..].to_vec();
         p[0] = 6;
         assert_eq!(block_bytes(n, 5, true, &p), None);
+        assert_eq!(block_bytes(n, 31, true, &payload[HEAD_BYTES..]), None);
         assert_eq!(block_bytes(n, 32, true, &p[..p.len() - 1 - 32 * 16]), None);
     }
 

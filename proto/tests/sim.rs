@@ -1332,8 +1332,8 @@ fn a_rack_proves_the_admission_key_to_its_parent() {
 }
 
 /// A rack refuses a chunk whose partial sum could not fit a datagram at 32 bits a
-/// lane (for i8, a width byte per group of 128 too), naming the largest that fits;
-/// a job of that chunk runs and gives the flat result.
+/// lane (for the fixed-point codecs, a width byte per group of 128 too), naming the
+/// largest that fits; a job of that chunk runs and gives the flat result.
 #[test]
 fn a_rack_refuses_a_chunk_too_large_to_send_up_and_names_the_largest() {
     use inagg_proto::aggregator::AggregatorConfig;
@@ -1341,34 +1341,41 @@ fn a_rack_refuses_a_chunk_too_large_to_send_up_and_names_the_largest() {
     use inagg_proto::worker::WorkerError;
     let world = 4u16;
     let agg = AggregatorConfig::default();
-    let too_large = configs(1, world, CodecId::I8, 16_360, 4);
-    let ins = inputs(47, world, 16_360 * 2, false);
-    let mut sim = Sim::with_racks(
-        SimConfig::lossless(4),
-        agg.clone(),
-        agg.clone(),
-        2,
-        too_large,
-    );
-    let most = match sim.allreduce(ins) {
-        Err(inagg_proto::sim::SimError::Worker {
-            error: WorkerError::Refused { code, text },
-            ..
-        }) => {
-            assert_eq!(code, ErrorCode::NoCapacity, "{text}");
-            let most = text
-                .rsplit("at most ")
-                .next()
-                .and_then(|t| t.trim_end_matches(')').parse::<u16>().ok())
-                .unwrap_or_else(|| panic!("no largest chunk in {text:?}"));
-            most
-        }
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(
-        most, 16_256,
-        "127 groups of 513 bytes and two heads fit, 128 do not"
-    );
+    // f32 lanes fill a datagram at 16,366 elements; 127 groups of 513 bytes and their
+    // heads fit, 128 do not. (An f32 chunk one larger does not fit a contribution,
+    // which any aggregator refuses first.)
+    let mut most = 0;
+    for (codec, want) in [
+        (CodecId::F16, 16_366u16),
+        (CodecId::BF16, 16_366),
+        (CodecId::I32, 16_256),
+        (CodecId::I16, 16_256),
+        (CodecId::I8, 16_256),
+    ] {
+        let too_large = configs(1, world, codec, want + 1, 4);
+        let ins = inputs(47, world, usize::from(want + 1) * 2, false);
+        let mut sim = Sim::with_racks(
+            SimConfig::lossless(4),
+            agg.clone(),
+            agg.clone(),
+            2,
+            too_large,
+        );
+        most = match sim.allreduce(ins) {
+            Err(inagg_proto::sim::SimError::Worker {
+                error: WorkerError::Refused { code, text },
+                ..
+            }) => {
+                assert_eq!(code, ErrorCode::NoCapacity, "{codec:?}: {text}");
+                text.rsplit("at most ")
+                    .next()
+                    .and_then(|t| t.trim_end_matches(')').parse::<u16>().ok())
+                    .unwrap_or_else(|| panic!("no largest chunk in {text:?}"))
+            }
+            other => panic!("{codec:?}: {other:?}"),
+        };
+        assert_eq!(most, want, "{codec:?}");
+    }
     let cfgs = configs(1, world, CodecId::I8, most, 4);
     let ins = inputs(47, world, usize::from(most) * 2, false);
     let mut flat = Sim::new(SimConfig::lossless(4), agg.clone(), cfgs.clone());

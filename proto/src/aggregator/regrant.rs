@@ -82,13 +82,15 @@ impl<A: Clone + Eq + std::fmt::Debug> Aggregator<A> {
             .max(1);
         job.arrival = arrival;
         if self.parent.is_some() {
-            // A partial sum takes up to 32 bits per element, whatever the codec.
+            // A partial sum takes up to 32 bits per element, whatever the codec, and a
+            // width byte per 128 for the fixed-point ones (`partial::max_bytes`).
             let fits = |chunk: usize| {
                 DATA_HEADER_LEN + crate::codec::partial::max_bytes(job.codec, chunk) <= MAX_DATAGRAM
             };
             let chunk = usize::from(job.chunk_elems);
             if !fits(chunk) {
-                // Never more than 4 bytes an element fit: a few hundred steps at most.
+                // Never more than 4 bytes an element fit, and every codec fits 16,256
+                // (127 groups of 128): at most 111 steps.
                 let bound = (MAX_DATAGRAM - DATA_HEADER_LEN) / crate::codec::PARTIAL_LANE_BYTES;
                 let most = (1..chunk.min(bound + 1))
                     .rev()

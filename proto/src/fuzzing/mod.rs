@@ -13,8 +13,10 @@ use crate::wire::{self, Control, DataHeader, Join, Message};
 pub mod seeds;
 
 /// Decodes `data` as a datagram; a message that decodes must encode back to the same
-/// bytes (decoding accepts only canonical encodings). Returns the message kind, or
-/// 0 for an error, so that the work cannot be optimized away.
+/// bytes (decoding accepts only canonical encodings of every field it reads), and a
+/// partial sum's payload is added to lanes as a parent adds it
+/// (`codec::partial::add`), which must not panic. Returns the message kind, or 0 for
+/// an error, so that the work cannot be optimized away.
 pub fn decode(data: &[u8]) -> u8 {
     match wire::decode(data) {
         Ok(m) => {
@@ -24,6 +26,13 @@ pub fn decode(data: &[u8]) -> u8 {
                 again, data,
                 "decode accepted a non-canonical encoding: {m:?}"
             );
+            if let Message::Partial(h, payload) = &m {
+                if let Some(c) = codec::lookup(h.codec) {
+                    let mut lanes = vec![0u32; usize::from(h.count)];
+                    let mut at = [codec::Alignment::EMPTY; codec::MAX_BLOCKS];
+                    codec::partial::add(c, &mut lanes, 4, &mut at, payload, &mut Vec::new());
+                }
+            }
             data[3]
         }
         Err(_) => 0,

@@ -36,7 +36,9 @@ use crate::codec::{self, CodecId};
 
 /// The two bytes every inagg datagram starts with.
 pub const MAGIC: [u8; 2] = *b"IA";
-/// The protocol version this crate speaks. Version 4: joins carry a nonce that grants
+/// The protocol version this crate speaks. Version 5: a fixed-point partial sum's lanes
+/// go up zigzag-coded in groups of 128, each packed at its own width
+/// (`codec::partial`). Version 4: joins carry a nonce that grants
 /// and errors echo, the count of allreduces the rank completed (failover re-joins),
 /// and an optional admission proof. Version 3: an `i8` chunk of more than
 /// 8,192 elements has an exponent per 8 Ki-element block, its first block's in
@@ -497,8 +499,8 @@ pub const PARTIAL_HEAD: usize = codec::partial::HEAD_BYTES;
 /// `payload` starts with, if its heads and groups are all there and valid: each
 /// head's width at most 32 (exactly 32 for the codecs that sum in f32); for codecs
 /// that align exponents, `unit <= top`, both `NO_EXPONENT` or neither; for the
-/// others, both `NO_EXPONENT`; for the fixed-point codecs, no group wider than its
-/// block's head ([`codec::partial::block_bytes`]).
+/// others, both `NO_EXPONENT`; for the fixed-point codecs, each head the width of its
+/// block's widest group ([`codec::partial::block_bytes`]).
 pub fn partial_bytes(codec: &dyn codec::Codec, count: usize, payload: &[u8]) -> Option<usize> {
     let blocks = codec::exponent_blocks(codec, count);
     let heads = payload.get(..blocks * PARTIAL_HEAD)?;

@@ -474,8 +474,17 @@ fn partial_sums_decode_by_their_heads() {
     }
     let at_head = DATA_HEADER_LEN;
     // A head narrower than its groups, a width of 33, a unit above the top, one
-    // exponent missing of two, groups wider than their head.
-    for (offset, value) in [(0, 0u8), (3, 33), (1, 0), (5, 0x80), (6, 11), (6 + 161, 11)] {
+    // exponent missing of two, groups wider than their head, a head wider than its
+    // widest group.
+    for (offset, value) in [
+        (0, 0u8),
+        (3, 33),
+        (1, 0),
+        (5, 0x80),
+        (6, 11),
+        (6 + 161, 11),
+        (0, 11),
+    ] {
         let mut bad = bytes.clone();
         bad[at_head + offset] = value;
         assert!(decode(&bad).is_err(), "head byte {offset} = {value:#x}");
