@@ -140,8 +140,9 @@ pub fn block_bytes(n: usize, width: u8, grouped: bool, data: &[u8]) -> Option<us
 }
 
 /// Adds a partial sum's payload (as [`encode`] writes it, its length checked against
-/// its heads and groups, [`block_bytes`]) of `lanes.len()` elements to `lanes`, block
-/// by block ([`crate::AggregatorCodec::add_partial`]), with the whole job's `world`.
+/// its heads and groups by the wire, [`block_bytes`]) of `lanes.len()` elements to
+/// `lanes`, block by block ([`crate::AggregatorCodec::add_partial`]), with the whole
+/// job's `world`. Each block's lanes are read where the block before ended.
 pub fn add(
     codec: &dyn Codec,
     lanes: &mut [u32],
@@ -156,20 +157,19 @@ pub fn add(
     let (heads, mut data) = payload.split_at((k * HEAD_BYTES).min(payload.len()));
     for (b, head) in heads.chunks_exact(HEAD_BYTES).enumerate() {
         let r = block_range(b, count, k);
-        let len = block_bytes(r.len(), head[0], grouped, data)
-            .unwrap_or(data.len())
-            .min(data.len());
-        let (packed, rest) = data.split_at(len);
-        data = rest;
         let bytes = r.len() * PARTIAL_LANE_BYTES;
-        let lanes_in = if !grouped && packed.len() == bytes {
+        let lanes_in = match data.split_at_checked(bytes) {
             // Whole 32-bit lanes are added where they lie.
-            packed
-        } else {
-            // Every byte is written.
-            scratch.resize(bytes, 0);
-            unpack(packed, grouped, scratch);
-            &scratch[..]
+            Some((whole, rest)) if !grouped => {
+                data = rest;
+                whole
+            }
+            _ => {
+                // Every byte is written.
+                scratch.resize(bytes, 0);
+                data = &data[unpack(data, grouped, scratch)..];
+                &scratch[..]
+            }
         };
         let p = Alignment {
             first: false,
@@ -181,24 +181,25 @@ pub fn add(
     }
 }
 
-/// Writes the lanes of one block that `src` holds into `out`, 4 bytes each, every
-/// byte written: groups of [`GROUP_LANES`] (each a width byte and its packed lanes),
-/// or (`grouped` false) whole lanes. A group cut short, or past the end of `src`,
-/// reads as zeros.
-fn unpack(src: &[u8], grouped: bool, out: &mut [u8]) {
+/// Writes the lanes of one block that `src` starts with into `out`, 4 bytes each,
+/// every byte written: groups of [`GROUP_LANES`] (each a width byte and its packed
+/// lanes), or (`grouped` false) whole lanes; returns the bytes of `src` it read. A
+/// group cut short, or past the end of `src`, reads as zeros.
+fn unpack(src: &[u8], grouped: bool, out: &mut [u8]) -> usize {
     if !grouped {
         let n = out.len().min(src.len());
         out[..n].copy_from_slice(&src[..n]);
         out[n..].fill(0);
-        return;
+        return n;
     }
     let packer = BitPacker4x::new();
-    let mut src = src;
+    let mut read = 0;
     for group in out.chunks_mut(GROUP_LANES * PARTIAL_LANE_BYTES) {
+        let rest = &src[read..];
         // A width above 32 never passes the wire's checks; read as 32, it stays total.
-        let width = src.first().copied().unwrap_or(0).min(MAX_WIDTH);
+        let width = rest.first().copied().unwrap_or(0).min(MAX_WIDTH);
         let mut zigzag = [0u32; GROUP_LANES];
-        if let Some(packed) = src.get(1..group_bytes(width)) {
+        if let Some(packed) = rest.get(1..group_bytes(width)) {
             if cfg!(target_endian = "little") {
                 packer.decompress(packed, &mut zigzag, width);
             } else {
@@ -209,12 +210,13 @@ fn unpack(src: &[u8], grouped: bool, out: &mut [u8]) {
                 packer.decompress(words, &mut zigzag, width);
             }
         }
-        src = src.get(group_bytes(width)..).unwrap_or(&[]);
+        read += group_bytes(width).min(rest.len());
         for (o, &z) in group.chunks_exact_mut(PARTIAL_LANE_BYTES).zip(&zigzag) {
             let x = (z >> 1) as i32 ^ -((z & 1) as i32);
             o.copy_from_slice(&x.to_le_bytes());
         }
     }
+    read
 }
 
 #[cfg(test)]
