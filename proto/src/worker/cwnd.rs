@@ -43,11 +43,13 @@
 //! smallest for [`DIP_TIME`]. A BBR flow that drains lowers the rank's RTT and so
 //! restarts its interval, and a rank that dips lowers a BBR flow's: the flows and
 //! the ranks come to empty the queue together, and each sees the path's own delay. Until they
-//! are in step, a rank also joins a drain it sees: when a round's smallest RTT falls
-//! below [`JOIN_FALL`] of the smallest of the [`JOIN_ROUNDS`] rounds before within
-//! one allreduce, by at least [`JOIN_MIN_FALL`], and the next round stays as low,
-//! others are draining the queue, and the rank dips with them (at least
-//! [`JOIN_REST`] after its last dip began). The worker gives the rule to rank 0 alone: a
+//! are in step, a rank also joins a drain it sees: when the median of the last
+//! [`JOIN_RECENT`] rounds' smallest RTTs falls below [`JOIN_FALL`] of the median of
+//! the [`JOIN_ROUNDS`] rounds before, within one allreduce and by at least
+//! [`JOIN_MIN_FALL`], others are draining the queue, and the rank dips with them (at
+//! least [`JOIN_REST`] after its last dip began). Medians, because the window's own
+//! saw moves one round's smallest RTT by 30-50% from the next, where a drain lowers
+//! most of the rounds it spans. The worker gives the rule to rank 0 alone: a
 //! result needs every rank, so one rank's dip holds the whole job's packets back,
 //! and the others' dips would only hold it back again at other moments.
 //!
@@ -111,29 +113,44 @@ struct Dip {
     until: Option<(Instant, u64)>,
     /// The smallest RTT seen during the dip under way, and when.
     dipped_min: Option<(Duration, Instant)>,
-    /// The smallest RTTs of the last [`JOIN_ROUNDS`] rounds of this allreduce.
+    /// The smallest RTTs of the last [`JOIN_ROUNDS`] + [`JOIN_RECENT`] rounds of this
+    /// allreduce, oldest first.
     last_round_mins: VecDeque<Duration>,
-    /// The low point the last round fell below, if it did: a fall counts when the
-    /// next round stays below it too.
-    pending_fall: Option<Duration>,
+    /// Rounds of this allreduce left out so far (up to [`JOIN_SKIP`]).
+    refill_rounds: usize,
     /// When the last dip began.
     last_dip: Option<Instant>,
     /// Dips so far.
     count: u64,
 }
 
-/// A round whose smallest RTT is below this fraction of the smallest of the
-/// [`JOIN_ROUNDS`] rounds before shows others draining the queue.
-pub const JOIN_FALL: f64 = 0.7;
+/// Rounds whose median smallest RTT is below this fraction of the median of the
+/// [`JOIN_ROUNDS`] rounds before show others draining the queue.
+pub const JOIN_FALL: f64 = 0.75;
 
 /// The least fall, in time, that shows others draining: a drain empties a queue of
 /// milliseconds, where a busy host's scheduling moves a short path's RTT by tens of
 /// microseconds to a fraction of a millisecond (on loopback, say).
 pub const JOIN_MIN_FALL: Duration = Duration::from_millis(1);
 
-/// The rounds a fall is measured against: more than a cycle of the window's own saw
-/// (halving and growing back), whose low point is then among them.
+/// The rounds a fall is measured against: about a cycle of the window's own saw
+/// (halving and growing back), whose median its low rounds do not move.
 pub const JOIN_ROUNDS: usize = 8;
+
+/// The latest rounds whose median is compared with the rounds before: a drain of
+/// 200 ms spans more of them than the saw's low rounds, and is seen within about
+/// 100 ms of its start at the rates inagg runs at (a round is 64 results or more).
+pub const JOIN_RECENT: usize = 4;
+
+/// The first rounds of an allreduce, left out of the comparison: they refill the
+/// queue that the gap before the allreduce emptied.
+pub const JOIN_SKIP: usize = 2;
+
+/// The `(n/2 + 1)`-th smallest of `n` values.
+fn median(xs: &mut [Duration]) -> Duration {
+    xs.sort_unstable();
+    xs[xs.len() / 2]
+}
 
 /// The least time from a dip's start to a join (half the interval where that is
 /// shorter). Flows whose drains fall out of step with the rank's dips, a second or two
@@ -218,7 +235,7 @@ impl Cwnd {
             until: None,
             dipped_min: None,
             last_round_mins: VecDeque::new(),
-            pending_fall: None,
+            refill_rounds: 0,
             last_dip: None,
             count: 0,
         });
@@ -233,7 +250,7 @@ impl Cwnd {
     pub fn on_allreduce(&mut self, now: Instant) {
         if let Some(d) = &mut self.dip {
             d.last_round_mins.clear();
-            d.pending_fall = None;
+            d.refill_rounds = 0;
             if d.min_rtt
                 .is_some_and(|(_, at)| now.saturating_duration_since(at) >= d.interval)
             {
@@ -436,32 +453,36 @@ impl Dip {
         }
     }
 
-    /// The end of a round whose smallest RTT was `min`: a sharp fall below the
-    /// rounds before, in two rounds running, starts a dip. The window's own saw
-    /// cannot: its low point is among the rounds before. One round's blip (a busy
-    /// host) cannot either; a drain lasts many rounds. No dip begins while
+    /// The end of a round whose smallest RTT was `min`: a sharp fall of the last
+    /// rounds' median below the median of the rounds before starts a dip. The
+    /// window's own saw cannot: its low rounds are few among either. One round's blip
+    /// (a busy host) cannot either; a drain lasts many rounds. No dip begins while
     /// `overflowing`.
     fn on_round(&mut self, min: Duration, next: u64, now: Instant, overflowing: bool) {
-        let falls = |low: Duration| {
-            min.as_secs_f64() < JOIN_FALL * low.as_secs_f64()
-                && low.saturating_sub(min) >= JOIN_MIN_FALL
-        };
-        let fell = match self.pending_fall.take() {
-            Some(low) => falls(low),
-            None => {
-                self.pending_fall = self
-                    .last_round_mins
-                    .iter()
-                    .min()
-                    .copied()
-                    .filter(|&l| falls(l));
-                false
-            }
-        };
-        if self.last_round_mins.len() == JOIN_ROUNDS {
+        if self.refill_rounds < JOIN_SKIP {
+            self.refill_rounds += 1;
+            return;
+        }
+        if self.last_round_mins.len() == JOIN_RECENT + JOIN_ROUNDS {
             self.last_round_mins.pop_front();
         }
         self.last_round_mins.push_back(min);
+        let fell = self.last_round_mins.len() == JOIN_RECENT + JOIN_ROUNDS && {
+            let mut before: Vec<Duration> = self
+                .last_round_mins
+                .iter()
+                .take(JOIN_ROUNDS)
+                .copied()
+                .collect();
+            let mut recent: Vec<Duration> = self
+                .last_round_mins
+                .iter()
+                .skip(JOIN_ROUNDS)
+                .copied()
+                .collect();
+            let (b, r) = (median(&mut before), median(&mut recent));
+            r.as_secs_f64() < JOIN_FALL * b.as_secs_f64() && b.saturating_sub(r) >= JOIN_MIN_FALL
+        };
         let rested = self
             .last_dip
             .is_none_or(|at| now.saturating_duration_since(at) >= JOIN_REST.min(self.interval / 2));
@@ -714,6 +735,38 @@ mod tests {
         assert_eq!(c.overflows, 0);
         assert!(w[1_000..30_000].iter().all(|&w| w < 32), "{c:?}");
         assert!(c.dips() >= 3, "{c:?}");
+    }
+
+    #[test]
+    fn a_drain_is_seen_through_the_windows_saw() {
+        let t0 = Instant::now();
+        // Rounds of 64 results, one a millisecond. The saw: every third round's smallest RTT
+        // is 5 ms, the others' 8 ms. A drain from 5,000 ms to 5,250 ms takes 30% off every
+        // round, so its rounds stay above the saw's low rounds before it (5.6 ms against
+        // 5 ms) but most of them are well below the rounds' median.
+        let saw = |drain: bool| {
+            move |t: u64| {
+                let ms = if (t / MIN_ROUND) % 3 == 2 { 5.0 } else { 8.0 };
+                let f = if drain && (5_000..5_250).contains(&t) {
+                    0.7
+                } else {
+                    1.0
+                };
+                Duration::from_secs_f64(ms * f / 1e3)
+            }
+        };
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        let w = timed(&mut c, t0, 0, 6_000, saw(true));
+        let joined = w.iter().position(|&w| w == 2);
+        assert!(
+            joined.is_some_and(|t| (5_000..5_000 + 4 * MIN_ROUND as usize).contains(&t)),
+            "{joined:?}"
+        );
+        assert_eq!(c.dips(), 1);
+        // The saw alone is no drain.
+        let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
+        let w = timed(&mut c, t0, 0, 6_000, saw(false));
+        assert!(w.iter().all(|&w| w == 64), "{c:?}");
     }
 
     #[test]
