@@ -154,9 +154,8 @@ fn median(xs: &mut [Duration]) -> Duration {
 
 /// The least time from a dip's start to a join (half the interval where that is
 /// shorter). Flows whose drains fall out of step with the rank's dips, a second or two
-/// after them, are joined, and the rank's next dips fall with theirs. A dip cannot
-/// read as a fall right after it: its low RTTs are among the rounds a fall is
-/// measured against.
+/// after them, are joined, and the rank's next dips fall with theirs. The rank's own
+/// dip, whose rounds are low, is over by then and does not read as a fall.
 pub const JOIN_REST: Duration = Duration::from_secs(1);
 
 /// How long a dip holds the window at its smallest: as long as BBR's drain, so that
@@ -468,18 +467,15 @@ impl Dip {
         }
         self.last_round_mins.push_back(min);
         let fell = self.last_round_mins.len() == JOIN_RECENT + JOIN_ROUNDS && {
-            let mut before: Vec<Duration> = self
-                .last_round_mins
-                .iter()
-                .take(JOIN_ROUNDS)
-                .copied()
-                .collect();
-            let mut recent: Vec<Duration> = self
-                .last_round_mins
-                .iter()
-                .skip(JOIN_ROUNDS)
-                .copied()
-                .collect();
+            let mut before = [Duration::ZERO; JOIN_ROUNDS];
+            let mut recent = [Duration::ZERO; JOIN_RECENT];
+            for (slot, &m) in before
+                .iter_mut()
+                .chain(recent.iter_mut())
+                .zip(&self.last_round_mins)
+            {
+                *slot = m;
+            }
             let (b, r) = (median(&mut before), median(&mut recent));
             r.as_secs_f64() < JOIN_FALL * b.as_secs_f64() && b.saturating_sub(r) >= JOIN_MIN_FALL
         };
