@@ -34,10 +34,11 @@
 //! falls short).
 //!
 //! The dip rule keeps the flows beside the job from taking the job's queue for
-//! their path. TCP BBR takes a path's delay as the smallest RTT it saw in the last
-//! 10 s, and when that has not fallen for 10 s it holds 4 packets in flight for
-//! 200 ms to see the path empty (PROBE_RTT); a queue the job keeps standing through
-//! those 200 ms becomes part of BBR's estimate, and BBR keeps that much more in
+//! their path. TCP BBR takes a path's delay as the smallest RTT it saw in its min-RTT
+//! window ([`DEFAULT_DIP_INTERVAL`]), and when that has not fallen for a window it
+//! holds 4 packets in flight for a short drain ([`DIP_TIME`]) to see the path empty
+//! (PROBE_RTT); a queue the job keeps standing through that drain becomes part of
+//! BBR's estimate, and BBR keeps that much more in
 //! flight, a standing queue of its own. So a rank does what BBR does: when its
 //! smallest RTT has not fallen for the dip interval, its window dips to the
 //! smallest for [`DIP_TIME`]. A BBR flow that drains lowers the rank's RTT and so
@@ -137,9 +138,9 @@ pub const JOIN_MIN_FALL: Duration = Duration::from_millis(1);
 /// (halving and growing back), whose median its low rounds do not move.
 pub const JOIN_ROUNDS: usize = 8;
 
-/// The latest rounds whose median is compared with the rounds before: a drain of
-/// 200 ms spans more of them than the saw's low rounds, and is seen within about
-/// 100 ms of its start at the rates inagg runs at (a round is 64 results or more).
+/// The latest rounds whose median is compared with the rounds before: few enough
+/// that a drain ([`DIP_TIME`] long) fills most of them while it lasts, more than the
+/// saw's low rounds that fall among them.
 pub const JOIN_RECENT: usize = 4;
 
 /// The first rounds of an allreduce, left out of the comparison: they refill the
@@ -672,8 +673,9 @@ mod tests {
         assert_eq!((c.window(), c.decreases), (64, 0));
     }
 
-    /// Feeds results 1 ms apart from `from` for `ms` milliseconds, each with the RTT
-    /// `rtt(t)` at `t` ms since `t0`; returns the windows after each result.
+    /// Feeds results a millisecond apart from `from` for `ms` milliseconds, each with
+    /// the RTT `rtt(t)` at `t` milliseconds since `t0`; returns the windows after each
+    /// result.
     fn timed(
         c: &mut Cwnd,
         t0: Instant,
@@ -712,7 +714,8 @@ mod tests {
         };
         let (c, w) = run(Some(Duration::from_secs(30)));
         assert_eq!(c.overflows, 1);
-        // For 30 s after the burst (at 127 ms) the window follows losses alone: it
+        // For 30 s after the burst (the round ending at result 127) the window follows
+        // losses alone: it
         // grows back to the grant and never dips, although the rank's own queue
         // (its whole window, against the first round's base) is far over the target
         // and its smallest RTT stood for longer than the dip interval ...
@@ -736,14 +739,16 @@ mod tests {
     #[test]
     fn a_drain_is_seen_through_the_windows_saw() {
         let t0 = Instant::now();
-        // Rounds of 64 results, one a millisecond. The saw: every third round's smallest RTT
-        // is 5 ms, the others' 8 ms. A drain from 5,000 ms to 5,250 ms takes 30% off every
-        // round, so its rounds stay above the saw's low rounds before it (5.6 ms against
-        // 5 ms) but most of them are well below the rounds' median.
+        // Rounds of MIN_ROUND results, one a millisecond. The saw: every third round's
+        // smallest RTT is `low`, the others' `high`. A drain over `drain_at` takes 30% off
+        // every round, so its rounds stay above the saw's low rounds before it
+        // (0.7 * high > low) but most of them are well below the rounds' median.
+        let (low, high, drain_at) = (5.0, 8.0, 5_000..5_250);
         let saw = |drain: bool| {
+            let drain_at = drain_at.clone();
             move |t: u64| {
-                let ms = if (t / MIN_ROUND) % 3 == 2 { 5.0 } else { 8.0 };
-                let f = if drain && (5_000..5_250).contains(&t) {
+                let ms = if (t / MIN_ROUND) % 3 == 2 { low } else { high };
+                let f = if drain && drain_at.contains(&t) {
                     0.7
                 } else {
                     1.0
@@ -799,8 +804,8 @@ mod tests {
     fn the_dip_rule_dips_when_the_smallest_rtt_stands_and_joins_others_dips() {
         let t0 = Instant::now();
         let mut c = Cwnd::new(64).with_dip_interval(Some(Duration::from_secs(10)));
-        // A steady RTT: after 10 s the window sits at the smallest for 200 ms, then
-        // comes back whole.
+        // A steady RTT: after the interval the window sits at the smallest for
+        // DIP_TIME, then comes back whole.
         let w = timed(&mut c, t0, 0, 10_500, |_| 5 * MS);
         assert!(w[..10_000].iter().all(|&w| w == 64), "{:?}", &w[..10]);
         assert!(
