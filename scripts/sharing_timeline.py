@@ -3,9 +3,13 @@
 `scripts/sharing.py` ran: one panel per scenario directory (OUT/SCENARIO, where
 sharing.py leaves meter.json and probe.json), each with the Mbit/s that the TCP flows
 and the job delivered through the bottleneck in 100 ms buckets, and beside them the
-probe's round trips.
+probe's round trips. With --slowest N, it also prints the probe's N slowest round
+trips within the job's window, each beside the rates of the flows and of the job in
+its bucket and in the buckets before and after: whether a slow round trip came as
+the job began an allreduce (its rate low before), or in a stretch the flows held.
 
-  scripts/sharing_timeline.py --out timeline.png DIR [DIR ...] [--title TITLE ...]
+  scripts/sharing_timeline.py [--out timeline.png] [--slowest N] DIR [DIR ...]
+      [--title TITLE ...]
 
 A stretch in which the TCP flows hold most of the link and the probe waits longer
 is one in which they keep a queue standing; see docs/performance.md, "Dipping with
@@ -37,18 +41,56 @@ def load(d):
     return [i * bucket for i in range(n)], tcp, job, probe
 
 
+def slowest(d, run, bucket, k):
+    """Prints the k slowest probe round trips within the job's window (from the first to
+    the last bucket in which the job delivered over 1% of the fullest bucket), each with
+    the flows' and the job's rates in the bucket before it, its own and the one after."""
+    t, tcp, job, probe = run
+    full = max((a + b for a, b in zip(tcp, job)), default=0.0)
+    busy = [i for i, r in enumerate(job) if r > 0.01 * full]
+    if not busy:
+        print(f"{d}: the job delivered nothing through the bottleneck")
+        return
+    lo, hi = busy[0] * bucket, (busy[-1] + 1) * bucket
+    inside = [(s, ms) for s, ms in probe if lo <= s < hi]
+    worst = sorted(sorted(inside, key=lambda x: -x[1])[:k])
+    print(f"{d}: {len(inside)} probe round trips in the job's window "
+          f"({lo:.1f}-{hi:.1f} s since the meter started); the {len(worst)} slowest:")
+    print(f"  {'s in it':>9} {'ms':>6}   {'TCP Mbit/s before, in, after':<32}the job's")
+
+    def around(rates, i):
+        return " ".join(f"{rates[j]:5.0f}" if 0 <= j < len(rates) else "    -"
+                        for j in (i - 1, i, i + 1))
+
+    for s, ms in worst:
+        i = int(s / bucket)
+        print(f"  {s - lo:9.2f} {ms:6.1f}   {around(tcp, i):<32}{around(job, i)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", help="sharing.py's OUT/SCENARIO directories")
     ap.add_argument("--title", action="append", default=[],
                     help="a panel's title, in the order of the directories")
-    ap.add_argument("--out", required=True, help="the PNG to write")
+    ap.add_argument("--out", help="the PNG to write")
+    ap.add_argument("--slowest", type=int, metavar="N",
+                    help="print the probe's N slowest round trips in the job's window")
     a = ap.parse_args()
+    if a.out is None and a.slowest is None:
+        ap.error("give --out PNG, --slowest N, or both")
+    if a.slowest is not None and a.slowest < 1:
+        ap.error("--slowest must be at least 1")
+    runs = [load(d) for d in a.dirs]
+    if a.slowest is not None:
+        for d, run in zip(a.dirs, runs):
+            bucket = run[0][1] - run[0][0] if len(run[0]) > 1 else 0.1
+            slowest(d, run, bucket, a.slowest)
+    if a.out is None:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(a.dirs), 1, figsize=(9, 3.2 * len(a.dirs)), squeeze=False)
-    runs = [load(d) for d in a.dirs]
     # One scale for the probe in every panel, so that the panels compare.
     top = max((y for *_, probe in runs for _, y in probe), default=1) * 1.1
     for k, ((t, tcp, job, probe), d, ax) in enumerate(zip(runs, a.dirs, axes[:, 0])):

@@ -251,6 +251,38 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
     assert!(png.exists());
     let (st, _, err) = timeline(&dir.0.join("nothing-here"));
     assert!(!st.success() && err.contains("sharing_timeline: "), "{err}");
+    // The probe's slowest round trips in the job's window, each beside the rates around
+    // it; and a call that asks for nothing.
+    let listed = |args: &[&str]| {
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(script("sharing_timeline.py"))
+            .args(args)
+            .arg(dir.0.join("inagg"));
+        run_bounded(cmd, Duration::from_secs(120))
+    };
+    let (st, out, err) = listed(&["--slowest", "3"]);
+    assert!(
+        st.success(),
+        "sharing_timeline.py --slowest failed: {out}\n{err}"
+    );
+    let rows: Vec<Vec<f64>> = out
+        .lines()
+        .skip_while(|l| !l.contains("TCP Mbit/s"))
+        .skip(1)
+        // A bucket outside the meter reads "-".
+        .map(|l| {
+            l.split_whitespace()
+                .map(|f| f.parse().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    // Seconds into the window, the round trip, three TCP rates and three of the job's;
+    // the slowest are listed in time order.
+    assert!(rows.iter().all(|r| r.len() == 8 && r[1] > 0.0), "{out}");
+    assert!(rows.windows(2).all(|w| w[0][0] <= w[1][0]), "{out}");
+    let (st, _, err) = listed(&[]);
+    assert!(!st.success() && err.contains("give --out PNG"), "{err}");
 }
 
 #[test]
