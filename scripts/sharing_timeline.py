@@ -16,9 +16,17 @@ is one in which they keep a queue standing; see docs/performance.md, "Dipping wi
 BBR".
 """
 import argparse
+import heapq
 import json
 import sys
+from collections import namedtuple
 from pathlib import Path
+
+from sharing import is_job, window
+
+# One scenario's run: bucket start times (s since the meter started), the TCP flows'
+# and the job's Mbit/s per bucket, the probe's (sent, ms), and the meter's counts.
+Run = namedtuple("Run", "t tcp job probe meter")
 
 
 def load(d):
@@ -36,24 +44,25 @@ def load(d):
                 * 8 / bucket / 1e6 for i in range(n)]
 
     tcp = rate(lambda s: s.startswith("198.18.1."))
-    job = rate(lambda s: s.startswith("198.18.0."))
+    job = rate(is_job)
     probe = [(sent - t0, ms) for sent, ms in p.get("samples", [])]
-    return [i * bucket for i in range(n)], tcp, job, probe
+    return Run([i * bucket for i in range(n)], tcp, job, probe, m)
 
 
-def slowest(d, run, bucket, k):
-    """Prints the k slowest probe round trips within the job's window (from the first to
-    the last bucket in which the job delivered over 1% of the fullest bucket), each with
-    the flows' and the job's rates in the bucket before it, its own and the one after."""
-    t, tcp, job, probe = run
-    full = max((a + b for a, b in zip(tcp, job)), default=0.0)
-    busy = [i for i, r in enumerate(job) if r > 0.01 * full]
-    if not busy:
-        print(f"{d}: the job delivered nothing through the bottleneck")
-        return
-    lo, hi = busy[0] * bucket, (busy[-1] + 1) * bucket
-    inside = [(s, ms) for s, ms in probe if lo <= s < hi]
-    worst = sorted(sorted(inside, key=lambda x: -x[1])[:k])
+def slowest(d, run, k):
+    """Prints the k slowest probe round trips within the job's window (sharing.py's:
+    the link's rate taken as the fullest bucket's), each with the flows' and the
+    job's rates in the bucket before it, its own and the one after."""
+    try:
+        job = json.loads((Path(d) / "job.json").read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"sharing_timeline: {d}: {e!r}")
+    bucket = run.meter["bucket_s"]
+    full = max((a + b for a, b in zip(run.tcp, run.job)), default=0.0)
+    first, last = window(run.meter, job, full * 1e6)
+    lo, hi = first * bucket, (last + 1) * bucket
+    inside = [(s, ms) for s, ms in run.probe if lo <= s < hi]
+    worst = sorted(heapq.nlargest(k, inside, key=lambda x: x[1]))
     print(f"{d}: {len(inside)} probe round trips in the job's window "
           f"({lo:.1f}-{hi:.1f} s since the meter started); the {len(worst)} slowest:")
     print(f"  {'s in it':>9} {'ms':>6}   {'TCP Mbit/s before, in, after':<32}the job's")
@@ -64,7 +73,7 @@ def slowest(d, run, bucket, k):
 
     for s, ms in worst:
         i = int(s / bucket)
-        print(f"  {s - lo:9.2f} {ms:6.1f}   {around(tcp, i):<32}{around(job, i)}")
+        print(f"  {s - lo:9.2f} {ms:6.1f}   {around(run.tcp, i):<32}{around(run.job, i)}")
 
 
 def main():
@@ -83,8 +92,7 @@ def main():
     runs = [load(d) for d in a.dirs]
     if a.slowest is not None:
         for d, run in zip(a.dirs, runs):
-            bucket = run[0][1] - run[0][0] if len(run[0]) > 1 else 0.1
-            slowest(d, run, bucket, a.slowest)
+            slowest(d, run, a.slowest)
     if a.out is None:
         return
     import matplotlib
@@ -92,8 +100,8 @@ def main():
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(a.dirs), 1, figsize=(9, 3.2 * len(a.dirs)), squeeze=False)
     # One scale for the probe in every panel, so that the panels compare.
-    top = max((y for *_, probe in runs for _, y in probe), default=1) * 1.1
-    for k, ((t, tcp, job, probe), d, ax) in enumerate(zip(runs, a.dirs, axes[:, 0])):
+    top = max((y for run in runs for _, y in run.probe), default=1) * 1.1
+    for k, ((t, tcp, job, probe, _), d, ax) in enumerate(zip(runs, a.dirs, axes[:, 0])):
         ax.plot(t, tcp, color="grey", lw=0.8, label="TCP flows, Mbit/s")
         ax.plot(t, job, color="tab:blue", lw=0.8, label="the job, Mbit/s")
         ax.set_ylabel("Mbit/s through the bottleneck")

@@ -154,8 +154,7 @@ pub struct Tuning {
     /// Milliseconds the smallest RTT this rank measured may stand before it holds
     /// its window at the smallest for as long as a BBR drain, to see the path empty
     /// as TCP BBR does (so that BBR flows beside the job do not take its queue for
-    /// their path): the
-    /// dip rule of the congestion control; 0 turns the rule off. Rank 0's setting
+    /// their path): the dip rule of the congestion control; 0 turns the rule off. Rank 0's setting
     /// is the job's: rank 0 alone dips, and its dip holds every rank back.
     #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_DIP_INTERVAL.as_millis() as u64)]
     pub dip_interval_ms: u64,

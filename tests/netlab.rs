@@ -238,29 +238,22 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
     );
     // The same run over time, and a directory that holds no run.
     let png = dir.0.join("timeline.png");
-    let timeline = |run: &std::path::Path| {
-        let mut cmd = Command::new("/usr/bin/python3");
-        cmd.arg(script("sharing_timeline.py"))
-            .arg(run)
-            .arg("--out")
-            .arg(&png);
-        run_bounded(cmd, Duration::from_secs(120))
-    };
-    let (st, out, err) = timeline(&dir.0.join("inagg"));
-    assert!(st.success(), "sharing_timeline.py failed: {out}\n{err}");
-    assert!(png.exists());
-    let (st, _, err) = timeline(&dir.0.join("nothing-here"));
-    assert!(!st.success() && err.contains("sharing_timeline: "), "{err}");
-    // The probe's slowest round trips in the job's window, each beside the rates around
-    // it; and a call that asks for nothing.
-    let listed = |args: &[&str]| {
+    let png_arg = png.to_str().expect("a UTF-8 temporary path");
+    let timeline = |run: &str, args: &[&str]| {
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(script("sharing_timeline.py"))
             .args(args)
-            .arg(dir.0.join("inagg"));
+            .arg(dir.0.join(run));
         run_bounded(cmd, Duration::from_secs(120))
     };
-    let (st, out, err) = listed(&["--slowest", "3"]);
+    let (st, out, err) = timeline("inagg", &["--out", png_arg]);
+    assert!(st.success(), "sharing_timeline.py failed: {out}\n{err}");
+    assert!(png.exists());
+    let (st, _, err) = timeline("nothing-here", &["--out", png_arg]);
+    assert!(!st.success() && err.contains("sharing_timeline: "), "{err}");
+    // The probe's slowest round trips in the job's window, each beside the rates around
+    // it; and a call that asks for nothing.
+    let (st, out, err) = timeline("inagg", &["--slowest", "3"]);
     assert!(
         st.success(),
         "sharing_timeline.py --slowest failed: {out}\n{err}"
@@ -281,7 +274,7 @@ fn an_inagg_job_and_two_tcp_flows_each_get_a_share_of_a_shaped_bottleneck() {
     // the slowest are listed in time order.
     assert!(rows.iter().all(|r| r.len() == 8 && r[1] > 0.0), "{out}");
     assert!(rows.windows(2).all(|w| w[0][0] <= w[1][0]), "{out}");
-    let (st, _, err) = listed(&[]);
+    let (st, _, err) = timeline("inagg", &[]);
     assert!(!st.success() && err.contains("give --out PNG"), "{err}");
 }
 

@@ -468,15 +468,11 @@ impl Dip {
         }
         self.last_round_mins.push_back(min);
         let fell = self.last_round_mins.len() == JOIN_RECENT + JOIN_ROUNDS && {
-            let mut before = [Duration::ZERO; JOIN_ROUNDS];
-            let mut recent = [Duration::ZERO; JOIN_RECENT];
-            for (slot, &m) in before
-                .iter_mut()
-                .chain(recent.iter_mut())
-                .zip(&self.last_round_mins)
-            {
-                *slot = m;
-            }
+            let rounds = self.last_round_mins.make_contiguous();
+            let (mut before, mut recent) =
+                ([Duration::ZERO; JOIN_ROUNDS], [Duration::ZERO; JOIN_RECENT]);
+            before.copy_from_slice(&rounds[..JOIN_ROUNDS]);
+            recent.copy_from_slice(&rounds[JOIN_ROUNDS..]);
             let (b, r) = (median(&mut before), median(&mut recent));
             r.as_secs_f64() < JOIN_FALL * b.as_secs_f64() && b.saturating_sub(r) >= JOIN_MIN_FALL
         };
@@ -715,10 +711,9 @@ mod tests {
         let (c, w) = run(Some(Duration::from_secs(30)));
         assert_eq!(c.overflows, 1);
         // For 30 s after the burst (the round ending at result 127) the window follows
-        // losses alone: it
-        // grows back to the grant and never dips, although the rank's own queue
-        // (its whole window, against the first round's base) is far over the target
-        // and its smallest RTT stood for longer than the dip interval ...
+        // losses alone: it grows back to the grant and never dips, although the rank's
+        // own queue (its whole window, against the first round's base) is far over the
+        // target and its smallest RTT stood for longer than the dip interval ...
         let aside = &w[..30_000];
         assert!(aside.iter().all(|&w| w >= 32), "{c:?}");
         assert_eq!(aside.last(), Some(&64));
