@@ -40,6 +40,16 @@ pub fn codec(s: &str) -> Result<CodecArg, String> {
         .ok_or_else(|| format!("unknown codec {s:?}; known: {}", codec::names().join(", ")))
 }
 
+/// The clap value parser of `--pacing-gain`: 0 (off), or a number of at least 1.
+pub fn pacing_gain(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(g) if g == 0.0 || (g >= 1.0 && g.is_finite()) => Ok(g),
+        _ => Err(format!(
+            "{s:?} is not a pacing gain: give 0 (off) or a number of at least 1"
+        )),
+    }
+}
+
 /// How workers reach their aggregator (`--transport`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -164,6 +174,14 @@ pub struct Tuning {
     /// congestion control; 0 turns the rule off.
     #[arg(long, default_value_t = inagg_proto::worker::DEFAULT_OVERFLOW_HOLD.as_millis() as u64)]
     pub overflow_hold_ms: u64,
+    /// Send each rank's contributions at most this many times as fast as its results
+    /// came back over about the last second, so that its packets leave spread out and,
+    /// when flows beside the job drain a shared queue (TCP BBR does every 10 s), the
+    /// job's part of it empties too: the pacing rule of the congestion control; at
+    /// least 1, or 0 to turn the rule off. Default: 1.25 toward any aggregator but a
+    /// loopback one, where no link is shared (off).
+    #[arg(long, value_parser = pacing_gain)]
+    pub pacing_gain: Option<f64>,
     /// With `--transport quic`: messages on a stream or as QUIC datagrams.
     #[arg(long, value_enum, default_value_t = QuicMode::Stream)]
     pub quic_mode: QuicMode,

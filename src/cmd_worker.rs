@@ -95,6 +95,9 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.protocol.queue_target = (a.tuning.queue_target > 0).then_some(a.tuning.queue_target);
+    if let Some(g) = a.tuning.pacing_gain {
+        o.protocol.pacing_gain = (g > 0.0).then_some(g);
+    }
     o.protocol.dip_interval =
         (a.tuning.dip_interval_ms > 0).then(|| Duration::from_millis(a.tuning.dip_interval_ms));
     o.protocol.overflow_hold =

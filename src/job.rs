@@ -304,6 +304,11 @@ fn worker_args(a: &JobSpec, aggs: &[SocketAddr], job: u32, rank: u16, codec: &st
         "--overflow-hold-ms".to_string(),
         t.overflow_hold_ms.to_string(),
     ])
+    .chain(
+        t.pacing_gain
+            .into_iter()
+            .flat_map(|g| ["--pacing-gain".to_string(), g.to_string()]),
+    )
     .chain(t.no_multicast.then(|| "--no-multicast".to_string()))
     .chain(t.no_ecn.then(|| "--no-ecn".to_string()))
     .chain(

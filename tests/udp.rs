@@ -549,6 +549,17 @@ fn bad_input_gets_a_clear_error() {
         err.contains("'often'") && err.contains("--yields-before-sleep"),
         "{err}"
     );
+    // A gain below 1 would slow a rank down for good.
+    for gain in ["0.5", "-1", "NaN", "fast"] {
+        let mut cmd = inagg();
+        cmd.args(["bench", "--workers", "2", &format!("--pacing-gain={gain}")]);
+        let (st, _, err) = common::run_bounded(cmd, Duration::from_secs(10));
+        assert!(!st.success(), "--pacing-gain {gain} accepted");
+        assert!(
+            err.contains("--pacing-gain") && err.contains("is not a pacing gain"),
+            "{err}"
+        );
+    }
     let out = inagg()
         .args([
             "worker",

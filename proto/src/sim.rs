@@ -50,6 +50,33 @@ pub struct Bottleneck {
     pub queue_bytes: usize,
     /// Contributions are marked while more than this many bytes wait.
     pub mark_bytes: usize,
+    /// A stretch in which others sharing the link drain their part of its queue
+    /// (`None`: none).
+    pub drain: Option<Drain>,
+}
+
+/// Other flows sharing the bottleneck draining their part of its queue, as TCP BBR
+/// does for its PROBE_RTT: from `from` until `until` after the simulation's start,
+/// the link serves the job at `bytes_per_sec` (the link's whole rate, where
+/// `Bottleneck::bytes_per_sec` is the part the others leave it).
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    /// When the drain begins, after the simulation's start.
+    pub from: Duration,
+    /// When it ends.
+    pub until: Duration,
+    /// The rate at which the link serves the job meanwhile.
+    pub bytes_per_sec: f64,
+}
+
+impl Bottleneck {
+    /// The rate at which the link serves the job `since` the simulation's start.
+    fn rate(&self, since: Duration) -> f64 {
+        match self.drain {
+            Some(d) if (d.from..d.until).contains(&since) => d.bytes_per_sec,
+            _ => self.bytes_per_sec,
+        }
+    }
 }
 
 impl SimConfig {
@@ -146,12 +173,22 @@ pub struct NetStats {
     /// The time those datagrams found queued ahead of them, summed, in nanoseconds:
     /// what a short flow crossing the link would have waited.
     pub bottleneck_wait_ns: u64,
+    /// Datagrams that reached the bottleneck during its drain ([`Drain`]).
+    pub drain_arrivals: u64,
+    /// The time those found queued ahead of them, summed, in nanoseconds.
+    pub drain_wait_ns: u64,
 }
 
 impl NetStats {
     /// The mean time a datagram arriving at the bottleneck found queued ahead of it.
     pub fn mean_bottleneck_wait(&self) -> Duration {
         Duration::from_nanos(self.bottleneck_wait_ns / self.bottleneck_arrivals.max(1))
+    }
+
+    /// The mean time a datagram arriving at the bottleneck during its drain found
+    /// queued ahead of it.
+    pub fn mean_drain_wait(&self) -> Duration {
+        Duration::from_nanos(self.drain_wait_ns / self.drain_arrivals.max(1))
     }
 }
 
@@ -708,10 +745,17 @@ impl Sim {
         }
         if let (Some(b), Node::Aggregator) = (self.cfg.bottleneck, to) {
             let start = self.link_free.max(self.now);
+            let wait = u64::try_from((start - self.now).as_nanos()).unwrap_or(u64::MAX);
             self.net.bottleneck_arrivals += 1;
-            self.net.bottleneck_wait_ns +=
-                u64::try_from((start - self.now).as_nanos()).unwrap_or(u64::MAX);
-            let queued = (start - self.now).as_secs_f64() * b.bytes_per_sec;
+            self.net.bottleneck_wait_ns += wait;
+            if b.drain
+                .is_some_and(|d| (d.from..d.until).contains(&(self.now - self.start)))
+            {
+                self.net.drain_arrivals += 1;
+                self.net.drain_wait_ns += wait;
+            }
+            let rate = b.rate(start - self.start);
+            let queued = (start - self.now).as_secs_f64() * rate;
             if queued > b.queue_bytes as f64 {
                 self.net.queue_drops += 1;
                 return;
@@ -720,7 +764,7 @@ impl Sim {
             if queued > b.mark_bytes as f64 && crate::wire::mark_contribution(&mut bytes) {
                 self.net.marked += 1;
             }
-            self.link_free = start + Duration::from_secs_f64(bytes.len() as f64 / b.bytes_per_sec);
+            self.link_free = start + Duration::from_secs_f64(bytes.len() as f64 / rate);
             self.sent += 1;
             self.wire.push(Reverse(Flight {
                 at: self.link_free + self.cfg.latency,

@@ -659,6 +659,7 @@ fn shared_bottleneck_with(
             bytes_per_sec: 50e6,
             queue_bytes: 256 << 10,
             mark_bytes: 32 << 10,
+            drain: None,
         }),
         ..SimConfig::lossless(9)
     };
@@ -751,6 +752,7 @@ fn through_a_drop_tail_queue(queue_target: Option<u32>) -> (f64, std::time::Dura
             bytes_per_sec: 50e6,
             queue_bytes: 4 << 20,
             mark_bytes: usize::MAX,
+            drain: None,
         }),
         ..SimConfig::lossless(11)
     };
@@ -794,6 +796,57 @@ fn the_queue_rule_keeps_a_drop_tail_queue_short_at_the_same_throughput() {
     );
 }
 
+/// One job through a drop-tail bottleneck that others share, with the queue rule off
+/// so that each rank keeps its whole window queued, as it does beside flows that keep
+/// the queue long; for 200 ms the others drain (the link serves the job at 2.5 times
+/// the rate). Returns the mean wait a datagram found at the link during the drain.
+fn through_a_drain(pacing_gain: Option<f64>) -> std::time::Duration {
+    use inagg_proto::sim::{Bottleneck, Drain};
+    use std::time::Duration;
+    let (world, chunk, chunks) = (2u16, 256u16, 4000usize);
+    let cfg = SimConfig {
+        bottleneck: Some(Bottleneck {
+            bytes_per_sec: 10e6,
+            queue_bytes: 4 << 20,
+            mark_bytes: usize::MAX,
+            drain: Some(Drain {
+                from: Duration::from_millis(1500),
+                until: Duration::from_millis(1700),
+                bytes_per_sec: 25e6,
+            }),
+        }),
+        ..SimConfig::lossless(13)
+    };
+    let mut cfgs = configs(1, world, CodecId::F32, chunk, 64);
+    for c in &mut cfgs {
+        c.queue_target = None;
+        c.dip_interval = None;
+        c.pacing_gain = pacing_gain;
+    }
+    let ins = inputs(1, world, usize::from(chunk) * chunks, true);
+    let mut sim = Sim::new(cfg, Default::default(), cfgs);
+    sim.run_continuously(ins, Duration::ZERO, Duration::from_millis(2000))
+        .expect("run");
+    assert_eq!(sim.net.queue_drops, 0, "{:?}", sim.net);
+    assert!(sim.net.drain_arrivals > 1000, "{:?}", sim.net);
+    sim.net.mean_drain_wait()
+}
+
+/// A window alone keeps its packets queued while others drain, and a flow that
+/// measures the path then (TCP BBR) takes the job's queue for the path; paced at a
+/// little more than its rate, the job lets the queue empty.
+#[test]
+fn a_paced_job_lets_a_queue_that_others_drain_empty() {
+    use inagg_proto::worker::PACING_GAIN;
+    use std::time::Duration;
+    let window = through_a_drain(None);
+    let paced = through_a_drain(Some(PACING_GAIN));
+    eprintln!("mean wait during the drain: by the window alone {window:?}, paced {paced:?}");
+    // Two ranks' 64 packets of 1 KiB and more, at 25 MB/s.
+    assert!(window > Duration::from_millis(4), "{window:?}");
+    assert!(paced <= window / 4, "{paced:?} against {window:?}");
+}
+
 /// One job through a drop-tail queue deep enough never to drop, where each window it
 /// sends at an allreduce's start waits longer than the timeouts its ranks set before
 /// the queue stood: results keep coming, so no timer fires (each waits a timeout after
@@ -807,6 +860,7 @@ fn a_standing_queue_fires_no_timer_and_leaves_the_window_alone() {
             bytes_per_sec: 10e6,
             queue_bytes: 4 << 20,
             mark_bytes: usize::MAX,
+            drain: None,
         }),
         ..SimConfig::lossless(12)
     };

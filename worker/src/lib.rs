@@ -127,6 +127,7 @@ impl Options {
             protocol.chunk_elems = default_chunk_elems(c, &aggregator);
             protocol.window = default_window_for(c, &aggregator, protocol.chunk_elems, false);
         }
+        protocol.pacing_gain = default_pacing_gain(&aggregator);
         Self {
             aggregator,
             stripes: Vec::new(),
@@ -195,6 +196,14 @@ pub fn default_chunk_elems(codec: &dyn inagg_proto::codec::Codec, aggregator: &S
         elems -= elems % block;
     }
     u16::try_from(elems).unwrap_or(u16::MAX)
+}
+
+/// The pacing rule's gain by default (docs/protocol.md 6.10): off toward a loopback
+/// aggregator, where no link is shared and pacing would only add wakeups on busy cores
+/// (docs/performance.md, "Pacing"), and
+/// [`PACING_GAIN`](inagg_proto::worker::PACING_GAIN) toward any other.
+pub fn default_pacing_gain(aggregator: &SocketAddr) -> Option<f64> {
+    (!aggregator.ip().is_loopback()).then_some(inagg_proto::worker::PACING_GAIN)
 }
 
 /// Bytes a rank keeps in flight by default: 512 KiB on a network (64 slots of 8 KiB

@@ -50,6 +50,10 @@ pub struct WorkerConfig {
     /// aside after a loss burst, while loss-based flows keep the queue overflowing:
     /// the overflow rule ([`Cwnd`](super::Cwnd)); `None` turns it off.
     pub overflow_hold: Option<Duration>,
+    /// With congestion control, the pacing rule: the rank sends at most this many
+    /// times the rate at which its results came back over about the last second
+    /// ([`Pacer`](super::Pacer)), at least 1; `None` turns it off.
+    pub pacing_gain: Option<f64>,
     /// The job's shared secret, at most 64 bytes.
     pub secret: Vec<u8>,
     /// How often to resend a join until the grant arrives.
@@ -106,6 +110,9 @@ impl WorkerConfig {
                 max: codec.max_world(),
             });
         }
+        if let Some(g) = self.pacing_gain.filter(|g| !(*g >= 1.0 && g.is_finite())) {
+            return Err(ConfigError::PacingGain(g.to_string()));
+        }
         if self.secret.len() > MAX_SECRET_LEN {
             return Err(ConfigError::Secret);
         }
@@ -132,6 +139,7 @@ impl WorkerConfig {
             queue_target: Some(DEFAULT_QUEUE_TARGET),
             dip_interval: Some(super::DEFAULT_DIP_INTERVAL),
             overflow_hold: Some(super::DEFAULT_OVERFLOW_HOLD),
+            pacing_gain: Some(super::PACING_GAIN),
             secret: Vec::new(),
             join_interval: Duration::from_millis(200),
             join_timeout: DEFAULT_JOIN_TIMEOUT,

@@ -62,9 +62,18 @@
 //! and no dip begins, and the window follows losses alone, as theirs do. Flows that
 //! keep their queue short (BBR beside a deep buffer, a job alone within its grant)
 //! overflow nothing, and the delay rules keep their queue short too.
+//!
+//! The window bounds what a rank keeps in flight, not how fast it sends: when others
+//! drain the queue, results come back faster and the rank's whole window stands in
+//! the queue through the drain. The pacing rule ([`Pacer`], `pacer.rs`, kept here
+//! with the window's other rules) holds the rank to a little more than its recent
+//! rate, so that the queue empties while others drain it; rank 0's dips and joins
+//! still show BBR flows the drains they miss.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use super::pacer::Pacer;
 
 /// AIMD state of one worker, kept across allreduces.
 #[derive(Debug, Clone)]
@@ -99,6 +108,8 @@ pub struct Cwnd {
     last_burst: Option<Instant>,
     /// Loss bursts that set the delay rules aside (or kept them aside) so far.
     pub overflows: u64,
+    /// Pacing (`None`: off).
+    pacer: Option<Pacer>,
 }
 
 /// The dip rule's state: the smallest RTT since it last fell or since the last
@@ -208,6 +219,37 @@ impl Cwnd {
             overflow_hold: None,
             last_burst: None,
             overflows: 0,
+            pacer: None,
+        }
+    }
+
+    /// The same window with pacing at `gain` times the rate of results (`None`: off).
+    pub fn with_pacing(mut self, gain: Option<f64>) -> Self {
+        self.pacer = gain.map(Pacer::new);
+        self
+    }
+
+    /// Whether pacing lets a packet go out at `now` (always, with pacing off).
+    pub fn may_send(&mut self, now: Instant) -> bool {
+        self.pacer.as_mut().is_none_or(|p| p.may_send(now))
+    }
+
+    /// A packet went out.
+    pub fn on_sent(&mut self) {
+        if let Some(p) = &mut self.pacer {
+            p.on_sent();
+        }
+    }
+
+    /// When pacing lets a held-back packet go out.
+    pub fn pacing_timer(&self) -> Option<Instant> {
+        self.pacer.as_ref().and_then(Pacer::held_until)
+    }
+
+    /// The pacing timer fired.
+    pub fn on_pacing_timer(&mut self) {
+        if let Some(p) = &mut self.pacer {
+            p.release();
         }
     }
 
@@ -248,6 +290,9 @@ impl Cwnd {
     /// BBR skips its drain when it restarts from idle: the rank's part of the queue
     /// is empty then.
     pub fn on_allreduce(&mut self, now: Instant) {
+        if let Some(p) = &mut self.pacer {
+            p.restart_sample();
+        }
         if let Some(d) = &mut self.dip {
             d.last_round_mins.clear();
             d.refill_rounds = 0;
@@ -316,6 +361,14 @@ impl Cwnd {
         let overflowing = self.overflowing(now);
         if let Some(d) = &mut self.dip {
             d.on_result(seq, rtt, next, now, overflowing);
+        }
+        let dipping = self.dipping();
+        if let Some(p) = &mut self.pacer {
+            if dipping {
+                p.restart_sample();
+            } else {
+                p.on_result(now);
+            }
         }
         if marked {
             self.decrease(seq, next);

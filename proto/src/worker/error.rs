@@ -25,6 +25,9 @@ pub enum ConfigError {
     /// Secret too long.
     #[error("the job secret is longer than {MAX_SECRET_LEN} bytes")]
     Secret,
+    /// A pacing gain below 1 (the rank would send ever slower) or not a number.
+    #[error("the pacing gain must be at least 1, got {0}")]
+    PacingGain(String),
     /// Chunk size or window of zero, or a chunk that does not fit a datagram.
     #[error("chunk size and window must be positive and a chunk must fit a datagram")]
     Size,

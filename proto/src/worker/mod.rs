@@ -18,14 +18,16 @@
 //! it. Every rank sees the same flagged results, so all switch at the same boundary.
 //!
 //! This file holds the state machine; `config.rs` its settings, `error.rs` its
-//! errors, `allreduce.rs` one allreduce's window, `cwnd.rs` and `rtt.rs` congestion
-//! control and timeouts, `dropped.rs` the datagrams it drops.
+//! errors, `allreduce.rs` one allreduce's window, `cwnd.rs`, `pacer.rs` and `rtt.rs`
+//! congestion control, pacing and timeouts, `timers.rs` its deadlines, `dropped.rs`
+//! the datagrams it drops.
 
 mod allreduce;
 mod config;
 mod cwnd;
 mod dropped;
 mod error;
+mod pacer;
 mod rtt;
 mod timers;
 
@@ -38,6 +40,7 @@ pub use config::{
 };
 pub use dropped::{DropReason, Dropped};
 pub use error::{ConfigError, WorkerError};
+pub use pacer::{Pacer, PACING_GAIN};
 pub use rtt::RttEstimator;
 use timers::{Timer, TimerTable};
 
@@ -141,6 +144,7 @@ fn congestion_window(config: &WorkerConfig, window: u32) -> Cwnd {
         .with_queue_target(config.queue_target)
         .with_dip_interval(config.dip_interval.filter(|_| config.rank == 0))
         .with_overflow_hold(config.overflow_hold)
+        .with_pacing(config.pacing_gain)
 }
 
 impl Worker {
@@ -630,14 +634,21 @@ impl Worker {
             }
             State::Running(op) => {
                 let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
-                if let Some(tail) = op.poll_transmit(
-                    now,
-                    window,
-                    &self.rtt,
-                    data,
-                    buf,
-                    by_ref.then_some(&mut self.payloads),
-                ) {
+                let paced = !self.config.congestion_control || self.cwnd.may_send(now);
+                if let Some(tail) = paced
+                    .then(|| {
+                        op.poll_transmit(
+                            now,
+                            window,
+                            &self.rtt,
+                            data,
+                            buf,
+                            by_ref.then_some(&mut self.payloads),
+                        )
+                    })
+                    .flatten()
+                {
+                    self.cwnd.on_sent();
                     self.last_sent = now;
                     return Some(tail);
                 } else if self.heartbeat_due {
@@ -738,6 +749,9 @@ impl Worker {
                 if let Some(r) = op.poll_timeout() {
                     t.set(Timer::Retransmit, r);
                 }
+                if let Some(p) = self.cwnd.pacing_timer() {
+                    t.set(Timer::Pace, p);
+                }
             }
             State::Closing { next, .. } => t.set(Timer::Leave, *next),
             State::Failed(_) | State::Closed => {}
@@ -788,6 +802,7 @@ impl Worker {
                         self.state = State::Closed;
                     }
                 }
+                Timer::Pace => self.cwnd.on_pacing_timer(),
                 Timer::JoinRetry | Timer::RegrantRetry => {}
             }
         }

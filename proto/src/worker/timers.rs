@@ -26,12 +26,14 @@ pub(crate) enum Timer {
     JoinRetry,
     /// Waiting for a re-grant: the next request goes out.
     RegrantRetry,
+    /// Pacing lets a held-back contribution go out.
+    Pace,
 }
 
 impl Timer {
     /// Every timer, in the order expired ones are handled: the ones that end the
     /// session before those that only send.
-    pub(crate) const ALL: [Timer; 8] = [
+    pub(crate) const ALL: [Timer; 9] = [
         Timer::JoinTimeout,
         Timer::Progress,
         Timer::Retransmit,
@@ -40,6 +42,7 @@ impl Timer {
         Timer::Leave,
         Timer::JoinRetry,
         Timer::RegrantRetry,
+        Timer::Pace,
     ];
 }
 
