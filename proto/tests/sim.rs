@@ -739,23 +739,32 @@ fn jobs_sharing_a_bottleneck_converge_to_fair_shares() {
     );
 }
 
+/// A lossless network whose bottleneck serializes at `bytes_per_sec` and queues
+/// 4 MiB without marking: deep enough that the tests' windows never overflow it.
+fn deep_drop_tail(
+    seed: u64,
+    bytes_per_sec: f64,
+    drain: Option<inagg_proto::sim::Drain>,
+) -> SimConfig {
+    SimConfig {
+        bottleneck: Some(inagg_proto::sim::Bottleneck {
+            bytes_per_sec,
+            queue_bytes: 4 << 20,
+            mark_bytes: usize::MAX,
+            drain,
+        }),
+        ..SimConfig::lossless(seed)
+    }
+}
+
 /// One job through a drop-tail bottleneck (it never marks, and its queue is deep
 /// enough never to drop): with a queue target its windows keep their packets in the
 /// queue near the target, without one they fill it with all they may send; the throughput is the
 /// same. Returns the job's ATE/s and the mean wait a datagram found at the link.
 fn through_a_drop_tail_queue(queue_target: Option<u32>) -> (f64, std::time::Duration) {
-    use inagg_proto::sim::Bottleneck;
     use std::time::Duration;
     let (world, chunk, chunks) = (2u16, 256u16, 4000usize);
-    let cfg = SimConfig {
-        bottleneck: Some(Bottleneck {
-            bytes_per_sec: 50e6,
-            queue_bytes: 4 << 20,
-            mark_bytes: usize::MAX,
-            drain: None,
-        }),
-        ..SimConfig::lossless(11)
-    };
+    let cfg = deep_drop_tail(11, 50e6, None);
     let mut cfgs = configs(1, world, CodecId::F32, chunk, 256);
     for c in &mut cfgs {
         c.queue_target = queue_target;
@@ -801,22 +810,15 @@ fn the_queue_rule_keeps_a_drop_tail_queue_short_at_the_same_throughput() {
 /// the queue long; for 200 ms the others drain (the link serves the job at 2.5 times
 /// the rate). Returns the mean wait a datagram found at the link during the drain.
 fn through_a_drain(pacing_gain: Option<f64>) -> std::time::Duration {
-    use inagg_proto::sim::{Bottleneck, Drain};
+    use inagg_proto::sim::Drain;
     use std::time::Duration;
     let (world, chunk, chunks) = (2u16, 256u16, 4000usize);
-    let cfg = SimConfig {
-        bottleneck: Some(Bottleneck {
-            bytes_per_sec: 10e6,
-            queue_bytes: 4 << 20,
-            mark_bytes: usize::MAX,
-            drain: Some(Drain {
-                from: Duration::from_millis(1500),
-                until: Duration::from_millis(1700),
-                bytes_per_sec: 25e6,
-            }),
-        }),
-        ..SimConfig::lossless(13)
+    let drain = Drain {
+        from: Duration::from_millis(1500),
+        until: Duration::from_millis(1700),
+        bytes_per_sec: 25e6,
     };
+    let cfg = deep_drop_tail(13, 10e6, Some(drain));
     let mut cfgs = configs(1, world, CodecId::F32, chunk, 64);
     for c in &mut cfgs {
         c.queue_target = None;
@@ -853,17 +855,8 @@ fn a_paced_job_lets_a_queue_that_others_drain_empty() {
 /// the latest result), nothing is sent twice, and the windows stay at the grant.
 #[test]
 fn a_standing_queue_fires_no_timer_and_leaves_the_window_alone() {
-    use inagg_proto::sim::Bottleneck;
     let (world, chunk, chunks, window) = (2u16, 256u16, 2048usize, 256u32);
-    let cfg = SimConfig {
-        bottleneck: Some(Bottleneck {
-            bytes_per_sec: 10e6,
-            queue_bytes: 4 << 20,
-            mark_bytes: usize::MAX,
-            drain: None,
-        }),
-        ..SimConfig::lossless(12)
-    };
+    let cfg = deep_drop_tail(12, 10e6, None);
     let mut cfgs = configs(1, world, CodecId::I32, chunk, window);
     for c in &mut cfgs {
         c.queue_target = None;

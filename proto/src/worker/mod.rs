@@ -634,8 +634,8 @@ impl Worker {
             }
             State::Running(op) => {
                 let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
-                let paced = !self.config.congestion_control || self.cwnd.may_send(now);
-                if let Some(tail) = paced
+                let allowed = !self.config.congestion_control || self.cwnd.may_send(now);
+                if let Some(tail) = allowed
                     .then(|| {
                         op.poll_transmit(
                             now,
