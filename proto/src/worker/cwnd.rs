@@ -110,6 +110,12 @@ pub struct Cwnd {
     pub overflows: u64,
     /// Pacing (`None`: off).
     pacer: Option<Pacer>,
+    /// Results and losses in the current block of [`LOSS_BLOCK`] results, lossy
+    /// blocks in a row, and when the last of a run of [`LOSSY_BLOCKS`] ended.
+    block_results: u64,
+    block_losses: u64,
+    lossy_blocks: u32,
+    last_lossy: Option<Instant>,
 }
 
 /// The dip rule's state: the smallest RTT since it last fell or since the last
@@ -186,6 +192,16 @@ pub const DEFAULT_DIP_INTERVAL: Duration = Duration::from_secs(10);
 /// after they back off, so that they stay aside while such flows run.
 pub const DEFAULT_OVERFLOW_HOLD: Duration = Duration::from_secs(30);
 
+/// Results per block over which the pacing rule judges the path's losses.
+pub const LOSS_BLOCK: u64 = 1024;
+
+/// A block with more than one loss per this many results is lossy: a queue kept
+/// full drops that steadily, where a path that drops only now and then does not.
+pub const LOSSY_SHARE: u64 = 256;
+
+/// Lossy blocks in a row that set pacing aside for the overflow hold.
+pub const LOSSY_BLOCKS: u32 = 2;
+
 /// The fewest results over which a loss burst or a standing queue is judged.
 pub const MIN_ROUND: u64 = 64;
 
@@ -220,6 +236,10 @@ impl Cwnd {
             last_burst: None,
             overflows: 0,
             pacer: None,
+            block_results: 0,
+            block_losses: 0,
+            lossy_blocks: 0,
+            last_lossy: None,
         }
     }
 
@@ -229,9 +249,21 @@ impl Cwnd {
         self
     }
 
-    /// Whether pacing lets a packet go out at `now` (always, with pacing off).
+    /// Whether pacing lets a packet go out at `now`: always with pacing off, and while
+    /// it stands aside (see [`Cwnd::pacing_aside`]).
     pub fn may_send(&mut self, now: Instant) -> bool {
-        self.pacer.as_mut().is_none_or(|p| p.may_send(now))
+        self.pacing_aside(now) || self.pacer.as_mut().is_none_or(|p| p.may_send(now))
+    }
+
+    /// Whether pacing stands aside at `now`: while the overflow rule holds, and for
+    /// the overflow hold after [`LOSSY_BLOCKS`] lossy blocks in a row. A queue that
+    /// drops steadily is kept full by flows that wait for loss (TCP CUBIC), which
+    /// send in bursts: paced packets find it full more often than theirs and the job
+    /// loses its share, so beside such flows the ranks send as their windows allow.
+    pub fn pacing_aside(&self, now: Instant) -> bool {
+        self.overflowing(now)
+            || matches!((self.overflow_hold, self.last_lossy),
+                (Some(hold), Some(at)) if now.saturating_duration_since(at) < hold)
     }
 
     /// A packet went out.
@@ -370,6 +402,19 @@ impl Cwnd {
                 p.on_result(now);
             }
         }
+        self.block_results += 1;
+        if self.block_results >= LOSS_BLOCK {
+            if self.block_losses * LOSSY_SHARE > self.block_results {
+                self.lossy_blocks += 1;
+                if self.lossy_blocks >= LOSSY_BLOCKS {
+                    self.last_lossy = Some(now);
+                }
+            } else {
+                self.lossy_blocks = 0;
+            }
+            self.block_results = 0;
+            self.block_losses = 0;
+        }
         if marked {
             self.decrease(seq, next);
         } else {
@@ -408,6 +453,7 @@ impl Cwnd {
     /// toward the round's loss burst.
     pub fn on_loss(&mut self, _seq: u64, _next: u64) {
         self.round_losses += 1;
+        self.block_losses += 1;
     }
 
     /// The queue rule at the end of a round (see the module's doc); the base is kept
@@ -552,6 +598,52 @@ mod tests {
     /// A clock for rules that take none: the dip rule is off in these tests.
     fn now() -> Instant {
         Instant::now()
+    }
+
+    #[test]
+    fn steady_losses_set_pacing_aside_for_the_hold_and_one_lossy_block_does_not() {
+        let t0 = now();
+        let us = Duration::from_micros(500);
+        let hold = Duration::from_secs(30);
+        let mut c = Cwnd::new(64)
+            .with_overflow_hold(Some(hold))
+            .with_pacing(Some(1.25));
+        let mut seq = 0u64;
+        // Results every 500 us, and a loss after each 100 of them while `lossy`.
+        let mut run = |c: &mut Cwnd, blocks: u64, lossy: bool| {
+            for _ in 0..blocks * LOSS_BLOCK {
+                if lossy && seq % 100 == 0 {
+                    c.on_loss(seq, seq + 64);
+                }
+                c.on_result(
+                    seq,
+                    false,
+                    Some(Duration::from_millis(5)),
+                    seq + 64,
+                    t0 + us * seq as u32,
+                );
+                seq += 1;
+            }
+            t0 + us * seq as u32
+        };
+        // Paced: a burst, then held back.
+        let t = run(&mut c, 2, false);
+        let mut sent = 0;
+        while sent < 100 && c.may_send(t) {
+            c.on_sent();
+            sent += 1;
+        }
+        assert!(sent < 100, "never held back");
+        // One lossy block: still paced.
+        run(&mut c, 1, true);
+        let t = run(&mut c, 1, false);
+        assert!(!c.pacing_aside(t));
+        // Two in a row: aside for the hold.
+        let t = run(&mut c, 2, true);
+        assert!(c.pacing_aside(t));
+        assert!((0..1000).all(|_| c.may_send(t)), "held back while aside");
+        assert!(c.pacing_aside(t + hold - Duration::from_millis(1)));
+        assert!(!c.pacing_aside(t + hold));
     }
 
     #[test]
