@@ -43,7 +43,7 @@ pub fn codec(s: &str) -> Result<CodecArg, String> {
 /// The clap value parser of `--pacing-gain`: 0 (off), or a number of at least 1.
 pub fn pacing_gain(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(g) if g == 0.0 || (g >= 1.0 && g.is_finite()) => Ok(g),
+        Ok(g) if g == 0.0 || inagg_proto::worker::is_pacing_gain(g) => Ok(g),
         _ => Err(format!(
             "{s:?} is not a pacing gain: give 0 (off) or a number of at least 1"
         )),

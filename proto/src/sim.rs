@@ -70,12 +70,15 @@ pub struct Drain {
 }
 
 impl Bottleneck {
+    /// The drain under way `since` the simulation's start, if any.
+    fn draining(&self, since: Duration) -> Option<Drain> {
+        self.drain.filter(|d| (d.from..d.until).contains(&since))
+    }
+
     /// The rate at which the link serves the job `since` the simulation's start.
     fn rate(&self, since: Duration) -> f64 {
-        match self.drain {
-            Some(d) if (d.from..d.until).contains(&since) => d.bytes_per_sec,
-            _ => self.bytes_per_sec,
-        }
+        self.draining(since)
+            .map_or(self.bytes_per_sec, |d| d.bytes_per_sec)
     }
 }
 
@@ -748,9 +751,7 @@ impl Sim {
             let wait = u64::try_from((start - self.now).as_nanos()).unwrap_or(u64::MAX);
             self.net.bottleneck_arrivals += 1;
             self.net.bottleneck_wait_ns += wait;
-            if b.drain
-                .is_some_and(|d| (d.from..d.until).contains(&(self.now - self.start)))
-            {
+            if b.draining(self.now - self.start).is_some() {
                 self.net.drain_arrivals += 1;
                 self.net.drain_wait_ns += wait;
             }

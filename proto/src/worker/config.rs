@@ -94,6 +94,12 @@ pub struct WorkerConfig {
     pub admission_key: Option<Vec<u8>>,
 }
 
+/// Whether `gain` can be a pacing gain ([`WorkerConfig::pacing_gain`]): at least 1
+/// (below, a rank would send ever slower) and finite.
+pub fn is_pacing_gain(gain: f64) -> bool {
+    gain >= 1.0 && gain.is_finite()
+}
+
 impl WorkerConfig {
     /// Checks that these settings can work; returns the codec they name.
     pub fn validate(&self) -> Result<&'static dyn Codec, ConfigError> {
@@ -110,7 +116,7 @@ impl WorkerConfig {
                 max: codec.max_world(),
             });
         }
-        if let Some(g) = self.pacing_gain.filter(|g| !(*g >= 1.0 && g.is_finite())) {
+        if let Some(g) = self.pacing_gain.filter(|&g| !is_pacing_gain(g)) {
             return Err(ConfigError::PacingGain(g.to_string()));
         }
         if self.secret.len() > MAX_SECRET_LEN {

@@ -110,8 +110,9 @@ pub struct Cwnd {
     pub overflows: u64,
     /// Pacing (`None`: off).
     pacer: Option<Pacer>,
-    /// Results and losses in the current block of [`LOSS_BLOCK`] results, lossy
-    /// blocks in a row, and when the last of a run of [`LOSSY_BLOCKS`] ended.
+    /// Results and losses of the rounds in the current block (at least
+    /// [`LOSS_BLOCK`] results), lossy blocks in a row, and when the last of a run of
+    /// [`LOSSY_BLOCKS`] ended.
     block_results: u64,
     block_losses: u64,
     lossy_blocks: u32,
@@ -192,7 +193,8 @@ pub const DEFAULT_DIP_INTERVAL: Duration = Duration::from_secs(10);
 /// after they back off, so that they stay aside while such flows run.
 pub const DEFAULT_OVERFLOW_HOLD: Duration = Duration::from_secs(30);
 
-/// Results per block over which the pacing rule judges the path's losses.
+/// Results per block (whole rounds, at least this many) over which the pacing rule
+/// judges the path's losses.
 pub const LOSS_BLOCK: u64 = 1024;
 
 /// A block with more than one loss per this many results is lossy: a queue kept
@@ -402,19 +404,6 @@ impl Cwnd {
                 p.on_result(now);
             }
         }
-        self.block_results += 1;
-        if self.block_results >= LOSS_BLOCK {
-            if self.block_losses * LOSSY_SHARE > self.block_results {
-                self.lossy_blocks += 1;
-                if self.lossy_blocks >= LOSSY_BLOCKS {
-                    self.last_lossy = Some(now);
-                }
-            } else {
-                self.lossy_blocks = 0;
-            }
-            self.block_results = 0;
-            self.block_losses = 0;
-        }
         if marked {
             self.decrease(seq, next);
         } else {
@@ -443,6 +432,7 @@ impl Cwnd {
             } else {
                 self.judge_queue(seq, next, overflowing);
             }
+            self.judge_block(now);
             self.round_results = 0;
             self.round_losses = 0;
             self.round_min_rtt = None;
@@ -453,7 +443,26 @@ impl Cwnd {
     /// toward the round's loss burst.
     pub fn on_loss(&mut self, _seq: u64, _next: u64) {
         self.round_losses += 1;
-        self.block_losses += 1;
+    }
+
+    /// The end of a round adds it to the current block; a full block (at least
+    /// [`LOSS_BLOCK`] results) is judged lossy or not for the pacing rule.
+    fn judge_block(&mut self, now: Instant) {
+        self.block_results += self.round_results;
+        self.block_losses += self.round_losses;
+        if self.block_results < LOSS_BLOCK {
+            return;
+        }
+        if self.block_losses * LOSSY_SHARE > self.block_results {
+            self.lossy_blocks += 1;
+            if self.lossy_blocks >= LOSSY_BLOCKS {
+                self.last_lossy = Some(now);
+            }
+        } else {
+            self.lossy_blocks = 0;
+        }
+        self.block_results = 0;
+        self.block_losses = 0;
     }
 
     /// The queue rule at the end of a round (see the module's doc); the base is kept

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 pub use allreduce::{AllreduceStats, Tail};
 pub use config::{
-    WorkerConfig, DEFAULT_AGGREGATOR_TIMEOUT, DEFAULT_JOIN_TIMEOUT, DEFAULT_QUEUE_TARGET,
+    is_pacing_gain, WorkerConfig, DEFAULT_AGGREGATOR_TIMEOUT, DEFAULT_JOIN_TIMEOUT,
+    DEFAULT_QUEUE_TARGET,
 };
 pub use dropped::{DropReason, Dropped};
 pub use error::{ConfigError, WorkerError};
