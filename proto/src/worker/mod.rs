@@ -48,7 +48,10 @@ use timers::{Timer, TimerTable};
 use crate::codec::Codec;
 use crate::wire::{self, Control, ErrorCode, Grant, Join, Message};
 use allreduce::{Allreduce, ResultOutcome};
-pub use cwnd::{Cwnd, DEFAULT_DIP_INTERVAL, DEFAULT_OVERFLOW_HOLD, DIP_TIME};
+pub use cwnd::{
+    Cwnd, DEFAULT_DIP_INTERVAL, DEFAULT_OVERFLOW_HOLD, DIP_TIME, LOSSY_BLOCKS, LOSSY_SHARE,
+    LOSS_BLOCK,
+};
 
 /// Tokens of earlier grants remembered, so that a late duplicate of an old grant is
 /// never taken for a re-grant.
