@@ -40,6 +40,18 @@ pub fn codec(s: &str) -> Result<CodecArg, String> {
         .ok_or_else(|| format!("unknown codec {s:?}; known: {}", codec::names().join(", ")))
 }
 
+/// Refuses a pacing gain over QUIC, which paces its own packets (the worker library
+/// turns the rule off there).
+pub fn check_pacing(gain: Option<f64>, quic: bool) -> Result<()> {
+    if quic && gain.is_some_and(|g| g > 0.0) {
+        bail!(
+            "--pacing-gain paces UDP datagrams: QUIC paces its own packets, so the rule is \
+             off over --transport quic (leave the flag out, or give 0)"
+        );
+    }
+    Ok(())
+}
+
 /// The clap value parser of `--pacing-gain`: 0 (off), or a number of at least 1.
 pub fn pacing_gain(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -179,7 +191,8 @@ pub struct Tuning {
     /// when flows beside the job drain a shared queue (TCP BBR does every 10 s), the
     /// job's part of it empties too: the pacing rule of the congestion control; at
     /// least 1, or 0 to turn the rule off. Default: 1.25 toward any aggregator but a
-    /// loopback one, where no link is shared (off).
+    /// loopback one, where no link is shared (off). Over UDP only: QUIC paces its own
+    /// packets, and the rule is off over `--transport quic`.
     #[arg(long, value_parser = pacing_gain)]
     pub pacing_gain: Option<f64>,
     /// With `--transport quic`: messages on a stream or as QUIC datagrams.

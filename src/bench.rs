@@ -42,6 +42,7 @@ pub fn run(a: &Args) -> Result<()> {
              --transport quic, nor behind the fault relay (one port)"
         );
     }
+    crate::args::check_pacing(a.tuning.pacing_gain, quic.is_some())?;
     if a.aggregator_yields.is_some() && quic.is_some() {
         bail!("--aggregator-yields sets the UDP aggregator's spin: not with --transport quic");
     }

@@ -95,6 +95,7 @@ pub fn options(a: &Args) -> Result<Options> {
     o.protocol.skip_zeros = a.tuning.skip_zeros;
     o.protocol.congestion_control = !a.tuning.no_congestion_control;
     o.protocol.queue_target = (a.tuning.queue_target > 0).then_some(a.tuning.queue_target);
+    crate::args::check_pacing(a.tuning.pacing_gain, a.transport == Transport::Quic)?;
     if let Some(g) = a.tuning.pacing_gain {
         o.protocol.pacing_gain = (g > 0.0).then_some(g);
     }
@@ -144,6 +145,7 @@ pub fn run(a: &Args) -> Result<()> {
         probes: 0,
         marks: 0,
         dips: 0,
+        pacing_holds: 0,
         overflows: 0,
         allreduces: 0,
         mismatches: 0,
@@ -210,6 +212,7 @@ pub fn run(a: &Args) -> Result<()> {
             report.probes += r.probes;
             report.marks += r.marks;
             report.dips += r.dips;
+            report.pacing_holds += r.pacing_holds;
             report.overflows += r.overflows;
             report.allreduces += 1;
             report.congestion_window_min = Some(

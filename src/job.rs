@@ -178,6 +178,10 @@ pub struct Row {
     /// Dips the ranks' congestion control began (moments at the smallest window so
     /// that the path's queue empties), over all ranks and timed iterations.
     pub dips: u64,
+    /// Times the ranks' pacing rule held a send back until its timer, over all ranks
+    /// and timed iterations: 0 where pacing is off (toward a loopback aggregator, over
+    /// QUIC, `--pacing-gain 0`).
+    pub pacing_holds: u64,
     /// Loss bursts that set the ranks' queue and dip rules aside (the overflow rule:
     /// flows that wait for loss keep the queue overflowing), over all ranks and timed
     /// iterations.
@@ -560,6 +564,7 @@ pub fn row(
         probes: reports.iter().map(|r| r.probes).sum(),
         marks: reports.iter().map(|r| r.marks).sum(),
         dips: reports.iter().map(|r| r.dips).sum(),
+        pacing_holds: reports.iter().map(|r| r.pacing_holds).sum(),
         overflows: reports.iter().map(|r| r.overflows).sum(),
         congestion_window_min: reports.iter().filter_map(|r| r.congestion_window_min).min(),
         retransmitted_bytes_per_worker: reports.iter().map(|r| r.retransmitted_bytes).sum::<u64>()

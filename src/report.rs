@@ -32,6 +32,9 @@ pub struct Report {
     /// Dips the congestion control began, over all timed allreduces.
     #[serde(default)]
     pub dips: u64,
+    /// Times the pacing rule held a send back, over all timed allreduces.
+    #[serde(default)]
+    pub pacing_holds: u64,
     /// Loss bursts that set the queue and dip rules aside, over all timed allreduces.
     #[serde(default)]
     pub overflows: u64,

@@ -100,6 +100,55 @@ fn netlab_runs_a_bench_on_limited_links_and_tears_down() {
     );
 }
 
+#[test]
+#[cfg_attr(
+    inagg_no_netns,
+    ignore = "needs CAP_NET_ADMIN and iproute2 (ip, tc) to create network namespaces"
+)]
+fn ranks_pace_over_udp_on_a_shaped_link_and_leave_pacing_to_quic_there() {
+    assert!(
+        namespaces_work(),
+        "`ip netns add` failed: this test needs root (or CAP_NET_ADMIN) and iproute2"
+    );
+    // Enough allreduces that the ranks' samples span a second (the pacing rule's
+    // first rate): each later allreduce starts with a whole window, more than a burst.
+    for transport in ["udp", "quic"] {
+        let mut cmd = Command::new(script("netlab.sh"));
+        cmd.args(["--workers", "2", "--link-rate", "200mbit", "--"])
+            .arg(env!("CARGO_BIN_EXE_inagg"))
+            .args([
+                "bench",
+                "--workers",
+                "2",
+                "--elements",
+                "2000000",
+                "--codec",
+                "i32",
+            ])
+            .args([
+                "--iters",
+                "6",
+                "--warmup",
+                "1",
+                "--json",
+                "--transport",
+                transport,
+            ]);
+        let (st, out, err) = run_bounded(cmd, Duration::from_secs(120));
+        assert!(st.success(), "{transport}: netlab failed: {out}\n{err}");
+        let rows = json_lines(&out);
+        assert_eq!(rows.len(), 1, "{transport}: {out}");
+        let r = &rows[0];
+        assert_eq!(r["within_bound"], true, "{transport}: {r}");
+        let holds = r["pacing_holds"].as_u64().expect("pacing_holds");
+        if transport == "udp" {
+            assert!(holds > 0, "no UDP send was paced: {r}");
+        } else {
+            assert_eq!(holds, 0, "QUIC paces its own packets: {r}");
+        }
+    }
+}
+
 /// Bits per second an iperf3 client sent (its JSON after SIGINT: the server's side
 /// is not there, the sender's is).
 fn iperf3_sent_bps(path: &Path) -> f64 {

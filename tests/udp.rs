@@ -560,6 +560,21 @@ fn bad_input_gets_a_clear_error() {
             "{err}"
         );
     }
+    // QUIC paces its own packets: a gain over it is refused, before anything starts.
+    for cmd in ["bench", "worker"] {
+        let mut c = inagg();
+        c.args([cmd, "--transport", "quic", "--pacing-gain", "1.25"]);
+        if cmd == "worker" {
+            c.args(["--aggregator", "127.0.0.1:9", "--job", "1", "--rank", "0"]);
+            c.args(["--world", "1", "--fingerprint", &"00".repeat(32)]);
+        }
+        let (st, _, err) = common::run_bounded(c, Duration::from_secs(10));
+        assert!(!st.success(), "{cmd}: a pacing gain over QUIC was accepted");
+        assert!(
+            err.contains("--pacing-gain") && err.contains("QUIC paces its own packets"),
+            "{cmd}: {err}"
+        );
+    }
     let out = inagg()
         .args([
             "worker",

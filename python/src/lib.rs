@@ -206,6 +206,7 @@ fn report(py: Python<'_>, r: &AllreduceReport) -> PyResult<Py<PyDict>> {
     d.set_item("duplicate_results", r.duplicate_results)?;
     d.set_item("marks", r.marks)?;
     d.set_item("dips", r.dips)?;
+    d.set_item("pacing_holds", r.pacing_holds)?;
     d.set_item("overflows", r.overflows)?;
     Ok(d.unbind())
 }

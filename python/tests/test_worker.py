@@ -201,7 +201,7 @@ def test_both_ranks_in_threads_of_one_process_need_the_gil_released(aggregator):
         assert np.all(a == 3.0)
         assert stats["bytes_sent"] > 4 * 100_000 and stats["elapsed_s"] > 0
         # The congestion control's counts are reported.
-        for key in ("marks", "dips", "overflows"):
+        for key in ("marks", "dips", "pacing_holds", "overflows"):
             assert isinstance(stats[key], int) and stats[key] >= 0, stats
 
 

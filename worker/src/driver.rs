@@ -169,6 +169,9 @@ pub struct AllreduceReport {
     /// Dips the congestion control began: moments at the smallest window so that
     /// the path's queue empties (docs/protocol.md, 6.10).
     pub dips: u64,
+    /// Times the pacing rule held a send back until its timer (docs/protocol.md,
+    /// 6.10): 0 where pacing is off (toward a loopback aggregator, and over QUIC).
+    pub pacing_holds: u64,
     /// Loss bursts that set the congestion control's queue and dip rules aside, as
     /// flows that wait for loss keep the queue overflowing (docs/protocol.md, 6.10).
     pub overflows: u64,
@@ -193,6 +196,7 @@ impl AllreduceReport {
         self.duplicate_results += o.duplicate_results;
         self.marks += o.marks;
         self.dips += o.dips;
+        self.pacing_holds += o.pacing_holds;
         self.overflows += o.overflows;
         self.congestion_window = self.congestion_window.min(o.congestion_window);
     }
@@ -245,6 +249,11 @@ impl Session {
             }
             Transport::Quic(q) => {
                 let link = QuicLink::connect(q, aggregator, bind)?;
+                // QUIC paces its packets and runs its own congestion controller under
+                // inagg's window. The pacing rule on top would take its rate from
+                // results that QUIC holds back, and each would hold the other down
+                // (docs/performance.md, "Pacing").
+                config.pacing_gain = None;
                 if q.mode == inagg_quic::Mode::Stream {
                     // A stream loses nothing while the connection lives: a timeout
                     // means queueing behind the stream, not loss, and a resend only
@@ -368,6 +377,7 @@ impl Session {
                     duplicate_results: stats.duplicate_results,
                     marks: stats.marks,
                     dips: stats.dips,
+                    pacing_holds: stats.pacing_holds,
                     overflows: stats.overflows,
                     congestion_window: self.worker.congestion_window(),
                 })

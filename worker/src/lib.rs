@@ -201,7 +201,8 @@ pub fn default_chunk_elems(codec: &dyn inagg_proto::codec::Codec, aggregator: &S
 /// The pacing rule's gain by default (docs/protocol.md 6.10): off toward a loopback
 /// aggregator, where no link is shared and pacing would only add wakeups on busy cores
 /// (docs/performance.md, "Pacing"), and
-/// [`PACING_GAIN`](inagg_proto::worker::PACING_GAIN) toward any other.
+/// [`PACING_GAIN`](inagg_proto::worker::PACING_GAIN) toward any other. Over QUIC
+/// the rule is off whatever this says: QUIC paces its own packets.
 pub fn default_pacing_gain(aggregator: &SocketAddr) -> Option<f64> {
     (!aggregator.ip().is_loopback()).then_some(inagg_proto::worker::PACING_GAIN)
 }

@@ -60,6 +60,9 @@ pub struct AllreduceStats {
     pub marks: u64,
     /// Dips the congestion control began (docs/protocol.md, 6.10).
     pub dips: u64,
+    /// Times the pacing rule held a send back until its timer (docs/protocol.md,
+    /// 6.10): 0 where pacing is off (loopback, QUIC).
+    pub pacing_holds: u64,
     /// Loss bursts that began or restarted the overflow rule's hold (docs/protocol.md,
     /// 6.10).
     pub overflows: u64,

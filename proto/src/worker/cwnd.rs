@@ -268,6 +268,11 @@ impl Cwnd {
                 (Some(hold), Some(at)) if now.saturating_duration_since(at) < hold)
     }
 
+    /// Times pacing held a send back until its timer, so far (0 with pacing off).
+    pub fn pacing_holds(&self) -> u64 {
+        self.pacer.as_ref().map_or(0, |p| p.holds)
+    }
+
     /// A packet went out.
     pub fn on_sent(&mut self) {
         if let Some(p) = &mut self.pacer {
@@ -635,8 +640,8 @@ mod tests {
             }
             t0 + us * seq as u32
         };
-        // Paced: a burst, then held back.
-        let t = run(&mut c, 2, false);
+        // Paced (after a second of results): a burst, then held back.
+        let t = run(&mut c, 3, false);
         let mut sent = 0;
         while sent < 100 && c.may_send(t) {
             c.on_sent();

@@ -638,7 +638,9 @@ impl Worker {
             }
             State::Running(op) => {
                 let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
+                let holds = self.cwnd.pacing_holds();
                 let allowed = !self.config.congestion_control || self.cwnd.may_send(now);
+                op.stats.pacing_holds += self.cwnd.pacing_holds() - holds;
                 if let Some(tail) = allowed
                     .then(|| {
                         op.poll_transmit(

@@ -35,9 +35,14 @@ pub const MIN_BURST: f64 = 2.0;
 #[derive(Debug, Clone)]
 pub struct Pacer {
     gain: f64,
-    /// Results per second, smoothed over [`RATE_MEMORY`]; `None` before the first
-    /// sample (no pacing then).
+    /// Results per second, smoothed over [`RATE_MEMORY`]; `None` until samples span
+    /// [`RATE_MEMORY`] (no pacing then).
     rate: Option<f64>,
+    /// Until then, the results and the time of the samples so far: the first rate is
+    /// their mean. A single sample of results that came back in a clump, or while
+    /// something else held the rank back, would set it far off, and the smoothing
+    /// then takes seconds to bring it back.
+    warming: (u64, Duration),
     /// The current sample: when it began, and the results since.
     sample: Option<(Instant, u64)>,
     /// Packets that may go out now, and when they were last counted.
@@ -45,6 +50,8 @@ pub struct Pacer {
     counted: Option<Instant>,
     /// When the next packet may go out, once a send was held back.
     held_until: Option<Instant>,
+    /// Times a send was held back until the pacing timer, so far.
+    pub holds: u64,
 }
 
 impl Pacer {
@@ -53,10 +60,12 @@ impl Pacer {
         Self {
             gain,
             rate: None,
+            warming: (0, Duration::ZERO),
             sample: None,
             tokens: 0.0,
             counted: None,
             held_until: None,
+            holds: 0,
         }
     }
 
@@ -77,10 +86,18 @@ impl Pacer {
             self.sample = Some((start, n));
             return;
         }
+        self.sample = Some((now, 0));
+        let Some(r) = self.rate else {
+            let (results, time) = (self.warming.0 + n, self.warming.1 + dt);
+            self.warming = (results, time);
+            if time >= RATE_MEMORY {
+                self.rate = Some(results as f64 / time.as_secs_f64());
+            }
+            return;
+        };
         let sample = n as f64 / dt.as_secs_f64();
         let weight = (dt.as_secs_f64() / RATE_MEMORY.as_secs_f64()).min(1.0);
-        self.rate = Some(self.rate.map_or(sample, |r| r + (sample - r) * weight));
-        self.sample = Some((now, 0));
+        self.rate = Some(r + (sample - r) * weight);
     }
 
     /// Results until the next one do not show the rank's rate (a gap between
@@ -110,6 +127,9 @@ impl Pacer {
             // Whole microseconds, rounded up, so that the token is there when the wait
             // ends and every wait moves time on.
             let wait_us = ((1.0 - self.tokens) / rate * 1e6).ceil().max(1.0);
+            if self.held_until.is_none() {
+                self.holds += 1;
+            }
             self.held_until = Some(now + Duration::from_micros(wait_us as u64));
             false
         }
@@ -149,29 +169,41 @@ mod tests {
     }
 
     #[test]
-    fn no_pacing_before_the_first_rate_sample() {
+    fn no_pacing_before_samples_span_the_rate_memory() {
         let t0 = Instant::now();
         let mut p = Pacer::new(PACING_GAIN);
         for i in 0..1000 {
             assert!(p.may_send(t0), "packet {i} held back without a rate");
             p.on_sent();
         }
-        results(&mut p, t0, PACING_ROUND, MS);
-        assert_eq!(
-            p.rate(),
-            None,
-            "a sample takes PACING_ROUND results after its first"
-        );
+        // 900 ms of samples, one result a millisecond.
+        let t = results(&mut p, t0, 901, MS);
+        assert_eq!(p.rate(), None, "samples of 900 ms set a rate");
         assert_eq!(p.held_until(), None);
+        results(&mut p, t, 128, MS);
+        let rate = p.rate().expect("a rate once samples span a second");
+        assert!((rate - PACING_GAIN * 1000.0).abs() < 1.0, "rate {rate}");
+    }
+
+    #[test]
+    fn a_clump_of_results_does_not_set_the_rate() {
+        // The first round's results come back within half a millisecond, the rest at
+        // 1,000 a second: the rate is about the second's mean, not the clump's.
+        let t0 = Instant::now();
+        let mut p = Pacer::new(PACING_GAIN);
+        let t = results(&mut p, t0, PACING_ROUND + 1, Duration::from_micros(7));
+        results(&mut p, t, 1_100, MS);
+        let rate = p.rate().expect("a rate") / PACING_GAIN;
+        assert!(rate < 1_100.0, "a clump set the rate at {rate} a second");
     }
 
     #[test]
     fn sends_at_the_gain_times_the_rate_of_results_in_bursts_of_a_millisecond() {
         let t0 = Instant::now();
         let mut p = Pacer::new(PACING_GAIN);
-        // 4 results a millisecond: 4,000 a second.
-        let mut t = results(&mut p, t0, 4 * PACING_ROUND + 1, MS / 4);
-        let rate = p.rate().expect("a rate after a round of results");
+        // 4 results a millisecond: 4,000 a second, for a second.
+        let mut t = results(&mut p, t0, 4_000 + PACING_ROUND + 1, MS / 4);
+        let rate = p.rate().expect("a rate after a second of results");
         assert!((rate - PACING_GAIN * 4000.0).abs() < 1.0, "rate {rate}");
         // A burst of a millisecond at the rate, then one packet per 1 / rate.
         let mut burst = 0;
@@ -226,7 +258,7 @@ mod tests {
     fn a_gap_is_not_a_sample() {
         let t0 = Instant::now();
         let mut p = Pacer::new(PACING_GAIN);
-        let t = results(&mut p, t0, 1_000, MS);
+        let t = results(&mut p, t0, 1_200, MS);
         let before = p.rate().expect("a rate");
         // Half a round, the gap between allreduces, then the next allreduce's results.
         let t = results(&mut p, t, PACING_ROUND / 2, MS);
