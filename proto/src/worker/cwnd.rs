@@ -268,7 +268,8 @@ impl Cwnd {
                 (Some(hold), Some(at)) if now.saturating_duration_since(at) < hold)
     }
 
-    /// Times pacing held a send back until its timer, so far (0 with pacing off).
+    /// Times pacing held a send back until its timer since the allreduce began (0 with
+    /// pacing off).
     pub fn pacing_holds(&self) -> u64 {
         self.pacer.as_ref().map_or(0, |p| p.holds)
     }
@@ -331,6 +332,7 @@ impl Cwnd {
     pub fn on_allreduce(&mut self, now: Instant) {
         if let Some(p) = &mut self.pacer {
             p.restart_sample();
+            p.holds = 0;
         }
         if let Some(d) = &mut self.dip {
             d.last_round_mins.clear();

@@ -383,7 +383,10 @@ impl Worker {
         if let State::Running(op) = &mut self.state {
             if op.is_done() {
                 let total = op.total();
-                let stats = op.stats.clone();
+                let stats = AllreduceStats {
+                    pacing_holds: self.cwnd.pacing_holds(),
+                    ..op.stats.clone()
+                };
                 let elapsed = now.saturating_duration_since(op.started);
                 if let (Some(key), Some(r)) = (self.feedback_key.take(), op.residual.take()) {
                     // A residual of clamped non-finite input would only carry garbage.
@@ -638,9 +641,7 @@ impl Worker {
             }
             State::Running(op) => {
                 let window = u64::from(self.grant.map_or(1, |g| g.window)).min(self.cwnd.window());
-                let holds = self.cwnd.pacing_holds();
                 let allowed = !self.config.congestion_control || self.cwnd.may_send(now);
-                op.stats.pacing_holds += self.cwnd.pacing_holds() - holds;
                 if let Some(tail) = allowed
                     .then(|| {
                         op.poll_transmit(

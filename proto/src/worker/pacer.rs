@@ -50,7 +50,8 @@ pub struct Pacer {
     counted: Option<Instant>,
     /// When the next packet may go out, once a send was held back.
     held_until: Option<Instant>,
-    /// Times a send was held back until the pacing timer, so far.
+    /// Times a send was held back until the pacing timer (since the owner last set it
+    /// to 0: `Cwnd` does at each allreduce's start).
     pub holds: u64,
 }
 
